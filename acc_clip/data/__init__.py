@@ -1,0 +1,1 @@
+"""Input pipelines: CSV rows (csv.py) and webdataset shards (wds.py) into `Batch`es."""

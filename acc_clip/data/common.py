@@ -1,0 +1,57 @@
+"""Pieces shared by every input pipeline: the batch type, bad-sample skipping, per-sample seeding.
+
+Augmentation randomness of a sample is a pure function of (seed, epoch, sample index), not of
+which worker or process decoded it. That is what lets a run resume mid-epoch with exactly the
+draws it would have made, and gives the same draws under any number of workers or processes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from contextlib import contextmanager
+from typing import Iterator, NamedTuple, Optional
+
+import torch
+
+
+class Batch(NamedTuple):
+    images: torch.Tensor  # [B, 3, H, W] float
+    texts: torch.Tensor  # [B, context_length] long
+    indices: torch.Tensor  # [B] long: sample index within the dataset (CSV row, or shard sample number)
+    num_bad: int  # samples of this batch that were skipped (missing or corrupt image, empty caption)
+
+
+class Sample(NamedTuple):
+    image: torch.Tensor
+    text: torch.Tensor
+    index: int
+
+
+def sample_seed(seed: int, epoch: int, index: int) -> int:
+    """A 63-bit seed that depends only on (seed, epoch, index)."""
+    digest = hashlib.blake2b(f"{seed}:{epoch}:{index}".encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "little") & ((1 << 63) - 1)
+
+
+@contextmanager
+def seeded_torch_rng(seed: int) -> Iterator[None]:
+    """Run a block (a torchvision transform) on torch's global CPU RNG seeded with `seed`,
+    restoring the caller's RNG state afterwards so a worker-less loader does not disturb
+    the main process's random stream."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+def collate_skipping_bad(samples: list[Optional[Sample]]) -> Batch:
+    """Stack the good samples; a `None` stands for a skipped one and is counted."""
+    good = [s for s in samples if s is not None]
+    num_bad = len(samples) - len(good)
+    if not good:
+        return Batch(torch.empty(0), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), num_bad)
+    return Batch(
+        images=torch.stack([s.image for s in good]),
+        texts=torch.stack([s.text for s in good]),
+        indices=torch.tensor([s.index for s in good], dtype=torch.long),
+        num_bad=num_bad,
+    )
