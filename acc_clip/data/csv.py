@@ -1,0 +1,189 @@
+"""CSV rows (`filepath,title` by default) -> `Batch`es, with an epoch order that can be rebuilt.
+
+Order. The sample order of epoch e is a pure function of (seed, e): a generator seeded with `seed`
+makes two 64-bit draws per epoch, the way a torch DataLoader over a RandomSampler draws from the
+global RNG (worker base seed, then permutation seed), and the second one seeds `randperm`. After
+`torch.manual_seed(seed)` open_clip_train's single-process loader makes exactly those draws, so
+with workers > 0 both trainers visit the same samples in the same order, and after a crash the
+order of any epoch is rebuilt without having been stored.
+
+Sharding. Global batch j of an epoch is `perm[j*B*W : (j+1)*B*W]` (B the per-process batch, W the
+number of processes) and rank r takes the r-th contiguous slice of it. So the set of samples in an
+optimizer step does not depend on how many processes share it, and the features gathered across
+ranks come in the same order as one process would see them.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import Callable, Iterator, Optional
+
+import pandas as pd
+import torch
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from acc_clip.data.common import Batch, Sample, collate_skipping_bad, sample_seed, seeded_torch_rng
+from acc_clip.errors import AccClipError
+
+log = logging.getLogger(__name__)
+
+# Errors that mean "this image cannot be used"; anything else is a bug and must surface.
+IMAGE_ERRORS = (FileNotFoundError, IsADirectoryError, PermissionError, UnidentifiedImageError, OSError, ValueError)
+
+
+def read_csv_columns(path: str, *, img_key: str, caption_key: str, sep: str) -> tuple[list[str], list[str]]:
+    """The image paths and captions of a CSV, or one clear error naming the file."""
+    if not os.path.isfile(path):
+        raise AccClipError(f"{path}: CSV file not found")
+    try:
+        frame = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False)
+    except pd.errors.EmptyDataError:
+        raise AccClipError(f"{path}: the CSV is empty (no header, no rows)") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as error:
+        raise AccClipError(f"{path}: cannot parse the CSV with separator {sep!r}: {error}") from None
+    missing = [key for key in (img_key, caption_key) if key not in frame.columns]
+    if missing:
+        raise AccClipError(
+            f"{path}: no column {', '.join(map(repr, missing))} (separator {sep!r}); "
+            f"columns found: {', '.join(map(repr, map(str, frame.columns)))}"
+        )
+    if len(frame) == 0:
+        raise AccClipError(f"{path}: the CSV has a header but no rows")
+    return frame[img_key].tolist(), frame[caption_key].tolist()
+
+
+class CsvDataset(Dataset):
+    """One sample per CSV row. `dataset[(epoch, i)]` or `dataset[i]` gives a `Sample`, or None when
+    the image is missing or corrupt or the caption empty (the collate counts those)."""
+
+    def __init__(
+        self,
+        path: str,
+        *,
+        transform: Callable,
+        tokenizer: Callable,
+        img_key: str = "filepath",
+        caption_key: str = "title",
+        sep: str = "\t",
+        seed: int = 0,
+        augment_seeded: bool = True,
+    ):
+        self.path = path
+        self.filepaths, self.captions = read_csv_columns(path, img_key=img_key, caption_key=caption_key, sep=sep)
+        self.transform = transform
+        self.tokenizer = tokenizer
+        self.seed = seed
+        self.augment_seeded = augment_seeded
+
+    def __len__(self) -> int:
+        return len(self.filepaths)
+
+    def __getitem__(self, key) -> Optional[Sample]:
+        epoch, index = key if isinstance(key, tuple) else (0, key)
+        caption = self.captions[index].strip()
+        if not caption:
+            log.warning("%s row %d: empty caption, sample skipped", self.path, index)
+            return None
+        try:
+            with Image.open(self.filepaths[index]) as image:
+                image.load()
+                if self.augment_seeded:
+                    with seeded_torch_rng(sample_seed(self.seed, epoch, index)):
+                        pixels = self.transform(image)
+                else:
+                    pixels = self.transform(image)
+        except IMAGE_ERRORS as error:
+            log.warning("%s row %d: cannot read image %s (%s), sample skipped",
+                        self.path, index, self.filepaths[index], type(error).__name__)
+            return None
+        return Sample(pixels, self.tokenizer([caption])[0], index)
+
+
+def _draw_int64(generator: torch.Generator) -> int:
+    return int(torch.empty((), dtype=torch.int64).random_(generator=generator).item())
+
+
+def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
+    """The sample order of `epoch`; see the module docstring for why two draws per epoch."""
+    generator = torch.Generator().manual_seed(seed)
+    for _ in range(epoch):
+        _draw_int64(generator), _draw_int64(generator)
+    _draw_int64(generator)  # the DataLoader's worker base seed, unused here: per-sample seeds instead
+    permutation_seed = _draw_int64(generator)
+    return torch.randperm(num_samples, generator=torch.Generator().manual_seed(permutation_seed))
+
+
+class EpochBatchSampler(Sampler):
+    """Batches of `(epoch, index)` keys for one rank; `set_epoch(e, start_batch=k)` skips the first k
+    batches by index arithmetic, without reading them (exact mid-epoch resume)."""
+
+    def __init__(self, num_samples: int, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
+        if batch_size < 1:
+            raise AccClipError(f"--batch-size must be at least 1, got {batch_size}")
+        self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
+        self.rank, self.world_size = rank, world_size
+        self.global_batch_size = batch_size * world_size
+        self.batches_per_epoch = num_samples // self.global_batch_size
+        if self.batches_per_epoch == 0:
+            raise AccClipError(
+                f"{num_samples} samples cannot fill one global batch of {self.global_batch_size} "
+                f"({batch_size} per process x {world_size} processes): lower --batch-size or add data"
+            )
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __len__(self) -> int:
+        return self.batches_per_epoch - self.start_batch
+
+    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
+        permutation = epoch_permutation(self.num_samples, self.seed, self.epoch).tolist()
+        for batch in range(self.start_batch, self.batches_per_epoch):
+            first = batch * self.global_batch_size + self.rank * self.batch_size
+            yield [(self.epoch, index) for index in permutation[first:first + self.batch_size]]
+
+
+class EvalSampler(Sampler):
+    """Every row exactly once across ranks, in order, no padding: rank r gets rows r, r+W, ...
+    Ranks may get different numbers of batches, so gather once after the loop, not per batch."""
+
+    def __init__(self, num_samples: int, rank: int = 0, world_size: int = 1):
+        self.indices = list(range(rank, num_samples, world_size))
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def __iter__(self) -> Iterator[int]:
+        return iter(self.indices)
+
+
+def build_train_loader(
+    dataset: CsvDataset, *, batch_size: int, workers: int, seed: int, rank: int, world_size: int, pin_memory: bool
+) -> DataLoader:
+    sampler = EpochBatchSampler(len(dataset), batch_size=batch_size, seed=seed, rank=rank, world_size=world_size)
+    return DataLoader(
+        dataset,
+        batch_sampler=sampler,
+        num_workers=workers,
+        collate_fn=collate_skipping_bad,
+        pin_memory=pin_memory,
+        # Workers stay up between epochs: the epoch travels inside each key, not in worker state.
+        persistent_workers=workers > 0,
+        prefetch_factor=4 if workers > 0 else None,
+    )
+
+
+def build_eval_loader(
+    dataset: CsvDataset, *, batch_size: int, workers: int, rank: int, world_size: int, pin_memory: bool = False
+) -> DataLoader:
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=EvalSampler(len(dataset), rank, world_size),
+        num_workers=workers,
+        collate_fn=collate_skipping_bad,
+        pin_memory=pin_memory,
+    )
