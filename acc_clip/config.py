@@ -1,0 +1,230 @@
+"""One typed training configuration, from three sources, later wins: the defaults (open_clip_train's),
+a YAML file (`--config FILE`), command-line flags.
+
+Every flag of open_clip_train's command line that the seed uses keeps its name and meaning, so the
+vendor's default command runs unchanged. Unknown keys, in YAML or on the command line, are errors
+that name the closest valid key. Flags accepted only for compatibility say so at start-up.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import difflib
+import os
+from dataclasses import dataclass, field
+from typing import Any, Optional, get_type_hints
+
+import yaml
+
+from acc_clip.errors import AccClipError
+
+PRECISIONS = ("amp", "amp_bf16", "bf16", "fp16", "fp32")
+SCHEDULERS = ("cosine", "const", "const-cooldown")
+DATASET_TYPES = ("auto", "csv", "webdataset", "synthetic")
+
+# Accepted for open_clip_train compatibility, no effect here: flag -> why. Said at start-up when set.
+COMPATIBILITY_ONLY = {
+    "coca_caption_loss_weight": "only CoCa models use it, and acc_clip trains CLIP models",
+    "coca_contrastive_loss_weight": "only CoCa models use it, and acc_clip trains CLIP models",
+}
+
+
+def _opt(default: Any, help: str, **extra: Any) -> Any:
+    return field(default=default, metadata={"help": help, **extra})
+
+
+@dataclass
+class TrainConfig:
+    # data
+    train_data: Optional[str] = _opt(None, "training CSV, shard pattern 'DIR/{00000..00031}.tar', or a shard folder")
+    val_data: Optional[str] = _opt(None, "validation CSV or shards")
+    dataset_type: str = _opt("auto", "auto, csv, webdataset or synthetic", choices=DATASET_TYPES)
+    csv_separator: str = _opt("\t", "CSV column separator (open_clip's default is a tab)")
+    csv_img_key: str = _opt("filepath", "CSV column with image paths")
+    csv_caption_key: str = _opt("title", "CSV column with captions")
+    train_num_samples: Optional[int] = _opt(None, "samples per epoch for shards (default: sizes.json)")
+    dataset_resampled: bool = _opt(False, "sample shards with replacement")
+    workers: int = _opt(4, "data loader worker processes per rank")
+    max_bad_fraction: float = _opt(0.01, "stop when more than this fraction of samples read is missing or corrupt")
+    # model
+    model: str = _opt("RN50", "open_clip model name, or local-dir:PATH holding open_clip_config.json")
+    pretrained: str = _opt("", "pretrained tag or local weights file; empty for random init")
+    lock_image: bool = _opt(False, "freeze the image tower")
+    lock_image_unlocked_groups: int = _opt(0, "leave the last N image layer groups trainable")
+    lock_image_freeze_bn_stats: bool = _opt(False, "freeze batch-norm statistics of locked image layers")
+    lock_text: bool = _opt(False, "freeze the text tower")
+    lock_text_unlocked_layers: int = _opt(0, "leave the last N text layers trainable")
+    lock_text_freeze_layer_norm: bool = _opt(False, "freeze layer-norm parameters of locked text layers")
+    grad_checkpointing: bool = _opt(False, "activation checkpointing (less memory, more compute)")
+    torchcompile: bool = _opt(False, "torch.compile the model")
+    channels_last: bool = _opt(False, "channels_last memory format for convolutional image towers")
+    # optimisation
+    batch_size: int = _opt(64, "samples per process per micro-batch")
+    epochs: int = _opt(32, "training epochs")
+    max_steps: Optional[int] = _opt(None, "stop after this many optimizer steps (benchmarks, smoke tests)")
+    lr: float = _opt(5.0e-4, "peak learning rate")
+    beta1: float = _opt(0.9, "AdamW beta1")
+    beta2: float = _opt(0.999, "AdamW beta2")
+    eps: float = _opt(1.0e-8, "AdamW epsilon")
+    wd: float = _opt(0.2, "weight decay (not applied to gains, biases, logit_scale)")
+    opt: str = _opt("adamw", "optimizer (adamw)", choices=("adamw",))
+    warmup: int = _opt(10000, "linear warm-up optimizer steps")
+    lr_scheduler: str = _opt("cosine", "cosine, const or const-cooldown", choices=SCHEDULERS)
+    epochs_cooldown: Optional[int] = _opt(None, "cool-down epochs at the end, for const-cooldown")
+    lr_cooldown_end: float = _opt(0.0, "learning rate at the end of the cool-down")
+    lr_cooldown_power: float = _opt(1.0, "cool-down curve power (1 = linear)")
+    grad_clip_norm: Optional[float] = _opt(None, "clip the global gradient norm to this value")
+    accum_freq: int = _opt(1, "micro-batches per optimizer step, contrastive-exact")
+    precision: str = _opt("amp", "amp (fp16 + grad scaler), amp_bf16/bf16, fp16 or fp32", choices=PRECISIONS)
+    seed: int = _opt(0, "seed for weights, sample order and augmentation")
+    # distributed loss
+    gather_with_grad: bool = _opt(False, "all-gather features with gradient (exact multi-process gradients)")
+    local_loss: bool = _opt(False, "compute only the local rows of the logit matrix")
+    use_bn_sync: bool = _opt(False, "synchronise batch-norm statistics across processes")
+    # device
+    device: Optional[str] = _opt(None, "sdaa, cuda or cpu; default: sdaa if torch_sdaa is installed, else cuda, else cpu")
+    # logging and evaluation
+    logs: str = _opt("./logs/", "folder holding one sub-folder per run")
+    name: Optional[str] = _opt(None, "run name (default: date, model, lr, batch size, workers, precision)")
+    log_every_n_steps: int = _opt(100, "log a line every N optimizer steps")
+    report_to: str = _opt("", "trackers: tensorboard, wandb, all, or empty")
+    wandb_notes: str = _opt("", "wandb run notes")
+    wandb_project_name: str = _opt("open-clip", "wandb project")
+    val_frequency: int = _opt(1, "evaluate every N epochs")
+    zeroshot_frequency: int = _opt(2, "zero-shot every N epochs")
+    zeroshot_data: Optional[str] = _opt(None, "zero-shot set: a folder per class, or a filepath,label CSV")
+    zeroshot_classnames: Optional[str] = _opt(None, "class names file, one per line")
+    zeroshot_templates: Optional[str] = _opt(None, "prompt templates file, one per line with {}")
+    imagenet_val: Optional[str] = _opt(None, "ImageNet validation folder for zero-shot")
+    # checkpoints
+    save_frequency: int = _opt(1, "save every N epochs (0: never)")
+    save_every_n_steps: int = _opt(0, "also save every N optimizer steps (0: never)")
+    keep_checkpoints: int = _opt(0, "keep only the newest K step checkpoints (0: keep all)")
+    save_most_recent: bool = _opt(False, "also keep an epoch_latest.pt")
+    delete_previous_checkpoint: bool = _opt(False, "delete the previous epoch_N.pt after saving a new one")
+    resume: Optional[str] = _opt(None, "'latest', a checkpoint folder, or an open_clip epoch_N.pt")
+    remote_sync: Optional[str] = _opt(None, "copy the run folder to this fsspec URL in the background")
+    remote_sync_frequency: int = _opt(300, "seconds between remote copies")
+    remote_sync_protocol: str = _opt("s3", "s3 or fsspec", choices=("s3", "fsspec"))
+    # compatibility only (see COMPATIBILITY_ONLY)
+    coca_caption_loss_weight: float = _opt(2.0, "CoCa caption loss weight (compatibility only)")
+    coca_contrastive_loss_weight: float = _opt(1.0, "CoCa contrastive loss weight (compatibility only)")
+
+    def validate(self) -> "TrainConfig":
+        positive = ("batch_size", "epochs", "accum_freq", "log_every_n_steps")
+        for key in positive:
+            if getattr(self, key) < 1:
+                raise AccClipError(f"--{flag(key)} must be at least 1, got {getattr(self, key)}")
+        for key in ("workers", "warmup", "save_frequency", "save_every_n_steps", "keep_checkpoints",
+                    "val_frequency", "zeroshot_frequency", "lock_image_unlocked_groups", "lock_text_unlocked_layers"):
+            if getattr(self, key) < 0:
+                raise AccClipError(f"--{flag(key)} must not be negative, got {getattr(self, key)}")
+        if not 0.0 <= self.max_bad_fraction <= 1.0:
+            raise AccClipError(f"--max-bad-fraction must be within [0, 1], got {self.max_bad_fraction}")
+        if self.lr_scheduler == "const-cooldown" and self.epochs_cooldown is None:
+            raise AccClipError("--lr-scheduler const-cooldown needs --epochs-cooldown")
+        if self.local_loss and not self.gather_with_grad:
+            # Without gathered gradients each rank would only see its own rows' gradient: wrong.
+            raise AccClipError("--local-loss needs --gather-with-grad")
+        if self.train_data is None and self.dataset_type != "synthetic":
+            raise AccClipError("--train-data is required (a CSV file or webdataset shards)")
+        return self
+
+
+def flag(key: str) -> str:
+    return key.replace("_", "-")
+
+
+def option_keys() -> list[str]:
+    return [f.name for f in dataclasses.fields(TrainConfig)]
+
+
+def _closest(key: str) -> str:
+    matches = difflib.get_close_matches(key.replace("-", "_").lstrip("_"), option_keys(), n=1, cutoff=0.0)
+    return flag(matches[0]) if matches else ""
+
+
+def _argument_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="acc-clip train", allow_abbrev=False,
+                                     description="Train a CLIP model with open_clip_train's flags, on Accelerate.")
+    parser.add_argument("--config", help="YAML file of options (keys as flags, - or _)")
+    hints = get_type_hints(TrainConfig)
+    for f in dataclasses.fields(TrainConfig):
+        kind = hints[f.name]
+        base = getattr(kind, "__args__", (kind,))[0] if getattr(kind, "__args__", None) else kind
+        kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": f.metadata["help"]}
+        if base is bool:
+            kwargs["action"] = "store_true"
+        else:
+            kwargs["type"] = base
+            if base is str:
+                # open_clip's run_demo.py prints empty values as nothing: `--pretrained --next-flag`.
+                kwargs.update(nargs="?", const="")
+            if "choices" in f.metadata:
+                kwargs["choices"] = f.metadata["choices"]
+        parser.add_argument(f"--{flag(f.name)}", **kwargs)
+    return parser
+
+
+def _read_yaml(path: str) -> dict[str, Any]:
+    if not os.path.isfile(path):
+        raise AccClipError(f"{path}: config file not found")
+    with open(path) as file:
+        try:
+            values = yaml.safe_load(file) or {}
+        except yaml.YAMLError as error:
+            raise AccClipError(f"{path}: not valid YAML: {str(error).splitlines()[0]}") from None
+    if not isinstance(values, dict):
+        raise AccClipError(f"{path}: expected a mapping of option: value at the top level")
+    known = set(option_keys())
+    result = {}
+    for key, value in values.items():
+        name = str(key).replace("-", "_")
+        if name not in known:
+            raise AccClipError(f"{path}: unknown key {key!r}; did you mean {_closest(str(key))!r}?")
+        result[name] = value
+    return result
+
+
+def _coerce(key: str, value: Any) -> Any:
+    """YAML gives ints for floats (`lr: 1`) and strings for scientific notation without a dot (`5e-4`)."""
+    kind = get_type_hints(TrainConfig)[key]
+    base = getattr(kind, "__args__", (kind,))[0] if getattr(kind, "__args__", None) else kind
+    if value is None or base is str and isinstance(value, str):
+        return value
+    try:
+        if base is bool:
+            if isinstance(value, bool):
+                return value
+            raise ValueError
+        return base(value)
+    except (TypeError, ValueError):
+        raise AccClipError(f"option {key!r}: expected {base.__name__}, got {value!r}") from None
+
+
+def parse_config(argv: list[str]) -> tuple[TrainConfig, list[str]]:
+    """The validated config and the notices to print at start-up (compatibility-only flags that were set)."""
+    parser = _argument_parser()
+    namespace, unknown = parser.parse_known_args(argv)
+    if unknown:
+        bad = next(token for token in unknown if token.startswith("-")) if any(
+            token.startswith("-") for token in unknown) else unknown[0]
+        if bad.startswith("-"):
+            raise AccClipError(f"unknown option {bad.split('=')[0]!r}; did you mean '--{_closest(bad.split('=')[0])}'?")
+        raise AccClipError(f"unexpected argument {bad!r}")
+    values: dict[str, Any] = {}
+    config_path = getattr(namespace, "config", None)
+    if config_path:
+        values.update(_read_yaml(config_path))
+    values.update({k: v for k, v in vars(namespace).items() if k != "config"})
+    config = TrainConfig(**{k: _coerce(k, v) for k, v in values.items()})
+    notices = [f"--{flag(key)} is accepted for open_clip compatibility and has no effect: {why}"
+               for key, why in COMPATIBILITY_ONLY.items() if key in values]
+    return config.validate(), notices
+
+
+def save_config(config: TrainConfig, path: str) -> None:
+    values = dataclasses.asdict(config)
+    with open(path, "w") as file:
+        yaml.safe_dump(values, file, sort_keys=False)

@@ -1,0 +1,353 @@
+"""Webdataset shards -> `Batch`es for one rank, with an epoch order that is a pure function of
+(seed, epoch, rank, worker) and a mid-epoch resume that skips samples before decoding them.
+
+Build one loader per epoch with `build_wds_loader`; it splits by rank itself, so do not pass it
+through `accelerate.prepare`.
+
+Training order of epoch e (W = max(1, workers) loader workers, R = world_size ranks):
+  1. The shard list is shuffled with a generator seeded from (seed, e): the same on every rank.
+  2. Rank r takes shards r, r+R, ...; its worker w takes every W-th of those from w.
+  3. Each worker reads its shards in that order through a shuffle buffer (seeded from seed, e, r,
+     w) of raw, undecoded samples. Should it need more samples than its shards hold, it reads them
+     again in a new order (each pass is shuffled on its own, so pass 1 never mixes into pass 0).
+     With `resampled=True` it instead draws shards with replacement from the whole list, seeded
+     from (seed, e, r, w).
+  4. The rank yields num_batches = num_samples // (batch_size * world_size) batches (drop last).
+     torch's DataLoader takes batches from its workers in turn, so batch b is batch b // W of
+     worker b % W; worker w therefore yields exactly len(range(w, num_batches, W)) batches, and
+     every rank yields the same number.
+
+Guarantee: when the shards divide evenly among R*W workers and each worker's shards hold exactly
+its batches' worth of samples (e.g. equal shards and num_samples divisible by batch_size * R * W),
+every sample is seen exactly once per epoch across ranks and workers. Otherwise every rank still
+yields num_batches batches, but a worker short of samples repeats some of its own and a worker
+with extra samples leaves its last ones out (a warning says so).
+
+Resume: `start_batch=k` yields batches k, k+1, ... of the uninterrupted epoch: the same samples,
+indices and pixels. Worker w drops the samples of its batches before k undecoded (tar bytes are
+still read, images are not decoded), and the worker roles are rotated by k so that the loader,
+which always starts at its worker 0, begins with batch k. This holds with resampled=True too.
+
+Augmentation: `preprocess` runs under `seeded_torch_rng(sample_seed(seed, epoch, index))`, index
+being the sample number in its key, so the draws do not depend on which worker decodes a sample.
+Shards made with --group-by-image carry all captions in the .json; one is drawn per epoch from
+the same seed.
+
+Eval (`is_train=False`): shards in file order, rank r takes shards r, r+R, ..., no shuffle, no
+augmentation seeding, every sample exactly once across ranks, the last batch of a worker partial.
+Ranks may get different numbers of batches, so gather after the loop, not per batch.
+
+Bad samples (no image, undecodable image, empty caption) become None and are counted by
+`collate_skipping_bad`; they keep their place, so they do not shift the order of the others.
+"""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import io
+import json
+import math
+import os
+import random
+import warnings
+from itertools import count, islice
+from typing import Callable, Iterable, Iterator, Optional
+
+import torch
+import webdataset as wds
+from PIL import Image, UnidentifiedImageError
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import tarfile_samples
+
+from acc_clip.data.common import Batch, Sample, collate_skipping_bad, sample_seed, seeded_torch_rng
+from acc_clip.errors import AccClipError
+
+SHUFFLE_BUFFER = 2000  # raw samples per worker; at ~100 KB per JPEG about 200 MB of memory
+IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+IMAGE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError)
+# A resampled worker gives up after this many empty shards in a row rather than spin forever.
+MAX_EMPTY_DRAWS = 1000
+
+
+# ---------------------------------------------------------------------------------------------
+# Shard lists and sizes
+
+
+def expand_shard_urls(urls: str) -> list[str]:
+    """'DIR/{00000..00031}.tar', a folder (its *.tar, sorted), or several of those joined by '::'."""
+    shards: list[str] = []
+    for part in urls.split("::"):
+        if os.path.isdir(part):
+            found = sorted(glob.glob(os.path.join(part, "*.tar")))
+            if not found:
+                raise AccClipError(f"{part}: folder holds no .tar shards")
+            shards += found
+        else:
+            shards += wds.shardlists.expand_urls(part)
+    missing = [s for s in shards if "://" not in s and not s.startswith("pipe:") and not os.path.isfile(s)]
+    if missing:
+        raise AccClipError(f"{missing[0]}: shard not found ({len(missing)} of {len(shards)} missing) in {urls!r}")
+    return shards
+
+
+def read_shard_sizes(shards: list[str]) -> Optional[list[int]]:
+    """Sample count of each shard from the sizes.json beside it (open_clip's format), or None when
+    a shard has no such entry."""
+    by_folder: dict[str, dict] = {}
+    sizes = []
+    for shard in shards:
+        folder = os.path.dirname(shard)
+        if folder not in by_folder:
+            try:
+                with open(os.path.join(folder, "sizes.json"), encoding="utf-8") as f:
+                    by_folder[folder] = json.load(f)
+            except (OSError, ValueError):
+                by_folder[folder] = {}
+        size = by_folder[folder].get(os.path.basename(shard))
+        if size is None:
+            return None
+        sizes.append(int(size))
+    return sizes
+
+
+def _rng(*parts) -> random.Random:
+    # A str seed is hashed with SHA-512 by `random`, the same in every process and run.
+    return random.Random("acc_clip.wds:" + ":".join(map(str, parts)))
+
+
+def batches_of_worker(worker: int, num_batches: int, num_workers: int) -> int:
+    """How many of the first `num_batches` batches of a rank worker `worker` makes (round-robin)."""
+    return len(range(worker, num_batches, num_workers))
+
+
+# ---------------------------------------------------------------------------------------------
+# One worker's sample stream
+
+
+def buffer_shuffle(samples: Iterable, size: int, rng: random.Random) -> Iterator:
+    """Shuffle a stream through a buffer of `size` items; the rest of the buffer is shuffled at the end."""
+    buffer: list = []
+    for sample in samples:
+        if len(buffer) < size:
+            buffer.append(sample)
+            continue
+        slot = rng.randrange(size)
+        yield buffer[slot]
+        buffer[slot] = sample
+    rng.shuffle(buffer)
+    yield from buffer
+
+
+def _read_raw(shards: Iterable[str]) -> Iterator[dict]:
+    """Raw samples ({"__key__", "jpg": bytes, ...}) of the shards, in order; damaged tars warn and are cut short."""
+    return tarfile_samples(({"url": url} for url in shards), handler=wds.warn_and_continue)
+
+
+def sample_index(key: str) -> int:
+    """The sample number a key stands for; keys that are not numbers get a stable 63-bit hash."""
+    if key.isdigit():
+        return int(key)
+    return int.from_bytes(hashlib.blake2b(key.encode(), digest_size=8).digest(), "little") & ((1 << 63) - 1)
+
+
+class ShardEpoch(IterableDataset):
+    """The batches of one rank for one epoch; see the module docstring for the order."""
+
+    def __init__(self, *, rank_shards: list[str], all_shards: list[str], preprocess: Callable, tokenizer: Callable,
+                 batch_size: int, num_workers: int, num_batches: Optional[int], seed: int, epoch: int, rank: int,
+                 is_train: bool, resampled: bool, start_batch: int, shuffle_buffer: int):
+        self.rank_shards, self.all_shards = rank_shards, all_shards
+        self.preprocess, self.tokenizer = preprocess, tokenizer
+        self.batch_size, self.num_workers, self.num_batches = batch_size, num_workers, num_batches
+        self.seed, self.epoch, self.rank = seed, epoch, rank
+        self.is_train, self.resampled = is_train, resampled
+        self.start_batch, self.shuffle_buffer = start_batch, shuffle_buffer
+
+    def __len__(self) -> int:
+        if self.num_batches is None:
+            raise TypeError("length unknown: no sizes.json for these shards")
+        return self.num_batches - self.start_batch
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        loader_worker = info.id if info is not None else 0
+        if not self.is_train:
+            raw = _read_raw(self.rank_shards[loader_worker::self.num_workers])
+        else:
+            # Rotated roles: the loader starts with its worker 0, which must make batch start_batch.
+            worker = (loader_worker + self.start_batch) % self.num_workers
+            first = batches_of_worker(worker, self.start_batch, self.num_workers) * self.batch_size
+            end = batches_of_worker(worker, self.num_batches, self.num_workers) * self.batch_size
+            raw = islice(self._train_raw(worker), first, end)
+        while True:
+            chunk = list(islice(raw, self.batch_size))
+            if not chunk:
+                return
+            yield collate_skipping_bad([self._decode(sample) for sample in chunk])
+
+    def _train_raw(self, worker: int) -> Iterator[dict]:
+        place = (self.seed, self.epoch, self.rank, worker)
+        if self.resampled:
+            draws = _rng("resample", *place)
+            shards = (draws.choice(self.all_shards) for _ in count())
+            return buffer_shuffle(self._non_empty(shards), self.shuffle_buffer, _rng("buffer", *place))
+        return self._passes(self.rank_shards[worker::self.num_workers], place)
+
+    def _passes(self, shards: list[str], place: tuple) -> Iterator[dict]:
+        for number in count():
+            order = list(shards)
+            if number > 0:
+                _rng("pass", number, *place).shuffle(order)
+            found = 0
+            for sample in buffer_shuffle(_read_raw(order), self.shuffle_buffer, _rng("buffer", number, *place)):
+                found += 1
+                yield sample
+            if not found:
+                raise AccClipError(f"shards {order} hold no readable samples")
+
+    def _non_empty(self, shards: Iterator[str]) -> Iterator[dict]:
+        empty_in_a_row = 0
+        for shard in shards:
+            found = 0
+            for sample in _read_raw([shard]):
+                found += 1
+                yield sample
+            empty_in_a_row = 0 if found else empty_in_a_row + 1
+            if empty_in_a_row == MAX_EMPTY_DRAWS:
+                raise AccClipError(f"{MAX_EMPTY_DRAWS} shards drawn in a row hold no readable samples, e.g. {shard}")
+
+    def _caption(self, raw: dict, index: int) -> str:
+        if self.is_train and "json" in raw:
+            try:
+                captions = json.loads(raw["json"]).get("captions")
+            except (ValueError, AttributeError):
+                captions = None
+            if isinstance(captions, list) and len(captions) > 1:
+                return str(random.Random(sample_seed(self.seed, self.epoch, index)).choice(captions))
+        return raw.get("txt", b"").decode("utf-8", errors="replace")
+
+    def _decode(self, raw: dict) -> Optional[Sample]:
+        index = sample_index(raw["__key__"])
+        image_bytes = next((raw[e] for e in IMAGE_EXTENSIONS if e in raw), None)
+        caption = self._caption(raw, index)
+        if image_bytes is None or not caption.strip():
+            return None
+        try:
+            with Image.open(io.BytesIO(image_bytes)) as opened:
+                image = opened.convert("RGB")
+        except IMAGE_ERRORS:
+            return None
+        if self.is_train:
+            with seeded_torch_rng(sample_seed(self.seed, self.epoch, index)):
+                pixels = self.preprocess(image)
+        else:
+            pixels = self.preprocess(image)
+        return Sample(pixels, self.tokenizer([caption])[0], index)
+
+
+def _as_is(batch: Batch) -> Batch:
+    return batch  # batches are collated inside the workers
+
+
+# ---------------------------------------------------------------------------------------------
+# The loader
+
+
+def build_wds_loader(
+    urls: str,
+    *,
+    preprocess: Callable,
+    tokenizer: Callable,
+    batch_size: int,
+    workers: int,
+    seed: int,
+    epoch: int,
+    rank: int,
+    world_size: int,
+    is_train: bool = True,
+    num_samples: Optional[int] = None,
+    resampled: bool = False,
+    start_batch: int = 0,
+    shuffle_buffer: int = SHUFFLE_BUFFER,
+) -> tuple[DataLoader, int]:
+    """A DataLoader of this rank's `Batch`es for one epoch, and the number of batches per epoch of
+    this rank (the whole epoch, including the `start_batch` skipped ones). Call once per epoch.
+
+    Epoch length: `num_samples`, else the sum of the shards' sizes.json entries. For eval without
+    sizes.json the returned count is an estimate from `num_samples` (the loader yields all there is)."""
+    if batch_size < 1:
+        raise AccClipError(f"batch size must be at least 1, got {batch_size}")
+    if workers < 0 or world_size < 1 or not 0 <= rank < world_size:
+        raise AccClipError(f"bad worker layout: workers={workers}, rank={rank}, world_size={world_size}")
+    shards = expand_shard_urls(urls)
+    sizes = read_shard_sizes(shards)
+    if num_samples is None:
+        if sizes is None:
+            raise AccClipError(f"{urls}: no sizes.json entry for every shard; give the number of samples "
+                               f"(--train-num-samples / --val-num-samples)")
+        num_samples = sum(sizes)
+    num_workers = max(1, workers)
+    common = dict(all_shards=shards, preprocess=preprocess, tokenizer=tokenizer, batch_size=batch_size, seed=seed,
+                  epoch=epoch, rank=rank, is_train=is_train, resampled=resampled and is_train,
+                  shuffle_buffer=shuffle_buffer)
+    if is_train:
+        num_batches = num_samples // (batch_size * world_size)
+        if num_batches == 0:
+            raise AccClipError(f"{num_samples} samples cannot fill one global batch of {batch_size * world_size} "
+                               f"({batch_size} per process x {world_size} processes)")
+        if not 0 <= start_batch <= num_batches:
+            raise AccClipError(f"start batch {start_batch} outside the epoch's {num_batches} batches")
+        order = list(shards)
+        _rng("shards", seed, epoch).shuffle(order)
+        rank_shards = order[rank::world_size]
+        if not resampled:
+            _check_split(shards, sizes, order, world_size, num_workers, num_batches, batch_size)
+        dataset = ShardEpoch(rank_shards=rank_shards, num_workers=num_workers, num_batches=num_batches,
+                             start_batch=start_batch, **common)
+    else:
+        if start_batch:
+            raise AccClipError("start_batch is for training; an eval pass always starts at its beginning")
+        if len(shards) < world_size:
+            raise AccClipError(f"{len(shards)} eval shards cannot be split among {world_size} ranks: "
+                               f"make more, smaller shards")
+        rank_shards = shards[rank::world_size]
+        num_workers = min(num_workers, len(rank_shards))  # a worker without shards would add nothing
+        workers = min(workers, num_workers)
+        if sizes is not None:
+            rank_sizes = sizes[rank::world_size]
+            num_batches = sum(math.ceil(sum(rank_sizes[w::num_workers]) / batch_size) for w in range(num_workers))
+        else:
+            num_batches = math.ceil(num_samples / (batch_size * world_size))
+        dataset = ShardEpoch(rank_shards=rank_shards, num_workers=num_workers,
+                             num_batches=num_batches if sizes is not None else None, start_batch=0, **common)
+    loader = DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_as_is,
+                        pin_memory=torch.cuda.is_available())
+    return loader, num_batches
+
+
+def _check_split(shards: list[str], sizes: Optional[list[int]], order: list[str], world_size: int,
+                 num_workers: int, num_batches: int, batch_size: int) -> None:
+    """Refuse layouts that leave workers without shards; warn where samples repeat or drop."""
+    total_workers = world_size * num_workers
+    if len(shards) < total_workers:
+        raise AccClipError(f"{len(shards)} shards cannot feed {world_size} ranks x {num_workers} workers: "
+                           f"use fewer workers, make more shards (--samples-per-shard), or resampled")
+    if len(shards) % total_workers:
+        warnings.warn(f"{len(shards)} shards do not divide evenly among {world_size} ranks x {num_workers} "
+                      f"workers: every rank yields {num_batches} batches, but samples of workers with fewer "
+                      f"shards repeat and those of workers with more are partly left out", stacklevel=3)
+        return
+    if sizes is None:
+        return
+    size_of = dict(zip(shards, sizes))
+    for rank in range(world_size):
+        for worker in range(num_workers):
+            held = sum(size_of[s] for s in order[rank::world_size][worker::num_workers])
+            needed = batches_of_worker(worker, num_batches, num_workers) * batch_size
+            if held != needed:
+                warnings.warn(f"rank {rank} worker {worker} holds {held} samples but makes "
+                              f"{needed // batch_size} batches of {batch_size}: "
+                              f"{'some repeat' if held < needed else f'{held - needed} are left out'} this epoch",
+                              stacklevel=3)
+                return

@@ -1,0 +1,142 @@
+"""What a run reports: an open_clip-style log line every N steps, a progress bar on a terminal,
+`metrics.jsonl` with one record per optimizer step, and Accelerate's trackers.
+
+Per-step values stay on the device until a log line is due, then are read in one go: reading a
+loss every step would stall the host on the accelerator each step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import torch
+
+from acc_clip.errors import AccClipError
+
+log = logging.getLogger("acc_clip")
+
+
+def setup_logging(log_file: Optional[str], is_main: bool) -> None:
+    handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
+    if log_file:
+        handlers.append(logging.FileHandler(log_file))
+    formatter = logging.Formatter("%(asctime)s | %(levelname)s | %(message)s", datefmt="%Y-%m-%d,%H:%M:%S")
+    for handler in handlers:
+        handler.setFormatter(formatter)
+    root = logging.getLogger()
+    root.handlers[:] = handlers
+    root.setLevel(logging.INFO if is_main else logging.WARNING)
+
+
+@dataclass
+class StepRecord:
+    step: int
+    epoch: int
+    batch_in_epoch: int  # optimizer steps done in this epoch, this one included
+    loss: torch.Tensor
+    logit_scale: torch.Tensor
+    lr: float
+    data_time: float
+    batch_time: float
+    samples_seen: int
+
+
+@dataclass
+class MetricsLogger:
+    run_dir: Optional[str]  # None on non-main processes: they record nothing
+    log_every_n_steps: int
+    steps_per_epoch: int
+    global_batch_size: int  # samples per optimizer step, all processes and micro-batches
+    samples_per_epoch: int
+    world_size: int
+    accelerator: Any = None  # for trackers; None: no trackers
+    show_progress: bool = False
+    _pending: list[StepRecord] = field(default_factory=list)
+    _loss_sum: float = 0.0
+    _loss_count: int = 0
+    _progress: Any = None
+
+    def start_epoch(self, epoch: int, first_step: int) -> None:
+        self._loss_sum, self._loss_count = 0.0, 0
+        if self.show_progress and self.run_dir is not None:
+            from tqdm import tqdm
+
+            self._progress = tqdm(total=self.steps_per_epoch, initial=first_step, desc=f"epoch {epoch}",
+                                  unit="step", dynamic_ncols=True, leave=False)
+
+    def record(self, record: StepRecord) -> None:
+        if self.run_dir is None:
+            return
+        self._pending.append(record)
+        if self._progress is not None:
+            self._progress.update(1)
+        last_of_epoch = record.batch_in_epoch == self.steps_per_epoch
+        if (record.batch_in_epoch - 1) % self.log_every_n_steps == 0 or last_of_epoch:
+            self.flush()
+
+    def flush(self) -> None:
+        if not self._pending:
+            return
+        losses = torch.stack([r.loss.float() for r in self._pending]).cpu().tolist()
+        scales = torch.stack([r.logit_scale.float() for r in self._pending]).cpu().tolist()
+        rows = []
+        for record, loss, scale in zip(self._pending, losses, scales):
+            if not math.isfinite(loss):
+                self._pending.clear()
+                raise AccClipError(f"the loss is {loss} at step {record.step} (epoch {record.epoch}): stopping; "
+                                   "the last checkpoint saved before it is kept (resume with --resume latest, "
+                                   "perhaps with a lower --lr or --grad-clip-norm)")
+            rows.append({
+                "step": record.step, "epoch": record.epoch, "loss": loss, "lr": record.lr, "logit_scale": scale,
+                "samples_per_second": self.global_batch_size / max(record.batch_time, 1e-9),
+                "data_time": record.data_time, "batch_time": record.batch_time, "samples_seen": record.samples_seen,
+            })
+            self._loss_sum += loss
+            self._loss_count += 1
+        with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as file:
+            file.writelines(json.dumps(row) + "\n" for row in rows)
+        last, record = rows[-1], self._pending[-1]
+        self._pending.clear()
+        self._log_line(last, record.batch_in_epoch)
+        if self.accelerator is not None and self.accelerator.trackers:
+            for row in rows:
+                self.accelerator.log({f"train/{k}": v for k, v in row.items() if k not in ("step", "epoch")},
+                                     step=row["step"])
+
+    def _log_line(self, row: dict, batch_in_epoch: int) -> None:
+        digits = math.ceil(math.log10(self.samples_per_epoch + 1))
+        seen = batch_in_epoch * self.global_batch_size
+        percent = 100.0 * batch_in_epoch / self.steps_per_epoch
+        per_second = row["samples_per_second"]
+        message = (
+            f"Train Epoch: {row['epoch']} [{seen:>{digits}}/{self.samples_per_epoch} ({percent:.0f}%)] "
+            f"Data (t): {row['data_time']:.3f} Batch (t): {row['batch_time']:.3f}, {per_second:#g}/s, "
+            f"{per_second / self.world_size:#g}/s/gpu LR: {row['lr']:5f} Logit Scale: {row['logit_scale']:.3f} "
+            f"Loss: {row['loss']:#.5g} ({self._loss_sum / self._loss_count:#.5g})"
+        )
+        log.info(message)
+        if self._progress is not None:
+            self._progress.set_postfix(loss=f"{row['loss']:.4f}")
+
+    def end_epoch(self) -> None:
+        self.flush()
+        if self._progress is not None:
+            self._progress.close()
+            self._progress = None
+
+    def write_result(self, record: dict) -> None:
+        """One line per evaluation in results.jsonl, as open_clip_train writes."""
+        if self.run_dir is None:
+            return
+        with open(os.path.join(self.run_dir, "results.jsonl"), "a") as file:
+            file.write(json.dumps(record) + "\n")
+        if self.accelerator is not None and self.accelerator.trackers:
+            self.accelerator.log({f"val/{k}": v for k, v in record.items()
+                                  if isinstance(v, (int, float)) and k not in ("epoch", "step")},
+                                 step=record.get("step"))

@@ -1,0 +1,91 @@
+"""The open_clip model, its transforms and tokenizer, tower locking, AdamW parameter groups and
+the learning-rate schedule, all as open_clip_train sets them up."""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+from typing import Callable
+
+import torch
+from open_clip import create_model_and_transforms, get_tokenizer
+from open_clip_train.scheduler import const_lr, const_lr_cooldown, cosine_lr
+
+from acc_clip.config import TrainConfig
+from acc_clip.errors import AccClipError
+
+LOGIT_SCALE_MAX = math.log(100)  # CLIP's clamp: temperature at most 100
+
+
+@dataclass
+class ModelBundle:
+    model: torch.nn.Module
+    preprocess_train: Callable
+    preprocess_val: Callable
+    tokenizer: Callable
+
+
+def create_model(config: TrainConfig) -> ModelBundle:
+    """Seeds the global RNGs with `config.seed` first, as open_clip_train does, so the same seed gives
+    the same initial weights in both trainers."""
+    from accelerate.utils import set_seed
+
+    if config.model.startswith("local-dir:") and not os.path.isdir(config.model[len("local-dir:"):]):
+        raise AccClipError(f"--model {config.model}: no such folder")
+    if config.pretrained and os.path.sep in config.pretrained and not os.path.isfile(config.pretrained):
+        raise AccClipError(f"--pretrained {config.pretrained}: no such file")
+    set_seed(config.seed)
+    try:
+        model, preprocess_train, preprocess_val = create_model_and_transforms(
+            config.model, config.pretrained or None, precision="fp32", device="cpu", output_dict=True)
+    except (RuntimeError, ValueError, FileNotFoundError) as error:  # open_clip's ways of saying bad name/weights
+        raise AccClipError(f"--model {config.model} --pretrained {config.pretrained!r}: {error}") from None
+    if config.lock_image:
+        model.lock_image_tower(unlocked_groups=config.lock_image_unlocked_groups,
+                               freeze_bn_stats=config.lock_image_freeze_bn_stats)
+    if config.lock_text:
+        model.lock_text_tower(unlocked_layers=config.lock_text_unlocked_layers,
+                              freeze_layer_norm=config.lock_text_freeze_layer_norm)
+    if config.grad_checkpointing:
+        model.set_grad_checkpointing()
+    tokenizer = get_tokenizer(config.model)
+    return ModelBundle(model, preprocess_train, preprocess_val, tokenizer)
+
+
+def is_gain_or_bias(name: str, parameter: torch.Tensor) -> bool:
+    """open_clip_train's rule: no weight decay for gains, biases, norms and the temperature."""
+    return parameter.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+
+
+def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    return [
+        {"params": [p for n, p in trainable if is_gain_or_bias(n, p)], "weight_decay": 0.0},
+        {"params": [p for n, p in trainable if not is_gain_or_bias(n, p)], "weight_decay": weight_decay},
+    ]
+
+
+def create_optimizer(model: torch.nn.Module, config: TrainConfig, device_type: str) -> torch.optim.Optimizer:
+    # The fused kernel is one launch instead of one per parameter; CUDA only (and not CPU in older torch).
+    fused = device_type == "cuda"
+    return torch.optim.AdamW(parameter_groups(model, config.wd), lr=config.lr, betas=(config.beta1, config.beta2),
+                             eps=config.eps, fused=fused or None)
+
+
+def create_lr_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, steps_per_epoch: int) -> Callable:
+    """A function of the global optimizer step that sets the learning rate: stateless, so resuming is
+    only a matter of knowing the step."""
+    total_steps = steps_per_epoch * config.epochs
+    if config.lr_scheduler == "cosine":
+        return cosine_lr(optimizer, config.lr, config.warmup, total_steps)
+    if config.lr_scheduler == "const":
+        return const_lr(optimizer, config.lr, config.warmup, total_steps)
+    cooldown_steps = steps_per_epoch * config.epochs_cooldown
+    return const_lr_cooldown(optimizer, config.lr, config.warmup, total_steps, cooldown_steps,
+                             config.lr_cooldown_power, config.lr_cooldown_end)
+
+
+def clamp_logit_scale(model: torch.nn.Module) -> None:
+    with torch.no_grad():
+        model.logit_scale.clamp_(0, LOGIT_SCALE_MAX)
