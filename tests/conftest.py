@@ -1,0 +1,74 @@
+"""Shared fixtures: a tiny COCO-shaped dataset, its CSV, tiny model configs, and a way to run the
+trainer as a user does (a subprocess, so each run gets a fresh Accelerate state)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_RN = f"local-dir:{REPO / 'configs' / 'models' / 'tiny-rn'}"
+TINY_VIT = f"local-dir:{REPO / 'configs' / 'models' / 'tiny-vit'}"
+
+
+@pytest.fixture(scope="session")
+def demo_dataset(tmp_path_factory) -> Path:
+    from acc_clip.demo_data import make_demo_data
+
+    root = tmp_path_factory.mktemp("demo")
+    make_demo_data(root / "coco", num_train=64, num_val=21, size=(160, 120), seed=0, zeroshot_per_class=3)
+    return root / "coco"
+
+
+@pytest.fixture(scope="session")
+def train_csv(demo_dataset) -> Path:
+    """64 images x 5 captions = 320 rows."""
+    from acc_clip.coco_csv import create_coco_csv
+
+    out = demo_dataset / "train_data.csv"
+    if not out.exists():
+        create_coco_csv(str(demo_dataset / "annotations" / "captions_train2017.json"),
+                        str(demo_dataset / "train2017"), str(out))
+    return out
+
+
+@pytest.fixture(scope="session")
+def val_csv(demo_dataset) -> Path:
+    from acc_clip.coco_csv import create_coco_csv
+
+    out = demo_dataset / "val_data.csv"
+    if not out.exists():
+        create_coco_csv(str(demo_dataset / "annotations" / "captions_val2017.json"),
+                        str(demo_dataset / "val2017"), str(out))
+    return out
+
+
+def tiny_train_args(train_csv: Path, logs: Path, name: str, *extra: str) -> list[str]:
+    return ["--train-data", str(train_csv), "--csv-separator", ",", "--model", TINY_RN, "--batch-size", "16",
+            "--epochs", "2", "--workers", "0", "--precision", "fp32", "--device", "cpu", "--lr", "1e-3",
+            "--warmup", "5", "--log-every-n-steps", "1", "--logs", str(logs), "--name", name,
+            "--save-frequency", "0", *extra]
+
+
+def run_trainer(args: list[str], *, launcher: list[str] | None = None, timeout: float = 300,
+                check: bool = True) -> subprocess.CompletedProcess:
+    """`python -m acc_clip.train ARGS` (or under `launcher`, e.g. accelerate launch) in a subprocess."""
+    command = (launcher or [sys.executable]) + ["-m", "acc_clip.train", *args]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO,
+                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    if check and result.returncode != 0:
+        raise AssertionError(f"trainer exited {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
+    return result
+
+
+def read_metrics(run_dir: Path) -> list[dict]:
+    with open(run_dir / "metrics.jsonl") as file:
+        return [json.loads(line) for line in file]
