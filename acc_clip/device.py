@@ -65,6 +65,8 @@ def plan_device(requested: Optional[str], precision: str, local_rank: Optional[i
     if precision not in MIXED_PRECISION:
         raise AccClipError(f"--precision {precision!r}: expected one of {', '.join(MIXED_PRECISION)}")
     mixed = MIXED_PRECISION[precision]
+    if kind == "cpu" and mixed == "fp16":
+        mixed = "bf16"  # the CPU's autocast dtype, as open_clip_train's amp on the CPU
     return DevicePlan(
         kind=kind,
         device="cpu" if kind == "cpu" else f"{kind}:{local_rank}",
@@ -83,9 +85,7 @@ def make_accelerator(plan: DevicePlan, *, use_bn_sync: bool = False, find_unused
     from accelerate.utils import DistributedDataParallelKwargs
 
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)]
-    # On the CPU fp16 has no grad scaler in Accelerate's sense; bf16 autocast is the CPU's mixed precision.
-    mixed = plan.mixed_precision if plan.kind != "cpu" or plan.mixed_precision != "fp16" else "bf16"
-    accelerator = Accelerator(cpu=plan.kind == "cpu", mixed_precision=mixed, kwargs_handlers=handlers)
+    accelerator = Accelerator(cpu=plan.kind == "cpu", mixed_precision=plan.mixed_precision, kwargs_handlers=handlers)
     if accelerator.device.type != plan.kind:
         raise AccClipError(f"planned device {plan.kind} but Accelerate chose {accelerator.device}; "
                            f"check {plan.visible_devices_variable or 'the launch configuration'}")
