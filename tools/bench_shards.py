@@ -1,0 +1,116 @@
+#!/usr/bin/env python3
+"""Rough speed of `acc-clip shards`: copy mode against `cp -r` of the same images, and --resize per core.
+
+    python tools/bench_shards.py [--images 300] [--repeats 3] [--keep DIR]
+
+Makes N 640x480 JPEGs of gradients, ellipses and pixel noise (~100-120 KB each, like photos; the
+demo dataset's flat shapes compress to 25-65 KB, too small for a fair MB/s), reads them once so
+every timing starts from the page cache, and prints the best of --repeats runs for: `cp -r` of the
+image folder, copy mode on one process, --resize 256 on one process, and --resize 256 on all cores.
+The machine may be shared, so treat the figures as rough.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+# Run from a checkout without installing: the package lives one folder up.
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from acc_clip.shards import convert_csv_to_shards  # noqa: E402
+
+
+def photo_like(rng: np.random.Generator, width: int = 640, height: int = 480) -> Image.Image:
+    x, y = np.meshgrid(np.linspace(0, 1, width, dtype=np.float32), np.linspace(0, 1, height, dtype=np.float32))
+    a, b, c = rng.uniform(0.3, 1.0, 3)
+    base = np.stack([255 * a * x, 255 * b * y, 127 * c * (x + y)], axis=2)
+    image = Image.fromarray(base.astype(np.uint8))
+    draw = ImageDraw.Draw(image)
+    for _ in range(30):
+        x0, y0 = int(rng.integers(0, width)), int(rng.integers(0, height))
+        w, h = (int(v) for v in rng.integers(10, 200, 2))
+        draw.ellipse([x0, y0, x0 + w, y0 + h], fill=tuple(int(v) for v in rng.integers(0, 255, 3)))
+    noisy = np.asarray(image, dtype=np.int16) + rng.normal(0, 12, (height, width, 3)).astype(np.int16)
+    return Image.fromarray(noisy.clip(0, 255).astype(np.uint8))
+
+
+def make_images(folder: str, count: int) -> str:
+    os.makedirs(os.path.join(folder, "images"), exist_ok=True)
+    rng = np.random.default_rng(0)
+    rows = []
+    for i in range(count):
+        path = os.path.join(folder, "images", f"{i:06d}.jpg")
+        photo_like(rng).save(path, quality=90)
+        rows.append((path, f"a synthetic photo number {i}"))
+    csv_path = os.path.join(folder, "images.csv")
+    with open(csv_path, "w", newline="") as f:
+        csv.writer(f).writerows([("filepath", "title"), *rows])
+    return csv_path
+
+
+def best_seconds(run, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        started = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - started)
+    return min(times)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--images", type=int, default=300)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--keep", help="work in this folder and keep it (default: a temporary folder)")
+    args = parser.parse_args()
+    work = args.keep or tempfile.mkdtemp(prefix="bench_shards_")
+    csv_path = make_images(work, args.images)
+    image_dir = os.path.join(work, "images")
+    paths = sorted(os.listdir(image_dir))
+    total_bytes = 0
+    for name in paths:  # warm the page cache, so cp and the converter read from the same place
+        with open(os.path.join(image_dir, name), "rb") as f:
+            total_bytes += len(f.read())
+    mb = total_bytes / 1e6
+    print(f"{len(paths)} images 640x480, {mb:.1f} MB, {total_bytes / len(paths) / 1024:.0f} KB each; "
+          f"{os.cpu_count()} cores; best of {args.repeats}")
+
+    def fresh(name: str) -> str:
+        path = os.path.join(work, name)
+        shutil.rmtree(path, ignore_errors=True)
+        return path
+
+    cp_s = best_seconds(lambda: subprocess.run(["cp", "-r", image_dir, fresh("cp_copy")], check=True), args.repeats)
+    print(f"cp -r:                    {cp_s:6.3f} s  {len(paths) / cp_s:7.0f} img/s  {mb / cp_s:6.0f} MB/s")
+
+    def convert(name: str, **kwargs) -> None:
+        convert_csv_to_shards(csv_path, fresh(name), samples_per_shard=100, progress=False, **kwargs)
+
+    copy_s = best_seconds(lambda: convert("copy", workers=1), args.repeats)
+    print(f"shards, copy, 1 process:  {copy_s:6.3f} s  {len(paths) / copy_s:7.0f} img/s  {mb / copy_s:6.0f} MB/s"
+          f"  ({cp_s / copy_s:.2f} of cp's MB/s; target >= 0.5)")
+
+    resize_s = best_seconds(lambda: convert("resize1", workers=1, resize=256), args.repeats)
+    print(f"shards, --resize 256, 1 process:  {len(paths) / resize_s:5.0f} img/s per core (target >= 150)")
+    cores = os.cpu_count() or 1
+    if cores > 1:
+        all_s = best_seconds(lambda: convert("resize_all", workers=cores, resize=256), args.repeats)
+        print(f"shards, --resize 256, {cores} processes: {len(paths) / all_s:5.0f} img/s "
+              f"({len(paths) / all_s / cores:.0f} per core)")
+    if not args.keep:
+        shutil.rmtree(work)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
