@@ -52,8 +52,10 @@ def _rank_summary(prefix: str, ranks: torch.Tensor) -> dict[str, float]:
 def _diagonal_ranks(logits: torch.Tensor) -> torch.Tensor:
     """0-based rank of logits[i, i] within row i: how many entries of the row beat it.
 
-    Equals the position argsort(descending) gives when the row has no ties; on ties it is the
-    best position (open_clip's depends on how argsort orders equal values)."""
+    Equals the position argsort(descending) gives when the row has no ties. On a tie it is the
+    best position: an equal logit comes from an identical feature (the same image or caption on
+    another row), which retrieves the pair as well as its own. open_clip's position on ties
+    depends on how argsort happens to order equal values."""
     diagonal = logits.diagonal().unsqueeze(1)
     return (logits > diagonal).sum(dim=1)
 
@@ -62,7 +64,8 @@ def retrieval_metrics(
     image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor | float
 ) -> dict[str, float]:
     """Row i's image and caption are a pair. Keys: `{image_to_text,text_to_image}_{mean_rank,
-    median_rank,R@1,R@5,R@10}`; ranks are 1-based, recalls fractions in [0, 1]."""
+    median_rank,R@1,R@5,R@10}`; ranks are 1-based, recalls fractions in [0, 1]. Equal to
+    get_clip_metrics when no logits tie; ties count in the pair's favour (`_diagonal_ranks`)."""
     # Same logits, computed the same way, as get_clip_metrics, so near-equal values order alike.
     logits_per_image = (logit_scale * image_features @ text_features.t()).detach().cpu()
     metrics = _rank_summary("image_to_text", _diagonal_ranks(logits_per_image))
@@ -117,7 +120,8 @@ def whole_set_clip_loss(
 
     open_clip's `clip_val_loss` averages per-batch losses instead; that number depends on the batch
     size and on how rows are split across processes, this one does not (it is larger: every
-    caption competes with all N-1 others, not with B-1)."""
+    caption competes with all N-1 others, not with B-1). It is the softmax CLIP loss, also for a
+    SigLIP model (whose training loss it is not)."""
     logits_per_image = logit_scale * image_features @ text_features.t()
     labels = torch.arange(len(image_features))
     loss = (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_image.t(), labels)) / 2
@@ -146,7 +150,18 @@ def gather_rows_by_index(
     return (sorted_indices[first_of_index], *(rows[real][keep] for rows in all_rows))
 
 
-def sum_over_processes(accelerator: Accelerator, value: int) -> int:
+def same_key_same_features(features: torch.Tensor, keys: Sequence[str]) -> torch.Tensor:
+    """Give every row the features of the first row with its key (an image file, a caption).
+
+    Rows that share an image encode to features that differ only by float noise from batching
+    (so by how rows were split over processes); made identical, their comparisons are exact ties,
+    which the ranks resolve in the row's favour (`_diagonal_ranks`) instead of by that noise."""
+    first_row_of_key: dict[str, int] = {}
+    first_rows = [first_row_of_key.setdefault(key, row) for row, key in enumerate(keys)]
+    return features[first_rows]
+
+
+def _sum_over_processes(accelerator: Accelerator, value: int) -> int:
     return int(accelerator.gather(torch.tensor([value], device=accelerator.device)).sum().item())
 
 
@@ -167,7 +182,8 @@ def evaluate_retrieval(
     process) and return, on every process:
 
     - `val_loss`: `whole_set_clip_loss` (the whole set as one batch; NOT open_clip's per-batch mean);
-    - `retrieval_metrics` keys (row-level pairs);
+    - `retrieval_metrics` keys (row-level pairs; rows sharing an image file or a caption get the
+      same features, see `same_key_same_features`);
     - `coco_retrieval_metrics` keys when the loader's dataset has `filepaths` and some image has
       more than one caption;
     - `num_samples` (rows evaluated) and `num_bad` (rows skipped: unreadable image, empty caption).
@@ -207,19 +223,24 @@ def evaluate_retrieval(
         torch.cat(image_parts) if image_parts else empty,
         torch.cat(text_parts) if text_parts else empty,
     )
-    num_bad = sum_over_processes(accelerator, local_bad)
+    num_bad = _sum_over_processes(accelerator, local_bad)
     if len(indices) == 0:
         raise AccClipError(f"validation set: no readable samples ({num_bad} skipped as unreadable)")
 
     result: list[Optional[dict[str, float]]] = [None]
     if accelerator.is_main_process:
+        rows = indices.tolist()
+        filepaths = getattr(loader.dataset, "filepaths", None)
+        captions = getattr(loader.dataset, "captions", None)
+        image_keys = [filepaths[i] for i in rows] if filepaths is not None else None
+        if image_keys is not None:
+            image_features = same_key_same_features(image_features, image_keys)
+        if captions is not None:
+            text_features = same_key_same_features(text_features, [captions[i] for i in rows])
         metrics = {"val_loss": whole_set_clip_loss(image_features, text_features, logit_scale)}
         metrics.update(retrieval_metrics(image_features, text_features, logit_scale))
-        filepaths = getattr(loader.dataset, "filepaths", None)
-        if filepaths is not None:
-            image_keys = [filepaths[i] for i in indices.tolist()]
-            if len(set(image_keys)) < len(image_keys):
-                metrics.update(coco_retrieval_metrics(image_features, text_features, image_keys))
+        if image_keys is not None and len(set(image_keys)) < len(image_keys):
+            metrics.update(coco_retrieval_metrics(image_features, text_features, image_keys))
         metrics.update(num_samples=len(indices), num_bad=num_bad)
         result[0] = metrics
     broadcast_object_list(result)
@@ -316,6 +337,9 @@ def main(argv: list[str]) -> int:
     model, _, preprocess_val = open_clip.create_model_and_transforms(args.model, pretrained=None)
     load_weights_for_eval(model, args.checkpoint)
     model.to(accelerator.device)
+    if accelerator.is_main_process:
+        print(f"acc-clip eval: {args.checkpoint} on {accelerator.num_processes} process(es), "
+              f"device {accelerator.device}", file=sys.stderr)
     tokenizer = open_clip.get_tokenizer(args.model)
 
     results: dict[str, dict] = {}

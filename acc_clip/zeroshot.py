@@ -86,6 +86,8 @@ def _labelled_csv(path: str, num_named_classes: Optional[int]) -> tuple[Optional
     """(class names in the CSV or None for integer labels, image paths, labels) of a filepath,label CSV."""
     filepaths, raw_labels = read_csv_columns(path, img_key="filepath", caption_key="label", sep=",")
     raw_labels = [label.strip() for label in raw_labels]
+    if "" in raw_labels:
+        raise AccClipError(f"{path} data row {raw_labels.index('') + 1}: empty label")
     if not all(label.isdigit() for label in raw_labels):
         names = sorted(set(raw_labels))
         index_of = {name: i for i, name in enumerate(names)}
@@ -96,7 +98,7 @@ def _labelled_csv(path: str, num_named_classes: Optional[int]) -> tuple[Optional
     for row, label in enumerate(labels):
         if label >= num_named_classes:
             raise AccClipError(
-                f"{path} row {row + 1}: label {label} is out of range for {num_named_classes} class names"
+                f"{path} data row {row + 1}: label {label} is out of range for {num_named_classes} class names"
             )
     return None, filepaths, labels
 
