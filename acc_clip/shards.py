@@ -165,7 +165,7 @@ def _jpeg_looks_complete(data: bytes) -> bool:
 
 def _encode_jpeg(image: Image.Image, quality: int) -> bytes:
     buffer = io.BytesIO()
-    image.convert("RGB").save(buffer, format="JPEG", quality=quality)
+    image.save(buffer, format="JPEG", quality=quality)
     return buffer.getvalue()
 
 
@@ -189,8 +189,10 @@ def prepare_image(path: str, resize: Optional[int], quality: int) -> tuple[bytes
             if 2 * size[0] <= source_size[0]:
                 image.draft("RGB", size)  # libjpeg decodes at 1/2, 1/4 or 1/8 scale, never below `size`
             image.load()
+            if image.mode != "RGB":
+                image = image.convert("RGB")  # grey, CMYK, palette, alpha: stored as plain RGB
             if image.size != size:
-                image = image.convert("RGB").resize(size, Image.Resampling.BICUBIC)
+                image = image.resize(size, Image.Resampling.BICUBIC)
             return _encode_jpeg(image, quality), *size, *source_size
     except BadImage:
         raise

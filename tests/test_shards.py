@@ -20,8 +20,6 @@ from acc_clip import shards
 from acc_clip.cli import main as cli_main
 from acc_clip.errors import AccClipError
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-
 
 def write_images(folder, count: int, size=(48, 36)) -> list[str]:
     os.makedirs(folder, exist_ok=True)
@@ -286,14 +284,6 @@ def test_verify_passes_good_shards_and_reports_damage(tmp_path, dataset_csv, cap
     assert "00003.tar: unreadable tar" in problems
     assert not any(p.startswith(("00000.tar", "00001.tar")) for p in result["problems"])
     assert cli_main(["shards", "verify", str(out), "--workers", "2"]) == 1
-
-
-def test_tool_script_converts(tmp_path, dataset_csv):
-    run = subprocess.run([sys.executable, os.path.join(REPO, "tools", "csv_to_shards.py"), "--csv", dataset_csv,
-                          "--out", str(tmp_path / "out"), "--samples-per-shard", "20", "--no-progress"],
-                         capture_output=True, text=True, timeout=120)
-    assert run.returncode == 0, run.stderr
-    assert "40 samples in 2 shards" in run.stdout
 
 
 def test_open_clip_trainer_runs_an_epoch_on_the_shards(tmp_path, dataset_csv):

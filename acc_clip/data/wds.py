@@ -47,6 +47,7 @@ import glob
 import hashlib
 import io
 import json
+import logging
 import math
 import os
 import random
@@ -62,6 +63,8 @@ from webdataset.tariterators import tarfile_samples
 
 from acc_clip.data.common import Batch, Sample, collate_skipping_bad, sample_seed, seeded_torch_rng
 from acc_clip.errors import AccClipError
+
+log = logging.getLogger(__name__)
 
 SHUFFLE_BUFFER = 2000  # raw samples per worker; at ~100 KB per JPEG about 200 MB of memory
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
@@ -229,14 +232,17 @@ class ShardEpoch(IterableDataset):
 
     def _decode(self, raw: dict) -> Optional[Sample]:
         index = sample_index(raw["__key__"])
+        where = f"{raw.get('__url__')} sample {raw['__key__']}"
         image_bytes = next((raw[e] for e in IMAGE_EXTENSIONS if e in raw), None)
         caption = self._caption(raw, index)
         if image_bytes is None or not caption.strip():
+            log.warning("%s: %s, sample skipped", where, "no image" if image_bytes is None else "empty caption")
             return None
         try:
             with Image.open(io.BytesIO(image_bytes)) as opened:
                 image = opened.convert("RGB")
-        except IMAGE_ERRORS:
+        except IMAGE_ERRORS as error:
+            log.warning("%s: image does not decode (%s), sample skipped", where, error)
             return None
         if self.is_train:
             with seeded_torch_rng(sample_seed(self.seed, self.epoch, index)):

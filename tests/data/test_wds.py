@@ -214,7 +214,7 @@ def write_tar(path, samples: dict[str, dict[str, bytes]]) -> None:
                 tar.addfile(info, io.BytesIO(data))
 
 
-def test_bad_samples_become_counted_gaps(tmp_path):
+def test_bad_samples_become_counted_gaps(tmp_path, caplog):
     buffer = io.BytesIO()
     Image.new("RGB", (20, 20), (1, 2, 3)).save(buffer, "JPEG")
     good = buffer.getvalue()
@@ -231,3 +231,5 @@ def test_bad_samples_become_counted_gaps(tmp_path):
     assert num_batches == len(batches) == 1
     assert batches[0].num_bad == 4
     assert batches[0].indices.tolist() in ([0, 4], [4, 0])
+    assert "00000.tar sample 000000001: image does not decode" in caplog.text
+    assert "00000.tar sample 000000003: no image" in caplog.text
