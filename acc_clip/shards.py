@@ -342,6 +342,8 @@ def convert_csv_to_shards(
     started = time.perf_counter()
     if samples_per_shard is not None and samples_per_shard < 1:
         raise AccClipError(f"--samples-per-shard must be at least 1, got {samples_per_shard}")
+    if workers is not None and workers < 0:
+        raise AccClipError(f"--workers must be 0 (all cores) or more, got {workers}")
     if resize is not None and resize < 1:
         raise AccClipError(f"--resize must be at least 1 pixel, got {resize}")
     if not 1 <= quality <= 100:
