@@ -1,11 +1,15 @@
 """The SDAA-aware device hook: from what is installed and from `--device`, decide the device, the
 process-group backend, the precision and its grad scaler, and build the Accelerator.
 
-Accelerate (>= 1.5) already knows Tecorigin SDAA: with `torch_sdaa` importable it places each process
-on `sdaa:LOCAL_RANK`, initialises `tccl` and uses `torch.sdaa.amp.GradScaler`. This module does not
-redo that; it states the plan up front (so the run can log it and tests can assert it), refuses
-impossible requests with a clear message, and fills what Accelerate leaves to the script: pinned
-memory, the visible-devices variable and memory statistics.
+Accelerate (>= 1.5) already knows Tecorigin SDAA: with `torch_sdaa` importable and a card visible
+(`accelerate.utils.is_sdaa_available`) it places each process on `sdaa:LOCAL_RANK`, starts the
+`tccl` process group (`DistributedType.MULTI_SDAA`), autocasts on device type "sdaa" and scales
+fp16 losses with `torch.sdaa.amp.GradScaler`. This module does not redo any of that. It states the
+plan up front (so the run can log it and tests can assert it), refuses impossible requests with one
+clear line, checks that Accelerate agreed, and fills what Accelerate leaves to the script: CUDA's
+TF32 switches as open_clip_train sets them, pinned memory, memory statistics, the CPU (gloo)
+process group used to agree on batch sizes without a device sync, and the refusal of
+`--use-bn-sync` where torch cannot synchronise batch norm.
 """
 
 from __future__ import annotations
@@ -22,7 +26,9 @@ from acc_clip.errors import AccClipError
 # open_clip_train's --precision -> Accelerate's mixed_precision
 MIXED_PRECISION = {"amp": "fp16", "fp16": "fp16", "amp_bf16": "bf16", "bf16": "bf16", "fp32": "no"}
 AUTOCAST_DTYPE = {"fp16": torch.float16, "bf16": torch.bfloat16, "no": None}
+# What Accelerate's PartialState picks for each device when LOCAL_RANK is set (it has no public table).
 BACKEND = {"sdaa": "tccl", "cuda": "nccl", "cpu": "gloo"}
+DISTRIBUTED_TYPE = {"sdaa": "MULTI_SDAA", "cuda": "MULTI_GPU", "cpu": "MULTI_CPU"}
 VISIBLE_DEVICES = {"sdaa": "SDAA_VISIBLE_DEVICES", "cuda": "CUDA_VISIBLE_DEVICES", "cpu": None}
 
 
@@ -30,75 +36,123 @@ def torch_sdaa_installed() -> bool:
     return importlib.util.find_spec("torch_sdaa") is not None
 
 
+def sdaa_available() -> bool:
+    """Accelerate's own test (torch_sdaa importable and a card visible), so both always agree."""
+    from accelerate.utils import is_sdaa_available
+
+    return torch_sdaa_installed() and is_sdaa_available()
+
+
 @dataclass(frozen=True)
 class DevicePlan:
-    kind: str  # "sdaa", "cuda" or "cpu"
+    kind: str  # "sdaa", "cuda" or "cpu"; also the autocast device type
     device: str  # "sdaa:0", "cuda:1", "cpu"
     backend: str  # process-group backend when several processes run
+    distributed_type: str  # Accelerate's DistributedType when several processes run
     mixed_precision: str  # Accelerate's name: "no", "fp16", "bf16"
     autocast_dtype: Optional[torch.dtype]
     uses_grad_scaler: bool
     pin_memory: bool
     visible_devices_variable: Optional[str]
+    note: str = ""  # a deviation from what --precision asked, said at start-up
+
+    @property
+    def autocast_device_type(self) -> str:
+        return self.kind
 
     def describe(self) -> str:
-        return (f"device {self.device} ({self.kind}), backend {self.backend}, mixed precision {self.mixed_precision}"
-                f"{', grad scaler' if self.uses_grad_scaler else ''}")
+        return (f"device {self.device} ({self.kind}), backend {self.backend} when distributed "
+                f"({self.distributed_type}), mixed precision {self.mixed_precision}"
+                f"{', grad scaler' if self.uses_grad_scaler else ''}{'; ' + self.note if self.note else ''}")
 
 
 def plan_device(requested: Optional[str], precision: str, local_rank: Optional[int] = None) -> DevicePlan:
     """What this process will run on. `requested` is `--device` (None: the best available)."""
     local_rank = int(os.environ.get("LOCAL_RANK", 0)) if local_rank is None else local_rank
-    sdaa = torch_sdaa_installed()
+    sdaa = sdaa_available()
     cuda = torch.cuda.is_available()
     kind = (requested or ("sdaa" if sdaa else "cuda" if cuda else "cpu")).split(":")[0]
+    if kind not in BACKEND:
+        raise AccClipError(f"--device {requested!r}: expected sdaa, cuda or cpu")
     if kind == "sdaa" and not sdaa:
-        raise AccClipError("--device sdaa needs the torch_sdaa package (Tecorigin's SDAA software stack), "
-                           "which is not installed; drop --device to train on CUDA or the CPU")
+        if not torch_sdaa_installed():
+            raise AccClipError("--device sdaa needs the torch_sdaa package (Tecorigin's SDAA software stack), "
+                               "which is not installed; drop --device to train on CUDA or the CPU")
+        raise AccClipError("--device sdaa: torch_sdaa is installed but torch.sdaa sees no card; "
+                           "check SDAA_VISIBLE_DEVICES and the driver")
     if kind == "cuda" and not cuda:
         raise AccClipError("--device cuda: no CUDA device is available to torch; drop --device to use the CPU")
     if kind == "cuda" and sdaa:
-        # Accelerate prefers SDAA whenever torch_sdaa is importable; say so rather than surprise.
-        raise AccClipError("--device cuda while torch_sdaa is installed: Accelerate would place the run on SDAA")
-    if kind not in BACKEND:
-        raise AccClipError(f"--device {requested!r}: expected sdaa, cuda or cpu")
+        # Accelerate prefers SDAA whenever a card is visible; say so rather than surprise.
+        raise AccClipError("--device cuda while torch_sdaa sees an SDAA card: Accelerate would place the run on "
+                           "SDAA; hide the cards with SDAA_VISIBLE_DEVICES= to use CUDA")
     if precision not in MIXED_PRECISION:
         raise AccClipError(f"--precision {precision!r}: expected one of {', '.join(MIXED_PRECISION)}")
-    mixed = MIXED_PRECISION[precision]
+    mixed, note = MIXED_PRECISION[precision], ""
     if kind == "cpu" and mixed == "fp16":
-        mixed = "bf16"  # the CPU's autocast dtype, as open_clip_train's amp on the CPU
+        # Accelerate ignores fp16 on the CPU (no autocast, no scaler); bf16 autocast is the CPU's mixed precision.
+        mixed, note = "bf16", f"--precision {precision} on the CPU runs as bf16 autocast"
     return DevicePlan(
         kind=kind,
         device="cpu" if kind == "cpu" else f"{kind}:{local_rank}",
         backend=BACKEND[kind],
+        distributed_type=DISTRIBUTED_TYPE[kind],
         mixed_precision=mixed,
         autocast_dtype=AUTOCAST_DTYPE[mixed],
-        uses_grad_scaler=mixed == "fp16" and kind != "cpu",
+        uses_grad_scaler=mixed == "fp16",
         pin_memory=kind != "cpu",
         visible_devices_variable=VISIBLE_DEVICES[kind],
+        note=note,
     )
 
 
-def make_accelerator(plan: DevicePlan, *, use_bn_sync: bool = False, find_unused_parameters: bool = False):
+def check_bn_sync(plan: DevicePlan, use_bn_sync: bool) -> None:
+    """torch's SyncBatchNorm runs only on accelerators: refuse before training rather than at step 1."""
+    if use_bn_sync and plan.kind == "cpu":
+        raise AccClipError("--use-bn-sync needs CUDA or SDAA devices: torch's SyncBatchNorm cannot run on the CPU")
+
+
+def make_accelerator(plan: DevicePlan, *, find_unused_parameters: bool = False):
     """The Accelerator for `plan`; checks that Accelerate agrees with the plan."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
+    if plan.kind == "cuda":
+        # open_clip_train's settings: TF32 matmuls and cuDNN autotuning.
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.deterministic = False
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)]
-    accelerator = Accelerator(cpu=plan.kind == "cpu", mixed_precision=plan.mixed_precision, kwargs_handlers=handlers)
+    accelerator = Accelerator(cpu=plan.kind == "cpu", mixed_precision=plan.mixed_precision,
+                              kwargs_handlers=handlers)
+    where = plan.visible_devices_variable or "the launch configuration"
     if accelerator.device.type != plan.kind:
-        raise AccClipError(f"planned device {plan.kind} but Accelerate chose {accelerator.device}; "
-                           f"check {plan.visible_devices_variable or 'the launch configuration'}")
+        raise AccClipError(f"planned device {plan.kind} but Accelerate chose {accelerator.device}; check {where}")
+    if accelerator.num_processes > 1:
+        chosen = (accelerator.state.backend, accelerator.distributed_type.value)
+        if chosen != (plan.backend, plan.distributed_type):
+            raise AccClipError(f"planned backend {plan.backend} ({plan.distributed_type}) but Accelerate started "
+                               f"{chosen[0]} ({chosen[1]}); check {where}")
     return accelerator
 
 
+def host_process_group(accelerator):
+    """A gloo (CPU) process group over all ranks, for small host-side agreements (batch sizes) that
+    must not wait on the device; None with one process. Every rank must call this, in the same order."""
+    if accelerator.num_processes == 1:
+        return None
+    if torch.distributed.get_backend() == "gloo":
+        return torch.distributed.group.WORLD
+    return torch.distributed.new_group(backend="gloo")
+
+
 def grad_scaler(plan: DevicePlan):
-    """The grad scaler the plan's device uses for fp16, as Accelerate would pick it (None without fp16)."""
+    """The grad scaler Accelerate builds for the plan's device under fp16 (None without fp16)."""
+    from accelerate.utils import DistributedType, get_grad_scaler
+
     if not plan.uses_grad_scaler:
         return None
-    if plan.kind == "sdaa":
-        return torch.sdaa.amp.GradScaler()
-    return torch.amp.GradScaler(plan.kind)
+    return get_grad_scaler(DistributedType(plan.distributed_type))
 
 
 def peak_memory_bytes(plan: DevicePlan) -> Optional[int]:
