@@ -1,0 +1,108 @@
+"""The CSV pipeline: clear errors, bad samples counted, an epoch order that is rebuilt exactly and
+matches open_clip_train's, and augmentation that does not depend on workers."""
+
+import pytest
+import torch
+from torch.utils.data import DataLoader
+
+from acc_clip.data import check_bad_fraction
+from acc_clip.data.common import collate_skipping_bad
+from acc_clip.data.csv import CsvDataset, EpochBatchSampler, build_train_loader, epoch_permutation
+from acc_clip.errors import AccClipError
+from conftest import TINY_RN
+
+
+@pytest.fixture(scope="module")
+def bundle():
+    import open_clip
+
+    _, preprocess_train, _ = open_clip.create_model_and_transforms(TINY_RN)
+    return preprocess_train, open_clip.get_tokenizer(TINY_RN)
+
+
+def dataset(path, bundle, **kwargs):
+    preprocess, tokenizer = bundle
+    return CsvDataset(str(path), transform=preprocess, tokenizer=tokenizer, sep=",", **kwargs)
+
+
+def test_missing_columns_lists_the_columns_found(tmp_path, bundle):
+    path = tmp_path / "x.csv"
+    path.write_text("image,caption\na.jpg,a cat\n")
+    with pytest.raises(AccClipError, match=r"x\.csv: no column 'filepath', 'title'.*columns found: 'image', 'caption'"):
+        dataset(path, bundle)
+
+
+def test_empty_csv_is_an_error(tmp_path, bundle):
+    empty, header_only = tmp_path / "empty.csv", tmp_path / "header.csv"
+    empty.write_text("")
+    header_only.write_text("filepath,title\n")
+    with pytest.raises(AccClipError, match="empty.csv: the CSV is empty"):
+        dataset(empty, bundle)
+    with pytest.raises(AccClipError, match="header.csv: the CSV has a header but no rows"):
+        dataset(header_only, bundle)
+
+
+def test_missing_corrupt_and_empty_rows_are_skipped_and_counted(tmp_path, train_csv, bundle):
+    good = train_csv.read_text().splitlines()[1]
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
+    path = tmp_path / "mixed.csv"
+    path.write_text("\n".join(["filepath,title", good, f"{tmp_path}/missing.jpg,a cat", f"{corrupt},a dog",
+                               f"{good.split(',')[0]},  "]) + "\n")
+    data = dataset(path, bundle)
+    loader = DataLoader(data, batch_size=4, collate_fn=collate_skipping_bad)
+    batch = next(iter(loader))
+    assert batch.num_bad == 3 and batch.indices.tolist() == [0] and batch.images.shape[0] == 1
+
+
+def test_bad_fraction_threshold():
+    assert check_bad_fraction(bad=1, read=200, max_fraction=0.01) is None
+    assert "3 of 200 samples" in check_bad_fraction(bad=3, read=200, max_fraction=0.01)
+    assert check_bad_fraction(bad=50, read=60, max_fraction=0.01) is None  # too few read to judge yet
+
+
+def test_epoch_order_matches_open_clip_single_process_loader():
+    # open_clip_train: torch.manual_seed(seed), then a DataLoader(shuffle=True, drop_last=True, workers>0) per epoch.
+    torch.manual_seed(7)
+    loader = DataLoader(list(range(50)), batch_size=8, shuffle=True, drop_last=True, num_workers=1)
+    for epoch in range(3):
+        theirs = torch.cat(list(loader)).tolist()
+        assert epoch_permutation(50, 7, epoch).tolist()[:len(theirs)] == theirs
+
+
+def test_rank_slices_make_up_the_single_process_batches():
+    one = EpochBatchSampler(100, batch_size=8, seed=3)
+    two = [EpochBatchSampler(100, batch_size=4, seed=3, rank=r, world_size=2) for r in range(2)]
+    for sampler in [one, *two]:
+        sampler.set_epoch(1)
+    for big, small0, small1 in zip(one, *two):
+        assert big == small0 + small1
+    assert len(one) == len(two[0]) == 12
+
+
+def test_start_batch_continues_with_the_next_unseen_batch():
+    sampler = EpochBatchSampler(100, batch_size=8, seed=3)
+    sampler.set_epoch(2)
+    full = list(sampler)
+    sampler.set_epoch(2, start_batch=5)
+    assert list(sampler) == full[5:]
+    sampler.set_epoch(3)
+    assert list(sampler) != full
+
+
+def test_too_few_samples_for_one_global_batch():
+    with pytest.raises(AccClipError, match="10 samples cannot fill one global batch of 16"):
+        EpochBatchSampler(10, batch_size=8, seed=0, world_size=2)
+
+
+def test_augmentation_is_the_same_with_and_without_workers(train_csv, bundle):
+    data = dataset(train_csv, bundle, seed=5)
+    batches = {}
+    for workers in (0, 2):
+        loader = build_train_loader(data, batch_size=8, workers=workers, seed=5, rank=0, world_size=1, pin_memory=False)
+        loader.batch_sampler.set_epoch(1)
+        batches[workers] = [b for _, b in zip(range(3), loader)]
+    for a, b in zip(batches[0], batches[2]):
+        assert torch.equal(a.indices, b.indices) and torch.equal(a.images, b.images) and torch.equal(a.texts, b.texts)
+    # ...and the draws do change with the epoch (RandomResizedCrop is active).
+    assert not torch.equal(data[(1, 0)].image, data[(2, 0)].image)
