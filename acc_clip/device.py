@@ -112,8 +112,9 @@ def check_bn_sync(plan: DevicePlan, use_bn_sync: bool) -> None:
         raise AccClipError("--use-bn-sync needs CUDA or SDAA devices: torch's SyncBatchNorm cannot run on the CPU")
 
 
-def make_accelerator(plan: DevicePlan, *, find_unused_parameters: bool = False):
-    """The Accelerator for `plan`; checks that Accelerate agrees with the plan."""
+def make_accelerator(plan: DevicePlan, *, find_unused_parameters: bool = False, **accelerator_kwargs):
+    """The Accelerator for `plan` (extra keywords, e.g. trackers, go to Accelerator); checks that
+    Accelerate agrees with the plan."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
@@ -124,7 +125,7 @@ def make_accelerator(plan: DevicePlan, *, find_unused_parameters: bool = False):
         torch.backends.cudnn.deterministic = False
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)]
     accelerator = Accelerator(cpu=plan.kind == "cpu", mixed_precision=plan.mixed_precision,
-                              kwargs_handlers=handlers)
+                              kwargs_handlers=handlers, **accelerator_kwargs)
     where = plan.visible_devices_variable or "the launch configuration"
     if accelerator.device.type != plan.kind:
         raise AccClipError(f"planned device {plan.kind} but Accelerate chose {accelerator.device}; check {where}")
