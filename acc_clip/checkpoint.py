@@ -367,7 +367,7 @@ class CheckpointManager:
             _fsync_folder(partial)
             _commit(partial, final)
             self._prune()
-            log.info("saved checkpoint %s (%.1f MB, %.2f s)", final, _folder_bytes(final) / 1e6,
+            log.info("saved checkpoint %s (%.1f MB, %.2f s)", final, folder_bytes(final) / 1e6,
                      time.perf_counter() - started)
         self.accelerator.wait_for_everyone()
         return final
@@ -458,7 +458,7 @@ def _remove(path: str) -> None:
         os.remove(path)
 
 
-def _folder_bytes(path: str) -> int:
+def folder_bytes(path: str) -> int:
     return sum(os.path.getsize(os.path.join(path, name)) for name in os.listdir(path))
 
 
