@@ -43,6 +43,25 @@ def tiny_config(train_csv, *extra: str, model: str = TINY_VIT) -> TrainConfig:
     return config
 
 
+def without_key_bias(weights: dict) -> dict:
+    """The weights less the key third of each attention's in_proj_bias. Adding a constant to every key
+    logit is undone by the softmax, so that bias has no effect and its gradient is zero up to fp32
+    round-off (~1e-10, checked in test_step.py); AdamW's first step divides that noise by its own size and
+    moves the bias by +-lr at random. Every other weight is compared."""
+    result = {}
+    for key, value in weights.items():
+        if key.endswith("attn.in_proj_bias"):
+            query, _, value_bias = value.chunk(3)
+            value = torch.cat([query, value_bias])
+        result[key] = value
+    return result
+
+
+def max_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
 def accelerator_for_cpu():
     return make_accelerator(plan_device("cpu", "fp32"))
 
@@ -52,8 +71,12 @@ class AllReduceCounter:
 
     def __init__(self) -> None:
         self.calls = 0
+        self.per_step: list[int] = []  # calls made during each optimizer step
 
-    def __call__(self, state, bucket):
+    def end_step(self) -> None:
+        self.per_step.append(self.calls - sum(self.per_step))
+
+    def hook(self, state, bucket):
         from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
 
         self.calls += 1
@@ -76,7 +99,7 @@ def run_steps(config: TrainConfig, accelerator, steps: int, *, optimizer_name: s
         optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     model, optimizer = accelerator.prepare(model, optimizer)
     if counter is not None:
-        model.register_comm_hook(None, counter)
+        model.register_comm_hook(None, counter.hook)
     loss_fn = create_loss(config, rank, world_size)
     host_group = host_process_group(accelerator)
     batches = iter(data.batches(0))
@@ -91,6 +114,8 @@ def run_steps(config: TrainConfig, accelerator, steps: int, *, optimizer_name: s
         trimmed += cut
         device_batches = [(b.images.to(accelerator.device), b.texts.to(accelerator.device)) for b in micro_batches]
         losses.append(float(train_step(model, device_batches, loss_fn, accelerator, optimizer)))
+        if counter is not None:
+            counter.end_step()
     weights = {k: v.detach().clone() for k, v in accelerator.unwrap_model(model).state_dict().items()}
     accelerator.free_memory()
     return losses, weights, trimmed
@@ -104,7 +129,7 @@ def main(out_dir: str, train_csv: str) -> None:
         config = tiny_config(train_csv, "--batch-size", str(batch), *flags)
         losses, weights, _ = run_steps(config, accelerator, STEPS, counter=counter)
         if accelerator.is_main_process:
-            torch.save({"losses": losses, "weights": weights, "all_reduces": counter.calls},
+            torch.save({"losses": losses, "weights": weights, "all_reduces": counter.per_step},
                        os.path.join(out_dir, f"{name}.pt"))
     # A rank that skipped a corrupt sample: the ranks must agree on a batch size and go on.
     config = tiny_config(train_csv, "--batch-size", "8", "--gather-with-grad")

@@ -12,7 +12,7 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState
 
-from _dist_worker import accelerator_for_cpu, run_steps, tiny_config
+from _dist_worker import accelerator_for_cpu, max_difference, run_steps, tiny_config, without_key_bias
 from acc_clip.data.common import Batch
 from acc_clip.errors import AccClipError
 from acc_clip.step import agree_batch_sizes
@@ -24,25 +24,6 @@ def accelerator():
     AcceleratorState._reset_state(reset_partial_state=True)  # other test files may want other settings
     yield accelerator_for_cpu()
     AcceleratorState._reset_state(reset_partial_state=True)
-
-
-def without_key_bias(weights: dict) -> dict:
-    """The weights less the key third of each attention's in_proj_bias. Adding a constant to every key
-    logit is undone by the softmax, so that bias has no effect and its gradient is zero up to fp32
-    round-off (~1e-10, checked below); AdamW's first step divides that noise by its own size and
-    moves the bias by +-lr at random. Every other weight is compared."""
-    result = {}
-    for key, value in weights.items():
-        if key.endswith("attn.in_proj_bias"):
-            query, _, value_bias = value.chunk(3)
-            value = torch.cat([query, value_bias])
-        result[key] = value
-    return result
-
-
-def max_difference(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
 
 
 @pytest.mark.parametrize("optimizer_name", ["adamw", "sgd"])

@@ -1,0 +1,138 @@
+"""Several processes on the CPU (gloo), launched as a user would with `accelerate launch
+--config_file launch/cpu_2proc.yaml`: two processes with batch b give the same losses and weights
+as one process with batch 2b on the same samples (features gathered with gradient, with and
+without --local-loss), and with --accum-freq 2 the same as one process with batch 4b, gradients
+being all-reduced once per update; ranks that hold unequal batches (a corrupt sample) agree and
+go on; impossible requests fail with a clear error instead of hanging.
+
+TINY_VIT throughout: batch norm would make per-rank statistics differ from whole-batch ones.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState
+from safetensors.torch import load_file
+
+from _dist_worker import SCENARIOS, STEPS, accelerator_for_cpu, max_difference, run_steps, tiny_config, \
+    without_key_bias
+from acc_clip.data.csv import epoch_permutation
+from conftest import REPO, TINY_VIT, read_metrics, run_trainer, tiny_train_args
+
+TOLERANCE = 1e-5
+
+
+def free_port() -> int:
+    with socket.socket() as sock:  # other test runs on this machine may hold accelerate's default port
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def two_processes() -> list[str]:
+    return [shutil.which("accelerate", path=os.path.dirname(sys.executable)), "launch", "--config_file",
+            str(REPO / "launch" / "cpu_2proc.yaml"), "--main_process_port", str(free_port())]
+
+
+@pytest.fixture(autouse=True)
+def one_thread_per_process(monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # two processes on a small shared CPU
+
+
+@pytest.fixture(scope="module")
+def worker_results(train_csv, tmp_path_factory):
+    out = tmp_path_factory.mktemp("dist")
+    result = subprocess.run(two_processes() + [str(REPO / "tests" / "_dist_worker.py"), str(out), str(train_csv)],
+                            timeout=300, cwd=REPO, capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return out
+
+
+def reference_batch(scenario: str) -> int:
+    """One process, batch = per-process batch x accumulation x 2 processes."""
+    batch, flags = SCENARIOS[scenario]
+    return batch * 2 * (int(flags[flags.index("--accum-freq") + 1]) if "--accum-freq" in flags else 1)
+
+
+@pytest.fixture(scope="module")
+def references(train_csv):
+    AcceleratorState._reset_state(reset_partial_state=True)
+    accelerator = accelerator_for_cpu()
+    results = {batch: run_steps(tiny_config(train_csv, "--batch-size", str(batch)), accelerator, STEPS)
+               for batch in sorted({reference_batch(name) for name in SCENARIOS})}
+    AcceleratorState._reset_state(reset_partial_state=True)
+    return results
+
+
+@pytest.mark.parametrize("scenario", list(SCENARIOS))
+def test_two_processes_match_one_process(worker_results, references, scenario):
+    saved = torch.load(worker_results / f"{scenario}.pt")
+    losses, weights, _ = references[reference_batch(scenario)]
+    assert saved["losses"] == pytest.approx(losses, abs=TOLERANCE)
+    assert max_difference(without_key_bias(saved["weights"]), without_key_bias(weights)) <= TOLERANCE
+
+
+def test_accumulation_all_reduces_once_per_update(worker_results):
+    """The DDP communication hook runs once per gradient bucket per all-reduce. Two micro-batches
+    per step must cost what one does; syncing every micro-batch would double it."""
+    plain = torch.load(worker_results / "gather.pt")["all_reduces"]
+    accumulated = torch.load(worker_results / "gather_accum2.pt")["all_reduces"]
+    assert len(plain) == STEPS and all(calls > 0 for calls in plain)
+    assert accumulated == plain
+
+
+def test_ranks_with_unequal_batches_agree_and_train(worker_results):
+    """Rank 1 lost one sample per micro-batch: rank 0 cut one too each step, and training went on."""
+    saved = torch.load(worker_results / "uneven.pt")
+    assert saved["trimmed"] == [2, 0]
+    assert all(torch.isfinite(torch.tensor(saved["losses"])))
+
+
+def test_trainer_two_processes_accumulating_local_loss_match_one_process(train_csv, tmp_path):
+    """The real trainer: 2 processes x batch 8 x --accum-freq 2 with --gather-with-grad --local-loss
+    against 1 process x batch 32, 3 steps: metrics.jsonl losses and the saved weights."""
+    common = ["--model", TINY_VIT, "--max-steps", "3", "--save-every-n-steps", "3", "--gather-with-grad"]
+    run_trainer(tiny_train_args(train_csv, tmp_path, "one", *common, "--batch-size", "32"))
+    run_trainer(tiny_train_args(train_csv, tmp_path, "two", *common, "--batch-size", "8", "--accum-freq", "2",
+                                "--local-loss"), launcher=two_processes())
+    one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], abs=TOLERANCE)
+    assert [r["samples_seen"] for r in two] == [r["samples_seen"] for r in one] == [32, 64, 96]
+    weights = [load_file(tmp_path / run / "checkpoints" / "step_00000003" / "model.safetensors")
+               for run in ("one", "two")]
+    assert max_difference(*map(without_key_bias, weights)) <= TOLERANCE
+    log = (tmp_path / "two" / "out.log").read_text()
+    assert "2 process(es)" in log and "backend gloo" in log
+
+
+def test_trainer_cuts_batches_when_a_rank_skips_a_corrupt_image(train_csv, tmp_path):
+    """32 rows, 2 processes x 8: two steps. The row rank 1 reads first points at a corrupt JPEG."""
+    rows = train_csv.read_text().splitlines()
+    header, body = rows[0], rows[1:33]
+    first_of_rank_1 = int(epoch_permutation(len(body), 0, 0)[8])
+    corrupt = tmp_path / "corrupt.jpg"
+    corrupt.write_bytes(b"not a jpeg")
+    body[first_of_rank_1] = f"{corrupt},{body[first_of_rank_1].split(',', 1)[1]}"
+    csv = tmp_path / "train.csv"
+    csv.write_text("\n".join([header, *body]) + "\n")
+    run_trainer(tiny_train_args(csv, tmp_path, "cut", "--model", TINY_VIT, "--batch-size", "8", "--epochs", "1",
+                                "--gather-with-grad"), launcher=two_processes())
+    assert len(read_metrics(tmp_path / "cut")) == 2
+    log = (tmp_path / "cut" / "out.log").read_text()
+    assert "epoch 0 done: 2 steps, 0 samples skipped so far as missing or corrupt, 1 cut on this process" in log
+
+
+def test_more_processes_than_samples_fails_clearly_without_hanging(train_csv, tmp_path):
+    rows = train_csv.read_text().splitlines()
+    csv = tmp_path / "one_row.csv"
+    csv.write_text("\n".join(rows[:2]) + "\n")
+    result = run_trainer(tiny_train_args(csv, tmp_path, "tiny", "--model", TINY_VIT, "--batch-size", "1"),
+                         launcher=two_processes(), timeout=120, check=False)
+    assert result.returncode != 0
+    assert "error: 1 samples cannot fill one global batch of 2 (1 per process x 2 processes)" in result.stderr
