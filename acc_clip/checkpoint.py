@@ -108,6 +108,15 @@ class StopSignal:
         return bool(vote.item())
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """A DataLoader `worker_init_fn`. Schedulers often signal the whole process group (SLURM's
+    scancel, Ctrl-C in a terminal); torch's workers die of SIGTERM, and the main process then fails
+    with "DataLoader worker ... is killed by signal" instead of finishing its step and saving.
+    Workers ignore both signals: the main process shuts them down, and they exit if it dies."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 # the checkpoint folder ---------------------------------------------------------------------------
 
 def step_name(global_step: int) -> str:
@@ -464,12 +473,12 @@ def folder_bytes(path: str) -> int:
 
 def _rewind_jsonl(path: str, global_step: int) -> None:
     """Drop the records of steps at or after `global_step` (0-based `step` field): they were made
-    after the checkpoint the run resumes from, and are made again."""
+    after the checkpoint the run resumes from, and are made again. Torn lines go too."""
     if not os.path.isfile(path):
         return
     with open(path) as file:
         lines = file.readlines()
-    kept = [line for line in lines if line.strip() and json.loads(line)["step"] < global_step]
+    kept = [line for line in lines if _record_step(line) < global_step]
     if len(kept) != len(lines):
         partial = path + ".tmp"
         with open(partial, "w") as file:
@@ -477,6 +486,14 @@ def _rewind_jsonl(path: str, global_step: int) -> None:
         os.replace(partial, path)
         log.info("%s: dropped %d record(s) of steps from %d on, which are trained again", os.path.basename(path),
                  len(lines) - len(kept), global_step)
+
+
+def _record_step(line: str) -> float:
+    """The step of a jsonl record; a line torn by a kill in mid-write counts as after every step."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return float("inf")
 
 
 class SampleLog:
@@ -517,6 +534,10 @@ def _atomic_torch_save(obj: dict, path: str) -> None:
     os.replace(partial, path)
 
 
+def _load_if_present(path: str) -> Optional[dict]:
+    return torch.load(path, map_location="cpu", weights_only=True) if os.path.isfile(path) else None
+
+
 def export_checkpoint(checkpoint: str, out: str) -> dict:
     """Write an open_clip epoch_N.pt from a step checkpoint folder; returns its manifest. `epoch` is
     the number of epochs completed, as open_clip counts."""
@@ -524,10 +545,8 @@ def export_checkpoint(checkpoint: str, out: str) -> dict:
 
     manifest = read_manifest(checkpoint, source="export")
     weights = {plain_key(k): v for k, v in load_file(os.path.join(checkpoint, WEIGHTS_FILE)).items()}
-    optimizer_file, scaler_file = os.path.join(checkpoint, OPTIMIZER_FILE), os.path.join(checkpoint, SCALER_FILE)
-    optimizer_state = torch.load(optimizer_file, map_location="cpu", weights_only=True) \
-        if os.path.isfile(optimizer_file) else None
-    scaler_state = torch.load(scaler_file, map_location="cpu", weights_only=True) if os.path.isfile(scaler_file) else None
+    optimizer_state, scaler_state = (_load_if_present(os.path.join(checkpoint, name))
+                                     for name in (OPTIMIZER_FILE, SCALER_FILE))
     progress = Progress(**manifest["progress"])
     steps_per_epoch = manifest.get("data", {}).get("steps_per_epoch")
     completed = progress.epoch + int(steps_per_epoch is not None and progress.step_in_epoch == steps_per_epoch)

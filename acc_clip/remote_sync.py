@@ -152,8 +152,12 @@ class RemoteSync:
         newer than every local one (and metrics.jsonl, when there is none locally); returns the
         local folder, or None when nothing was fetched."""
         local_dir = os.path.join(self.run_dir, "checkpoints")
-        with self._lock:
-            remote = self._remote_complete()
+        try:
+            with self._lock:
+                remote = self._remote_complete()
+        except Exception as error:  # fsspec backends raise their own types
+            raise AccClipError(f"--resume latest: cannot list the remote copy {self.remote_dir} "
+                               f"({type(error).__name__}: {error})") from None
         local = [os.path.basename(f) for f in complete_checkpoints(local_dir)]
         if not remote or (local and local[-1] >= remote[-1]):
             return None

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -125,7 +124,8 @@ def test_exported_epoch_and_step_checkpoints_load_in_open_clip_with_the_trained_
 def test_an_open_clip_epoch_file_is_a_starting_point(trained, tmp_path):
     """From epoch_1.pt (weights and optimizer), epoch 2 repeats run R's steps: same step numbers,
     learning rates and losses."""
-    args = tiny_train_args(trained["csv"], tmp_path, "S", "--resume", str(trained["run"] / "checkpoints" / "epoch_1.pt"))
+    epoch_file = trained["run"] / "checkpoints" / "epoch_1.pt"
+    args = tiny_train_args(trained["csv"], tmp_path, "S", "--resume", str(epoch_file))
     result = run_trainer(args)
     assert "started from open_clip checkpoint" in result.stdout
     got, want = read_metrics(tmp_path / "S"), read_metrics(trained["run"])[STEPS_PER_EPOCH:]
@@ -182,8 +182,6 @@ def test_remote_sync_copies_complete_checkpoints_manifest_last_and_never_partial
 
     # keep-K pruning locally is mirrored, newer remote checkpoints are left alone
     fake_checkpoint(run / "checkpoints" / "step_00000012")
-    import shutil
-
     shutil.rmtree(run / "checkpoints" / "step_00000004")
     fake_checkpoint(remote / "checkpoints" / "step_00000099")
     sync.sync_once()
@@ -221,8 +219,6 @@ def test_resume_of_another_architecture_gives_one_line_and_exit_2(trained, tmp_p
 
 
 def test_resume_rejects_damaged_and_interrupted_folders_and_points_into_run_folders(trained, tmp_path):
-    import shutil
-
     damaged = tmp_path / "step_00000010"
     shutil.copytree(step_folder(trained["run"], STEPS_PER_EPOCH), damaged)
     with open(damaged / "optimizer.bin", "r+b") as file:
@@ -344,9 +340,27 @@ def test_stop_signal_sets_a_flag_instead_of_killing():
             signal.signal(signum, handler)
 
 
-def test_rewind_drops_the_records_made_after_the_resumed_checkpoint(tmp_path):
+class WorkerPids(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 6
+
+    def __getitem__(self, index: int) -> int:
+        return os.getpid()
+
+
+def test_data_workers_survive_a_sigterm_sent_to_the_whole_process_group():
+    loader = torch.utils.data.DataLoader(WorkerPids(), batch_size=1, num_workers=1, prefetch_factor=1,
+                                         worker_init_fn=checkpoint.ignore_stop_signals)
+    batches = iter(loader)
+    worker = int(next(batches))
+    os.kill(worker, signal.SIGTERM)  # what a scheduler's group signal does to the worker
+    os.kill(worker, signal.SIGINT)
+    assert [int(pid) for pid in batches] == [worker] * 5  # without the init function: "worker ... killed"
+
+
+def test_rewind_drops_the_records_made_after_the_resumed_checkpoint_and_a_torn_last_line(tmp_path):
     path = tmp_path / "metrics.jsonl"
-    path.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(5)))
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(5)) + '{"step": 5, "lo')
     checkpoint._rewind_jsonl(str(path), 3)
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [0, 1, 2]
 
