@@ -11,6 +11,7 @@ TINY_VIT throughout: batch norm would make per-rank statistics differ from whole
 from __future__ import annotations
 
 import os
+import shlex
 import shutil
 import socket
 import subprocess
@@ -27,6 +28,15 @@ from acc_clip.data.csv import epoch_permutation
 from conftest import REPO, TINY_VIT, read_metrics, run_trainer, tiny_train_args
 
 TOLERANCE = 1e-5
+ACCELERATE = {"ACCELERATE": shutil.which("accelerate", path=os.path.dirname(sys.executable))}
+VENDOR_COMMAND = (  # run_demo.py's default command line
+    "--train-data COCO/train_data.csv --dataset-type auto --csv-separator , --csv-img-key filepath --csv-caption-key "
+    "title --logs ./logs/ --workers 4 --batch-size 64 --epochs 32 --lr 0.0005 --beta1 0.9 --beta2 0.999 --eps 1e-08 "
+    "--wd 0.2 --warmup 10000 --opt adamw --lr-scheduler cosine --lr-cooldown-end 0.0 --lr-cooldown-power 1.0 "
+    "--save-frequency 1 --zeroshot-frequency 2 --val-frequency 1 --precision amp --model RN50 --pretrained '' "
+    "--lock-image-unlocked-groups 0 --accum-freq 1 --seed 0 --lock-text-unlocked-layers 0 --log-every-n-steps 100")
+LAUNCH_CONFIGS = {"single_card": ("NO", 1), "multi_gpu": ("MULTI_GPU", 8), "multi_node": ("MULTI_GPU", 16),
+                  "sdaa_single": ("NO", 1), "sdaa_multi": ("MULTI_SDAA", 4), "cpu_2proc": ("MULTI_GPU", 2)}
 
 
 def free_port() -> int:
@@ -36,7 +46,7 @@ def free_port() -> int:
 
 
 def two_processes() -> list[str]:
-    return [shutil.which("accelerate", path=os.path.dirname(sys.executable)), "launch", "--config_file",
+    return [ACCELERATE["ACCELERATE"], "launch", "--config_file",
             str(REPO / "launch" / "cpu_2proc.yaml"), "--main_process_port", str(free_port())]
 
 
@@ -98,7 +108,11 @@ def test_trainer_two_processes_accumulating_local_loss_match_one_process(train_c
     """The real trainer: 2 processes x batch 8 x --accum-freq 2 with --gather-with-grad --local-loss
     against 1 process x batch 32, 3 steps: metrics.jsonl losses and the saved weights."""
     common = ["--model", TINY_VIT, "--max-steps", "3", "--save-every-n-steps", "3", "--gather-with-grad"]
-    run_trainer(tiny_train_args(train_csv, tmp_path, "one", *common, "--batch-size", "32"))
+    # The one-process run goes through launch/run_demo.sh (single_card.yaml): the flags here override its defaults.
+    demo = subprocess.run([str(REPO / "launch" / "run_demo.sh"), str(train_csv),
+                           *tiny_train_args(train_csv, tmp_path, "one", *common, "--batch-size", "32")],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path, env={**os.environ, **ACCELERATE})
+    assert demo.returncode == 0, demo.stderr[-3000:]
     run_trainer(tiny_train_args(train_csv, tmp_path, "two", *common, "--batch-size", "8", "--accum-freq", "2",
                                 "--local-loss"), launcher=two_processes())
     one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
@@ -136,3 +150,28 @@ def test_more_processes_than_samples_fails_clearly_without_hanging(train_csv, tm
                          launcher=two_processes(), timeout=120, check=False)
     assert result.returncode != 0
     assert "error: 1 samples cannot fill one global batch of 2 (1 per process x 2 processes)" in result.stderr
+
+
+def test_launch_configs_load_in_accelerate():
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    assert {path.stem for path in (REPO / "launch").glob("*.yaml")} == set(LAUNCH_CONFIGS)
+    for name, (distributed_type, processes) in LAUNCH_CONFIGS.items():
+        config = load_config_from_file(str(REPO / "launch" / f"{name}.yaml"))
+        assert (config.distributed_type.value, config.num_processes) == (distributed_type, processes), name
+    assert load_config_from_file(str(REPO / "launch" / "multi_node.yaml")).num_machines == 2
+
+
+def test_run_demo_is_the_vendor_command_under_single_card(monkeypatch):
+    monkeypatch.setenv("DRY_RUN", "1")
+    monkeypatch.delenv("TRAIN_DATA", raising=False)
+    printed = subprocess.run([str(REPO / "launch" / "run_demo.sh")], capture_output=True, text=True, check=True,
+                             timeout=30).stdout
+    words = shlex.split(printed)
+    assert words[1:4] == ["launch", "--config_file", str(REPO / "launch" / "single_card.yaml")]
+    assert words[4:6] == ["-m", "acc_clip.train"]
+    assert words[6:] == shlex.split(VENDOR_COMMAND)
+    monkeypatch.setenv("TRAIN_DATA", "/data/coco.csv")
+    from_env = shlex.split(subprocess.run([str(REPO / "launch" / "run_demo.sh"), "--epochs", "1"],
+                                          capture_output=True, text=True, check=True, timeout=30).stdout)
+    assert from_env[from_env.index("--train-data") + 1] == "/data/coco.csv" and from_env[-2:] == ["--epochs", "1"]
