@@ -27,6 +27,7 @@ import argparse
 import json
 import logging
 import os
+import re
 import shutil
 import signal
 import time
@@ -302,8 +303,10 @@ class CheckpointManager:
         return progress
 
     def _warn_if_data_differs(self, path: str, saved: dict) -> None:
+        # The order depends on the seed and the global micro-batch (per-process batch x processes),
+        # not on how the processes share it: 2 x 8 resumes 1 x 16 exactly.
         now = self._data_settings()
-        changed = [key for key in ("seed", "batch_size", "accum_freq", "world_size", "steps_per_epoch")
+        changed = [key for key in ("seed", "global_micro_batch", "accum_freq", "steps_per_epoch")
                    if key in saved and saved[key] != now[key]]
         if changed:
             what = ", ".join(f"{key} {saved[key]} -> {now[key]}" for key in changed)
@@ -389,9 +392,10 @@ class CheckpointManager:
                                "(resume with --resume latest, perhaps with a lower --lr or --grad-clip-norm)")
 
     def _data_settings(self) -> dict:
-        return {"seed": self.config.seed, "batch_size": self.config.batch_size, "accum_freq": self.config.accum_freq,
-                "world_size": self.accelerator.num_processes, "steps_per_epoch": self.steps_per_epoch,
-                "train_data": self.config.train_data}
+        world_size = self.accelerator.num_processes
+        return {"seed": self.config.seed, "batch_size": self.config.batch_size, "world_size": world_size,
+                "global_micro_batch": self.config.batch_size * world_size, "accum_freq": self.config.accum_freq,
+                "steps_per_epoch": self.steps_per_epoch, "train_data": self.config.train_data}
 
     def _write_manifest(self, folder: str, progress: Progress) -> None:
         manifest = {
@@ -429,12 +433,19 @@ class CheckpointManager:
                                             config.name)
             if due:
                 _atomic_torch_save(exported, os.path.join(self.directory, f"epoch_{completed}.pt"))
-                previous = os.path.join(self.directory, f"epoch_{completed - 1}.pt")
-                if config.delete_previous_checkpoint and os.path.exists(previous):
-                    os.remove(previous)
+                if config.delete_previous_checkpoint:
+                    # open_clip removes epoch_{N-1}.pt, even when it never saved one (--save-frequency > 1)
+                    # and after an epoch that saved nothing; here: the older epoch files, once a new one exists.
+                    for older in _epoch_files(self.directory, before=completed):
+                        os.remove(older)
             if config.save_most_recent:
                 _atomic_torch_save(exported, os.path.join(self.directory, "epoch_latest.pt"))
         self.save(model, optimizer, progress)
+
+
+def _epoch_files(directory: str, before: int) -> list[str]:
+    matches = (re.fullmatch(r"epoch_(\d+)\.pt", name) for name in os.listdir(directory))
+    return [os.path.join(directory, m.group(0)) for m in matches if m and int(m.group(1)) < before]
 
 
 def _save_plain_weights(models: list, weights: list[dict], output_dir: str) -> None:

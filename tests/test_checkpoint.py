@@ -318,6 +318,26 @@ def test_keep_checkpoints_keeps_the_newest_and_a_crashed_partial_is_removed(mana
     assert not [p for p in folder.iterdir() if p.name.startswith(TMP_PREFIX)]
 
 
+def test_epoch_saves_follow_save_frequency_most_recent_and_delete_previous(manager_parts):
+    accelerator, model, optimizer, manager = manager_parts
+    saver = manager(epochs=5, save_frequency=2, save_most_recent=True, delete_previous_checkpoint=True)
+    folder = Path(saver.directory)
+
+    def epoch_files() -> dict[str, int]:
+        return {p.name: torch.load(p, weights_only=True)["epoch"] for p in sorted(folder.glob("epoch_*.pt"))}
+
+    saver.end_of_epoch(model, optimizer, Progress(epoch=1, global_step=10))
+    assert epoch_files() == {"epoch_latest.pt": 1}  # not due, but the most recent is kept
+    saver.end_of_epoch(model, optimizer, Progress(epoch=2, global_step=20))
+    assert epoch_files() == {"epoch_2.pt": 2, "epoch_latest.pt": 2}
+    saver.end_of_epoch(model, optimizer, Progress(epoch=3, global_step=30))
+    assert epoch_files() == {"epoch_2.pt": 2, "epoch_latest.pt": 3}  # nothing deleted before a new one exists
+    saver.end_of_epoch(model, optimizer, Progress(epoch=5, global_step=50))  # the last epoch is always saved
+    assert epoch_files() == {"epoch_5.pt": 5, "epoch_latest.pt": 5}
+    assert [os.path.basename(c) for c in complete_checkpoints(saver.directory)] == \
+        ["step_00000010", "step_00000020", "step_00000030", "step_00000050"]
+
+
 def test_non_finite_weights_are_never_saved(manager_parts):
     accelerator, model, optimizer, manager = manager_parts
     saver = manager()
