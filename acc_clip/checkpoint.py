@@ -549,9 +549,10 @@ def _load_if_present(path: str) -> Optional[dict]:
     return torch.load(path, map_location="cpu", weights_only=True) if os.path.isfile(path) else None
 
 
-def export_checkpoint(checkpoint: str, out: str) -> dict:
-    """Write an open_clip epoch_N.pt from a step checkpoint folder; returns its manifest. `epoch` is
-    the number of epochs completed, as open_clip counts."""
+def export_checkpoint(checkpoint: str, out: str) -> str:
+    """Write an open_clip epoch_N.pt from a step checkpoint folder; returns a line saying what was
+    written. Its `epoch` is the number of epochs completed, as open_clip counts: a checkpoint in
+    the middle of epoch e exports as epoch e, and open_clip_train would resume it at e's start."""
     from safetensors.torch import load_file
 
     manifest = read_manifest(checkpoint, source="export")
@@ -562,7 +563,8 @@ def export_checkpoint(checkpoint: str, out: str) -> dict:
     steps_per_epoch = manifest.get("data", {}).get("steps_per_epoch")
     completed = progress.epoch + int(steps_per_epoch is not None and progress.step_in_epoch == steps_per_epoch)
     _atomic_torch_save(open_clip_checkpoint(weights, optimizer_state, scaler_state, completed, manifest["name"]), out)
-    return manifest
+    return (f"wrote {out}: model {manifest['model']}, {completed} epoch(s) completed, global step "
+            f"{progress.global_step}")
 
 
 def export_main(argv: list[str]) -> int:
@@ -571,8 +573,5 @@ def export_main(argv: list[str]) -> int:
     parser.add_argument("checkpoint", help="a checkpoints/step_NNNNNNNN folder")
     parser.add_argument("--out", required=True, help="the .pt file to write")
     args = parser.parse_args(argv)
-    manifest = export_checkpoint(args.checkpoint, args.out)
-    progress = manifest["progress"]
-    print(f"wrote {args.out} (model {manifest['model']}, epoch {progress['epoch']}, "
-          f"global step {progress['global_step']})")
+    print(export_checkpoint(args.checkpoint, args.out))
     return 0
