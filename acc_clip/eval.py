@@ -250,6 +250,73 @@ def evaluate_retrieval(
 # --- checkpoints ---------------------------------------------------------------------------------
 
 
+class Evaluator:
+    """What the train loop evaluates, built once: the validation loader (CSV or shards) and the
+    zero-shot sets, with open_clip_train's schedule (`--val-frequency`, `--zeroshot-frequency`,
+    and always after the last epoch)."""
+
+    def __init__(self, config, preprocess_val: Callable, tokenizer: Callable, accelerator: Accelerator):
+        from acc_clip import zeroshot
+        from acc_clip.data import dataset_type_of
+        from acc_clip.data.csv import CsvDataset, build_eval_loader
+
+        self.config, self.tokenizer, self.accelerator = config, tokenizer, accelerator
+        self.val_loader = None
+        rank, world = accelerator.process_index, accelerator.num_processes
+        if config.val_data:
+            if dataset_type_of(config.val_data, config.dataset_type) == "webdataset":
+                from acc_clip.data.wds import build_wds_loader
+
+                self.val_loader, _ = build_wds_loader(
+                    config.val_data, preprocess=preprocess_val, tokenizer=tokenizer, batch_size=config.batch_size,
+                    workers=config.workers, seed=config.seed, epoch=0, rank=rank, world_size=world, is_train=False)
+            else:
+                dataset = CsvDataset(config.val_data, transform=preprocess_val, tokenizer=tokenizer,
+                                     img_key=config.csv_img_key, caption_key=config.csv_caption_key,
+                                     sep=config.csv_separator, augment_seeded=False)
+                self.val_loader = build_eval_loader(dataset, batch_size=config.batch_size, workers=config.workers,
+                                                    rank=rank, world_size=world)
+        self.zeroshot_sets = []
+        if config.zeroshot_data:
+            dataset, classnames = zeroshot.load_zeroshot_dataset(
+                config.zeroshot_data, transform=preprocess_val, classnames_file=config.zeroshot_classnames)
+            self.zeroshot_sets.append(("zeroshot", dataset, classnames, zeroshot.load_templates(config.zeroshot_templates)))
+        if config.imagenet_val:
+            import open_clip
+
+            dataset, classnames = zeroshot.load_imagenet_val(config.imagenet_val, transform=preprocess_val)
+            self.zeroshot_sets.append(("imagenet-zeroshot", dataset, classnames, open_clip.OPENAI_IMAGENET_TEMPLATES))
+
+    @property
+    def enabled(self) -> bool:
+        return self.val_loader is not None or bool(self.zeroshot_sets)
+
+    @staticmethod
+    def _due(frequency: int, completed_epochs: int, last: bool) -> bool:
+        return frequency > 0 and (last or completed_epochs % frequency == 0)
+
+    def run(self, model, completed_epochs: int, *, last: bool = False, force: bool = False) -> dict:
+        """The metrics due after `completed_epochs` (all of them with `force`), one flat dict."""
+        from acc_clip import zeroshot
+
+        metrics: dict = {}
+        if self.val_loader is not None and (force or self._due(self.config.val_frequency, completed_epochs, last)):
+            metrics.update(evaluate_retrieval(model, self.val_loader, self.accelerator,
+                                              precision_autocast=self.accelerator.autocast))
+        if force or self._due(self.config.zeroshot_frequency, completed_epochs, last):
+            for name, dataset, classnames, templates in self.zeroshot_sets:
+                result = zeroshot.zeroshot_eval(model, self.tokenizer, dataset, classnames, templates,
+                                                self.accelerator, batch_size=self.config.batch_size,
+                                                workers=self.config.workers,
+                                                precision_autocast=self.accelerator.autocast)
+                metrics.update({k.replace("zeroshot", name, 1): v for k, v in result.items()})
+        return metrics
+
+
+def format_metrics(metrics: dict) -> str:
+    return "  ".join(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}" for k, v in metrics.items())
+
+
 def _state_dict_of(checkpoint: object, path: str) -> dict[str, torch.Tensor]:
     if isinstance(checkpoint, dict) and isinstance(checkpoint.get("state_dict"), dict):
         state_dict = checkpoint["state_dict"]  # open_clip's epoch_N.pt

@@ -19,12 +19,13 @@ import torch
 from acc_clip import checkpoint
 from acc_clip.config import TrainConfig, parse_config, save_config
 from acc_clip.data import build_train_data, check_bad_fraction
-from acc_clip.device import make_accelerator, peak_memory_bytes, plan_device
+from acc_clip.device import check_bn_sync, host_process_group, make_accelerator, peak_memory_bytes, plan_device
 from acc_clip.errors import AccClipError, user_error_exit_code
+from acc_clip.eval import Evaluator, format_metrics
 from acc_clip.loss import create_loss
 from acc_clip.metrics import MetricsLogger, StepRecord, setup_logging
 from acc_clip.model import create_lr_schedule, create_model, create_optimizer
-from acc_clip.step import train_step
+from acc_clip.step import agree_batch_sizes, train_step
 
 log = logging.getLogger("acc_clip")
 
@@ -48,6 +49,36 @@ def run_folder(config: TrainConfig, accelerator) -> str:
     return path
 
 
+def trackers(report_to: str) -> list[str]:
+    """`--report-to tensorboard|wandb|all` as Accelerate tracker names."""
+    names = {part.strip() for part in report_to.split(",") if part.strip()}
+    if "all" in names:
+        names = (names - {"all"}) | {"tensorboard", "wandb"}
+    unknown = names - {"tensorboard", "wandb"}
+    if unknown:
+        raise AccClipError(f"--report-to {report_to!r}: unknown tracker {sorted(unknown)[0]!r}; "
+                           "expected tensorboard, wandb or all")
+    return sorted(names)
+
+
+def start_trackers(accelerator, config: TrainConfig, run_dir: str) -> None:
+    if not config.report_to:
+        return
+    # TensorBoard events go to <run>/tensorboard/<project>/; wandb's project is --wandb-project-name.
+    accelerator.project_configuration.project_dir = run_dir
+    accelerator.project_configuration.logging_dir = os.path.join(run_dir, "tensorboard")
+    hyperparameters = {k: v for k, v in vars(config).items() if isinstance(v, (int, float, str, bool))}
+    accelerator.init_trackers(config.wandb_project_name, config=hyperparameters, init_kwargs={
+        "wandb": {"name": config.name, "notes": config.wandb_notes, "dir": run_dir}})
+
+
+def report_evaluation(results: dict, metrics: MetricsLogger, *, epoch: int, step: int, when: str) -> None:
+    if not results:
+        return
+    log.info("Eval %s (epoch %d, step %d): %s", when, epoch, step, format_metrics(results))
+    metrics.write_result({"epoch": epoch, "step": step, **results})
+
+
 def to_device(batch, device, channels_last: bool):
     images = batch.images.to(device, non_blocking=True)
     if channels_last:
@@ -55,19 +86,36 @@ def to_device(batch, device, channels_last: bool):
     return images, batch.texts.to(device, non_blocking=True)
 
 
+def limit_cpu_threads(plan, workers: int, world_size: int) -> None:
+    """On the CPU, leave a core to each loader worker: torch's OpenMP threads spin while they wait for
+    one another, and sharing cores with busy workers (or other jobs) that can make a step many times
+    slower (docs/performance.md). OMP_NUM_THREADS, when set, decides instead."""
+    if plan.kind != "cpu" or "OMP_NUM_THREADS" in os.environ:
+        return
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    torch.set_num_threads(max(1, cores // world_size - workers))
+    log.info("CPU: %d compute thread(s) per process (%d cores, %d process(es), %d loader workers each; "
+             "OMP_NUM_THREADS overrides)", torch.get_num_threads(), cores, world_size, workers)
+
+
 def train(config: TrainConfig, notices: list[str] = ()) -> int:
     plan = plan_device(config.device, config.precision)
-    accelerator = make_accelerator(plan)
+    check_bn_sync(plan, config.use_bn_sync)
+    # project_dir is refined to the run folder once the run is named (start_trackers).
+    accelerator = make_accelerator(plan, log_with=trackers(config.report_to) or None, project_dir=config.logs)
+    host_group = host_process_group(accelerator)  # ranks agree on batch sizes over it
     rank, world_size = accelerator.process_index, accelerator.num_processes
     run_dir = run_folder(config, accelerator)
     setup_logging(os.path.join(run_dir, "out.log") if accelerator.is_main_process else None,
                   accelerator.is_main_process)
     log.info("acc_clip run %s: %s, %d process(es), precision %s", config.name, plan.describe(), world_size,
              config.precision)
+    limit_cpu_threads(plan, config.workers, world_size)
     for notice in notices:
         log.warning(notice)
     if accelerator.is_main_process:
         save_config(config, os.path.join(run_dir, "config.yaml"))
+    start_trackers(accelerator, config, run_dir)
 
     bundle = create_model(config)  # seeds the RNGs with config.seed first, as open_clip_train does
     torch.manual_seed(config.seed + rank)
@@ -94,44 +142,59 @@ def train(config: TrainConfig, notices: list[str] = ()) -> int:
                             accelerator=accelerator, show_progress=sys.stderr.isatty())
     saver = checkpoint.CheckpointManager(run_dir, config, accelerator)
     progress = saver.resume(model, optimizer, steps_per_epoch)
+    evaluator = Evaluator(config, bundle.preprocess_val, bundle.tokenizer, accelerator)
+    if evaluator.enabled and progress.global_step == 0:
+        report_evaluation(evaluator.run(model, 0, force=True), metrics, epoch=0, step=0, when="before training")
     stop = checkpoint.StopSignal.install()
-    samples_read = samples_bad = 0
+    sample_log = checkpoint.SampleLog.from_env(run_dir, rank)  # debug record for resume tests; off by default
+    samples_read = samples_bad = samples_trimmed = 0
     max_steps = config.max_steps or math.inf
 
     for epoch in range(progress.epoch, config.epochs):
         model.train()
         metrics.start_epoch(epoch, progress.step_in_epoch)
+        # Step times tile the epoch, as open_clip_train's do: logging and saving count in the next step.
+        start = time.perf_counter()
         batches = iter(data.batches(epoch, start_batch=progress.step_in_epoch * config.accum_freq))
         for step_in_epoch in range(progress.step_in_epoch, steps_per_epoch):
             if progress.global_step >= max_steps:
                 break
-            start = time.perf_counter()
             micro_batches = [next(batches) for _ in range(config.accum_freq)]
             samples_read += sum(len(b.indices) + b.num_bad for b in micro_batches)
             samples_bad += sum(b.num_bad for b in micro_batches)
             if (error := check_bad_fraction(samples_bad, samples_read, config.max_bad_fraction)) is not None:
                 raise AccClipError(error)
+            micro_batches, trimmed = agree_batch_sizes(micro_batches, host_group)
+            samples_trimmed += trimmed
             device_batches = [to_device(b, accelerator.device, config.channels_last) for b in micro_batches]
             data_time = time.perf_counter() - start
             lr = schedule(progress.global_step)
             loss = train_step(model, device_batches, loss_fn, accelerator, optimizer, config.grad_clip_norm)
             progress.advance(step_in_epoch + 1, global_batch)
+            end = time.perf_counter()
             metrics.record(StepRecord(progress.global_step - 1, epoch, step_in_epoch + 1, loss,
                                       accelerator.unwrap_model(model).logit_scale.detach(), lr, data_time,
-                                      time.perf_counter() - start, progress.samples_seen))
-            if saver.step_save_due(progress) or stop.requested:
+                                      end - start, progress.samples_seen))
+            start = end
+            if sample_log is not None:
+                sample_log.record(progress.global_step - 1, epoch, micro_batches)
+            stopping = stop.agreed(host_group)  # every rank stops after the same step
+            if saver.step_save_due(progress) or stopping:
                 metrics.flush()
                 saver.save(model, optimizer, progress)
-            if stop.requested:
+            if stopping:
                 log.warning("stopping on %s after step %d; resume with --resume latest", stop.signal_name,
                             progress.global_step)
                 return checkpoint.PREEMPTED_EXIT_CODE
         metrics.end_epoch()
         if progress.step_in_epoch == steps_per_epoch:
             progress.finish_epoch(epoch)
-            log.info("epoch %d done: %d steps, %d samples skipped so far as missing or corrupt", epoch,
-                     progress.global_step, samples_bad)
+            log.info("epoch %d done: %d steps, %d samples skipped so far as missing or corrupt, %d cut on this "
+                     "process to keep the processes' batches equal", epoch, progress.global_step, samples_bad,
+                     samples_trimmed)
             saver.end_of_epoch(model, optimizer, progress)
+            report_evaluation(evaluator.run(model, epoch + 1, last=epoch + 1 == config.epochs), metrics,
+                              epoch=epoch + 1, step=progress.global_step, when=f"after epoch {epoch}")
         if progress.global_step >= max_steps:
             break
     peak = peak_memory_bytes(plan)
