@@ -344,22 +344,28 @@ def load_weights_for_eval(model: torch.nn.Module, path: str) -> None:
     """Load an open_clip `epoch_N.pt` (keys epoch, name, state_dict, ...) or a plain state dict
     into `model`; a `module.` prefix is stripped.
 
-    Hook: acc_clip step checkpoints (folders) are not read here yet; `acc-clip export` turns one
-    into an `epoch_N.pt`. Any other format is an AccClipError "not an open_clip checkpoint"; weights
+    An acc_clip step checkpoint folder (`checkpoints/step_NNNNNNNN`) is read through its
+    model.safetensors. Any other format is an AccClipError "not an open_clip checkpoint"; weights
     of another architecture are an AccClipError naming the first mismatching key."""
     if os.path.isdir(path):
-        raise AccClipError(
-            f"{path}: not an open_clip checkpoint (a folder; for an acc_clip step checkpoint run "
-            f"`acc-clip export` and pass the epoch_N.pt it writes)"
-        )
-    if not os.path.isfile(path):
+        from safetensors.torch import load_file
+
+        from acc_clip.checkpoint import read_manifest
+
+        read_manifest(path)  # refuses a partial or foreign folder with one clear line
+        weights = os.path.join(path, "model.safetensors")
+        if not os.path.isfile(weights):
+            raise AccClipError(f"{path}: an acc_clip checkpoint without model.safetensors")
+        state_dict = load_file(weights)
+    elif not os.path.isfile(path):
         raise AccClipError(f"{path}: checkpoint file not found")
-    try:
-        checkpoint = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # torch.load raises many types for a file it cannot read
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
-        raise AccClipError(f"{path}: not an open_clip checkpoint ({type(error).__name__}: {first_line})") from None
-    state_dict = _state_dict_of(checkpoint, path)
+    else:
+        try:
+            checkpoint = torch.load(path, map_location="cpu", weights_only=True)
+        except Exception as error:  # torch.load raises many types for a file it cannot read
+            first_line = str(error).strip().splitlines()[0] if str(error).strip() else ""
+            raise AccClipError(f"{path}: not an open_clip checkpoint ({type(error).__name__}: {first_line})") from None
+        state_dict = _state_dict_of(checkpoint, path)
     mismatch = _first_mismatch(model.state_dict(), state_dict)
     if mismatch:
         raise AccClipError(f"{path}: checkpoint does not fit the model architecture: {mismatch}")

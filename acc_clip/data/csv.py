@@ -25,6 +25,7 @@ from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from acc_clip.data.common import Batch, Sample, collate_skipping_bad, sample_seed, seeded_torch_rng
+from acc_clip.checkpoint import ignore_stop_signals
 from acc_clip.errors import AccClipError
 
 log = logging.getLogger(__name__)
@@ -173,6 +174,7 @@ def build_train_loader(
         # Workers stay up between epochs: the epoch travels inside each key, not in worker state.
         persistent_workers=workers > 0,
         prefetch_factor=4 if workers > 0 else None,
+        worker_init_fn=ignore_stop_signals,  # the main process saves on SIGTERM; workers must outlive it
     )
 
 

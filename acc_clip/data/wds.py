@@ -62,6 +62,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import tarfile_samples
 
 from acc_clip.data.common import Batch, Sample, collate_skipping_bad, sample_seed, seeded_torch_rng
+from acc_clip.checkpoint import ignore_stop_signals
 from acc_clip.errors import AccClipError
 
 log = logging.getLogger(__name__)
@@ -328,7 +329,8 @@ def build_wds_loader(
         dataset = ShardEpoch(rank_shards=rank_shards, num_workers=num_workers,
                              num_batches=num_batches if sizes is not None else None, start_batch=0, **common)
     loader = DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_as_is,
-                        pin_memory=torch.cuda.is_available())
+                        pin_memory=torch.cuda.is_available(),
+                        worker_init_fn=ignore_stop_signals)  # the main process saves on SIGTERM first
     return loader, num_batches
 
 
