@@ -69,11 +69,13 @@ class DevicePlan:
 def plan_device(requested: Optional[str], precision: str, local_rank: Optional[int] = None) -> DevicePlan:
     """What this process will run on. `requested` is `--device` (None: the best available)."""
     local_rank = int(os.environ.get("LOCAL_RANK", 0)) if local_rank is None else local_rank
-    sdaa = sdaa_available()
-    cuda = torch.cuda.is_available()
-    kind = (requested or ("sdaa" if sdaa else "cuda" if cuda else "cpu")).split(":")[0]
-    if kind not in BACKEND:
+    kind = requested.split(":")[0] if requested else None
+    if kind not in (*BACKEND, None):
         raise AccClipError(f"--device {requested!r}: expected sdaa, cuda or cpu")
+    # --device cpu asks nothing of CUDA, so that make_accelerator can still hide the GPUs (see there).
+    sdaa = kind != "cpu" and sdaa_available()
+    cuda = kind != "cpu" and torch.cuda.is_available()
+    kind = kind or ("sdaa" if sdaa else "cuda" if cuda else "cpu")
     if kind == "sdaa" and not sdaa:
         if not torch_sdaa_installed():
             raise AccClipError("--device sdaa needs the torch_sdaa package (Tecorigin's SDAA software stack), "
@@ -112,12 +114,24 @@ def check_bn_sync(plan: DevicePlan, use_bn_sync: bool) -> None:
         raise AccClipError("--use-bn-sync needs CUDA or SDAA devices: torch's SyncBatchNorm cannot run on the CPU")
 
 
+def hide_gpus_from_cpu_processes(plan: DevicePlan, environ=os.environ) -> bool:
+    """Several CPU processes on a machine with a GPU: Accelerate's wait_for_everyone calls
+    `barrier(device_ids=[LOCAL_RANK])`, and torch then runs the gloo barrier on cuda:LOCAL_RANK, which
+    fails ("invalid device ordinal") with fewer GPUs than processes (seen on one H100, 2 processes).
+    CPU processes need no GPU: hide them before CUDA is first asked about. Returns whether it hid them."""
+    if plan.kind != "cpu" or int(environ.get("WORLD_SIZE", "1")) < 2 or environ.get("CUDA_VISIBLE_DEVICES") == "":
+        return False
+    environ["CUDA_VISIBLE_DEVICES"] = ""
+    return True
+
+
 def make_accelerator(plan: DevicePlan, *, find_unused_parameters: bool = False, **accelerator_kwargs):
     """The Accelerator for `plan` (extra keywords, e.g. trackers, go to Accelerator); checks that
     Accelerate agrees with the plan."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs
 
+    hide_gpus_from_cpu_processes(plan)
     if plan.kind == "cuda":
         # open_clip_train's settings: TF32 matmuls and cuDNN autotuning.
         torch.backends.cuda.matmul.allow_tf32 = True

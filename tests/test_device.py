@@ -14,13 +14,15 @@ import os
 import subprocess
 import sys
 import textwrap
+from dataclasses import replace
 
 import pytest
 import torch
 from accelerate.state import AcceleratorState
 from accelerate.utils import is_sdaa_available
 
-from acc_clip.device import check_bn_sync, grad_scaler, make_accelerator, peak_memory_bytes, plan_device
+from acc_clip.device import (check_bn_sync, grad_scaler, hide_gpus_from_cpu_processes, make_accelerator,
+                             peak_memory_bytes, plan_device)
 from acc_clip.errors import AccClipError
 from conftest import REPO
 
@@ -136,3 +138,20 @@ def test_bad_device_requests():
     if not torch.cuda.is_available():
         with pytest.raises(AccClipError, match="no CUDA device"):
             plan_device("cuda", "amp")
+
+
+def test_cpu_processes_do_not_touch_the_gpus(monkeypatch):
+    """Several CPU processes on a GPU machine: Accelerate's barrier would run gloo on cuda:LOCAL_RANK and
+    fail with fewer GPUs than processes (seen on a one-GPU H100 machine). So --device cpu must not
+    query CUDA, and the hook hides the GPUs from such processes before the Accelerator exists."""
+    def no_cuda_queries():
+        raise AssertionError("--device cpu asked CUDA")
+
+    monkeypatch.setattr(torch.cuda, "is_available", no_cuda_queries)
+    plan = plan_device("cpu", "fp32")
+    env = {"WORLD_SIZE": "2", "CUDA_VISIBLE_DEVICES": "0"}
+    assert hide_gpus_from_cpu_processes(plan, env) and env["CUDA_VISIBLE_DEVICES"] == ""
+    alone = {"WORLD_SIZE": "1", "CUDA_VISIBLE_DEVICES": "0"}
+    assert not hide_gpus_from_cpu_processes(plan, alone) and alone["CUDA_VISIBLE_DEVICES"] == "0"
+    on_gpu = {"WORLD_SIZE": "2"}
+    assert not hide_gpus_from_cpu_processes(replace(plan, kind="cuda"), on_gpu) and "CUDA_VISIBLE_DEVICES" not in on_gpu
