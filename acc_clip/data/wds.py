@@ -27,6 +27,20 @@ Resume: `start_batch=k` yields batches k, k+1, ... of the uninterrupted epoch: t
 indices and pixels. Worker w drops the samples of its batches before k undecoded (tar bytes are
 still read, images are not decoded), and the worker roles are rotated by k so that the loader,
 which always starts at its worker 0, begins with batch k. This holds with resampled=True too.
+The trainer stores k (steps done in the epoch x --accum-freq) in its checkpoints, so a resumed
+run trains on exactly the batches the uninterrupted run would have, with the same pixels (and, on
+the same number of CPU threads, bit-equal losses: tests/test_train_shards.py).
+
+What resume guarantees when the order is not the same. The order above depends on the shards and
+their sizes.json, seed, batch size, number of processes, --workers, the epoch length
+(--train-num-samples) and --dataset-resampled. Change any of them between the save and the resume,
+or let a shard fail to read in only one of the runs (it is cut short with a warning, shifting what
+follows), and the resumed run takes batches k, k+1, ... of the new order: for the rest of that
+epoch some samples are seen twice and others not at all. Still, every rank gets the same number of
+batches (the new epoch's count minus k), and later epochs are whole epochs of the new order. The
+checkpoint warns when seed, batch size, processes or steps per epoch changed; --workers is not
+recorded there, so keep it when resuming from shards (CSV orders do not depend on it). A position
+past the end of the new epoch is refused with an error.
 
 Augmentation: `preprocess` runs under `seeded_torch_rng(sample_seed(seed, epoch, index))`, index
 being the sample number in its key, so the draws do not depend on which worker decodes a sample.
