@@ -50,11 +50,9 @@ def test_tensorboard_events_hold_train_and_val_scalars(evaluated_run):
     assert [step for step, _ in scalars["val/image_to_text_R@1"]] == [0, 20]
 
 
-def test_wandb_offline_run_folder(train_csv, tmp_path):
+def test_wandb_offline_run_folder(train_csv, tmp_path, monkeypatch):
     pytest.importorskip("wandb", reason="wandb is an optional extra (pip install -e '.[wandb]'); not installed here")
-    import os
-
-    os.environ["WANDB_MODE"] = "offline"
+    monkeypatch.setenv("WANDB_MODE", "offline")  # no network: wandb writes the run folder locally
     run_trainer(tiny_train_args(train_csv, tmp_path, "wb", "--epochs", "1", "--max-steps", "2", "--report-to", "wandb"))
     assert list((tmp_path / "wb").rglob("offline-run-*"))
 
