@@ -13,7 +13,8 @@ to tensor, normalize; random weights, nothing downloaded), tokenize, and collate
 Runs alternate (acc_clip, open_clip, acc_clip, ...) so a change in the machine's load hits both;
 medians of --repeats runs are printed as images/s of wall time, and as CPU milliseconds per
 image (this process and its finished workers), which depend far less on other jobs sharing the
-machine. `--stages` adds a one-process breakdown of where the time goes on each side.
+machine; they include starting and stopping the workers, once per epoch on both sides (~0.45 s of
+CPU per worker on the 2-core development machine). `--stages` adds a one-process breakdown of where the time goes on each side.
 
 Images come from tools/bench_shards.py's generator (gradients, ellipses, noise: ~115 KB each, like
 photos); the CSV lists each of the --images files --samples / --images times (with its own caption),
@@ -55,18 +56,21 @@ def prepare(work: str, images: int, samples: int) -> tuple[str, str]:
     """A CSV of `samples` rows over `images` 640x480 files, and the --resize 256 shards made from it;
     both reused when already there."""
     image_csv = os.path.join(work, "images.csv")
-    if not os.path.isfile(image_csv) or sum(1 for _ in open(image_csv)) != images + 1:
-        image_csv = make_images(work, images)
-    with open(image_csv, newline="") as file:
-        paths = [row[0] for row in list(csv.reader(file))[1:]]
-    csv_path = os.path.join(work, f"train_{samples}.csv")
+    paths: list[str] = []
+    if os.path.isfile(image_csv):
+        with open(image_csv, newline="") as file:
+            paths = [row[0] for row in list(csv.reader(file))[1:]]
+    if len(paths) != images:
+        with open(make_images(work, images), newline="") as file:
+            paths = [row[0] for row in list(csv.reader(file))[1:]]
+    csv_path = os.path.join(work, f"train_{images}x{samples}.csv")
     if not os.path.isfile(csv_path):
         with open(csv_path + ".tmp", "w", newline="") as file:
             csv.writer(file).writerows([("filepath", "title")] + [
                 (paths[row % len(paths)], f"a synthetic photo, row {row} of file {row % len(paths)}")
                 for row in range(samples)])
         os.replace(csv_path + ".tmp", csv_path)
-    shard_dir = os.path.join(work, f"shards{RESIZE}_{samples}")
+    shard_dir = os.path.join(work, f"shards{RESIZE}_{images}x{samples}")
     per_shard = max(1, samples // 16)  # 16 shards: 8 per worker with 2 workers
     convert_csv_to_shards(csv_path, shard_dir, resize=RESIZE, samples_per_shard=per_shard, progress=False)
     for folder in (os.path.join(work, "images"), shard_dir):  # from the page cache on every run
