@@ -321,7 +321,8 @@ def build_wds_loader(
             raise AccClipError(f"{num_samples} samples cannot fill one global batch of {batch_size * world_size} "
                                f"({batch_size} per process x {world_size} processes)")
         if not 0 <= start_batch <= num_batches:
-            raise AccClipError(f"start batch {start_batch} outside the epoch's {num_batches} batches")
+            raise AccClipError(f"cannot start epoch {epoch} at batch {start_batch}: it has {num_batches} batches per "
+                               f"process (a resume after the batch size, processes or epoch length changed?)")
         order = list(shards)
         _rng("shards", seed, epoch).shuffle(order)
         rank_shards = order[rank::world_size]

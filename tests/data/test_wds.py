@@ -161,6 +161,14 @@ def test_too_few_shards_for_ranks_and_workers_is_an_error(shard_dir):
     assert len(batches) == num_batches == 40 // (2 * 3)
 
 
+def test_a_resume_position_past_the_epoch_is_refused(shard_dir):
+    # A checkpoint's position from a longer epoch (e.g. saved with half the processes) does not fit.
+    rest, _ = load(shard_dir, batch_size=5, workers=0, start_batch=8)
+    assert rest == []  # the end of the epoch is a valid position: nothing left
+    with pytest.raises(AccClipError, match="cannot start epoch 0 at batch 9: it has 8 batches per process"):
+        load(shard_dir, batch_size=5, workers=0, start_batch=9)
+
+
 def test_epoch_length_needs_sizes_json_or_num_samples(tmp_path, shard_dir):
     bare = tmp_path / "bare"
     bare.mkdir()
