@@ -142,6 +142,10 @@ def train(config: TrainConfig, notices: list[str] = ()) -> int:
                             accelerator=accelerator, show_progress=sys.stderr.isatty())
     saver = checkpoint.CheckpointManager(run_dir, config, accelerator)
     progress = saver.resume(model, optimizer, steps_per_epoch)
+    if progress.step_in_epoch > steps_per_epoch:
+        raise AccClipError(f"the checkpoint stopped after step {progress.step_in_epoch} of epoch {progress.epoch}, "
+                           f"but this run has {steps_per_epoch} steps per epoch: resume with the data, batch size "
+                           "and number of processes it was saved with")
     evaluator = Evaluator(config, bundle.preprocess_val, bundle.tokenizer, accelerator)
     if evaluator.enabled and progress.global_step == 0:
         report_evaluation(evaluator.run(model, 0, force=True), metrics, epoch=0, step=0, when="before training")

@@ -12,6 +12,7 @@ from contextlib import contextmanager
 from typing import Iterator, NamedTuple, Optional
 
 import torch
+from torch.utils.data import default_collate
 
 
 class Batch(NamedTuple):
@@ -37,10 +38,15 @@ def sample_seed(seed: int, epoch: int, index: int) -> int:
 def seeded_torch_rng(seed: int) -> Iterator[None]:
     """Run a block (a torchvision transform) on torch's global CPU RNG seeded with `seed`,
     restoring the caller's RNG state afterwards so a worker-less loader does not disturb
-    the main process's random stream."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
+    the main process's random stream. Only the CPU generator is touched: transforms draw from it,
+    and `torch.manual_seed` would also reseed every accelerator (0.4 ms per sample)."""
+    generator = torch.default_generator
+    state = generator.get_state()
+    generator.manual_seed(seed)
+    try:
         yield
+    finally:
+        generator.set_state(state)
 
 
 def collate_skipping_bad(samples: list[Optional[Sample]]) -> Batch:
@@ -49,9 +55,10 @@ def collate_skipping_bad(samples: list[Optional[Sample]]) -> Batch:
     num_bad = len(samples) - len(good)
     if not good:
         return Batch(torch.empty(0), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), num_bad)
+    # default_collate stacks straight into shared memory inside a worker: one copy fewer.
     return Batch(
-        images=torch.stack([s.image for s in good]),
-        texts=torch.stack([s.text for s in good]),
+        images=default_collate([s.image for s in good]),
+        texts=default_collate([s.text for s in good]),
         indices=torch.tensor([s.index for s in good], dtype=torch.long),
         num_bad=num_bad,
     )
