@@ -352,7 +352,7 @@ def load_weights_for_eval(model: torch.nn.Module, path: str) -> None:
 
         from acc_clip.checkpoint import read_manifest
 
-        read_manifest(path)  # refuses a partial or foreign folder with one clear line
+        read_manifest(path, source="--checkpoint")  # refuses a partial or foreign folder in one line
         weights = os.path.join(path, "model.safetensors")
         if not os.path.isfile(weights):
             raise AccClipError(f"{path}: an acc_clip checkpoint without model.safetensors")

@@ -51,6 +51,28 @@ def val_csv(demo_dataset) -> Path:
     return out
 
 
+SMALL_CSV_ROWS = 160
+
+
+@pytest.fixture(scope="session")
+def small_csv(train_csv, tmp_path_factory) -> Path:
+    """The first 160 rows of `train_csv`: 10 steps per epoch at batch 16, for the many-run resume tests."""
+    lines = train_csv.read_text().splitlines(keepends=True)
+    out = tmp_path_factory.mktemp("csv") / "train160.csv"
+    out.write_text("".join(lines[:SMALL_CSV_ROWS + 1]))
+    return out
+
+
+@pytest.fixture(scope="module")
+def accelerator():
+    """A CPU Accelerator for in-process tests; its global state is reset so other modules may use others."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+
+    yield Accelerator(cpu=True)
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
 def tiny_train_args(train_csv: Path, logs: Path, name: str, *extra: str) -> list[str]:
     return ["--train-data", str(train_csv), "--csv-separator", ",", "--model", TINY_RN, "--batch-size", "16",
             "--epochs", "2", "--workers", "0", "--precision", "fp32", "--device", "cpu", "--lr", "1e-3",

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, TINY_RN, TINY_VIT, read_metrics, run_trainer, tiny_train_args
+from conftest import SMALL_CSV_ROWS, REPO, TINY_RN, TINY_VIT, read_metrics, run_trainer, tiny_train_args
 
 from acc_clip import checkpoint
 from acc_clip.checkpoint import MANIFEST, TMP_PREFIX, CheckpointManager, Progress, complete_checkpoints
@@ -24,7 +24,7 @@ from acc_clip.config import TrainConfig
 from acc_clip.errors import AccClipError
 from acc_clip.remote_sync import RemoteSync
 
-ROWS = 160
+ROWS = SMALL_CSV_ROWS
 STEPS_PER_EPOCH = ROWS // 16
 
 
@@ -33,14 +33,6 @@ def one_thread():
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv("OMP_NUM_THREADS", "1")  # reproducible losses, and kind to the shared CPU
         yield
-
-
-@pytest.fixture(scope="module")
-def small_csv(train_csv, tmp_path_factory) -> Path:
-    lines = train_csv.read_text().splitlines(keepends=True)
-    out = tmp_path_factory.mktemp("csv") / "train160.csv"
-    out.write_text("".join(lines[:ROWS + 1]))
-    return out
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,6 @@ import open_clip
 import pytest
 import torch
 from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 from open_clip_train.train import get_clip_metrics
 from PIL import Image
 
@@ -54,12 +53,6 @@ def write_image(path: Path, seed: int) -> str:
 
 def normalized(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=1, keepdim=True)
-
-
-@pytest.fixture(scope="module")
-def accelerator():
-    yield Accelerator(cpu=True)
-    AcceleratorState._reset_state(reset_partial_state=True)  # other test files may want other settings
 
 
 @pytest.fixture(scope="module")
@@ -257,9 +250,12 @@ def test_load_weights_accepts_plain_state_dict_and_rejects_unknown_formats(tiny,
 
     torch.save([1, 2, 3], tmp_path / "list.pt")
     (tmp_path / "text.pt").write_text("not a checkpoint")
-    for path in (tmp_path / "list.pt", tmp_path / "text.pt", tmp_path):
+    for path in (tmp_path / "list.pt", tmp_path / "text.pt"):
         with pytest.raises(AccClipError, match="not an open_clip checkpoint"):
             load_weights_for_eval(fresh, str(path))
+    # A folder is read as an acc_clip step checkpoint, and refused without its completion manifest.
+    with pytest.raises(AccClipError, match="--checkpoint .*: not an acc_clip checkpoint"):
+        load_weights_for_eval(fresh, str(tmp_path))
 
 
 def test_acc_clip_eval_prints_metrics_for_an_open_clip_checkpoint(odd_val_csv, tiny, tmp_path, capsys):

@@ -19,12 +19,12 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import REPO, read_metrics, run_trainer, tiny_train_args
+from conftest import SMALL_CSV_ROWS, REPO, read_metrics, run_trainer, tiny_train_args
 
 from acc_clip.checkpoint import (KILL_BEFORE_COMMIT_ENV, MANIFEST, PREEMPTED_EXIT_CODE, SAMPLES_ENV, SAMPLES_FILE,
                                  TMP_PREFIX, complete_checkpoints)
 
-ROWS = 160
+ROWS = SMALL_CSV_ROWS
 STEPS_PER_EPOCH = ROWS // 16
 EPOCHS = 2
 SAVE_EVERY = 4
@@ -37,14 +37,6 @@ def reproducible_env():
         patch.setenv("OMP_NUM_THREADS", "1")  # one thread: same reduction order in every run
         patch.setenv(SAMPLES_ENV, "1")
         yield
-
-
-@pytest.fixture(scope="module")
-def small_csv(train_csv, tmp_path_factory) -> Path:
-    lines = train_csv.read_text().splitlines(keepends=True)
-    out = tmp_path_factory.mktemp("csv") / "train160.csv"
-    out.write_text("".join(lines[:ROWS + 1]))
-    return out
 
 
 def run_args(csv: Path, logs: Path, name: str, workers: int, *extra: str) -> list[str]:

@@ -9,8 +9,6 @@ import numpy as np
 import open_clip
 import pytest
 import torch
-from accelerate import Accelerator
-from accelerate.state import AcceleratorState
 from PIL import Image
 
 from acc_clip.errors import AccClipError
@@ -31,12 +29,6 @@ def make_folder(root: Path, classes: list[str], per_class: int = 2) -> Path:
         for i in range(per_class):
             write_image(root / name / f"{i}.png", seed=10 * label + i)
     return root
-
-
-@pytest.fixture(scope="module")
-def accelerator():
-    yield Accelerator(cpu=True)
-    AcceleratorState._reset_state(reset_partial_state=True)  # other test files may want other settings
 
 
 @pytest.fixture(scope="module")
