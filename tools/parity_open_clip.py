@@ -14,22 +14,16 @@ makes exact resume possible; so on real images the curves agree closely but not 
 from __future__ import annotations
 
 import argparse
-import json
-import os
-import re
-import statistics
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+sys.path[:0] = [str(REPO), str(REPO / "tools")]
 
 from acc_clip.compare_loss import compare_curves, two_sided_report_lines, vendor_report_lines  # noqa: E402
 from acc_clip.curves import read_loss_curve  # noqa: E402
-
-SPEED = re.compile(r"Batch \(t\): [\d.]+, ([\d.]+)/s")
+from acc_clip.errors import AccClipError  # noqa: E402
+from bench_train import acc_clip_steps, open_clip_steps, run_logged, steady_samples_per_second  # noqa: E402
 
 
 def common_flags(args: argparse.Namespace) -> list[str]:
@@ -41,41 +35,22 @@ def common_flags(args: argparse.Namespace) -> list[str]:
             "--val-frequency", "0", "--pretrained", "", "--device", "cpu"]
 
 
-def run(command: list[str], log_path: Path) -> float:
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    start = time.perf_counter()
-    with open(log_path, "w") as log:
-        result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO)
-    if result.returncode != 0:
-        raise SystemExit(f"{' '.join(command[:4])}... exited {result.returncode}; see {log_path}")
-    return time.perf_counter() - start
-
-
-def median_speed_open_clip(log_file: Path, skip: int) -> float:
-    speeds = [float(m.group(1)) for m in SPEED.finditer(log_file.read_text())]
-    return statistics.median(speeds[skip:])
-
-
-def median_speed_acc_clip(metrics_file: Path, skip: int) -> float:
-    rows = [json.loads(line) for line in metrics_file.read_text().splitlines()]
-    return statistics.median(r["samples_per_second"] for r in rows[skip:])
-
-
 def run_parity(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     flags = common_flags(args)
     reference = out / "open_clip"
     candidate = out / "acc_clip"
-    seconds_ref = run([sys.executable, "-m", "open_clip_train.main", *flags, "--logs", str(out), "--name",
-                       "open_clip"], out / "open_clip.stdout")
-    seconds_new = run([sys.executable, "-m", "acc_clip.train", *flags, "--logs", str(out), "--name", "acc_clip"],
-                      out / "acc_clip.stdout")
+    seconds_ref = run_logged([sys.executable, "-m", "open_clip_train.main", *flags, "--logs", str(out),
+                              "--name", "open_clip"], out / "open_clip.stdout")
+    seconds_new = run_logged([sys.executable, "-m", "acc_clip.train", *flags, "--logs", str(out),
+                              "--name", "acc_clip"], out / "acc_clip.stdout")
     result = compare_curves(read_loss_curve(reference / "out.log"), read_loss_curve(candidate / "metrics.jsonl"),
                             ema=args.ema, tolerance=args.tolerance)
     skip = args.warm_steps
-    speed_ref = median_speed_open_clip(reference / "out.log", skip)
-    speed_new = median_speed_acc_clip(candidate / "metrics.jsonl", skip)
+    batch = args.batch_size
+    speed_ref = steady_samples_per_second(open_clip_steps(reference / "out.log", batch), batch, skip)
+    speed_new = steady_samples_per_second(acc_clip_steps(candidate / "metrics.jsonl"), batch, skip)
     return {"result": result, "open_clip_samples_per_second": speed_ref, "acc_clip_samples_per_second": speed_new,
             "speed_ratio": speed_new / speed_ref, "open_clip_seconds": seconds_ref, "acc_clip_seconds": seconds_new}
 
@@ -100,10 +75,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    report = run_parity(args)
+    try:
+        report = run_parity(args)
+    except AccClipError as error:
+        raise SystemExit(f"error: {error}") from None
     result = report["result"]
     print("\n".join(vendor_report_lines(result) + two_sided_report_lines(result)))
-    print(f"samples/s (median per step): open_clip {report['open_clip_samples_per_second']:.1f}, "
+    print(f"samples/s (steady steps): open_clip {report['open_clip_samples_per_second']:.1f}, "
           f"acc_clip {report['acc_clip_samples_per_second']:.1f}, ratio {report['speed_ratio']:.3f}")
     print(f"wall seconds incl. start-up: open_clip {report['open_clip_seconds']:.1f}, "
           f"acc_clip {report['acc_clip_seconds']:.1f}")
