@@ -1,5 +1,6 @@
 """tools/bench_train.py: the side-by-side benchmark end to end for a few steps (no timing
-assertions: the figures depend on the machine), and its log parsing, pairing and summary."""
+assertions: the figures depend on the machine), and its log parsing, pairing and summary; and the
+CPU fast paths it measured (compute threads, fused AdamW) switching on where they should."""
 
 from __future__ import annotations
 
@@ -131,3 +132,49 @@ def test_gpu_script_is_valid_bash():
     result = subprocess.run(["bash", "-n", str(REPO / "benchmarks" / "gpu_seed_config.sh")], capture_output=True,
                             text=True)
     assert result.returncode == 0, result.stderr
+
+
+# --- fast paths --------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def restore_threads():
+    import torch
+
+    before = torch.get_num_threads()
+    yield
+    torch.set_num_threads(before)
+
+
+def test_cpu_compute_threads_leave_a_core_per_loader_worker(monkeypatch, restore_threads):
+    import torch
+
+    from acc_clip.device import plan_device
+    from acc_clip.train import limit_cpu_threads
+
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
+    cpu = plan_device("cpu", "fp32")
+    limit_cpu_threads(cpu, workers=2, world_size=1)
+    assert torch.get_num_threads() == 6
+    limit_cpu_threads(cpu, workers=3, world_size=2)  # 4 cores per process, 3 of them for its workers
+    assert torch.get_num_threads() == 1
+    limit_cpu_threads(cpu, workers=16, world_size=1)  # never fewer than one
+    assert torch.get_num_threads() == 1
+    torch.set_num_threads(5)
+    monkeypatch.setenv("OMP_NUM_THREADS", "5")  # the user's choice wins
+    limit_cpu_threads(cpu, workers=2, world_size=1)
+    assert torch.get_num_threads() == 5
+
+
+def test_fused_adamw_on_cpu_and_cuda_only():
+    import torch
+
+    from acc_clip.config import TrainConfig
+    from acc_clip.model import create_optimizer, fused_adamw_available
+
+    assert fused_adamw_available("cuda") and not fused_adamw_available("sdaa")
+    assert fused_adamw_available("cpu") == (tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 4))
+    model = torch.nn.Linear(3, 2)
+    assert create_optimizer(model, TrainConfig(), "cpu").defaults["fused"] == (fused_adamw_available("cpu") or None)
+    assert create_optimizer(model, TrainConfig(), "sdaa").defaults["fused"] is None
