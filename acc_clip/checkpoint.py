@@ -449,9 +449,10 @@ def _epoch_files(directory: str, before: int) -> list[str]:
 
 
 def _save_plain_weights(models: list, weights: list[dict], output_dir: str) -> None:
-    """Accelerate's save pre-hook: store the weights under their plain names (see `plain_key`)."""
+    """Accelerate's save pre-hook: store the weights under their plain names (see `plain_key`),
+    contiguous (safetensors refuses channels_last convolution weights)."""
     for index, state in enumerate(weights):
-        weights[index] = {plain_key(key): value for key, value in state.items()}
+        weights[index] = {plain_key(key): value.contiguous() for key, value in state.items()}
 
 
 def _commit(partial: str, final: str) -> None:

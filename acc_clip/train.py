@@ -9,7 +9,9 @@ from __future__ import annotations
 
 import logging
 import math
+import multiprocessing
 import os
+import signal
 import sys
 import time
 from datetime import datetime
@@ -210,7 +212,15 @@ def train(config: TrainConfig, notices: list[str] = ()) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     config, notices = parse_config(sys.argv[1:] if argv is None else argv)
-    return train(config, notices)
+    try:
+        return train(config, notices)
+    finally:
+        # Loader workers ignore SIGTERM (the main process saves first), so the interpreter's exit
+        # could not end them after an error: end them here, on every way out, without torch's
+        # SIGCHLD handler reporting their deaths as a second error.
+        signal.signal(signal.SIGCHLD, signal.SIG_DFL)
+        for child in multiprocessing.active_children():
+            child.kill()
 
 
 if __name__ == "__main__":

@@ -102,3 +102,17 @@ def test_cli_entry_points_agree(train_csv, tmp_path):
                                 capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-2000:]
     assert [r["loss"] for r in read_metrics(tmp_path / "cli")] == [r["loss"] for r in read_metrics(tmp_path / "launch")]
+
+
+def test_a_nan_loss_stops_with_its_step_and_the_workers_do_not_hang(train_csv, tmp_path):
+    # Loader workers ignore SIGTERM so the trainer can save on preemption; after an error they must
+    # still be ended, or the interpreter's exit would wait on them forever.
+    result = run_trainer(tiny_train_args(train_csv, tmp_path, "nan", "--workers", "2", "--lr", "1e9", "--warmup", "1"),
+                         check=False, timeout=120)
+    assert "the loss is nan at step 1" in _error_line(result)
+
+
+def test_channels_last_trains_and_checkpoints(train_csv, tmp_path):
+    run_trainer(tiny_train_args(train_csv, tmp_path, "cl", "--channels-last", "--save-every-n-steps", "2",
+                                "--max-steps", "2"))
+    assert (tmp_path / "cl" / "checkpoints" / "step_00000002" / "complete.json").exists()
