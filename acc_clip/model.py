@@ -6,7 +6,7 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from typing import Callable
+from typing import Callable, Optional
 
 import torch
 from open_clip import create_model_and_transforms, get_tokenizer
@@ -51,6 +51,14 @@ def create_model(config: TrainConfig) -> ModelBundle:
         model.set_grad_checkpointing()
     tokenizer = get_tokenizer(config.model)
     return ModelBundle(model, preprocess_train, preprocess_val, tokenizer)
+
+
+def uses_channels_last(model: torch.nn.Module, requested: Optional[bool]) -> bool:
+    """`--channels-last` as asked, else on for ResNet image towers: their convolutions run faster
+    in that layout on GPUs and CPUs alike (docs/performance.md); a ViT has one convolution only."""
+    from open_clip.modified_resnet import ModifiedResNet
+
+    return requested if requested is not None else isinstance(model.visual, ModifiedResNet)
 
 
 def is_gain_or_bias(name: str, parameter: torch.Tensor) -> bool:

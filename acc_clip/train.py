@@ -26,7 +26,7 @@ from acc_clip.errors import AccClipError, user_error_exit_code
 from acc_clip.eval import Evaluator, format_metrics
 from acc_clip.loss import create_loss
 from acc_clip.metrics import MetricsLogger, StepRecord, setup_logging
-from acc_clip.model import create_lr_schedule, create_model, create_optimizer
+from acc_clip.model import create_lr_schedule, create_model, create_optimizer, uses_channels_last
 from acc_clip.step import agree_batch_sizes, train_step
 
 log = logging.getLogger("acc_clip")
@@ -130,7 +130,8 @@ def train(config: TrainConfig, notices: list[str] = ()) -> int:
     model = bundle.model
     if config.use_bn_sync and world_size > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    if config.channels_last:
+    channels_last = uses_channels_last(model, config.channels_last)
+    if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = create_optimizer(model, config, plan.kind)
     model, optimizer = accelerator.prepare(model, optimizer)
@@ -172,7 +173,7 @@ def train(config: TrainConfig, notices: list[str] = ()) -> int:
                 raise AccClipError(error)
             micro_batches, trimmed = agree_batch_sizes(micro_batches, host_group)
             samples_trimmed += trimmed
-            device_batches = [to_device(b, accelerator.device, config.channels_last) for b in micro_batches]
+            device_batches = [to_device(b, accelerator.device, channels_last) for b in micro_batches]
             data_time = time.perf_counter() - start
             lr = schedule(progress.global_step)
             loss = train_step(model, device_batches, loss_fn, accelerator, optimizer, config.grad_clip_norm)

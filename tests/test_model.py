@@ -1,0 +1,62 @@
+"""Model set-up: open_clip's weight-decay groups, same initial weights as open_clip_train for a seed,
+tower locking, the channels_last default."""
+
+import open_clip
+import pytest
+import torch
+
+from acc_clip.config import parse_config
+from acc_clip.model import create_model, parameter_groups, uses_channels_last
+from conftest import TINY_RN, TINY_VIT
+
+
+def config_for(model, *extra):
+    return parse_config(["--train-data", "x.csv", "--model", model, *extra])[0]
+
+
+def test_weight_decay_groups_follow_open_clip_train():
+    model = create_model(config_for(TINY_RN)).model
+    no_decay, decay = parameter_groups(model, 0.2)
+    names = {id(p): n for n, p in model.named_parameters()}
+    no_decay_names = {names[id(p)] for p in no_decay["params"]}
+    decay_names = {names[id(p)] for p in decay["params"]}
+    assert no_decay["weight_decay"] == 0.0 and decay["weight_decay"] == 0.2
+    assert "logit_scale" in no_decay_names and "visual.bn1.weight" in no_decay_names
+    assert "transformer.resblocks.0.ln_1.weight" in no_decay_names and "visual.conv1.weight" in decay_names
+    assert all(p.ndim >= 2 for p in decay["params"]) and not any("bias" in n for n in decay_names)
+    assert len(no_decay_names) + len(decay_names) == len(list(model.parameters()))
+
+
+def test_same_seed_gives_open_clip_train_initial_weights():
+    # open_clip_train: random_seed(seed, 0) (torch, numpy, random), then create_model_and_transforms.
+    torch.manual_seed(3)
+    theirs, _, _ = open_clip.create_model_and_transforms(TINY_RN, None, precision="fp32", device="cpu",
+                                                         output_dict=True)
+    ours = create_model(config_for(TINY_RN, "--seed", "3")).model
+    other = create_model(config_for(TINY_RN, "--seed", "4")).model
+    for (name, a), b, c in zip(theirs.state_dict().items(), ours.state_dict().values(), other.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert not torch.equal(theirs.visual.conv1.weight, other.visual.conv1.weight)
+
+
+def test_lock_image_tower_freezes_it():
+    model = create_model(config_for(TINY_RN, "--lock-image")).model
+    assert not any(p.requires_grad for p in model.visual.parameters())
+    assert all(p.requires_grad for p in model.transformer.parameters())
+    assert all(p["params"] for p in parameter_groups(model, 0.1))
+    assert not any(p is q for group in parameter_groups(model, 0.1) for p in group["params"]
+                   for q in model.visual.parameters())
+
+
+@pytest.mark.parametrize("name, requested, expected", [
+    (TINY_RN, None, True), (TINY_VIT, None, False), (TINY_RN, False, False), (TINY_VIT, True, True)])
+def test_channels_last_default_is_on_for_resnet_towers_only(name, requested, expected):
+    model = open_clip.create_model(name)
+    assert uses_channels_last(model, requested) is expected
+
+
+def test_unknown_model_name_is_one_clear_error():
+    from acc_clip.errors import AccClipError
+
+    with pytest.raises(AccClipError, match="--model NoSuchModel"):
+        create_model(config_for("NoSuchModel"))
