@@ -100,24 +100,44 @@ def limit_cpu_threads(plan, workers: int, world_size: int) -> None:
              "OMP_NUM_THREADS overrides)", torch.get_num_threads(), cores, world_size, workers)
 
 
-def train(config: TrainConfig, notices: list[str] = ()) -> int:
+def start_run(config: TrainConfig, notices: list[str]):
+    """The device plan, the Accelerator, the run folder with its log, config and trackers."""
     plan = plan_device(config.device, config.precision)
     check_bn_sync(plan, config.use_bn_sync)
     # project_dir is refined to the run folder once the run is named (start_trackers).
     accelerator = make_accelerator(plan, log_with=trackers(config.report_to) or None, project_dir=config.logs)
-    host_group = host_process_group(accelerator)  # ranks agree on batch sizes over it
-    rank, world_size = accelerator.process_index, accelerator.num_processes
     run_dir = run_folder(config, accelerator)
     setup_logging(os.path.join(run_dir, "out.log") if accelerator.is_main_process else None,
                   accelerator.is_main_process)
-    log.info("acc_clip run %s: %s, %d process(es), precision %s", config.name, plan.describe(), world_size,
-             config.precision)
-    limit_cpu_threads(plan, config.workers, world_size)
+    log.info("acc_clip run %s: %s, %d process(es), precision %s", config.name, plan.describe(),
+             accelerator.num_processes, config.precision)
+    limit_cpu_threads(plan, config.workers, accelerator.num_processes)
     for notice in notices:
         log.warning(notice)
     if accelerator.is_main_process:
         save_config(config, os.path.join(run_dir, "config.yaml"))
     start_trackers(accelerator, config, run_dir)
+    return plan, accelerator, run_dir
+
+
+def prepare_model(config: TrainConfig, model: torch.nn.Module, accelerator, plan):
+    """Batch-norm sync, memory layout, optimizer, then Accelerate's wrapping (DDP, mixed precision)."""
+    if config.use_bn_sync and accelerator.num_processes > 1:
+        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    channels_last = uses_channels_last(model, config.channels_last)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = create_optimizer(model, config, plan.kind)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    if config.torchcompile:
+        model = torch.compile(model)
+    return model, optimizer, channels_last
+
+
+def train(config: TrainConfig, notices: list[str] = ()) -> int:
+    plan, accelerator, run_dir = start_run(config, notices)
+    host_group = host_process_group(accelerator)  # ranks agree on batch sizes and on stopping over it
+    rank, world_size = accelerator.process_index, accelerator.num_processes
 
     bundle = create_model(config)  # seeds the RNGs with config.seed first, as open_clip_train does
     torch.manual_seed(config.seed + rank)
@@ -127,16 +147,7 @@ def train(config: TrainConfig, notices: list[str] = ()) -> int:
         raise AccClipError(f"{data.batches_per_epoch} micro-batches per epoch cannot make one step of "
                            f"--accum-freq {config.accum_freq}")
     steps_per_epoch = data.batches_per_epoch // config.accum_freq
-    model = bundle.model
-    if config.use_bn_sync and world_size > 1:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    channels_last = uses_channels_last(model, config.channels_last)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    optimizer = create_optimizer(model, config, plan.kind)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    if config.torchcompile:
-        model = torch.compile(model)
+    model, optimizer, channels_last = prepare_model(config, bundle.model, accelerator, plan)
     schedule = create_lr_schedule(optimizer, config, steps_per_epoch)
     loss_fn = create_loss(config, rank, world_size)
     global_batch = config.batch_size * config.accum_freq * world_size
