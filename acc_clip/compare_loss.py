@@ -19,6 +19,7 @@ from typing import Optional
 
 from acc_clip.curves import LossCurve, ema_smooth, read_loss_curve
 from acc_clip.errors import AccClipError
+from acc_clip.plot import save_figure
 
 VENDOR_RELATIVE_LIMIT = 0.05
 VENDOR_ABSOLUTE_LIMIT = 0.0002
@@ -165,12 +166,7 @@ def plot_comparison(result: ComparisonResult, ref_label: str, new_label: str, ou
         f"{result.ema_mean_abs_relative_error:.4f} (tolerance {result.tolerance})"
     )
     axes.legend()
-    figure.tight_layout()
-    try:
-        figure.savefig(out_path)
-    except (OSError, ValueError) as error:
-        raise AccClipError(f"--plot {out_path}: cannot write the figure ({error})") from error
-    return figure
+    return save_figure(figure, out_path, "--plot")
 
 
 def build_parser() -> argparse.ArgumentParser:

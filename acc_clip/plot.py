@@ -67,11 +67,16 @@ def plot_runs(run_dirs: Sequence[str | Path], out_path: str | Path, ema: float =
         axes.tick_params(labelbottom=True)  # sharex hides the upper panels' step ticks otherwise
         axes.grid(alpha=0.3)
         axes.legend()
+    return save_figure(figure, out_path, "--out")
+
+
+def save_figure(figure, out_path, flag: str):
+    """Lay out and write `figure`; a path that cannot be written is one error naming `flag`."""
     figure.tight_layout()
     try:
         figure.savefig(out_path)
     except (OSError, ValueError) as error:
-        raise AccClipError(f"--out {out_path}: cannot write the figure ({error})") from error
+        raise AccClipError(f"{flag} {out_path}: cannot write the figure ({error})") from error
     return figure
 
 

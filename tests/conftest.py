@@ -28,27 +28,26 @@ def demo_dataset(tmp_path_factory) -> Path:
     return root / "coco"
 
 
+def _coco_csv(demo_dataset: Path, split: str) -> Path:
+    from acc_clip.coco_csv import create_coco_csv
+
+    out = demo_dataset / f"{split}_data.csv"
+    if not out.exists():
+        create_coco_csv(str(demo_dataset / "annotations" / f"captions_{split}2017.json"),
+                        str(demo_dataset / f"{split}2017"), str(out))
+    return out
+
+
 @pytest.fixture(scope="session")
 def train_csv(demo_dataset) -> Path:
     """64 images x 5 captions = 320 rows."""
-    from acc_clip.coco_csv import create_coco_csv
-
-    out = demo_dataset / "train_data.csv"
-    if not out.exists():
-        create_coco_csv(str(demo_dataset / "annotations" / "captions_train2017.json"),
-                        str(demo_dataset / "train2017"), str(out))
-    return out
+    return _coco_csv(demo_dataset, "train")
 
 
 @pytest.fixture(scope="session")
 def val_csv(demo_dataset) -> Path:
-    from acc_clip.coco_csv import create_coco_csv
-
-    out = demo_dataset / "val_data.csv"
-    if not out.exists():
-        create_coco_csv(str(demo_dataset / "annotations" / "captions_val2017.json"),
-                        str(demo_dataset / "val2017"), str(out))
-    return out
+    """21 images x 5 captions = 105 rows."""
+    return _coco_csv(demo_dataset, "val")
 
 
 SMALL_CSV_ROWS = 160
