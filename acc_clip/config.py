@@ -46,6 +46,8 @@ class TrainConfig:
     train_num_samples: Optional[int] = _opt(None, "samples per epoch for shards (default: sizes.json)")
     dataset_resampled: bool = _opt(False, "sample shards with replacement")
     workers: int = _opt(4, "data loader worker processes per rank")
+    decode_on_device: bool = _opt(False, "decode JPEGs on the accelerator (nvjpeg on CUDA) instead of in the loader "
+                                         "workers; falls back to the workers where the device cannot")
     max_bad_fraction: float = _opt(0.01, "stop when more than this fraction of samples read is missing or corrupt")
     # model
     model: str = _opt("RN50", "open_clip model name, or local-dir:PATH holding open_clip_config.json")

@@ -21,6 +21,7 @@ import torch
 from acc_clip import checkpoint
 from acc_clip.config import TrainConfig, parse_config, save_config
 from acc_clip.data import build_train_data, check_bad_fraction
+from acc_clip.data.pixels import decode_on_device, model_input, train_transform
 from acc_clip.device import check_bn_sync, host_process_group, make_accelerator, peak_memory_bytes, plan_device
 from acc_clip.errors import AccClipError, user_error_exit_code
 from acc_clip.eval import Evaluator, format_metrics
@@ -81,11 +82,8 @@ def report_evaluation(results: dict, metrics: MetricsLogger, *, epoch: int, step
     metrics.write_result({"epoch": epoch, "step": step, **results})
 
 
-def to_device(batch, device, channels_last: bool):
-    images = batch.images.to(device, non_blocking=True)
-    if channels_last:
-        images = images.contiguous(memory_format=torch.channels_last)
-    return images, batch.texts.to(device, non_blocking=True)
+def to_device(batch, image_transform, device, channels_last: bool):
+    return model_input(batch.images, image_transform, device, channels_last), batch.texts.to(device, non_blocking=True)
 
 
 def limit_cpu_threads(plan, workers: int, world_size: int) -> None:
@@ -141,7 +139,10 @@ def train(config: TrainConfig, notices: list[str] = ()) -> int:
 
     bundle = create_model(config)  # seeds the RNGs with config.seed first, as open_clip_train does
     torch.manual_seed(config.seed + rank)
-    data = build_train_data(config, bundle.preprocess_train, bundle.tokenizer, rank=rank, world_size=world_size,
+    # uint8 crops from the workers, normalised on the device (or decoded there): acc_clip/data/pixels.py
+    image_transform = train_transform(bundle.preprocess_train, decode_on_device=config.decode_on_device,
+                                      device=accelerator.device)
+    data = build_train_data(config, image_transform, bundle.tokenizer, rank=rank, world_size=world_size,
                             pin_memory=plan.pin_memory)
     if data.batches_per_epoch < config.accum_freq:
         raise AccClipError(f"{data.batches_per_epoch} micro-batches per epoch cannot make one step of "
@@ -177,14 +178,15 @@ def train(config: TrainConfig, notices: list[str] = ()) -> int:
         for step_in_epoch in range(progress.step_in_epoch, steps_per_epoch):
             if progress.global_step >= max_steps:
                 break
-            micro_batches = [next(batches) for _ in range(config.accum_freq)]
+            micro_batches = [decode_on_device(next(batches), image_transform, accelerator.device)
+                             for _ in range(config.accum_freq)]
             samples_read += sum(len(b.indices) + b.num_bad for b in micro_batches)
             samples_bad += sum(b.num_bad for b in micro_batches)
             if (error := check_bad_fraction(samples_bad, samples_read, config.max_bad_fraction)) is not None:
                 raise AccClipError(error)
             micro_batches, trimmed = agree_batch_sizes(micro_batches, host_group)
             samples_trimmed += trimmed
-            device_batches = [to_device(b, accelerator.device, channels_last) for b in micro_batches]
+            device_batches = [to_device(b, image_transform, accelerator.device, channels_last) for b in micro_batches]
             data_time = time.perf_counter() - start
             lr = schedule(progress.global_step)
             loss = train_step(model, device_batches, loss_fn, accelerator, optimizer, config.grad_clip_norm)

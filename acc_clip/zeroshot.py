@@ -20,12 +20,12 @@ from typing import Callable, ContextManager, Optional, Sequence, Union
 import torch
 from accelerate import Accelerator
 from open_clip import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES, build_zero_shot_classifier
-from PIL import Image
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
 from acc_clip.data.common import Sample
 from acc_clip.data.csv import IMAGE_ERRORS, build_eval_loader, read_csv_columns
+from acc_clip.data.pixels import load_pixels
 from acc_clip.errors import AccClipError
 
 log = logging.getLogger(__name__)
@@ -47,8 +47,8 @@ class ZeroShotDataset(Dataset):
 
     def __getitem__(self, index: int) -> Optional[Sample]:
         try:
-            with Image.open(self.filepaths[index]) as image:
-                pixels = self.transform(image)
+            with open(self.filepaths[index], "rb") as file:
+                pixels = load_pixels(file.read(), self.transform)
         except IMAGE_ERRORS as error:
             log.warning("%s: cannot read image (%s), skipped", self.filepaths[index], type(error).__name__)
             return None

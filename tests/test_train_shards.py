@@ -11,6 +11,7 @@ opt-in sample record (ACC_CLIP_DEBUG_SAMPLES=1 -> samples.jsonl) to see what eac
 from __future__ import annotations
 
 import json
+import sys
 from collections import defaultdict
 from pathlib import Path
 
@@ -130,3 +131,24 @@ def test_a_folder_of_group_by_image_shards_resampled_with_train_num_samples(imag
     assert trained == loader_indices(str(image_shard_dir), resampled=True, **settings)
     with pytest.warns(UserWarning, match="8 are left out"):  # 32 images per worker, 24 used
         assert trained != loader_indices(str(image_shard_dir), **settings)
+
+
+def test_decoding_on_the_device_trains_on_the_same_pixels(shard_dir, reference_run, tmp_path):
+    """--decode-on-device: the workers send undecoded JPEGs and crop boxes; the training process
+    decodes, crops and resizes them. With the CPU as that device (tests/_cpu_decodes_jpeg.py; no GPU
+    here) the decoder and resize are the workers' own, so the run must repeat the reference run."""
+    args = shard_args(str(shard_dir / FIRST_FOUR), tmp_path, "D", "--decode-on-device")
+    result = run_trainer(args, launcher=[sys.executable, str(Path(__file__).parent / "_cpu_decodes_jpeg.py")])
+    assert "images: decoded on cpu (JPEG)" in result.stdout + result.stderr
+    got, want = read_metrics(tmp_path / "D"), read_metrics(reference_run)
+    assert [r["step"] for r in got] == [r["step"] for r in want]
+    worst = max(abs(a["loss"] - b["loss"]) for a, b in zip(got, want))
+    assert worst <= LOSS_TOLERANCE, f"losses differ from the worker-decoded run's by up to {worst}"
+
+
+def test_decode_on_device_falls_back_to_the_workers_on_the_cpu(shard_dir, tmp_path):
+    args = shard_args(str(shard_dir / FIRST_FOUR), tmp_path, "F", "--decode-on-device", "--max-steps", "2")
+    result = run_trainer(args)
+    assert "--decode-on-device: cpu has no JPEG decoder here; decoding in the loader workers instead" in \
+        result.stdout + result.stderr
+    assert len(read_metrics(tmp_path / "F")) == 2

@@ -117,12 +117,17 @@ def timed_epoch(batches: Iterable) -> Epoch:
 
 def acc_clip_epoch(shard_dir: str, preprocess: Callable, tokenizer: Callable, batch_size: int, workers: int,
                    epoch: int):
+    """The trainer's input path: its loader, then its normalisation of the uint8 batches (on the CPU
+    here, in this process: the part a GPU would take over is counted too)."""
     from acc_clip.config import parse_config
     from acc_clip.data import build_train_data
+    from acc_clip.data.pixels import model_input, train_transform
 
     config, _ = parse_config(["--train-data", shard_dir, "--batch-size", str(batch_size), "--workers", str(workers)])
-    data = build_train_data(config, preprocess, tokenizer, rank=0, world_size=1, pin_memory=False)
-    return data.batches(epoch)
+    transform = train_transform(preprocess, decode_on_device=False, device="cpu")
+    data = build_train_data(config, transform, tokenizer, rank=0, world_size=1, pin_memory=False)
+    for batch in data.batches(epoch):
+        yield model_input(batch.images, transform, "cpu", channels_last=False), batch.texts
 
 
 def open_clip_epoch(csv_path: str, preprocess: Callable, tokenizer: Callable, batch_size: int, workers: int):
@@ -149,7 +154,7 @@ def stage_breakdown(csv_path: str, shard_dir: str, preprocess: Callable, tokeniz
     from PIL import Image
 
     from acc_clip.data.common import sample_seed, seeded_torch_rng
-    from acc_clip.data.fused_to_tensor import fuse_to_tensor_normalize
+    from acc_clip.data.pixels import DECODER, decode_rgb, run_geometric, split_transform
     from acc_clip.data.wds import _read_raw, expand_shard_urls
 
     torch.set_num_threads(1)
@@ -175,11 +180,17 @@ def stage_breakdown(csv_path: str, shard_dir: str, preprocess: Callable, tokeniz
     raw = [sample for sample, _ in zip(_read_raw(expand_shard_urls(shard_dir)), range(count))]
     print(f"  {'read tar members':<52} {(time.process_time() - started) / len(raw) * 1e3:6.2f} ms")
     count = len(raw)
-    small = per_image("decode to RGB", lambda i: Image.open(io.BytesIO(raw[i]["jpg"])).convert("RGB"), count)
-    fused = fuse_to_tensor_normalize(preprocess)
+    split = split_transform(preprocess)
+    small = per_image(f"decode to uint8 RGB ({DECODER})", lambda i: decode_rgb(raw[i]["jpg"]), count)
     images = small
-    for step in fused.transforms:
-        images = per_image(f"{type(step).__name__}", lambda i, step=step, images=images: step(images[i]), count)
+    for step in split.geometric.transforms:
+        images = per_image(f"{type(step).__name__} on uint8",
+                           lambda i, step=step, images=images: run_geometric([step], images[i]), count)
+    batch = torch.stack(images)
+    started = time.process_time()
+    split.to_model_input(batch, "cpu")
+    print(f"  {'to float + Normalize (the device part; one batch)':<52} "
+          f"{(time.process_time() - started) / count * 1e3:6.2f} ms")
 
     def seed_only(i: int) -> None:
         with seeded_torch_rng(sample_seed(0, 0, i)):
@@ -222,6 +233,8 @@ def main() -> int:
           f"shards {shard_kb:.0f} KB each; batch {args.batch_size}, {args.workers} workers; {os.cpu_count()} cores, "
           f"load average {os.getloadavg()[0]:.1f}")
 
+    # The trainer's compute threads on the CPU: the cores left to this process beside its workers.
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) - args.workers))
     runs: dict[str, list[Epoch]] = {"acc_clip": [], "open_clip": []}
     for repeat in range(args.repeats):
         runs["acc_clip"].append(timed_epoch(acc_clip_epoch(shard_dir, preprocess, tokenizer, args.batch_size,

@@ -9,21 +9,23 @@ from __future__ import annotations
 
 import hashlib
 from contextlib import contextmanager
-from typing import Iterator, NamedTuple, Optional
+from typing import Any, Callable, Iterator, NamedTuple, Optional
 
 import torch
 from torch.utils.data import default_collate
 
 
 class Batch(NamedTuple):
-    images: torch.Tensor  # [B, 3, H, W] float
+    # [B, 3, H, W]: float, model-ready; uint8, to normalise on the device; or undecoded
+    # (`pixels.EncodedImages`, decoded on the device). See acc_clip/data/pixels.py.
+    images: Any
     texts: torch.Tensor  # [B, context_length] long
     indices: torch.Tensor  # [B] long: sample index within the dataset (CSV row, or shard sample number)
     num_bad: int  # samples of this batch that were skipped (missing or corrupt image, empty caption)
 
 
 class Sample(NamedTuple):
-    image: torch.Tensor
+    image: Any  # what the dataset's transform returns
     text: torch.Tensor
     index: int
 
@@ -49,15 +51,16 @@ def seeded_torch_rng(seed: int) -> Iterator[None]:
         generator.set_state(state)
 
 
-def collate_skipping_bad(samples: list[Optional[Sample]]) -> Batch:
-    """Stack the good samples; a `None` stands for a skipped one and is counted."""
+def collate_skipping_bad(samples: list[Optional[Sample]], collate_images: Callable = default_collate) -> Batch:
+    """Stack the good samples; a `None` stands for a skipped one and is counted. `collate_images`
+    puts the images together (`pixels.collate_images` of the dataset's transform)."""
     good = [s for s in samples if s is not None]
     num_bad = len(samples) - len(good)
     if not good:
         return Batch(torch.empty(0), torch.empty(0, dtype=torch.long), torch.empty(0, dtype=torch.long), num_bad)
     # default_collate stacks straight into shared memory inside a worker: one copy fewer.
     return Batch(
-        images=default_collate([s.image for s in good]),
+        images=collate_images([s.image for s in good]),
         texts=default_collate([s.text for s in good]),
         indices=torch.tensor([s.index for s in good], dtype=torch.long),
         num_bad=num_bad,

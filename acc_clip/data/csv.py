@@ -15,23 +15,24 @@ ranks come in the same order as one process would see them.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 from typing import Callable, Iterator, Optional
 
 import pandas as pd
 import torch
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from acc_clip.data.common import Batch, Sample, collate_skipping_bad, sample_seed, seeded_torch_rng
+from acc_clip.data.pixels import ImageDecodeError, collate_images, load_pixels
 from acc_clip.checkpoint import ignore_stop_signals
 from acc_clip.errors import AccClipError
 
 log = logging.getLogger(__name__)
 
 # Errors that mean "this image cannot be used"; anything else is a bug and must surface.
-IMAGE_ERRORS = (FileNotFoundError, IsADirectoryError, PermissionError, UnidentifiedImageError, OSError, ValueError)
+IMAGE_ERRORS = (OSError, ImageDecodeError)  # OSError: missing, unreadable, a folder
 
 
 def read_csv_columns(path: str, *, img_key: str, caption_key: str, sep: str) -> tuple[list[str], list[str]]:
@@ -57,7 +58,8 @@ def read_csv_columns(path: str, *, img_key: str, caption_key: str, sep: str) -> 
 
 class CsvDataset(Dataset):
     """One sample per CSV row. `dataset[(epoch, i)]` or `dataset[i]` gives a `Sample`, or None when
-    the image is missing or corrupt or the caption empty (the collate counts those)."""
+    the image is missing or corrupt or the caption empty (the collate counts those). `transform`
+    takes a PIL image, or is a `pixels.SplitTransform` (takes the file's bytes)."""
 
     def __init__(
         self,
@@ -88,13 +90,13 @@ class CsvDataset(Dataset):
             log.warning("%s row %d: empty caption, sample skipped", self.path, index)
             return None
         try:
-            with Image.open(self.filepaths[index]) as image:
-                image.load()
-                if self.augment_seeded:
-                    with seeded_torch_rng(sample_seed(self.seed, epoch, index)):
-                        pixels = self.transform(image)
-                else:
-                    pixels = self.transform(image)
+            with open(self.filepaths[index], "rb") as file:
+                data = file.read()
+            if self.augment_seeded:
+                with seeded_torch_rng(sample_seed(self.seed, epoch, index)):
+                    pixels = load_pixels(data, self.transform)
+            else:
+                pixels = load_pixels(data, self.transform)
         except IMAGE_ERRORS as error:
             log.warning("%s row %d: cannot read image %s (%s), sample skipped",
                         self.path, index, self.filepaths[index], type(error).__name__)
@@ -169,7 +171,7 @@ def build_train_loader(
         dataset,
         batch_sampler=sampler,
         num_workers=workers,
-        collate_fn=collate_skipping_bad,
+        collate_fn=functools.partial(collate_skipping_bad, collate_images=collate_images(dataset.transform)),
         pin_memory=pin_memory,
         # Workers stay up between epochs: the epoch travels inside each key, not in worker state.
         persistent_workers=workers > 0,

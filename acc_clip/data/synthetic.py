@@ -11,7 +11,8 @@ from acc_clip.data.common import Batch
 
 
 def _image_size(preprocess: Callable) -> int:
-    for transform in getattr(preprocess, "transforms", []):
+    steps = getattr(getattr(preprocess, "geometric", preprocess), "transforms", [])  # a pixels.SplitTransform or a Compose
+    for transform in steps:
         size = getattr(transform, "size", None)
         if size is not None:
             return size[0] if isinstance(size, (tuple, list)) else int(size)

@@ -59,7 +59,6 @@ from __future__ import annotations
 
 import glob
 import hashlib
-import io
 import json
 import logging
 import math
@@ -71,12 +70,11 @@ from typing import Callable, Iterable, Iterator, Optional
 
 import torch
 import webdataset as wds
-from PIL import Image, UnidentifiedImageError
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import tarfile_samples
 
 from acc_clip.data.common import Batch, Sample, collate_skipping_bad, sample_seed, seeded_torch_rng
-from acc_clip.data.fused_to_tensor import fuse_to_tensor_normalize
+from acc_clip.data.pixels import ImageDecodeError, collate_images, load_pixels
 from acc_clip.checkpoint import ignore_stop_signals
 from acc_clip.errors import AccClipError
 
@@ -84,7 +82,6 @@ log = logging.getLogger(__name__)
 
 SHUFFLE_BUFFER = 2000  # raw samples per worker; at ~100 KB per JPEG about 200 MB of memory
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-IMAGE_ERRORS = (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError)
 # A resampled worker gives up after this many empty shards in a row rather than spin forever.
 MAX_EMPTY_DRAWS = 1000
 
@@ -203,7 +200,7 @@ class ShardEpoch(IterableDataset):
             chunk = list(islice(raw, self.batch_size))
             if not chunk:
                 return
-            yield collate_skipping_bad([self._decode(sample) for sample in chunk])
+            yield collate_skipping_bad([self._decode(sample) for sample in chunk], collate_images(self.preprocess))
 
     def _train_raw(self, worker: int) -> Iterator[dict]:
         place = (self.seed, self.epoch, self.rank, worker)
@@ -255,16 +252,14 @@ class ShardEpoch(IterableDataset):
             log.warning("%s: %s, sample skipped", where, "no image" if image_bytes is None else "empty caption")
             return None
         try:
-            with Image.open(io.BytesIO(image_bytes)) as opened:
-                image = opened.convert("RGB")
-        except IMAGE_ERRORS as error:
+            if self.is_train:
+                with seeded_torch_rng(sample_seed(self.seed, self.epoch, index)):
+                    pixels = load_pixels(image_bytes, self.preprocess)
+            else:
+                pixels = load_pixels(image_bytes, self.preprocess)
+        except ImageDecodeError as error:
             log.warning("%s: image does not decode (%s), sample skipped", where, error)
             return None
-        if self.is_train:
-            with seeded_torch_rng(sample_seed(self.seed, self.epoch, index)):
-                pixels = self.preprocess(image)
-        else:
-            pixels = self.preprocess(image)
         return Sample(pixels, self.tokenizer([caption])[0], index)
 
 
@@ -295,8 +290,7 @@ def build_wds_loader(
 ) -> tuple[DataLoader, int]:
     """A DataLoader of this rank's `Batch`es for one epoch, and the number of batches per epoch of
     this rank (the whole epoch, including the `start_batch` skipped ones). Call once per epoch.
-    `preprocess` may be open_clip's transform: its to-tensor and Normalize ending runs fused
-    (`fuse_to_tensor_normalize`, equal tensors, less time).
+    `preprocess` takes a PIL image, or is a `pixels.SplitTransform` (takes the encoded bytes).
 
     Epoch length: `num_samples`, else the sum of the shards' sizes.json entries. For eval without
     sizes.json the returned count is an estimate from `num_samples` (the loader yields all there is)."""
@@ -312,7 +306,7 @@ def build_wds_loader(
                                f"(--train-num-samples / --val-num-samples)")
         num_samples = sum(sizes)
     num_workers = max(1, workers)
-    common = dict(all_shards=shards, preprocess=fuse_to_tensor_normalize(preprocess), tokenizer=tokenizer,
+    common = dict(all_shards=shards, preprocess=preprocess, tokenizer=tokenizer,
                   batch_size=batch_size, seed=seed, epoch=epoch, rank=rank, is_train=is_train,
                   resampled=resampled and is_train, shuffle_buffer=shuffle_buffer)
     if is_train:

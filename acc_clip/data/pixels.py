@@ -1,0 +1,273 @@
+"""Training images from encoded bytes to model input, split between the loader workers and the device.
+
+open_clip's train transform is [RandomResizedCrop (bicubic), convert to RGB, ToTensor, Normalize] on
+PIL images. When a transform has that shape (`split_transform`), acc_clip runs it differently:
+
+- loader workers decode with libjpeg-turbo straight into uint8 tensors (torchcodec when installed,
+  else torchvision.io) and run the geometric steps (the same torchvision classes, so the same random
+  draws) on those uint8 tensors; batches travel as uint8, 4x fewer bytes between processes and to
+  the device than float;
+- the training process converts to float and normalises on the device (`to_model_input`), with
+  ToTensor's and Normalize's arithmetic.
+
+Against PIL this halves the workers' CPU time per image (tools/bench_input.py --stages); pixels
+differ from PIL's resampling by rounding, at most 1 of 255 (tests/data/test_pixels.py).
+
+With `decode_on_device=True` the workers do not decode at all: they read the image size from the
+header, draw the crop, and send the encoded bytes; `decode_batch` decodes the batch on the device
+(nvjpeg on CUDA, one batched call) and crops and resizes there. Devices without a JPEG decoder fall
+back to decoding in the workers (`device_can_decode_jpeg`). Images that are not JPEG are decoded on
+the host, and images that fail to decode are dropped and counted like any bad sample.
+
+Transforms of any other shape (custom augmentation) run whole, on PIL images, in the workers.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import warnings
+from dataclasses import dataclass
+from typing import Callable, NamedTuple, Optional, Sequence, Union
+
+import torch
+from PIL import Image
+from torchvision import transforms as T
+from torchvision.transforms.v2 import functional as F
+
+from acc_clip.data.common import Batch
+
+try:  # torchcodec supersedes torchvision.io's image decoders (deprecated in torchvision 0.29)
+    from torchcodec.decoders import decode_image as _decode_image, decode_jpeg as _decode_jpeg
+
+    DECODER = "torchcodec"
+    _RGB = "RGB"
+except ImportError:
+    from torchvision.io import ImageReadMode, decode_image as _decode_image, decode_jpeg as _decode_jpeg
+
+    DECODER = "torchvision"
+    _RGB = ImageReadMode.RGB
+
+log = logging.getLogger(__name__)
+
+GEOMETRIC_STEPS = (T.RandomResizedCrop, T.Resize, T.CenterCrop)  # run the same on uint8 tensors as on PIL
+JPEG_MAGIC = b"\xff\xd8\xff"
+DECODER_ERRORS = (RuntimeError, ValueError)  # torchvision raises the first, torchcodec also the second
+
+
+class ImageDecodeError(ValueError):
+    """The bytes are not an image any decoder here can read."""
+
+
+def decode_rgb(data: bytes) -> torch.Tensor:
+    """Encoded image bytes -> uint8 [3, H, W] RGB. Formats the fast decoder lacks go through PIL."""
+    encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            image = _decode_image(encoded, mode=_RGB)
+        if image.dim() == 4:  # an animated GIF or WebP: its first frame, as PIL would give
+            image = image[0]
+        return image
+    except DECODER_ERRORS:
+        pass
+    try:
+        with Image.open(io.BytesIO(data)) as opened:
+            rgb = opened.convert("RGB")
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        raise ImageDecodeError(str(error) or type(error).__name__) from None
+    return torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).view(rgb.height, rgb.width, 3).permute(2, 0, 1)
+
+
+def run_geometric(steps: Sequence, image: torch.Tensor) -> torch.Tensor:
+    """open_clip's geometric steps on a uint8 tensor: the same random draws as the steps' own
+    forward (`get_params`), with torchvision's v2 kernels, which resize uint8 bicubic without a
+    float round trip (v1's convert to float: ~10x slower on the CPU)."""
+    for step in steps:
+        if type(step) is T.RandomResizedCrop:
+            box = step.get_params(image, step.scale, step.ratio)
+            image = F.resized_crop(image, *box, list(step.size), interpolation=step.interpolation,
+                                   antialias=step.antialias)
+        elif type(step) is T.Resize:
+            image = F.resize(image, step.size, interpolation=step.interpolation, max_size=step.max_size,
+                             antialias=step.antialias)
+        else:
+            image = F.center_crop(image, list(step.size))
+    return image
+
+
+class EncodedImages(NamedTuple):
+    """A batch of undecoded images: `data[offsets[i]:offsets[i + 1]]` is image i, to be cropped to
+    `boxes[i]` (top, left, height, width) and resized to `size`."""
+    data: torch.Tensor  # uint8, all images back to back
+    offsets: torch.Tensor  # long [B + 1]
+    boxes: torch.Tensor  # long [B, 4]
+    size: tuple[int, int]
+
+
+@dataclass
+class SplitTransform:
+    """open_clip's transform as geometric steps on uint8 tensors (workers) and a normalisation on the
+    device. Call it on encoded bytes in a worker; `to_model_input` on the batch in the trainer."""
+
+    geometric: T.Compose
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
+    decode_on_device: bool = False
+
+    def __call__(self, data: bytes) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+        if not self.decode_on_device:
+            return run_geometric(self.geometric.transforms, decode_rgb(data))
+        with Image.open(io.BytesIO(data)) as header:  # reads the header only: the size, for the crop
+            size = header.size
+        crop = self.geometric.transforms[0]
+        # get_params reads only the dimensions, so the draws equal those of the worker-decoded path.
+        box = crop.get_params(Image.new("1", size), crop.scale, crop.ratio)
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8), torch.tensor(box, dtype=torch.long)
+
+    def collate(self, pixels: list) -> Union[torch.Tensor, EncodedImages]:
+        if not self.decode_on_device:
+            return torch.utils.data.default_collate(pixels)
+        lengths = torch.tensor([0] + [len(data) for data, _ in pixels], dtype=torch.long)
+        size = tuple(self.geometric.transforms[0].size)
+        return EncodedImages(torch.cat([data for data, _ in pixels]), lengths.cumsum(0),
+                             torch.stack([box for _, box in pixels]), size)
+
+    def to_model_input(self, images: torch.Tensor, device, channels_last: bool = False) -> torch.Tensor:
+        """uint8 [B, 3, H, W] -> float32 on `device`, with ToTensor's and Normalize's arithmetic
+        (equal to them bit for bit on the same uint8 pixels)."""
+        images = images.to(device, non_blocking=True)
+        mean = torch.tensor(self.mean, device=images.device).view(-1, 1, 1)
+        std = torch.tensor(self.std, device=images.device).view(-1, 1, 1)
+        layout = torch.channels_last if channels_last else torch.contiguous_format
+        out = torch.empty(images.shape, dtype=torch.float32, device=images.device, memory_format=layout)
+        # On the CPU one image at a time stays in cache (~30% faster); an accelerator takes the batch.
+        step = 1 if images.device.type == "cpu" else max(1, len(images))
+        for first in range(0, len(images), step):
+            chunk = out[first:first + step]
+            chunk.copy_(images[first:first + step]).div_(255).sub_(mean).div_(std)
+        return out
+
+    def decode_batch(self, encoded: EncodedImages, device) -> tuple[torch.Tensor, list[int]]:
+        """Decode, crop and resize an `EncodedImages` batch on `device`: uint8 [b, 3, H, W] there,
+        and the positions of the images that failed to decode (left out of the b)."""
+        crop = self.geometric.transforms[0]
+        pieces = [encoded.data[int(a):int(b)] for a, b in zip(encoded.offsets[:-1], encoded.offsets[1:])]
+        decoded: list[Optional[torch.Tensor]] = [None] * len(pieces)
+        jpegs = [i for i, piece in enumerate(pieces) if piece[:3].numpy().tobytes() == JPEG_MAGIC]
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                if jpegs:
+                    for i, image in zip(jpegs, _decode_jpeg([pieces[i] for i in jpegs], mode=_RGB, device=device)):
+                        decoded[i] = image
+        except DECODER_ERRORS:  # one bad image fails the whole batched call: retry one by one
+            for i in jpegs:
+                decoded[i] = _decode_one_jpeg(pieces[i], device)
+        for i, piece in enumerate(pieces):
+            if decoded[i] is None:  # not a JPEG (PNG, WebP...), or one the device cannot decode (CMYK
+                try:                # with nvjpeg): on the host, then moved
+                    decoded[i] = decode_rgb(piece.numpy().tobytes()).to(device)
+                except ImageDecodeError:
+                    pass
+        failed = [i for i, image in enumerate(decoded) if image is None]
+        out = [F.resized_crop(image, *encoded.boxes[i].tolist(), list(encoded.size),
+                              interpolation=crop.interpolation, antialias=crop.antialias)
+               for i, image in enumerate(decoded) if image is not None]
+        empty = torch.empty(0, 3, *encoded.size, dtype=torch.uint8, device=device)
+        return (torch.stack(out) if out else empty), failed
+
+
+def _decode_one_jpeg(piece: torch.Tensor, device) -> Optional[torch.Tensor]:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            return _decode_jpeg(piece, mode=_RGB, device=device)
+    except DECODER_ERRORS:
+        return None
+
+
+def device_can_decode_jpeg(device: torch.device) -> bool:
+    """Whether JPEGs decode on `device` here: torch's CPU always can, but there it would only move
+    the work from the workers into the training process, so only CUDA (nvjpeg) counts."""
+    return torch.device(device).type == "cuda"
+
+
+def _is_convert_to_rgb(step: Callable) -> bool:
+    if type(step).__name__ == "MaybeConvertMode":
+        return getattr(step, "mode", None) == "RGB"
+    return getattr(step, "__name__", None) == "_convert_to_rgb"
+
+
+def split_transform(preprocess: Callable, *, decode_on_device: bool = False) -> Optional[SplitTransform]:
+    """`preprocess` as a `SplitTransform` when it is [geometric steps..., convert to RGB, to-tensor,
+    Normalize] (open_clip's train and val transforms), else None: run it whole on PIL images.
+    Device decoding needs the geometric part to be one RandomResizedCrop; otherwise it is off."""
+    steps: Sequence = getattr(preprocess, "transforms", ())
+    if not isinstance(preprocess, T.Compose) or len(steps) < 4:
+        return None
+    *geometric, convert, to_tensor, normalize = steps
+    if not (_is_convert_to_rgb(convert) and type(normalize) is T.Normalize
+            and (type(to_tensor) is T.ToTensor or type(to_tensor).__name__ == "MaybeToTensor")
+            and all(type(step) in GEOMETRIC_STEPS for step in geometric)
+            and len(normalize.mean) == 3 and 0 not in list(normalize.std)):
+        return None
+    device_ok = len(geometric) == 1 and type(geometric[0]) is T.RandomResizedCrop
+    return SplitTransform(T.Compose(geometric), tuple(map(float, normalize.mean)), tuple(map(float, normalize.std)),
+                          decode_on_device=decode_on_device and device_ok)
+
+
+def load_pixels(data: bytes, transform: Callable):
+    """What a dataset stores for one image: `transform` on the bytes when it is a `SplitTransform`,
+    else on the decoded PIL image (custom transforms). Undecodable bytes raise `ImageDecodeError`."""
+    if isinstance(transform, SplitTransform):
+        return transform(data)
+    try:
+        image = Image.open(io.BytesIO(data))
+        image.load()
+    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        raise ImageDecodeError(str(error) or type(error).__name__) from None
+    return transform(image)
+
+
+def collate_images(transform: Callable) -> Callable[[list], object]:
+    """How a batch's images are put together: `SplitTransform.collate`, else stacked."""
+    return transform.collate if isinstance(transform, SplitTransform) else torch.utils.data.default_collate
+
+
+def train_transform(preprocess: Callable, *, decode_on_device: bool, device) -> Callable:
+    """The transform the training loaders run: open_clip's split (uint8 in the workers, normalised on
+    the device), device decoding where asked for and possible, else `preprocess` whole."""
+    split = split_transform(preprocess, decode_on_device=decode_on_device and device_can_decode_jpeg(device))
+    if decode_on_device and (split is None or not split.decode_on_device):
+        why = (f"{torch.device(device).type} has no JPEG decoder here" if not device_can_decode_jpeg(device)
+               else "the train transform is not a single RandomResizedCrop")
+        log.warning("--decode-on-device: %s; decoding in the loader workers instead", why)
+    if split is None:
+        log.info("images: the train transform is not open_clip's shape; it runs whole on PIL images in the workers")
+        return preprocess
+    where = f"on {device} (JPEG)" if split.decode_on_device else f"with {DECODER} in the loader workers"
+    log.info("images: decoded %s, cropped as uint8, normalised on %s", where, device)
+    return split
+
+
+def model_input(images: torch.Tensor, transform: Callable, device, channels_last: bool) -> torch.Tensor:
+    """A batch's images as the model takes them, on `device`: uint8 ones are normalised there."""
+    if isinstance(transform, SplitTransform) and images.dtype == torch.uint8:
+        return transform.to_model_input(images, device, channels_last)
+    images = images.to(device, non_blocking=True)
+    return images.contiguous(memory_format=torch.channels_last) if channels_last else images
+
+
+def decode_on_device(batch: Batch, transform: Callable, device) -> Batch:
+    """A batch of `EncodedImages` decoded on `device` (others are returned as they are); images that
+    fail to decode are dropped from the batch and counted in `num_bad`."""
+    if not isinstance(batch.images, EncodedImages):
+        return batch
+    images, failed = transform.decode_batch(batch.images, device)
+    if not failed:
+        return Batch(images, batch.texts, batch.indices, batch.num_bad)
+    log.warning("samples %s: image does not decode on %s, skipped", [int(batch.indices[i]) for i in failed], device)
+    keep = torch.ones(len(batch.indices), dtype=torch.bool)
+    keep[failed] = False
+    return Batch(images, batch.texts[keep], batch.indices[keep], batch.num_bad + len(failed))
