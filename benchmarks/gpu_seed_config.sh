@@ -2,7 +2,8 @@
 # The seed configuration's training throughput on one GPU, in one command: open_clip_train against
 # acc_clip on the same 640x480 demo data, RN50, amp, batch 64, 4 loader workers, 150 steps a run,
 # runs alternated: open_clip from the CSV, acc_clip from the same CSV, acc_clip from --resize 256
-# shards (tools/bench_train.py --mode csv,shards). Sized to finish within 8 minutes: a round that
+# shards, and both acc_clip runs again with --decode-on-device (tools/bench_train.py --mode
+# csv,shards --variant decode_on_device=--decode-on-device). Sized to finish within 8 minutes: a round that
 # would end past the budget is not started, and the results so far are kept.
 #
 #   bash benchmarks/gpu_seed_config.sh               # on the GPU machine
@@ -61,7 +62,8 @@ if ((FAST_PATHS)); then
          --variant grad_checkpointing=--grad-checkpointing --runs 2)
   NAME=bench_train_fast_paths
 else
-  BENCH=(--mode csv,shards --resize 256)
+  # decode_on_device: JPEG decoding with nvjpeg in the training process (acc_clip --decode-on-device)
+  BENCH=(--mode csv,shards --resize 256 --variant decode_on_device=--decode-on-device)
   NAME=bench_train_seed
 fi
 
