@@ -305,3 +305,50 @@ def test_open_clip_trainer_runs_an_epoch_on_the_shards(tmp_path, dataset_csv):
     log = (tmp_path / "logs" / "x" / "out.log").read_text()
     assert "Train Epoch: 0 [32/32 (100%)]" in log
     assert "Handling webdataset error" not in log
+
+
+def test_tar_headers_are_those_python_tarfile_writes(tmp_path):
+    """acc_clip writes shard members itself (faster than tarfile); the archive must be byte for byte
+    what tarfile writes for the same members with the same fixed metadata."""
+    from acc_clip.shards import _finish_tar, _write_member
+
+    members = [("000000000.jpg", bytes(range(256)) * 41), ("000000000.txt", "a café".encode()),
+               ("000000001.json", b"{}"), ("000000002.txt", b""), ("000000003.txt", b"x" * 512)]
+    ours, theirs = tmp_path / "ours.tar", tmp_path / "theirs.tar"
+    with open(ours, "wb") as tar:
+        for name, data in members:
+            _write_member(tar, name, data)
+        _finish_tar(tar)
+    with tarfile.open(theirs, "w", format=tarfile.USTAR_FORMAT) as tar:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = len(data), 0, 0o644, 0, 0, "", ""
+            tar.addfile(info, io.BytesIO(data))
+    assert ours.read_bytes() == theirs.read_bytes()
+    with tarfile.open(ours) as tar:
+        assert [(m.name, tar.extractfile(m).read()) for m in tar] == members
+
+
+def test_copy_mode_reads_the_size_pil_reads(tmp_path):
+    """Copy mode takes width and height from the JPEG's start-of-frame, without PIL: the same as
+    PIL's for baseline, progressive, grey, CMYK JPEGs, and one with an EXIF thumbnail of another size."""
+    from PIL import Image
+
+    from acc_clip.shards import prepare_image
+
+    rng = np.random.default_rng(0)
+    picture = Image.fromarray(rng.integers(0, 256, (123, 217, 3), dtype=np.uint8))
+    variants = {"baseline": {}, "progressive": {"progressive": True}, "grey": {"mode": "L"}, "cmyk": {"mode": "CMYK"}}
+    for name, options in variants.items():
+        mode = options.pop("mode", "RGB")
+        path = tmp_path / f"{name}.jpg"
+        picture.convert(mode).save(path, "JPEG", **options)
+        stored, width, height, *_ = prepare_image(str(path), None, 90)
+        assert (width, height) == Image.open(path).size == (217, 123), name
+        assert stored == path.read_bytes()
+    thumbnail = io.BytesIO()
+    picture.resize((40, 30)).save(thumbnail, "JPEG")
+    main = (tmp_path / "baseline.jpg").read_bytes()
+    exif = b"Exif\0\0" + thumbnail.getvalue()
+    (tmp_path / "exif.jpg").write_bytes(main[:2] + b"\xff\xe1" + (len(exif) + 2).to_bytes(2, "big") + exif + main[2:])
+    assert prepare_image(str(tmp_path / "exif.jpg"), None, 90)[1:3] == (217, 123)

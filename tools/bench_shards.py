@@ -5,7 +5,7 @@
 
 Makes N 640x480 JPEGs of gradients, ellipses and pixel noise (~100-120 KB each, like photos; the
 demo dataset's flat shapes compress to 25-65 KB, too small for a fair MB/s), reads them once so
-every timing starts from the page cache, and prints the best of --repeats runs for: `cp -r` of the
+every timing starts from the page cache, and prints the median of --repeats runs for: `cp -r` of the
 image folder, copy mode on one process, --resize 256 on one process, and --resize 256 on all cores,
 each as wall time and as CPU time (this process plus its children). On a shared machine the wall
 figures sink with the load; the CPU ones measure the work per core.
@@ -18,6 +18,7 @@ import csv
 import os
 import resource
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -60,17 +61,17 @@ def make_images(folder: str, count: int) -> str:
     return csv_path
 
 
-def best_seconds(run, repeats: int) -> tuple[float, float]:
-    """Best (wall, CPU) seconds of `run`; CPU counts this process and finished child processes, so
+def median_seconds(run, repeats: int) -> tuple[float, float]:
+    """Median (wall, CPU) seconds of `run`; CPU counts this process and finished child processes, so
     it shows the work per core even when other jobs share the machine."""
-    best_wall, best_cpu = float("inf"), float("inf")
+    walls, cpus = [], []
     for _ in range(repeats):
         cpu_before = _cpu_seconds()
         started = time.perf_counter()
         run()
-        best_wall = min(best_wall, time.perf_counter() - started)
-        best_cpu = min(best_cpu, _cpu_seconds() - cpu_before)
-    return best_wall, best_cpu
+        walls.append(time.perf_counter() - started)
+        cpus.append(_cpu_seconds() - cpu_before)
+    return statistics.median(walls), statistics.median(cpus)
 
 
 def _cpu_seconds() -> float:
@@ -81,7 +82,7 @@ def _cpu_seconds() -> float:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--images", type=int, default=300)
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5)
     parser.add_argument("--keep", help="work in this folder and keep it (default: a temporary folder)")
     args = parser.parse_args()
     work = args.keep or tempfile.mkdtemp(prefix="bench_shards_")
@@ -94,7 +95,7 @@ def main() -> int:
             total_bytes += len(f.read())
     mb = total_bytes / 1e6
     print(f"{len(paths)} images 640x480, {mb:.1f} MB, {total_bytes / len(paths) / 1024:.0f} KB each; "
-          f"{os.cpu_count()} cores; best of {args.repeats}")
+          f"{os.cpu_count()} cores; median of {args.repeats}")
 
     def fresh(name: str) -> str:
         path = os.path.join(work, name)
@@ -105,22 +106,22 @@ def main() -> int:
         return (f"{label:<34} {wall:6.3f} s wall {len(paths) / wall:6.0f} img/s {mb / wall:5.0f} MB/s | "
                 f"{cpu:6.3f} s CPU {len(paths) / cpu:6.0f} img/s {mb / cpu:5.0f} MB/s per CPU second")
 
-    cp = best_seconds(lambda: subprocess.run(["cp", "-r", image_dir, fresh("cp_copy")], check=True), args.repeats)
+    cp = median_seconds(lambda: subprocess.run(["cp", "-r", image_dir, fresh("cp_copy")], check=True), args.repeats)
     print(line("cp -r", *cp))
 
     def convert(name: str, **kwargs) -> None:
         convert_csv_to_shards(csv_path, fresh(name), samples_per_shard=100, progress=False, **kwargs)
 
-    copy = best_seconds(lambda: convert("copy", workers=1), args.repeats)
+    copy = median_seconds(lambda: convert("copy", workers=1), args.repeats)
     print(line("shards, copy, 1 process", *copy))
     print(f"  copy mode reaches {cp[0] / copy[0]:.2f} of cp's wall MB/s (target >= 0.5)")
-    resize = best_seconds(lambda: convert("resize1", workers=1, resize=256), args.repeats)
+    resize = median_seconds(lambda: convert("resize1", workers=1, resize=256), args.repeats)
     print(line("shards, --resize 256, 1 process", *resize))
     print(f"  --resize 256: {len(paths) / resize[1]:.0f} img/s per core (CPU time; target >= 150)")
     cores = os.cpu_count() or 1
     if cores > 1:
         print(line(f"shards, --resize 256, {cores} processes",
-                   *best_seconds(lambda: convert("resize_all", workers=cores, resize=256), args.repeats)))
+                   *median_seconds(lambda: convert("resize_all", workers=cores, resize=256), args.repeats)))
     if not args.keep:
         shutil.rmtree(work)
     return 0
