@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The seed configuration's training throughput on one GPU, in one command: open_clip_train against
-# acc_clip on the same 640x480 demo data, RN50, amp, batch 64, 4 loader workers, 150 steps a run,
+# acc_clip on the same 640x480 demo data, RN50, amp, batch 64, 4 loader workers, 100 steps a run,
 # runs alternated: open_clip from the CSV, acc_clip from the same CSV, acc_clip from --resize 256
 # shards, and both acc_clip runs again with --decode-on-device (tools/bench_train.py --mode
 # csv,shards --variant decode_on_device=--decode-on-device). Sized to finish within 8 minutes: a round that
@@ -52,7 +52,7 @@ if ((DRY_RUN)); then
             --steps 6 --skip 2 --runs 1 --images 60 --size 320x240 --samples-per-shard 32)
   BUDGET=300
 else
-  SETTINGS=(--model RN50 --precision amp --batch-size 64 --workers 4 --steps 150 --skip 20 --runs 3
+  SETTINGS=(--model RN50 --precision amp --batch-size 64 --workers 4 --steps 100 --skip 20 --runs 3
             --images 2000 --size 640x480 --samples-per-shard 256)
   BUDGET=${BUDGET:-450}  # seconds; of the 480 s: the rest for start-up, installs and the summary
 fi

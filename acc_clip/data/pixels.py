@@ -118,8 +118,11 @@ class SplitTransform:
     def __call__(self, data: bytes) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         if not self.decode_on_device:
             return run_geometric(self.geometric.transforms, decode_rgb(data))
-        with Image.open(io.BytesIO(data)) as header:  # reads the header only: the size, for the crop
-            size = header.size
+        try:
+            with Image.open(io.BytesIO(data)) as header:  # reads the header only: the size, for the crop
+                size = header.size
+        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+            raise ImageDecodeError(str(error) or type(error).__name__) from None
         crop = self.geometric.transforms[0]
         # get_params reads only the dimensions, so the draws equal those of the worker-decoded path.
         box = crop.get_params(Image.new("1", size), crop.scale, crop.ratio)
