@@ -46,6 +46,9 @@ class TrainConfig:
     train_num_samples: Optional[int] = _opt(None, "samples per epoch for shards (default: sizes.json)")
     dataset_resampled: bool = _opt(False, "sample shards with replacement")
     workers: int = _opt(4, "data loader worker processes per rank")
+    pin_memory: Optional[bool] = _opt(None, "page-locked loader batches for non-blocking copies to the device "
+                                            "(default: on for CUDA and SDAA; --no-pin-memory turns it off)",
+                                      tristate=True)
     decode_on_device: bool = _opt(False, "decode JPEGs on the accelerator (nvjpeg on CUDA) instead of in the loader "
                                          "workers; falls back to the workers where the device cannot")
     max_bad_fraction: float = _opt(0.01, "stop when more than this fraction of samples read is missing or corrupt")
@@ -60,6 +63,8 @@ class TrainConfig:
     lock_text_freeze_layer_norm: bool = _opt(False, "freeze layer-norm parameters of locked text layers")
     grad_checkpointing: bool = _opt(False, "activation checkpointing (less memory, more compute)")
     torchcompile: bool = _opt(False, "torch.compile the model")
+    cudnn_benchmark: bool = _opt(True, "cuDNN picks the fastest convolution algorithms on CUDA, as open_clip_train "
+                                       "does (--no-cudnn-benchmark: the same algorithms every run)", tristate=True)
     channels_last: Optional[bool] = _opt(None, "channels_last memory format (default: on for ResNet image "
                                                "towers, where it is faster; --no-channels-last turns it off)",
                                          tristate=True)

@@ -125,7 +125,8 @@ def hide_gpus_from_cpu_processes(plan: DevicePlan, environ=os.environ) -> bool:
     return True
 
 
-def make_accelerator(plan: DevicePlan, *, find_unused_parameters: bool = False, **accelerator_kwargs):
+def make_accelerator(plan: DevicePlan, *, find_unused_parameters: bool = False, cudnn_benchmark: bool = True,
+                     **accelerator_kwargs):
     """The Accelerator for `plan` (extra keywords, e.g. trackers, go to Accelerator); checks that
     Accelerate agrees with the plan."""
     from accelerate import Accelerator
@@ -135,7 +136,7 @@ def make_accelerator(plan: DevicePlan, *, find_unused_parameters: bool = False, 
     if plan.kind == "cuda":
         # open_clip_train's settings: TF32 matmuls and cuDNN autotuning.
         torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
+        torch.backends.cudnn.benchmark = cudnn_benchmark
         torch.backends.cudnn.deterministic = False
     handlers = [DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)]
     accelerator = Accelerator(cpu=plan.kind == "cpu", mixed_precision=plan.mixed_precision,

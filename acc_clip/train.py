@@ -103,7 +103,8 @@ def start_run(config: TrainConfig, notices: list[str]):
     plan = plan_device(config.device, config.precision)
     check_bn_sync(plan, config.use_bn_sync)
     # project_dir is refined to the run folder once the run is named (start_trackers).
-    accelerator = make_accelerator(plan, log_with=trackers(config.report_to) or None, project_dir=config.logs)
+    accelerator = make_accelerator(plan, cudnn_benchmark=config.cudnn_benchmark,
+                                   log_with=trackers(config.report_to) or None, project_dir=config.logs)
     run_dir = run_folder(config, accelerator)
     setup_logging(os.path.join(run_dir, "out.log") if accelerator.is_main_process else None,
                   accelerator.is_main_process)
@@ -143,7 +144,7 @@ def train(config: TrainConfig, notices: list[str] = ()) -> int:
     image_transform = train_transform(bundle.preprocess_train, decode_on_device=config.decode_on_device,
                                       device=accelerator.device)
     data = build_train_data(config, image_transform, bundle.tokenizer, rank=rank, world_size=world_size,
-                            pin_memory=plan.pin_memory)
+                            pin_memory=plan.pin_memory if config.pin_memory is None else config.pin_memory)
     if data.batches_per_epoch < config.accum_freq:
         raise AccClipError(f"{data.batches_per_epoch} micro-batches per epoch cannot make one step of "
                            f"--accum-freq {config.accum_freq}")

@@ -9,7 +9,9 @@
 #   bash benchmarks/gpu_seed_config.sh               # on the GPU machine
 #   bash benchmarks/gpu_seed_config.sh --fast-paths  # instead: the model step (synthetic data) with
 #                                                    # acc_clip's fast paths on and off, 2 rounds
-#   bash benchmarks/gpu_seed_config.sh --dry-run [--fast-paths]  # anywhere: tiny model, few steps
+#   bash benchmarks/gpu_seed_config.sh --input-paths # instead: acc_clip from shards with pinned memory
+#                                                    # off and with JPEG decoding on the GPU, 2 rounds
+#   bash benchmarks/gpu_seed_config.sh --dry-run [--fast-paths|--input-paths]  # anywhere: tiny model
 #
 # Needs torch and torchvision. Packages the machine lacks come from wheels in .whl/ (where
 # the lead carries them), installed offline into /tmp/site; nothing is fetched. Everything is
@@ -39,12 +41,13 @@ fi
 export PYTHONPATH=/tmp/site:$PWD
 export HF_HUB_OFFLINE=1
 
-DRY_RUN=0 FAST_PATHS=0
+DRY_RUN=0 FAST_PATHS=0 INPUT_PATHS=0
 for arg in "$@"; do
   case $arg in
     --dry-run) DRY_RUN=1 ;;
     --fast-paths) FAST_PATHS=1 ;;
-    *) echo "unknown argument $arg (expected --dry-run, --fast-paths)" >&2; exit 2 ;;
+    --input-paths) INPUT_PATHS=1 ;;
+    *) echo "unknown argument $arg (expected --dry-run, --fast-paths, --input-paths)" >&2; exit 2 ;;
   esac
 done
 if ((DRY_RUN)); then
@@ -58,9 +61,15 @@ else
 fi
 if ((FAST_PATHS)); then
   # The model step alone, so the input pipeline does not hide what a fast path does.
-  BENCH=(--mode model --variant channels_last=--channels-last --variant compile=--torchcompile
-         --variant grad_checkpointing=--grad-checkpointing --runs 2)
+  BENCH=(--mode model --variant no_channels_last=--no-channels-last --variant compile=--torchcompile
+         --variant grad_checkpointing=--grad-checkpointing --variant no_cudnn_benchmark=--no-cudnn-benchmark
+         --runs 2)
   NAME=bench_train_fast_paths
+elif ((INPUT_PATHS)); then
+  # The input side's switches, on the real input path (shards); open_clip from the CSV as the baseline.
+  BENCH=(--mode shards --resize 256 --variant no_pin_memory=--no-pin-memory
+         --variant decode_on_device=--decode-on-device --runs 2)
+  NAME=bench_train_input_paths
 else
   # decode_on_device: JPEG decoding with nvjpeg in the training process (acc_clip --decode-on-device)
   BENCH=(--mode csv,shards --resize 256 --variant decode_on_device=--decode-on-device)

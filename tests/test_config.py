@@ -90,3 +90,13 @@ def test_rn50_config_holds_the_seed_defaults():
     config, _ = parse_config(["--config", str(REPO / "configs" / "rn50_coco.yaml"), "--train-data", "x.csv"])
     assert (config.model, config.batch_size, config.epochs, config.lr, config.wd, config.warmup, config.precision) \
         == ("RN50", 64, 32, 5e-4, 0.2, 10000, "amp")
+
+
+def test_fast_path_switches_default_on_and_turn_off():
+    """The GPU fast paths a benchmark measures on and off (benchmarks/gpu_seed_config.sh --input-paths,
+    --fast-paths): cuDNN autotuning on unless --no-cudnn-benchmark; pinning left to the device unless said."""
+    default, _ = parse_config(["--train-data", "x.csv"])
+    assert default.cudnn_benchmark is True and default.pin_memory is None and default.decode_on_device is False
+    off, _ = parse_config(["--train-data", "x.csv", "--no-cudnn-benchmark", "--no-pin-memory", "--decode-on-device"])
+    assert off.cudnn_benchmark is False and off.pin_memory is False and off.decode_on_device is True
+    assert parse_config(["--train-data", "x.csv", "--pin-memory"])[0].pin_memory is True

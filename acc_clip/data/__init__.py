@@ -60,7 +60,7 @@ def build_train_data(config: TrainConfig, preprocess: Callable, tokenizer: Calla
                                     batch_size=config.batch_size, workers=config.workers, seed=config.seed,
                                     epoch=epoch, rank=rank, world_size=world_size, is_train=True,
                                     num_samples=config.train_num_samples, resampled=config.dataset_resampled,
-                                    start_batch=start_batch)
+                                    start_batch=start_batch, pin_memory=pin_memory)
 
         _, batches_per_epoch = wds_loader(0)
         num_samples = config.train_num_samples or batches_per_epoch * config.batch_size * world_size

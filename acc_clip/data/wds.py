@@ -287,6 +287,7 @@ def build_wds_loader(
     resampled: bool = False,
     start_batch: int = 0,
     shuffle_buffer: int = SHUFFLE_BUFFER,
+    pin_memory: Optional[bool] = None,
 ) -> tuple[DataLoader, int]:
     """A DataLoader of this rank's `Batch`es for one epoch, and the number of batches per epoch of
     this rank (the whole epoch, including the `start_batch` skipped ones). Call once per epoch.
@@ -341,7 +342,7 @@ def build_wds_loader(
         dataset = ShardEpoch(rank_shards=rank_shards, num_workers=num_workers,
                              num_batches=num_batches if sizes is not None else None, start_batch=0, **common)
     loader = DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_as_is,
-                        pin_memory=torch.cuda.is_available(),
+                        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
                         worker_init_fn=ignore_stop_signals)  # the main process saves on SIGTERM first
     return loader, num_batches
 

@@ -241,3 +241,11 @@ def test_bad_samples_become_counted_gaps(tmp_path, caplog):
     assert batches[0].indices.tolist() in ([0, 4], [4, 0])
     assert "00000.tar sample 000000001: image does not decode" in caplog.text
     assert "00000.tar sample 000000003: no image" in caplog.text
+
+
+def test_pinning_follows_the_caller(shard_dir):
+    """--pin-memory / --no-pin-memory reach the shard loader; left unsaid, it pins where CUDA is."""
+    common = dict(preprocess=PLAIN, tokenizer=tokenize, batch_size=5, workers=0, seed=0, epoch=0, rank=0, world_size=1)
+    assert build_wds_loader(shard_dir, pin_memory=False, **common)[0].pin_memory is False
+    assert build_wds_loader(shard_dir, pin_memory=True, **common)[0].pin_memory is True
+    assert build_wds_loader(shard_dir, **common)[0].pin_memory is torch.cuda.is_available()
