@@ -50,6 +50,7 @@ from typing import Iterable, Optional
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
+from acc_clip import jpeg
 from acc_clip.data.csv import read_csv_columns
 from acc_clip.errors import AccClipError
 
@@ -63,7 +64,6 @@ FORMAT_VERSION = 1
 SKIP_REASONS = ("missing_file", "unreadable_file", "corrupt_image", "empty_caption")
 # Every file this module writes; anything else in OUT means the folder belongs to someone else.
 OWN_FILE = re.compile(r"^(\d{5,}\.tar(\.tmp)?|\d{5,}_stats\.json(\.tmp)?|sizes\.json(\.tmp)?|_conversion\.json(\.tmp)?)$")
-SOI, SOS, EOI = b"\xff\xd8", b"\xff\xda", b"\xff\xd9"
 
 
 class BadImage(Exception):
@@ -137,46 +137,6 @@ def _read_source(path: str) -> bytes:
         raise BadImage("unreadable_file", f"cannot read {path}: {error.strerror or error}") from None
 
 
-# Start-of-frame markers (C0-CF but DHT C4, JPG C8, DAC CC): their segment holds the image size.
-SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
-
-
-def _jpeg_header(data: bytes) -> tuple[int, Optional[tuple[int, int]]]:
-    """(offset of the main image's first start-of-scan marker or -1, (width, height) from its
-    start-of-frame or None), walking the marker segments from the start, so an EXIF thumbnail's
-    own markers, inside APP1, are skipped."""
-    position, size = 2, None
-    while position + 4 <= len(data):
-        if data[position] != 0xFF:
-            return -1, size
-        marker = data[position + 1]
-        if marker == 0xFF:  # fill byte
-            position += 1
-        elif marker == SOS[1]:
-            return position, size
-        elif marker == 0x01 or 0xD0 <= marker <= 0xD7:  # markers without a length
-            position += 2
-        else:
-            if marker in SOF_MARKERS and size is None and position + 9 <= len(data):
-                height = int.from_bytes(data[position + 5:position + 7], "big")
-                width = int.from_bytes(data[position + 7:position + 9], "big")
-                size = (width, height) if width and height else None  # 0: given later (DNL), ask PIL
-            position += 2 + int.from_bytes(data[position + 2:position + 4], "big")
-    return -1, size
-
-
-def _jpeg_check(data: bytes) -> tuple[bool, Optional[tuple[int, int]]]:
-    """(whether the bytes look like a complete JPEG, its (width, height) from the header or None).
-    Complete: an end-of-image marker after the main image's first scan. Entropy-coded data cannot
-    hold FF D9 (libjpeg stuffs every FF), so a truncated file fails, while a complete file with a
-    trailer appended (camera makers do that) passes. Searching from the end makes this cost
-    microseconds."""
-    if not data.startswith(SOI):
-        return False, None
-    first_scan, size = _jpeg_header(data)
-    return first_scan >= 0 and data.rfind(EOI, first_scan) >= 0, size
-
-
 def _encode_jpeg(image: Image.Image, quality: int) -> bytes:
     buffer = io.BytesIO()
     image.save(buffer, format="JPEG", quality=quality)
@@ -191,15 +151,17 @@ def _resized(size: tuple[int, int], shorter_side: int) -> tuple[int, int]:
 def prepare_image(path: str, resize: Optional[int], quality: int) -> tuple[bytes, int, int, int, int]:
     """(JPEG bytes to store, width, height, source width, source height), or BadImage."""
     data = _read_source(path)
-    complete, header_size = _jpeg_check(data)
-    if resize is None and complete and header_size is not None:
-        return data, *header_size, *header_size  # copy mode's usual case: the header walk alone, no PIL
+    header = jpeg.read_header(data)
+    if (why := jpeg.too_many_pixels(header.size)) is not None:
+        raise BadImage("corrupt_image", f"{path}: {why}")
+    if resize is None and header.complete and header.size is not None:
+        return data, *header.size, *header.size  # copy mode's usual case: the header walk alone, no PIL
     try:
         with Image.open(io.BytesIO(data)) as image:
             source_size = image.size
             is_jpeg = image.format in ("JPEG", "MPO")  # MPO: a JPEG with extra pictures appended
             if resize is None and is_jpeg:
-                if not complete:
+                if not header.complete:
                     raise BadImage("corrupt_image", f"{path}: truncated JPEG (no end-of-image marker)")
                 return data, *source_size, *source_size
             size = _resized(source_size, resize) if resize else source_size
@@ -234,8 +196,8 @@ def ustar_header(name: str, size: int) -> bytes:
     writes for such a member (tested), built directly: tarfile's per-member work was over half of
     copy mode's time."""
     encoded = name.encode("utf-8")
-    if len(encoded) > 100:
-        raise ValueError(f"tar member name longer than 100 bytes: {name!r}")
+    if len(encoded) > 100 or size >= 8**11:  # the ustar fields: 100 bytes of name, 11 octal digits of size
+        raise ValueError(f"tar member {name!r} of {size} bytes does not fit a ustar header")
     header = bytearray(TAR_BLOCK)
     header[0:len(encoded)] = encoded
     header[100:108] = _octal(0o644, 8)  # mode

@@ -352,3 +352,20 @@ def test_copy_mode_reads_the_size_pil_reads(tmp_path):
     exif = b"Exif\0\0" + thumbnail.getvalue()
     (tmp_path / "exif.jpg").write_bytes(main[:2] + b"\xff\xe1" + (len(exif) + 2).to_bytes(2, "big") + exif + main[2:])
     assert prepare_image(str(tmp_path / "exif.jpg"), None, 90)[1:3] == (217, 123)
+
+
+def test_oversized_images_and_members_are_refused(tmp_path, images):
+    """Copy mode reads sizes from the header, so it applies PIL's decompression-bomb limit itself;
+    a member too large for a ustar header is an error, not a corrupt archive."""
+    from acc_clip.shards import BadImage, prepare_image, ustar_header
+
+    good = open(images[0], "rb").read()
+    at = good.find(b"\xff\xc0")
+    huge = tmp_path / "huge.jpg"
+    huge.write_bytes(good[:at + 5] + (60000).to_bytes(2, "big") + (60000).to_bytes(2, "big") + good[at + 9:])
+    with pytest.raises(BadImage, match="PIL's limit") as refused:
+        prepare_image(str(huge), None, 90)
+    assert refused.value.reason == "corrupt_image"
+    assert len(ustar_header("000000000.jpg", 8**11 - 1)) == 512
+    with pytest.raises(ValueError, match="does not fit a ustar header"):
+        ustar_header("000000000.jpg", 8**11)

@@ -3,21 +3,24 @@
 open_clip's train transform is [RandomResizedCrop (bicubic), convert to RGB, ToTensor, Normalize] on
 PIL images. When a transform has that shape (`split_transform`), acc_clip runs it differently:
 
-- loader workers decode with libjpeg-turbo straight into uint8 tensors (torchcodec when installed,
-  else torchvision.io) and run the geometric steps (the same torchvision classes, so the same random
-  draws) on those uint8 tensors; batches travel as uint8, 4x fewer bytes between processes and to
-  the device than float;
+- loader workers decode JPEGs with libjpeg-turbo straight into uint8 tensors (torchcodec when
+  installed, else torchvision.io; other formats through PIL, as open_clip reads them: torchvision's
+  PNG and GIF decoders crash or accept damaged files that PIL refuses) and run the geometric steps
+  (the same torchvision classes, so the same random draws) on those uint8 tensors; batches travel
+  as uint8, 4x fewer bytes between processes and to the device than float;
 - the training process converts to float and normalises on the device (`to_model_input`), with
   ToTensor's and Normalize's arithmetic.
 
 Against PIL this halves the workers' CPU time per image (tools/bench_input.py --stages); pixels
-differ from PIL's resampling by rounding, at most 1 of 255 (tests/data/test_pixels.py).
+differ from PIL's resampling by rounding: mostly equal or one level of 255 apart, rarely a few more
+(tests/data/test_pixels.py).
 
-With `decode_on_device=True` the workers do not decode at all: they read the image size from the
-header, draw the crop, and send the encoded bytes; `decode_batch` decodes the batch on the device
-(nvjpeg on CUDA, one batched call) and crops and resizes there. Devices without a JPEG decoder fall
-back to decoding in the workers (`device_can_decode_jpeg`). Images that are not JPEG are decoded on
-the host, and images that fail to decode are dropped and counted like any bad sample.
+With `decode_on_device=True` the workers do not decode at all: they read the JPEG header (size,
+completeness), draw the crop, and send the encoded bytes; `decode_batch` decodes the batch on the
+device (nvjpeg on CUDA, one batched call) and crops and resizes there. Devices without a JPEG decoder
+fall back to decoding in the workers (`device_can_decode_jpeg`). Truncated JPEGs are refused in the
+workers; other formats and JPEGs that are not 3-component (grey, CMYK) are decoded on the host;
+images that fail to decode are dropped and counted like any bad sample.
 
 Transforms of any other shape (custom augmentation) run whole, on PIL images, in the workers.
 """
@@ -37,13 +40,15 @@ from torchvision.transforms.v2 import functional as F
 
 from acc_clip.data.common import Batch
 
+from acc_clip import jpeg
+
 try:  # torchcodec supersedes torchvision.io's image decoders (deprecated in torchvision 0.29)
-    from torchcodec.decoders import decode_image as _decode_image, decode_jpeg as _decode_jpeg
+    from torchcodec.decoders import decode_jpeg as _decode_jpeg
 
     DECODER = "torchcodec"
     _RGB = "RGB"
 except ImportError:
-    from torchvision.io import ImageReadMode, decode_image as _decode_image, decode_jpeg as _decode_jpeg
+    from torchvision.io import ImageReadMode, decode_jpeg as _decode_jpeg
 
     DECODER = "torchvision"
     _RGB = ImageReadMode.RGB
@@ -51,7 +56,6 @@ except ImportError:
 log = logging.getLogger(__name__)
 
 GEOMETRIC_STEPS = (T.RandomResizedCrop, T.Resize, T.CenterCrop)  # run the same on uint8 tensors as on PIL
-JPEG_MAGIC = b"\xff\xd8\xff"
 DECODER_ERRORS = (RuntimeError, ValueError)  # torchvision raises the first, torchcodec also the second
 
 
@@ -59,24 +63,30 @@ class ImageDecodeError(ValueError):
     """The bytes are not an image any decoder here can read."""
 
 
-def decode_rgb(data: bytes) -> torch.Tensor:
-    """Encoded image bytes -> uint8 [3, H, W] RGB. Formats the fast decoder lacks go through PIL."""
-    encoded = torch.frombuffer(bytearray(data), dtype=torch.uint8) if data else torch.empty(0, dtype=torch.uint8)
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            image = _decode_image(encoded, mode=_RGB)
-        if image.dim() == 4:  # an animated GIF or WebP: its first frame, as PIL would give
-            image = image[0]
-        return image
-    except DECODER_ERRORS:
-        pass
+def _pil_rgb(data: bytes) -> torch.Tensor:
     try:
         with Image.open(io.BytesIO(data)) as opened:
             rgb = opened.convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         raise ImageDecodeError(str(error) or type(error).__name__) from None
     return torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).view(rgb.height, rgb.width, 3).permute(2, 0, 1)
+
+
+def decode_rgb(data: bytes) -> torch.Tensor:
+    """Encoded image bytes -> uint8 [3, H, W] RGB. JPEGs through libjpeg-turbo into a tensor; other
+    formats, and JPEGs it refuses, through PIL (which raises on damaged data and caps the size)."""
+    if jpeg.is_jpeg(data):
+        if (why := jpeg.too_many_pixels(jpeg.read_header(data).size)) is not None:
+            raise ImageDecodeError(why)  # what PIL would refuse; libjpeg-turbo has no limit
+        try:
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", DeprecationWarning)
+                image = _decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=_RGB)
+            if image.dtype == torch.uint8 and image.shape[0] == 3:
+                return image
+        except DECODER_ERRORS:
+            pass
+    return _pil_rgb(data)
 
 
 def run_geometric(steps: Sequence, image: torch.Tensor) -> torch.Tensor:
@@ -98,10 +108,12 @@ def run_geometric(steps: Sequence, image: torch.Tensor) -> torch.Tensor:
 
 class EncodedImages(NamedTuple):
     """A batch of undecoded images: `data[offsets[i]:offsets[i + 1]]` is image i, to be cropped to
-    `boxes[i]` (top, left, height, width) and resized to `size`."""
+    `boxes[i]` (top, left, height, width) and resized to `size`; `on_device[i]` says whether the
+    device's JPEG decoder may take it (a whole 3-component JPEG), else the host decodes it."""
     data: torch.Tensor  # uint8, all images back to back
     offsets: torch.Tensor  # long [B + 1]
     boxes: torch.Tensor  # long [B, 4]
+    on_device: torch.Tensor  # bool [B]
     size: tuple[int, int]
 
 
@@ -118,23 +130,33 @@ class SplitTransform:
     def __call__(self, data: bytes) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
         if not self.decode_on_device:
             return run_geometric(self.geometric.transforms, decode_rgb(data))
-        try:
-            with Image.open(io.BytesIO(data)) as header:  # reads the header only: the size, for the crop
-                size = header.size
-        except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-            raise ImageDecodeError(str(error) or type(error).__name__) from None
+        header = jpeg.read_header(data) if jpeg.is_jpeg(data) else None
+        if header is not None and not header.complete:
+            raise ImageDecodeError("truncated JPEG (no end-of-image marker after the first scan)")
+        size = header.size if header is not None else None
+        if size is None:  # not a JPEG, or one whose height comes later (DNL): PIL reads the header
+            try:
+                with Image.open(io.BytesIO(data)) as opened:
+                    size = opened.size
+            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+                raise ImageDecodeError(str(error) or type(error).__name__) from None
+        if (why := jpeg.too_many_pixels(size)) is not None:
+            raise ImageDecodeError(why)
         crop = self.geometric.transforms[0]
-        # get_params reads only the dimensions, so the draws equal those of the worker-decoded path.
-        box = crop.get_params(Image.new("1", size), crop.scale, crop.ratio)
-        return torch.frombuffer(bytearray(data), dtype=torch.uint8), torch.tensor(box, dtype=torch.long)
+        # get_params reads only the dimensions (of an empty tensor here), so the draws equal those
+        # of the worker-decoded path.
+        box = crop.get_params(torch.empty(0, size[1], size[0]), crop.scale, crop.ratio)
+        on_device = header is not None and header.components == 3
+        return torch.frombuffer(bytearray(data), dtype=torch.uint8), torch.tensor([*box, on_device], dtype=torch.long)
 
     def collate(self, pixels: list) -> Union[torch.Tensor, EncodedImages]:
         if not self.decode_on_device:
             return torch.utils.data.default_collate(pixels)
         lengths = torch.tensor([0] + [len(data) for data, _ in pixels], dtype=torch.long)
         size = tuple(self.geometric.transforms[0].size)
-        return EncodedImages(torch.cat([data for data, _ in pixels]), lengths.cumsum(0),
-                             torch.stack([box for _, box in pixels]), size)
+        boxes = torch.stack([box for _, box in pixels])
+        return EncodedImages(torch.cat([data for data, _ in pixels]), lengths.cumsum(0), boxes[:, :4],
+                             boxes[:, 4].bool(), size)
 
     def to_model_input(self, images: torch.Tensor, device, channels_last: bool = False) -> torch.Tensor:
         """uint8 [B, 3, H, W] -> float32 on `device`, with ToTensor's and Normalize's arithmetic
@@ -157,7 +179,12 @@ class SplitTransform:
         crop = self.geometric.transforms[0]
         pieces = [encoded.data[int(a):int(b)] for a, b in zip(encoded.offsets[:-1], encoded.offsets[1:])]
         decoded: list[Optional[torch.Tensor]] = [None] * len(pieces)
-        jpegs = [i for i, piece in enumerate(pieces) if piece[:3].numpy().tobytes() == JPEG_MAGIC]
+        jpegs = encoded.on_device.nonzero().flatten().tolist()
+        if jpegs and torch.device(device).type == "cuda":
+            # nvJPEG's hardware decoder (A100, H100) writes its output without waiting for the work
+            # queued on the stream, so it can overwrite memory the caching allocator just freed while
+            # earlier kernels still read it (pytorch/vision#9606, meta-pytorch/torchcodec#1634): wait.
+            torch.cuda.current_stream(device).synchronize()
         try:
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore", DeprecationWarning)
@@ -168,8 +195,8 @@ class SplitTransform:
             for i in jpegs:
                 decoded[i] = _decode_one_jpeg(pieces[i], device)
         for i, piece in enumerate(pieces):
-            if decoded[i] is None:  # not a JPEG (PNG, WebP...), or one the device cannot decode (CMYK
-                try:                # with nvjpeg): on the host, then moved
+            if decoded[i] is None:  # not for the device's decoder, or refused by it: on the host
+                try:
                     decoded[i] = decode_rgb(piece.numpy().tobytes()).to(device)
                 except ImageDecodeError:
                     pass
@@ -222,15 +249,16 @@ def split_transform(preprocess: Callable, *, decode_on_device: bool = False) -> 
 
 def load_pixels(data: bytes, transform: Callable):
     """What a dataset stores for one image: `transform` on the bytes when it is a `SplitTransform`,
-    else on the decoded PIL image (custom transforms). Undecodable bytes raise `ImageDecodeError`."""
+    else on the decoded image as an RGB PIL image (custom transforms). Undecodable bytes raise
+    `ImageDecodeError`."""
     if isinstance(transform, SplitTransform):
         return transform(data)
     try:
-        image = Image.open(io.BytesIO(data))
-        image.load()
+        with Image.open(io.BytesIO(data)) as image:
+            rgb = image.convert("RGB")
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         raise ImageDecodeError(str(error) or type(error).__name__) from None
-    return transform(image)
+    return transform(rgb)
 
 
 def collate_images(transform: Callable) -> Callable[[list], object]:

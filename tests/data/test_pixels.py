@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import io
 import logging
+import subprocess
+import sys
+from pathlib import Path
 
 import numpy as np
 import open_clip
@@ -136,6 +139,58 @@ def test_transforms_of_another_shape_run_whole():
         load_pixels(images()[0][:500], T.ToTensor())
 
 
+def corrupt(data: bytes, at: int) -> bytes:
+    return data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1:]
+
+
+def damaged_versions(data: bytes) -> list[bytes]:
+    return [corrupt(data, at) for at in range(60, len(data) - 1, max(1, len(data) // 40))]  # past the header
+
+
+def test_damaged_png_and_gif_are_refused_as_pil_refuses_them():
+    """torchvision's PNG decoder crashes the process on some flipped bytes in the image data (a
+    segfault: seen with torchvision 0.29), and its GIF decoder accepts damaged files PIL refuses:
+    formats other than JPEG go through PIL. Run in a child process, so a crash fails this test
+    instead of ending the test session."""
+    script = f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from test_pixels import damaged_versions, encoded, images, photo, pil_rgb
+from acc_clip.data.pixels import ImageDecodeError, decode_rgb
+import torch
+refused = 0
+for data in (images()[4], encoded(photo(60, 80, 3), "GIF")):
+    for damaged in damaged_versions(data):
+        try:
+            want = pil_rgb(damaged)
+        except Exception:
+            want = None
+        try:
+            got = decode_rgb(damaged)
+        except ImageDecodeError:
+            got = None
+        assert (got is None) == (want is None), "refused by one decoder only"
+        assert got is None or torch.equal(got, want)
+        refused += got is None
+print("refused", refused)
+"""
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, f"exit {result.returncode}: {result.stderr[-2000:]}"
+    assert int(result.stdout.split()[-1]) > 0  # the loop did meet damage that PIL refuses
+
+
+def test_16_bit_and_huge_images(tmp_path):
+    deep = Image.fromarray((np.arange(64 * 48, dtype=np.uint16).reshape(48, 64) * 21))  # mode I;16
+    data = encoded(deep, "PNG")
+    assert decode_rgb(data).dtype == torch.uint8 and torch.equal(decode_rgb(data), pil_rgb(data))
+    # A JPEG whose header claims more pixels than PIL allows is refused before any decoding.
+    good = images()[0]
+    at = good.find(b"\xff\xc0")
+    huge = good[:at + 5] + (60000).to_bytes(2, "big") + (60000).to_bytes(2, "big") + good[at + 9:]
+    with pytest.raises(ImageDecodeError, match="PIL's limit"):
+        decode_rgb(huge)
+
+
 def test_bad_bytes_raise_one_error_type(rn50_transforms):
     good = images()[0]
     on_device = split_transform(rn50_transforms[0], decode_on_device=True)
@@ -188,18 +243,35 @@ def test_device_decoding_gives_the_worker_decoded_batch(rn50_transforms):
     assert torch.equal(decoded, torch.stack(want))  # same decoder, same crop draws, same resize
 
 
+def bogus_huffman_table(data: bytes) -> bytes:
+    """A JPEG that looks whole from its markers but whose Huffman table cannot be decoded."""
+    at = data.find(b"\xff\xc4")
+    return data[:at + 5] + b"\xff" * 16 + data[at + 21:]
+
+
 def test_images_failing_on_the_device_are_dropped_and_counted(rn50_transforms, caplog):
     on_device = split_transform(rn50_transforms[0], decode_on_device=True)
     good = images()[0]
-    truncated = good[: len(good) // 2]  # a JPEG header, so it passes the worker; the body fails
-    pixels = [on_device(good), on_device(truncated), on_device(images()[4])]
+    pixels = [on_device(good), on_device(bogus_huffman_table(good)), on_device(images()[4])]
     batch = Batch(on_device.collate(pixels), torch.arange(30).view(3, 10), torch.tensor([7, 8, 9]), 1)
+    assert batch.images.on_device.tolist() == [True, True, False]  # the PNG goes to the host
     with caplog.at_level(logging.WARNING):
         result = decode_on_device(batch, on_device, "cpu")
     assert result.images.shape == (2, 3, 224, 224)
     assert result.indices.tolist() == [7, 9] and result.texts[:, 0].tolist() == [0, 20]
     assert result.num_bad == 2
     assert "[8]" in caplog.text
+
+
+def test_the_workers_refuse_truncated_jpegs_and_route_odd_ones_to_the_host(rn50_transforms):
+    """A truncated JPEG never reaches the device (nvJPEG might decode part of it); grey and CMYK
+    JPEGs and other formats are decoded on the host."""
+    on_device = split_transform(rn50_transforms[0], decode_on_device=True)
+    good = images()[0]
+    with pytest.raises(ImageDecodeError, match="truncated"):
+        on_device(good[: len(good) // 2])
+    routed = on_device.collate([on_device(data) for data in images()])
+    assert routed.on_device.tolist() == [True, True, False, False, False, False, False]  # RGB JPEGs only
 
 
 def test_devices_without_a_jpeg_decoder_fall_back_to_the_workers(rn50_transforms, caplog):
