@@ -81,6 +81,7 @@ from acc_clip.errors import AccClipError
 log = logging.getLogger(__name__)
 
 SHUFFLE_BUFFER = 2000  # raw samples per worker; at ~100 KB per JPEG about 200 MB of memory
+SHUFFLE_INITIAL = 100  # samples read before the buffer yields its first
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
 # A resampled worker gives up after this many empty shards in a row rather than spin forever.
 MAX_EMPTY_DRAWS = 1000
@@ -141,16 +142,18 @@ def batches_of_worker(worker: int, num_batches: int, num_workers: int) -> int:
 # One worker's sample stream
 
 
-def buffer_shuffle(samples: Iterable, size: int, rng: random.Random) -> Iterator:
-    """Shuffle a stream through a buffer of `size` items; the rest of the buffer is shuffled at the end."""
+def buffer_shuffle(samples: Iterable, size: int, rng: random.Random, initial: int = SHUFFLE_INITIAL) -> Iterator:
+    """Shuffle a stream through a buffer of up to `size` items. Yielding starts once `initial` items
+    are in, and the buffer then grows by one for every item yielded until it is full: the first batch
+    does not wait for `size` samples to be read (200 MB at the default). The rest is shuffled at the end."""
     buffer: list = []
-    for sample in samples:
-        if len(buffer) < size:
-            buffer.append(sample)
+    for read, sample in enumerate(samples, 1):
+        buffer.append(sample)
+        if len(buffer) < min(initial, size) or (len(buffer) < size and read % 2):
             continue
-        slot = rng.randrange(size)
-        yield buffer[slot]
-        buffer[slot] = sample
+        slot = rng.randrange(len(buffer))
+        buffer[slot], buffer[-1] = buffer[-1], buffer[slot]
+        yield buffer.pop()
     rng.shuffle(buffer)
     yield from buffer
 

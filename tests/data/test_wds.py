@@ -249,3 +249,25 @@ def test_pinning_follows_the_caller(shard_dir):
     assert build_wds_loader(shard_dir, pin_memory=False, **common)[0].pin_memory is False
     assert build_wds_loader(shard_dir, pin_memory=True, **common)[0].pin_memory is True
     assert build_wds_loader(shard_dir, **common)[0].pin_memory is torch.cuda.is_available()
+
+
+def test_the_shuffle_buffer_starts_early_and_loses_nothing():
+    import random
+
+    from acc_clip.data.wds import buffer_shuffle
+
+    read = []
+
+    def stream():
+        for item in range(5000):
+            read.append(item)
+            yield item
+
+    shuffled = buffer_shuffle(stream(), 2000, random.Random(3), initial=100)
+    first = next(shuffled)
+    assert len(read) == 100  # the first item comes after 100 reads, not 2000
+    out = [first, *shuffled]
+    assert sorted(out) == list(range(5000)) and out != list(range(5000))
+    assert out == list(buffer_shuffle(range(5000), 2000, random.Random(3), initial=100))  # a function of the seed
+    # Once full, items are yielded one for one: the buffer stays at 2000, so an item can travel far.
+    assert max(out.index(item) - item for item in range(5000)) > 1000
