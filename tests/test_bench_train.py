@@ -47,7 +47,9 @@ def test_csv_and_shards_end_to_end(tmp_path, capsys):
     # Both trainers read the same run CSV of exactly steps x batch rows; acc_clip's shards exist.
     run_csv = next((tmp_path / "data").glob("coco_40_160x120/train_32.csv"))
     assert len(run_csv.read_text().splitlines()) == 1 + 32
-    assert list((tmp_path / "data").glob("coco_40_160x120/shards_r256_n16/*.tar"))
+    from acc_clip.shards import DEFAULT_QUALITY
+
+    assert list((tmp_path / "data").glob(f"coco_40_160x120/shards_r256_q{DEFAULT_QUALITY}_n16/*.tar"))
     for name in ("ratio acc_clip/csv / open_clip/csv:", "ratio acc_clip/shards / open_clip/csv:", "load average",
                  "samples/s median [min-max]", "data ms", "compute ms", "peak RSS MiB"):
         assert name in printed

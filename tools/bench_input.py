@@ -47,7 +47,7 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 from bench_shards import make_images  # noqa: E402
 
-from acc_clip.shards import convert_csv_to_shards  # noqa: E402
+from acc_clip.shards import DEFAULT_QUALITY, convert_csv_to_shards  # noqa: E402
 
 RESIZE = 256
 
@@ -70,7 +70,7 @@ def prepare(work: str, images: int, samples: int) -> tuple[str, str]:
                 (paths[row % len(paths)], f"a synthetic photo, row {row} of file {row % len(paths)}")
                 for row in range(samples)])
         os.replace(csv_path + ".tmp", csv_path)
-    shard_dir = os.path.join(work, f"shards{RESIZE}_{images}x{samples}")
+    shard_dir = os.path.join(work, f"shards{RESIZE}_q{DEFAULT_QUALITY}_{images}x{samples}")
     per_shard = max(1, samples // 16)  # 16 shards: 8 per worker with 2 workers
     convert_csv_to_shards(csv_path, shard_dir, resize=RESIZE, samples_per_shard=per_shard, progress=False)
     for folder in (os.path.join(work, "images"), shard_dir):  # from the page cache on every run

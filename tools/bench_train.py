@@ -181,7 +181,7 @@ def prepare_data(data_dir: Path, *, images: int, size: tuple[int, int], steps: i
     """Make or reuse the demo images, their CSV, the run CSV of steps x batch rows and the shards."""
     import pandas as pd
 
-    from acc_clip.shards import convert_csv_to_shards
+    from acc_clip.shards import DEFAULT_QUALITY, convert_csv_to_shards
 
     num_samples = steps * batch_size
     if not need_csv and resize is None:
@@ -200,7 +200,7 @@ def prepare_data(data_dir: Path, *, images: int, size: tuple[int, int], steps: i
     warm = [Path(p) for p in pd.read_csv(run_csv, dtype=str)["filepath"].unique()]
     shards = None
     if resize is not None:
-        shards = root / f"shards_r{resize}_n{samples_per_shard}"
+        shards = root / f"shards_r{resize}_q{DEFAULT_QUALITY}_n{samples_per_shard}"
         convert_csv_to_shards(str(full_csv), str(shards), resize=resize, samples_per_shard=samples_per_shard,
                               progress=False)
         warm += sorted(shards.glob("*.tar"))
