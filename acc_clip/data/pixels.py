@@ -27,6 +27,7 @@ Transforms of any other shape (custom augmentation) run whole, on PIL images, in
 
 from __future__ import annotations
 
+import functools
 import io
 import logging
 import warnings
@@ -217,10 +218,23 @@ def _decode_one_jpeg(piece: torch.Tensor, device) -> Optional[torch.Tensor]:
         return None
 
 
+@functools.lru_cache(maxsize=None)
 def device_can_decode_jpeg(device: torch.device) -> bool:
-    """Whether JPEGs decode on `device` here: torch's CPU always can, but there it would only move
-    the work from the workers into the training process, so only CUDA (nvjpeg) counts."""
-    return torch.device(device).type == "cuda"
+    """Whether JPEGs decode on `device` here: a CUDA device whose decoder (nvJPEG, through torchcodec
+    or torchvision) decodes a small probe image. The CPU always could, but there it would only move
+    the work from the workers into the training process, so it does not count."""
+    if torch.device(device).type != "cuda":
+        return False
+    probe = io.BytesIO()
+    Image.new("RGB", (16, 16), (200, 30, 60)).save(probe, "JPEG")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)
+            _decode_jpeg(torch.frombuffer(bytearray(probe.getvalue()), dtype=torch.uint8), mode=_RGB, device=device)
+    except DECODER_ERRORS as error:  # e.g. a torchvision built without nvJPEG
+        log.warning("JPEG decoding on %s fails here (%s)", device, str(error).splitlines()[0] if str(error) else error)
+        return False
+    return True
 
 
 def _is_convert_to_rgb(step: Callable) -> bool:

@@ -281,3 +281,23 @@ def test_devices_without_a_jpeg_decoder_fall_back_to_the_workers(rn50_transforms
     assert "decoding in the loader workers instead" in caplog.text
     # The val transform (resize, centre crop) cannot be decoded on the device even where possible.
     assert not split_transform(rn50_transforms[1], decode_on_device=True).decode_on_device
+
+
+def test_a_cuda_device_counts_only_if_its_decoder_decodes_a_probe(monkeypatch, caplog):
+    """No GPU here: the decoder is replaced by stand-ins (a mock, as CUDA cannot exist on this
+    machine) to check the decision, e.g. a torchvision built without nvJPEG falls back to the workers."""
+    import acc_clip.data.pixels as pixels
+
+    def fails(*args, **kwargs):
+        raise RuntimeError("decode_jpeg_cuda: torchvision not compiled with nvJPEG support")
+
+    pixels.device_can_decode_jpeg.cache_clear()
+    monkeypatch.setattr(pixels, "_decode_jpeg", fails)
+    with caplog.at_level(logging.WARNING):
+        assert not pixels.device_can_decode_jpeg(torch.device("cuda:0"))
+    assert "nvJPEG support" in caplog.text
+    pixels.device_can_decode_jpeg.cache_clear()
+    monkeypatch.setattr(pixels, "_decode_jpeg", lambda data, mode, device: torch.zeros(3, 16, 16, dtype=torch.uint8))
+    assert pixels.device_can_decode_jpeg(torch.device("cuda:0"))
+    pixels.device_can_decode_jpeg.cache_clear()
+    assert not pixels.device_can_decode_jpeg(torch.device("cpu"))
