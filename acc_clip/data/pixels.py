@@ -64,12 +64,18 @@ class ImageDecodeError(ValueError):
     """The bytes are not an image any decoder here can read."""
 
 
-def _pil_rgb(data: bytes) -> torch.Tensor:
+def pil_image(data: bytes, *, decode: bool = True) -> Image.Image:
+    """PIL's RGB image of `data` (decoded), or with `decode=False` the opened file (its header read:
+    size, format). PIL's errors, its size limit included, become `ImageDecodeError`."""
     try:
-        with Image.open(io.BytesIO(data)) as opened:
-            rgb = opened.convert("RGB")
+        opened = Image.open(io.BytesIO(data))
+        return opened.convert("RGB") if decode else opened
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         raise ImageDecodeError(str(error) or type(error).__name__) from None
+
+
+def _pil_rgb(data: bytes) -> torch.Tensor:
+    rgb = pil_image(data)
     return torch.frombuffer(bytearray(rgb.tobytes()), dtype=torch.uint8).view(rgb.height, rgb.width, 3).permute(2, 0, 1)
 
 
@@ -136,11 +142,7 @@ class SplitTransform:
             raise ImageDecodeError("truncated JPEG (no end-of-image marker after the first scan)")
         size = header.size if header is not None else None
         if size is None:  # not a JPEG, or one whose height comes later (DNL): PIL reads the header
-            try:
-                with Image.open(io.BytesIO(data)) as opened:
-                    size = opened.size
-            except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-                raise ImageDecodeError(str(error) or type(error).__name__) from None
+            size = pil_image(data, decode=False).size
         if (why := jpeg.too_many_pixels(size)) is not None:
             raise ImageDecodeError(why)
         crop = self.geometric.transforms[0]
@@ -267,12 +269,7 @@ def load_pixels(data: bytes, transform: Callable):
     `ImageDecodeError`."""
     if isinstance(transform, SplitTransform):
         return transform(data)
-    try:
-        with Image.open(io.BytesIO(data)) as image:
-            rgb = image.convert("RGB")
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
-        raise ImageDecodeError(str(error) or type(error).__name__) from None
-    return transform(rgb)
+    return transform(pil_image(data))
 
 
 def collate_images(transform: Callable) -> Callable[[list], object]:
