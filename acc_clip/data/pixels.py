@@ -53,6 +53,8 @@ except ImportError:
 
     DECODER = "torchvision"
     _RGB = ImageReadMode.RGB
+    # Said on every decode; torchcodec, its successor, is used above when installed.
+    warnings.filterwarnings("ignore", category=DeprecationWarning, module=r"torchvision\.io")
 
 log = logging.getLogger(__name__)
 
@@ -86,9 +88,7 @@ def decode_rgb(data: bytes) -> torch.Tensor:
         if (why := jpeg.too_many_pixels(jpeg.read_header(data).size)) is not None:
             raise ImageDecodeError(why)  # what PIL would refuse; libjpeg-turbo has no limit
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)
-                image = _decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=_RGB)
+            image = _decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=_RGB)
             if image.dtype == torch.uint8 and image.shape[0] == 3:
                 return image
         except DECODER_ERRORS:
@@ -189,11 +189,9 @@ class SplitTransform:
             # earlier kernels still read it (pytorch/vision#9606, meta-pytorch/torchcodec#1634): wait.
             torch.cuda.current_stream(device).synchronize()
         try:
-            with warnings.catch_warnings():
-                warnings.simplefilter("ignore", DeprecationWarning)
-                if jpegs:
-                    for i, image in zip(jpegs, _decode_jpeg([pieces[i] for i in jpegs], mode=_RGB, device=device)):
-                        decoded[i] = image
+            if jpegs:
+                for i, image in zip(jpegs, _decode_jpeg([pieces[i] for i in jpegs], mode=_RGB, device=device)):
+                    decoded[i] = image
         except DECODER_ERRORS:  # one bad image fails the whole batched call: retry one by one
             for i in jpegs:
                 decoded[i] = _decode_one_jpeg(pieces[i], device)
@@ -213,9 +211,7 @@ class SplitTransform:
 
 def _decode_one_jpeg(piece: torch.Tensor, device) -> Optional[torch.Tensor]:
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            return _decode_jpeg(piece, mode=_RGB, device=device)
+        return _decode_jpeg(piece, mode=_RGB, device=device)
     except DECODER_ERRORS:
         return None
 
@@ -230,9 +226,7 @@ def device_can_decode_jpeg(device: torch.device) -> bool:
     probe = io.BytesIO()
     Image.new("RGB", (16, 16), (200, 30, 60)).save(probe, "JPEG")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", DeprecationWarning)
-            _decode_jpeg(torch.frombuffer(bytearray(probe.getvalue()), dtype=torch.uint8), mode=_RGB, device=device)
+        _decode_jpeg(torch.frombuffer(bytearray(probe.getvalue()), dtype=torch.uint8), mode=_RGB, device=device)
     except DECODER_ERRORS as error:  # e.g. a torchvision built without nvJPEG
         log.warning("JPEG decoding on %s fails here (%s)", device, str(error).splitlines()[0] if str(error) else error)
         return False
