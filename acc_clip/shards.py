@@ -18,12 +18,12 @@ Resume. A shard is written to `00000.tar.tmp`, renamed, and only then gets its `
 Tar members have fixed mtime/owner/mode, so shards are byte-identical to an uninterrupted run
 (the stats files differ only in "seconds").
 
-Images. Copy mode (default) stores JPEG bytes untouched after a cheap check: the marker segments
-must walk from start-of-image to the first scan, the start-of-frame gives the size, and an
-end-of-image marker must follow the first scan. That catches truncated and garbage files in
-microseconds instead of the ~2.5 ms a decode costs (entropy-data corruption inside a complete file
-is left to `shards verify`, which decodes everything); files the walk cannot size go through PIL. Non-JPEG sources are
-decoded and re-encoded as JPEG at --quality. --resize S scales the shorter side to S (bicubic, with
+Images. Copy mode (default) stores JPEG bytes untouched after a cheap check (acc_clip/jpeg.py):
+the marker segments must walk from start-of-image to the first scan, the start-of-frame gives the
+size, and an end-of-image marker must follow the first scan. That catches truncated and garbage
+files in microseconds instead of the ~2.5 ms a decode costs (entropy-data corruption inside a
+complete file is left to `shards verify`, which decodes everything); files the walk cannot size go
+through PIL. Non-JPEG sources are decoded and re-encoded as JPEG at --quality. --resize S scales the shorter side to S (bicubic, with
 libjpeg's DCT downscaling first when the image is at least twice too large) and re-encodes at
 --quality. EXIF orientation is not applied, as open_clip's loader does not apply it either.
 

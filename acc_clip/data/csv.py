@@ -24,7 +24,7 @@ import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from acc_clip.data.common import Batch, Sample, collate_skipping_bad, sample_seed, seeded_torch_rng
+from acc_clip.data.common import Batch, Sample, collate_skipping_bad, sample_seed
 from acc_clip.data.pixels import ImageDecodeError, collate_images, load_pixels
 from acc_clip.checkpoint import ignore_stop_signals
 from acc_clip.errors import AccClipError
@@ -92,11 +92,8 @@ class CsvDataset(Dataset):
         try:
             with open(self.filepaths[index], "rb") as file:
                 data = file.read()
-            if self.augment_seeded:
-                with seeded_torch_rng(sample_seed(self.seed, epoch, index)):
-                    pixels = load_pixels(data, self.transform)
-            else:
-                pixels = load_pixels(data, self.transform)
+            pixels = load_pixels(data, self.transform,
+                                 sample_seed(self.seed, epoch, index) if self.augment_seeded else None)
         except IMAGE_ERRORS as error:
             log.warning("%s row %d: cannot read image %s (%s), sample skipped",
                         self.path, index, self.filepaths[index], type(error).__name__)

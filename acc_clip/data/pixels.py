@@ -27,6 +27,7 @@ Transforms of any other shape (custom augmentation) run whole, on PIL images, in
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
 import logging
@@ -39,7 +40,7 @@ from PIL import Image
 from torchvision import transforms as T
 from torchvision.transforms.v2 import functional as F
 
-from acc_clip.data.common import Batch
+from acc_clip.data.common import Batch, seeded_torch_rng
 
 from acc_clip import jpeg
 
@@ -257,13 +258,15 @@ def split_transform(preprocess: Callable, *, decode_on_device: bool = False) -> 
                           decode_on_device=decode_on_device and device_ok)
 
 
-def load_pixels(data: bytes, transform: Callable):
+def load_pixels(data: bytes, transform: Callable, seed: Optional[int] = None):
     """What a dataset stores for one image: `transform` on the bytes when it is a `SplitTransform`,
-    else on the decoded image as an RGB PIL image (custom transforms). Undecodable bytes raise
+    else on the decoded image as an RGB PIL image (custom transforms); with `seed`, its random draws
+    come from torch's CPU generator seeded with it (`seeded_torch_rng`). Undecodable bytes raise
     `ImageDecodeError`."""
-    if isinstance(transform, SplitTransform):
-        return transform(data)
-    return transform(pil_image(data))
+    with seeded_torch_rng(seed) if seed is not None else contextlib.nullcontext():
+        if isinstance(transform, SplitTransform):
+            return transform(data)
+        return transform(pil_image(data))
 
 
 def collate_images(transform: Callable) -> Callable[[list], object]:

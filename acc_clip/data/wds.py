@@ -73,7 +73,7 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import tarfile_samples
 
-from acc_clip.data.common import Batch, Sample, collate_skipping_bad, sample_seed, seeded_torch_rng
+from acc_clip.data.common import Batch, Sample, collate_skipping_bad, sample_seed
 from acc_clip.data.pixels import ImageDecodeError, collate_images, load_pixels
 from acc_clip.checkpoint import ignore_stop_signals
 from acc_clip.errors import AccClipError
@@ -255,11 +255,8 @@ class ShardEpoch(IterableDataset):
             log.warning("%s: %s, sample skipped", where, "no image" if image_bytes is None else "empty caption")
             return None
         try:
-            if self.is_train:
-                with seeded_torch_rng(sample_seed(self.seed, self.epoch, index)):
-                    pixels = load_pixels(image_bytes, self.preprocess)
-            else:
-                pixels = load_pixels(image_bytes, self.preprocess)
+            pixels = load_pixels(image_bytes, self.preprocess,
+                                 sample_seed(self.seed, self.epoch, index) if self.is_train else None)
         except ImageDecodeError as error:
             log.warning("%s: image does not decode (%s), sample skipped", where, error)
             return None
