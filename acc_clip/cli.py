@@ -1,4 +1,4 @@
-"""`acc-clip COMMAND ...`: one entry point that dispatches to each component's own `main(argv)`.
+"""`acc-clip COMMAND ...`: one entry point that dispatches to each command module's `main(argv)`.
 
 Bad input surfaces as `AccClipError`, printed here as one line, exit status 2.
 """
@@ -10,23 +10,23 @@ import sys
 
 from acc_clip.errors import AccClipError, user_error_exit_code
 
-# command -> (module, function, one-line help); modules are imported only when their command runs.
+# command -> (module whose main(argv) runs it, one-line help); modules are imported only when their command runs.
 COMMANDS = {
-    "train": ("acc_clip.train", "main", "train a CLIP model (also: accelerate launch -m acc_clip.train)"),
-    "demo-data": ("acc_clip.demo_data", "main", "generate the small COCO-shaped demo dataset"),
-    "coco-csv": ("acc_clip.coco_csv", "main", "COCO captions JSON -> filepath,title CSV"),
-    "shards": ("acc_clip.shards", "main", "CSV -> webdataset shards; `shards verify DIR` checks them"),
-    "compare-loss": ("acc_clip.compare_loss", "main", "the seed's loss-curve check, one-sided and two-sided"),
-    "plot": ("acc_clip.plot", "main", "plot loss, lr and samples/s of one or more runs"),
-    "eval": ("acc_clip.eval", "main", "evaluate a checkpoint: retrieval and zero-shot"),
-    "export": ("acc_clip.checkpoint", "export_main", "write an open_clip epoch_N.pt from a step checkpoint"),
+    "train": ("acc_clip.train", "train a CLIP model (also: accelerate launch -m acc_clip.train)"),
+    "demo-data": ("acc_clip.demo_data", "generate the small COCO-shaped demo dataset"),
+    "coco-csv": ("acc_clip.coco_csv", "COCO captions JSON -> filepath,title CSV"),
+    "shards": ("acc_clip.shards.command", "CSV -> webdataset shards; `shards verify DIR` checks them"),
+    "compare-loss": ("acc_clip.compare_loss", "the seed's loss-curve check, one-sided and two-sided"),
+    "plot": ("acc_clip.plot", "plot loss, lr and samples/s of one or more runs"),
+    "eval": ("acc_clip.evaluation.command", "evaluate a checkpoint: retrieval and zero-shot"),
+    "export": ("acc_clip.checkpoint.export", "write an open_clip epoch_N.pt from a step checkpoint"),
 }
 
 
 def usage() -> str:
     width = max(len(c) for c in COMMANDS)
     lines = ["usage: acc-clip COMMAND [ARGS...]", "", "commands:"]
-    lines += [f"  {name:<{width}}  {help_}" for name, (_, _, help_) in COMMANDS.items()]
+    lines += [f"  {name:<{width}}  {help_}" for name, (_, help_) in COMMANDS.items()]
     return "\n".join(lines)
 
 
@@ -39,8 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     if command not in COMMANDS:
         print(f"error: unknown command {command!r}\n{usage()}", file=sys.stderr)
         return user_error_exit_code()
-    module_name, function_name, _ = COMMANDS[command]
-    function = getattr(importlib.import_module(module_name), function_name)
+    module_name, _ = COMMANDS[command]
+    function = importlib.import_module(module_name).main
     try:
         return int(function(rest) or 0)
     except AccClipError as error:

@@ -16,6 +16,7 @@ from typing import Any
 
 import pandas as pd
 
+from acc_clip.data.csv_file import parse_separator
 from acc_clip.errors import AccClipError
 
 
@@ -64,14 +65,6 @@ def captions_by_image(document: dict[str, Any], path: str) -> dict[Any, list[Any
     return grouped
 
 
-def parse_separator(text: str) -> str:
-    """Accept a literal tab or the two characters backslash-t, as a shell passes `--sep '\\t'`."""
-    separator = "\t" if text in ("\\t", "tab") else text
-    if len(separator) != 1 or separator in ('"', "\n", "\r"):
-        raise AccClipError(f"coco-csv: --sep must be one character other than a quote or newline, got {text!r}")
-    return separator
-
-
 def write_csv_atomically(frame: pd.DataFrame, out_csv: str, sep: str) -> None:
     folder = os.path.dirname(os.path.abspath(out_csv))
     # Same folder, so os.replace is a rename; opened normally, so it gets the usual permissions.
@@ -89,7 +82,7 @@ def write_csv_atomically(frame: pd.DataFrame, out_csv: str, sep: str) -> None:
 
 def create_coco_csv(annotations: str, images_dir: str, out_csv: str, sep: str = ",") -> dict[str, int]:
     """Write `out_csv` (columns filepath, title) and return the counts of what was written and skipped."""
-    sep = parse_separator(sep)
+    sep = parse_separator(sep, "coco-csv: --sep")
     document = load_annotations(annotations)
     if not os.path.isdir(images_dir):
         raise AccClipError(f"coco-csv: images folder not found: {images_dir}")

@@ -22,9 +22,8 @@ from pathlib import Path
 from typing import Optional
 
 from acc_clip.errors import AccClipError
+from acc_clip.runtime.run_dir import LOG_FILE, METRICS_FILE
 
-METRICS_FILE = "metrics.jsonl"
-OPEN_CLIP_LOG_FILE = "out.log"
 
 FORMAT_METRICS = "acc_clip metrics.jsonl"
 FORMAT_OPEN_CLIP = "open_clip out.log"
@@ -32,7 +31,7 @@ FORMAT_VENDOR = "vendor TCAPPDLL log"
 FORMAT_PLAIN = "plain float per line"
 
 EXPECTED_FORMATS = (
-    f"expected acc_clip {METRICS_FILE}, open_clip {OPEN_CLIP_LOG_FILE} ('Train Epoch: ... Loss: ...' lines), "
+    f"expected acc_clip {METRICS_FILE}, open_clip {LOG_FILE} ('Train Epoch: ... Loss: ...' lines), "
     "a vendor log ('train.loss : <float>' lines) or one float per line"
 )
 
@@ -59,10 +58,10 @@ def resolve_log_path(path: str | Path) -> Path:
     """A log file as given, or the run folder's metrics.jsonl, else its open_clip out.log."""
     path = Path(path)
     if path.is_dir():
-        for name in (METRICS_FILE, OPEN_CLIP_LOG_FILE):
+        for name in (METRICS_FILE, LOG_FILE):
             if (path / name).is_file():
                 return path / name
-        raise AccClipError(f"{path}: run folder holds neither {METRICS_FILE} nor {OPEN_CLIP_LOG_FILE}")
+        raise AccClipError(f"{path}: run folder holds neither {METRICS_FILE} nor {LOG_FILE}")
     if not path.is_file():
         raise AccClipError(f"{path}: no such file or run folder")
     return path

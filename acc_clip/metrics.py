@@ -18,8 +18,9 @@ from typing import Any, Optional
 import torch
 
 from acc_clip.errors import AccClipError
+from acc_clip.runtime.run_dir import METRICS_FILE, RESULTS_FILE
 
-log = logging.getLogger("acc_clip")
+log = logging.getLogger(__name__)
 
 
 def setup_logging(log_file: Optional[str], is_main: bool) -> None:
@@ -38,8 +39,8 @@ def setup_logging(log_file: Optional[str], is_main: bool) -> None:
 class StepRecord:
     step: int
     epoch: int
-    batch_in_epoch: int  # optimizer steps done in this epoch, this one included
-    loss: torch.Tensor
+    step_in_epoch: int  # optimizer steps done in this epoch, this one included
+    losses: dict[str, torch.Tensor]  # "loss" (the total trained on), then the objective's named parts
     logit_scale: torch.Tensor
     lr: float
     data_time: float
@@ -76,17 +77,19 @@ class MetricsLogger:
         self._pending.append(record)
         if self._progress is not None:
             self._progress.update(1)
-        last_of_epoch = record.batch_in_epoch == self.steps_per_epoch
-        if (record.batch_in_epoch - 1) % self.log_every_n_steps == 0 or last_of_epoch:
+        last_of_epoch = record.step_in_epoch == self.steps_per_epoch
+        if (record.step_in_epoch - 1) % self.log_every_n_steps == 0 or last_of_epoch:
             self.flush()
 
     def flush(self) -> None:
         if not self._pending:
             return
-        losses = torch.stack([r.loss.float() for r in self._pending]).cpu().tolist()
-        scales = torch.stack([r.logit_scale.float() for r in self._pending]).cpu().tolist()
+        names = list(self._pending[0].losses)
+        # One device-to-host copy for every pending value.
+        values = torch.stack([torch.stack([r.losses[n].float() for n in names] + [r.logit_scale.float()])
+                              for r in self._pending]).cpu().tolist()
         rows = []
-        for record, loss, scale in zip(self._pending, losses, scales):
+        for record, (loss, *parts, scale) in zip(self._pending, values):
             if not math.isfinite(loss):
                 self._pending.clear()
                 raise AccClipError(f"the loss is {loss} at step {record.step} (epoch {record.epoch}): stopping; "
@@ -97,22 +100,24 @@ class MetricsLogger:
                 "samples_per_second": self.global_batch_size / max(record.batch_time, 1e-9),
                 "data_time": record.data_time, "batch_time": record.batch_time, "samples_seen": record.samples_seen,
             })
+            if len(parts) > 1:  # an objective of several parts logs each beside the total
+                rows[-1].update(zip(names[1:], parts))
             self._loss_sum += loss
             self._loss_count += 1
-        with open(os.path.join(self.run_dir, "metrics.jsonl"), "a") as file:
+        with open(os.path.join(self.run_dir, METRICS_FILE), "a") as file:
             file.writelines(json.dumps(row) + "\n" for row in rows)
         last, record = rows[-1], self._pending[-1]
         self._pending.clear()
-        self._log_line(last, record.batch_in_epoch)
+        self._log_line(last, record.step_in_epoch)
         if self.accelerator is not None and self.accelerator.trackers:
             for row in rows:
                 self.accelerator.log({f"train/{k}": v for k, v in row.items() if k not in ("step", "epoch")},
                                      step=row["step"])
 
-    def _log_line(self, row: dict, batch_in_epoch: int) -> None:
+    def _log_line(self, row: dict, step_in_epoch: int) -> None:
         digits = math.ceil(math.log10(self.samples_per_epoch + 1))
-        seen = batch_in_epoch * self.global_batch_size
-        percent = 100.0 * batch_in_epoch / self.steps_per_epoch
+        seen = step_in_epoch * self.global_batch_size
+        percent = 100.0 * step_in_epoch / self.steps_per_epoch
         per_second = row["samples_per_second"]
         message = (
             f"Train Epoch: {row['epoch']} [{seen:>{digits}}/{self.samples_per_epoch} ({percent:.0f}%)] "
@@ -134,7 +139,7 @@ class MetricsLogger:
         """One line per evaluation in results.jsonl, as open_clip_train writes."""
         if self.run_dir is None:
             return
-        with open(os.path.join(self.run_dir, "results.jsonl"), "a") as file:
+        with open(os.path.join(self.run_dir, RESULTS_FILE), "a") as file:
             file.write(json.dumps(record) + "\n")
         if self.accelerator is not None and self.accelerator.trackers:
             self.accelerator.log({f"val/{k}": v for k, v in record.items()

@@ -14,7 +14,8 @@ from typing import Optional, Sequence
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from acc_clip.curves import METRICS_FILE, ema_smooth, read_metrics
+from acc_clip.curves import ema_smooth, read_metrics
+from acc_clip.runtime.run_dir import METRICS_FILE
 from acc_clip.errors import AccClipError
 
 

@@ -26,53 +26,59 @@ import torch
 
 from acc_clip.data.common import Batch
 from acc_clip.errors import AccClipError
-from acc_clip.loss import contrastive_loss
+from acc_clip.loss import Objective, total_loss
 from acc_clip.model import clamp_logit_scale
+from acc_clip.runtime import parallel
 
 MicroBatch = tuple[torch.Tensor, torch.Tensor]  # (images, texts) on the device
 
 
-def _features(model, images: torch.Tensor, texts: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    out = model(images, texts)
-    return out["image_features"], out["text_features"], out["logit_scale"]
+def assemble(cached: list[dict], j: int, fresh: dict, last: bool) -> dict:
+    """The whole batch's output dict with micro-batch j's outputs fresh (with gradient) and the
+    others' cached. Per-sample outputs (ndim >= 1: features, logits, labels) are concatenated in
+    micro-batch order; per-model scalars (ndim 0: logit_scale, logit_bias) are taken from the fresh
+    forward, with gradient only in the last micro-batch, so theirs comes once per update."""
+    outputs = {}
+    for key, value in fresh.items():
+        if value.ndim == 0:
+            outputs[key] = value if last else value.detach()
+        else:
+            outputs[key] = torch.cat([c[key] for c in cached[:j]] + [value] + [c[key] for c in cached[j + 1:]])
+    return outputs
 
 
-def _accumulate(model, micro_batches: list[MicroBatch], loss_fn, accelerator) -> torch.Tensor:
+def _accumulate(model, micro_batches: list[MicroBatch], objective: Objective, accelerator) -> dict:
     with torch.no_grad():
-        cached = [_features(model, images, texts)[:2] for images, texts in micro_batches]
+        cached = [model(images, texts) for images, texts in micro_batches]
     last = len(micro_batches) - 1
     for j, (images, texts) in enumerate(micro_batches):
-        with accelerator.no_sync(model) if j < last else nullcontext():
-            image_features, text_features, logit_scale = _features(model, images, texts)
-            if j < last:
-                logit_scale = logit_scale.detach()  # its gradient comes once, from the last micro-batch
-            all_image = torch.cat([f[0] for f in cached[:j]] + [image_features] + [f[0] for f in cached[j + 1:]])
-            all_text = torch.cat([f[1] for f in cached[:j]] + [text_features] + [f[1] for f in cached[j + 1:]])
-            loss = contrastive_loss(loss_fn, all_image, all_text, logit_scale)
-            accelerator.backward(loss)
-    return loss
+        with parallel.no_sync(accelerator, model) if j < last else nullcontext():
+            losses = objective(assemble(cached, j, model(images, texts), j == last))
+            accelerator.backward(total_loss(losses))
+    return losses
 
 
-def train_step(model, micro_batches: list[MicroBatch], loss_fn, accelerator, optimizer,
-               grad_clip_norm: Optional[float] = None) -> torch.Tensor:
-    """Runs forward, backward and the optimizer update; returns the loss of the whole step (detached,
-    on the device): under --local-loss each rank's loss covers its own rows, so it is averaged
-    over the ranks, which gives the one-process loss."""
+def train_step(model, micro_batches: list[MicroBatch], objective: Objective, accelerator, optimizer,
+               grad_clip_norm: Optional[float] = None) -> dict[str, torch.Tensor]:
+    """Runs forward, backward and the optimizer update; returns the step's named losses and their
+    total under "loss" (detached, on the device). Where each process's loss covers only its own
+    rows (`objective.mean_over_processes`), they are averaged over the processes, which gives the
+    one-process value."""
     if len(micro_batches) == 1:
-        image_features, text_features, logit_scale = _features(model, *micro_batches[0])
-        loss = contrastive_loss(loss_fn, image_features, text_features, logit_scale)
-        accelerator.backward(loss)
+        losses = objective(model(*micro_batches[0]))
+        accelerator.backward(total_loss(losses))
     else:
-        loss = _accumulate(model, micro_batches, loss_fn, accelerator)
+        losses = _accumulate(model, micro_batches, objective, accelerator)
     if grad_clip_norm is not None:
         accelerator.clip_grad_norm_(model.parameters(), grad_clip_norm)
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    clamp_logit_scale(accelerator.unwrap_model(model))
-    loss = loss.detach()
-    if loss_fn.local_loss and accelerator.num_processes > 1:
-        loss = accelerator.reduce(loss, reduction="mean")  # a device collective: no host sync
-    return loss
+    clamp_logit_scale(parallel.unwrap(model))
+    losses = {"loss": total_loss(losses).detach(), **{name: value.detach() for name, value in losses.items()}}
+    if objective.mean_over_processes and accelerator.num_processes > 1:
+        mean = accelerator.reduce(torch.stack(list(losses.values())), reduction="mean")  # one device collective
+        losses = dict(zip(losses, mean.unbind()))
+    return losses
 
 
 def _trim(batch: Batch, size: int) -> Batch:

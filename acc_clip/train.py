@@ -14,42 +14,26 @@ import os
 import signal
 import sys
 import time
-from datetime import datetime
 
 import torch
 
-from acc_clip import checkpoint
+from acc_clip.checkpoint.debug import SampleLog
+from acc_clip.checkpoint.manager import CheckpointManager
 from acc_clip.config import TrainConfig, parse_config, save_config
 from acc_clip.data import build_train_data, check_bad_fraction
-from acc_clip.data.pixels import decode_on_device, model_input, train_transform
-from acc_clip.device import check_bn_sync, host_process_group, make_accelerator, peak_memory_bytes, plan_device
+from acc_clip.data.pixels import decode_encoded_batch, model_input, train_transform
 from acc_clip.errors import AccClipError, user_error_exit_code
-from acc_clip.eval import Evaluator, format_metrics
-from acc_clip.loss import create_loss
+from acc_clip.evaluation.evaluator import Evaluator, format_metrics
+from acc_clip.loss import create_objective
 from acc_clip.metrics import MetricsLogger, StepRecord, setup_logging
 from acc_clip.model import create_lr_schedule, create_model, create_optimizer, uses_channels_last
+from acc_clip.runtime import parallel
+from acc_clip.runtime.device import check_bn_sync, host_process_group, make_accelerator, peak_memory_bytes, plan_device
+from acc_clip.runtime.run_dir import CONFIG_FILE, LOG_FILE, TENSORBOARD_DIR, run_folder
+from acc_clip.runtime.signals import PREEMPTED_EXIT_CODE, StopSignal
 from acc_clip.step import agree_batch_sizes, train_step
 
-log = logging.getLogger("acc_clip")
-
-
-def run_folder(config: TrainConfig, accelerator) -> str:
-    """`<logs>/<name>/`, named once on the main process and shared, as open_clip names its runs."""
-    from accelerate.utils import broadcast_object_list
-
-    if config.name is None:
-        stamp = [datetime.now().strftime("%Y_%m_%d-%H_%M_%S")]
-        broadcast_object_list(stamp)
-        config.name = "-".join([stamp[0], f"model_{config.model.replace('/', '-').replace(':', '-')}",
-                                f"lr_{config.lr}", f"b_{config.batch_size}", f"j_{config.workers}",
-                                f"p_{config.precision}"])
-    path = os.path.join(config.logs, config.name)
-    if accelerator.is_main_process:
-        if os.path.exists(os.path.join(path, "metrics.jsonl")) and config.resume is None:
-            raise AccClipError(f"{path} already holds a run: pass --resume latest to continue it, or a new --name")
-        os.makedirs(path, exist_ok=True)
-    accelerator.wait_for_everyone()
-    return path
+log = logging.getLogger(__name__)
 
 
 def trackers(report_to: str) -> list[str]:
@@ -69,7 +53,7 @@ def start_trackers(accelerator, config: TrainConfig, run_dir: str) -> None:
         return
     # TensorBoard events go to <run>/tensorboard/<project>/; wandb's project is --wandb-project-name.
     accelerator.project_configuration.project_dir = run_dir
-    accelerator.project_configuration.logging_dir = os.path.join(run_dir, "tensorboard")
+    accelerator.project_configuration.logging_dir = os.path.join(run_dir, TENSORBOARD_DIR)
     hyperparameters = {k: v for k, v in vars(config).items() if isinstance(v, (int, float, str, bool))}
     accelerator.init_trackers(config.wandb_project_name, config=hyperparameters, init_kwargs={
         "wandb": {"name": config.name, "notes": config.wandb_notes, "dir": run_dir}})
@@ -106,7 +90,7 @@ def start_run(config: TrainConfig, notices: list[str]):
     accelerator = make_accelerator(plan, cudnn_benchmark=config.cudnn_benchmark,
                                    log_with=trackers(config.report_to) or None, project_dir=config.logs)
     run_dir = run_folder(config, accelerator)
-    setup_logging(os.path.join(run_dir, "out.log") if accelerator.is_main_process else None,
+    setup_logging(os.path.join(run_dir, LOG_FILE) if accelerator.is_main_process else None,
                   accelerator.is_main_process)
     log.info("acc_clip run %s: %s, %d process(es), precision %s", config.name, plan.describe(),
              accelerator.num_processes, config.precision)
@@ -114,22 +98,19 @@ def start_run(config: TrainConfig, notices: list[str]):
     for notice in notices:
         log.warning(notice)
     if accelerator.is_main_process:
-        save_config(config, os.path.join(run_dir, "config.yaml"))
+        save_config(config, os.path.join(run_dir, CONFIG_FILE))
     start_trackers(accelerator, config, run_dir)
     return plan, accelerator, run_dir
 
 
 def prepare_model(config: TrainConfig, model: torch.nn.Module, accelerator, plan):
-    """Batch-norm sync, memory layout, optimizer, then Accelerate's wrapping (DDP, mixed precision)."""
-    if config.use_bn_sync and accelerator.num_processes > 1:
-        model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+    """Memory layout, optimizer, then the wrapping for several processes (runtime/parallel.py)."""
     channels_last = uses_channels_last(model, config.channels_last)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = create_optimizer(model, config, plan.kind)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    if config.torchcompile:
-        model = torch.compile(model)
+    model, optimizer = parallel.prepare(accelerator, model, optimizer, sync_batch_norm=config.use_bn_sync,
+                                        compile_model=config.torchcompile)
     return model, optimizer, channels_last
 
 
@@ -151,12 +132,12 @@ def train(config: TrainConfig, notices: list[str] = ()) -> int:
     steps_per_epoch = data.batches_per_epoch // config.accum_freq
     model, optimizer, channels_last = prepare_model(config, bundle.model, accelerator, plan)
     schedule = create_lr_schedule(optimizer, config, steps_per_epoch)
-    loss_fn = create_loss(config, rank, world_size)
+    objective = create_objective(config, rank, world_size)
     global_batch = config.batch_size * config.accum_freq * world_size
     metrics = MetricsLogger(run_dir if accelerator.is_main_process else None, config.log_every_n_steps,
                             steps_per_epoch, global_batch, data.num_samples, world_size,
                             accelerator=accelerator, show_progress=sys.stderr.isatty())
-    saver = checkpoint.CheckpointManager(run_dir, config, accelerator)
+    saver = CheckpointManager(run_dir, config, accelerator)
     progress = saver.resume(model, optimizer, steps_per_epoch)
     if progress.step_in_epoch > steps_per_epoch:
         raise AccClipError(f"the checkpoint stopped after step {progress.step_in_epoch} of epoch {progress.epoch}, "
@@ -165,8 +146,8 @@ def train(config: TrainConfig, notices: list[str] = ()) -> int:
     evaluator = Evaluator(config, bundle.preprocess_val, bundle.tokenizer, accelerator)
     if evaluator.enabled and progress.global_step == 0:
         report_evaluation(evaluator.run(model, 0, force=True), metrics, epoch=0, step=0, when="before training")
-    stop = checkpoint.StopSignal.install()
-    sample_log = checkpoint.SampleLog.from_env(run_dir, rank)  # debug record for resume tests; off by default
+    stop = StopSignal.install()
+    sample_log = SampleLog.from_env(run_dir, rank)  # debug record for resume tests; off by default
     samples_read = samples_bad = samples_trimmed = 0
     max_steps = config.max_steps or math.inf
 
@@ -179,7 +160,7 @@ def train(config: TrainConfig, notices: list[str] = ()) -> int:
         for step_in_epoch in range(progress.step_in_epoch, steps_per_epoch):
             if progress.global_step >= max_steps:
                 break
-            micro_batches = [decode_on_device(next(batches), image_transform, accelerator.device)
+            micro_batches = [decode_encoded_batch(next(batches), image_transform, accelerator.device)
                              for _ in range(config.accum_freq)]
             samples_read += sum(len(b.indices) + b.num_bad for b in micro_batches)
             samples_bad += sum(b.num_bad for b in micro_batches)
@@ -190,11 +171,11 @@ def train(config: TrainConfig, notices: list[str] = ()) -> int:
             device_batches = [to_device(b, image_transform, accelerator.device, channels_last) for b in micro_batches]
             data_time = time.perf_counter() - start
             lr = schedule(progress.global_step)
-            loss = train_step(model, device_batches, loss_fn, accelerator, optimizer, config.grad_clip_norm)
+            losses = train_step(model, device_batches, objective, accelerator, optimizer, config.grad_clip_norm)
             progress.advance(step_in_epoch + 1, global_batch)
             end = time.perf_counter()
-            metrics.record(StepRecord(progress.global_step - 1, epoch, step_in_epoch + 1, loss,
-                                      accelerator.unwrap_model(model).logit_scale.detach(), lr, data_time,
+            metrics.record(StepRecord(progress.global_step - 1, epoch, step_in_epoch + 1, losses,
+                                      parallel.unwrap(model).logit_scale.detach(), lr, data_time,
                                       end - start, progress.samples_seen))
             start = end
             if sample_log is not None:
@@ -206,7 +187,7 @@ def train(config: TrainConfig, notices: list[str] = ()) -> int:
             if stopping:
                 log.warning("stopping on %s after step %d; resume with --resume latest", stop.signal_name,
                             progress.global_step)
-                return checkpoint.PREEMPTED_EXIT_CODE
+                return PREEMPTED_EXIT_CODE
         metrics.end_epoch()
         if progress.step_in_epoch == steps_per_epoch:
             progress.finish_epoch(epoch)

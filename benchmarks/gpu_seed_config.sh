@@ -2,7 +2,7 @@
 # The seed configuration's training throughput on one GPU, in one command: open_clip_train against
 # acc_clip on the same 640x480 demo data, RN50, amp, batch 64, 4 loader workers, 100 steps a run,
 # runs alternated: open_clip from the CSV, acc_clip from the same CSV, acc_clip from --resize 256
-# shards, and both acc_clip runs again with --decode-on-device (tools/bench_train.py --mode
+# shards, and both acc_clip runs again with --decode-on-device (benchmarks/bench_train.py --mode
 # csv,shards --variant decode_on_device=--decode-on-device). Sized to finish within 8 minutes: a round that
 # would end past the budget is not started, and the results so far are kept.
 #
@@ -90,7 +90,7 @@ LOGS=${TMPDIR:-/tmp}/${NAME}_runs
 rm -rf "$LOGS"
 status=0
 # Later flags win: BENCH's --runs overrides SETTINGS'.
-"$PYTHON" tools/bench_train.py "${SETTINGS[@]}" "${BENCH[@]}" \
+"$PYTHON" -m benchmarks.bench_train "${SETTINGS[@]}" "${BENCH[@]}" \
   --data-dir "${TMPDIR:-/tmp}/bench_train_data" --out "$LOGS" --json "$RESULTS" \
   --time-budget $((BUDGET - SECONDS)) || status=$?
 echo "results JSON: $RESULTS"

@@ -17,6 +17,17 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
 TINY_RN = f"local-dir:{REPO / 'configs' / 'models' / 'tiny-rn'}"
 TINY_VIT = f"local-dir:{REPO / 'configs' / 'models' / 'tiny-vit'}"
+# The vendor's default command exactly as its README prints it (empty values print as nothing).
+SEED_COMMAND = (
+    "--train-data /../COCO/train_data.csv --dataset-type auto --csv-separator , --csv-img-key filepath "
+    "--csv-caption-key title --logs ./logs/ --workers 4 --batch-size 64 --epochs 32 --lr 0.0005 --beta1 0.9 "
+    "--beta2 0.999 --eps 1e-08 --wd 0.2 --warmup 10000 --opt adamw --lr-scheduler cosine --lr-cooldown-end 0.0 "
+    "--lr-cooldown-power 1.0 --save-frequency 1 --zeroshot-frequency 2 --val-frequency 1 --precision amp "
+    "--model RN50 --pretrained  --lock-image-unlocked-groups 0 --accum-freq 1 --device sdaa --report-to  "
+    "--wandb-notes  --wandb-project-name open-clip --seed 0 --lock-text-unlocked-layers 0 --log-every-n-steps 100 "
+    "--coca-caption-loss-weight 2.0 --coca-contrastive-loss-weight 1.0 --remote-sync-frequency 300 "
+    "--remote-sync-protocol s3"
+)
 
 
 @pytest.fixture(scope="session")

@@ -17,43 +17,21 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from typing import Callable, Iterator, Optional
 
-import pandas as pd
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from acc_clip.data.common import Batch, Sample, collate_skipping_bad, sample_seed
+from acc_clip.data.common import Sample, collate_skipping_bad, sample_seed
 from acc_clip.data.pixels import ImageDecodeError, collate_images, load_pixels
-from acc_clip.checkpoint import ignore_stop_signals
+from acc_clip.data.csv_file import read_csv_columns
 from acc_clip.errors import AccClipError
+from acc_clip.runtime.signals import ignore_stop_signals
 
 log = logging.getLogger(__name__)
 
 # Errors that mean "this image cannot be used"; anything else is a bug and must surface.
 IMAGE_ERRORS = (OSError, ImageDecodeError)  # OSError: missing, unreadable, a folder
-
-
-def read_csv_columns(path: str, *, img_key: str, caption_key: str, sep: str) -> tuple[list[str], list[str]]:
-    """The image paths and captions of a CSV, or one clear error naming the file."""
-    if not os.path.isfile(path):
-        raise AccClipError(f"{path}: CSV file not found")
-    try:
-        frame = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False)
-    except pd.errors.EmptyDataError:
-        raise AccClipError(f"{path}: the CSV is empty (no header, no rows)") from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as error:
-        raise AccClipError(f"{path}: cannot parse the CSV with separator {sep!r}: {error}") from None
-    missing = [key for key in (img_key, caption_key) if key not in frame.columns]
-    if missing:
-        raise AccClipError(
-            f"{path}: no column {', '.join(map(repr, missing))} (separator {sep!r}); "
-            f"columns found: {', '.join(map(repr, map(str, frame.columns)))}"
-        )
-    if len(frame) == 0:
-        raise AccClipError(f"{path}: the CSV has a header but no rows")
-    return frame[img_key].tolist(), frame[caption_key].tolist()
 
 
 class CsvDataset(Dataset):

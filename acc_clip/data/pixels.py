@@ -13,7 +13,7 @@ PIL images. When a transform has that shape (`split_transform`), acc_clip runs i
 
 Against PIL this halves the workers' CPU time per image (tools/bench_input.py --stages); pixels
 differ from PIL's resampling by rounding: mostly equal or one level of 255 apart, rarely a few more
-(tests/data/test_pixels.py).
+(tests/unit/data/test_pixels.py).
 
 With `decode_on_device=True` the workers do not decode at all: they read the JPEG header (size,
 completeness), draw the crop, and send the encoded bytes; `decode_batch` decodes the batch on the
@@ -298,7 +298,7 @@ def model_input(images: torch.Tensor, transform: Callable, device, channels_last
     return images.contiguous(memory_format=torch.channels_last) if channels_last else images
 
 
-def decode_on_device(batch: Batch, transform: Callable, device) -> Batch:
+def decode_encoded_batch(batch: Batch, transform: Callable, device) -> Batch:
     """A batch of `EncodedImages` decoded on `device` (others are returned as they are); images that
     fail to decode are dropped from the batch and counted in `num_bad`."""
     if not isinstance(batch.images, EncodedImages):

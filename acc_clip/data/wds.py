@@ -29,7 +29,7 @@ still read, images are not decoded), and the worker roles are rotated by k so th
 which always starts at its worker 0, begins with batch k. This holds with resampled=True too.
 The trainer stores k (steps done in the epoch x --accum-freq) in its checkpoints, so a resumed
 run trains on exactly the batches the uninterrupted run would have, with the same pixels (and, on
-the same number of CPU threads, bit-equal losses: tests/test_train_shards.py).
+the same number of CPU threads, bit-equal losses: tests/integration/test_train_shards.py).
 
 What resume guarantees when the order is not the same. The order above depends on the shards and
 their sizes.json, seed, batch size, number of processes, --workers, the epoch length
@@ -75,8 +75,8 @@ from webdataset.tariterators import tarfile_samples
 
 from acc_clip.data.common import Batch, Sample, collate_skipping_bad, sample_seed
 from acc_clip.data.pixels import ImageDecodeError, collate_images, load_pixels
-from acc_clip.checkpoint import ignore_stop_signals
 from acc_clip.errors import AccClipError
+from acc_clip.runtime.signals import ignore_stop_signals
 
 log = logging.getLogger(__name__)
 
@@ -158,7 +158,7 @@ def buffer_shuffle(samples: Iterable, size: int, rng: random.Random, initial: in
     yield from buffer
 
 
-def _read_raw(shards: Iterable[str]) -> Iterator[dict]:
+def read_raw_samples(shards: Iterable[str]) -> Iterator[dict]:
     """Raw samples ({"__key__", "jpg": bytes, ...}) of the shards, in order; damaged tars warn and are cut short."""
     return tarfile_samples(({"url": url} for url in shards), handler=wds.warn_and_continue)
 
@@ -192,7 +192,7 @@ class ShardEpoch(IterableDataset):
         info = get_worker_info()
         loader_worker = info.id if info is not None else 0
         if not self.is_train:
-            raw = _read_raw(self.rank_shards[loader_worker::self.num_workers])
+            raw = read_raw_samples(self.rank_shards[loader_worker::self.num_workers])
         else:
             # Rotated roles: the loader starts with its worker 0, which must make batch start_batch.
             worker = (loader_worker + self.start_batch) % self.num_workers
@@ -219,7 +219,7 @@ class ShardEpoch(IterableDataset):
             if number > 0:
                 _rng("pass", number, *place).shuffle(order)
             found = 0
-            for sample in buffer_shuffle(_read_raw(order), self.shuffle_buffer, _rng("buffer", number, *place)):
+            for sample in buffer_shuffle(read_raw_samples(order), self.shuffle_buffer, _rng("buffer", number, *place)):
                 found += 1
                 yield sample
             if not found:
@@ -229,7 +229,7 @@ class ShardEpoch(IterableDataset):
         empty_in_a_row = 0
         for shard in shards:
             found = 0
-            for sample in _read_raw([shard]):
+            for sample in read_raw_samples([shard]):
                 found += 1
                 yield sample
             empty_in_a_row = 0 if found else empty_in_a_row + 1

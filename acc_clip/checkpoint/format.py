@@ -1,0 +1,242 @@
+"""The step checkpoint's on-disk format, and the one weights loader.
+
+A step checkpoint `<run>/checkpoints/step_NNNNNNNN/` holds Accelerate's state (model.safetensors,
+optimizer.bin, scaler.pt under fp16, random_states_<rank>.pkl for every process) and
+`complete.json`, the manifest: training progress (epoch, step within the epoch, global step,
+samples seen), the data position and the settings it depends on, and every file with its size.
+A folder without a manifest is never read as a checkpoint (see manager.py for how saves commit).
+
+Weights are stored under their plain names (no `module.` or `_orig_mod.`), so they load whatever
+the wrapping. `load_weights` reads them from a step checkpoint folder, an open_clip `epoch_N.pt` or a
+plain state dict, for resume, evaluation and export alike, and refuses another architecture in one line.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from dataclasses import dataclass
+from typing import Any, Optional
+
+import torch
+
+from acc_clip.errors import AccClipError
+
+FORMAT_VERSION = 1
+MANIFEST = "complete.json"
+STEP_PREFIX = "step_"
+TMP_PREFIX = ".tmp-"
+WEIGHTS_FILE = "model.safetensors"  # Accelerate's name for the first model's weights
+OPTIMIZER_FILE = "optimizer.bin"
+SCALER_FILE = "scaler.pt"
+
+
+@dataclass
+class Progress:
+    epoch: int = 0  # the epoch in progress (or the next one, once step_in_epoch is reset)
+    step_in_epoch: int = 0  # optimizer steps done in `epoch`
+    global_step: int = 0
+    samples_seen: int = 0
+
+    def advance(self, step_in_epoch: int, global_batch: int) -> None:
+        self.step_in_epoch = step_in_epoch
+        self.global_step += 1
+        self.samples_seen += global_batch
+
+    def finish_epoch(self, epoch: int) -> None:
+        self.epoch, self.step_in_epoch = epoch + 1, 0
+
+
+
+# the checkpoint folder ---------------------------------------------------------------------------
+
+def step_name(global_step: int) -> str:
+    return f"{STEP_PREFIX}{global_step:08d}"
+
+
+def complete_checkpoints(directory: str) -> list[str]:
+    """Complete step checkpoints in `directory`, oldest first."""
+    if not os.path.isdir(directory):
+        return []
+    names = sorted(n for n in os.listdir(directory)
+                   if n.startswith(STEP_PREFIX) and os.path.isfile(os.path.join(directory, n, MANIFEST)))
+    return [os.path.join(directory, n) for n in names]
+
+
+def read_manifest(path: str, source: str = "--resume") -> dict:
+    """The manifest of a complete checkpoint, after checking that every file it lists is there
+    with its size; else one line saying what is wrong with `path`."""
+    if not os.path.exists(path):
+        raise AccClipError(f"{source} {path}: no such file or folder")
+    if not os.path.isdir(path):
+        raise AccClipError(f"{source} {path}: not a checkpoint folder")
+    manifest_path = os.path.join(path, MANIFEST)
+    if not os.path.isfile(manifest_path):
+        if os.path.basename(os.path.normpath(path)).startswith(TMP_PREFIX):
+            raise AccClipError(f"{source} {path}: an interrupted save (no {MANIFEST}), not a checkpoint")
+        inside = complete_checkpoints(path) or complete_checkpoints(os.path.join(path, "checkpoints"))
+        hint = f"; it holds checkpoints, e.g. {inside[-1]}" if inside else ""
+        raise AccClipError(f"{source} {path}: not an acc_clip checkpoint (no {MANIFEST}){hint}")
+    try:
+        with open(manifest_path) as file:
+            manifest = json.load(file)
+        files, progress = manifest["files"], manifest["progress"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        raise AccClipError(f"{source} {path}: {MANIFEST} is damaged") from None
+    for name, size in files.items():
+        file_path = os.path.join(path, name)
+        if not os.path.isfile(file_path):
+            raise AccClipError(f"{source} {path}: damaged checkpoint, {name} is missing")
+        if os.path.getsize(file_path) != size:
+            raise AccClipError(f"{source} {path}: damaged checkpoint, {name} has {os.path.getsize(file_path)} "
+                               f"bytes, the manifest says {size}")
+    if set(progress) != set(Progress.__dataclass_fields__):
+        raise AccClipError(f"{source} {path}: {MANIFEST} has progress fields {sorted(progress)}")
+    return manifest
+
+
+def fsync_folder(path: str) -> None:
+    """Data first, then the folder entry, so a power loss cannot leave a renamed but empty save."""
+    for name in os.listdir(path):
+        with open(os.path.join(path, name), "rb") as file:
+            os.fsync(file.fileno())
+    descriptor = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+# model weights -----------------------------------------------------------------------------------
+
+def plain_key(key: str) -> str:
+    """A parameter name without the wrappers' prefixes (DDP's `module.`, torch.compile's `_orig_mod.`),
+    so checkpoints load whatever the number of processes or compilation."""
+    for prefix in ("module.", "_orig_mod."):
+        while key.startswith(prefix):
+            key = key[len(prefix):]
+    return key
+
+
+def check_architecture(model: torch.nn.Module, shapes: dict[str, tuple[int, ...]], source: str) -> None:
+    """Raise one line naming the first key that shows `shapes` (saved weights) belong to another model."""
+    own = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    unexpected = [key for key in shapes if key not in own]
+    missing = [key for key in own if key not in shapes]
+    wrong = [key for key in shapes if key in own and tuple(shapes[key]) != own[key]]
+    if wrong:
+        key = wrong[0]
+        raise AccClipError(f"{source}: weights of another architecture ({key!r} has shape {tuple(shapes[key])}, "
+                           f"this model's is {own[key]}; {len(wrong)} such key(s))")
+    if unexpected or missing:
+        what = f"unexpected key {unexpected[0]!r}" if unexpected else f"missing key {missing[0]!r}"
+        raise AccClipError(f"{source}: weights of another architecture ({what}; {len(unexpected)} unexpected, "
+                           f"{len(missing)} missing)")
+
+
+def weights_are_finite(model: torch.nn.Module) -> bool:
+    flags = [torch.isfinite(t).all() for t in model.state_dict().values() if t.is_floating_point()]
+    return bool(torch.stack(flags).all().item()) if flags else True
+
+
+
+
+def commit_folder(partial: str, final: str) -> None:
+    """Rename the finished save into place. A save of the same step (an epoch's end right after a
+    step save, or a replayed step) replaces the old folder, which is moved aside first so that at
+    every moment the name holds a complete checkpoint or nothing."""
+    old = os.path.join(os.path.dirname(final), TMP_PREFIX + "old-" + os.path.basename(final))
+    if os.path.exists(final):
+        remove_path(old)
+        os.replace(final, old)
+    os.replace(partial, final)
+    descriptor = os.open(os.path.dirname(final), os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+    remove_path(old)
+
+
+def remove_path(path: str) -> None:
+    if os.path.isdir(path):
+        shutil.rmtree(path, ignore_errors=True)
+    elif os.path.exists(path):
+        os.remove(path)
+
+
+def folder_bytes(path: str) -> int:
+    return sum(os.path.getsize(os.path.join(path, name)) for name in os.listdir(path))
+
+
+
+def open_clip_checkpoint(state_dict: dict, optimizer_state: Optional[dict], scaler_state: Optional[dict],
+                         epoch: int, name: str) -> dict:
+    """The dict open_clip_train writes and `create_model_and_transforms(pretrained=path)` loads."""
+    exported: dict[str, Any] = {"epoch": epoch, "name": name, "state_dict": state_dict}
+    if optimizer_state is not None:
+        exported["optimizer"] = optimizer_state
+    if scaler_state is not None:
+        exported["scaler"] = scaler_state
+    return exported
+
+
+def atomic_torch_save(obj: dict, path: str) -> None:
+    partial = path + ".tmp"
+    torch.save(obj, partial)
+    os.replace(partial, path)
+
+
+def load_if_present(path: str) -> Optional[dict]:
+    return torch.load(path, map_location="cpu", weights_only=True) if os.path.isfile(path) else None
+
+
+
+# the one weights loader --------------------------------------------------------------------------
+
+def state_dict_of(saved: Any, path: str, source: str) -> dict[str, torch.Tensor]:
+    """The plain-named state dict of an open_clip `epoch_N.pt` (under 'state_dict') or of a bare state dict."""
+    state_dict = saved.get("state_dict", saved) if isinstance(saved, dict) else None
+    if not isinstance(state_dict, dict) or not state_dict or not all(
+            isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise AccClipError(f"{source} {path}: not an open_clip checkpoint (no state_dict of tensors)")
+    return {plain_key(key): value for key, value in state_dict.items()}
+
+
+def read_torch_checkpoint(path: str, source: str) -> dict:
+    """An open_clip `epoch_N.pt` or a bare state dict, read without unpickling code."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for a file that is not a checkpoint
+        raise AccClipError(f"{source} {path}: not an open_clip checkpoint torch can read "
+                           f"({type(error).__name__})") from None
+
+
+def load_safetensors_weights(model: torch.nn.Module, path: str, source: str) -> None:
+    """Weights from a safetensors file into `model`, the architecture checked from the header first
+    (no tensor is read for weights of another model)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(path, framework="pt") as file:
+        shapes = {plain_key(key): tuple(file.get_slice(key).get_shape()) for key in file.keys()}
+    check_architecture(model, shapes, source)
+    model.load_state_dict({plain_key(k): v for k, v in load_file(path).items()})
+
+
+def load_weights(model: torch.nn.Module, path: str, source: str) -> Optional[dict]:
+    """Load a step checkpoint folder (its model.safetensors), an open_clip `epoch_N.pt` or a bare state
+    dict into the plain `model`. Returns what a file held besides the weights (optimizer, scaler,
+    epoch), None for a folder. Every failure is one line naming `source` and `path`."""
+    if os.path.isdir(path):
+        read_manifest(path, source=source)  # refuses a partial or foreign folder in one line
+        load_safetensors_weights(model, os.path.join(path, WEIGHTS_FILE), f"{source} {path}")
+        return None
+    if not os.path.isfile(path):
+        raise AccClipError(f"{source} {path}: no such file or folder")
+    saved = read_torch_checkpoint(path, source)
+    state_dict = state_dict_of(saved, path, source)
+    check_architecture(model, {k: tuple(v.shape) for k, v in state_dict.items()}, f"{source} {path}")
+    model.load_state_dict(state_dict)
+    return saved if isinstance(saved, dict) and "state_dict" in saved else {}

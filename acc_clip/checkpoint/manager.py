@@ -1,0 +1,283 @@
+"""Checkpoints a user can trust: atomic step checkpoints on Accelerate's save_state/load_state,
+exact mid-epoch resume, and open_clip `epoch_N.pt` files at epoch ends. The on-disk format is in
+format.py; the test-only hooks in debug.py.
+
+Commit. A save is written to `checkpoints/.tmp-step_NNNNNNNN/` and renamed into place only after
+the manifest is written, so a folder without a manifest is never resumed from; partial folders
+left by a crash are removed at the next start.
+
+Data position. The sample order of an epoch is rebuilt from (seed, epoch), so the next unseen
+micro-batch (step in epoch x --accum-freq) is all a resume needs; the batches already done are
+skipped as indices, not decoded. The learning rate is a function of the global step.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import time
+from dataclasses import asdict
+from typing import Optional
+
+from acc_clip.checkpoint import debug
+from acc_clip.checkpoint.format import (FORMAT_VERSION, MANIFEST, TMP_PREFIX, WEIGHTS_FILE, Progress,
+                                        atomic_torch_save, commit_folder, complete_checkpoints, folder_bytes,
+                                        fsync_folder, load_safetensors_weights, load_weights, open_clip_checkpoint,
+                                        plain_key, read_manifest, remove_path, step_name, weights_are_finite)
+from acc_clip.config import TrainConfig
+from acc_clip.errors import AccClipError
+from acc_clip.runtime.parallel import full_state_dict, unwrap
+from acc_clip.runtime.run_dir import CHECKPOINTS_DIR, METRICS_FILE, SAMPLES_FILE
+
+log = logging.getLogger(__name__)
+
+
+class CheckpointManager:
+    """Saves and resumes one run. All processes call every method (saves are collective)."""
+
+    def __init__(self, run_dir: str, config: TrainConfig, accelerator):
+        self.run_dir = run_dir
+        self.directory = os.path.join(run_dir, CHECKPOINTS_DIR)
+        self.config = config
+        self.accelerator = accelerator
+        self.global_batch = config.batch_size * config.accum_freq * accelerator.num_processes
+        self.steps_per_epoch: Optional[int] = None  # known once `resume` is called
+        self.remote = None
+        if accelerator.is_main_process:
+            os.makedirs(self.directory, exist_ok=True)
+            for name in os.listdir(self.directory):  # partial saves of a crashed run
+                if name.startswith(TMP_PREFIX):
+                    log.info("removing %s, a save that was interrupted", name)
+                    remove_path(os.path.join(self.directory, name))
+            if config.remote_sync:
+                from acc_clip.checkpoint.remote_sync import RemoteSync
+
+                self.remote = RemoteSync(run_dir, config.remote_sync, config.remote_sync_protocol,
+                                         config.remote_sync_frequency, prune=config.keep_checkpoints > 0)
+        # Weights are stored under their plain names, and loaded here with an architecture check.
+        accelerator.register_save_state_pre_hook(_save_plain_weights)
+        accelerator.register_load_state_pre_hook(self._load_weights)
+        accelerator.wait_for_everyone()
+
+    # resume -----------------------------------------------------------------------------------
+    def resume(self, model, optimizer, steps_per_epoch: int) -> Progress:
+        """Restore the state `--resume` names and return where training stands; then start the
+        remote copy, if any."""
+        self.steps_per_epoch = steps_per_epoch
+        progress = self._restore(model, optimizer)
+        if self.accelerator.is_main_process:
+            for name in (METRICS_FILE, SAMPLES_FILE):
+                rewind_jsonl(os.path.join(self.run_dir, name), progress.global_step)
+            if self.remote is not None:
+                self.remote.start()
+        self.accelerator.wait_for_everyone()
+        return progress
+
+    def _restore(self, model, optimizer) -> Progress:
+        target = self.config.resume
+        if target is None:
+            return Progress()
+        if target == "latest":
+            if self.remote is not None:
+                self.remote.fetch_newest_checkpoint()
+            self.accelerator.wait_for_everyone()
+            found = complete_checkpoints(self.directory)
+            if not found:
+                log.info("--resume latest: no checkpoint in %s yet, starting from the beginning", self.directory)
+                return Progress()
+            target = found[-1]
+        if os.path.isfile(target):
+            return self._start_from_open_clip(target, model, optimizer)
+        return self._resume_folder(target)
+
+    def _resume_folder(self, path: str) -> Progress:
+        manifest = read_manifest(path)
+        if manifest.get("model") != self.config.model:
+            log.warning("--resume %s: saved from model %r, this run names %r; loading as the weights' shapes agree",
+                        path, manifest.get("model"), self.config.model)
+        self._warn_if_data_differs(path, manifest.get("data", {}))
+        try:
+            self.accelerator.load_state(path)
+        except AccClipError:
+            raise
+        except Exception as error:  # torch and pickle raise many types for damaged files
+            raise AccClipError(f"--resume {path}: cannot load: {type(error).__name__}: "
+                               f"{str(error).strip().splitlines()[0] if str(error).strip() else ''}") from None
+        rng_file = os.path.join(path, f"random_states_{self.accelerator.process_index}.pkl")
+        if not os.path.isfile(rng_file):
+            log.warning("--resume %s: no random state saved for process %d (fewer processes then); "
+                        "its random streams start afresh", path, self.accelerator.process_index)
+        progress = Progress(**manifest["progress"])
+        log.info("resumed from %s: epoch %d, step %d of the epoch, global step %d, %d samples seen", path,
+                 progress.epoch, progress.step_in_epoch, progress.global_step, progress.samples_seen)
+        if self.accelerator.is_main_process and os.path.dirname(os.path.abspath(path)) == os.path.abspath(
+                self.directory):
+            newer = [c for c in complete_checkpoints(self.directory) if os.path.basename(c) > os.path.basename(path)]
+            if newer:
+                log.warning("--resume %s: %d newer checkpoint(s) of the earlier run remain (newest %s); "
+                            "--resume latest would pick them until this run passes them", path, len(newer),
+                            os.path.basename(newer[-1]))
+        return progress
+
+    def _warn_if_data_differs(self, path: str, saved: dict) -> None:
+        # The order depends on the seed and the global micro-batch (per-process batch x processes),
+        # not on how the processes share it: 2 x 8 resumes 1 x 16 exactly.
+        now = self._data_settings()
+        changed = [key for key in ("seed", "global_micro_batch", "accum_freq", "steps_per_epoch")
+                   if key in saved and saved[key] != now[key]]
+        if changed:
+            what = ", ".join(f"{key} {saved[key]} -> {now[key]}" for key in changed)
+            log.warning("--resume %s: %s since the save: the epoch's sample order or position differs, so "
+                        "the rest of this epoch may repeat or skip samples", path, what)
+
+    def _load_weights(self, models: list, input_dir: str) -> None:
+        """Accelerate's load pre-hook: load the plain-named weights into the unwrapped model, checking
+        the architecture first; Accelerate then restores optimizer, scaler and RNG states."""
+        for index, wrapped in enumerate(models):
+            name = WEIGHTS_FILE if index == 0 else WEIGHTS_FILE.replace(".", f"_{index}.")
+            load_safetensors_weights(unwrap(wrapped), os.path.join(input_dir, name), f"--resume {input_dir}")
+        models.clear()  # loaded: Accelerate must not load them again
+
+    def _start_from_open_clip(self, path: str, model, optimizer) -> Progress:
+        """An open_clip epoch_N.pt (or a bare state dict): weights, plus optimizer and scaler when
+        present; training goes on with epoch N, the learning rate where open_clip's would be."""
+        saved = load_weights(unwrap(model), path, "--resume")
+        try:
+            if "optimizer" in saved:
+                optimizer.load_state_dict(saved["optimizer"])
+            if "scaler" in saved and self.accelerator.scaler is not None:
+                self.accelerator.scaler.load_state_dict(saved["scaler"])
+        except (ValueError, KeyError, RuntimeError) as error:
+            raise AccClipError(f"--resume {path}: its optimizer state does not fit this model's parameter "
+                               f"groups ({str(error).splitlines()[0]})") from None
+        epoch = int(saved.get("epoch", 0))
+        global_step = epoch * self.steps_per_epoch
+        log.info("started from open_clip checkpoint %s: epoch %d, global step %d", path, epoch, global_step)
+        return Progress(epoch=epoch, global_step=global_step, samples_seen=global_step * self.global_batch)
+
+    # save -------------------------------------------------------------------------------------
+    def step_save_due(self, progress: Progress) -> bool:
+        every = self.config.save_every_n_steps
+        return every > 0 and progress.global_step % every == 0
+
+    def save(self, model, optimizer, progress: Progress) -> str:
+        """A complete step checkpoint, or nothing: see the module docstring."""
+        self._refuse_non_finite(model, progress)
+        name = step_name(progress.global_step)
+        final, partial = os.path.join(self.directory, name), os.path.join(self.directory, TMP_PREFIX + name)
+        started = time.perf_counter()
+        if self.accelerator.is_main_process:
+            remove_path(partial)
+        self.accelerator.wait_for_everyone()
+        self.accelerator.save_state(partial)
+        self.accelerator.wait_for_everyone()  # every process has written its random states
+        if self.accelerator.is_main_process:
+            debug.kill_if_asked_before_commit(progress.global_step)
+            self._write_manifest(partial, progress)
+            fsync_folder(partial)
+            commit_folder(partial, final)
+            self._prune()
+            log.info("saved checkpoint %s (%.1f MB, %.2f s)", final, folder_bytes(final) / 1e6,
+                     time.perf_counter() - started)
+        self.accelerator.wait_for_everyone()
+        return final
+
+    def _refuse_non_finite(self, model, progress: Progress) -> None:
+        # Every process holds the same weights, so all of them stop here together.
+        if not weights_are_finite(unwrap(model)):
+            raise AccClipError(f"the weights are not finite after step {progress.global_step} (epoch "
+                               f"{progress.epoch}): not saving them; the last checkpoint saved before is kept "
+                               "(resume with --resume latest, perhaps with a lower --lr or --grad-clip-norm)")
+
+    def _data_settings(self) -> dict:
+        world_size = self.accelerator.num_processes
+        return {"seed": self.config.seed, "batch_size": self.config.batch_size, "world_size": world_size,
+                "global_micro_batch": self.config.batch_size * world_size, "accum_freq": self.config.accum_freq,
+                "steps_per_epoch": self.steps_per_epoch, "train_data": self.config.train_data}
+
+    def _write_manifest(self, folder: str, progress: Progress) -> None:
+        manifest = {
+            "format": FORMAT_VERSION,
+            "model": self.config.model,
+            "name": self.config.name,
+            "progress": asdict(progress),
+            # the position in the epoch's rebuilt order: micro-batches each process has consumed
+            "data": {"epoch": progress.epoch, "next_micro_batch": progress.step_in_epoch * self.config.accum_freq,
+                     **self._data_settings()},
+            "files": {name: os.path.getsize(os.path.join(folder, name)) for name in sorted(os.listdir(folder))},
+            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        }
+        with open(os.path.join(folder, MANIFEST), "w") as file:
+            json.dump(manifest, file, indent=1)
+
+    def _prune(self) -> None:
+        keep = self.config.keep_checkpoints
+        if keep > 0:
+            for old in complete_checkpoints(self.directory)[:-keep]:
+                remove_path(old)
+
+    def end_of_epoch(self, model, optimizer, progress: Progress) -> None:
+        """Epoch saves as open_clip makes them (`epoch_N.pt`), then a full step checkpoint. The export
+        comes first: a crash between the two resumes from before the epoch's end and exports again."""
+        completed, config = progress.epoch, self.config
+        due = completed == config.epochs or (config.save_frequency > 0 and completed % config.save_frequency == 0)
+        if not (due or config.save_most_recent):
+            return
+        self._refuse_non_finite(model, progress)
+        if self.accelerator.is_main_process:
+            scaler = self.accelerator.scaler
+            exported = open_clip_checkpoint(full_state_dict(model), optimizer.state_dict(),
+                                            scaler.state_dict() if scaler is not None else None, completed,
+                                            config.name)
+            if due:
+                atomic_torch_save(exported, os.path.join(self.directory, f"epoch_{completed}.pt"))
+                if config.delete_previous_checkpoint:
+                    # open_clip removes epoch_{N-1}.pt, even when it never saved one (--save-frequency > 1)
+                    # and after an epoch that saved nothing; here: the older epoch files, once a new one exists.
+                    for older in _epoch_files(self.directory, before=completed):
+                        os.remove(older)
+            if config.save_most_recent:
+                atomic_torch_save(exported, os.path.join(self.directory, "epoch_latest.pt"))
+        self.save(model, optimizer, progress)
+
+
+def _epoch_files(directory: str, before: int) -> list[str]:
+    matches = (re.fullmatch(r"epoch_(\d+)\.pt", name) for name in os.listdir(directory))
+    return [os.path.join(directory, m.group(0)) for m in matches if m and int(m.group(1)) < before]
+
+
+
+def _save_plain_weights(models: list, weights: list[dict], output_dir: str) -> None:
+    """Accelerate's save pre-hook: store the weights under their plain names (see `plain_key`),
+    contiguous (safetensors refuses channels_last convolution weights)."""
+    for index, state in enumerate(weights):
+        weights[index] = {plain_key(key): value.contiguous() for key, value in state.items()}
+
+
+
+def rewind_jsonl(path: str, global_step: int) -> None:
+    """Drop the records of steps at or after `global_step` (0-based `step` field): they were made
+    after the checkpoint the run resumes from, and are made again. Torn lines go too."""
+    if not os.path.isfile(path):
+        return
+    with open(path) as file:
+        lines = file.readlines()
+    kept = [line for line in lines if _record_step(line) < global_step]
+    if len(kept) != len(lines):
+        partial = path + ".tmp"
+        with open(partial, "w") as file:
+            file.writelines(kept)
+        os.replace(partial, path)
+        log.info("%s: dropped %d record(s) of steps from %d on, which are trained again", os.path.basename(path),
+                 len(lines) - len(kept), global_step)
+
+
+def _record_step(line: str) -> float:
+    """The step of a jsonl record; a line torn by a kill in mid-write counts as after every step."""
+    try:
+        return json.loads(line)["step"]
+    except (json.JSONDecodeError, KeyError, TypeError):
+        return float("inf")
+

@@ -1,0 +1,177 @@
+"""A copy of the run folder on remote storage, kept up to date in the background, and the way back
+for `--resume latest` on a machine that lost (or never had) the local folder.
+
+`--remote-sync URL` mirrors `<logs>/<name>/` to `URL/<name>/` (open_clip's layout) every
+`--remote-sync-frequency` seconds, and once more when the process exits, through fsspec:
+`--remote-sync-protocol s3` needs s3fs and an s3:// URL; `fsspec` takes any URL fsspec knows
+(file://, gs://, ...).
+
+Consistency. A step checkpoint is copied only once it is complete locally, its manifest last, so
+a remote folder without the manifest is an interrupted copy: never fetched back, copied again next
+time. Partial local saves (`.tmp-*`) are never copied. With --keep-checkpoints, remote checkpoints
+older than the newest local one and no longer kept locally are removed remotely too.
+"""
+
+from __future__ import annotations
+
+import atexit
+import importlib.util
+import logging
+import os
+import threading
+from typing import Optional
+
+from acc_clip.checkpoint.format import MANIFEST, STEP_PREFIX, TMP_PREFIX, complete_checkpoints
+from acc_clip.errors import AccClipError
+from acc_clip.runtime.run_dir import CHECKPOINTS_DIR, METRICS_FILE
+
+log = logging.getLogger(__name__)
+
+
+def open_remote(url: str, protocol: str):
+    """The fsspec filesystem and root path of `url`; one line naming what is wrong otherwise."""
+    import fsspec
+
+    if protocol == "s3":
+        if not url.startswith("s3://"):
+            raise AccClipError(f"--remote-sync {url}: --remote-sync-protocol s3 needs an s3:// URL "
+                               "(use --remote-sync-protocol fsspec for other storage)")
+        if importlib.util.find_spec("s3fs") is None:
+            raise AccClipError("--remote-sync-protocol s3 needs the s3fs package, which is not installed")
+    elif protocol != "fsspec":
+        raise AccClipError(f"--remote-sync-protocol {protocol!r}: expected s3 or fsspec")
+    try:
+        fs, root = fsspec.core.url_to_fs(url)
+    except (ValueError, ImportError) as error:
+        raise AccClipError(f"--remote-sync {url}: fsspec cannot open it ({error})") from None
+    return fs, root.rstrip("/")
+
+
+class RemoteSync:
+    def __init__(self, run_dir: str, url: str, protocol: str, every_seconds: float, *, prune: bool = False):
+        self.run_dir = run_dir
+        self.fs, root = open_remote(url, protocol)
+        self.remote_dir = f"{root}/{os.path.basename(os.path.normpath(run_dir))}"
+        self.every_seconds = every_seconds
+        self.prune = prune
+        self._copied: dict[str, tuple[int, int]] = {}  # local file -> (size, mtime_ns) when last copied
+        self._lock = threading.Lock()  # one copy at a time: the thread's and the final one
+        self._stop = threading.Event()
+        self._thread: Optional[threading.Thread] = None
+
+    # background -------------------------------------------------------------------------------
+    def start(self) -> None:
+        """Copy every `every_seconds` in a daemon thread, and a last time at exit, however the
+        process ends short of SIGKILL (normal end, preemption exit, error)."""
+        self._thread = threading.Thread(target=self._loop, name="remote-sync", daemon=True)
+        self._thread.start()
+        atexit.register(self.stop)
+        log.info("copying %s to %s every %s s", self.run_dir, self.remote_dir, self.every_seconds)
+
+    def _loop(self) -> None:
+        while not self._stop.wait(self.every_seconds):
+            self._sync_logged()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+            self._sync_logged()
+
+    def _sync_logged(self) -> None:
+        # A remote that is down must not stop training: say so, and try again next time.
+        try:
+            copied = self.sync_once()
+            if copied:
+                log.info("remote sync: %d file(s) copied to %s", copied, self.remote_dir)
+        except Exception as error:  # fsspec backends raise their own types
+            log.warning("remote sync to %s failed (%s: %s); retrying in %s s", self.remote_dir,
+                        type(error).__name__, error, self.every_seconds)
+
+    # one copy ---------------------------------------------------------------------------------
+    def sync_once(self) -> int:
+        """Copy what changed since the last copy; returns the number of files copied."""
+        with self._lock:
+            copied = self._copy_loose_files()
+            local = complete_checkpoints(os.path.join(self.run_dir, CHECKPOINTS_DIR))
+            remote = set(self._remote_complete())
+            for folder in local:
+                if os.path.basename(folder) not in remote:
+                    copied += self._copy_checkpoint(folder)
+            if self.prune and local:
+                self._prune_remote({os.path.basename(f) for f in local}, os.path.basename(local[-1]))
+            return copied
+
+    def _copy_loose_files(self) -> int:
+        """Everything but step checkpoint folders and partial saves, when its size or time changed."""
+        copied = 0
+        for folder, subfolders, files in os.walk(self.run_dir):
+            subfolders[:] = [d for d in subfolders if not d.startswith((TMP_PREFIX, STEP_PREFIX))]
+            for name in files:
+                if name.endswith(".tmp"):
+                    continue
+                local = os.path.join(folder, name)
+                try:
+                    stat = os.stat(local)
+                except FileNotFoundError:  # removed meanwhile (an old epoch_N.pt)
+                    continue
+                if self._copied.get(local) == (stat.st_size, stat.st_mtime_ns):
+                    continue
+                self._put(local)
+                self._copied[local] = (stat.st_size, stat.st_mtime_ns)
+                copied += 1
+        return copied
+
+    def _copy_checkpoint(self, folder: str) -> int:
+        try:
+            names = sorted(os.listdir(folder))
+            for name in [n for n in names if n != MANIFEST] + [MANIFEST]:
+                self._put(os.path.join(folder, name))
+        except FileNotFoundError:  # pruned locally while being copied; its remote copy has no manifest
+            return 0
+        return len(names)
+
+    def _put(self, local: str) -> None:
+        remote = f"{self.remote_dir}/{os.path.relpath(local, self.run_dir).replace(os.sep, '/')}"
+        self.fs.makedirs(remote.rsplit("/", 1)[0], exist_ok=True)
+        self.fs.put_file(local, remote)
+
+    def _remote_complete(self) -> list[str]:
+        """Names of the remote checkpoints whose manifest arrived, oldest first."""
+        pattern = f"{self.remote_dir}/{CHECKPOINTS_DIR}/{STEP_PREFIX}*/{MANIFEST}"
+        return sorted(path.rstrip("/").split("/")[-2] for path in self.fs.glob(pattern))
+
+    def _prune_remote(self, kept_locally: set[str], newest_local: str) -> None:
+        for name in self._remote_complete():
+            if name < newest_local and name not in kept_locally:
+                self.fs.rm(f"{self.remote_dir}/checkpoints/{name}", recursive=True)
+
+    # the way back -----------------------------------------------------------------------------
+    def fetch_newest_checkpoint(self) -> Optional[str]:
+        """Copy the newest complete remote checkpoint into the local checkpoints folder when it is
+        newer than every local one (and metrics.jsonl, when there is none locally); returns the
+        local folder, or None when nothing was fetched."""
+        local_dir = os.path.join(self.run_dir, CHECKPOINTS_DIR)
+        try:
+            with self._lock:
+                remote = self._remote_complete()
+        except Exception as error:  # fsspec backends raise their own types
+            raise AccClipError(f"--resume latest: cannot list the remote copy {self.remote_dir} "
+                               f"({type(error).__name__}: {error})") from None
+        local = [os.path.basename(f) for f in complete_checkpoints(local_dir)]
+        if not remote or (local and local[-1] >= remote[-1]):
+            return None
+        name = remote[-1]
+        partial, final = os.path.join(local_dir, TMP_PREFIX + name), os.path.join(local_dir, name)
+        os.makedirs(partial, exist_ok=True)
+        remote_folder = f"{self.remote_dir}/checkpoints/{name}"
+        files = sorted(path.rstrip("/").split("/")[-1] for path in self.fs.ls(remote_folder, detail=False))
+        for file_name in [n for n in files if n != MANIFEST] + [MANIFEST]:
+            self.fs.get_file(f"{remote_folder}/{file_name}", os.path.join(partial, file_name))
+        os.replace(partial, final)
+        metrics = os.path.join(self.run_dir, METRICS_FILE)
+        if not os.path.exists(metrics) and self.fs.exists(f"{self.remote_dir}/{METRICS_FILE}"):
+            self.fs.get_file(f"{self.remote_dir}/{METRICS_FILE}", metrics)
+        log.info("--resume latest: fetched %s from %s", name, remote_folder)
+        return final

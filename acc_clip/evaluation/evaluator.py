@@ -1,0 +1,212 @@
+"""The evaluator the training loop and `acc-clip eval` use: validation retrieval (CSV or shards)
+and zero-shot sets, built once from the config, run on open_clip_train's schedule.
+
+Distributed evaluation: every process encodes its share of the rows, the features are gathered
+with their row indices and re-ordered by index (duplicates dropped), so any number of processes
+gives the metrics of one process reading the whole set in order. Metrics are computed on the main
+process and broadcast, so every process returns the same dict.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Callable, ContextManager, Optional
+
+import torch
+from accelerate import Accelerator
+from accelerate.utils import broadcast_object_list
+
+from acc_clip.errors import AccClipError
+from acc_clip.evaluation import zeroshot
+from acc_clip.evaluation.retrieval import (coco_retrieval_metrics, retrieval_metrics, same_key_same_features,
+                                           whole_set_clip_loss)
+from acc_clip.runtime import parallel
+
+
+def gather_rows_by_index(
+    accelerator: Accelerator, indices: torch.Tensor, *row_tensors: torch.Tensor
+) -> tuple[torch.Tensor, ...]:
+    """Gather every process's rows (which may differ in number, or be none), sorted by row index,
+    each index kept once. Returns (indices, *row_tensors), on the CPU, identical on every process."""
+    device = accelerator.device
+    # Pad to a common length with index -1 so unequal shares can go through one all_gather.
+    padded = [accelerator.pad_across_processes(indices.to(device), dim=0, pad_index=-1)]
+    padded += [accelerator.pad_across_processes(t.to(device), dim=0) for t in row_tensors]
+    gathered = [accelerator.gather(t).cpu() for t in padded]
+    all_indices, all_rows = gathered[0], gathered[1:]
+    real = all_indices >= 0
+    sorted_indices, order = all_indices[real].sort(stable=True)
+    first_of_index = torch.ones_like(sorted_indices, dtype=torch.bool)
+    first_of_index[1:] = sorted_indices[1:] != sorted_indices[:-1]
+    keep = order[first_of_index]
+    return (sorted_indices[first_of_index], *(rows[real][keep] for rows in all_rows))
+
+
+
+def _sum_over_processes(accelerator: Accelerator, value: int) -> int:
+    return int(accelerator.gather(torch.tensor([value], device=accelerator.device)).sum().item())
+
+
+def _feature_dim_over_processes(accelerator: Accelerator, local_parts: list[torch.Tensor]) -> int:
+    """The feature width, known even to a process that encoded no rows (it may have had none)."""
+    local_dim = local_parts[0].shape[1] if local_parts else 0
+    return int(accelerator.gather(torch.tensor([local_dim], device=accelerator.device)).max().item())
+
+
+def evaluate_retrieval(
+    model: torch.nn.Module,
+    loader: torch.utils.data.DataLoader,
+    accelerator: Accelerator,
+    *,
+    precision_autocast: Optional[Callable[[], ContextManager]] = None,
+) -> dict[str, float]:
+    """Encode the validation set (`Batch`es from `acc_clip.data.csv.build_eval_loader`, each row on one
+    process) and return, on every process:
+
+    - `val_loss`: `whole_set_clip_loss` (the whole set as one batch; NOT open_clip's per-batch mean);
+    - `retrieval_metrics` keys (row-level pairs; rows sharing an image file or a caption get the
+      same features, see `same_key_same_features`);
+    - `coco_retrieval_metrics` keys when the loader's dataset has `filepaths` and some image has
+      more than one caption;
+    - `num_samples` (rows evaluated) and `num_bad` (rows skipped: unreadable image, empty caption).
+
+    The model is put in eval mode for the pass and returned to its previous mode after it.
+    """
+    clip = parallel.unwrap(model)
+    autocast = precision_autocast or contextlib.nullcontext
+    input_dtype = next(clip.parameters()).dtype
+    image_parts: list[torch.Tensor] = []
+    text_parts: list[torch.Tensor] = []
+    index_parts: list[torch.Tensor] = []
+    local_bad = 0
+    was_training = clip.training
+    clip.eval()
+    try:
+        with torch.inference_mode():
+            for batch in loader:
+                local_bad += batch.num_bad
+                if len(batch.indices) == 0:
+                    continue
+                images = batch.images.to(accelerator.device, dtype=input_dtype)
+                texts = batch.texts.to(accelerator.device)
+                with autocast():
+                    image_parts.append(clip.encode_image(images, normalize=True).float())
+                    text_parts.append(clip.encode_text(texts, normalize=True).float())
+                index_parts.append(batch.indices)
+            logit_scale = clip.logit_scale.exp().float().cpu()
+    finally:
+        clip.train(was_training)
+
+    dim = _feature_dim_over_processes(accelerator, image_parts)
+    empty = torch.empty(0, dim)
+    indices, image_features, text_features = gather_rows_by_index(
+        accelerator,
+        torch.cat(index_parts) if index_parts else torch.empty(0, dtype=torch.long),
+        torch.cat(image_parts) if image_parts else empty,
+        torch.cat(text_parts) if text_parts else empty,
+    )
+    num_bad = _sum_over_processes(accelerator, local_bad)
+    if len(indices) == 0:
+        raise AccClipError(f"validation set: no readable samples ({num_bad} skipped as unreadable)")
+
+    result: list[Optional[dict[str, float]]] = [None]
+    if accelerator.is_main_process:
+        rows = indices.tolist()
+        filepaths = getattr(loader.dataset, "filepaths", None)
+        captions = getattr(loader.dataset, "captions", None)
+        image_keys = [filepaths[i] for i in rows] if filepaths is not None else None
+        if image_keys is not None:
+            image_features = same_key_same_features(image_features, image_keys)
+        if captions is not None:
+            text_features = same_key_same_features(text_features, [captions[i] for i in rows])
+        metrics = {"val_loss": whole_set_clip_loss(image_features, text_features, logit_scale)}
+        metrics.update(retrieval_metrics(image_features, text_features, logit_scale))
+        if image_keys is not None and len(set(image_keys)) < len(image_keys):
+            metrics.update(coco_retrieval_metrics(image_features, text_features, image_keys))
+        metrics.update(num_samples=len(indices), num_bad=num_bad)
+        result[0] = metrics
+    broadcast_object_list(result)
+    return result[0]
+
+
+def build_val_loader(settings, preprocess_val: Callable, tokenizer: Callable, rank: int, world_size: int):
+    """The validation loader for `settings.val_data`: shards in order, or CSV rows, each row on one process."""
+    from acc_clip.data import dataset_type_of
+
+    if dataset_type_of(settings.val_data, settings.dataset_type) == "webdataset":
+        from acc_clip.data.wds import build_wds_loader
+
+        loader, _ = build_wds_loader(
+            settings.val_data, preprocess=preprocess_val, tokenizer=tokenizer, batch_size=settings.batch_size,
+            workers=settings.workers, seed=settings.seed, epoch=0, rank=rank, world_size=world_size, is_train=False)
+        return loader
+    from acc_clip.data.csv import CsvDataset, build_eval_loader
+
+    dataset = CsvDataset(settings.val_data, transform=preprocess_val, tokenizer=tokenizer,
+                         img_key=settings.csv_img_key, caption_key=settings.csv_caption_key,
+                         sep=settings.csv_separator, augment_seeded=False)
+    return build_eval_loader(dataset, batch_size=settings.batch_size, workers=settings.workers, rank=rank,
+                             world_size=world_size)
+
+
+def zeroshot_sets(settings, preprocess_val: Callable) -> list[tuple]:
+    """(name, dataset, classnames, templates) for `--zeroshot-data` and `--imagenet-val`."""
+    sets = []
+    if settings.zeroshot_data:
+        dataset, classnames = zeroshot.load_zeroshot_dataset(
+            settings.zeroshot_data, transform=preprocess_val, classnames_file=settings.zeroshot_classnames)
+        sets.append(("zeroshot", dataset, classnames, zeroshot.load_templates(settings.zeroshot_templates)))
+    if settings.imagenet_val:
+        import open_clip
+
+        dataset, classnames = zeroshot.load_imagenet_val(settings.imagenet_val, transform=preprocess_val)
+        sets.append(("imagenet-zeroshot", dataset, classnames, open_clip.OPENAI_IMAGENET_TEMPLATES))
+    return sets
+
+
+class Evaluator:
+    """Validation retrieval and zero-shot sets, built once from `settings` (the train config, or the
+    eval command's arguments: val_data, dataset_type, csv_*, zeroshot_*, imagenet_val, batch_size,
+    workers, seed, val_frequency, zeroshot_frequency)."""
+
+    def __init__(self, settings, preprocess_val: Callable, tokenizer: Callable, accelerator: Accelerator):
+        self.settings, self.tokenizer, self.accelerator = settings, tokenizer, accelerator
+        self.val_loader = (build_val_loader(settings, preprocess_val, tokenizer, accelerator.process_index,
+                                            accelerator.num_processes) if settings.val_data else None)
+        self.zeroshot_sets = zeroshot_sets(settings, preprocess_val)
+
+    @property
+    def enabled(self) -> bool:
+        return self.val_loader is not None or bool(self.zeroshot_sets)
+
+    def evaluate(self, model, *, retrieval: bool = True, classification: bool = True) -> dict[str, dict]:
+        """Metrics per evaluation: "retrieval", and each zero-shot set by name."""
+        results: dict[str, dict] = {}
+        if retrieval and self.val_loader is not None:
+            results["retrieval"] = evaluate_retrieval(model, self.val_loader, self.accelerator,
+                                                      precision_autocast=self.accelerator.autocast)
+        for name, dataset, classnames, templates in self.zeroshot_sets if classification else ():
+            results[name] = zeroshot.zeroshot_eval(model, self.tokenizer, dataset, classnames, templates,
+                                                   self.accelerator, batch_size=self.settings.batch_size,
+                                                   workers=self.settings.workers,
+                                                   precision_autocast=self.accelerator.autocast)
+        return results
+
+    @staticmethod
+    def _due(frequency: int, completed_epochs: int, last: bool) -> bool:
+        return frequency > 0 and (last or completed_epochs % frequency == 0)
+
+    def run(self, model, completed_epochs: int, *, last: bool = False, force: bool = False) -> dict:
+        """The metrics due after `completed_epochs` (all of them with `force`), one flat dict: retrieval
+        keys as they are, zero-shot keys prefixed with the set's name."""
+        settings = self.settings
+        results = self.evaluate(model, retrieval=force or self._due(settings.val_frequency, completed_epochs, last),
+                                classification=force or self._due(settings.zeroshot_frequency, completed_epochs, last))
+        metrics = dict(results.pop("retrieval", {}))
+        for name, result in results.items():
+            metrics.update({k.replace("zeroshot", name, 1): v for k, v in result.items()})
+        return metrics
+
+
+def format_metrics(metrics: dict) -> str:
+    return "  ".join(f"{k}: {v:.4f}" if isinstance(v, float) else f"{k}: {v}" for k, v in metrics.items())

@@ -1,0 +1,249 @@
+"""Zero-shot classification accuracy on labelled images the user gives, or on ImageNet val.
+
+Data: a folder with one sub-folder of images per class (classes in sorted folder order, like
+torchvision's ImageFolder), or a CSV with columns `filepath,label` where a label is either a class
+name (classes in sorted name order, like folders) or, when every label is an integer, an index into
+the class-names file. Class names default to the folder/label names with `_` read as a space.
+Templates default to open_clip's OPENAI_IMAGENET_TEMPLATES (the 80 prompts of the CLIP paper).
+
+The classifier is open_clip's `build_zero_shot_classifier`; each process classifies its share of
+the images (each image on exactly one process) and the counts are summed.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from typing import Callable, ContextManager, Optional, Sequence, Union
+
+import torch
+from accelerate import Accelerator
+from open_clip import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES, build_zero_shot_classifier
+from torch.utils.data import Dataset
+from torchvision.datasets.folder import IMG_EXTENSIONS
+
+from acc_clip.data.common import Sample
+from acc_clip.data.csv import IMAGE_ERRORS, build_eval_loader
+from acc_clip.data.csv_file import read_csv_columns
+from acc_clip.data.pixels import load_pixels
+from acc_clip.errors import AccClipError
+from acc_clip.runtime import parallel
+
+log = logging.getLogger(__name__)
+
+Template = Union[str, Callable[[str], str]]
+TOP_K = 5
+
+
+class ZeroShotDataset(Dataset):
+    """Labelled images. `dataset[i]` is a `Sample` whose `text` slot holds the class index, so the
+    shared eval loader and bad-sample collate serve it unchanged; None when the image is missing or
+    corrupt (the collate counts it)."""
+
+    def __init__(self, filepaths: list[str], labels: list[int], *, transform: Callable):
+        self.filepaths, self.labels, self.transform = filepaths, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.filepaths)
+
+    def __getitem__(self, index: int) -> Optional[Sample]:
+        try:
+            with open(self.filepaths[index], "rb") as file:
+                pixels = load_pixels(file.read(), self.transform)
+        except IMAGE_ERRORS as error:
+            log.warning("%s: cannot read image (%s), skipped", self.filepaths[index], type(error).__name__)
+            return None
+        return Sample(pixels, torch.tensor(self.labels[index]), index)
+
+
+# --- reading the data ----------------------------------------------------------------------------
+
+
+def _is_image(name: str) -> bool:
+    return name.lower().endswith(IMG_EXTENSIONS)
+
+
+def _image_folder(root: str) -> tuple[list[str], list[str], list[int]]:
+    """(class folder names, image paths, labels) of a folder with one sub-folder per class."""
+    folders = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    if not folders:
+        raise AccClipError(f"{root}: no class sub-folders (zero-shot data is one sub-folder of images per class)")
+    filepaths, labels = [], []
+    for label, folder in enumerate(folders):
+        found = sorted(
+            os.path.join(directory, name)
+            for directory, _, names in os.walk(os.path.join(root, folder))
+            for name in names
+            if _is_image(name)
+        )
+        if not found:
+            raise AccClipError(f"{os.path.join(root, folder)}: class folder holds no images ({' '.join(IMG_EXTENSIONS)})")
+        filepaths += found
+        labels += [label] * len(found)
+    return folders, filepaths, labels
+
+
+def _labelled_csv(path: str, num_named_classes: Optional[int]) -> tuple[Optional[list[str]], list[str], list[int]]:
+    """(class names in the CSV or None for integer labels, image paths, labels) of a filepath,label CSV."""
+    filepaths, raw_labels = read_csv_columns(path, img_key="filepath", caption_key="label", sep=",")
+    raw_labels = [label.strip() for label in raw_labels]
+    if "" in raw_labels:
+        raise AccClipError(f"{path} data row {raw_labels.index('') + 1}: empty label")
+    if not all(label.isdigit() for label in raw_labels):
+        names = sorted(set(raw_labels))
+        index_of = {name: i for i, name in enumerate(names)}
+        return names, filepaths, [index_of[label] for label in raw_labels]
+    if num_named_classes is None:
+        raise AccClipError(f"{path}: integer labels are class indices; give the class names with --zeroshot-classnames")
+    labels = [int(label) for label in raw_labels]
+    for row, label in enumerate(labels):
+        if label >= num_named_classes:
+            raise AccClipError(
+                f"{path} data row {row + 1}: label {label} is out of range for {num_named_classes} class names"
+            )
+    return None, filepaths, labels
+
+
+def _read_lines(path: str, what: str) -> list[str]:
+    if not os.path.isfile(path):
+        raise AccClipError(f"{path}: {what} file not found")
+    with open(path, encoding="utf-8") as f:
+        lines = [line.strip() for line in f.read().splitlines()]
+    while lines and not lines[-1]:
+        lines.pop()
+    if not lines:
+        raise AccClipError(f"{path}: {what} file is empty")
+    if "" in lines:
+        raise AccClipError(f"{path} line {lines.index('') + 1}: blank line in the {what} file")
+    return lines
+
+
+def _check_classnames(class_ids: list[str], classnames: list[str], names_source: str, data: str) -> None:
+    """The class names must pair one-to-one with the classes found in the data."""
+    if len(classnames) == len(class_ids):
+        return
+    defaults = [class_id.replace("_", " ") for class_id in class_ids]
+    first = next(i for i in range(max(len(classnames), len(defaults)))
+                 if i >= len(classnames) or i >= len(defaults) or classnames[i] != defaults[i])
+    named = repr(classnames[first]) if first < len(classnames) else "nothing"
+    found = repr(class_ids[first]) if first < len(class_ids) else "no class"
+    raise AccClipError(
+        f"{names_source} has {len(classnames)} class names but {data} has {len(class_ids)} classes; "
+        f"first mismatch at class {first + 1}: {named} named, {found} in the data"
+    )
+
+
+def _check_class_count(count: int, data: str) -> None:
+    if count < 2:
+        raise AccClipError(f"{data}: {count} class only; zero-shot classification needs at least 2 classes")
+
+
+def load_zeroshot_dataset(
+    path: str, *, transform: Callable, classnames_file: Optional[str] = None
+) -> tuple[ZeroShotDataset, list[str]]:
+    """A class-per-sub-folder folder or a filepath,label CSV -> (dataset, class names by label)."""
+    file_names = _read_lines(classnames_file, "class names") if classnames_file else None
+    if os.path.isdir(path):
+        class_ids, filepaths, labels = _image_folder(path)
+    elif os.path.isfile(path):
+        class_ids, filepaths, labels = _labelled_csv(path, len(file_names) if file_names else None)
+    else:
+        raise AccClipError(f"{path}: zero-shot data not found (a folder of class sub-folders or a filepath,label CSV)")
+    if class_ids is None:  # integer labels: the file alone says what the classes are
+        classnames = file_names
+    elif file_names is None:
+        classnames = [class_id.replace("_", " ") for class_id in class_ids]
+    else:
+        _check_classnames(class_ids, file_names, classnames_file, path)
+        classnames = file_names
+    _check_class_count(len(classnames), path)
+    return ZeroShotDataset(filepaths, labels, transform=transform), classnames
+
+
+def load_imagenet_val(path: str, *, transform: Callable) -> tuple[ZeroShotDataset, list[str]]:
+    """ImageNet val as 1000 sorted class folders (synset ids), named by open_clip's IMAGENET_CLASSNAMES."""
+    if not os.path.isdir(path):
+        raise AccClipError(f"{path}: ImageNet val folder not found")
+    class_ids, filepaths, labels = _image_folder(path)
+    _check_classnames(class_ids, list(IMAGENET_CLASSNAMES), "open_clip's IMAGENET_CLASSNAMES", path)
+    return ZeroShotDataset(filepaths, labels, transform=transform), list(IMAGENET_CLASSNAMES)
+
+
+def load_templates(path: Optional[str] = None) -> Sequence[Template]:
+    """Prompt templates, one per line with `{}` for the class name; None -> OPENAI_IMAGENET_TEMPLATES."""
+    if path is None:
+        return OPENAI_IMAGENET_TEMPLATES
+    templates = _read_lines(path, "templates")
+    for line, template in enumerate(templates, start=1):
+        try:
+            formats = "{}" in template and bool(template.format("x"))
+        except (IndexError, KeyError, ValueError):  # other braces in the line
+            formats = False
+        if not formats:
+            raise AccClipError(f"{path} line {line}: template {template!r} must hold '{{}}' (the class name) "
+                               f"and no other braces")
+    return templates
+
+
+# --- evaluation ----------------------------------------------------------------------------------
+
+
+def zeroshot_eval(
+    model: torch.nn.Module,
+    tokenizer: Callable,
+    dataset: ZeroShotDataset,
+    classnames: Sequence[str],
+    templates: Sequence[Template],
+    accelerator: Accelerator,
+    *,
+    batch_size: int,
+    workers: int,
+    precision_autocast: Optional[Callable[[], ContextManager]] = None,
+) -> dict[str, float]:
+    """Top-1 / top-5 accuracy (fractions; top-5 is top-min(5, classes)), identical on every process.
+    Keys: zeroshot_top1, zeroshot_top5, zeroshot_num_samples (images classified), zeroshot_num_bad
+    (images skipped as missing or corrupt)."""
+    clip = parallel.unwrap(model)
+    autocast = precision_autocast or contextlib.nullcontext
+    device = accelerator.device
+    input_dtype = next(clip.parameters()).dtype
+    loader = build_eval_loader(
+        dataset, batch_size=batch_size, workers=workers,
+        rank=accelerator.process_index, world_size=accelerator.num_processes,
+    )
+    top_k = min(TOP_K, len(classnames))
+    # [top-1 hits, top-k hits, images classified, images skipped] of this process
+    counts = torch.zeros(4, dtype=torch.long)
+    was_training = clip.training
+    clip.eval()
+    try:
+        with torch.inference_mode():
+            with autocast():
+                classifier = build_zero_shot_classifier(
+                    clip, tokenizer=tokenizer, classnames=classnames, templates=templates,
+                    num_classes_per_batch=10, device=device,
+                ).float()
+            for batch in loader:
+                counts[3] += batch.num_bad
+                if len(batch.indices) == 0:
+                    continue
+                labels = batch.texts.to(device)  # the class index travels in the text slot
+                with autocast():
+                    features = clip.encode_image(batch.images.to(device, dtype=input_dtype), normalize=True)
+                predictions = (features.float() @ classifier).topk(top_k, dim=1).indices
+                hits = predictions == labels.unsqueeze(1)
+                counts[0] += hits[:, 0].sum().item()
+                counts[1] += hits.any(dim=1).sum().item()
+                counts[2] += len(labels)
+    finally:
+        clip.train(was_training)
+    top1, top5, num_samples, num_bad = accelerator.gather(counts.to(device)).view(-1, 4).sum(dim=0).tolist()
+    if num_samples == 0:
+        raise AccClipError(f"zero-shot data: no readable images ({num_bad} skipped as missing or corrupt)")
+    return {
+        "zeroshot_top1": top1 / num_samples,
+        "zeroshot_top5": top5 / num_samples,
+        "zeroshot_num_samples": num_samples,
+        "zeroshot_num_bad": num_bad,
+    }

@@ -1,0 +1,384 @@
+"""CSV (`filepath,title`) -> webdataset shards, and a checker for them.
+
+Layout written under OUT:
+
+    00000.tar 00001.tar ...     per sample KEY.jpg, KEY.txt (caption), KEY.json (source, row, size, key)
+    00000_stats.json ...        per shard: samples written, rows skipped with reasons, bytes, seconds
+    sizes.json                  {"00000.tar": n, ...}, what open_clip_train's get_dataset_size reads
+    _conversion.json            the parameters; a rerun with other parameters is refused
+
+Keys. KEY is the zero-padded number of the input item: the CSV data row (0-based), or with
+--group-by-image the number of the distinct image in order of first appearance. A skipped item
+leaves a gap, so a key never depends on what happened to other rows, and shard i always covers
+items [i*N, (i+1)*N). That is what makes shards independent units of work: any number of processes
+writes the same bytes.
+
+Resume. A shard is written to `00000.tar.tmp`, renamed, and only then gets its `_stats.json`
+(the completion mark). A rerun skips shards with a mark whose size matches and redoes the rest.
+Tar members have fixed mtime/owner/mode, so shards are byte-identical to an uninterrupted run
+(the stats files differ only in "seconds").
+
+Images. Copy mode (default) stores JPEG bytes untouched after a cheap check (acc_clip/jpeg.py):
+the marker segments must walk from start-of-image to the first scan, the start-of-frame gives the
+size, and an end-of-image marker must follow the first scan. That catches truncated and garbage
+files in microseconds instead of the ~2.5 ms a decode costs (entropy-data corruption inside a
+complete file is left to `shards verify`, which decodes everything); files the walk cannot size go
+through PIL. Non-JPEG sources are decoded and re-encoded as JPEG at --quality. --resize S scales the shorter side to S (bicubic, with
+libjpeg's DCT downscaling first when the image is at least twice too large) and re-encodes at
+--quality. EXIF orientation is not applied, as open_clip's loader does not apply it either.
+
+Shard size. --samples-per-shard defaults to what makes a shard about 256 MB, from the encoded size
+of the first few usable images (clamped to 100..100000); the value is stored in _conversion.json
+and reused on rerun.
+"""
+
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+import multiprocessing
+import os
+import re
+import time
+from dataclasses import dataclass
+from typing import Iterable, Optional
+
+from PIL import Image, UnidentifiedImageError
+from tqdm import tqdm
+
+from acc_clip import jpeg
+from acc_clip.data.csv_file import read_csv_columns
+from acc_clip.errors import AccClipError
+from acc_clip.shards.tar import finish_tar, write_member
+
+TARGET_SHARD_BYTES = 256 * 2**20
+SAMPLES_PER_SHARD_RANGE = (100, 100_000)
+SIZE_PROBE_IMAGES = 16
+KEY_DIGITS = 9
+CONVERSION_NAME = "_conversion.json"
+SIZES_NAME = "sizes.json"
+FORMAT_VERSION = 1
+# Re-encoding quality. 90, not 95: a re-encode above the source's own quality (COCO's and most web
+# photos' are about 90) only adds bytes; at 256 px q90 shards are ~35% smaller and decode ~33% faster
+# than q95, at ~1.3 dB less PSNR against the resized image (docs/shards.md).
+DEFAULT_QUALITY = 90
+SKIP_REASONS = ("missing_file", "unreadable_file", "corrupt_image", "empty_caption")
+# Every file this module writes; anything else in OUT means the folder belongs to someone else.
+OWN_FILE = re.compile(r"^(\d{5,}\.tar(\.tmp)?|\d{5,}_stats\.json(\.tmp)?|sizes\.json(\.tmp)?|_conversion\.json(\.tmp)?)$")
+
+
+class BadImage(Exception):
+    """One source image that cannot be used; `reason` is one of SKIP_REASONS."""
+
+    def __init__(self, reason: str, detail: str):
+        super().__init__(detail)
+        self.reason, self.detail = reason, detail
+
+
+@dataclass(frozen=True)
+class Item:
+    """One output sample before it is read: a CSV row, or all rows of one image with --group-by-image."""
+
+    number: int  # becomes the key
+    source: str
+    rows: tuple[int, ...]
+    captions: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class ShardJob:
+    out_dir: str
+    shard: int
+    items: tuple[Item, ...]
+    resize: Optional[int]
+    quality: int
+    grouped: bool
+
+
+def shard_name(shard: int) -> str:
+    return f"{shard:05d}.tar"
+
+
+def stats_name(shard: int) -> str:
+    return f"{shard:05d}_stats.json"
+
+
+def sample_key(number: int) -> str:
+    return f"{number:0{KEY_DIGITS}d}"
+
+
+# ---------------------------------------------------------------------------------------------
+# Reading the CSV
+
+
+def read_items(csv_path: str, *, img_key: str, caption_key: str, sep: str, group_by_image: bool) -> list[Item]:
+    paths, captions = read_csv_columns(csv_path, img_key=img_key, caption_key=caption_key, sep=sep)
+    if not group_by_image:
+        return [Item(row, path, (row,), (caption,)) for row, (path, caption) in enumerate(zip(paths, captions))]
+    rows_of: dict[str, list[int]] = {}
+    for row, path in enumerate(paths):
+        rows_of.setdefault(path, []).append(row)  # dicts keep first-appearance order
+    return [
+        Item(number, path, tuple(rows), tuple(captions[row] for row in rows))
+        for number, (path, rows) in enumerate(rows_of.items())
+    ]
+
+
+# ---------------------------------------------------------------------------------------------
+# One image
+
+
+def _read_source(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
+        raise BadImage("missing_file", f"no such file: {path}") from None
+    except OSError as error:
+        raise BadImage("unreadable_file", f"cannot read {path}: {error.strerror or error}") from None
+
+
+def _encode_jpeg(image: Image.Image, quality: int) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="JPEG", quality=quality)
+    return buffer.getvalue()
+
+
+def _resized(size: tuple[int, int], shorter_side: int) -> tuple[int, int]:
+    scale = shorter_side / min(size)
+    return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
+
+
+def prepare_image(path: str, resize: Optional[int], quality: int) -> tuple[bytes, int, int, int, int]:
+    """(JPEG bytes to store, width, height, source width, source height), or BadImage."""
+    data = _read_source(path)
+    header = jpeg.read_header(data)
+    if (why := jpeg.too_many_pixels(header.size)) is not None:
+        raise BadImage("corrupt_image", f"{path}: {why}")
+    if resize is None and header.complete and header.size is not None:
+        return data, *header.size, *header.size  # copy mode's usual case: the header walk alone, no PIL
+    try:
+        with Image.open(io.BytesIO(data)) as image:
+            source_size = image.size
+            is_jpeg = image.format in ("JPEG", "MPO")  # MPO: a JPEG with extra pictures appended
+            if resize is None and is_jpeg:
+                if not header.complete:
+                    raise BadImage("corrupt_image", f"{path}: truncated JPEG (no end-of-image marker)")
+                return data, *source_size, *source_size
+            size = _resized(source_size, resize) if resize else source_size
+            if 2 * size[0] <= source_size[0]:
+                image.draft("RGB", size)  # libjpeg decodes at 1/2, 1/4 or 1/8 scale, never below `size`
+            image.load()
+            if image.mode != "RGB":
+                image = image.convert("RGB")  # grey, CMYK, palette, alpha: stored as plain RGB
+            if image.size != size:
+                image = image.resize(size, Image.Resampling.BICUBIC)
+            return _encode_jpeg(image, quality), *size, *source_size
+    except BadImage:
+        raise
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        raise BadImage("corrupt_image", f"{path}: {error}") from None
+
+
+# ---------------------------------------------------------------------------------------------
+# One shard
+
+
+def write_json_atomically(path: str, document: dict) -> None:
+    with open(path + ".tmp", "w", encoding="utf-8") as f:
+        json.dump(document, f, indent=1, sort_keys=True)
+        f.write("\n")
+    os.replace(path + ".tmp", path)
+
+
+def write_shard(job: ShardJob) -> dict:
+    """Write one shard and then its stats file; returns the stats."""
+    started = time.perf_counter()
+    tar_path = os.path.join(job.out_dir, shard_name(job.shard))
+    skipped_rows: list[dict] = []
+    count = 0
+    with open(tar_path + ".tmp", "wb") as tar:
+        for item in job.items:
+            captions = [c for c in item.captions if c.strip()]
+            try:
+                if not captions:
+                    raise BadImage("empty_caption", "empty caption")
+                image, width, height, source_width, source_height = prepare_image(item.source, job.resize, job.quality)
+            except BadImage as bad:
+                skipped_rows.append({"rows": list(item.rows), "source": item.source, "reason": bad.reason,
+                                     "detail": bad.detail})
+                continue
+            key = sample_key(item.number)
+            meta = {"source": item.source, "row": item.rows[0], "width": width, "height": height, "key": key}
+            if job.resize:
+                meta.update(source_width=source_width, source_height=source_height)
+            if job.grouped:
+                meta.update(rows=list(item.rows), captions=captions)
+            write_member(tar, key + ".jpg", image)
+            write_member(tar, key + ".txt", captions[0].encode("utf-8"))
+            write_member(tar, key + ".json", json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8"))
+            count += 1
+        finish_tar(tar)
+    os.replace(tar_path + ".tmp", tar_path)
+    stats = {
+        "shard": shard_name(job.shard),
+        "count": count,
+        "skipped": {reason: sum(r["reason"] == reason for r in skipped_rows) for reason in SKIP_REASONS},
+        "skipped_rows": skipped_rows,
+        "bytes": os.path.getsize(tar_path),
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    write_json_atomically(os.path.join(job.out_dir, stats_name(job.shard)), stats)
+    return stats
+
+
+def read_complete_stats(out_dir: str, shard: int) -> Optional[dict]:
+    """The stats of a shard that was finished, or None when it must be (re)written."""
+    stats_path = os.path.join(out_dir, stats_name(shard))
+    tar_path = os.path.join(out_dir, shard_name(shard))
+    try:
+        with open(stats_path, encoding="utf-8") as f:
+            stats = json.load(f)
+        return stats if os.path.getsize(tar_path) == stats["bytes"] else None
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
+# ---------------------------------------------------------------------------------------------
+# The output folder
+
+
+def _csv_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _check_out_dir(out_dir: str) -> Optional[dict]:
+    """Make sure OUT is new, empty or one of our conversions; returns its _conversion.json if any."""
+    if os.path.exists(out_dir) and not os.path.isdir(out_dir):
+        raise AccClipError(f"{out_dir}: output path exists and is not a folder")
+    names = sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []
+    foreign = [name for name in names if not OWN_FILE.match(name)]
+    if names and (foreign or CONVERSION_NAME not in names):
+        example = (foreign or names)[0]
+        raise AccClipError(f"{out_dir}: output folder holds other files (e.g. {example!r}); "
+                           f"choose a new or empty folder (nothing was written)")
+    if CONVERSION_NAME not in names:
+        return None
+    try:
+        with open(os.path.join(out_dir, CONVERSION_NAME), encoding="utf-8") as f:
+            return json.load(f)
+    except ValueError as error:
+        raise AccClipError(f"{os.path.join(out_dir, CONVERSION_NAME)}: unreadable ({error})") from None
+
+
+def _auto_samples_per_shard(items: list[Item], resize: Optional[int], quality: int) -> int:
+    sizes = []
+    for item in items:
+        if len(sizes) == SIZE_PROBE_IMAGES:
+            break
+        try:
+            sizes.append(len(prepare_image(item.source, resize, quality)[0]) + 3 * 512)  # + tar headers
+        except BadImage:
+            continue
+    if not sizes:
+        return 1000  # nothing readable to measure; the conversion will report why
+    low, high = SAMPLES_PER_SHARD_RANGE
+    return max(low, min(high, round(TARGET_SHARD_BYTES / (sum(sizes) / len(sizes)))))
+
+
+# ---------------------------------------------------------------------------------------------
+# Conversion
+
+
+def convert_csv_to_shards(
+    csv_path: str,
+    out_dir: str,
+    *,
+    img_key: str = "filepath",
+    caption_key: str = "title",
+    sep: str = ",",
+    samples_per_shard: Optional[int] = None,
+    workers: Optional[int] = None,
+    resize: Optional[int] = None,
+    quality: int = DEFAULT_QUALITY,
+    group_by_image: bool = False,
+    progress: bool = True,
+) -> dict:
+    """Convert a CSV of image paths and captions into shards under `out_dir` (see the module
+    docstring). `samples_per_shard=None`: about 256 MB per shard; `workers=None`: all cores.
+    Returns totals: shards, samples, skipped (by reason), shards_reused, bytes, seconds."""
+    started = time.perf_counter()
+    if samples_per_shard is not None and samples_per_shard < 1:
+        raise AccClipError(f"--samples-per-shard must be at least 1, got {samples_per_shard}")
+    if workers is not None and workers < 0:
+        raise AccClipError(f"--workers must be 0 (all cores) or more, got {workers}")
+    if resize is not None and resize < 1:
+        raise AccClipError(f"--resize must be at least 1 pixel, got {resize}")
+    if not 1 <= quality <= 100:
+        raise AccClipError(f"--quality must be in 1..100, got {quality}")
+    previous = _check_out_dir(out_dir)
+    items = read_items(csv_path, img_key=img_key, caption_key=caption_key, sep=sep, group_by_image=group_by_image)
+    parameters = {
+        "format_version": FORMAT_VERSION, "csv": os.path.abspath(csv_path), "csv_sha256": _csv_sha256(csv_path),
+        "img_key": img_key, "caption_key": caption_key, "sep": sep, "samples_per_shard": samples_per_shard,
+        "resize": resize, "quality": quality, "group_by_image": group_by_image,
+    }
+    if previous is not None:
+        if previous.get("parameters") != parameters:
+            changed = sorted(k for k in parameters if previous.get("parameters", {}).get(k) != parameters[k])
+            raise AccClipError(f"{out_dir} holds a conversion with other parameters ({', '.join(changed)} differ); "
+                               f"use a new folder or the same parameters")
+        per_shard = int(previous["resolved_samples_per_shard"])
+    else:
+        per_shard = samples_per_shard or _auto_samples_per_shard(items, resize, quality)
+        os.makedirs(out_dir, exist_ok=True)
+        write_json_atomically(os.path.join(out_dir, CONVERSION_NAME), {
+            "parameters": parameters, "resolved_samples_per_shard": per_shard, "num_items": len(items),
+        })
+
+    num_shards = -(-len(items) // per_shard)
+    stats_by_shard = {shard: read_complete_stats(out_dir, shard) for shard in range(num_shards)}
+    reused = [shard for shard, stats in stats_by_shard.items() if stats is not None]
+    jobs = [
+        ShardJob(out_dir, shard, tuple(items[shard * per_shard:(shard + 1) * per_shard]), resize, quality,
+                 group_by_image)
+        for shard, stats in stats_by_shard.items() if stats is None
+    ]
+    with tqdm(total=len(items), initial=sum(min(per_shard, len(items) - s * per_shard) for s in reused),
+              unit="img", desc="shards", disable=not progress) as bar:
+        for stats in run_jobs(jobs, workers):
+            stats_by_shard[int(stats["shard"].split(".")[0])] = stats
+            bar.update(stats["count"] + len(stats["skipped_rows"]))
+
+    sizes = {shard_name(shard): stats_by_shard[shard]["count"] for shard in range(num_shards)}
+    write_json_atomically(os.path.join(out_dir, SIZES_NAME), sizes)
+    all_stats = list(stats_by_shard.values())
+    return {
+        "out_dir": out_dir,
+        "shards": num_shards,
+        "samples_per_shard": per_shard,
+        "samples": sum(sizes.values()),
+        "skipped": {reason: sum(s["skipped"][reason] for s in all_stats) for reason in SKIP_REASONS},
+        "shards_reused": len(reused),
+        "bytes": sum(s["bytes"] for s in all_stats),
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+
+
+def run_jobs(jobs: list, workers: Optional[int], function=write_shard) -> Iterable[dict]:
+    """Results of `function` over whole shards, in completion order, over `workers` processes."""
+    workers = min(workers or os.cpu_count() or 1, len(jobs))
+    if workers <= 1:
+        yield from map(function, jobs)
+        return
+    # fork where there is one: a spawned process would spend seconds re-importing torch and pandas.
+    # The children only run PIL and file writes, never torch, so torch's threads in the parent do not matter.
+    method = "fork" if "fork" in multiprocessing.get_all_start_methods() else "spawn"
+    with multiprocessing.get_context(method).Pool(workers) as pool:
+        yield from pool.imap_unordered(function, jobs)

@@ -1,0 +1,94 @@
+"""`acc-clip shards verify DIR`: read every shard, decode every image, check counts against sizes.json."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import re
+import tarfile
+from dataclasses import dataclass
+from typing import Optional
+
+from PIL import Image, UnidentifiedImageError
+
+from acc_clip.errors import AccClipError
+from acc_clip.shards.convert import SIZES_NAME, run_jobs
+
+
+@dataclass(frozen=True)
+class VerifyJob:
+    path: str
+    expected: Optional[int]
+
+
+def verify_shard(job: VerifyJob) -> dict:
+    """Read every member of one shard and decode every image; returns count and problems."""
+    name = os.path.basename(job.path)
+    problems: list[str] = []
+    samples: dict[str, dict[str, bytes]] = {}
+    try:
+        with tarfile.open(job.path, "r:") as tar:
+            for member in tar:
+                if member.isfile():
+                    key, _, extension = member.name.partition(".")
+                    samples.setdefault(key, {})[extension] = tar.extractfile(member).read()
+    except (tarfile.TarError, OSError, EOFError) as error:
+        problems.append(f"{name}: unreadable tar ({error})")
+    for key, files in samples.items():
+        problems += [f"{name}: sample {key}: {p}" for p in _sample_problems(key, files)]
+    if job.expected is not None and job.expected != len(samples):
+        problems.append(f"{name}: {len(samples)} samples, sizes.json says {job.expected}")
+    return {"shard": name, "count": len(samples), "problems": problems}
+
+
+def _sample_problems(key: str, files: dict[str, bytes]) -> list[str]:
+    missing = [extension for extension in ("jpg", "txt", "json") if extension not in files]
+    if missing:
+        return [f"no .{', .'.join(missing)}"]
+    problems = []
+    try:
+        with Image.open(io.BytesIO(files["jpg"])) as image:
+            image.load()
+            size = image.size
+    except (UnidentifiedImageError, OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
+        problems.append(f"image does not decode ({error})")
+        size = None
+    try:
+        caption = files["txt"].decode("utf-8")
+        meta = json.loads(files["json"])
+    except ValueError as error:
+        return problems + [f"caption or json unreadable ({error})"]
+    if not caption.strip():
+        problems.append("empty caption")
+    if meta.get("key") != key:
+        problems.append(f"json key {meta.get('key')!r} differs")
+    if size is not None and (meta.get("width"), meta.get("height")) != size:
+        problems.append(f"image is {size[0]}x{size[1]}, json says {meta.get('width')}x{meta.get('height')}")
+    return problems
+
+
+def verify_shards(out_dir: str, *, workers: int = 1) -> dict:
+    """Check every shard of `out_dir` against sizes.json and decode every image.
+    Returns {"ok", "shards", "samples", "problems": [one line each]}."""
+    if not os.path.isdir(out_dir):
+        raise AccClipError(f"{out_dir}: no such folder")
+    names = sorted(os.listdir(out_dir))
+    shards = [name for name in names if re.fullmatch(r"\d{5,}\.tar", name)]
+    problems = [f"{name}: unfinished shard (rerun the conversion)" for name in names if name.endswith(".tar.tmp")]
+    sizes: dict = {}
+    try:
+        with open(os.path.join(out_dir, SIZES_NAME), encoding="utf-8") as f:
+            sizes = json.load(f)
+    except (OSError, ValueError) as error:
+        problems.append(f"{SIZES_NAME}: missing or unreadable ({error})")
+    problems += [f"{name}: listed in {SIZES_NAME} but missing" for name in sorted(set(sizes) - set(shards))]
+    if not shards:
+        problems.append(f"{out_dir}: no shards")
+    jobs = [VerifyJob(os.path.join(out_dir, name), sizes.get(name)) for name in shards]
+    results = sorted(run_jobs(jobs, workers, verify_shard), key=lambda r: r["shard"])
+    for result in results:
+        problems += result["problems"]
+    return {"ok": not problems, "shards": len(shards), "samples": sum(r["count"] for r in results),
+            "problems": problems}
+

@@ -1,0 +1,158 @@
+"""Train a few steps at the function level (the real model, data pipeline, loss, train_step and
+Accelerator) for the accumulation and multi-process tests.
+
+Imported by the tests for one-process references; launched by test_distributed.py as
+`accelerate launch --config_file launch/cpu_2proc.yaml tests/dist_worker.py OUT CSV` to run every
+multi-process scenario in one process group (one launch instead of one per scenario: the CPU is
+small and shared). Rank 0 writes OUT/<scenario>.pt: losses, weights, and how many gradient
+all-reduces the DDP communication hook saw.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+from typing import Optional
+
+import torch
+
+from acc_clip.config import TrainConfig, parse_config
+from acc_clip.data import build_train_data
+from acc_clip.data.pixels import train_transform
+from acc_clip.loss import create_objective
+from acc_clip.model import create_model, create_optimizer, uses_channels_last
+from acc_clip.runtime import parallel
+from acc_clip.runtime.device import host_process_group, make_accelerator, plan_device
+from acc_clip.step import agree_batch_sizes, train_step
+from acc_clip.train import to_device
+
+REPO = Path(__file__).resolve().parents[1]
+TINY_VIT = f"local-dir:{REPO / 'configs' / 'models' / 'tiny-vit'}"
+
+# name -> (per-process batch, extra flags); each is compared with one process at batch x accum x 2.
+SCENARIOS = {
+    "gather": (8, ["--gather-with-grad"]),
+    "gather_local": (8, ["--gather-with-grad", "--local-loss"]),
+    "gather_accum2": (8, ["--gather-with-grad", "--accum-freq", "2"]),
+}
+STEPS = 3
+# AdamW is what the trainer uses; plain SGD (lr 1) applies the raw gradient, so a gradient counted twice
+# or missing a factor shows, where AdamW's update would hide it (it does not change when a gradient is
+# multiplied by a constant).
+OPTIMIZERS = ("adamw", "sgd")
+
+
+def tiny_config(train_csv, *extra: str, model: str = TINY_VIT) -> TrainConfig:
+    config, _ = parse_config(["--train-data", str(train_csv), "--csv-separator", ",", "--model", model,
+                              "--workers", "0", "--precision", "fp32", "--device", "cpu", "--lr", "1e-3",
+                              "--warmup", "0", "--wd", "0.1", *extra])
+    return config
+
+
+def without_key_bias(weights: dict) -> dict:
+    """The weights less the key third of each attention's in_proj_bias. Adding a constant to every key
+    logit is undone by the softmax, so that bias has no effect and its gradient is zero up to fp32
+    round-off (~1e-10, checked in test_step.py); AdamW's first step divides that noise by its own size and
+    moves the bias by +-lr at random. Every other weight is compared."""
+    result = {}
+    for key, value in weights.items():
+        if key.endswith("attn.in_proj_bias"):
+            query, _, value_bias = value.chunk(3)
+            value = torch.cat([query, value_bias])
+        result[key] = value
+    return result
+
+
+def max_difference(a: dict, b: dict) -> float:
+    assert a.keys() == b.keys()
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+def accelerator_for_cpu():
+    return make_accelerator(plan_device("cpu", "fp32"))
+
+
+class AllReduceCounter:
+    """A DDP communication hook that counts gradient buckets all-reduced, then all-reduces them."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.per_step: list[int] = []  # calls made during each optimizer step
+
+    def end_step(self) -> None:
+        self.per_step.append(self.calls - sum(self.per_step))
+
+    def hook(self, state, bucket):
+        from torch.distributed.algorithms.ddp_comm_hooks.default_hooks import allreduce_hook
+
+        self.calls += 1
+        return allreduce_hook(state, bucket)
+
+
+def run_steps(config: TrainConfig, accelerator, steps: int, *, optimizer_name: str = "adamw",
+              counter: Optional[AllReduceCounter] = None, drop_on_rank: Optional[int] = None):
+    """`steps` optimizer steps of `config` from the seeded initial weights, on the first micro-batches
+    of epoch 0; returns (losses, weights, samples cut by agree_batch_sizes). `drop_on_rank` makes that
+    rank lose its last sample of every micro-batch, as if it were corrupt."""
+    rank, world_size = accelerator.process_index, accelerator.num_processes
+    bundle = create_model(config)
+    # The trainer's own image path: uint8 crops from the loader, normalised on the device.
+    image_transform = train_transform(bundle.preprocess_train, decode_on_device=False, device=accelerator.device)
+    data = build_train_data(config, image_transform, bundle.tokenizer, rank=rank, world_size=world_size,
+                            pin_memory=False)
+    model = bundle.model
+    channels_last = uses_channels_last(model, config.channels_last)
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if optimizer_name == "adamw":
+        optimizer = create_optimizer(model, config, "cpu")
+    else:  # plain SGD: the update is the gradient itself, so any gradient scale error shows
+        optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    model, optimizer = parallel.prepare(accelerator, model, optimizer, sync_batch_norm=False, compile_model=False)
+    if counter is not None:
+        model.register_comm_hook(None, counter.hook)
+    objective = create_objective(config, rank, world_size)
+    host_group = host_process_group(accelerator)
+    batches = iter(data.batches(0))
+    losses, trimmed = [], 0
+    model.train()
+    for _ in range(steps):
+        micro_batches = [next(batches) for _ in range(config.accum_freq)]
+        if drop_on_rank == rank:
+            micro_batches = [b._replace(images=b.images[:-1], texts=b.texts[:-1], indices=b.indices[:-1],
+                                        num_bad=b.num_bad + 1) for b in micro_batches]
+        micro_batches, cut = agree_batch_sizes(micro_batches, host_group)
+        trimmed += cut
+        device_batches = [to_device(b, image_transform, accelerator.device, channels_last) for b in micro_batches]
+        losses.append(float(train_step(model, device_batches, objective, accelerator, optimizer)["loss"]))
+        if counter is not None:
+            counter.end_step()
+    weights = {k: v.detach().clone() for k, v in parallel.full_state_dict(model).items()}
+    accelerator.free_memory()
+    return losses, weights, trimmed
+
+
+def main(out_dir: str, train_csv: str) -> None:
+    accelerator = accelerator_for_cpu()
+    assert accelerator.num_processes == 2, accelerator.num_processes
+    for name, (batch, flags) in SCENARIOS.items():
+        for optimizer_name in OPTIMIZERS:
+            counter = AllReduceCounter()
+            config = tiny_config(train_csv, "--batch-size", str(batch), *flags)
+            losses, weights, _ = run_steps(config, accelerator, STEPS, optimizer_name=optimizer_name, counter=counter)
+            if accelerator.is_main_process:
+                torch.save({"losses": losses, "weights": weights, "all_reduces": counter.per_step},
+                           os.path.join(out_dir, f"{name}-{optimizer_name}.pt"))
+    # A rank that skipped a corrupt sample: the ranks must agree on a batch size and go on.
+    config = tiny_config(train_csv, "--batch-size", "8", "--gather-with-grad")
+    losses, _, trimmed = run_steps(config, accelerator, 2, drop_on_rank=1)
+    all_trimmed = accelerator.gather(torch.tensor([trimmed])).tolist()
+    if accelerator.is_main_process:
+        torch.save({"losses": losses, "trimmed": all_trimmed}, os.path.join(out_dir, "uneven.pt"))
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+if __name__ == "__main__":
+    main(*sys.argv[1:3])

@@ -1,0 +1,395 @@
+"""Checkpoints: the folder format and its atomic save, pruning, the open_clip export (loaded by
+open_clip's own loader), open_clip epoch files as a starting point, the remote copy and the way
+back, and the one-line errors for bad --resume input and for a non-finite loss.
+
+One trained run (2 epochs of 10 steps on 160 rows of the fixture CSV, epoch saves, a file://
+remote copy) is shared by the tests that need real checkpoints; the rest work in this process.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import SMALL_CSV_ROWS, REPO, TINY_RN, TINY_VIT, read_metrics, run_trainer, tiny_train_args
+
+from acc_clip.checkpoint import export, manager
+from acc_clip.checkpoint.format import MANIFEST, TMP_PREFIX, Progress, complete_checkpoints, read_manifest
+from acc_clip.checkpoint.manager import CheckpointManager
+from acc_clip.runtime import parallel, signals
+from acc_clip.config import TrainConfig
+from acc_clip.errors import AccClipError
+from acc_clip.checkpoint.remote_sync import RemoteSync
+
+ROWS = SMALL_CSV_ROWS
+STEPS_PER_EPOCH = ROWS // 16
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "1")  # reproducible losses, and kind to the shared CPU
+        yield
+
+
+@pytest.fixture(scope="module")
+def trained(small_csv, tmp_path_factory) -> dict:
+    """Run R: 2 epochs, epoch_N.pt every epoch, copied to a file:// remote every second."""
+    root = tmp_path_factory.mktemp("trained")
+    remote = f"file://{root / 'remote'}"
+    args = tiny_train_args(small_csv, root / "logs", "R", "--save-frequency", "1", "--remote-sync", remote,
+                           "--remote-sync-protocol", "fsspec", "--remote-sync-frequency", "1")
+    run_trainer(args)
+    return {"run": root / "logs" / "R", "remote": remote, "remote_run": root / "remote" / "R", "csv": small_csv}
+
+
+def step_folder(run: Path, global_step: int) -> Path:
+    return run / "checkpoints" / f"step_{global_step:08d}"
+
+
+# the open_clip export -----------------------------------------------------------------------------
+
+def open_clip_features(model_name: str, pretrained: str) -> tuple[torch.Tensor, torch.Tensor]:
+    import open_clip
+
+    model, _, _ = open_clip.create_model_and_transforms(model_name, pretrained=pretrained)
+    return features(model, open_clip.get_tokenizer(model_name))
+
+
+def features(model: torch.nn.Module, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    images = torch.rand(4, 3, 64, 64, generator=torch.Generator().manual_seed(0))
+    texts = tokenizer(["a red circle", "a blue square on green", "two yellow triangles", "a purple star"])
+    model.eval()
+    with torch.no_grad():
+        return model.encode_image(images), model.encode_text(texts)
+
+
+@pytest.fixture(scope="module")
+def tiny_rn_registered(tmp_path_factory) -> str:
+    """open_clip ignores `pretrained` for local-dir: names, so register the tiny config under a name."""
+    import open_clip
+
+    config = json.loads((REPO / "configs" / "models" / "tiny-rn" / "open_clip_config.json").read_text())
+    path = tmp_path_factory.mktemp("configs") / "acc_clip_test_tiny_rn.json"
+    path.write_text(json.dumps(config["model_cfg"]))
+    open_clip.add_model_config(path)
+    return path.stem
+
+
+def test_exported_epoch_and_step_checkpoints_load_in_open_clip_with_the_trained_features(trained, tiny_rn_registered,
+                                                                                          tmp_path):
+    import open_clip
+    from safetensors.torch import load_file
+
+    run = trained["run"]
+    epoch_file = run / "checkpoints" / "epoch_2.pt"
+    saved = torch.load(epoch_file, map_location="cpu", weights_only=True)
+    assert set(saved) == {"epoch", "name", "state_dict", "optimizer"}  # fp32: no grad scaler
+    assert saved["epoch"] == 2 and saved["name"] == "R"
+
+    # The trained model: the weights the last step checkpoint restores into a fresh model.
+    trained_model, _, _ = open_clip.create_model_and_transforms(TINY_RN)
+    trained_model.load_state_dict(load_file(step_folder(run, 2 * STEPS_PER_EPOCH) / "model.safetensors"))
+    want_image, want_text = features(trained_model, open_clip.get_tokenizer(TINY_RN))
+
+    got_image, got_text = open_clip_features(tiny_rn_registered, str(epoch_file))
+    assert torch.allclose(got_image, want_image, rtol=0, atol=1e-5)
+    assert torch.allclose(got_text, want_text, rtol=0, atol=1e-5)
+
+    exported = tmp_path / "model.pt"
+    assert export.main([str(step_folder(run, 2 * STEPS_PER_EPOCH)), "--out", str(exported)]) == 0
+    assert torch.load(exported, map_location="cpu", weights_only=True)["epoch"] == 2
+    got_image, got_text = open_clip_features(tiny_rn_registered, str(exported))
+    assert torch.allclose(got_image, want_image, rtol=0, atol=1e-5)
+    assert torch.allclose(got_text, want_text, rtol=0, atol=1e-5)
+
+    # Not vacuous: the epoch-1 weights, and the untrained ones, give other features.
+    earlier_image, _ = open_clip_features(tiny_rn_registered, str(run / "checkpoints" / "epoch_1.pt"))
+    untrained_image, _ = features(open_clip.create_model_and_transforms(TINY_RN)[0], open_clip.get_tokenizer(TINY_RN))
+    assert (earlier_image - want_image).abs().max() > 1e-3
+    assert (untrained_image - want_image).abs().max() > 1e-3
+
+
+def test_an_open_clip_epoch_file_is_a_starting_point(trained, tmp_path):
+    """From epoch_1.pt (weights and optimizer), epoch 2 repeats run R's steps: same step numbers,
+    learning rates and losses."""
+    epoch_file = trained["run"] / "checkpoints" / "epoch_1.pt"
+    args = tiny_train_args(trained["csv"], tmp_path, "S", "--resume", str(epoch_file))
+    result = run_trainer(args)
+    assert "started from open_clip checkpoint" in result.stdout
+    got, want = read_metrics(tmp_path / "S"), read_metrics(trained["run"])[STEPS_PER_EPOCH:]
+    assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(STEPS_PER_EPOCH, 2 * STEPS_PER_EPOCH))
+    assert [r["lr"] for r in got] == [r["lr"] for r in want]
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(got, want)) <= 1e-6
+
+
+# the remote copy ----------------------------------------------------------------------------------
+
+def test_the_run_is_copied_to_the_remote_and_resume_latest_fetches_it_back(trained, tmp_path):
+    remote_run = trained["remote_run"]
+    assert (remote_run / "metrics.jsonl").read_text() == (trained["run"] / "metrics.jsonl").read_text()
+    assert (remote_run / "checkpoints" / "epoch_2.pt").is_file()
+    assert [p.name for p in sorted((remote_run / "checkpoints").glob("step_*"))] == \
+        [p.name for p in sorted((trained["run"] / "checkpoints").glob("step_*"))]
+    assert not list(remote_run.rglob(f"{TMP_PREFIX}*"))
+
+    # A machine without the local run folder: --resume latest takes the newest checkpoint (and
+    # metrics.jsonl) from the remote and trains a third epoch; the exit copies it back.
+    args = tiny_train_args(trained["csv"], tmp_path, "R", "--epochs", "3", "--resume", "latest", "--remote-sync",
+                           trained["remote"], "--remote-sync-protocol", "fsspec", "--remote-sync-frequency", "60")
+    result = run_trainer(args)
+    assert "fetched step_00000020" in result.stdout
+    assert "resumed from" in result.stdout and "global step 20" in result.stdout
+    assert [r["step"] for r in read_metrics(tmp_path / "R")] == list(range(3 * STEPS_PER_EPOCH))
+    assert (remote_run / "checkpoints" / f"step_{3 * STEPS_PER_EPOCH:08d}" / MANIFEST).is_file()
+
+
+def fake_checkpoint(folder: Path, payload: bytes = b"weights") -> Path:
+    folder.mkdir(parents=True)
+    (folder / "model.safetensors").write_bytes(payload)
+    (folder / MANIFEST).write_text("{}")
+    return folder
+
+
+def test_remote_sync_copies_complete_checkpoints_manifest_last_and_never_partial_ones(tmp_path):
+    run = tmp_path / "local" / "run"
+    fake_checkpoint(run / "checkpoints" / "step_00000004")
+    partial = run / "checkpoints" / f"{TMP_PREFIX}step_00000008"
+    partial.mkdir()
+    (partial / "model.safetensors").write_bytes(b"half")
+    (run / "metrics.jsonl").write_text('{"step": 0}\n')
+    sync = RemoteSync(str(run), f"file://{tmp_path / 'remote'}", "fsspec", 60, prune=True)
+    order = []
+    put_file = sync.fs.put_file
+    sync.fs.put_file = lambda local, remote: (order.append(os.path.basename(local)), put_file(local, remote))
+    assert sync.sync_once() == 3
+    assert order.index(MANIFEST) > order.index("model.safetensors")
+    remote = tmp_path / "remote" / "run"
+    assert (remote / "checkpoints" / "step_00000004" / MANIFEST).is_file()
+    assert not (remote / "checkpoints" / partial.name).exists()
+    assert sync.sync_once() == 0  # nothing changed, nothing copied
+
+    # keep-K pruning locally is mirrored, newer remote checkpoints are left alone
+    fake_checkpoint(run / "checkpoints" / "step_00000012")
+    shutil.rmtree(run / "checkpoints" / "step_00000004")
+    fake_checkpoint(remote / "checkpoints" / "step_00000099")
+    sync.sync_once()
+    assert sorted(p.name for p in (remote / "checkpoints").glob("step_*")) == ["step_00000012", "step_00000099"]
+
+
+def test_an_interrupted_remote_copy_is_not_fetched(tmp_path):
+    remote = tmp_path / "remote" / "run" / "checkpoints"
+    fake_checkpoint(remote / "step_00000004", b"complete")
+    (remote / "step_00000008").mkdir()  # the copy died before its manifest
+    (remote / "step_00000008" / "model.safetensors").write_bytes(b"half")
+    run = tmp_path / "local" / "run"
+    sync = RemoteSync(str(run), str(tmp_path / "remote"), "fsspec", 60)
+    fetched = sync.fetch_newest_checkpoint()
+    assert fetched == str(run / "checkpoints" / "step_00000004")
+    assert (run / "checkpoints" / "step_00000004" / "model.safetensors").read_bytes() == b"complete"
+    assert sync.fetch_newest_checkpoint() is None  # the local one is as new as any remote one
+
+
+def test_remote_sync_protocol_errors_are_one_line(tmp_path):
+    with pytest.raises(AccClipError, match="needs an s3:// URL"):
+        RemoteSync(str(tmp_path), f"file://{tmp_path}", "s3", 60)
+
+
+# bad input ---------------------------------------------------------------------------------------
+
+def test_resume_of_another_architecture_gives_one_line_and_exit_2(trained, tmp_path):
+    step10 = step_folder(trained["run"], STEPS_PER_EPOCH)
+    args = tiny_train_args(trained["csv"], tmp_path, "V", "--resume", str(step10), "--model", TINY_VIT)
+    result = run_trainer(args, check=False)
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1, result.stderr[-3000:]
+    assert lines[0].startswith(f"error: --resume {step10}: weights of another architecture ("), lines[0]
+
+
+def test_resume_rejects_damaged_and_interrupted_folders_and_points_into_run_folders(trained, tmp_path):
+    damaged = tmp_path / "step_00000010"
+    shutil.copytree(step_folder(trained["run"], STEPS_PER_EPOCH), damaged)
+    with open(damaged / "optimizer.bin", "r+b") as file:
+        file.truncate(100)
+    with pytest.raises(AccClipError, match="damaged checkpoint, optimizer.bin has 100 bytes"):
+        read_manifest(str(damaged))
+    interrupted = tmp_path / f"{TMP_PREFIX}step_00000012"
+    interrupted.mkdir()
+    with pytest.raises(AccClipError, match="an interrupted save"):
+        read_manifest(str(interrupted))
+    with pytest.raises(AccClipError, match="it holds checkpoints, e.g. .*step_00000020"):
+        read_manifest(str(trained["run"]))
+
+
+def test_a_non_finite_loss_stops_the_run_naming_the_step_and_saves_nothing_after_it(small_csv, tmp_path):
+    # lr 1e30 makes step 1's loss NaN. Its loss is not logged by itself (log every 10 steps), so
+    # it is the flush before the save due after step 2 that must catch it.
+    args = tiny_train_args(small_csv, tmp_path, "N", "--lr", "1e30", "--warmup", "1", "--log-every-n-steps", "10",
+                           "--save-every-n-steps", "1")
+    result = run_trainer(args, check=False)
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: the loss is nan at step 1 "), result.stderr[-3000:]
+    checkpoints = tmp_path / "N" / "checkpoints"
+    assert [p.name for p in checkpoints.iterdir()] == ["step_00000001"]  # the last one before the NaN
+
+
+# the manager in this process ---------------------------------------------------------------------
+
+class TinyNet(torch.nn.Module):
+    def __init__(self, outputs: int = 3):
+        super().__init__()
+        self.layer = torch.nn.Linear(4, outputs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
+@pytest.fixture
+def manager_parts(tmp_path):
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)
+    model = TinyNet()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    def manager(**settings) -> CheckpointManager:
+        config = TrainConfig(train_data="unused.csv", model="tiny-net", name="unit", **settings)
+        saver = CheckpointManager(str(tmp_path / "run"), config, accelerator)
+        saver.steps_per_epoch = 10
+        return saver
+
+    return accelerator, model, optimizer, manager
+
+
+def train_a_step(model, optimizer) -> None:
+    model(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    optimizer.zero_grad()
+
+
+def test_save_and_resume_restore_weights_optimizer_rng_and_progress(manager_parts):
+    accelerator, model, optimizer, manager = manager_parts
+    saver = manager()
+    train_a_step(model, optimizer)
+    saved = saver.save(model, optimizer, Progress(epoch=1, step_in_epoch=3, global_step=13, samples_seen=208))
+    weights = {k: v.clone() for k, v in model.state_dict().items()}
+    moment = optimizer.state_dict()["state"][0]["exp_avg"].clone()
+    next_draw = torch.rand(3)
+
+    train_a_step(model, optimizer)  # move everything on, then go back
+    resumed = manager(resume="latest").resume(model, optimizer, 10)
+    assert resumed == Progress(epoch=1, step_in_epoch=3, global_step=13, samples_seen=208)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in weights.items())
+    assert torch.equal(optimizer.state_dict()["state"][0]["exp_avg"], moment)
+    assert torch.equal(torch.rand(3), next_draw)  # the RNG continues where the save left it
+    manifest = json.loads(Path(saved, MANIFEST).read_text())
+    assert manifest["data"]["next_micro_batch"] == 3 and manifest["files"]["model.safetensors"] > 0
+
+
+def test_keep_checkpoints_keeps_the_newest_and_a_crashed_partial_is_removed(manager_parts, tmp_path):
+    accelerator, model, optimizer, manager = manager_parts
+    saver = manager(keep_checkpoints=2)
+    for step in (1, 2, 3):
+        saver.save(model, optimizer, Progress(global_step=step))
+    folder = Path(saver.directory)
+    assert [p.name for p in sorted(folder.iterdir())] == ["step_00000002", "step_00000003"]
+    (folder / f"{TMP_PREFIX}step_00000004").mkdir()
+    manager(keep_checkpoints=2)  # a new start cleans up
+    assert not (folder / f"{TMP_PREFIX}step_00000004").exists()
+
+    # a second save of the same step (epoch end after a step save) replaces the first
+    saver.save(model, optimizer, Progress(epoch=1, global_step=3))
+    assert [os.path.basename(c) for c in complete_checkpoints(saver.directory)] == ["step_00000002", "step_00000003"]
+    assert json.loads((folder / "step_00000003" / MANIFEST).read_text())["progress"]["epoch"] == 1
+    assert not [p for p in folder.iterdir() if p.name.startswith(TMP_PREFIX)]
+
+
+def test_epoch_saves_follow_save_frequency_most_recent_and_delete_previous(manager_parts):
+    accelerator, model, optimizer, manager = manager_parts
+    saver = manager(epochs=5, save_frequency=2, save_most_recent=True, delete_previous_checkpoint=True)
+    folder = Path(saver.directory)
+
+    def epoch_files() -> dict[str, int]:
+        return {p.name: torch.load(p, weights_only=True)["epoch"] for p in sorted(folder.glob("epoch_*.pt"))}
+
+    saver.end_of_epoch(model, optimizer, Progress(epoch=1, global_step=10))
+    assert epoch_files() == {"epoch_latest.pt": 1}  # not due, but the most recent is kept
+    saver.end_of_epoch(model, optimizer, Progress(epoch=2, global_step=20))
+    assert epoch_files() == {"epoch_2.pt": 2, "epoch_latest.pt": 2}
+    saver.end_of_epoch(model, optimizer, Progress(epoch=3, global_step=30))
+    assert epoch_files() == {"epoch_2.pt": 2, "epoch_latest.pt": 3}  # nothing deleted before a new one exists
+    saver.end_of_epoch(model, optimizer, Progress(epoch=5, global_step=50))  # the last epoch is always saved
+    assert epoch_files() == {"epoch_5.pt": 5, "epoch_latest.pt": 5}
+    assert [os.path.basename(c) for c in complete_checkpoints(saver.directory)] == \
+        ["step_00000010", "step_00000020", "step_00000030", "step_00000050"]
+
+
+def test_non_finite_weights_are_never_saved(manager_parts):
+    accelerator, model, optimizer, manager = manager_parts
+    saver = manager()
+    with torch.no_grad():
+        parallel.unwrap(model).layer.weight[0, 0] = float("inf")
+    with pytest.raises(AccClipError, match="not finite after step 7"):
+        saver.save(model, optimizer, Progress(global_step=7))
+    assert complete_checkpoints(saver.directory) == []
+
+
+def test_stop_signal_sets_a_flag_instead_of_killing():
+    previous = {s: signal.getsignal(s) for s in (signal.SIGTERM, signal.SIGINT)}
+    try:
+        stop = signals.StopSignal.install()
+        assert not stop.agreed(None)
+        os.kill(os.getpid(), signal.SIGTERM)
+        assert stop.requested and stop.agreed(None) and stop.signal_name == "SIGTERM"
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+class WorkerPids(torch.utils.data.Dataset):
+    def __len__(self) -> int:
+        return 6
+
+    def __getitem__(self, index: int) -> int:
+        return os.getpid()
+
+
+def test_data_workers_survive_a_sigterm_sent_to_the_whole_process_group():
+    loader = torch.utils.data.DataLoader(WorkerPids(), batch_size=1, num_workers=1, prefetch_factor=1,
+                                         worker_init_fn=signals.ignore_stop_signals)
+    batches = iter(loader)
+    worker = int(next(batches))
+    os.kill(worker, signal.SIGTERM)  # what a scheduler's group signal does to the worker
+    os.kill(worker, signal.SIGINT)
+    assert [int(pid) for pid in batches] == [worker] * 5  # without the init function: "worker ... killed"
+
+
+def test_rewind_drops_the_records_made_after_the_resumed_checkpoint_and_a_torn_last_line(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(5)) + '{"step": 5, "lo')
+    manager.rewind_jsonl(str(path), 3)
+    assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [0, 1, 2]
+
+
+def test_bad_resume_input_in_this_process(manager_parts, tmp_path):
+    accelerator, model, optimizer, manager = manager_parts
+    with pytest.raises(AccClipError, match=r"^--resume .*nope: no such file or folder$"):
+        manager(resume=str(tmp_path / "nope")).resume(model, optimizer, 10)
+    (tmp_path / "notes").mkdir()
+    with pytest.raises(AccClipError, match=r"notes: not an acc_clip checkpoint \(no complete.json\)$"):
+        manager(resume=str(tmp_path / "notes")).resume(model, optimizer, 10)
+    (tmp_path / "notes.txt").write_text("not torch")
+    with pytest.raises(AccClipError, match="not an open_clip checkpoint torch can read"):
+        manager(resume=str(tmp_path / "notes.txt")).resume(model, optimizer, 10)
+    other = tmp_path / "other.pt"
+    torch.save({"epoch": 1, "state_dict": TinyNet(outputs=5).state_dict()}, other)
+    with pytest.raises(AccClipError, match=r"weights of another architecture \('layer.weight' has shape \(5, 4\)"):
+        manager(resume=str(other)).resume(model, optimizer, 10)

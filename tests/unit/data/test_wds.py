@@ -1,0 +1,273 @@
+"""Training and eval batches from shards (acc_clip.data.wds): coverage across ranks and workers,
+deterministic epochs, exact mid-epoch resume, per-sample augmentation, caption draws, bad samples."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import os
+import tarfile
+import warnings
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+from torchvision import transforms
+
+from acc_clip.data import wds as wds_data
+from acc_clip.data.wds import build_wds_loader, expand_shard_urls
+from acc_clip.errors import AccClipError
+from acc_clip.shards.convert import convert_csv_to_shards
+
+CONTEXT = 24
+
+
+def tokenize(texts: list[str]) -> torch.Tensor:
+    """A stand-in tokenizer that can be read back: the caption's bytes, zero-padded."""
+    codes = list(texts[0].encode())[:CONTEXT]
+    return torch.tensor([codes + [0] * (CONTEXT - len(codes))], dtype=torch.long)
+
+
+def detokenize(tokens: torch.Tensor) -> str:
+    return bytes(t for t in tokens.tolist() if t).decode()
+
+
+# Random on purpose: equal pixels then prove equal augmentation draws.
+AUGMENT = transforms.Compose([transforms.RandomResizedCrop(16, scale=(0.2, 1.0)), transforms.ToTensor()])
+PLAIN = transforms.Compose([transforms.Resize(16), transforms.CenterCrop(16), transforms.ToTensor()])
+
+
+def make_shards(root, *, count=40, per_shard=10, captions_per_image=1) -> str:
+    os.makedirs(root / "img", exist_ok=True)
+    rng = np.random.default_rng(1)
+    rows = []
+    for i in range(count):
+        path = str(root / "img" / f"{i}.jpg")
+        Image.fromarray(rng.integers(0, 255, (36, 48, 3), dtype=np.uint8)).save(path, quality=90)
+        rows += [(path, f"image {i} caption {c}") for c in range(captions_per_image)]
+    with open(root / "data.csv", "w", newline="") as f:
+        csv.writer(f).writerows([("filepath", "title"), *rows])
+    out = root / "shards"
+    convert_csv_to_shards(str(root / "data.csv"), str(out), samples_per_shard=per_shard, workers=1,
+                          group_by_image=captions_per_image > 1, progress=False)
+    return str(out)
+
+
+@pytest.fixture(scope="module")
+def shard_dir(tmp_path_factory):
+    return make_shards(tmp_path_factory.mktemp("wds"))
+
+
+def load(urls, **kwargs):
+    """All batches of one loader, and the batch count it announced."""
+    arguments = dict(preprocess=AUGMENT, tokenizer=tokenize, batch_size=5, workers=2, seed=7, epoch=0, rank=0,
+                     world_size=1, shuffle_buffer=100)
+    arguments.update(kwargs)
+    loader, num_batches = build_wds_loader(urls, **arguments)
+    return list(loader), num_batches
+
+
+def indices_of(batches) -> list[int]:
+    return [i for batch in batches for i in batch.indices.tolist()]
+
+
+def test_two_ranks_two_workers_see_every_sample_once_per_epoch(shard_dir):
+    orders = {}
+    for epoch in (0, 1):
+        for rank in (0, 1):
+            batches, num_batches = load(shard_dir, epoch=epoch, rank=rank, world_size=2)
+            assert num_batches == 40 // (5 * 2) == len(batches)
+            assert all(len(batch.indices) == 5 and batch.num_bad == 0 for batch in batches)
+            orders[epoch, rank] = indices_of(batches)
+        seen = orders[epoch, 0] + orders[epoch, 1]
+        assert sorted(seen) == list(range(40))
+    assert orders[0, 0] + orders[0, 1] != orders[1, 0] + orders[1, 1]
+
+    again, _ = load(shard_dir, epoch=1, rank=1, world_size=2)
+    assert indices_of(again) == orders[1, 1]
+    other_seed, _ = load(shard_dir, epoch=1, rank=1, world_size=2, seed=8)
+    assert indices_of(other_seed) != orders[1, 1]
+
+
+def test_url_forms_name_the_same_shards(shard_dir):
+    names = [os.path.join(shard_dir, f"{i:05d}.tar") for i in range(4)]
+    assert expand_shard_urls(shard_dir) == names
+    assert expand_shard_urls(os.path.join(shard_dir, "{00000..00003}.tar")) == names
+    assert expand_shard_urls("::".join(names)) == names
+    with pytest.raises(AccClipError, match=r"00004.tar: shard not found \(6 of 10 missing\)"):
+        expand_shard_urls(os.path.join(shard_dir, "{00000..00009}.tar"))
+
+
+def test_augmentation_follows_the_sample_not_the_worker(shard_dir):
+    def pixels_by_index(workers):
+        batches, _ = load(shard_dir, workers=workers, epoch=3, batch_size=4)
+        return {i: image for batch in batches for i, image in zip(batch.indices.tolist(), batch.images)}
+
+    single, parallel = pixels_by_index(0), pixels_by_index(2)
+    assert sorted(single) == sorted(parallel) == list(range(40))
+    assert all(torch.equal(single[i], parallel[i]) for i in single)
+    next_epoch, _ = load(shard_dir, workers=0, epoch=4, batch_size=4)
+    assert not torch.equal(next_epoch[0].images[0], single[next_epoch[0].indices[0].item()])
+
+
+@pytest.mark.parametrize("resampled", [False, True])
+def test_start_batch_gives_the_rest_of_the_uninterrupted_epoch(shard_dir, resampled):
+    # 13 batches over 2 workers: uneven quotas (7 and 6), so the worker rotation is exercised.
+    settings = dict(batch_size=3, workers=2, epoch=2, resampled=resampled)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # 20 samples per worker do not fill 7 batches of 3 evenly
+        full, num_batches = load(shard_dir, **settings)
+        assert num_batches == len(full) == 13
+        for start in (4, 5, 13):
+            rest, _ = load(shard_dir, start_batch=start, **settings)
+            assert len(rest) == num_batches - start
+            for resumed, original in zip(rest, full[start:]):
+                assert torch.equal(resumed.indices, original.indices)
+                assert torch.equal(resumed.images, original.images)
+                assert torch.equal(resumed.texts, original.texts)
+
+
+def test_skipped_batches_are_not_decoded(shard_dir, monkeypatch):
+    decoded = []
+    real_decode = wds_data.ShardEpoch._decode
+
+    def counting_decode(self, raw):
+        decoded.append(raw["__key__"])
+        return real_decode(self, raw)
+
+    monkeypatch.setattr(wds_data.ShardEpoch, "_decode", counting_decode)
+    rest, num_batches = load(shard_dir, workers=0, batch_size=4, start_batch=6)
+    assert len(rest) == num_batches - 6 == 4
+    assert len(decoded) == 4 * 4
+
+
+def test_uneven_shards_warn_but_every_rank_gets_the_same_number_of_batches(tmp_path):
+    uneven = make_shards(tmp_path, per_shard=8)  # 5 shards for 2 ranks x 2 workers
+    for rank in (0, 1):
+        with pytest.warns(UserWarning, match="do not divide evenly"):
+            batches, num_batches = load(uneven, rank=rank, world_size=2, batch_size=4)
+        assert len(batches) == num_batches == 40 // (4 * 2)
+        assert all(len(batch.indices) == 4 for batch in batches)
+
+
+def test_too_few_shards_for_ranks_and_workers_is_an_error(shard_dir):
+    with pytest.raises(AccClipError, match="4 shards cannot feed 3 ranks x 2 workers"):
+        build_wds_loader(shard_dir, preprocess=AUGMENT, tokenizer=tokenize, batch_size=2, workers=2, seed=0,
+                         epoch=0, rank=0, world_size=3)
+    # Sampling shards with replacement needs no split, so it is allowed.
+    batches, num_batches = load(shard_dir, workers=2, world_size=3, batch_size=2, resampled=True)
+    assert len(batches) == num_batches == 40 // (2 * 3)
+
+
+def test_a_resume_position_past_the_epoch_is_refused(shard_dir):
+    # A checkpoint's position from a longer epoch (e.g. saved with half the processes) does not fit.
+    rest, _ = load(shard_dir, batch_size=5, workers=0, start_batch=8)
+    assert rest == []  # the end of the epoch is a valid position: nothing left
+    with pytest.raises(AccClipError, match="cannot start epoch 0 at batch 9: it has 8 batches per process"):
+        load(shard_dir, batch_size=5, workers=0, start_batch=9)
+
+
+def test_epoch_length_needs_sizes_json_or_num_samples(tmp_path, shard_dir):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in sorted(os.listdir(shard_dir)):
+        if name.endswith(".tar"):
+            (bare / name).write_bytes(open(os.path.join(shard_dir, name), "rb").read())
+    with pytest.raises(AccClipError, match="sizes.json"):
+        load(str(bare))
+    batches, num_batches = load(str(bare), num_samples=20, workers=0)
+    assert num_batches == len(batches) == 4
+
+
+def test_eval_sees_every_sample_once_in_order_without_dropping(shard_dir):
+    seen = []
+    for rank in (0, 1):
+        batches, num_batches = load(shard_dir, is_train=False, preprocess=PLAIN, batch_size=3, rank=rank,
+                                    world_size=2)
+        assert len(batches) == num_batches == 2 * 4  # each worker: one shard of 10 -> batches of 3,3,3,1
+        assert sorted(len(b.indices) for b in batches) == [1, 1, 3, 3, 3, 3, 3, 3]
+        seen += indices_of(batches)
+    assert sorted(seen) == list(range(40))
+    again = []
+    for rank in (0, 1):
+        again += indices_of(load(shard_dir, is_train=False, preprocess=PLAIN, batch_size=3, rank=rank,
+                                 world_size=2)[0])
+    assert again == seen
+
+
+def test_group_by_image_draws_one_caption_per_epoch(tmp_path):
+    grouped = make_shards(tmp_path, count=8, per_shard=4, captions_per_image=3)
+
+    def captions(epoch, workers):
+        batches, _ = load(grouped, epoch=epoch, workers=workers, batch_size=2, world_size=1)
+        return {i: detokenize(t) for batch in batches for i, t in zip(batch.indices.tolist(), batch.texts)}
+
+    first = captions(0, workers=0)
+    assert sorted(first) == list(range(8))
+    assert all(text.startswith(f"image {i} caption ") for i, text in first.items())
+    assert captions(0, workers=2) == first
+    drawn = [captions(epoch, workers=0) for epoch in (1, 2, 3)]
+    assert any(d != first for d in drawn)
+    assert len({text for d in [first, *drawn] for text in d.values()}) > 8
+
+
+def write_tar(path, samples: dict[str, dict[str, bytes]]) -> None:
+    with tarfile.open(path, "w") as tar:
+        for key, files in samples.items():
+            for extension, data in files.items():
+                info = tarfile.TarInfo(f"{key}.{extension}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+
+
+def test_bad_samples_become_counted_gaps(tmp_path, caplog):
+    buffer = io.BytesIO()
+    Image.new("RGB", (20, 20), (1, 2, 3)).save(buffer, "JPEG")
+    good = buffer.getvalue()
+    write_tar(tmp_path / "00000.tar", {
+        "000000000": {"jpg": good, "txt": b"fine"},
+        "000000001": {"jpg": b"not a jpeg at all", "txt": b"broken image"},
+        "000000002": {"jpg": good, "txt": b"  "},
+        "000000003": {"txt": b"no image"},
+        "000000004": {"jpg": good, "txt": b"fine too", "json": json.dumps({"row": 4}).encode()},
+        "000000005": {"jpg": good[:100], "txt": b"truncated"},
+    })
+    (tmp_path / "sizes.json").write_text(json.dumps({"00000.tar": 6}))
+    batches, num_batches = load(str(tmp_path / "00000.tar"), workers=0, batch_size=6, preprocess=PLAIN)
+    assert num_batches == len(batches) == 1
+    assert batches[0].num_bad == 4
+    assert batches[0].indices.tolist() in ([0, 4], [4, 0])
+    assert "00000.tar sample 000000001: image does not decode" in caplog.text
+    assert "00000.tar sample 000000003: no image" in caplog.text
+
+
+def test_pinning_follows_the_caller(shard_dir):
+    """--pin-memory / --no-pin-memory reach the shard loader; left unsaid, it pins where CUDA is."""
+    common = dict(preprocess=PLAIN, tokenizer=tokenize, batch_size=5, workers=0, seed=0, epoch=0, rank=0, world_size=1)
+    assert build_wds_loader(shard_dir, pin_memory=False, **common)[0].pin_memory is False
+    assert build_wds_loader(shard_dir, pin_memory=True, **common)[0].pin_memory is True
+    assert build_wds_loader(shard_dir, **common)[0].pin_memory is torch.cuda.is_available()
+
+
+def test_the_shuffle_buffer_starts_early_and_loses_nothing():
+    import random
+
+    from acc_clip.data.wds import buffer_shuffle
+
+    read = []
+
+    def stream():
+        for item in range(5000):
+            read.append(item)
+            yield item
+
+    shuffled = buffer_shuffle(stream(), 2000, random.Random(3), initial=100)
+    first = next(shuffled)
+    assert len(read) == 100  # the first item comes after 100 reads, not 2000
+    out = [first, *shuffled]
+    assert sorted(out) == list(range(5000)) and out != list(range(5000))
+    assert out == list(buffer_shuffle(range(5000), 2000, random.Random(3), initial=100))  # a function of the seed
+    # Once full, items are yielded one for one: the buffer stays at 2000, so an item can travel far.
+    assert max(out.index(item) - item for item in range(5000)) > 1000

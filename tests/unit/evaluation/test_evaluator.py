@@ -1,0 +1,282 @@
+"""Retrieval metrics against open_clip's, the COCO protocol, 1 vs 2 processes, and `acc-clip eval`."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from open_clip_train.train import get_clip_metrics
+from PIL import Image
+
+from acc_clip import cli
+from acc_clip.data.csv import CsvDataset, build_eval_loader
+from acc_clip.checkpoint.format import load_weights
+from acc_clip.evaluation.evaluator import evaluate_retrieval, gather_rows_by_index
+from acc_clip.evaluation.retrieval import coco_retrieval_metrics, retrieval_metrics
+from acc_clip.errors import AccClipError
+from acc_clip.evaluation.zeroshot import load_zeroshot_dataset, zeroshot_eval
+
+from conftest import REPO
+
+TINY_MODEL_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 16},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+def write_model_dir(path: Path, embed_dim: int = 32) -> str:
+    path.mkdir(parents=True, exist_ok=True)
+    config = {"model_cfg": {**TINY_MODEL_CFG, "embed_dim": embed_dim}, "preprocess_cfg": {}}
+    (path / "open_clip_config.json").write_text(json.dumps(config))
+    return f"local-dir:{path}"
+
+
+def write_image(path: Path, seed: int) -> str:
+    rng = np.random.default_rng(seed)
+    pixels = (rng.random((3, 3, 3)) * 255).astype(np.uint8).repeat(12, axis=0).repeat(12, axis=1)
+    Image.fromarray(pixels).save(path)
+    return str(path)
+
+
+def normalized(x: torch.Tensor) -> torch.Tensor:
+    return x / x.norm(dim=1, keepdim=True)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    name = write_model_dir(tmp_path_factory.mktemp("model"))
+    torch.manual_seed(0)
+    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
+    return name, model.eval(), preprocess, open_clip.get_tokenizer(name)
+
+
+@pytest.fixture(scope="module")
+def odd_val_csv(tmp_path_factory):
+    """11 rows (odd): 8 distinct images, two of them with two captions, and a row whose image is missing."""
+    root = tmp_path_factory.mktemp("val")
+    images = [write_image(root / f"img{i}.png", seed=i) for i in range(8)]
+    rows = [(images[i], f"a photo of thing number {i}") for i in range(8)]
+    rows += [(images[2], "another caption of two"), (images[5], "five again")]
+    # row 3: with 2 processes, rank 1 reads rows 1, 3, 5, 7, 9 and has 4 good rows to rank 0's 6
+    rows.insert(3, (str(root / "missing.png"), "this image does not exist"))
+    path = root / "val.csv"
+    path.write_text("filepath\ttitle\n" + "".join(f"{f}\t{c}\n" for f, c in rows))
+    return str(path)
+
+
+# --- metrics on features -------------------------------------------------------------------------
+
+
+def assert_same_as_open_clip(image_features, text_features, logit_scale):
+    ours = retrieval_metrics(image_features, text_features, logit_scale)
+    theirs = get_clip_metrics(image_features, text_features, logit_scale)
+    assert ours.keys() == theirs.keys()
+    for key in theirs:
+        assert ours[key] == float(theirs[key]), key
+
+
+@pytest.mark.parametrize("num_rows,seed", [(1, 0), (2, 1), (7, 2), (64, 3), (123, 4)])
+def test_retrieval_metrics_equal_open_clip_on_random_features(num_rows, seed):
+    generator = torch.Generator().manual_seed(seed)
+    images = normalized(torch.randn(num_rows, 16, generator=generator))
+    texts = normalized(torch.randn(num_rows, 16, generator=generator))
+    assert_same_as_open_clip(images, texts, torch.tensor(100.0))
+
+
+@pytest.mark.parametrize("num_rows,noise", [(100, 0.5), (151, 1.0), (40, 0.1)])
+def test_retrieval_metrics_equal_open_clip_on_paired_features(num_rows, noise):
+    # Captions close to their images: low ranks, the shape real validation metrics have.
+    generator = torch.Generator().manual_seed(num_rows)
+    images = normalized(torch.randn(num_rows, 32, generator=generator))
+    texts = normalized(images + noise * torch.randn(num_rows, 32, generator=generator) / 32**0.5)
+    metrics = retrieval_metrics(images, texts, torch.tensor(14.3))
+    assert 0 < metrics["image_to_text_R@1"] and metrics["image_to_text_R@10"] <= 1
+    assert_same_as_open_clip(images, texts, torch.tensor(14.3))
+
+
+def test_identical_features_tie_in_the_rows_favour():
+    # Rows 0 and 1 show the same image with two captions that it scores equally. Each caption ties
+    # between images 0 and 1, each image between captions 0 and 1: no tie may count against the
+    # pair (argsort would break half of them the wrong way).
+    images = torch.tensor([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    texts = normalized(torch.tensor([[1.0, 0.1], [1.0, -0.1], [0.0, 1.0]]))
+    metrics = retrieval_metrics(images, texts, 10.0)
+    for direction in ("image_to_text", "text_to_image"):
+        assert metrics[f"{direction}_R@1"] == 1.0 and metrics[f"{direction}_mean_rank"] == 1.0
+
+
+def test_coco_metrics_count_any_caption_of_an_image_and_rank_unique_images():
+    image_a, image_b = [1.0, 0.0, 0.0], [0.0, 1.0, 0.0]
+    # rows: (image, caption); image A has two captions, its SECOND one is its best.
+    image_rows = torch.tensor([image_a, image_a, image_b])
+    captions = torch.tensor([[0.1, 0.0, 1.0], [1.0, 0.0, 0.0], [0.9, 0.5, 0.0]])
+    keys = ["a.jpg", "a.jpg", "b.jpg"]
+    # A scores captions (0.1, 1.0, 0.9): its 2nd caption is top-1 -> hit. B scores (0, 0, 0.5) -> hit.
+    # Caption 3 (of B) scores A 0.9 > B 0.5: its image is 2nd -> miss at 1, hit at 5.
+    metrics = coco_retrieval_metrics(image_rows, captions, keys)
+    assert metrics["coco_num_images"] == 2
+    assert metrics["coco_image_to_text_R@1"] == 1.0
+    assert metrics["coco_text_to_image_R@1"] == pytest.approx(2 / 3)
+    assert metrics["coco_text_to_image_R@5"] == 1.0
+    # Row-level pairs see it differently: row 0's own caption is only 3rd for its image.
+    assert retrieval_metrics(image_rows, captions, 1.0)["image_to_text_R@1"] < 1.0
+
+
+def test_coco_image_to_text_misses_when_no_caption_is_in_top_k():
+    # One image with two captions, both beaten by 10 captions of other images.
+    generator = torch.Generator().manual_seed(0)
+    target = torch.tensor([[1.0] + [0.0] * 15])
+    others = torch.randn(10, 16, generator=generator).abs() + 0.1
+    others[:, -1] = 0  # the target's captions point along the last axis: others score them 0
+    others = normalized(others)
+    image_rows = torch.cat([target, target, others])
+    captions = torch.cat([torch.tensor([[0.0] * 15 + [1.0]] * 2), target.repeat(10, 1) + others * 0.01])
+    metrics = coco_retrieval_metrics(image_rows, captions, ["t", "t"] + [f"o{i}" for i in range(10)])
+    # The target image ranks its captions 11th and 12th: no hit even at 10; each other image's own caption is its 1st.
+    scores = image_rows[0] @ captions.t()
+    assert (scores[2:] > scores[:2].max()).all()
+    assert metrics["coco_image_to_text_R@10"] == metrics["coco_image_to_text_R@1"] == 10 / 11
+
+
+# --- evaluation over a loader --------------------------------------------------------------------
+
+
+def loader_for(odd_val_csv, tiny, accelerator, batch_size):
+    _, _, preprocess, tokenizer = tiny
+    dataset = CsvDataset(odd_val_csv, transform=preprocess, tokenizer=tokenizer, augment_seeded=False)
+    return build_eval_loader(dataset, batch_size=batch_size, workers=0,
+                             rank=accelerator.process_index, world_size=accelerator.num_processes)
+
+
+def test_evaluate_retrieval_matches_features_encoded_by_hand(odd_val_csv, tiny, accelerator):
+    _, model, preprocess, tokenizer = tiny
+    model.train()
+    metrics = evaluate_retrieval(model, loader_for(odd_val_csv, tiny, accelerator, batch_size=3), accelerator)
+    assert model.training, "the train loop's model must come back in train mode"
+    assert metrics["num_samples"] == 10 and metrics["num_bad"] == 1
+    assert metrics["coco_num_images"] == 8
+
+    dataset = CsvDataset(odd_val_csv, transform=preprocess, tokenizer=tokenizer, augment_seeded=False)
+    good = [s for s in (dataset[i] for i in range(len(dataset))) if s is not None]
+    files = [dataset.filepaths[s.index] for s in good]
+    model.eval()
+    with torch.no_grad():
+        images = model.encode_image(torch.stack([s.image for s in good]), normalize=True)
+        texts = model.encode_text(torch.stack([s.text for s in good]), normalize=True)
+        scale = model.logit_scale.exp()
+    # a shared image gets the features of its first row, bit for bit
+    images = images[[files.index(f) for f in files]]
+    logits = scale * images @ texts.t()
+    labels = torch.arange(len(good))
+    loss = (torch.nn.functional.cross_entropy(logits, labels)
+            + torch.nn.functional.cross_entropy(logits.t(), labels)) / 2
+    assert metrics["val_loss"] == pytest.approx(loss.item(), abs=1e-5)
+    expected = {**retrieval_metrics(images, texts, scale), **coco_retrieval_metrics(images, texts, files)}
+    for key, value in expected.items():
+        assert metrics[key] == pytest.approx(value, abs=1e-9), key
+
+
+def test_gathered_rows_come_sorted_by_index_each_once(accelerator):
+    # e.g. a loader that repeats a sample to even out processes: the repeat must not count twice
+    indices = torch.tensor([3, 1, 3, 0])
+    features = torch.tensor([[30.0], [10.0], [31.0], [0.0]])
+    kept_indices, kept_features = gather_rows_by_index(accelerator, indices, features)
+    assert kept_indices.tolist() == [0, 1, 3]
+    assert kept_features.flatten().tolist() == [0.0, 10.0, 30.0]
+
+
+def test_two_processes_give_the_one_process_numbers(odd_val_csv, tiny, accelerator, tmp_path):
+    name, model, preprocess, tokenizer = tiny
+    one_process = {"retrieval": evaluate_retrieval(model, loader_for(odd_val_csv, tiny, accelerator, 4), accelerator)}
+    zeroshot_root = tmp_path / "zs"
+    for label, cls in enumerate(["cat", "dog", "red_car"]):
+        (zeroshot_root / cls).mkdir(parents=True)
+        for i in range(2 + label):  # 9 images: an uneven split over 2 processes
+            write_image(zeroshot_root / cls / f"{i}.png", seed=100 + 10 * label + i)
+    dataset, classnames = load_zeroshot_dataset(str(zeroshot_root), transform=preprocess)
+    one_process["zeroshot"] = zeroshot_eval(
+        model, tokenizer, dataset, classnames, ["a photo of a {}."], accelerator, batch_size=3, workers=0)
+    (tmp_path / "templates.txt").write_text("a photo of a {}.\n")
+
+    checkpoint = tmp_path / "epoch_1.pt"  # as a DDP run saves it: keys under `module.`
+    torch.save({"epoch": 1, "name": "x", "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}},
+               checkpoint)
+    out = tmp_path / "metrics.json"
+    # `accelerate launch --cpu --num_processes 2` starts ONE process (its CPU launcher expects mpirun);
+    # torchrun starts two, and Accelerator(cpu=True) joins them over gloo.
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+        "-m", "acc_clip.eval", "--model", name, "--checkpoint", str(checkpoint), "--val-data", odd_val_csv,
+        "--zeroshot-data", str(zeroshot_root), "--zeroshot-templates", str(tmp_path / "templates.txt"),
+        "--batch-size", "2", "--workers", "0", "--device", "cpu", "--out", str(out),
+    ]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "on 2 process(es)" in run.stderr
+    two_processes = json.loads(out.read_text())
+
+    assert two_processes.keys() == one_process.keys()
+    for group in one_process:
+        assert two_processes[group].keys() == one_process[group].keys()
+        for key, value in one_process[group].items():
+            assert two_processes[group][key] == pytest.approx(value, abs=1e-6), (group, key)
+    assert two_processes["retrieval"]["num_samples"] == 10 and two_processes["zeroshot"]["zeroshot_num_samples"] == 9
+
+
+# --- checkpoints and the command -----------------------------------------------------------------
+
+
+def test_load_weights_accepts_plain_state_dict_and_rejects_unknown_formats(tiny, tmp_path):
+    name, model, _, _ = tiny
+    fresh, _, _ = open_clip.create_model_and_transforms(name, pretrained=None)
+    assert not torch.equal(fresh.visual.conv1.weight, model.visual.conv1.weight)
+    torch.save(model.state_dict(), tmp_path / "plain.pt")
+    load_weights(fresh, str(tmp_path / "plain.pt"), "--checkpoint")
+    assert torch.equal(fresh.visual.conv1.weight, model.visual.conv1.weight)
+
+    torch.save([1, 2, 3], tmp_path / "list.pt")
+    (tmp_path / "text.pt").write_text("not a checkpoint")
+    for path in (tmp_path / "list.pt", tmp_path / "text.pt"):
+        with pytest.raises(AccClipError, match="not an open_clip checkpoint"):
+            load_weights(fresh, str(path), "--checkpoint")
+    # A folder is read as an acc_clip step checkpoint, and refused without its completion manifest.
+    with pytest.raises(AccClipError, match="--checkpoint .*: not an acc_clip checkpoint"):
+        load_weights(fresh, str(tmp_path), "--checkpoint")
+
+
+def test_acc_clip_eval_prints_metrics_for_an_open_clip_checkpoint(odd_val_csv, tiny, tmp_path, capsys):
+    name, model, _, _ = tiny
+    torch.save({"epoch": 1, "name": "x", "state_dict": model.state_dict()}, tmp_path / "epoch_1.pt")
+    out = tmp_path / "out.json"
+    status = cli.main(["eval", "--model", name, "--checkpoint", str(tmp_path / "epoch_1.pt"), "--val-data", odd_val_csv,
+                       "--batch-size", "4", "--workers", "0", "--device", "cpu", "--out", str(out)])
+    assert status == 0
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["eval"] for line in printed] == ["retrieval"]
+    assert printed[0]["num_samples"] == 10 and 0 <= printed[0]["image_to_text_R@1"] <= 1
+    assert json.loads(out.read_text())["retrieval"]["val_loss"] == pytest.approx(printed[0]["val_loss"])
+
+
+def test_acc_clip_eval_rejects_a_checkpoint_of_another_architecture(odd_val_csv, tiny, tmp_path, capsys):
+    name, model, _, _ = tiny
+    other, _, _ = open_clip.create_model_and_transforms(write_model_dir(tmp_path / "other", embed_dim=24))
+    torch.save({"epoch": 1, "name": "x", "state_dict": other.state_dict()}, tmp_path / "epoch_1.pt")
+    status = cli.main(["eval", "--model", name, "--checkpoint", str(tmp_path / "epoch_1.pt"), "--val-data", odd_val_csv,
+                       "--device", "cpu", "--workers", "0"])
+    assert status == 2
+    captured = capsys.readouterr()
+    assert captured.out == ""
+    lines = captured.err.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ")
+    first_mismatch = next(key for key, value in model.state_dict().items()
+                          if value.shape != other.state_dict()[key].shape)
+    assert f"'{first_mismatch}'" in lines[0]

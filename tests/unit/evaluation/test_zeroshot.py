@@ -1,0 +1,160 @@
+"""Zero-shot data loading, its errors, and accuracy against a brute-force computation."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import pytest
+import torch
+from PIL import Image
+
+from acc_clip.errors import AccClipError
+from acc_clip.evaluation.zeroshot import load_imagenet_val, load_templates, load_zeroshot_dataset, zeroshot_eval
+
+CLASS_FOLDERS = ["aardvark", "black_cat", "car", "dog", "red_fox", "zebra"]  # sorted, as labels are
+
+
+def write_image(path: Path, seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    pixels = (rng.random((3, 3, 3)) * 255).astype(np.uint8).repeat(12, axis=0).repeat(12, axis=1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+
+
+def make_folder(root: Path, classes: list[str], per_class: int = 2) -> Path:
+    for label, name in enumerate(classes):
+        for i in range(per_class):
+            write_image(root / name / f"{i}.png", seed=10 * label + i)
+    return root
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    root = tmp_path_factory.mktemp("model")
+    config = {"model_cfg": {
+        "embed_dim": 32,
+        "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 16},
+        "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+    }, "preprocess_cfg": {}}
+    (root / "open_clip_config.json").write_text(json.dumps(config))
+    torch.manual_seed(1)
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{root}", pretrained=None)
+    return model.eval(), preprocess, open_clip.get_tokenizer(f"local-dir:{root}")
+
+
+def test_accuracy_equals_brute_force(tiny, accelerator, tmp_path):
+    model, preprocess, tokenizer = tiny
+    root = make_folder(tmp_path / "data", CLASS_FOLDERS)
+    (root / "dog" / "broken.png").write_bytes(b"not a png")
+    (root / "dog" / "notes.txt").write_text("not an image, not counted")
+    (tmp_path / "templates.txt").write_text("a photo of a {}.\n{} in the wild\n\n")
+
+    dataset, classnames = load_zeroshot_dataset(str(root), transform=preprocess)
+    assert classnames == ["aardvark", "black cat", "car", "dog", "red fox", "zebra"]
+    templates = load_templates(str(tmp_path / "templates.txt"))
+    metrics = zeroshot_eval(model, tokenizer, dataset, classnames, templates, accelerator, batch_size=5, workers=0)
+
+    with torch.no_grad():
+        class_embeddings = []
+        for name in classnames:
+            per_template = model.encode_text(tokenizer([t.format(name) for t in templates]), normalize=True)
+            mean = per_template.mean(dim=0)
+            class_embeddings.append(mean / mean.norm())
+        top1 = top5 = 0
+        for label, folder in enumerate(CLASS_FOLDERS):
+            for i in range(2):
+                with Image.open(root / folder / f"{i}.png") as image:
+                    features = model.encode_image(preprocess(image).unsqueeze(0), normalize=True)[0]
+                scores = torch.stack([features @ c for c in class_embeddings])
+                order = sorted(range(len(classnames)), key=lambda c: -scores[c].item())
+                top1 += order[0] == label
+                top5 += label in order[:5]
+    assert metrics["zeroshot_num_samples"] == 12 and metrics["zeroshot_num_bad"] == 1
+    assert metrics["zeroshot_top1"] == top1 / 12
+    assert metrics["zeroshot_top5"] == top5 / 12
+    assert 0 <= metrics["zeroshot_top1"] <= metrics["zeroshot_top5"] <= 1
+
+
+def test_default_templates_are_open_clips_openai_imagenet_templates():
+    assert load_templates(None) is open_clip.OPENAI_IMAGENET_TEMPLATES
+
+
+def test_classnames_file_replaces_folder_names(tmp_path):
+    root = make_folder(tmp_path / "data", ["n01", "n02", "n03"], per_class=1)
+    (tmp_path / "names.txt").write_text("tench\ngoldfish\nshark\n")
+    dataset, classnames = load_zeroshot_dataset(str(root), transform=None, classnames_file=str(tmp_path / "names.txt"))
+    assert classnames == ["tench", "goldfish", "shark"] and dataset.labels == [0, 1, 2]
+
+
+def test_classnames_count_mismatch_names_both_counts_and_the_first_mismatch(tmp_path):
+    root = make_folder(tmp_path / "data", ["cat", "dog", "red_fox"], per_class=1)
+    (tmp_path / "names.txt").write_text("cat\nred fox\n")
+    with pytest.raises(AccClipError) as error:
+        load_zeroshot_dataset(str(root), transform=None, classnames_file=str(tmp_path / "names.txt"))
+    message = str(error.value)
+    assert "\n" not in message
+    assert "2 class names" in message and "3 classes" in message
+    assert "class 2: 'red fox' named, 'dog' in the data" in message
+
+
+def test_single_class_folder_is_an_error(tmp_path):
+    root = make_folder(tmp_path / "data", ["cat"])
+    with pytest.raises(AccClipError, match="1 class only"):
+        load_zeroshot_dataset(str(root), transform=None)
+
+
+def test_empty_folder_and_empty_class_folder_are_errors(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(AccClipError, match="no class sub-folders"):
+        load_zeroshot_dataset(str(tmp_path / "empty"), transform=None)
+    root = make_folder(tmp_path / "data", ["cat", "dog"])
+    (root / "emu").mkdir()
+    (root / "emu" / "readme.txt").write_text("no images here")
+    with pytest.raises(AccClipError, match=r"emu: class folder holds no images"):
+        load_zeroshot_dataset(str(root), transform=None)
+
+
+def test_template_without_placeholder_is_an_error(tmp_path):
+    (tmp_path / "templates.txt").write_text("a photo of a {}.\na photo of a thing\n")
+    with pytest.raises(AccClipError, match="line 2"):
+        load_templates(str(tmp_path / "templates.txt"))
+
+
+def test_csv_with_class_name_labels_and_a_missing_image(tmp_path):
+    write_image(tmp_path / "a.png", 0)
+    write_image(tmp_path / "b.png", 1)
+    (tmp_path / "data.csv").write_text(
+        f"filepath,label\n{tmp_path / 'a.png'},zebra\n{tmp_path / 'gone.png'},ant\n{tmp_path / 'b.png'},ant\n")
+    dataset, classnames = load_zeroshot_dataset(str(tmp_path / "data.csv"), transform=lambda image: torch.zeros(1))
+    assert classnames == ["ant", "zebra"] and dataset.labels == [1, 0, 0]
+    assert dataset[1] is None  # missing: skipped, and the collate counts it
+    assert dataset[2].text.item() == 0 and dataset[2].index == 2
+
+
+def test_csv_row_without_label_is_an_error(tmp_path):
+    (tmp_path / "data.csv").write_text("filepath,label\na.png,cat\nb.png,\n")
+    with pytest.raises(AccClipError, match="data row 2: empty label"):
+        load_zeroshot_dataset(str(tmp_path / "data.csv"), transform=None)
+
+
+def test_csv_with_integer_labels_needs_class_names_that_cover_them(tmp_path):
+    write_image(tmp_path / "a.png", 0)
+    (tmp_path / "data.csv").write_text(f"filepath,label\n{tmp_path / 'a.png'},2\n{tmp_path / 'a.png'},0\n")
+    with pytest.raises(AccClipError, match="--zeroshot-classnames"):
+        load_zeroshot_dataset(str(tmp_path / "data.csv"), transform=None)
+    (tmp_path / "two.txt").write_text("cat\ndog\n")
+    with pytest.raises(AccClipError, match="data row 1: label 2 is out of range for 2 class names"):
+        load_zeroshot_dataset(str(tmp_path / "data.csv"), transform=None, classnames_file=str(tmp_path / "two.txt"))
+    (tmp_path / "three.txt").write_text("cat\ndog\nemu\n")
+    dataset, classnames = load_zeroshot_dataset(
+        str(tmp_path / "data.csv"), transform=None, classnames_file=str(tmp_path / "three.txt"))
+    assert classnames == ["cat", "dog", "emu"] and dataset.labels == [2, 0]
+
+
+def test_imagenet_val_needs_its_1000_class_folders(tmp_path):
+    root = make_folder(tmp_path / "val", ["n01440764", "n01443537"], per_class=1)
+    with pytest.raises(AccClipError, match="1000 class names but .* has 2 classes"):
+        load_imagenet_val(str(root), transform=None)

@@ -1,0 +1,157 @@
+"""The device hook (acc_clip.device): what it decides for SDAA, CUDA-less machines and the CPU.
+
+No SDAA card or SDAA software can exist where these tests run, so the SDAA tests use a stand-in
+`torch_sdaa` (tests/sdaa_stub, a mock) that installs a `torch.sdaa` namespace; the subprocess test
+also makes "sdaa" a torch device type and "tccl" a process-group backend (gloo underneath), so a
+real Accelerator can be built and its own SDAA decisions compared with the plan. Accelerate caches
+`is_sdaa_available` with lru_cache: the fixture clears it on the way in and out.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+from dataclasses import replace
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState
+from accelerate.utils import is_sdaa_available
+
+from acc_clip.runtime.device import (check_bn_sync, grad_scaler, hide_gpus_from_cpu_processes, make_accelerator,
+                             peak_memory_bytes, plan_device)
+from acc_clip.errors import AccClipError
+from conftest import REPO
+
+STUB = REPO / "tests" / "sdaa_stub"
+
+
+@pytest.fixture
+def sdaa(monkeypatch):
+    """The stand-in torch_sdaa imported, with 2 cards."""
+    monkeypatch.setenv("SDAA_STUB_DEVICES", "2")
+    monkeypatch.syspath_prepend(str(STUB))
+    is_sdaa_available.cache_clear()
+    import torch_sdaa
+
+    yield torch_sdaa
+    del torch.sdaa
+    sys.modules.pop("torch_sdaa", None)
+    is_sdaa_available.cache_clear()
+
+
+def test_sdaa_plan_follows_accelerate(sdaa, monkeypatch):
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    plan = plan_device(None, "amp")
+    assert (plan.kind, plan.device, plan.backend, plan.distributed_type) == ("sdaa", "sdaa:1", "tccl", "MULTI_SDAA")
+    assert (plan.mixed_precision, plan.autocast_dtype, plan.autocast_device_type) == ("fp16", torch.float16, "sdaa")
+    assert plan.uses_grad_scaler and plan.pin_memory and plan.visible_devices_variable == "SDAA_VISIBLE_DEVICES"
+    assert isinstance(grad_scaler(plan), sdaa.GradScaler)
+    assert plan_device("sdaa", "amp_bf16", local_rank=3).device == "sdaa:3"
+    assert grad_scaler(plan_device("sdaa", "amp_bf16")) is None
+    assert peak_memory_bytes(plan) == 123 * 2**20
+    check_bn_sync(plan, True)  # SyncBatchNorm runs on SDAA: no refusal
+
+
+def test_sdaa_installed_without_a_card(sdaa, monkeypatch):
+    monkeypatch.setenv("SDAA_STUB_DEVICES", "0")
+    is_sdaa_available.cache_clear()
+    assert plan_device(None, "amp").kind == "cpu"
+    with pytest.raises(AccClipError, match="torch_sdaa is installed but torch.sdaa sees no card"):
+        plan_device("sdaa", "amp")
+
+
+def test_without_torch_sdaa_device_sdaa_fails_with_one_line():
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    result = subprocess.run([sys.executable, "-m", "acc_clip.cli", "train", "--device", "sdaa", "--train-data",
+                             "x.csv"], capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1].startswith("error: --device sdaa needs the torch_sdaa package")
+    assert len([line for line in result.stderr.splitlines() if line.strip()]) == 1, result.stderr
+
+
+def test_accelerate_places_sdaa_as_planned():
+    """A real Accelerator under the stand-in, as rank 0 of a one-process tccl group on local card 1."""
+    script = textwrap.dedent("""
+        import json, torch, torch_sdaa
+        torch_sdaa.install_device_backend()
+        from acc_clip.runtime.device import make_accelerator, plan_device
+        plan = plan_device(None, "amp")
+        accelerator = make_accelerator(plan)
+        with accelerator.autocast():
+            autocast = [torch.is_autocast_enabled("sdaa"), str(torch.get_autocast_dtype("sdaa"))]
+        print(json.dumps({"plan": [plan.device, plan.backend, plan.distributed_type],
+                          "accelerate": [str(accelerator.device), accelerator.state.backend,
+                                         accelerator.distributed_type.value],
+                          "scaler": type(accelerator.scaler).__module__ + "." + type(accelerator.scaler).__name__,
+                          "autocast": autocast, "set_device": [str(d) for d in torch_sdaa.set_devices]}))
+    """)
+    env = {**os.environ, "PYTHONPATH": str(STUB), "SDAA_STUB_DEVICES": "2", "LOCAL_RANK": "1", "RANK": "0",
+           "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=REPO,
+                            env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    seen = json.loads(result.stdout.strip().splitlines()[-1])
+    assert seen["plan"] == ["sdaa:1", "tccl", "MULTI_SDAA"]
+    assert seen["accelerate"] == ["sdaa:1", "tccl", "MULTI_SDAA"]
+    assert seen["scaler"] == "torch_sdaa.GradScaler"
+    assert seen["autocast"] == [True, "torch.float16"]
+    assert seen["set_device"][-1] == "sdaa:1"
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+@pytest.mark.parametrize("precision, mixed, note", [("amp", "bf16", True), ("fp16", "bf16", True),
+                                                    ("amp_bf16", "bf16", False), ("fp32", "no", False)])
+def test_cpu_plan(precision, mixed, note):
+    plan = plan_device("cpu", precision)
+    assert (plan.device, plan.backend, plan.mixed_precision, plan.uses_grad_scaler) == ("cpu", "gloo", mixed, False)
+    assert ("runs as bf16 autocast" in plan.describe()) == note
+    assert grad_scaler(plan) is None and peak_memory_bytes(plan) is None
+
+
+def test_cpu_accelerator_uses_the_planned_precision():
+    AcceleratorState._reset_state(reset_partial_state=True)
+    try:
+        accelerator = make_accelerator(plan_device("cpu", "amp"))
+        assert accelerator.device.type == "cpu" and accelerator.mixed_precision == "bf16"
+        assert accelerator.num_processes == 1
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)
+
+
+def test_bad_device_requests():
+    with pytest.raises(AccClipError, match="expected sdaa, cuda or cpu"):
+        plan_device("tpu", "amp")
+    with pytest.raises(AccClipError, match="--use-bn-sync needs CUDA or SDAA"):
+        check_bn_sync(plan_device("cpu", "fp32"), True)
+    check_bn_sync(plan_device("cpu", "fp32"), False)
+    if not torch.cuda.is_available():
+        with pytest.raises(AccClipError, match="no CUDA device"):
+            plan_device("cuda", "amp")
+
+
+def test_cpu_processes_do_not_touch_the_gpus(monkeypatch):
+    """Several CPU processes on a GPU machine: Accelerate's barrier would run gloo on cuda:LOCAL_RANK and
+    fail with fewer GPUs than processes (seen on a one-GPU H100 machine). So --device cpu must not
+    query CUDA, and the hook hides the GPUs from such processes before the Accelerator exists."""
+    def no_cuda_queries():
+        raise AssertionError("--device cpu asked CUDA")
+
+    monkeypatch.setattr(torch.cuda, "is_available", no_cuda_queries)
+    plan = plan_device("cpu", "fp32")
+    env = {"WORLD_SIZE": "2", "CUDA_VISIBLE_DEVICES": "0"}
+    assert hide_gpus_from_cpu_processes(plan, env) and env["CUDA_VISIBLE_DEVICES"] == ""
+    alone = {"WORLD_SIZE": "1", "CUDA_VISIBLE_DEVICES": "0"}
+    assert not hide_gpus_from_cpu_processes(plan, alone) and alone["CUDA_VISIBLE_DEVICES"] == "0"
+    on_gpu = {"WORLD_SIZE": "2"}
+    assert not hide_gpus_from_cpu_processes(replace(plan, kind="cuda"), on_gpu) and "CUDA_VISIBLE_DEVICES" not in on_gpu

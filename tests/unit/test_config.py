@@ -1,0 +1,89 @@
+"""Config: open_clip_train's flags keep their names and meaning; unknown keys are errors naming the closest key."""
+
+import shlex
+
+import pytest
+
+from acc_clip.config import TrainConfig, parse_config
+from acc_clip.errors import AccClipError
+
+from conftest import REPO, SEED_COMMAND
+
+
+def test_seed_default_command_parses_with_open_clip_meanings():
+    config, notices = parse_config(shlex.split(SEED_COMMAND))
+    assert config.train_data == "/../COCO/train_data.csv"
+    assert config.csv_separator == "," and config.csv_img_key == "filepath" and config.csv_caption_key == "title"
+    assert (config.batch_size, config.epochs, config.workers, config.warmup) == (64, 32, 4, 10000)
+    assert (config.lr, config.wd, config.beta1, config.beta2, config.eps) == (5e-4, 0.2, 0.9, 0.999, 1e-8)
+    assert config.precision == "amp" and config.model == "RN50" and config.pretrained == ""
+    assert config.device == "sdaa" and config.report_to == "" and config.wandb_project_name == "open-clip"
+    # Flags without effect here are announced, not silently dropped.
+    assert any("--coca-caption-loss-weight" in n for n in notices)
+
+
+def test_seed_command_with_explicit_empty_strings_parses_too():
+    config, _ = parse_config(["--train-data", "x.csv", "--pretrained", "", "--report-to", "", "--wandb-notes", ""])
+    assert config.pretrained == "" and config.report_to == ""
+
+
+def test_defaults_are_open_clip_train_defaults():
+    from open_clip_train.params import parse_args
+
+    theirs = vars(parse_args([]))
+    ours = TrainConfig()
+    shared = ["batch_size", "epochs", "lr", "beta1", "beta2", "eps", "wd", "warmup", "workers", "precision", "model",
+              "pretrained", "csv_separator", "csv_img_key", "csv_caption_key", "lr_scheduler", "accum_freq",
+              "save_frequency", "val_frequency", "zeroshot_frequency", "log_every_n_steps", "seed",
+              "lock_image_unlocked_groups", "lock_text_unlocked_layers", "wandb_project_name", "dataset_type",
+              "remote_sync_frequency", "remote_sync_protocol", "lr_cooldown_end", "lr_cooldown_power"]
+    differing = {k: (getattr(ours, k), theirs[k]) for k in shared if getattr(ours, k) != theirs[k]}
+    assert not differing
+
+
+def test_unknown_flag_names_closest(capsys):
+    with pytest.raises(AccClipError, match=r"unknown option '--batch-szie'; did you mean '--batch-size'"):
+        parse_config(["--train-data", "x.csv", "--batch-szie", "8"])
+
+
+def test_yaml_then_cli_later_wins(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train_data: a.csv\nbatch-size: 8\nlr: 1\n")
+    config, _ = parse_config(["--config", str(path), "--batch-size", "4"])
+    assert config.train_data == "a.csv" and config.batch_size == 4 and config.lr == 1.0
+
+
+def test_unknown_yaml_key_names_file_and_closest(tmp_path):
+    path = tmp_path / "c.yaml"
+    path.write_text("train_data: a.csv\nwarmpu: 5\n")
+    with pytest.raises(AccClipError, match=r"c\.yaml: unknown key 'warmpu'; did you mean 'warmup'"):
+        parse_config(["--config", str(path)])
+
+
+def test_bad_values_are_errors():
+    with pytest.raises(AccClipError, match="--accum-freq must be at least 1"):
+        parse_config(["--train-data", "x.csv", "--accum-freq", "0"])
+    with pytest.raises(AccClipError, match="--local-loss needs --gather-with-grad"):
+        parse_config(["--train-data", "x.csv", "--local-loss"])
+
+
+@pytest.mark.parametrize("name", ["rn50_coco.yaml", "demo.yaml"])
+def test_shipped_configs_parse(name):
+    config, _ = parse_config(["--config", str(REPO / "configs" / name), "--train-data", "x.csv"])
+    assert config.train_data == "x.csv"
+
+
+def test_rn50_config_holds_the_seed_defaults():
+    config, _ = parse_config(["--config", str(REPO / "configs" / "rn50_coco.yaml"), "--train-data", "x.csv"])
+    assert (config.model, config.batch_size, config.epochs, config.lr, config.wd, config.warmup, config.precision) \
+        == ("RN50", 64, 32, 5e-4, 0.2, 10000, "amp")
+
+
+def test_fast_path_switches_default_on_and_turn_off():
+    """The GPU fast paths a benchmark measures on and off (benchmarks/gpu_seed_config.sh --input-paths,
+    --fast-paths): cuDNN autotuning on unless --no-cudnn-benchmark; pinning left to the device unless said."""
+    default, _ = parse_config(["--train-data", "x.csv"])
+    assert default.cudnn_benchmark is True and default.pin_memory is None and default.decode_on_device is False
+    off, _ = parse_config(["--train-data", "x.csv", "--no-cudnn-benchmark", "--no-pin-memory", "--decode-on-device"])
+    assert off.cudnn_benchmark is False and off.pin_memory is False and off.decode_on_device is True
+    assert parse_config(["--train-data", "x.csv", "--pin-memory"])[0].pin_memory is True

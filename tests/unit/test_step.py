@@ -1,0 +1,119 @@
+"""Contrastive-exact accumulation (acc_clip.step): k micro-batches of b make the same update as one
+batch of k*b, at the function level with a real Accelerator on the CPU, a real open_clip model and
+the real CSV pipeline (its EpochBatchSampler gives both runs the same samples); and the trainer
+counts optimizer steps, not micro-batches."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+import torch
+from accelerate.state import AcceleratorState
+
+from dist_worker import accelerator_for_cpu, max_difference, run_steps, tiny_config, without_key_bias
+from acc_clip.data.common import Batch
+from acc_clip.errors import AccClipError
+from acc_clip.step import agree_batch_sizes
+from conftest import REPO, TINY_RN, TINY_VIT, read_metrics, run_trainer, tiny_train_args
+
+
+@pytest.fixture
+def accelerator():
+    AcceleratorState._reset_state(reset_partial_state=True)  # other test files may want other settings
+    yield accelerator_for_cpu()
+    AcceleratorState._reset_state(reset_partial_state=True)
+
+
+@pytest.mark.parametrize("optimizer_name", ["adamw", "sgd"])
+def test_accumulation_equals_one_big_batch(train_csv, accelerator, optimizer_name):
+    """AdamW is what the trainer uses; SGD with lr 1 applies the raw gradient, so a gradient counted
+    k times (as open_clip does for logit_scale) or missing would show where AdamW would hide it.
+    Measured: SGD, every weight within 4e-7 (gradients ~1); AdamW, within 3e-7 but for the key biases."""
+    big_losses, big, _ = run_steps(tiny_config(train_csv, "--batch-size", "32"), accelerator, 1,
+                                   optimizer_name=optimizer_name)
+    acc_losses, accumulated, _ = run_steps(tiny_config(train_csv, "--batch-size", "8", "--accum-freq", "4"),
+                                           accelerator, 1, optimizer_name=optimizer_name)
+    initial = run_steps(tiny_config(train_csv, "--batch-size", "32"), accelerator, 0)[1]
+    assert max_difference(big, initial) > 1e-4  # the update moved the weights: the comparison means something
+    assert abs(acc_losses[0] - big_losses[0]) <= 1e-5
+    if optimizer_name == "sgd":
+        assert max_difference(accumulated, big) <= 1e-5
+        key_bias_gradients = {k: v.chunk(3)[1] for k, v in big.items() if k.endswith("attn.in_proj_bias")}
+        assert key_bias_gradients
+        assert max_difference(key_bias_gradients, {k: initial[k].chunk(3)[1] for k in key_bias_gradients}) < 1e-6
+    else:
+        assert max_difference(without_key_bias(accumulated), without_key_bias(big)) <= 1e-5
+
+
+def test_resnet_accumulation_is_not_exact_with_batch_norm(train_csv, accelerator):
+    """Batch norm breaks exactness: each micro-batch is normalised with its own 8-sample statistics
+    instead of the 32-sample ones, and the cached no-grad pass updates the running statistics too
+    (as in open_clip: two forwards per micro-batch). Measured on TINY_RN, one step, accum 4 x 8
+    against 32: loss 4.140 vs 4.035; gradients differ by up to 0.62 of the largest gradient; running
+    means by 0.33; after one AdamW step (lr 1e-3, measured once, not run here to save time) weights
+    differ by up to 2e-3, i.e. some update signs flip. So accumulation with a BN tower is an
+    approximation, as in open_clip; TINY_VIT (layer norm) is exact."""
+    def one_step(*flags, steps=1):
+        return run_steps(tiny_config(train_csv, *flags, model=TINY_RN), accelerator, steps, optimizer_name="sgd")
+
+    initial = one_step("--batch-size", "32", steps=0)[1]
+    big_losses, big, _ = one_step("--batch-size", "32")
+    acc_losses, accumulated, _ = one_step("--batch-size", "8", "--accum-freq", "4")
+    parameters = [k for k in big if big[k].is_floating_point() and "running_" not in k]
+    gradient_big = {k: initial[k] - big[k] for k in parameters}  # SGD at lr 1: the update is the gradient
+    gradient_acc = {k: initial[k] - accumulated[k] for k in parameters}
+    largest = max(float(v.abs().max()) for v in gradient_big.values())
+    relative = max_difference(gradient_acc, gradient_big) / largest
+    means = [k for k in big if k.endswith("running_mean")]
+    running = max_difference({k: accumulated[k] for k in means}, {k: big[k] for k in means})
+    print(f"TINY_RN accum 4x8 vs 32, one step: loss {acc_losses[0]:.4f} vs {big_losses[0]:.4f}; gradient "
+          f"difference {relative:.3g} of the largest gradient; running means {running:.3g}")
+    assert relative > 1e-3 and running > 1e-3 and abs(acc_losses[0] - big_losses[0]) > 1e-5
+    tracked = [k for k in big if k.endswith("num_batches_tracked")]
+    assert tracked and all(int(accumulated[k]) == 8 and int(big[k]) == 1 for k in tracked)  # 4 cached + 4 live
+
+
+def _batch(size: int, bad: int = 0) -> Batch:
+    return Batch(torch.zeros(size, 3, 4, 4), torch.zeros(size, 5, dtype=torch.long), torch.arange(size), bad)
+
+
+def test_agree_batch_sizes_alone_keeps_batches_and_drops_empty_ones():
+    kept, cut = agree_batch_sizes([_batch(3), _batch(0, bad=2), _batch(2, bad=1)], None)
+    assert [len(b.indices) for b in kept] == [3, 2] and cut == 0
+    with pytest.raises(AccClipError, match="no usable sample"):
+        agree_batch_sizes([_batch(0, bad=4), _batch(0, bad=4)], None)
+
+
+def test_trainer_counts_optimizer_steps_under_accumulation(train_csv, tmp_path):
+    """Three optimizer steps of 2 micro-batches of 16: three records, 32 samples each, and the
+    learning rate of optimizer steps 0, 1, 2 of the warm-up (lr * (step + 1) / warmup)."""
+    run_trainer(tiny_train_args(train_csv, tmp_path, "accum", "--model", TINY_VIT, "--accum-freq", "2",
+                                "--max-steps", "3", "--warmup", "10"))
+    records = read_metrics(tmp_path / "accum")
+    assert [r["step"] for r in records] == [0, 1, 2]
+    assert [r["samples_seen"] for r in records] == [32, 64, 96]
+    assert [r["lr"] for r in records] == pytest.approx([1e-3 * (s + 1) / 10 for s in range(3)])
+    for record in records:
+        assert record["samples_per_second"] * record["batch_time"] == pytest.approx(32)
+    log = (tmp_path / "accum" / "out.log").read_text()
+    assert "[ 32/320 (10%)]" in log  # 320 rows / 32 per step = 10 steps per epoch
+
+
+def test_accum_freq_zero_is_refused(capsys):
+    from acc_clip.cli import main
+
+    assert main(["train", "--train-data", "x.csv", "--accum-freq", "0"]) == 2
+    assert capsys.readouterr().err.strip() == "error: --accum-freq must be at least 1, got 0"
+
+
+def test_more_micro_batches_than_the_data_holds_fails_with_one_line(train_csv, tmp_path):
+    """320 rows make 5 micro-batches of 64: not enough for one step of 6."""
+    result = subprocess.run([sys.executable, "-m", "acc_clip.cli", "train", *tiny_train_args(
+        train_csv, tmp_path, "bad", "--model", TINY_VIT, "--batch-size", "64", "--accum-freq", "6")],
+                            capture_output=True, text=True, timeout=120, cwd=REPO)
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if line.startswith("error:")]
+    assert errors == ["error: 5 micro-batches per epoch cannot make one step of --accum-freq 6"], result.stderr[-2000:]
+    assert "Traceback" not in result.stderr
