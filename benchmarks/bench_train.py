@@ -86,13 +86,15 @@ def trainer_env(extra: Optional[dict[str, str]] = None) -> dict[str, str]:
             **(extra or {})}
 
 
-def run_logged(command: list[str], log_path: Path, env: Optional[dict[str, str]] = None) -> float:
+def run_logged(command: list[str], log_path: Path, env: Optional[dict[str, str]] = None,
+               timeout: Optional[float] = None) -> float:
     """Run `command` from the repository root with stdout and stderr into `log_path` (`env`: extra
     variables); its wall seconds. A failed run stops everything: a benchmark or a parity check over
-    a broken run means nothing."""
+    a broken run means nothing. A run past `timeout` seconds is killed and counts as failed."""
     start = time.perf_counter()
     with open(log_path, "w") as log:
-        result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=trainer_env(env), cwd=REPO)
+        result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=trainer_env(env), cwd=REPO,
+                                timeout=timeout)
     if result.returncode != 0:
         tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-15:])
         raise AccClipError(f"{' '.join(command[:4])}... exited {result.returncode}; see {log_path}:\n{tail}")

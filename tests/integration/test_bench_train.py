@@ -129,7 +129,7 @@ def test_gpu_script_is_valid_bash():
     import subprocess
 
     result = subprocess.run(["bash", "-n", str(REPO / "benchmarks" / "gpu_seed_config.sh")], capture_output=True,
-                            text=True)
+                            text=True, timeout=30)
     assert result.returncode == 0, result.stderr
 
 

@@ -62,7 +62,7 @@ def reference_runs(small_csv, tmp_path_factory):
     yield reference
     for process in running.values():
         process.kill()
-        process.wait()
+        process.wait(timeout=60)
 
 
 def start_trainer(args: list[str], log_file: Path) -> subprocess.Popen:

@@ -143,7 +143,8 @@ def open_clip_run(tmp_path_factory) -> Path:
         "--lr", "1e-3", "--warmup", "2", "--save-frequency", "0",
         "--logs", str(root / "logs"), "--name", "run", "--report-to", "tensorboard",
     ]  # fmt: skip
-    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    # One thread: open_clip_train leaves torch at all cores, whose spinning threads crawl under load.
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     done = subprocess.run(command, env=env, capture_output=True, text=True, timeout=OPEN_CLIP_TIMEOUT_S)
     assert done.returncode == 0, done.stderr[-3000:]
     return root / "logs" / "run"
