@@ -101,6 +101,36 @@ def run_trainer(args: list[str], *, launcher: list[str] | None = None, timeout: 
     return result
 
 
+@pytest.fixture
+def train_in_process(capsys):
+    """`acc-clip train ARGS` in this process, for runs that end in a one-line error before training
+    (a process start costs seconds; the code path from the command line to the error is the same).
+    Returns (exit status, the stderr lines that start with 'error:'). Accelerate's state, the root
+    logger and torch's thread count are restored afterwards, so later tests start as before."""
+    import logging
+
+    import torch
+    from accelerate.state import AcceleratorState
+
+    from acc_clip.cli import main
+
+    def run(args: list[str]) -> tuple[int, list[str]]:
+        root = logging.getLogger()
+        handlers, level, threads = root.handlers[:], root.level, torch.get_num_threads()
+        try:
+            status = main(["train", *args])
+        finally:
+            for handler in set(root.handlers) - set(handlers):
+                handler.close()
+            root.handlers[:] = handlers
+            root.setLevel(level)
+            torch.set_num_threads(threads)
+            AcceleratorState._reset_state(reset_partial_state=True)
+        return status, [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+
+    return run
+
+
 def read_metrics(run_dir: Path) -> list[dict]:
     with open(run_dir / "metrics.jsonl") as file:
         return [json.loads(line) for line in file]

@@ -40,22 +40,23 @@ def _error_line(result):
     return lines[0]
 
 
-def test_csv_without_the_columns_lists_the_columns_found(tmp_path):
+def test_csv_without_the_columns_lists_the_columns_found(tmp_path, train_in_process):
     path = tmp_path / "bad.csv"
     path.write_text("image,caption\na.jpg,a cat\n")
-    result = run_trainer(tiny_train_args(path, tmp_path, "x"), check=False)
-    assert "columns found: 'image', 'caption'" in _error_line(result)
+    status, errors = train_in_process(tiny_train_args(path, tmp_path, "x"))
+    assert status == 2 and len(errors) == 1 and "columns found: 'image', 'caption'" in errors[0], errors
 
 
-def test_empty_csv(tmp_path):
+def test_empty_csv(tmp_path, train_in_process):
     path = tmp_path / "empty.csv"
     path.write_text("")
-    assert "the CSV is empty" in _error_line(run_trainer(tiny_train_args(path, tmp_path, "x"), check=False))
+    status, errors = train_in_process(tiny_train_args(path, tmp_path, "x"))
+    assert status == 2 and len(errors) == 1 and "the CSV is empty" in errors[0], errors
 
 
-def test_unknown_key_on_the_command_line(train_csv, tmp_path):
-    result = run_trainer(tiny_train_args(train_csv, tmp_path, "x", "--lr-sheduler", "cosine"), check=False)
-    assert "did you mean '--lr-scheduler'" in _error_line(result)
+def test_unknown_key_on_the_command_line(train_csv, tmp_path, train_in_process):
+    status, errors = train_in_process(tiny_train_args(train_csv, tmp_path, "x", "--lr-sheduler", "cosine"))
+    assert status == 2 and len(errors) == 1 and "did you mean '--lr-scheduler'" in errors[0], errors
 
 
 def _csv_with_bad_rows(train_csv, tmp_path, num_bad):

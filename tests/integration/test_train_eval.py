@@ -73,6 +73,6 @@ def test_acc_clip_eval_reads_step_checkpoints_and_epoch_files(evaluated_run, val
     assert outputs[0]["val_loss"] == pytest.approx(trainer["val_loss"], rel=1e-5)
 
 
-def test_unknown_tracker_is_an_error(train_csv, tmp_path):
-    result = run_trainer(tiny_train_args(train_csv, tmp_path, "x", "--report-to", "tensorbord"), check=False)
-    assert result.returncode == 2 and "unknown tracker 'tensorbord'" in result.stderr
+def test_unknown_tracker_is_an_error(train_csv, tmp_path, train_in_process):
+    status, errors = train_in_process(tiny_train_args(train_csv, tmp_path, "x", "--report-to", "tensorbord"))
+    assert status == 2 and len(errors) == 1 and "unknown tracker 'tensorbord'" in errors[0], errors
