@@ -22,6 +22,7 @@ from typing import Any, Optional
 import torch
 
 from acc_clip.errors import AccClipError
+from acc_clip.runtime.run_dir import CHECKPOINTS_DIR
 
 FORMAT_VERSION = 1
 MANIFEST = "complete.json"
@@ -75,7 +76,7 @@ def read_manifest(path: str, source: str = "--resume") -> dict:
     if not os.path.isfile(manifest_path):
         if os.path.basename(os.path.normpath(path)).startswith(TMP_PREFIX):
             raise AccClipError(f"{source} {path}: an interrupted save (no {MANIFEST}), not a checkpoint")
-        inside = complete_checkpoints(path) or complete_checkpoints(os.path.join(path, "checkpoints"))
+        inside = complete_checkpoints(path) or complete_checkpoints(os.path.join(path, CHECKPOINTS_DIR))
         hint = f"; it holds checkpoints, e.g. {inside[-1]}" if inside else ""
         raise AccClipError(f"{source} {path}: not an acc_clip checkpoint (no {MANIFEST}){hint}")
     try:

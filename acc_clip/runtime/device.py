@@ -130,7 +130,8 @@ def make_accelerator(plan: DevicePlan, *, find_unused_parameters: bool = False, 
     """The Accelerator for `plan` (extra keywords, e.g. trackers, go to Accelerator); checks that
     Accelerate agrees with the plan."""
     from accelerate import Accelerator
-    from accelerate.utils import DistributedDataParallelKwargs
+
+    from acc_clip.runtime.parallel import kwargs_handlers
 
     hide_gpus_from_cpu_processes(plan)
     if plan.kind == "cuda":
@@ -138,9 +139,8 @@ def make_accelerator(plan: DevicePlan, *, find_unused_parameters: bool = False, 
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.benchmark = cudnn_benchmark
         torch.backends.cudnn.deterministic = False
-    handlers = [DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)]
     accelerator = Accelerator(cpu=plan.kind == "cpu", mixed_precision=plan.mixed_precision,
-                              kwargs_handlers=handlers, **accelerator_kwargs)
+                              kwargs_handlers=kwargs_handlers(find_unused_parameters=find_unused_parameters), **accelerator_kwargs)
     where = plan.visible_devices_variable or "the launch configuration"
     if accelerator.device.type != plan.kind:
         raise AccClipError(f"planned device {plan.kind} but Accelerate chose {accelerator.device}; check {where}")

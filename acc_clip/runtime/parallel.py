@@ -8,7 +8,8 @@ today), and the ways back to the plain open_clip module. Nothing else in acc_cli
 - `unwrap`: the plain module whose parameters the optimizer steps (no `module.`, no `_orig_mod.`);
 - `no_sync`: the context in which a backward does not reduce gradients across processes
   (the non-final micro-batches of an accumulated step);
-- `full_state_dict`: the plain-named full weights, for saving, export and evaluation.
+- `full_state_dict`: the plain-named full weights, for saving, export and evaluation;
+- `kwargs_handlers`: the wrapping's settings, handed to the Accelerator when it is built.
 """
 
 from __future__ import annotations
@@ -16,6 +17,13 @@ from __future__ import annotations
 from contextlib import AbstractContextManager
 
 import torch
+
+
+def kwargs_handlers(*, find_unused_parameters: bool) -> list:
+    """Accelerate's settings for the wrapping it will do (DDP's, under several processes)."""
+    from accelerate.utils import DistributedDataParallelKwargs
+
+    return [DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)]
 
 
 def prepare(accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, sync_batch_norm: bool,
