@@ -22,6 +22,7 @@ from acc_clip.errors import AccClipError
 PRECISIONS = ("amp", "amp_bf16", "bf16", "fp16", "fp32")
 SCHEDULERS = ("cosine", "const", "const-cooldown")
 DATASET_TYPES = ("auto", "csv", "webdataset", "synthetic")
+SIGLIP_DIST_IMPLS = ("bidir", "shift", "reduce", "gather")  # open_clip SigLipLoss's exchanges across processes
 
 # Accepted for open_clip_train compatibility, no effect here: flag -> why. Said at start-up when set.
 COMPATIBILITY_ONLY = {
@@ -87,7 +88,12 @@ class TrainConfig:
     accum_freq: int = _opt(1, "micro-batches per optimizer step, contrastive-exact")
     precision: str = _opt("amp", "amp (fp16 + grad scaler), amp_bf16/bf16, fp16 or fp32", choices=PRECISIONS)
     seed: int = _opt(0, "seed for weights, sample order and augmentation")
-    # distributed loss
+    # objective and distributed loss
+    siglip: bool = _opt(False, "train with the sigmoid loss (SigLIP); the model starts at logit scale ln 10, logit "
+                               "bias -10, as open_clip_train sets it")
+    loss_dist_impl: Optional[str] = _opt(None, "SigLIP's exchange of text features across processes: bidir (the "
+                                                "default), shift, reduce or gather; the same loss either way",
+                                         choices=SIGLIP_DIST_IMPLS)
     gather_with_grad: bool = _opt(False, "all-gather features with gradient (exact multi-process gradients)")
     local_loss: bool = _opt(False, "compute only the local rows of the logit matrix")
     use_bn_sync: bool = _opt(False, "synchronise batch-norm statistics across processes")
@@ -230,6 +236,8 @@ def parse_config(argv: list[str]) -> tuple[TrainConfig, list[str]]:
     config = TrainConfig(**{k: _coerce(k, v) for k, v in values.items()})
     notices = [f"--{flag(key)} is accepted for open_clip compatibility and has no effect: {why}"
                for key, why in COMPATIBILITY_ONLY.items() if key in values]
+    if config.loss_dist_impl is not None and not config.siglip:
+        notices.append(f"--loss-dist-impl {config.loss_dist_impl} has no effect without --siglip (as in open_clip)")
     return config.validate(), notices
 
 

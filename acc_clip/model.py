@@ -36,9 +36,11 @@ def create_model(config: TrainConfig) -> ModelBundle:
     if config.pretrained and os.path.sep in config.pretrained and not os.path.isfile(config.pretrained):
         raise AccClipError(f"--pretrained {config.pretrained}: no such file")
     set_seed(config.seed)
+    # open_clip_train's SigLIP start: a cooler temperature and a strongly negative bias, since most pairs are negatives.
+    siglip_init = {"init_logit_scale": math.log(10), "init_logit_bias": -10} if config.siglip else {}
     try:
         model, preprocess_train, preprocess_val = create_model_and_transforms(
-            config.model, config.pretrained or None, precision="fp32", device="cpu", output_dict=True)
+            config.model, config.pretrained or None, precision="fp32", device="cpu", output_dict=True, **siglip_init)
     except (RuntimeError, ValueError, FileNotFoundError) as error:  # open_clip's ways of saying bad name/weights
         raise AccClipError(f"--model {config.model} --pretrained {config.pretrained!r}: {error}") from None
     if config.lock_image:

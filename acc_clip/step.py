@@ -33,14 +33,18 @@ from acc_clip.runtime import parallel
 MicroBatch = tuple[torch.Tensor, torch.Tensor]  # (images, texts) on the device
 
 
+# Outputs that belong to the model, not to a sample (open_clip_train's accumulation names the same two).
+PER_MODEL_OUTPUTS = ("logit_scale", "logit_bias")
+
+
 def assemble(cached: list[dict], j: int, fresh: dict, last: bool) -> dict:
     """The whole batch's output dict with micro-batch j's outputs fresh (with gradient) and the
-    others' cached. Per-sample outputs (ndim >= 1: features, logits, labels) are concatenated in
-    micro-batch order; per-model scalars (ndim 0: logit_scale, logit_bias) are taken from the fresh
-    forward, with gradient only in the last micro-batch, so theirs comes once per update."""
+    others' cached. Per-sample outputs (features, CoCa's logits and labels) are concatenated in
+    micro-batch order; per-model ones (PER_MODEL_OUTPUTS) are taken from the fresh forward, with
+    gradient only in the last micro-batch, so theirs comes once per update."""
     outputs = {}
     for key, value in fresh.items():
-        if value.ndim == 0:
+        if key in PER_MODEL_OUTPUTS:
             outputs[key] = value if last else value.detach()
         else:
             outputs[key] = torch.cat([c[key] for c in cached[:j]] + [value] + [c[key] for c in cached[j + 1:]])

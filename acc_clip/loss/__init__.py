@@ -35,12 +35,18 @@ def _clip(config: TrainConfig, rank: int, world_size: int) -> Objective:
     return ClipObjective(config, rank, world_size)
 
 
+def _siglip(config: TrainConfig, rank: int, world_size: int) -> Objective:
+    from acc_clip.loss.siglip import SigLipObjective
+
+    return SigLipObjective(config, rank, world_size)
+
+
 # name -> factory(config, rank, world_size); factories import their module only when chosen.
-OBJECTIVES: dict[str, Callable[[TrainConfig, int, int], Objective]] = {"clip": _clip}
+OBJECTIVES: dict[str, Callable[[TrainConfig, int, int], Objective]] = {"clip": _clip, "siglip": _siglip}
 
 
 def objective_name(config: TrainConfig) -> str:
-    return "clip"
+    return "siglip" if config.siglip else "clip"
 
 
 def create_objective(config: TrainConfig, rank: int, world_size: int) -> Objective:

@@ -20,5 +20,7 @@ class ClipObjective:
     def __call__(self, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         # Features arrive in fp32 (Accelerate casts model outputs back), so the logits and the softmax
         # run in full precision whatever the autocast dtype.
+        # A model with a logit_bias (a SigLIP architecture trained with this loss) adds it to the logits,
+        # as open_clip's ClipLoss does since its issue #1076: left out, it would get no gradient.
         return {"contrastive_loss": self.loss(outputs["image_features"].float(), outputs["text_features"].float(),
-                                              outputs["logit_scale"])}
+                                              outputs["logit_scale"], logit_bias=outputs.get("logit_bias"))}
