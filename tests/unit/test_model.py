@@ -1,12 +1,14 @@
 """Model set-up: open_clip's weight-decay groups, same initial weights as open_clip_train for a seed,
-tower locking, the channels_last default."""
+tower locking, the channels_last default, the cosine learning-rate schedule."""
+
+import math
 
 import open_clip
 import pytest
 import torch
 
 from acc_clip.config import parse_config
-from acc_clip.model import create_model, parameter_groups, uses_channels_last
+from acc_clip.model import create_lr_schedule, create_model, parameter_groups, uses_channels_last
 from conftest import TINY_RN, TINY_VIT
 
 
@@ -60,3 +62,29 @@ def test_unknown_model_name_is_one_clear_error():
 
     with pytest.raises(AccClipError, match="--model NoSuchModel"):
         create_model(config_for("NoSuchModel"))
+
+
+def open_clip_cosine_lr(step: int, base_lr: float, warmup: int, total_steps: int) -> float:
+    """open_clip_train.scheduler.cosine_lr written out: linear warm-up to base_lr over `warmup`
+    steps (step s gets base_lr * (s + 1) / warmup), then half a cosine from base_lr to 0 at total_steps."""
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total_steps - warmup))) * base_lr
+
+
+@pytest.mark.parametrize("steps_per_epoch, epochs, warmup", [(7, 3, 4), (5, 2, 1)])
+def test_cosine_schedule_is_open_clip_train_s_over_every_step_of_every_epoch(steps_per_epoch, epochs, warmup):
+    """The lr create_lr_schedule sets (in every parameter group) and returns at the last warm-up
+    step, at warm-up end (the full lr), mid-way through the cosine and at the last step of the run,
+    whose total is steps_per_epoch * epochs."""
+    config = config_for(TINY_RN, "--lr", "0.002", "--epochs", str(epochs), "--warmup", str(warmup))
+    optimizer = torch.optim.SGD([{"params": [torch.zeros(1)]}, {"params": [torch.zeros(1)]}], lr=1.0)
+    schedule = create_lr_schedule(optimizer, config, steps_per_epoch)
+    total = steps_per_epoch * epochs
+    last_warmup, end_of_warmup, mid, last = warmup - 1, warmup, warmup + (total - warmup) // 2, total - 1
+    for step in (0, last_warmup, end_of_warmup, mid, last):
+        expected = open_clip_cosine_lr(step, 0.002, warmup, total)
+        assert schedule(step) == pytest.approx(expected, rel=1e-12, abs=0), step
+        assert [group["lr"] for group in optimizer.param_groups] == pytest.approx([expected] * 2, rel=1e-12, abs=0)
+    assert schedule(end_of_warmup) == pytest.approx(0.002, rel=1e-12)
+    assert 0 < schedule(last) < schedule(mid) < 0.002

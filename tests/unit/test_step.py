@@ -1,10 +1,12 @@
 """Contrastive-exact accumulation (acc_clip.step): k micro-batches of b make the same update as one
 batch of k*b, at the function level with a real Accelerator on the CPU, a real open_clip model and
-the real CSV pipeline (its EpochBatchSampler gives both runs the same samples); and the trainer
-counts optimizer steps, not micro-batches."""
+the real CSV pipeline (its EpochBatchSampler gives both runs the same samples); train_step's
+gradient clipping and logit-scale clamp against references computed here; and the trainer counts
+optimizer steps, not micro-batches."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
@@ -14,7 +16,10 @@ from accelerate.state import AcceleratorState
 from dist_worker import accelerator_for_cpu, max_difference, run_steps, tiny_config, without_key_bias
 from acc_clip.data.common import Batch
 from acc_clip.errors import AccClipError
-from acc_clip.step import agree_batch_sizes
+from acc_clip.loss import create_objective, total_loss
+from acc_clip.model import LOGIT_SCALE_MAX, create_model
+from acc_clip.runtime import parallel
+from acc_clip.step import agree_batch_sizes, train_step
 from conftest import TINY_RN, TINY_VIT, read_metrics, run_trainer, tiny_train_args
 
 
@@ -91,6 +96,79 @@ def test_resnet_accumulation_is_not_exact_with_batch_norm(train_csv, accelerator
     assert relative > 1e-3 and running > 1e-3 and abs(acc_losses[0] - big_losses[0]) > 1e-5
     tracked = [k for k in big if k.endswith("num_batches_tracked")]
     assert tracked and all(int(accumulated[k]) == 8 and int(big[k]) == 1 for k in tracked)  # 4 cached + 4 live
+
+
+def _model_and_batch(batch_size: int = 8):
+    """TINY_VIT (no batch norm, no dropout: two forwards of a batch give the same gradient) at its
+    seeded initial weights, its objective, and one batch of random images with distinct captions."""
+    config = tiny_config("unused.csv", "--dataset-type", "synthetic", "--batch-size", str(batch_size))
+    bundle = create_model(config)
+    generator = torch.Generator().manual_seed(0)
+    images = torch.randn(batch_size, 3, 32, 32, generator=generator)
+    texts = bundle.tokenizer([f"a photo of thing number {i}" for i in range(batch_size)])
+    return bundle.model.train(), create_objective(config, 0, 1), images, texts
+
+
+def _gradients(model, objective, images, texts, clip_norm=None) -> tuple[dict[str, torch.Tensor], float]:
+    """The gradient of the whole batch's loss, computed on a copy without acc_clip's step, clipped
+    by torch.nn.utils.clip_grad_norm_ when `clip_norm` is given; and its norm before clipping."""
+    reference = copy.deepcopy(model)
+    total_loss(objective(reference(images, texts))).backward()
+    norm = torch.nn.utils.clip_grad_norm_(reference.parameters(), clip_norm if clip_norm else math.inf)
+    return {name: p.grad.detach().clone() for name, p in reference.named_parameters() if p.grad is not None}, float(norm)
+
+
+@pytest.mark.parametrize("micro_batches", [1, 2])
+def test_grad_clip_norm_scales_the_global_gradient_to_that_norm(accelerator, micro_batches):
+    """SGD at lr 1 applies the gradient itself, so the update must be the whole batch's gradient
+    clipped to --grad-clip-norm by torch.nn.utils.clip_grad_norm_ (computed here on a copy); with
+    accumulation the clip applies once, to the accumulated gradient. Measured: update norm 0.04999999,
+    every weight within 1.1e-7 of the reference (fp32 rounding of weights ~1); unclipped, 11.39."""
+    model, objective, images, texts = _model_and_batch()
+    clip = 0.05
+    expected, norm = _gradients(model, objective, images, texts, clip)
+    assert norm > 20 * clip  # the clip is far from a no-op here
+
+    initial = {name: p.detach().clone() for name, p in model.named_parameters()}
+    optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
+    model, optimizer = parallel.prepare(accelerator, model, optimizer, sync_batch_norm=False, compile_model=False)
+    size = len(images) // micro_batches
+    batches = [(images[i:i + size], texts[i:i + size]) for i in range(0, len(images), size)]
+    train_step(model, batches, objective, accelerator, optimizer, grad_clip_norm=clip)
+    update = {name: initial[name] - p.detach() for name, p in parallel.unwrap(model).named_parameters()}
+    assert update.keys() == expected.keys()
+    update_norm = math.sqrt(sum(float(u.double().pow(2).sum()) for u in update.values()))
+    assert update_norm == pytest.approx(clip, rel=1e-4)
+    print(f"update norm {update_norm:.7g} (clip {clip}, gradient norm {norm:.4g}); largest difference from the "
+          f"clipped reference gradient {max_difference(update, expected):.3g}")
+    assert max_difference(update, expected) <= 1e-4 * clip
+
+
+def _step_pushing_logit_scale(accelerator, push: float) -> tuple[float, torch.Tensor]:
+    """One train_step whose optimizer moves logit_scale alone, by `push` (a huge learning rate on
+    its gradient, the direction chosen with SGD's `maximize`); returns (the value the update would
+    give without a clamp, logit_scale after the step)."""
+    model, objective, images, texts = _model_and_batch()
+    gradient = float(_gradients(model, objective, images, texts)[0]["logit_scale"])
+    assert abs(gradient) > 1e-4
+    lr = abs(push / gradient)
+    optimizer = torch.optim.SGD([model.logit_scale], lr=lr, maximize=(gradient > 0) == (push > 0))
+    unclamped = float(model.logit_scale.detach()) + push
+    train_step(model, [(images, texts)], objective, accelerator, optimizer)
+    return unclamped, model.logit_scale.detach()
+
+
+def test_logit_scale_pushed_above_ln_100_is_clamped_to_ln_100_exactly(accelerator):
+    unclamped, logit_scale = _step_pushing_logit_scale(accelerator, 50.0)
+    assert unclamped > LOGIT_SCALE_MAX + 40
+    assert LOGIT_SCALE_MAX == math.log(100)
+    assert torch.equal(logit_scale, torch.tensor(math.log(100), dtype=torch.float32))
+
+
+def test_logit_scale_pushed_below_0_is_clamped_to_0(accelerator):
+    unclamped, logit_scale = _step_pushing_logit_scale(accelerator, -50.0)
+    assert unclamped < -40
+    assert torch.equal(logit_scale, torch.tensor(0.0))
 
 
 def _batch(size: int, bad: int = 0) -> Batch:

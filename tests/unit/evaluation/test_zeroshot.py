@@ -78,6 +78,114 @@ def test_accuracy_equals_brute_force(tiny, accelerator, tmp_path):
     assert 0 <= metrics["zeroshot_top1"] <= metrics["zeroshot_top5"] <= 1
 
 
+# Images the classes' prompts are made to separate, some deliberately confusable, so per-class
+# accuracy differs and any relabelling of the classes changes top-1 (checked in the test itself).
+# (folder, image number) -> the classes the image resembles, most first; the rest only faintly.
+LOOKS_LIKE = {
+    ("aardvark", 0): ["aardvark"], ("aardvark", 1): ["aardvark"], ("aardvark", 2): ["aardvark"],
+    ("black_cat", 0): ["black_cat"], ("black_cat", 1): ["dog", "black_cat"], ("black_cat", 2): ["red_fox", "black_cat"],
+    ("car", 0): ["car"], ("car", 1): ["zebra", "aardvark", "black_cat", "dog", "red_fox"], ("car", 2): ["car"],
+    ("dog", 0): ["red_fox", "dog"], ("dog", 1): ["dog"], ("dog", 2): ["dog"],
+    ("red_fox", 0): ["red_fox"], ("red_fox", 1): ["red_fox"], ("red_fox", 2): ["zebra", "dog", "red_fox"],
+    ("zebra", 0): ["zebra"], ("zebra", 1): ["aardvark", "zebra"], ("zebra", 2): ["aardvark", "zebra"],
+}
+# One distinct solid colour per image, far apart (100 levels) so the image it came from is never in doubt.
+COLOURS = dict(zip(LOOKS_LIKE, [(r, g, b) for r in (30, 130, 230) for g in (40, 140, 240) for b in (50, 200)]))
+TEMPLATES = ["a photo of a {}.", "{} in the wild"]
+
+
+def resemblance(key) -> dict[str, float]:
+    """Class folder -> how much image `key` looks like that class: 1, 0.85, 0.7, ... down its list,
+    and a faint distinct 0.001-0.006 for the classes it does not resemble (no ties)."""
+    faint = {name: 0.001 * (1 + (i + 7 * CLASS_FOLDERS.index(key[0]) + key[1]) % 6)
+             for i, name in enumerate(CLASS_FOLDERS)}
+    return {**faint, **{name: 1 - 0.15 * rank for rank, name in enumerate(LOOKS_LIKE[key])}}
+
+
+class ControlledFeatures(torch.nn.Module):
+    """The tiny open_clip model (its parameters, dtype, train/eval) with features the test chooses:
+    a prompt of class c encodes to the unit vector e_c, whatever the template; an image, recognised
+    by its colour, to sum_c resemblance(image)[c] e_c. So the score of image i for class c is
+    resemblance(i)[c] (up to a per-image factor), known without running acc_clip."""
+
+    def __init__(self, clip, tokenizer, normalize, names: dict[str, str]):
+        super().__init__()
+        self.clip, self.mean, self.std = clip, torch.tensor(normalize.mean), torch.tensor(normalize.std)
+        basis = torch.eye(len(CLASS_FOLDERS))
+        self.prompts = {tuple(tokenizer([template.format(name)])[0].tolist()): basis[CLASS_FOLDERS.index(folder)]
+                        for name, folder in names.items() for template in TEMPLATES}
+        self.colours = torch.tensor(list(COLOURS.values()), dtype=torch.float32)
+        self.images = torch.stack([torch.tensor([resemblance(key)[c] for c in CLASS_FOLDERS]) for key in COLOURS])
+
+    def encode_image(self, images, normalize=False):
+        rgb = (images.float() * self.std[:, None, None] + self.mean[:, None, None]).mean(dim=(2, 3)) * 255
+        distance, which = torch.cdist(rgb, self.colours).min(dim=1)
+        assert distance.max() < 5, distance  # every image is one of ours
+        features = self.images[which]
+        return features / features.norm(dim=1, keepdim=True) if normalize else features
+
+    def encode_text(self, texts, normalize=False):
+        return torch.stack([self.prompts[tuple(row.tolist())] for row in texts.cpu()])  # KeyError: not our prompt
+
+
+def write_solid(path: Path, colour) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.new("RGB", (24, 24), colour).save(path)
+
+
+def expected_accuracy(class_order: list[str], shift: int = 0) -> tuple[float, float]:
+    """Top-1 / top-5 from LOOKS_LIKE alone: image (folder, i) has label class_order.index(folder);
+    `shift` relabels every image as the next class(es), for the check that relabelling shows."""
+    top1 = top5 = 0
+    for key in LOOKS_LIKE:
+        scores = resemblance(key)
+        ranked = sorted(class_order, key=lambda folder: -scores[folder])
+        label = class_order[(class_order.index(key[0]) + shift) % len(class_order)]
+        top1 += ranked[0] == label
+        top5 += label in ranked[:5]
+    return top1 / len(LOOKS_LIKE), top5 / len(LOOKS_LIKE)
+
+
+def write_separable_data(root: Path, layout: str) -> tuple[Path, Path | None, list[str]]:
+    """The images as `layout` (folder, csv-names, csv-indices) -> (data path, class-names file or None,
+    the class folders in label order as the format defines it)."""
+    for (folder, i), colour in COLOURS.items():
+        write_solid(root / "images" / folder / f"{i}.png", colour)
+    if layout == "folder":
+        return root / "images", None, sorted(CLASS_FOLDERS)
+    if layout == "csv-names":  # labels are names; classes in sorted name order
+        rows = [f"{root / 'images' / folder / f'{i}.png'},{folder}" for folder, i in reversed(list(LOOKS_LIKE))]
+        (root / "data.csv").write_text("filepath,label\n" + "\n".join(rows) + "\n")
+        return root / "data.csv", None, sorted(CLASS_FOLDERS)
+    order = ["red_fox", "car", "zebra", "aardvark", "dog", "black_cat"]  # integer labels index this file
+    rows = [f"{root / 'images' / folder / f'{i}.png'},{order.index(folder)}" for folder, i in LOOKS_LIKE]
+    (root / "data.csv").write_text("filepath,label\n" + "\n".join(rows) + "\n")
+    (root / "names.txt").write_text("".join(f"{folder.replace('_', ' ')}\n" for folder in order))
+    return root / "data.csv", root / "names.txt", order
+
+
+@pytest.mark.parametrize("layout", ["folder", "csv-names", "csv-indices"])
+def test_accuracy_with_separable_classes_counts_each_image_against_its_own_class(tiny, accelerator, tmp_path, layout):
+    """The old brute-force test's untrained model ranks the classes the same way for every image, so
+    a relabelling of the classes (an off-by-one) leaves its accuracy unchanged. Here each image's
+    ranking is chosen per image, per-class accuracy differs, and the expected accuracy comes from the
+    files written here, not from acc_clip's dataset."""
+    clip, preprocess, tokenizer = tiny
+    path, names_file, class_order = write_separable_data(tmp_path, layout)
+    expected = expected_accuracy(class_order)
+    for shift in range(1, len(class_order)):  # the test has power: any relabelling changes top-1
+        assert expected_accuracy(class_order, shift)[0] != expected[0]
+    assert 0 < expected[0] < expected[1] < 1
+
+    dataset, classnames = load_zeroshot_dataset(str(path), transform=preprocess,
+                                                classnames_file=str(names_file) if names_file else None)
+    model = ControlledFeatures(clip, tokenizer, preprocess.transforms[-1],
+                               {folder.replace("_", " "): folder for folder in CLASS_FOLDERS})
+    metrics = zeroshot_eval(model, tokenizer, dataset, classnames, TEMPLATES, accelerator, batch_size=4, workers=0)
+    assert metrics["zeroshot_num_samples"] == len(LOOKS_LIKE) and metrics["zeroshot_num_bad"] == 0
+    assert (metrics["zeroshot_top1"], metrics["zeroshot_top5"]) == pytest.approx(expected)
+
+
 def test_default_templates_are_open_clips_openai_imagenet_templates():
     assert load_templates(None) is open_clip.OPENAI_IMAGENET_TEMPLATES
 
