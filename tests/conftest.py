@@ -4,6 +4,7 @@ trainer as a user does (a subprocess, so each run gets a fresh Accelerate state)
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -102,33 +103,54 @@ def run_trainer(args: list[str], *, launcher: list[str] | None = None, timeout: 
 
 
 @pytest.fixture
-def train_in_process(capsys):
-    """`acc-clip train ARGS` in this process, for runs that end in a one-line error before training
-    (a process start costs seconds; the code path from the command line to the error is the same).
-    Returns (exit status, the stderr lines that start with 'error:'). Accelerate's state, the root
-    logger and torch's thread count are restored afterwards, so later tests start as before."""
+def in_process(monkeypatch):
+    """For tests that run the trainer inside the test process: train() sets up what a process sets up
+    once (the root logger's handlers, SIGTERM/SIGINT handlers, torch's thread count, Accelerate's
+    global state); they are put back afterwards. One compute thread: the tiny model's ops are too
+    small to share, and two spinning OpenMP threads on a loaded 2-core machine made a run 9x slower."""
     import logging
+    import signal
 
     import torch
     from accelerate.state import AcceleratorState
 
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # with it set, train() leaves the thread count alone
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = logging.getLogger()
+    handlers, level = root.handlers[:], root.level
+    signals = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
+    AcceleratorState._reset_state(reset_partial_state=True)
+    yield
+    AcceleratorState._reset_state(reset_partial_state=True)
+    for signum, handler in signals.items():
+        signal.signal(signum, handler)
+    for handler in set(root.handlers) - set(handlers):
+        handler.close()  # the run's out.log
+    root.handlers[:], root.level = handlers, level
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture
+def train_in_process(in_process, capsys):
+    """`acc-clip train ARGS` in this process, for runs that end in a one-line error before training
+    (a process start costs seconds; the code path from the command line to the error is the same).
+    Returns (exit status, the stderr lines that start with 'error:')."""
     from acc_clip.cli import main
 
     def run(args: list[str]) -> tuple[int, list[str]]:
-        root = logging.getLogger()
-        handlers, level, threads = root.handlers[:], root.level, torch.get_num_threads()
-        try:
-            status = main(["train", *args])
-        finally:
-            for handler in set(root.handlers) - set(handlers):
-                handler.close()
-            root.handlers[:] = handlers
-            root.setLevel(level)
-            torch.set_num_threads(threads)
-            AcceleratorState._reset_state(reset_partial_state=True)
+        status = main(["train", *args])
         return status, [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
 
     return run
+
+
+def open_clip_cosine_lr(step: int, base_lr: float, warmup: int, total_steps: int) -> float:
+    """open_clip_train.scheduler.cosine_lr written out: linear warm-up to base_lr over `warmup`
+    steps (step s gets base_lr * (s + 1) / warmup), then half a cosine from base_lr to 0 at total_steps."""
+    if step < warmup:
+        return base_lr * (step + 1) / warmup
+    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total_steps - warmup))) * base_lr
 
 
 def read_metrics(run_dir: Path) -> list[dict]:

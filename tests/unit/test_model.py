@@ -1,7 +1,6 @@
 """Model set-up: open_clip's weight-decay groups, same initial weights as open_clip_train for a seed,
 tower locking, the channels_last default, the cosine learning-rate schedule."""
 
-import math
 
 import open_clip
 import pytest
@@ -9,7 +8,7 @@ import torch
 
 from acc_clip.config import parse_config
 from acc_clip.model import create_lr_schedule, create_model, parameter_groups, uses_channels_last
-from conftest import TINY_RN, TINY_VIT
+from conftest import TINY_RN, TINY_VIT, open_clip_cosine_lr
 
 
 def config_for(model, *extra):
@@ -62,14 +61,6 @@ def test_unknown_model_name_is_one_clear_error():
 
     with pytest.raises(AccClipError, match="--model NoSuchModel"):
         create_model(config_for("NoSuchModel"))
-
-
-def open_clip_cosine_lr(step: int, base_lr: float, warmup: int, total_steps: int) -> float:
-    """open_clip_train.scheduler.cosine_lr written out: linear warm-up to base_lr over `warmup`
-    steps (step s gets base_lr * (s + 1) / warmup), then half a cosine from base_lr to 0 at total_steps."""
-    if step < warmup:
-        return base_lr * (step + 1) / warmup
-    return 0.5 * (1 + math.cos(math.pi * (step - warmup) / (total_steps - warmup))) * base_lr
 
 
 @pytest.mark.parametrize("steps_per_epoch, epochs, warmup", [(7, 3, 4), (5, 2, 1)])

@@ -3,44 +3,14 @@ steps it makes under --accum-freq and the learning rate of each."""
 
 from __future__ import annotations
 
-import logging
-import signal
 
 import pytest
-import torch
-from accelerate.state import AcceleratorState
 
 from acc_clip.config import parse_config
 from acc_clip.train import train
-from conftest import TINY_VIT, read_metrics
-from test_model import open_clip_cosine_lr
+from conftest import TINY_VIT, open_clip_cosine_lr, read_metrics
 
 MICRO_BATCHES_PER_EPOCH = 10  # --train-num-samples 40 at --batch-size 4, one process
-
-
-@pytest.fixture
-def in_process(monkeypatch):
-    """train() sets up what a process sets up once: the root logger's handlers, SIGTERM/SIGINT
-    handlers, torch's thread count and Accelerate's global state. Put them back afterwards."""
-    # One compute thread: the tiny model's ops are too small to share, and on a loaded 2-core machine
-    # two spinning OpenMP threads made the run 9x slower (27 s against 3 s). With OMP_NUM_THREADS set,
-    # train() leaves the thread count alone.
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    root = logging.getLogger()
-    handlers, level = root.handlers[:], root.level
-    signals = {signum: signal.getsignal(signum) for signum in (signal.SIGTERM, signal.SIGINT)}
-    AcceleratorState._reset_state(reset_partial_state=True)
-    yield
-    AcceleratorState._reset_state(reset_partial_state=True)
-    for signum, handler in signals.items():
-        signal.signal(signum, handler)
-    for handler in root.handlers:
-        if handler not in handlers:
-            handler.close()  # the run's out.log
-    root.handlers[:], root.level = handlers, level
-    torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("accum_freq", [2, 4])
