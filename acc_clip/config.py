@@ -3,7 +3,8 @@ a YAML file (`--config FILE`), command-line flags.
 
 Every flag of open_clip_train's command line that the seed uses keeps its name and meaning, so the
 vendor's default command runs unchanged. Unknown keys, in YAML or on the command line, are errors
-that name the closest valid key. Flags accepted only for compatibility say so at start-up.
+that name the closest valid key. A flag set where it has no effect (the CoCa weights for a CLIP model)
+is said at start-up.
 """
 
 from __future__ import annotations
@@ -24,11 +25,7 @@ SCHEDULERS = ("cosine", "const", "const-cooldown")
 DATASET_TYPES = ("auto", "csv", "webdataset", "synthetic")
 SIGLIP_DIST_IMPLS = ("bidir", "shift", "reduce", "gather")  # open_clip SigLipLoss's exchanges across processes
 
-# Accepted for open_clip_train compatibility, no effect here: flag -> why. Said at start-up when set.
-COMPATIBILITY_ONLY = {
-    "coca_caption_loss_weight": "only CoCa models use it, and acc_clip trains CLIP models",
-    "coca_contrastive_loss_weight": "only CoCa models use it, and acc_clip trains CLIP models",
-}
+COCA_FLAGS = ("coca_caption_loss_weight", "coca_contrastive_loss_weight")
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
@@ -94,6 +91,8 @@ class TrainConfig:
     loss_dist_impl: Optional[str] = _opt(None, "SigLIP's exchange of text features across processes: bidir (the "
                                                 "default), shift, reduce or gather; the same loss either way",
                                          choices=SIGLIP_DIST_IMPLS)
+    coca_caption_loss_weight: float = _opt(2.0, "CoCa models: weight of the caption loss")
+    coca_contrastive_loss_weight: float = _opt(1.0, "CoCa models: weight of the contrastive loss")
     gather_with_grad: bool = _opt(False, "all-gather features with gradient (exact multi-process gradients)")
     local_loss: bool = _opt(False, "compute only the local rows of the logit matrix")
     use_bn_sync: bool = _opt(False, "synchronise batch-norm statistics across processes")
@@ -122,9 +121,11 @@ class TrainConfig:
     remote_sync: Optional[str] = _opt(None, "copy the run folder to this fsspec URL in the background")
     remote_sync_frequency: int = _opt(300, "seconds between remote copies")
     remote_sync_protocol: str = _opt("s3", "s3 or fsspec", choices=("s3", "fsspec"))
-    # compatibility only (see COMPATIBILITY_ONLY)
-    coca_caption_loss_weight: float = _opt(2.0, "CoCa caption loss weight (compatibility only)")
-    coca_contrastive_loss_weight: float = _opt(1.0, "CoCa contrastive loss weight (compatibility only)")
+
+    @property
+    def is_coca(self) -> bool:
+        """open_clip_train's rule: a model whose name says coca trains with the CoCa loss."""
+        return "coca" in self.model.lower()
 
     def validate(self) -> "TrainConfig":
         positive = ("batch_size", "epochs", "accum_freq", "log_every_n_steps")
@@ -219,7 +220,7 @@ def _coerce(key: str, value: Any) -> Any:
 
 
 def parse_config(argv: list[str]) -> tuple[TrainConfig, list[str]]:
-    """The validated config and the notices to print at start-up (compatibility-only flags that were set)."""
+    """The validated config and the notices to print at start-up (flags set that have no effect in this run)."""
     parser = _argument_parser()
     namespace, unknown = parser.parse_known_args(argv)
     if unknown:
@@ -234,8 +235,8 @@ def parse_config(argv: list[str]) -> tuple[TrainConfig, list[str]]:
         values.update(_read_yaml(config_path))
     values.update({k: v for k, v in vars(namespace).items() if k != "config"})
     config = TrainConfig(**{k: _coerce(k, v) for k, v in values.items()})
-    notices = [f"--{flag(key)} is accepted for open_clip compatibility and has no effect: {why}"
-               for key, why in COMPATIBILITY_ONLY.items() if key in values]
+    notices = [f"--{flag(key)} has no effect: {config.model} is not a CoCa model (open_clip_train's rule: the name "
+                f"holds 'coca')" for key in COCA_FLAGS if key in values and not config.is_coca]
     if config.loss_dist_impl is not None and not config.siglip:
         notices.append(f"--loss-dist-impl {config.loss_dist_impl} has no effect without --siglip (as in open_clip)")
     return config.validate(), notices

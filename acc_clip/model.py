@@ -43,6 +43,8 @@ def create_model(config: TrainConfig) -> ModelBundle:
             config.model, config.pretrained or None, precision="fp32", device="cpu", output_dict=True, **siglip_init)
     except (RuntimeError, ValueError, FileNotFoundError) as error:  # open_clip's ways of saying bad name/weights
         raise AccClipError(f"--model {config.model} --pretrained {config.pretrained!r}: {error}") from None
+    if not config.pretrained:
+        initialise_coca_decoder_projection(model)
     if config.lock_image:
         model.lock_image_tower(unlocked_groups=config.lock_image_unlocked_groups,
                                freeze_bn_stats=config.lock_image_freeze_bn_stats)
@@ -53,6 +55,19 @@ def create_model(config: TrainConfig) -> ModelBundle:
         model.set_grad_checkpointing()
     tokenizer = get_tokenizer(config.model)
     return ModelBundle(model, preprocess_train, preprocess_val, tokenizer)
+
+
+def initialise_coca_decoder_projection(model: torch.nn.Module) -> None:
+    """open_clip's CoCa creates its decoder's text_projection with torch.empty and never initialises
+    it (the decoder's init_parameters is never called, and would fail if it were: it reads a
+    `transformer` attribute the decoder does not have; open_clip issue #554), so a fresh CoCa starts
+    from whatever that memory held: zeros, denormals, inf or NaN, different from run to run. Drawn
+    here from the seeded generator with the std init_parameters means (width ** -0.5), so the same
+    seed gives the same model."""
+    decoder = getattr(model, "text_decoder", None)
+    if decoder is not None and getattr(decoder, "text_projection", None) is not None:
+        with torch.no_grad():
+            decoder.text_projection.normal_(std=decoder.width ** -0.5)
 
 
 def uses_channels_last(model: torch.nn.Module, requested: Optional[bool]) -> bool:

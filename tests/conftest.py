@@ -18,6 +18,7 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 REPO = Path(__file__).resolve().parents[1]
 TINY_RN = f"local-dir:{REPO / 'configs' / 'models' / 'tiny-rn'}"
 TINY_VIT = f"local-dir:{REPO / 'configs' / 'models' / 'tiny-vit'}"
+TINY_COCA = f"local-dir:{REPO / 'configs' / 'models' / 'tiny-coca'}"  # the name holds coca: the CoCa loss
 # The vendor's default command exactly as its README prints it (empty values print as nothing).
 SEED_COMMAND = (
     "--train-data /../COCO/train_data.csv --dataset-type auto --csv-separator , --csv-img-key filepath "

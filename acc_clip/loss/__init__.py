@@ -41,11 +41,20 @@ def _siglip(config: TrainConfig, rank: int, world_size: int) -> Objective:
     return SigLipObjective(config, rank, world_size)
 
 
+def _coca(config: TrainConfig, rank: int, world_size: int) -> Objective:
+    from acc_clip.loss.coca import CoCaObjective
+
+    return CoCaObjective(config, rank, world_size)
+
+
 # name -> factory(config, rank, world_size); factories import their module only when chosen.
-OBJECTIVES: dict[str, Callable[[TrainConfig, int, int], Objective]] = {"clip": _clip, "siglip": _siglip}
+OBJECTIVES: dict[str, Callable[[TrainConfig, int, int], Objective]] = {
+    "clip": _clip, "siglip": _siglip, "coca": _coca}
 
 
 def objective_name(config: TrainConfig) -> str:
+    if config.is_coca:
+        return "coca"
     return "siglip" if config.siglip else "clip"
 
 

@@ -8,7 +8,7 @@ import torch
 
 from acc_clip.config import parse_config
 from acc_clip.model import create_lr_schedule, create_model, parameter_groups, uses_channels_last
-from conftest import TINY_RN, TINY_VIT, open_clip_cosine_lr
+from conftest import TINY_COCA, TINY_RN, TINY_VIT, open_clip_cosine_lr
 
 
 def config_for(model, *extra):
@@ -79,3 +79,14 @@ def test_cosine_schedule_is_open_clip_train_s_over_every_step_of_every_epoch(ste
         assert [group["lr"] for group in optimizer.param_groups] == pytest.approx([expected] * 2, rel=1e-12, abs=0)
     assert schedule(end_of_warmup) == pytest.approx(0.002, rel=1e-12)
     assert 0 < schedule(last) < schedule(mid) < 0.002
+
+
+def test_a_fresh_coca_model_depends_on_the_seed_only():
+    """open_clip leaves a CoCa decoder's text_projection uninitialised (torch.empty: zeros in a fresh
+    process, leftovers later). acc_clip draws it: a normal of std width ** -0.5 (64 ** -0.5 = 0.125
+    here, 4096 values), the same for the same seed."""
+    config = config_for(TINY_COCA)
+    first = create_model(config).model.text_decoder.text_projection.detach().clone()
+    second = create_model(config).model.text_decoder.text_projection.detach()
+    assert torch.equal(first, second)
+    assert abs(first.std().item() - 0.125) < 0.01 and abs(first.mean().item()) < 0.01
