@@ -21,6 +21,7 @@ from typing import Any, Optional
 
 import torch
 
+from acc_clip.checkpoint import debug
 from acc_clip.errors import AccClipError
 
 FORMAT_VERSION = 1
@@ -150,6 +151,7 @@ def commit_folder(partial: str, final: str) -> None:
     if os.path.exists(final):
         remove_path(old)
         os.replace(final, old)
+        debug.kill_if_asked_between_renames(final)
     os.replace(partial, final)
     descriptor = os.open(os.path.dirname(final), os.O_RDONLY)
     try:
