@@ -21,6 +21,7 @@ from typing import Any, Optional
 
 import torch
 
+from acc_clip.checkpoint import debug
 from acc_clip.errors import AccClipError
 from acc_clip.runtime.run_dir import CHECKPOINTS_DIR
 
@@ -28,6 +29,7 @@ FORMAT_VERSION = 1
 MANIFEST = "complete.json"
 STEP_PREFIX = "step_"
 TMP_PREFIX = ".tmp-"
+OLD_PREFIX = TMP_PREFIX + "old-"  # a committed checkpoint moved aside while a save of its step replaces it
 WEIGHTS_FILE = "model.safetensors"  # Accelerate's name for the first model's weights
 OPTIMIZER_FILE = "optimizer.bin"
 SCALER_FILE = "scaler.pt"
@@ -146,11 +148,13 @@ def weights_are_finite(model: torch.nn.Module) -> bool:
 def commit_folder(partial: str, final: str) -> None:
     """Rename the finished save into place. A save of the same step (an epoch's end right after a
     step save, or a replayed step) replaces the old folder, which is moved aside first so that at
-    every moment the name holds a complete checkpoint or nothing."""
-    old = os.path.join(os.path.dirname(final), TMP_PREFIX + "old-" + os.path.basename(final))
+    every moment the name holds a complete checkpoint or nothing; a kill between the two renames
+    leaves the old one as `.tmp-old-NAME`, which `restore_moved_aside` puts back at the next start."""
+    old = os.path.join(os.path.dirname(final), OLD_PREFIX + os.path.basename(final))
     if os.path.exists(final):
         remove_path(old)
         os.replace(final, old)
+        debug.kill_if_asked_between_renames(final)
     os.replace(partial, final)
     descriptor = os.open(os.path.dirname(final), os.O_RDONLY)
     try:
@@ -158,6 +162,32 @@ def commit_folder(partial: str, final: str) -> None:
     finally:
         os.close(descriptor)
     remove_path(old)
+
+
+def restore_moved_aside(directory: str) -> list[str]:
+    """Put back each checkpoint a kill between commit_folder's two renames left moved aside: a
+    complete `.tmp-old-NAME` with no `NAME` is the only committed copy of that step (its replacement
+    never got the name). Returns the names put back. Call it before removing `.tmp-*` folders as
+    interrupted saves: it would be removed with them. An old copy whose name exists again (the kill
+    came after the second rename) or without a complete manifest is left to that removal."""
+    restored = []
+    for name in sorted(n for n in os.listdir(directory) if n.startswith(OLD_PREFIX)):
+        old, final = os.path.join(directory, name), os.path.join(directory, name[len(OLD_PREFIX):])
+        if os.path.exists(final):
+            continue
+        try:
+            read_manifest(old, source="restoring")
+        except AccClipError:
+            continue
+        os.replace(old, final)
+        restored.append(os.path.basename(final))
+    if restored:
+        descriptor = os.open(directory, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+    return restored
 
 
 def remove_path(path: str) -> None:

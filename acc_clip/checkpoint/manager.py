@@ -4,7 +4,8 @@ format.py; the test-only hooks in debug.py.
 
 Commit. A save is written to `checkpoints/.tmp-step_NNNNNNNN/` and renamed into place only after
 the manifest is written, so a folder without a manifest is never resumed from; partial folders
-left by a crash are removed at the next start.
+left by a crash are removed at the next start, after a checkpoint that a crash left moved aside
+while a save of its step replaced it is put back (format.commit_folder, restore_moved_aside).
 
 Data position. The sample order of an epoch is rebuilt from (seed, epoch), so the next unseen
 micro-batch (step in epoch x --accum-freq) is all a resume needs; the batches already done are
@@ -25,7 +26,8 @@ from acc_clip.checkpoint import debug
 from acc_clip.checkpoint.format import (FORMAT_VERSION, MANIFEST, TMP_PREFIX, WEIGHTS_FILE, Progress,
                                         atomic_torch_save, commit_folder, complete_checkpoints, folder_bytes,
                                         fsync_folder, load_safetensors_weights, load_weights, open_clip_checkpoint,
-                                        plain_key, read_manifest, remove_path, step_name, weights_are_finite)
+                                        plain_key, read_manifest, remove_path, restore_moved_aside, step_name,
+                                        weights_are_finite)
 from acc_clip.config import TrainConfig
 from acc_clip.errors import AccClipError
 from acc_clip.runtime.parallel import full_state_dict, unwrap
@@ -47,6 +49,8 @@ class CheckpointManager:
         self.remote = None
         if accelerator.is_main_process:
             os.makedirs(self.directory, exist_ok=True)
+            for name in restore_moved_aside(self.directory):  # before they are removed as partial saves
+                log.warning("restored %s, moved aside by a save of its step that was interrupted", name)
             for name in os.listdir(self.directory):  # partial saves of a crashed run
                 if name.startswith(TMP_PREFIX):
                     log.info("removing %s, a save that was interrupted", name)
