@@ -99,16 +99,21 @@ def read_manifest(path: str, source: str = "--resume") -> dict:
     return manifest
 
 
-def fsync_folder(path: str) -> None:
-    """Data first, then the folder entry, so a power loss cannot leave a renamed but empty save."""
-    for name in os.listdir(path):
-        with open(os.path.join(path, name), "rb") as file:
-            os.fsync(file.fileno())
+def fsync_entry(path: str) -> None:
+    """Flush a file's or a folder's own entry (a folder's: the names in it, so renames survive a power loss)."""
     descriptor = os.open(path, os.O_RDONLY)
     try:
         os.fsync(descriptor)
     finally:
         os.close(descriptor)
+
+
+def fsync_folder(path: str) -> None:
+    """Data first, then the folder entry, so a power loss cannot leave a renamed but empty save."""
+    for name in os.listdir(path):
+        with open(os.path.join(path, name), "rb") as file:
+            os.fsync(file.fileno())
+    fsync_entry(path)
 
 
 # model weights -----------------------------------------------------------------------------------
@@ -156,11 +161,7 @@ def commit_folder(partial: str, final: str) -> None:
         os.replace(final, old)
         debug.kill_if_asked_between_renames(final)
     os.replace(partial, final)
-    descriptor = os.open(os.path.dirname(final), os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
+    fsync_entry(os.path.dirname(final))
     remove_path(old)
 
 
@@ -182,11 +183,7 @@ def restore_moved_aside(directory: str) -> list[str]:
         os.replace(old, final)
         restored.append(os.path.basename(final))
     if restored:
-        descriptor = os.open(directory, os.O_RDONLY)
-        try:
-            os.fsync(descriptor)
-        finally:
-            os.close(descriptor)
+        fsync_entry(directory)
     return restored
 
 
