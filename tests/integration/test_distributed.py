@@ -12,10 +12,7 @@ from __future__ import annotations
 
 import os
 import shlex
-import shutil
-import socket
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -25,6 +22,7 @@ from safetensors.torch import load_file
 from dist_worker import SCENARIOS, STEPS, accelerator_for_cpu, max_difference, optimizers_for, run_steps, \
     tiny_config, without_key_bias
 from acc_clip.data.csv import epoch_permutation
+from background_trainer import ACCELERATE, two_processes
 from conftest import REPO, TINY_VIT, read_metrics, run_trainer, tiny_train_args
 
 # Measured on this CPU, 3 steps of TINY_VIT: losses within 2.4e-7; after plain SGD (lr 1, gradients ~1)
@@ -33,7 +31,6 @@ from conftest import REPO, TINY_VIT, read_metrics, run_trainer, tiny_train_args
 # of up to lr (1e-3) per step: measured 3.3e-5 once the key biases (zero gradient) are left out.
 TOLERANCE = 1e-5
 ADAMW_TOLERANCE = 1e-4
-ACCELERATE = {"ACCELERATE": shutil.which("accelerate", path=os.path.dirname(sys.executable))}
 VENDOR_COMMAND = (  # run_demo.py's default command line
     "--train-data COCO/train_data.csv --dataset-type auto --csv-separator , --csv-img-key filepath --csv-caption-key "
     "title --logs ./logs/ --workers 4 --batch-size 64 --epochs 32 --lr 0.0005 --beta1 0.9 --beta2 0.999 --eps 1e-08 "
@@ -42,17 +39,6 @@ VENDOR_COMMAND = (  # run_demo.py's default command line
     "--lock-image-unlocked-groups 0 --accum-freq 1 --seed 0 --lock-text-unlocked-layers 0 --log-every-n-steps 100")
 LAUNCH_CONFIGS = {"single_card": ("NO", 1), "multi_gpu": ("MULTI_GPU", 8), "multi_node": ("MULTI_GPU", 16),
                   "sdaa_single": ("NO", 1), "sdaa_multi": ("MULTI_SDAA", 4), "cpu_2proc": ("MULTI_GPU", 2)}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:  # other test runs on this machine may hold accelerate's default port
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def two_processes() -> list[str]:
-    return [ACCELERATE["ACCELERATE"], "launch", "--config_file",
-            str(REPO / "launch" / "cpu_2proc.yaml"), "--main_process_port", str(free_port())]
 
 
 @pytest.fixture(autouse=True)
@@ -123,7 +109,8 @@ def test_trainer_two_processes_accumulating_local_loss_match_one_process(train_c
     # The one-process run goes through launch/run_demo.sh (single_card.yaml): the flags here override its defaults.
     demo = subprocess.run([str(REPO / "launch" / "run_demo.sh"), str(train_csv),
                            *tiny_train_args(train_csv, tmp_path, "one", *common, "--batch-size", "32")],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path, env={**os.environ, **ACCELERATE})
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path,
+                          env={**os.environ, "ACCELERATE": ACCELERATE})
     assert demo.returncode == 0, demo.stderr[-3000:]
     run_trainer(tiny_train_args(train_csv, tmp_path, "two", *common, "--batch-size", "8", "--accum-freq", "2",
                                 "--local-loss"), launcher=two_processes())

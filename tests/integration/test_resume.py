@@ -10,19 +10,16 @@ run so that losses are reproducible bit for bit, and the opt-in sample record
 from __future__ import annotations
 
 import json
-import os
 import signal
-import subprocess
-import sys
-import time
 from collections import Counter
 from pathlib import Path
 
 import pytest
-from conftest import SMALL_CSV_ROWS, REPO, read_metrics, run_trainer, tiny_train_args
+from background_trainer import Trainer, metric_rows, newest_checkpoint, saved_at_or_after, wait_until
+from conftest import SMALL_CSV_ROWS, read_metrics, run_trainer, tiny_train_args
 
 from acc_clip.checkpoint.debug import KILL_BEFORE_COMMIT_ENV, SAMPLES_ENV
-from acc_clip.checkpoint.format import MANIFEST, TMP_PREFIX, complete_checkpoints
+from acc_clip.checkpoint.format import MANIFEST, TMP_PREFIX
 from acc_clip.runtime.run_dir import SAMPLES_FILE
 from acc_clip.runtime.signals import PREEMPTED_EXIT_CODE
 
@@ -51,52 +48,17 @@ def reference_runs(small_csv, tmp_path_factory):
     """Run A for each worker count, trained straight through. Both run in the background, overlapping
     the stopped-and-resumed runs instead of adding to the test's time; `reference(w)` waits for one."""
     logs = tmp_path_factory.mktemp("reference")
-    running = {count: start_trainer(run_args(small_csv, logs, f"A{count}", count), logs / f"A{count}.log")
+    running = {count: Trainer(run_args(small_csv, logs, f"A{count}", count), logs / f"A{count}.log")
                for count in (0, 2)}
 
     def reference(workers: int) -> Path:
         if running[workers].wait(timeout=600) != 0:
-            raise AssertionError(f"reference run failed:\n{(logs / f'A{workers}.log').read_text()[-3000:]}")
+            raise AssertionError(f"reference run failed:\n{running[workers].tail()}")
         return logs / f"A{workers}"
 
     yield reference
-    for process in running.values():
-        process.kill()
-        process.wait(timeout=60)
-
-
-def start_trainer(args: list[str], log_file: Path) -> subprocess.Popen:
-    with open(log_file, "w") as out:
-        return subprocess.Popen([sys.executable, "-m", "acc_clip.train", *args], stdout=out, stderr=subprocess.STDOUT,
-                                cwd=REPO, env={**os.environ, "PYTHONUNBUFFERED": "1"})
-
-
-def wait_until(condition, process: subprocess.Popen, log_file: Path, timeout: float = 240) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if process.poll() is not None:
-            raise AssertionError(f"trainer exited {process.returncode} before the test could stop it:\n"
-                                 f"{log_file.read_text()[-3000:]}")
-        if time.monotonic() > deadline:
-            process.kill()
-            raise AssertionError(f"timed out waiting on the trainer:\n{log_file.read_text()[-3000:]}")
-        time.sleep(0.02)
-
-
-def metric_rows(run_dir: Path) -> int:
-    path = run_dir / "metrics.jsonl"
-    return len(path.read_text().splitlines()) if path.exists() else 0
-
-
-def newest_checkpoint(run_dir: Path) -> tuple[str, dict]:
-    found = complete_checkpoints(str(run_dir / "checkpoints"))
-    assert found, f"no complete checkpoint in {run_dir}"
-    return os.path.basename(found[-1]), json.loads(Path(found[-1], MANIFEST).read_text())["progress"]
-
-
-def has_checkpoint_at_or_after(run_dir: Path, global_step: int) -> bool:
-    found = complete_checkpoints(str(run_dir / "checkpoints"))
-    return bool(found) and int(os.path.basename(found[-1]).split("_")[1]) >= global_step
+    for trainer in running.values():
+        trainer.stop()
 
 
 def read_samples(run_dir: Path) -> list[dict]:
@@ -134,11 +96,11 @@ def test_sigterm_then_kill9_mid_epoch_resume_exactly(small_csv, tmp_path, refere
 
     # 1. SIGTERM in epoch 0: the step finishes, a checkpoint is saved, the exit code says "preempted".
     log1 = tmp_path / "stop1.log"
-    trainer = start_trainer(args, log1)
-    wait_until(lambda: metric_rows(run_dir) >= 2, trainer, log1)
-    trainer.send_signal(signal.SIGTERM)
-    assert trainer.wait(timeout=120) == PREEMPTED_EXIT_CODE, log1.read_text()[-3000:]
-    name, progress = newest_checkpoint(run_dir)
+    trainer = Trainer(args, log1)
+    wait_until(lambda: metric_rows(run_dir) >= 2, trainer)
+    trainer.process.send_signal(signal.SIGTERM)
+    assert trainer.wait(timeout=120) == PREEMPTED_EXIT_CODE, trainer.tail()
+    checkpoint, progress = newest_checkpoint(run_dir)
     assert progress["epoch"] == 0 and 0 < progress["step_in_epoch"] < STEPS_PER_EPOCH, progress  # mid-epoch
     assert f"stopping on SIGTERM after step {progress['global_step']}" in log1.read_text()
 
@@ -147,25 +109,24 @@ def test_sigterm_then_kill9_mid_epoch_resume_exactly(small_csv, tmp_path, refere
     saved_before_kill = STEPS_PER_EPOCH + 2
     assert saved_before_kill % SAVE_EVERY == 0
     if kill == "between steps":
-        trainer = start_trainer([*args, "--resume", "latest"], log2)
-        wait_until(lambda: has_checkpoint_at_or_after(run_dir, saved_before_kill), trainer, log2)
-        trainer.kill()
+        trainer = Trainer([*args, "--resume", "latest"], log2)
+        wait_until(lambda: saved_at_or_after(run_dir, saved_before_kill), trainer)
+        trainer.process.kill()
     else:
-        with pytest.MonkeyPatch.context() as patch:
-            patch.setenv(KILL_BEFORE_COMMIT_ENV, str(saved_before_kill + SAVE_EVERY))
-            trainer = start_trainer([*args, "--resume", "latest"], log2)
-    assert trainer.wait(timeout=240) == -signal.SIGKILL, log2.read_text()[-3000:]
-    assert f"resumed from {run_dir / 'checkpoints' / name}:" in log2.read_text()
+        trainer = Trainer([*args, "--resume", "latest"], log2,
+                          env={KILL_BEFORE_COMMIT_ENV: str(saved_before_kill + SAVE_EVERY)})
+    assert trainer.wait(timeout=240) == -signal.SIGKILL, trainer.tail()
+    assert f"resumed from {checkpoint}:" in log2.read_text()
     partial = run_dir / "checkpoints" / f"{TMP_PREFIX}step_{saved_before_kill + SAVE_EVERY:08d}"
     if kill == "while saving":  # state written, manifest not: the save at step 16 is incomplete
         assert (partial / "model.safetensors").is_file() and not (partial / MANIFEST).exists()
-        assert newest_checkpoint(run_dir)[0] == f"step_{saved_before_kill:08d}"
-    name, progress = newest_checkpoint(run_dir)
+        assert newest_checkpoint(run_dir)[0].name == f"step_{saved_before_kill:08d}"
+    checkpoint, progress = newest_checkpoint(run_dir)
     assert progress["epoch"] == 1 and 0 < progress["step_in_epoch"] < STEPS_PER_EPOCH, progress  # mid-epoch
 
     # 3. Resume to the end: the same training as run A, step for step.
     result = run_trainer([*args, "--resume", "latest"])
-    assert f"resumed from {run_dir / 'checkpoints' / name}:" in result.stdout
+    assert f"resumed from {checkpoint}:" in result.stdout
     assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(TMP_PREFIX)]  # cleaned up
     worst = assert_same_training(run_dir, reference_runs(workers))
     print(f"\nworkers={workers}, kill -9 {kill}: max |loss(B) - loss(A)| over the resumed run = {worst:.3g}")

@@ -29,20 +29,17 @@ import logging
 import os
 import shutil
 import signal
-import socket
-import subprocess
-import sys
-import time
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, read_metrics, tiny_train_args
+from background_trainer import Trainer, metric_rows, newest_checkpoint, saved_at_or_after, wait_until
+from conftest import read_metrics, tiny_train_args
 
 from acc_clip.checkpoint.debug import KILL_BETWEEN_RENAMES_ENV, SAMPLES_ENV
-from acc_clip.checkpoint.format import MANIFEST, SCALER_FILE, TMP_PREFIX, Progress, complete_checkpoints
+from acc_clip.checkpoint.format import MANIFEST, SCALER_FILE, TMP_PREFIX, Progress
 from acc_clip.checkpoint.manager import CheckpointManager
 from acc_clip.config import TrainConfig
 from acc_clip.runtime.run_dir import LOG_FILE, SAMPLES_FILE
@@ -54,7 +51,6 @@ ACCUM = 2
 STEPS_PER_EPOCH = 6
 EPOCHS = 2
 KILL_AFTER = STEPS_PER_EPOCH + STEPS_PER_EPOCH // 2  # shards, 1 process: the step saved before the kill -9
-ACCELERATE = shutil.which("accelerate", path=os.path.dirname(sys.executable))
 
 
 @dataclass(frozen=True)
@@ -106,74 +102,8 @@ def cell_args(cell: Cell, train_data: dict[str, str], logs: Path, name: str) -> 
     return args
 
 
-def free_port() -> int:
-    with socket.socket() as sock:  # other test runs on this machine may hold accelerate's default port
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class Trainer:
-    """`python -m acc_clip.train ARGS`, or two processes under accelerate launch, in the background."""
-
-    def __init__(self, cell: Cell, args: list[str], log_file: Path, env: dict[str, str] | None = None):
-        if cell.processes == 1:
-            launcher = [sys.executable]
-        else:
-            launcher = [ACCELERATE, "launch", "--config_file", str(REPO / "launch" / "cpu_2proc.yaml"),
-                        "--main_process_port", str(free_port())]
-        self.log_file = log_file
-        with open(log_file, "w") as out:
-            self.process = subprocess.Popen(launcher + ["-m", "acc_clip.train", *args], stdout=out,
-                                            stderr=subprocess.STDOUT, cwd=REPO,
-                                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
-
-    def tail(self) -> str:
-        return self.log_file.read_text()[-3000:]
-
-    def wait(self, timeout: float = 300) -> int:
-        try:
-            return self.process.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            self.stop()
-            raise AssertionError(f"trainer timed out after {timeout} s:\n{self.tail()}") from None
-
-    def stop(self) -> None:
-        """SIGTERM first: torchrun then takes its ranks down with it (they run in their own sessions)."""
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(timeout=30)
-
-
-def wait_until(condition, trainer: Trainer, timeout: float = 300) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if trainer.process.poll() is not None:
-            raise AssertionError(f"trainer exited {trainer.process.returncode} before the test could stop it:\n"
-                                 f"{trainer.tail()}")
-        if time.monotonic() > deadline:
-            trainer.stop()
-            raise AssertionError(f"timed out waiting on the trainer:\n{trainer.tail()}")
-        time.sleep(0.02)
-
-
-def metric_rows(run_dir: Path) -> int:
-    path = run_dir / "metrics.jsonl"
-    return len(path.read_text().splitlines()) if path.exists() else 0
-
-
-def newest_checkpoint(run_dir: Path) -> tuple[Path, dict]:
-    found = complete_checkpoints(str(run_dir / "checkpoints"))
-    assert found, f"no complete checkpoint in {run_dir}"
-    return Path(found[-1]), json.loads(Path(found[-1], MANIFEST).read_text())["progress"]
-
-
-def saved_at_or_after(run_dir: Path, global_step: int) -> bool:
-    found = complete_checkpoints(str(run_dir / "checkpoints"))
-    return bool(found) and int(os.path.basename(found[-1]).split("_")[1]) >= global_step
+def start(cell: Cell, args: list[str], log_file: Path, env: dict[str, str] | None = None) -> Trainer:
+    return Trainer(args, log_file, processes=cell.processes, env=env)
 
 
 def resume_lines(trainer: Trainer) -> list[str]:
@@ -210,11 +140,11 @@ def assert_same_training(resumed: Path, reference: Path) -> None:
 def test_an_accumulated_run_stopped_mid_epoch_resumes_exactly(cell, train_data, tmp_path):
     args = cell_args(cell, train_data, tmp_path, "B")
     run_dir, checkpoints = tmp_path / "B", tmp_path / "B" / "checkpoints"
-    started = [Trainer(cell, cell_args(cell, train_data, tmp_path, "A"), tmp_path / "A.log")]  # the reference
+    started = [start(cell, cell_args(cell, train_data, tmp_path, "A"), tmp_path / "A.log")]  # reference
     try:
         # 1. SIGTERM in epoch 0 (to the launcher with 2 processes: torchrun passes it on to the ranks):
         # the step finishes on every process, a checkpoint is saved, the exit code says "preempted".
-        started.append(Trainer(cell, args, tmp_path / "B1.log"))
+        started.append(start(cell, args, tmp_path / "B1.log"))
         wait_until(lambda: metric_rows(run_dir) >= 1, started[-1])
         started[-1].process.send_signal(signal.SIGTERM)
         code = started[-1].wait(timeout=120)
@@ -230,7 +160,7 @@ def test_an_accumulated_run_stopped_mid_epoch_resumes_exactly(cell, train_data, 
             # 2. Resume; the epoch-end save of step 6 replaces the step save of step 6 and is killed
             # after moving that one aside, before renaming itself into place.
             step6 = checkpoints / f"step_{STEPS_PER_EPOCH:08d}"
-            started.append(Trainer(cell, [*args, "--resume", "latest"], tmp_path / "B2.log",
+            started.append(start(cell, [*args, "--resume", "latest"], tmp_path / "B2.log",
                                    env={KILL_BETWEEN_RENAMES_ENV: str(STEPS_PER_EPOCH)}))
             assert started[-1].wait() == -signal.SIGKILL, started[-1].tail()
             assert f"resumed from {resume_from}:" in started[-1].log_file.read_text(), resume_lines(started[-1])
@@ -241,7 +171,7 @@ def test_an_accumulated_run_stopped_mid_epoch_resumes_exactly(cell, train_data, 
             resume_from, expected = step6, f"epoch 0, step {STEPS_PER_EPOCH} of the epoch"
         elif cell == SHARDS_1:
             # 2. Resume, then kill -9 in epoch 1 once the step-9 checkpoint is complete.
-            started.append(Trainer(cell, [*args, "--resume", "latest"], tmp_path / "B2.log"))
+            started.append(start(cell, [*args, "--resume", "latest"], tmp_path / "B2.log"))
             wait_until(lambda: saved_at_or_after(run_dir, KILL_AFTER), started[-1])
             started[-1].process.kill()
             assert started[-1].wait() == -signal.SIGKILL, started[-1].tail()
@@ -253,7 +183,7 @@ def test_an_accumulated_run_stopped_mid_epoch_resumes_exactly(cell, train_data, 
             expected = f"epoch 0, step {progress['step_in_epoch']} of the epoch"
 
         # 3. Resume to the end: the same training as the reference, step for step.
-        started.append(Trainer(cell, [*args, "--resume", "latest"], tmp_path / "B3.log"))
+        started.append(start(cell, [*args, "--resume", "latest"], tmp_path / "B3.log"))
         assert started[-1].wait() == 0, started[-1].tail()
         assert f"resumed from {resume_from}: {expected}" in started[-1].log_file.read_text(), resume_lines(started[-1])
         assert not [p.name for p in checkpoints.iterdir() if p.name.startswith(TMP_PREFIX)]  # cleaned up

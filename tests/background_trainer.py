@@ -1,0 +1,92 @@
+"""A trainer running in the background as a user starts it, and what tests watch in its run folder:
+for the resume tests that stop, kill and restart runs."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Callable, Optional
+
+from acc_clip.checkpoint.format import MANIFEST, complete_checkpoints
+from conftest import REPO
+
+ACCELERATE = shutil.which("accelerate", path=os.path.dirname(sys.executable))
+
+
+def free_port() -> int:
+    with socket.socket() as sock:  # other test runs on this machine may hold accelerate's default port
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def two_processes() -> list[str]:
+    """`accelerate launch` with launch/cpu_2proc.yaml (`--cpu --num_processes 2` would start one)."""
+    return [ACCELERATE, "launch", "--config_file", str(REPO / "launch" / "cpu_2proc.yaml"), "--main_process_port",
+            str(free_port())]
+
+
+class Trainer:
+    """`python -m acc_clip.train ARGS` in the background, or several processes under accelerate launch."""
+
+    def __init__(self, args: list[str], log_file: Path, *, processes: int = 1, env: Optional[dict[str, str]] = None):
+        launcher = [sys.executable] if processes == 1 else two_processes()
+        assert processes in (1, 2), processes
+        self.log_file = log_file
+        with open(log_file, "w") as out:
+            self.process = subprocess.Popen(launcher + ["-m", "acc_clip.train", *args], stdout=out,
+                                            stderr=subprocess.STDOUT, cwd=REPO,
+                                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+
+    def tail(self) -> str:
+        return self.log_file.read_text()[-3000:]
+
+    def wait(self, timeout: float = 300) -> int:
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.stop()
+            raise AssertionError(f"trainer timed out after {timeout} s:\n{self.tail()}") from None
+
+    def stop(self) -> None:
+        """SIGTERM first: torchrun then takes its ranks down with it (they run in their own sessions)."""
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=60)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait(timeout=30)
+
+
+def wait_until(condition: Callable[[], bool], trainer: Trainer, timeout: float = 300) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if trainer.process.poll() is not None:
+            raise AssertionError(f"trainer exited {trainer.process.returncode} before the test could stop it:\n"
+                                 f"{trainer.tail()}")
+        if time.monotonic() > deadline:
+            trainer.stop()
+            raise AssertionError(f"timed out waiting on the trainer:\n{trainer.tail()}")
+        time.sleep(0.02)
+
+
+def metric_rows(run_dir: Path) -> int:
+    path = run_dir / "metrics.jsonl"
+    return len(path.read_text().splitlines()) if path.exists() else 0
+
+
+def newest_checkpoint(run_dir: Path) -> tuple[Path, dict]:
+    found = complete_checkpoints(str(run_dir / "checkpoints"))
+    assert found, f"no complete checkpoint in {run_dir}"
+    return Path(found[-1]), json.loads(Path(found[-1], MANIFEST).read_text())["progress"]
+
+
+def saved_at_or_after(run_dir: Path, global_step: int) -> bool:
+    found = complete_checkpoints(str(run_dir / "checkpoints"))
+    return bool(found) and int(os.path.basename(found[-1]).split("_")[1]) >= global_step
