@@ -130,11 +130,12 @@ def tiny_train_args(train_csv: Path, logs: Path, name: str, *extra: str) -> list
 
 
 def run_trainer(args: list[str], *, launcher: list[str] | None = None, timeout: float = 300,
-                check: bool = True) -> subprocess.CompletedProcess:
-    """`python -m acc_clip.train ARGS` (or under `launcher`, e.g. accelerate launch) in a subprocess."""
+                check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`python -m acc_clip.train ARGS` (or under `launcher`, e.g. accelerate launch) in a subprocess;
+    `env`: extra environment variables."""
     command = (launcher or [sys.executable]) + ["-m", "acc_clip.train", *args]
     result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     if check and result.returncode != 0:
         raise AssertionError(f"trainer exited {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
