@@ -63,6 +63,45 @@ def val_csv(demo_dataset) -> Path:
     return _coco_csv(demo_dataset, "val")
 
 
+FLAT_IMAGES, FLAT_CAPTIONS = 64, 5
+
+
+def make_flat_colour_csv(out: Path, images: int = FLAT_IMAGES, captions: int = FLAT_CAPTIONS,
+                         size: tuple[int, int] = (80, 60), seed: int = 0) -> Path:
+    """`images` PNGs, each one flat colour, and a `filepath,title` CSV of `captions` distinct captions
+    per image (images x captions rows). Every crop of a flat image, resized, is the same flat image, so
+    two trainers whose crop draws differ still see identical pixels (checked in
+    tests/integration/test_parity.py)."""
+    import csv
+    import random
+
+    from PIL import Image
+
+    out.mkdir(parents=True, exist_ok=True)
+    rng = random.Random(seed)
+    rows = []
+    for image in range(images):
+        rgb = tuple(rng.randrange(256) for _ in range(3))
+        path = out / f"flat_{image:04d}.png"
+        Image.new("RGB", size, rgb).save(path)
+        words = ("dark" if sum(rgb) < 384 else "light", "reddish" if rgb[0] >= max(rgb[1:]) else
+                 "greenish" if rgb[1] >= rgb[2] else "bluish")
+        for k in range(captions):
+            rows.append((str(path), f"a {words[0]} {words[1]} square, colour {rgb[0]} {rgb[1]} {rgb[2]}, view {k}"))
+    csv_path = out / "flat.csv"
+    with open(csv_path, "w", newline="") as file:
+        writer = csv.writer(file)
+        writer.writerow(["filepath", "title"])
+        writer.writerows(rows)
+    return csv_path
+
+
+@pytest.fixture(scope="session")
+def flat_csv(tmp_path_factory) -> Path:
+    """64 flat-colour images x 5 captions = 320 rows, the shape of `train_csv`."""
+    return make_flat_colour_csv(tmp_path_factory.mktemp("flat"))
+
+
 SMALL_CSV_ROWS = 160
 
 
@@ -93,11 +132,12 @@ def tiny_train_args(train_csv: Path, logs: Path, name: str, *extra: str) -> list
 
 
 def run_trainer(args: list[str], *, launcher: list[str] | None = None, timeout: float = 300,
-                check: bool = True) -> subprocess.CompletedProcess:
-    """`python -m acc_clip.train ARGS` (or under `launcher`, e.g. accelerate launch) in a subprocess."""
+                check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`python -m acc_clip.train ARGS` (or under `launcher`, e.g. accelerate launch) in a subprocess;
+    `env`: extra environment variables."""
     command = (launcher or [sys.executable]) + ["-m", "acc_clip.train", *args]
     result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1"})
+                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
     if check and result.returncode != 0:
         raise AssertionError(f"trainer exited {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result

@@ -5,6 +5,7 @@ CPU fast paths it measured (compute threads, fused AdamW) switching on where the
 from __future__ import annotations
 
 import json
+import sys
 from argparse import Namespace
 
 import pytest
@@ -177,3 +178,85 @@ def test_fused_adamw_on_cpu_and_cuda_only():
     model = torch.nn.Linear(3, 2)
     assert create_optimizer(model, TrainConfig(), "cpu").defaults["fused"] == (fused_adamw_available("cpu") or None)
     assert create_optimizer(model, TrainConfig(), "sdaa").defaults["fused"] is None
+
+
+# --- benchmarks/gpu_seed_config.sh --------------------------------------------------------------
+
+
+def test_gpu_script_dry_run_end_to_end(tmp_path):
+    """`--dry-run`, as the GPU machine's first check would run it: the tiny model, 6 steps a run, one
+    round of the five contenders (measured 32-39 s on the 2-core CPU). Data and run logs go under TMPDIR,
+    the results JSON and the logs' tails under OUT."""
+    import os
+    import subprocess
+
+    out = tmp_path / "out"
+    out.mkdir()
+    result = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_seed_config.sh"), "--dry-run"],
+                            capture_output=True, text=True, timeout=240,
+                            env={**os.environ, "PYTHON": sys.executable, "TMPDIR": str(tmp_path), "OUT": str(out)})
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    report = json.loads((out / "bench_train_seed.json").read_text())
+    assert list(report["summary"]["contenders"]) == [
+        "open_clip/csv", "acc_clip/csv", "acc_clip/csv+decode_on_device", "acc_clip/shards",
+        "acc_clip/shards+decode_on_device"]
+    assert report["rounds_done"] == 1 and all(run["steps"] == 6 for run in report["runs"])
+    assert (out / "bench_train_seed_tails.txt").read_text().count("== ") == 5
+    assert "results JSON:" in result.stdout and "total " in result.stdout
+
+
+STUB_PYTHON = """#!/usr/bin/env bash
+# Stands in for python: records the benchmark's arguments instead of running it; skips the
+# version report read from stdin; runs anything else.
+if [[ "$1" == "-m" && "$2" == "benchmarks.bench_train" ]]; then
+  shift 2
+  exec "$REAL_PYTHON" -c 'import json, os, sys; json.dump(sys.argv[1:], open(os.environ["STUB_ARGV"], "w"))' "$@"
+fi
+if [[ "$1" == "-" ]]; then cat > /dev/null; exit 0; fi
+exec "$REAL_PYTHON" "$@"
+"""
+
+
+def _gpu_script_arguments(tmp_path, *flags: str) -> tuple[int, list[str] | None, str]:
+    import os
+    import subprocess
+
+    stub = tmp_path / "python"
+    stub.write_text(STUB_PYTHON)
+    stub.chmod(0o755)
+    recorded = tmp_path / "argv.json"
+    result = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_seed_config.sh"), *flags],
+                            capture_output=True, text=True, timeout=60,
+                            env={**os.environ, "PYTHON": str(stub), "REAL_PYTHON": sys.executable,
+                                 "STUB_ARGV": str(recorded), "TMPDIR": str(tmp_path)})
+    argv = json.loads(recorded.read_text()) if recorded.exists() else None
+    return result.returncode, argv, result.stderr
+
+
+@pytest.mark.parametrize("mode", ["", "--fast-paths", "--input-paths"])
+def test_gpu_script_composes_what_the_benchmark_and_acc_clip_accept(tmp_path, mode):
+    """The GPU runs themselves (RN50, amp, 100 steps) are not run here; what they are made of is: the
+    arguments the script gives bench_train parse, name known modes, fit the 8-minute budget, and every
+    variant's flags are acc_clip flags (a renamed flag would otherwise fail on the GPU machine)."""
+    from acc_clip.config import parse_config
+
+    returncode, argv, stderr = _gpu_script_arguments(tmp_path, *([mode] if mode else []))
+    assert returncode == 0 and argv is not None, stderr
+    args = bench_train.build_parser().parse_args(argv)
+    assert (args.model, args.precision, args.batch_size, args.workers, args.steps) == ("RN50", "amp", 64, 4, 100)
+    assert 0 < args.time_budget <= 450
+    modes = args.mode.split(",")
+    assert set(modes) <= set(bench_train.MODE_SOURCES)
+    contenders = bench_train.contenders_for(modes, args.variant)
+    expected = {"": {"decode_on_device"}, "--fast-paths": {"no_channels_last", "compile", "grad_checkpointing",
+                                                           "no_cudnn_benchmark"},
+                "--input-paths": {"no_pin_memory", "decode_on_device"}}[mode]
+    assert {name for name, _ in args.variant} == expected
+    assert sum(c.trainer == "acc_clip" and bool(c.extra) for c in contenders) == len(expected) * len(modes)
+    for _, flags in args.variant:
+        parse_config(["--train-data", "x.csv", *flags])  # raises on an unknown flag
+
+
+def test_gpu_script_refuses_an_unknown_argument(tmp_path):
+    returncode, argv, stderr = _gpu_script_arguments(tmp_path, "--dryrun")
+    assert returncode == 2 and argv is None and "unknown argument --dryrun" in stderr
