@@ -75,6 +75,9 @@ class TrainConfig:
     beta2: float = _opt(0.999, "AdamW beta2")
     eps: float = _opt(1.0e-8, "AdamW epsilon")
     wd: float = _opt(0.2, "weight decay (not applied to gains, biases, logit_scale)")
+    fused_adamw: Optional[bool] = _opt(None, "AdamW's fused kernel (default: on where torch has one, CUDA and the "
+                                             "CPU from torch 2.4; --no-fused-adamw: open_clip_train's unfused "
+                                             "update, the same values up to rounding)", tristate=True)
     opt: str = _opt("adamw", "optimizer (adamw)", choices=("adamw",))
     warmup: int = _opt(10000, "linear warm-up optimizer steps")
     lr_scheduler: str = _opt("cosine", "cosine, const or const-cooldown", choices=SCHEDULERS)

@@ -100,7 +100,7 @@ def fused_adamw_available(device_type: str) -> bool:
 def create_optimizer(model: torch.nn.Module, config: TrainConfig, device_type: str) -> torch.optim.Optimizer:
     # The fused kernel makes one pass over each parameter instead of a dozen element-wise ops: on the
     # CPU it cuts the tiny model's AdamW step about fivefold (docs/performance.md).
-    fused = fused_adamw_available(device_type)
+    fused = fused_adamw_available(device_type) if config.fused_adamw is None else config.fused_adamw
     return torch.optim.AdamW(parameter_groups(model, config.wd), lr=config.lr, betas=(config.beta1, config.beta2),
                              eps=config.eps, fused=fused or None)
 

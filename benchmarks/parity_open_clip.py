@@ -135,18 +135,11 @@ def open_clip_scheduled_lrs(args: argparse.Namespace, batches_per_epoch: int) ->
 
 
 # acc_clip with open_clip_train's arithmetic: its two fast paths that change float rounding turned off.
-# channels_last has a flag; fused AdamW has none, so the run patches the one function that decides it
-# (a rename there makes the patch a no-op, which the flat-colour parity test would catch: its tolerance
-# is below what fused AdamW's rounding makes of the curve).
-OPEN_CLIP_ARITHMETIC_FLAGS = ["--no-channels-last"]
-_UNFUSED_ADAMW_MAIN = ("import sys, acc_clip.model as model, acc_clip.train as train; "
-                       "model.fused_adamw_available = lambda device_type: False; sys.exit(train.main())")
+OPEN_CLIP_ARITHMETIC_FLAGS = ["--no-channels-last", "--no-fused-adamw"]
 
 
 def acc_clip_command(args: argparse.Namespace) -> list[str]:
-    if args.open_clip_arithmetic:
-        return [sys.executable, "-c", _UNFUSED_ADAMW_MAIN, *OPEN_CLIP_ARITHMETIC_FLAGS]
-    return [sys.executable, "-m", "acc_clip.train"]
+    return [sys.executable, "-m", "acc_clip.train", *(OPEN_CLIP_ARITHMETIC_FLAGS if args.open_clip_arithmetic else [])]
 
 
 def run_parity(args: argparse.Namespace) -> dict:

@@ -178,6 +178,9 @@ def test_fused_adamw_on_cpu_and_cuda_only():
     model = torch.nn.Linear(3, 2)
     assert create_optimizer(model, TrainConfig(), "cpu").defaults["fused"] == (fused_adamw_available("cpu") or None)
     assert create_optimizer(model, TrainConfig(), "sdaa").defaults["fused"] is None
+    # --no-fused-adamw: open_clip_train's unfused update (the parity tool's --open-clip-arithmetic uses it)
+    assert not create_optimizer(model, TrainConfig(fused_adamw=False), "cpu").defaults["fused"]
+    assert create_optimizer(model, TrainConfig(fused_adamw=True), "cpu").defaults["fused"]
 
 
 # --- benchmarks/gpu_seed_config.sh --------------------------------------------------------------
