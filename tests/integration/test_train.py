@@ -83,12 +83,12 @@ def test_too_many_bad_images_stop_the_run(train_csv, tmp_path):
     assert "more than --max-bad-fraction 0.01" in _error_line(result)
 
 
-def test_existing_run_is_not_overwritten(train_csv, tmp_path):
+def test_existing_run_is_not_overwritten(train_csv, tmp_path, train_in_process):
     run_trainer(tiny_train_args(train_csv, tmp_path, "once", "--epochs", "1", "--max-steps", "2"))
-    before = (tmp_path / "once" / "metrics.jsonl").read_text()
-    result = run_trainer(tiny_train_args(train_csv, tmp_path, "once", "--epochs", "1"), check=False)
-    assert "already holds a run" in _error_line(result)
-    assert (tmp_path / "once" / "metrics.jsonl").read_text() == before
+    before = {path: path.read_bytes() for path in (tmp_path / "once").rglob("*") if path.is_file()}
+    status, errors = train_in_process(tiny_train_args(train_csv, tmp_path, "once", "--epochs", "1"))
+    assert status == 2 and len(errors) == 1 and "already holds a run" in errors[0], errors
+    assert {path: path.read_bytes() for path in (tmp_path / "once").rglob("*") if path.is_file()} == before
 
 
 def test_cli_entry_points_agree(train_csv, tmp_path):
