@@ -26,14 +26,14 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-REPO = Path(__file__).resolve().parents[1]
+from acc_clip.checkpoint.debug import SAMPLES_ENV
+from acc_clip.compare_loss import compare_curves, two_sided_report_lines, vendor_report_lines
+from acc_clip.curves import read_loss_curve
+from acc_clip.errors import AccClipError
+from acc_clip.runtime.run_dir import LOG_FILE, METRICS_FILE, SAMPLES_FILE
+from benchmarks.bench_train import acc_clip_steps, open_clip_steps, run_logged, steady_samples_per_second
 
-from acc_clip.compare_loss import compare_curves, two_sided_report_lines, vendor_report_lines  # noqa: E402
-from acc_clip.checkpoint.debug import SAMPLES_ENV  # noqa: E402
-from acc_clip.curves import read_loss_curve  # noqa: E402
-from acc_clip.runtime.run_dir import LOG_FILE, METRICS_FILE, SAMPLES_FILE  # noqa: E402
-from acc_clip.errors import AccClipError  # noqa: E402
-from benchmarks.bench_train import acc_clip_steps, open_clip_steps, run_logged, steady_samples_per_second  # noqa: E402
+REPO = Path(__file__).resolve().parents[1]
 
 
 def common_flags(args: argparse.Namespace) -> list[str]:
