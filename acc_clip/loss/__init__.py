@@ -10,13 +10,14 @@ process already holds the loss of the whole global batch.
 Contrastive-exact accumulation (step.py) calls an objective on whole-batch output dicts assembled
 from micro-batches, so any objective that is right on a batch is right on an accumulated one.
 
-Adding an objective: a module here with a class that keeps the contract, and one line in OBJECTIVES
-plus the rule in `objective_name` that selects it.
+Adding an objective: a module here with a class that keeps the contract, one line in OBJECTIVES,
+and the rule in `objective_name` that selects it.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+import importlib
+from typing import Protocol
 
 import torch
 
@@ -29,27 +30,12 @@ class Objective(Protocol):
     def __call__(self, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]: ...
 
 
-def _clip(config: TrainConfig, rank: int, world_size: int) -> Objective:
-    from acc_clip.loss.clip import ClipObjective
-
-    return ClipObjective(config, rank, world_size)
-
-
-def _siglip(config: TrainConfig, rank: int, world_size: int) -> Objective:
-    from acc_clip.loss.siglip import SigLipObjective
-
-    return SigLipObjective(config, rank, world_size)
-
-
-def _coca(config: TrainConfig, rank: int, world_size: int) -> Objective:
-    from acc_clip.loss.coca import CoCaObjective
-
-    return CoCaObjective(config, rank, world_size)
-
-
-# name -> factory(config, rank, world_size); factories import their module only when chosen.
-OBJECTIVES: dict[str, Callable[[TrainConfig, int, int], Objective]] = {
-    "clip": _clip, "siglip": _siglip, "coca": _coca}
+# name -> (module, class) of each objective; a module is imported only when its objective is chosen.
+OBJECTIVES: dict[str, tuple[str, str]] = {
+    "clip": ("acc_clip.loss.clip", "ClipObjective"),
+    "siglip": ("acc_clip.loss.siglip", "SigLipObjective"),
+    "coca": ("acc_clip.loss.coca", "CoCaObjective"),
+}
 
 
 def objective_name(config: TrainConfig) -> str:
@@ -59,7 +45,8 @@ def objective_name(config: TrainConfig) -> str:
 
 
 def create_objective(config: TrainConfig, rank: int, world_size: int) -> Objective:
-    return OBJECTIVES[objective_name(config)](config, rank, world_size)
+    module, name = OBJECTIVES[objective_name(config)]
+    return getattr(importlib.import_module(module), name)(config, rank, world_size)
 
 
 def total_loss(losses: dict[str, torch.Tensor]) -> torch.Tensor:
