@@ -96,6 +96,10 @@ class TrainConfig:
                                          choices=SIGLIP_DIST_IMPLS)
     coca_caption_loss_weight: float = _opt(2.0, "CoCa models: weight of the caption loss")
     coca_contrastive_loss_weight: float = _opt(1.0, "CoCa models: weight of the contrastive loss")
+    distill_model: Optional[str] = _opt(None, "distil from this frozen teacher model (an open_clip name or "
+                                              "local-dir:PATH); same transforms and tokenizer as --model assumed")
+    distill_pretrained: Optional[str] = _opt(None, "the teacher's weights: a pretrained tag or a local file "
+                                                   "(not needed for a local-dir: teacher whose folder holds them)")
     gather_with_grad: bool = _opt(False, "all-gather features with gradient (exact multi-process gradients)")
     local_loss: bool = _opt(False, "compute only the local rows of the logit matrix")
     use_bn_sync: bool = _opt(False, "synchronise batch-norm statistics across processes")
@@ -146,6 +150,12 @@ class TrainConfig:
         if self.local_loss and not self.gather_with_grad:
             # Without gathered gradients each rank would only see its own rows' gradient: wrong.
             raise AccClipError("--local-loss needs --gather-with-grad")
+        if self.distill_pretrained and not self.distill_model:
+            # open_clip_train would silently train without a teacher.
+            raise AccClipError("--distill-pretrained needs --distill-model (the teacher's architecture)")
+        if self.distill_model and (self.is_coca or self.siglip):
+            raise AccClipError(f"--distill-model trains with the CLIP distillation loss: it cannot be combined with "
+                               f"{'a CoCa model' if self.is_coca else '--siglip'} (open_clip_train cannot either)")
         if self.train_data is None and self.dataset_type != "synthetic":
             raise AccClipError("--train-data is required (a CSV file or webdataset shards)")
         return self

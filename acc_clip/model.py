@@ -26,24 +26,55 @@ class ModelBundle:
     tokenizer: Callable
 
 
+LOCAL_DIR = "local-dir:"
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth")  # what open_clip looks for in a local-dir: folder
+
+
+def is_local_weights(pretrained: str) -> bool:
+    """A path to weights on this machine (a file, or an acc_clip checkpoint folder), not a pretrained tag."""
+    return bool(pretrained) and os.path.exists(pretrained)
+
+
+def open_clip_model(name: str, pretrained: str, model_flag: str, weights_flag: str, **kwargs):
+    """open_clip's model, transforms and all, with its weights: a pretrained tag (open_clip's), a local
+    file or acc_clip checkpoint folder (loaded here, `load_weights`), or those in a local-dir: folder.
+    open_clip ignores a pretrained argument beside a local-dir: name; here a local file is loaded
+    over the folder's weights rather than dropped. Errors name the flags."""
+    from acc_clip.checkpoint.format import load_weights
+
+    if name.startswith(LOCAL_DIR) and not os.path.isdir(name[len(LOCAL_DIR):]):
+        raise AccClipError(f"{model_flag} {name}: no such folder")
+    local = is_local_weights(pretrained)
+    if pretrained and os.path.sep in pretrained and not local:
+        raise AccClipError(f"{weights_flag} {pretrained}: no such file")
+    try:
+        model, preprocess_train, preprocess_val = create_model_and_transforms(
+            name, None if local else pretrained or None, precision="fp32", device="cpu", output_dict=True, **kwargs)
+    except (RuntimeError, ValueError, FileNotFoundError) as error:  # open_clip's ways of saying bad name/weights
+        raise AccClipError(f"{model_flag} {name} {weights_flag} {pretrained!r}: {error}") from None
+    if local:
+        load_weights(model, pretrained, weights_flag)
+    return model, preprocess_train, preprocess_val
+
+
+def has_weights(name: str, pretrained: str) -> bool:
+    if pretrained:
+        return True
+    folder = name[len(LOCAL_DIR):] if name.startswith(LOCAL_DIR) else None
+    return folder is not None and any(entry.endswith(WEIGHT_SUFFIXES) for entry in os.listdir(folder))
+
+
 def create_model(config: TrainConfig) -> ModelBundle:
     """Seeds the global RNGs with `config.seed` first, as open_clip_train does, so the same seed gives
     the same initial weights in both trainers."""
     from accelerate.utils import set_seed
 
-    if config.model.startswith("local-dir:") and not os.path.isdir(config.model[len("local-dir:"):]):
-        raise AccClipError(f"--model {config.model}: no such folder")
-    if config.pretrained and os.path.sep in config.pretrained and not os.path.isfile(config.pretrained):
-        raise AccClipError(f"--pretrained {config.pretrained}: no such file")
     set_seed(config.seed)
     # open_clip_train's SigLIP start: a cooler temperature and a strongly negative bias, since most pairs are negatives.
     siglip_init = {"init_logit_scale": math.log(10), "init_logit_bias": -10} if config.siglip else {}
-    try:
-        model, preprocess_train, preprocess_val = create_model_and_transforms(
-            config.model, config.pretrained or None, precision="fp32", device="cpu", output_dict=True, **siglip_init)
-    except (RuntimeError, ValueError, FileNotFoundError) as error:  # open_clip's ways of saying bad name/weights
-        raise AccClipError(f"--model {config.model} --pretrained {config.pretrained!r}: {error}") from None
-    if not config.pretrained:
+    model, preprocess_train, preprocess_val = open_clip_model(config.model, config.pretrained, "--model",
+                                                              "--pretrained", **siglip_init)
+    if not has_weights(config.model, config.pretrained):
         initialise_coca_decoder_projection(model)
     if config.lock_image:
         model.lock_image_tower(unlocked_groups=config.lock_image_unlocked_groups,
@@ -55,6 +86,17 @@ def create_model(config: TrainConfig) -> ModelBundle:
         model.set_grad_checkpointing()
     tokenizer = get_tokenizer(config.model)
     return ModelBundle(model, preprocess_train, preprocess_val, tokenizer)
+
+
+def create_teacher(config: TrainConfig, device) -> torch.nn.Module:
+    """The distillation teacher (--distill-model, --distill-pretrained): frozen, in eval mode, on
+    `device`. It is not part of the trained model, so it is never wrapped, optimised or saved."""
+    if not has_weights(config.distill_model, config.distill_pretrained):
+        raise AccClipError(f"--distill-model {config.distill_model}: the teacher has no weights; give "
+                           "--distill-pretrained (a tag or a local file) or a local-dir: folder that holds them")
+    teacher, _, _ = open_clip_model(config.distill_model, config.distill_pretrained or "", "--distill-model",
+                                    "--distill-pretrained")
+    return teacher.requires_grad_(False).eval().to(device)
 
 
 def initialise_coca_decoder_projection(model: torch.nn.Module) -> None:

@@ -26,22 +26,18 @@ import torch
 
 from acc_clip.data.common import Batch
 from acc_clip.errors import AccClipError
-from acc_clip.loss import Objective, total_loss
+from acc_clip.loss import PER_MODEL_OUTPUTS, Objective, model_rows, total_loss
 from acc_clip.model import clamp_logit_scale
 from acc_clip.runtime import parallel
 
 MicroBatch = tuple[torch.Tensor, torch.Tensor]  # (images, texts) on the device
 
 
-# Outputs that belong to the model, not to a sample (open_clip_train's accumulation names the same two).
-PER_MODEL_OUTPUTS = ("logit_scale", "logit_bias")
-
-
 def assemble(cached: list[dict], j: int, fresh: dict, last: bool) -> dict:
-    """The whole batch's output dict with micro-batch j's outputs fresh (with gradient) and the
-    others' cached. Per-sample outputs (features, CoCa's logits and labels) are concatenated in
-    micro-batch order; per-model ones (PER_MODEL_OUTPUTS) are taken from the fresh forward, with
-    gradient only in the last micro-batch, so theirs comes once per update."""
+    """The whole batch's rows (loss/__init__.py) with micro-batch j's fresh (with gradient) and the
+    others' cached. Per-sample rows (features, CoCa's token sums, a teacher's features) are
+    concatenated in micro-batch order; per-model ones (PER_MODEL_OUTPUTS) are taken from the fresh
+    forward, with gradient only in the last micro-batch, so theirs comes once per update."""
     outputs = {}
     for key, value in fresh.items():
         if key in PER_MODEL_OUTPUTS:
@@ -53,11 +49,12 @@ def assemble(cached: list[dict], j: int, fresh: dict, last: bool) -> dict:
 
 def _accumulate(model, micro_batches: list[MicroBatch], objective: Objective, accelerator) -> dict:
     with torch.no_grad():
-        cached = [model(images, texts) for images, texts in micro_batches]
+        cached = [model_rows(objective, model, images, texts) for images, texts in micro_batches]
     last = len(micro_batches) - 1
     for j, (images, texts) in enumerate(micro_batches):
         with parallel.no_sync(accelerator, model) if j < last else nullcontext():
-            losses = objective(assemble(cached, j, model(images, texts), j == last))
+            fresh = {**cached[j], **objective.rows(model(images, texts))}  # the targets are not recomputed
+            losses = objective(assemble(cached, j, fresh, j == last))
             accelerator.backward(total_loss(losses))
     return losses
 
@@ -69,7 +66,7 @@ def train_step(model, micro_batches: list[MicroBatch], objective: Objective, acc
     rows (`objective.mean_over_processes`), they are averaged over the processes, which gives the
     one-process value."""
     if len(micro_batches) == 1:
-        losses = objective(model(*micro_batches[0]))
+        losses = objective(model_rows(objective, model, *micro_batches[0]))
         accelerator.backward(total_loss(losses))
     else:
         losses = _accumulate(model, micro_batches, objective, accelerator)

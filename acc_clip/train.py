@@ -132,7 +132,7 @@ def train(config: TrainConfig, notices: list[str] = ()) -> int:
     steps_per_epoch = data.batches_per_epoch // config.accum_freq
     model, optimizer, channels_last = prepare_model(config, bundle.model, accelerator, plan)
     schedule = create_lr_schedule(optimizer, config, steps_per_epoch)
-    objective = create_objective(config, rank, world_size)
+    objective = create_objective(config, rank, world_size, accelerator.device, accelerator.autocast)
     global_batch = config.batch_size * config.accum_freq * world_size
     metrics = MetricsLogger(run_dir if accelerator.is_main_process else None, config.log_every_n_steps,
                             steps_per_epoch, global_batch, data.num_samples, world_size,
@@ -143,7 +143,7 @@ def train(config: TrainConfig, notices: list[str] = ()) -> int:
         raise AccClipError(f"the checkpoint stopped after step {progress.step_in_epoch} of epoch {progress.epoch}, "
                            f"but this run has {steps_per_epoch} steps per epoch: resume with the data, batch size "
                            "and number of processes it was saved with")
-    evaluator = Evaluator(config, bundle.preprocess_val, bundle.tokenizer, accelerator)
+    evaluator = Evaluator(config, bundle.preprocess_val, bundle.tokenizer, accelerator, objective)
     if evaluator.enabled and progress.global_step == 0:
         report_evaluation(evaluator.run(model, 0, force=True), metrics, epoch=0, step=0, when="before training")
     stop = StopSignal.install()

@@ -2,7 +2,7 @@
 Accelerator) for the accumulation and multi-process tests.
 
 Imported by the tests for one-process references; launched by test_distributed.py as
-`accelerate launch --config_file launch/cpu_2proc.yaml tests/dist_worker.py OUT CSV` to run every
+`accelerate launch --config_file launch/cpu_2proc.yaml tests/dist_worker.py OUT CSV TEACHER` to run every
 multi-process scenario in one process group (one launch instead of one per scenario: the CPU is
 small and shared). Rank 0 writes OUT/<scenario>.pt: losses, weights, and how many gradient
 all-reduces the DDP communication hook saw.
@@ -29,26 +29,56 @@ from acc_clip.train import to_device
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_VIT = f"local-dir:{REPO / 'configs' / 'models' / 'tiny-vit'}"
+TINY_COCA = f"local-dir:{REPO / 'configs' / 'models' / 'tiny-coca'}"
+TEACHER = "{teacher}"  # stands for the distillation teacher's local-dir: name, given on the command line
 
-# name -> (per-process batch, extra flags); each is compared with one process at batch x accum x 2.
-SCENARIOS = {
-    "gather": (8, ["--gather-with-grad"]),
-    "gather_local": (8, ["--gather-with-grad", "--local-loss"]),
-    "gather_accum2": (8, ["--gather-with-grad", "--accum-freq", "2"]),
-    **{f"siglip_{impl}": (8, ["--siglip", "--loss-dist-impl", impl]) for impl in SIGLIP_DIST_IMPLS},
-    "siglip_accum2": (8, ["--siglip", "--accum-freq", "2"]),
-}
-STEPS = 3
 # AdamW is what the trainer uses; plain SGD (lr 1) applies the raw gradient, so a gradient counted twice
 # or missing a factor shows, where AdamW's update would hide it (it does not change when a gradient is
-# multiplied by a constant).
-OPTIMIZERS = ("adamw", "sgd")
+# multiplied by a constant). Scenarios beyond the first objective's are checked with SGD only, the
+# stronger test, to keep the worker short.
+BOTH, SGD = ("adamw", "sgd"), ("sgd",)
+DISTILL = ["--distill-model", TEACHER, "--gather-with-grad"]
+# name -> (per-process batch, extra flags, optimizers); each is compared with one process at batch x accum x 2.
+SCENARIOS = {
+    "gather": (8, ["--gather-with-grad"], BOTH),
+    "gather_local": (8, ["--gather-with-grad", "--local-loss"], BOTH),
+    "gather_accum2": (8, ["--gather-with-grad", "--accum-freq", "2"], BOTH),
+    **{f"siglip_{impl}": (8, ["--siglip", "--loss-dist-impl", impl], BOTH if impl == "bidir" else SGD)
+       for impl in SIGLIP_DIST_IMPLS},
+    "siglip_accum2": (8, ["--siglip", "--accum-freq", "2"], SGD),
+    # CoCa: captions differ in length between the ranks, so the caption loss must weigh by global tokens.
+    "coca": (4, ["--model", TINY_COCA, "--gather-with-grad"], SGD),
+    "coca_accum2": (4, ["--model", TINY_COCA, "--gather-with-grad", "--accum-freq", "2"], SGD),
+    "distill": (8, DISTILL, SGD),
+    "distill_local_accum2": (8, [*DISTILL, "--local-loss", "--accum-freq", "2"], SGD),
+}
+STEPS = 3
+# Flags that only say how the processes split the work: a one-process reference leaves them out.
+PROCESS_FLAGS = {"--accum-freq": 1, "--loss-dist-impl": 1, "--gather-with-grad": 0, "--local-loss": 0}
 
 
 def optimizers_for(scenario: str) -> tuple[str, ...]:
-    """SigLIP's exchanges other than the default are checked with SGD only, the stronger test, to keep
-    the worker short."""
-    return ("sgd",) if scenario.startswith("siglip_") and scenario != "siglip_bidir" else OPTIMIZERS
+    return SCENARIOS[scenario][2]
+
+
+def scenario_flags(scenario: str, teacher: str) -> list[str]:
+    return [teacher if flag == TEACHER else flag for flag in SCENARIOS[scenario][1]]
+
+
+def reference_of(scenario: str) -> tuple[int, tuple[str, ...]]:
+    """One process: batch = per-process batch x accumulation x 2 processes, and the scenario's flags
+    less PROCESS_FLAGS (kept symbolic: TEACHER stays as it is)."""
+    batch, flags, _ = SCENARIOS[scenario]
+    accum = int(flags[flags.index("--accum-freq") + 1]) if "--accum-freq" in flags else 1
+    kept, skip = [], 0
+    for flag in flags:
+        if skip:
+            skip -= 1
+        elif flag in PROCESS_FLAGS:
+            skip = PROCESS_FLAGS[flag]
+        else:
+            kept.append(flag)
+    return batch * 2 * accum, tuple(kept)
 
 
 def tiny_config(train_csv, *extra: str, model: str = TINY_VIT) -> TrainConfig:
@@ -120,7 +150,7 @@ def run_steps(config: TrainConfig, accelerator, steps: int, *, optimizer_name: s
     model, optimizer = parallel.prepare(accelerator, model, optimizer, sync_batch_norm=False, compile_model=False)
     if counter is not None:
         model.register_comm_hook(None, counter.hook)
-    objective = create_objective(config, rank, world_size)
+    objective = create_objective(config, rank, world_size, accelerator.device)
     host_group = host_process_group(accelerator)
     batches = iter(data.batches(0))
     losses, trimmed = [], 0
@@ -141,13 +171,13 @@ def run_steps(config: TrainConfig, accelerator, steps: int, *, optimizer_name: s
     return losses, weights, trimmed
 
 
-def main(out_dir: str, train_csv: str) -> None:
+def main(out_dir: str, train_csv: str, teacher: str) -> None:
     accelerator = accelerator_for_cpu()
     assert accelerator.num_processes == 2, accelerator.num_processes
-    for name, (batch, flags) in SCENARIOS.items():
-        for optimizer_name in optimizers_for(name):
+    for name, (batch, _, optimizers) in SCENARIOS.items():
+        for optimizer_name in optimizers:
             counter = AllReduceCounter()
-            config = tiny_config(train_csv, "--batch-size", str(batch), *flags)
+            config = tiny_config(train_csv, "--batch-size", str(batch), *scenario_flags(name, teacher))
             losses, weights, _ = run_steps(config, accelerator, STEPS, optimizer_name=optimizer_name, counter=counter)
             if accelerator.is_main_process:
                 torch.save({"losses": losses, "weights": weights, "all_reduces": counter.per_step},
@@ -163,4 +193,4 @@ def main(out_dir: str, train_csv: str) -> None:
 
 
 if __name__ == "__main__":
-    main(*sys.argv[1:3])
+    main(*sys.argv[1:4])

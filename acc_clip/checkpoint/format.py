@@ -254,8 +254,8 @@ def load_safetensors_weights(model: torch.nn.Module, path: str, source: str) -> 
 
 
 def load_weights(model: torch.nn.Module, path: str, source: str) -> Optional[dict]:
-    """Load a step checkpoint folder (its model.safetensors), an open_clip `epoch_N.pt` or a bare state
-    dict into the plain `model`. Returns what a file held besides the weights (optimizer, scaler,
+    """Load a step checkpoint folder (its model.safetensors), a .safetensors file, an open_clip
+    `epoch_N.pt` or a bare state dict into the plain `model`. Returns what a file held besides the weights (optimizer, scaler,
     epoch), None for a folder. Every failure is one line naming `source` and `path`."""
     if os.path.isdir(path):
         read_manifest(path, source=source)  # refuses a partial or foreign folder in one line
@@ -263,6 +263,9 @@ def load_weights(model: torch.nn.Module, path: str, source: str) -> Optional[dic
         return None
     if not os.path.isfile(path):
         raise AccClipError(f"{source} {path}: no such file or folder")
+    if path.endswith(".safetensors"):
+        load_safetensors_weights(model, path, f"{source} {path}")
+        return {}
     saved = read_torch_checkpoint(path, source)
     state_dict = state_dict_of(saved, path, source)
     check_architecture(model, {k: tuple(v.shape) for k, v in state_dict.items()}, f"{source} {path}")

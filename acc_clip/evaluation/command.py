@@ -9,7 +9,10 @@ import json
 import sys
 
 from acc_clip.checkpoint.format import load_weights
+from acc_clip.config import TrainConfig
 from acc_clip.evaluation.evaluator import Evaluator
+from acc_clip.loss import create_objective
+from acc_clip.model import open_clip_model
 from acc_clip.runtime.device import make_accelerator, plan_device
 
 
@@ -18,6 +21,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--model", required=True, help="open_clip model name, or local-dir:PATH")
     parser.add_argument("--checkpoint", required=True,
                         help="open_clip epoch_N.pt, a plain state dict, or an acc_clip checkpoints/step_N folder")
+    parser.add_argument("--siglip", action="store_true",
+                        help="a model trained with --siglip: it has a logit bias, and the validation loss is SigLIP's")
     parser.add_argument("--val-data", help="validation CSV (one image,caption pair per row) or shard folder")
     parser.add_argument("--dataset-type", choices=("auto", "csv", "webdataset"), default="auto")
     parser.add_argument("--csv-img-key", default="filepath")
@@ -43,13 +48,16 @@ def main(argv: list[str]) -> int:
     import open_clip
 
     accelerator = make_accelerator(plan_device("cpu" if args.device == "cpu" else None, "fp32"))
-    model, _, preprocess_val = open_clip.create_model_and_transforms(args.model, pretrained=None)
+    siglip_init = {"init_logit_bias": -10.0} if args.siglip else {}  # the parameter exists; its value is loaded
+    model, _, preprocess_val = open_clip_model(args.model, "", "--model", "--checkpoint", **siglip_init)
     load_weights(model, args.checkpoint, "--checkpoint")
     model.to(accelerator.device)
     if accelerator.is_main_process:
         print(f"acc-clip eval: {args.checkpoint} on {accelerator.num_processes} process(es), "
               f"device {accelerator.device}", file=sys.stderr)
-    evaluator = Evaluator(args, preprocess_val, open_clip.get_tokenizer(args.model), accelerator)
+    # The validation loss is the objective's that the model's name and --siglip select (CoCa, SigLIP or CLIP).
+    objective = create_objective(TrainConfig(model=args.model, siglip=args.siglip), 0, 1, accelerator.device)
+    evaluator = Evaluator(args, preprocess_val, open_clip.get_tokenizer(args.model), accelerator, objective)
     results = evaluator.evaluate(model)
     if accelerator.is_main_process:
         for name, metrics in results.items():

@@ -18,8 +18,10 @@ from accelerate.utils import broadcast_object_list
 
 from acc_clip.errors import AccClipError
 from acc_clip.evaluation import zeroshot
-from acc_clip.evaluation.retrieval import (coco_retrieval_metrics, retrieval_metrics, same_key_same_features,
-                                           whole_set_clip_loss)
+from acc_clip.config import TrainConfig
+from acc_clip.evaluation.retrieval import coco_retrieval_metrics, retrieval_metrics, same_key_same_features
+from acc_clip.loss import PER_MODEL_OUTPUTS, Objective, model_rows, total_loss
+from acc_clip.loss.clip import ClipObjective
 from acc_clip.runtime import parallel
 
 
@@ -47,23 +49,65 @@ def _sum_over_processes(accelerator: Accelerator, value: int) -> int:
     return int(accelerator.gather(torch.tensor([value], device=accelerator.device)).sum().item())
 
 
-def _feature_dim_over_processes(accelerator: Accelerator, local_parts: list[torch.Tensor]) -> int:
-    """The feature width, known even to a process that encoded no rows (it may have had none)."""
-    local_dim = local_parts[0].shape[1] if local_parts else 0
-    return int(accelerator.gather(torch.tensor([local_dim], device=accelerator.device)).max().item())
+def encode_rows(clip, objective, loader, accelerator: Accelerator, autocast) -> tuple[dict, dict, int]:
+    """This process's share of the set through the model (eval mode, no gradient): the objective's
+    per-sample rows by name, each concatenated over batches, on the CPU, with "indices"; the per-model
+    rows (PER_MODEL_OUTPUTS) of its last batch; and the rows skipped as unreadable."""
+    input_dtype = next(clip.parameters()).dtype
+    parts: dict[str, list[torch.Tensor]] = {"indices": []}
+    per_model: dict[str, torch.Tensor] = {}
+    bad = 0
+    was_training = clip.training
+    clip.eval()
+    try:
+        with torch.inference_mode():
+            for batch in loader:
+                bad += batch.num_bad
+                if len(batch.indices) == 0:
+                    continue
+                images = batch.images.to(accelerator.device, dtype=input_dtype)
+                with autocast():
+                    rows = model_rows(objective, clip, images, batch.texts.to(accelerator.device))
+                for key, value in rows.items():
+                    if key in PER_MODEL_OUTPUTS:
+                        per_model[key] = value.float().cpu()
+                    else:
+                        parts.setdefault(key, []).append(value.float().cpu() if value.is_floating_point()
+                                                         else value.cpu())
+                parts["indices"].append(batch.indices)
+    finally:
+        clip.train(was_training)
+    return {key: torch.cat(values) for key, values in parts.items() if values}, per_model, bad
+
+
+def _rows_over_processes(accelerator: Accelerator, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Every process's rows, by row index (see gather_rows_by_index); row names and widths are taken
+    from whichever processes have rows, as a process may have had none."""
+    shapes = [None] * accelerator.num_processes if accelerator.num_processes > 1 else None
+    layout = {key: (tuple(value.shape[1:]), value.dtype) for key, value in local.items() if key != "indices"}
+    if shapes is not None:
+        torch.distributed.all_gather_object(shapes, layout)
+        layout = next((s for s in shapes if s), {})
+    names = sorted(layout)
+    empty = {key: torch.empty((0, *shape), dtype=dtype) for key, (shape, dtype) in layout.items()}
+    gathered = gather_rows_by_index(accelerator, local.get("indices", torch.empty(0, dtype=torch.long)),
+                                    *(local.get(key, empty[key]) for key in names))
+    return {"indices": gathered[0], **dict(zip(names, gathered[1:]))}
 
 
 def evaluate_retrieval(
     model: torch.nn.Module,
     loader: torch.utils.data.DataLoader,
     accelerator: Accelerator,
+    objective: Optional[Objective] = None,
     *,
     precision_autocast: Optional[Callable[[], ContextManager]] = None,
 ) -> dict[str, float]:
     """Encode the validation set (`Batch`es from `acc_clip.data.csv.build_eval_loader`, each row on one
     process) and return, on every process:
 
-    - `val_loss`: `whole_set_clip_loss` (the whole set as one batch; NOT open_clip's per-batch mean);
+    - `val_loss`: the run's objective (default: CLIP) on the whole set as one batch, NOT open_clip's
+      per-batch mean; with several named losses each as `val_<name>` too;
     - `retrieval_metrics` keys (row-level pairs; rows sharing an image file or a caption get the
       same features, see `same_key_same_features`);
     - `coco_retrieval_metrics` keys when the loader's dataset has `filepaths` and some image has
@@ -73,60 +117,46 @@ def evaluate_retrieval(
     The model is put in eval mode for the pass and returned to its previous mode after it.
     """
     clip = parallel.unwrap(model)
-    autocast = precision_autocast or contextlib.nullcontext
-    input_dtype = next(clip.parameters()).dtype
-    image_parts: list[torch.Tensor] = []
-    text_parts: list[torch.Tensor] = []
-    index_parts: list[torch.Tensor] = []
-    local_bad = 0
-    was_training = clip.training
-    clip.eval()
-    try:
-        with torch.inference_mode():
-            for batch in loader:
-                local_bad += batch.num_bad
-                if len(batch.indices) == 0:
-                    continue
-                images = batch.images.to(accelerator.device, dtype=input_dtype)
-                texts = batch.texts.to(accelerator.device)
-                with autocast():
-                    image_parts.append(clip.encode_image(images, normalize=True).float())
-                    text_parts.append(clip.encode_text(texts, normalize=True).float())
-                index_parts.append(batch.indices)
-            logit_scale = clip.logit_scale.exp().float().cpu()
-    finally:
-        clip.train(was_training)
-
-    dim = _feature_dim_over_processes(accelerator, image_parts)
-    empty = torch.empty(0, dim)
-    indices, image_features, text_features = gather_rows_by_index(
-        accelerator,
-        torch.cat(index_parts) if index_parts else torch.empty(0, dtype=torch.long),
-        torch.cat(image_parts) if image_parts else empty,
-        torch.cat(text_parts) if text_parts else empty,
-    )
+    one_process = (objective or ClipObjective(TrainConfig(), 0, 1, accelerator.device)).on_one_process()
+    local, per_model, local_bad = encode_rows(clip, one_process, loader, accelerator,
+                                              precision_autocast or contextlib.nullcontext)
+    rows = _rows_over_processes(accelerator, local)
     num_bad = _sum_over_processes(accelerator, local_bad)
-    if len(indices) == 0:
+    if len(rows["indices"]) == 0:
         raise AccClipError(f"validation set: no readable samples ({num_bad} skipped as unreadable)")
 
     result: list[Optional[dict[str, float]]] = [None]
     if accelerator.is_main_process:
-        rows = indices.tolist()
+        if not per_model:
+            raise AccClipError("validation set: the main process read none of its rows (all unreadable), so it "
+                               "holds no logit scale to score with; check the first rows or shard")
+        indices = rows.pop("indices").tolist()
         filepaths = getattr(loader.dataset, "filepaths", None)
         captions = getattr(loader.dataset, "captions", None)
-        image_keys = [filepaths[i] for i in rows] if filepaths is not None else None
+        image_keys = [filepaths[i] for i in indices] if filepaths is not None else None
         if image_keys is not None:
-            image_features = same_key_same_features(image_features, image_keys)
+            rows["image_features"] = same_key_same_features(rows["image_features"], image_keys)
         if captions is not None:
-            text_features = same_key_same_features(text_features, [captions[i] for i in rows])
-        metrics = {"val_loss": whole_set_clip_loss(image_features, text_features, logit_scale)}
-        metrics.update(retrieval_metrics(image_features, text_features, logit_scale))
+            rows["text_features"] = same_key_same_features(rows["text_features"], [captions[i] for i in indices])
+        metrics = validation_losses(one_process, rows, per_model)
+        metrics.update(retrieval_metrics(rows["image_features"], rows["text_features"], per_model["logit_scale"]))
         if image_keys is not None and len(set(image_keys)) < len(image_keys):
-            metrics.update(coco_retrieval_metrics(image_features, text_features, image_keys))
+            metrics.update(coco_retrieval_metrics(rows["image_features"], rows["text_features"], image_keys))
         metrics.update(num_samples=len(indices), num_bad=num_bad)
         result[0] = metrics
     broadcast_object_list(result)
     return result[0]
+
+
+def validation_losses(objective: Objective, rows: dict, per_model: dict) -> dict[str, float]:
+    """`val_loss` (and `val_<name>` per named loss when there are several): the objective on the
+    whole set's rows as one batch."""
+    with torch.no_grad():
+        losses = objective({**rows, **per_model})
+    metrics = {"val_loss": float(total_loss(losses))}
+    if len(losses) > 1:
+        metrics.update({f"val_{name}": float(value) for name, value in losses.items()})
+    return metrics
 
 
 def build_val_loader(settings, preprocess_val: Callable, tokenizer: Callable, rank: int, world_size: int):
@@ -169,8 +199,10 @@ class Evaluator:
     eval command's arguments: val_data, dataset_type, csv_*, zeroshot_*, imagenet_val, batch_size,
     workers, seed, val_frequency, zeroshot_frequency)."""
 
-    def __init__(self, settings, preprocess_val: Callable, tokenizer: Callable, accelerator: Accelerator):
+    def __init__(self, settings, preprocess_val: Callable, tokenizer: Callable, accelerator: Accelerator,
+                 objective: Optional[Objective] = None):
         self.settings, self.tokenizer, self.accelerator = settings, tokenizer, accelerator
+        self.objective = objective  # the validation loss's; CLIP's when None
         self.val_loader = (build_val_loader(settings, preprocess_val, tokenizer, accelerator.process_index,
                                             accelerator.num_processes) if settings.val_data else None)
         self.zeroshot_sets = zeroshot_sets(settings, preprocess_val)
@@ -183,7 +215,7 @@ class Evaluator:
         """Metrics per evaluation: "retrieval", and each zero-shot set by name."""
         results: dict[str, dict] = {}
         if retrieval and self.val_loader is not None:
-            results["retrieval"] = evaluate_retrieval(model, self.val_loader, self.accelerator,
+            results["retrieval"] = evaluate_retrieval(model, self.val_loader, self.accelerator, self.objective,
                                                       precision_autocast=self.accelerator.autocast)
         for name, dataset, classnames, templates in self.zeroshot_sets if classification else ():
             results[name] = zeroshot.zeroshot_eval(model, self.tokenizer, dataset, classnames, templates,

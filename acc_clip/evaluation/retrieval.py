@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Sequence
 
 import torch
-import torch.nn.functional as F
 
 RECALL_AT = (1, 5, 10)
 
@@ -94,22 +93,6 @@ def coco_retrieval_metrics(
             metrics[f"coco_{name}_R@{k}"] = (ranks < k).sum().item() / len(ranks)
     metrics["coco_num_images"] = num_images
     return metrics
-
-
-def whole_set_clip_loss(
-    image_features: torch.Tensor, text_features: torch.Tensor, logit_scale: torch.Tensor | float
-) -> float:
-    """The symmetric contrastive loss with the whole set as one batch: the mean of the image->text
-    and text->image cross-entropies over all N x N pairs.
-
-    open_clip's `clip_val_loss` averages per-batch losses instead; that number depends on the batch
-    size and on how rows are split across processes, this one does not (it is larger: every
-    caption competes with all N-1 others, not with B-1). It is the softmax CLIP loss, also for a
-    SigLIP model (whose training loss it is not)."""
-    logits_per_image = logit_scale * image_features @ text_features.t()
-    labels = torch.arange(len(image_features))
-    loss = (F.cross_entropy(logits_per_image, labels) + F.cross_entropy(logits_per_image.t(), labels)) / 2
-    return loss.item()
 
 
 # --- distributed collection ----------------------------------------------------------------------

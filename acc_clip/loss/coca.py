@@ -1,25 +1,56 @@
-"""The CoCa objective: open_clip's own `CoCaLoss`, the contrastive loss of the two towers
-(weighted by --coca-contrastive-loss-weight) plus the caption loss, a token-level cross-entropy of
-the multimodal decoder's logits against the caption shifted by one (weighted by
---coca-caption-loss-weight). Both are logged by name beside their sum."""
+"""The CoCa objective: open_clip's contrastive loss of the two towers (`ClipLoss`, weighted by
+--coca-contrastive-loss-weight) plus the caption loss, the token-level cross-entropy of the
+multimodal decoder's logits against the caption shifted by one, padding left out (weighted by
+--coca-caption-loss-weight). Both are logged by name beside their sum.
+
+The caption loss is the mean over the tokens of the whole global batch. open_clip's `CoCaLoss`
+takes each process's mean over its own tokens, so with several processes (or micro-batches) whose
+captions differ in length its update is not the one-batch update; here `rows` keeps each sample's
+summed token loss and token count, and the loss divides by the token count of the whole global
+batch (one all-reduce of a count). On one process the value is `CoCaLoss`'s (tests/unit/test_loss.py).
+
+A weight of 0 multiplies its loss by 0 instead of skipping it (open_clip skips the contrastive
+loss), so every parameter still takes part in every step, which DDP requires."""
 
 from __future__ import annotations
 
 import torch
-from open_clip.loss import CoCaLoss
+import torch.nn.functional as F
+from open_clip.loss import ClipLoss
 
 from acc_clip.config import TrainConfig
+from acc_clip.loss import Objective
+
+PAD_TOKEN = 0  # open_clip's tokenizers pad with 0, and CoCaLoss ignores it
 
 
-class CoCaObjective:
-    def __init__(self, config: TrainConfig, rank: int, world_size: int):
-        self.loss = CoCaLoss(caption_loss_weight=config.coca_caption_loss_weight,
-                             clip_loss_weight=config.coca_contrastive_loss_weight, local_loss=config.local_loss,
-                             gather_with_grad=config.gather_with_grad, cache_labels=True, rank=rank,
-                             world_size=world_size)
-        # The caption loss is each process's mean over its own tokens.
+class CoCaObjective(Objective):
+    def __init__(self, config: TrainConfig, rank: int, world_size: int, *placement):
+        super().__init__(config, rank, world_size, *placement)
+        self.contrastive = ClipLoss(local_loss=config.local_loss, gather_with_grad=config.gather_with_grad,
+                                    cache_labels=True, rank=rank, world_size=world_size)
         self.mean_over_processes = world_size > 1
 
-    def __call__(self, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return self.loss(outputs["image_features"].float(), outputs["text_features"].float(),
-                         outputs["logits"].float(), outputs["labels"], outputs["logit_scale"], output_dict=True)
+    def rows(self, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        labels = outputs["labels"]
+        token_losses = F.cross_entropy(outputs["logits"].float().transpose(1, 2), labels, ignore_index=PAD_TOKEN,
+                                       reduction="none")
+        rows = {key: value for key, value in outputs.items() if key not in ("logits", "labels")}
+        rows["caption_loss_sum"] = token_losses.sum(dim=1)
+        rows["caption_tokens"] = (labels != PAD_TOKEN).sum(dim=1)
+        return rows
+
+    def global_tokens(self, rows: dict[str, torch.Tensor]) -> torch.Tensor:
+        tokens = rows["caption_tokens"].sum()
+        if self.world_size > 1:
+            torch.distributed.all_reduce(tokens)
+        return tokens.clamp(min=1)
+
+    def __call__(self, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        contrastive = self.contrastive(rows["image_features"].float(), rows["text_features"].float(),
+                                       rows["logit_scale"], logit_bias=rows.get("logit_bias"))
+        # Each process holds its share of the token sum; x world size because the processes' values (and
+        # DDP's gradients) are averaged, which makes the mean over all tokens.
+        caption = rows["caption_loss_sum"].sum() * self.world_size / self.global_tokens(rows)
+        return {"contrastive_loss": self.config.coca_contrastive_loss_weight * contrastive,
+                "caption_loss": self.config.coca_caption_loss_weight * caption}

@@ -10,13 +10,15 @@ import torch
 from open_clip.loss import SigLipLoss
 
 from acc_clip.config import TrainConfig
+from acc_clip.loss import Objective
 
 
-class SigLipObjective:
-    def __init__(self, config: TrainConfig, rank: int, world_size: int):
+class SigLipObjective(Objective):
+    def __init__(self, config: TrainConfig, rank: int, world_size: int, *placement):
+        super().__init__(config, rank, world_size, *placement)
         self.loss = SigLipLoss(rank=rank, world_size=world_size, dist_impl=config.loss_dist_impl)
         self.mean_over_processes = world_size > 1
 
-    def __call__(self, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {"contrastive_loss": self.loss(outputs["image_features"].float(), outputs["text_features"].float(),
-                                              outputs["logit_scale"], outputs.get("logit_bias"))}
+    def __call__(self, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {"contrastive_loss": self.loss(rows["image_features"].float(), rows["text_features"].float(),
+                                              rows["logit_scale"], rows.get("logit_bias"))}

@@ -54,7 +54,7 @@ def normalized(x: torch.Tensor) -> torch.Tensor:
 def tiny(tmp_path_factory):
     name = write_model_dir(tmp_path_factory.mktemp("model"))
     torch.manual_seed(0)
-    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
+    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, output_dict=True)
     return name, model.eval(), preprocess, open_clip.get_tokenizer(name)
 
 

@@ -1,0 +1,48 @@
+"""Distillation (--distill-model, --distill-pretrained): open_clip's own `DistillClipLoss`, the CLIP
+loss of the student plus the cross-entropy of the student's image->text and text->image softmax
+against a frozen teacher's, both logged by name.
+
+The teacher (model.create_teacher) runs in eval mode under no_grad, in the run's autocast, on each
+micro-batch once: its features are `targets`, per-sample rows like the student's, so contrastive-
+exact accumulation covers them (open_clip_train refuses accumulation with distillation). It is held
+here, not in the model, so it is never wrapped, optimised or saved in a checkpoint."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from open_clip.loss import DistillClipLoss
+
+from acc_clip.config import TrainConfig
+from acc_clip.loss import Objective
+
+
+class DistillObjective(Objective):
+    def __init__(self, config: TrainConfig, rank: int, world_size: int, *placement,
+                 teacher: Optional[torch.nn.Module] = None):
+        super().__init__(config, rank, world_size, *placement)
+        if teacher is None:
+            from acc_clip.model import create_teacher
+
+            teacher = create_teacher(config, self.device)
+        self.teacher = teacher
+        self.loss = DistillClipLoss(local_loss=config.local_loss, gather_with_grad=config.gather_with_grad,
+                                    cache_labels=True, rank=rank, world_size=world_size)
+        # Under --local-loss each process's loss covers its own rows only.
+        self.mean_over_processes = config.local_loss and world_size > 1
+
+    def targets(self, images: torch.Tensor, texts: torch.Tensor) -> dict[str, torch.Tensor]:
+        with torch.no_grad(), self.autocast():
+            outputs = self.teacher(images, texts)
+        return {"dist_image_features": outputs["image_features"].float(),
+                "dist_text_features": outputs["text_features"].float(),
+                "dist_logit_scale": outputs["logit_scale"].float()}
+
+    def __call__(self, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return self.loss(rows["image_features"].float(), rows["text_features"].float(), rows["logit_scale"],
+                         rows["dist_image_features"], rows["dist_text_features"], rows["dist_logit_scale"],
+                         output_dict=True)
+
+    def on_one_process(self) -> "DistillObjective":
+        return DistillObjective(self.config, 0, 1, self.device, self.autocast, teacher=self.teacher)
