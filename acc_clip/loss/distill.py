@@ -3,7 +3,8 @@ loss of the student plus the cross-entropy of the student's image->text and text
 against a frozen teacher's, both logged by name.
 
 The teacher (model.create_teacher) runs in eval mode under no_grad, in the run's autocast, on each
-micro-batch once: its features are `targets`, per-sample rows like the student's, so contrastive-
+micro-batch once, on the student's inputs (same image size, context length and, unchecked,
+normalisation: as open_clip_train assumes): its features are `targets`, per-sample rows like the student's, so contrastive-
 exact accumulation covers them (open_clip_train refuses accumulation with distillation). It is held
 here, not in the model, so it is never wrapped, optimised or saved in a checkpoint."""
 
@@ -15,6 +16,7 @@ import torch
 from open_clip.loss import DistillClipLoss
 
 from acc_clip.config import TrainConfig
+from acc_clip.errors import AccClipError
 from acc_clip.loss import Objective
 
 
@@ -32,7 +34,19 @@ class DistillObjective(Objective):
         # Under --local-loss each process's loss covers its own rows only.
         self.mean_over_processes = config.local_loss and world_size > 1
 
+    def check_inputs(self, images: torch.Tensor, texts: torch.Tensor) -> None:
+        """The teacher reads the student's inputs (as in open_clip_train): refuse, in one line, inputs
+        of another shape than the teacher's, rather than fail deep in its forward."""
+        size = tuple(getattr(self.teacher.visual, "image_size", images.shape[-2:]))
+        context = getattr(self.teacher, "context_length", texts.shape[1])
+        if tuple(images.shape[-2:]) != size or texts.shape[1] != context:
+            raise AccClipError(
+                f"--distill-model {self.config.distill_model} reads {size[0]}x{size[1]} images and {context}-token "
+                f"texts, but --model {self.config.model} gives {images.shape[-2]}x{images.shape[-1]} and "
+                f"{texts.shape[1]}: the teacher must take the student's inputs")
+
     def targets(self, images: torch.Tensor, texts: torch.Tensor) -> dict[str, torch.Tensor]:
+        self.check_inputs(images, texts)
         with torch.no_grad(), self.autocast():
             outputs = self.teacher(images, texts)
         return {"dist_image_features": outputs["image_features"].float(),

@@ -184,6 +184,63 @@ def test_evaluate_retrieval_matches_features_encoded_by_hand(odd_val_csv, tiny, 
         assert metrics[key] == pytest.approx(value, abs=1e-9), key
 
 
+def good_rows(odd_val_csv, preprocess, tokenizer) -> tuple[torch.Tensor, torch.Tensor]:
+    dataset = CsvDataset(odd_val_csv, transform=preprocess, tokenizer=tokenizer, augment_seeded=False)
+    good = [s for s in (dataset[i] for i in range(len(dataset))) if s is not None]
+    return torch.stack([s.image for s in good]), torch.stack([s.text for s in good])
+
+
+def test_siglip_validation_loss_is_the_sigmoid_loss_of_the_whole_set(odd_val_csv, tiny, accelerator):
+    """With the SigLIP objective the validation loss is open_clip's SigLipLoss over the whole set as
+    one batch (logit bias included), not the softmax CLIP loss."""
+    from open_clip.loss import SigLipLoss
+
+    from acc_clip.config import TrainConfig
+    from acc_clip.loss import create_objective
+
+    name, model, preprocess, tokenizer = tiny
+    model.logit_bias = torch.nn.Parameter(torch.tensor(-4.0))  # as open_clip builds a SigLIP model
+    try:
+        objective = create_objective(TrainConfig(model=name, siglip=True), 0, 1)
+        metrics = evaluate_retrieval(model, loader_for(odd_val_csv, tiny, accelerator, 4), accelerator, objective)
+        images, texts = good_rows(odd_val_csv, preprocess, tokenizer)
+        with torch.no_grad():
+            out = model(images, texts)
+            loss = SigLipLoss()(out["image_features"], out["text_features"], out["logit_scale"], out["logit_bias"])
+    finally:
+        model.logit_bias = None
+    # the shared image's rows get its first row's features before scoring (same_key_same_features):
+    # a difference of float noise at most
+    assert metrics["val_loss"] == pytest.approx(loss.item(), abs=1e-4)
+    assert abs(metrics["val_loss"] - evaluate_retrieval(model, loader_for(odd_val_csv, tiny, accelerator, 4),
+                                                         accelerator)["val_loss"]) > 0.1
+
+
+def test_coca_validation_has_the_caption_loss_of_every_token(odd_val_csv, accelerator):
+    """A CoCa model's validation: the caption loss over all the set's tokens (open_clip's CoCaLoss on
+    the whole set as one batch, batches of 4 here), logged beside the contrastive loss."""
+    from open_clip.loss import CoCaLoss
+
+    from acc_clip.config import TrainConfig
+    from acc_clip.loss import create_objective
+    from conftest import TINY_COCA
+
+    torch.manual_seed(0)
+    model, _, preprocess = open_clip.create_model_and_transforms(TINY_COCA, output_dict=True)
+    tokenizer = open_clip.get_tokenizer(TINY_COCA)
+    model.text_decoder.text_projection.data.normal_(std=0.1)  # open_clip leaves it uninitialised
+    objective = create_objective(TrainConfig(model=TINY_COCA), 0, 1)
+    dataset = CsvDataset(odd_val_csv, transform=preprocess, tokenizer=tokenizer, augment_seeded=False)
+    loader = build_eval_loader(dataset, batch_size=4, workers=0, rank=0, world_size=1)
+    metrics = evaluate_retrieval(model.eval(), loader, accelerator, objective)
+    images, texts = good_rows(odd_val_csv, preprocess, tokenizer)
+    with torch.no_grad():
+        reference = CoCaLoss(caption_loss_weight=2.0, clip_loss_weight=1.0)(**model(images, texts), output_dict=True)
+    assert metrics["val_caption_loss"] == pytest.approx(reference["caption_loss"].item(), rel=1e-5)
+    assert metrics["val_contrastive_loss"] == pytest.approx(reference["contrastive_loss"].item(), abs=1e-4)
+    assert metrics["val_loss"] == pytest.approx(metrics["val_caption_loss"] + metrics["val_contrastive_loss"])
+
+
 def test_gathered_rows_come_sorted_by_index_each_once(accelerator):
     # e.g. a loader that repeats a sample to even out processes: the repeat must not count twice
     indices = torch.tensor([3, 1, 3, 0])

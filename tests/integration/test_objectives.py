@@ -1,0 +1,98 @@
+"""The trainer with each objective beyond CLIP, run as a user runs it: SigLIP and CoCa evaluate
+(validation loss of their own objective, retrieval, zero-shot) and export checkpoints that open_clip
+loads; CoCa trains on two processes; a distillation run keeps its teacher out of its checkpoints."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from background_trainer import two_processes
+from conftest import REPO, TINY_COCA, TINY_RN, TINY_VIT, read_metrics, run_trainer, tiny_train_args
+
+OBJECTIVE_RUNS = {  # name -> (model, extra flags, named losses logged beside the total)
+    "siglip": (TINY_VIT, ["--siglip"], set()),
+    "coca": (TINY_COCA, [], {"contrastive_loss", "caption_loss"}),
+}
+
+
+def zeroshot_flags(demo_dataset) -> list[str]:
+    zeroshot = demo_dataset / "zeroshot"
+    return ["--zeroshot-data", str(zeroshot), "--zeroshot-classnames", str(zeroshot / "classnames.txt"),
+            "--zeroshot-templates", str(zeroshot / "templates.txt"), "--zeroshot-frequency", "1"]
+
+
+@pytest.mark.parametrize("objective", sorted(OBJECTIVE_RUNS))
+def test_objective_run_evaluates_and_exports_for_open_clip(objective, small_csv, val_csv, demo_dataset, tmp_path):
+    import open_clip
+
+    model_name, flags, parts = OBJECTIVE_RUNS[objective]
+    run_trainer(tiny_train_args(small_csv, tmp_path, "run", "--model", model_name, "--epochs", "1",
+                                "--val-data", str(val_csv), "--save-frequency", "1", *flags,
+                                *zeroshot_flags(demo_dataset)))
+    records = read_metrics(tmp_path / "run")
+    assert len(records) == 10 and all(parts <= set(r) for r in records)
+    assert all(r["loss"] == pytest.approx(sum(r[p] for p in parts), rel=1e-5) for r in records if parts)
+    results = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in results] == [0, 10]
+    for result in results:
+        assert {f"val_{p}" for p in parts} <= set(result) and result["val_loss"] > 0
+        assert 0 <= result["image_to_text_R@1"] <= 1 and 0 <= result["zeroshot_top1"] <= 1
+
+    checkpoint = tmp_path / "run" / "checkpoints" / "step_00000010"
+    exported = tmp_path / "exported.pt"
+    subprocess.run([sys.executable, "-m", "acc_clip.cli", "export", str(checkpoint), "--out", str(exported)],
+                   check=True, cwd=REPO, capture_output=True, timeout=120)
+    # open_clip's own loader, with the model as open_clip_train creates it for this objective
+    model = open_clip.create_model(model_name, **({"init_logit_bias": -10} if "--siglip" in flags else {}))
+    open_clip.load_checkpoint(model, str(exported), strict=True)
+    trained = load_file(checkpoint / "model.safetensors")
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in trained.items())
+    if "--siglip" in flags:
+        assert trained["logit_bias"].item() != -10  # the bias trained
+
+
+def test_coca_trains_on_two_processes_with_accumulation(train_csv, val_csv, tmp_path, monkeypatch):
+    """CoCa under DDP (gloo), 2 processes x batch 4 x --accum-freq 2: every parameter takes part in
+    every step (no unused-parameter failure), and both losses and their validation are logged."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    run_trainer(tiny_train_args(train_csv, tmp_path, "coca2", "--model", TINY_COCA, "--batch-size", "4",
+                                "--accum-freq", "2", "--max-steps", "3", "--gather-with-grad",
+                                "--val-data", str(val_csv)), launcher=two_processes())
+    records = read_metrics(tmp_path / "coca2")
+    assert [r["samples_seen"] for r in records] == [16, 32, 48]
+    assert all(r["caption_loss"] > 0 and r["contrastive_loss"] > 0 for r in records)
+    before = json.loads((tmp_path / "coca2" / "results.jsonl").read_text().splitlines()[0])
+    assert before["val_caption_loss"] > 0 and before["num_samples"] == 105
+
+
+def test_distillation_trains_and_its_teacher_is_never_saved(train_csv, tiny_teacher, tmp_path):
+    import open_clip
+
+    run_trainer(tiny_train_args(train_csv, tmp_path, "distill", "--model", TINY_VIT, "--distill-model", tiny_teacher,
+                                "--accum-freq", "2", "--batch-size", "8", "--max-steps", "2",
+                                "--save-every-n-steps", "2"))
+    records = read_metrics(tmp_path / "distill")
+    assert len(records) == 2 and all(r["distill_loss"] > 0 for r in records)
+    saved = load_file(tmp_path / "distill" / "checkpoints" / "step_00000002" / "model.safetensors")
+    student = open_clip.create_model(TINY_VIT).state_dict()
+    assert set(saved) == set(student)  # the student's weights, nothing of the teacher
+    assert open_clip.create_model(tiny_teacher).state_dict().keys() == student.keys()  # same architecture...
+    teacher = load_file(tiny_teacher[len("local-dir:"):] + "/open_clip_model.safetensors")
+    assert all(not torch.equal(saved[k], teacher[k]) for k in ("logit_scale", "text_projection"))  # ...not its weights
+    config = (tmp_path / "distill" / "config.yaml").read_text()
+    assert f"distill_model: {tiny_teacher}" in config
+
+
+def test_a_teacher_that_reads_other_inputs_is_refused_in_one_line(train_csv, tiny_teacher, tmp_path,
+                                                                  train_in_process):
+    """TINY_RN's transform makes 64x64 images; the TINY_VIT teacher reads 32x32."""
+    status, errors = train_in_process(tiny_train_args(train_csv, tmp_path, "mismatch", "--model", TINY_RN,
+                                                      "--distill-model", tiny_teacher, "--max-steps", "1"))
+    assert status != 0 and len(errors) == 1
+    assert "reads 32x32 images" in errors[0] and "gives 64x64" in errors[0]
