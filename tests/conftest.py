@@ -199,23 +199,9 @@ def read_metrics(run_dir: Path) -> list[dict]:
         return [json.loads(line) for line in file]
 
 
-def write_teacher_folder(out: Path, model: str = TINY_VIT, seed: int = 1) -> str:
-    """A local-dir: model folder as open_clip reads one: `model`'s open_clip_config.json and the weights
-    of that architecture drawn with `seed` in open_clip_model.safetensors; returns its local-dir: name."""
-    import shutil
-
-    import open_clip
-    import torch
-    from safetensors.torch import save_file
-
-    out.mkdir(parents=True, exist_ok=True)
-    shutil.copy(Path(model[len("local-dir:"):]) / "open_clip_config.json", out)
-    torch.manual_seed(seed)
-    save_file(open_clip.create_model(model).state_dict(), str(out / "open_clip_model.safetensors"))
-    return f"local-dir:{out}"
-
-
 @pytest.fixture(scope="session")
 def tiny_teacher(tmp_path_factory) -> str:
     """A TINY_VIT teacher with weights (seed 1) in a local-dir: folder."""
-    return write_teacher_folder(tmp_path_factory.mktemp("teacher"))
+    from acc_clip.checkpoint.export import write_seeded_local_dir
+
+    return write_seeded_local_dir(TINY_VIT, str(tmp_path_factory.mktemp("teacher") / "tiny-vit-teacher"), seed=1)

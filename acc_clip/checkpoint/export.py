@@ -1,10 +1,16 @@
-"""`acc-clip export CHECKPOINT --out model.pt`: an open_clip `epoch_N.pt` from a step checkpoint."""
+"""`acc-clip export CHECKPOINT --out OUT`: a step checkpoint as open_clip reads it, either an
+open_clip `epoch_N.pt` (`--format epoch`, the default) or a local-dir: folder (`--format local-dir`:
+open_clip_config.json and open_clip_model.safetensors, the layout open_clip's hub loader reads, so
+`open_clip.create_model_and_transforms('local-dir:OUT')` loads it and the folder can be uploaded as
+it is)."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import os
 
+from acc_clip.errors import AccClipError
 from acc_clip.checkpoint.format import (OPTIMIZER_FILE, SCALER_FILE, WEIGHTS_FILE, Progress, atomic_torch_save,
                                         load_if_present, open_clip_checkpoint, plain_key, read_manifest)
 
@@ -27,11 +33,85 @@ def export_checkpoint(checkpoint: str, out: str) -> str:
             f"{progress.global_step}")
 
 
+LOCAL_DIR_CONFIG, LOCAL_DIR_WEIGHTS = "open_clip_config.json", "open_clip_model.safetensors"
+
+
+def open_clip_config(model_name: str, state_dict: dict) -> dict:
+    """open_clip_config.json for `model_name`: a local-dir: model's own, else open_clip's config of that
+    name with the preprocessing open_clip would use for it. A model trained with a logit bias
+    (--siglip) gets `init_logit_bias` so that open_clip builds the parameter its weights fill."""
+    import open_clip
+
+    from acc_clip.model import LOCAL_DIR
+
+    if model_name.startswith(LOCAL_DIR):
+        with open(os.path.join(model_name[len(LOCAL_DIR):], LOCAL_DIR_CONFIG)) as file:
+            config = json.load(file)
+    else:
+        model_cfg = open_clip.get_model_config(model_name)
+        if model_cfg is None:
+            raise AccClipError(f"export: open_clip has no model config named {model_name!r}")
+        config = {"model_cfg": model_cfg,
+                  "preprocess_cfg": open_clip.get_model_preprocess_cfg(open_clip.create_model(model_name))}
+    if "logit_bias" in state_dict and "init_logit_bias" not in config["model_cfg"]:
+        config["model_cfg"] = {**config["model_cfg"], "init_logit_bias": float(state_dict["logit_bias"])}
+    return config
+
+
+def write_local_dir(model_name: str, state_dict: dict, out: str) -> str:
+    """A local-dir: folder for open_clip at `out` (written in a temporary folder, then renamed into
+    place, so a folder at `out` is whole); returns its local-dir: name. `out` must not exist."""
+    from safetensors.torch import save_file
+
+    from acc_clip.model import LOCAL_DIR
+
+    if os.path.exists(out):
+        raise AccClipError(f"export: {out} exists; give a new folder")
+    config = open_clip_config(model_name, state_dict)
+    partial = f"{out}.partial-{os.getpid()}"
+    os.makedirs(partial)
+    with open(os.path.join(partial, LOCAL_DIR_CONFIG), "w") as file:
+        json.dump(config, file, indent=2)
+    save_file({k: v.detach().contiguous() for k, v in state_dict.items()}, os.path.join(partial, LOCAL_DIR_WEIGHTS))
+    os.rename(partial, out)
+    return f"{LOCAL_DIR}{out}"
+
+
+def export_local_dir(checkpoint: str, out: str) -> str:
+    from safetensors.torch import load_file
+
+    manifest = read_manifest(checkpoint, source="export")
+    weights = {plain_key(k): v for k, v in load_file(os.path.join(checkpoint, WEIGHTS_FILE)).items()}
+    name = write_local_dir(manifest["model"], weights, out)
+    return f"wrote {out}: model {manifest['model']}, global step {manifest['progress']['global_step']}; load it as {name}"
+
+
+def write_seeded_local_dir(model_name: str, out: str, seed: int) -> str:
+    """`model_name` with the weights open_clip draws after torch.manual_seed(seed), CoCa's decoder
+    projection included (open_clip leaves it uninitialised), as a local-dir: folder: a model that
+    two trainers (parity, benchmarks) or a teacher start from identically."""
+    import open_clip
+    import torch
+
+    from acc_clip.model import initialise_coca_decoder_projection
+
+    torch.manual_seed(seed)
+    model = open_clip.create_model(model_name)
+    initialise_coca_decoder_projection(model)
+    return write_local_dir(model_name, model.state_dict(), out)
+
+
+FORMATS = {"epoch": export_checkpoint, "local-dir": export_local_dir}
+
+
 def main(argv: list[str]) -> int:
-    """`acc-clip export CHECKPOINT --out model.pt`: an open_clip epoch_N.pt from a step checkpoint."""
+    """`acc-clip export CHECKPOINT --out OUT [--format epoch|local-dir]`: a step checkpoint for open_clip."""
     parser = argparse.ArgumentParser(prog="acc-clip export", description=main.__doc__)
     parser.add_argument("checkpoint", help="a checkpoints/step_NNNNNNNN folder")
-    parser.add_argument("--out", required=True, help="the .pt file to write")
+    parser.add_argument("--out", required=True, help="the .pt file (epoch) or the new folder (local-dir) to write")
+    parser.add_argument("--format", choices=sorted(FORMATS), default="epoch",
+                        help="epoch: an open_clip epoch_N.pt; local-dir: open_clip_config.json and "
+                             "open_clip_model.safetensors, loaded as local-dir:OUT")
     args = parser.parse_args(argv)
-    print(export_checkpoint(args.checkpoint, args.out))
+    print(FORMATS[args.format](args.checkpoint, args.out))
     return 0

@@ -115,6 +115,30 @@ def test_exported_epoch_and_step_checkpoints_load_in_open_clip_with_the_trained_
     assert (untrained_image - want_image).abs().max() > 1e-3
 
 
+def test_local_dir_export_loads_in_open_clip_with_the_trained_features(trained, tmp_path):
+    """`acc-clip export --format local-dir`: the folder open_clip's hub loader reads
+    (open_clip_config.json, open_clip_model.safetensors) gives the checkpoint's features."""
+    import open_clip
+    from safetensors.torch import load_file
+
+    step = step_folder(trained["run"], 2 * STEPS_PER_EPOCH)
+    trained_model, _, _ = open_clip.create_model_and_transforms(TINY_RN)
+    trained_model.load_state_dict(load_file(step / "model.safetensors"))
+    want_image, want_text = features(trained_model, open_clip.get_tokenizer(TINY_RN))
+
+    out = tmp_path / "hub"
+    assert export.main([str(step), "--format", "local-dir", "--out", str(out)]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["open_clip_config.json", "open_clip_model.safetensors"]
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{out}")
+    got_image, got_text = features(model, open_clip.get_tokenizer(f"local-dir:{out}"))
+    assert torch.allclose(got_image, want_image, rtol=0, atol=1e-5)
+    assert torch.allclose(got_text, want_text, rtol=0, atol=1e-5)
+    untrained_image, _ = features(open_clip.create_model_and_transforms(TINY_RN)[0], open_clip.get_tokenizer(TINY_RN))
+    assert (untrained_image - want_image).abs().max() > 1e-3
+    with pytest.raises(AccClipError, match="exists; give a new folder"):  # never over an existing folder
+        export.main([str(step), "--format", "local-dir", "--out", str(out)])
+
+
 def test_an_open_clip_epoch_file_is_a_starting_point(trained, tmp_path):
     """From epoch_1.pt (weights and optimizer), epoch 2 repeats run R's steps: same step numbers,
     learning rates and losses."""

@@ -55,6 +55,12 @@ def test_objective_run_evaluates_and_exports_for_open_clip(objective, small_csv,
     assert all(torch.equal(model.state_dict()[k], v) for k, v in trained.items())
     if "--siglip" in flags:
         assert trained["logit_bias"].item() != -10  # the bias trained
+    # the hub layout: the folder alone says what to build (a SigLIP model's bias included)
+    subprocess.run([sys.executable, "-m", "acc_clip.cli", "export", str(checkpoint), "--format", "local-dir",
+                    "--out", str(tmp_path / "hub")], check=True, cwd=REPO, capture_output=True, timeout=120)
+    hub = open_clip.create_model(f"local-dir:{tmp_path / 'hub'}")
+    assert hub.state_dict().keys() == trained.keys()
+    assert all(torch.equal(hub.state_dict()[k], v) for k, v in trained.items())
 
 
 def test_coca_trains_on_two_processes_with_accumulation(train_csv, val_csv, tmp_path, monkeypatch):
