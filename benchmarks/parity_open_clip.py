@@ -2,8 +2,15 @@
 """Train open_clip's own trainer and acc_clip side by side on the same CSV, model, seed and
 hyperparameters, then compare the loss curves with `acc-clip compare-loss` and the speed.
 
-    python -m benchmarks.parity_open_clip --train-data DATA.csv --model local-dir:configs/models/tiny-rn \
-        --batch-size 16 --epochs 2 --workers 2 --out /tmp/parity
+    python -m benchmarks.parity_open_clip --train-data DATA.csv --objective clip|siglip|coca|distill \
+        [--model local-dir:configs/models/tiny-rn] --batch-size 16 --epochs 2 --workers 2 --out /tmp/parity
+
+(`python tools/parity_open_clip.py ...` is the same.) Objectives, each with both trainers' own flags:
+clip (the default); siglip (`--siglip`); coca (a CoCa model, by default configs/models/tiny-coca);
+distill (`--distill-model`, `--distill-pretrained`: a teacher of --model's architecture with other
+weights, written under --out as a local-dir: folder, which both trainers load). A CoCa model also starts
+from weights written there: open_clip leaves its decoder's projection uninitialised (whatever memory
+held), so two fresh CoCa models would not start equal.
 
 Both runs start from the same weights (both seed the RNGs with --seed before creating the model) and
 visit the samples in the same order (acc_clip rebuilds open_clip's epoch order). Augmentation draws
@@ -29,7 +36,7 @@ from typing import Optional
 from acc_clip.checkpoint.debug import SAMPLES_ENV
 from acc_clip.compare_loss import compare_curves, two_sided_report_lines, vendor_report_lines
 from acc_clip.curves import read_loss_curve
-from acc_clip.errors import AccClipError
+from acc_clip.errors import AccClipError, user_error_exit_code
 from acc_clip.runtime.run_dir import LOG_FILE, METRICS_FILE, SAMPLES_FILE
 from benchmarks.bench_train import acc_clip_steps, open_clip_steps, run_logged, steady_samples_per_second
 
@@ -37,7 +44,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def common_flags(args: argparse.Namespace) -> list[str]:
-    return ["--train-data", str(args.train_data), "--csv-separator", ",", "--csv-img-key", "filepath",
+    return [*getattr(args, "objective_flags", []), "--train-data", str(args.train_data), "--csv-separator", ",", "--csv-img-key", "filepath",
             "--csv-caption-key", "title", "--model", args.model, "--batch-size", str(args.batch_size),
             "--epochs", str(args.epochs), "--workers", str(args.workers), "--precision", args.precision,
             "--lr", str(args.lr), "--warmup", str(args.warmup), "--seed", str(args.seed), "--wd", "0.2",
@@ -142,9 +149,40 @@ def acc_clip_command(args: argparse.Namespace) -> list[str]:
     return [sys.executable, "-m", "acc_clip.train", *(OPEN_CLIP_ARITHMETIC_FLAGS if args.open_clip_arithmetic else [])]
 
 
+MODELS = REPO / "configs" / "models"
+OBJECTIVES = ("clip", "siglip", "coca", "distill")
+
+
+def seeded_folder(model: str, folder: Path, seed: int) -> str:
+    import shutil
+
+    from acc_clip.checkpoint.export import write_seeded_local_dir
+
+    shutil.rmtree(folder, ignore_errors=True)  # derived from (model, seed): rewritten every run
+    return write_seeded_local_dir(model, str(folder), seed)
+
+
+def prepare_objective(args: argparse.Namespace, out: Path) -> None:
+    """Sets args.model (the objective's default when not given) and args.objective_flags: the flags
+    both trainers get for the objective."""
+    args.model = args.model or f"local-dir:{MODELS / ('tiny-coca' if args.objective == 'coca' else 'tiny-rn')}"
+    args.objective_flags = []
+    if args.objective == "siglip":
+        args.objective_flags = ["--siglip"]
+    elif args.objective == "coca":
+        args.model = seeded_folder(args.model, out / "coca-model", args.seed)
+    elif args.objective == "distill":
+        teacher = seeded_folder(args.model, out / "teacher", args.seed + 1)
+        # open_clip_train distils only when both flags are set; it takes a local-dir: teacher's weights from
+        # its folder, acc_clip from --distill-pretrained: the same file.
+        args.objective_flags = ["--distill-model", teacher, "--distill-pretrained",
+                                str(out / "teacher" / "open_clip_model.safetensors")]
+
+
 def run_parity(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    prepare_objective(args, out)
     flags = common_flags(args)
     reference = out / "open_clip"
     candidate = out / "acc_clip"
@@ -182,7 +220,8 @@ def run_parity(args: argparse.Namespace) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--train-data", required=True)
-    parser.add_argument("--model", default=f"local-dir:{REPO / 'configs/models/tiny-rn'}")
+    parser.add_argument("--objective", choices=OBJECTIVES, default="clip")
+    parser.add_argument("--model", help="default: configs/models/tiny-coca for coca, else configs/models/tiny-rn")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2)
@@ -207,7 +246,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         report = run_parity(args)
     except AccClipError as error:
-        raise SystemExit(f"error: {error}") from None
+        print(f"error: {error}", file=sys.stderr)
+        return user_error_exit_code()
     result = report["result"]
     print("\n".join(vendor_report_lines(result) + two_sided_report_lines(result)))
     differing = report["first_differing_step"]

@@ -37,7 +37,8 @@ class DistillObjective(Objective):
     def check_inputs(self, images: torch.Tensor, texts: torch.Tensor) -> None:
         """The teacher reads the student's inputs (as in open_clip_train): refuse, in one line, inputs
         of another shape than the teacher's, rather than fail deep in its forward."""
-        size = tuple(getattr(self.teacher.visual, "image_size", images.shape[-2:]))
+        size = getattr(self.teacher.visual, "image_size", tuple(images.shape[-2:]))
+        size = (size, size) if isinstance(size, int) else tuple(size)  # a ResNet tower keeps an int
         context = getattr(self.teacher, "context_length", texts.shape[1])
         if tuple(images.shape[-2:]) != size or texts.shape[1] != context:
             raise AccClipError(
