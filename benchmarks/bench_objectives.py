@@ -1,18 +1,20 @@
 #!/usr/bin/env python3
-"""Step time of each objective on 2 CPU processes, acc_clip against open_clip_train in the same run.
+"""Step time of each objective on 2 CPU processes, against open_clip_train on the same cores in the same run.
 
     python -m benchmarks.bench_objectives [--batch-size 16] [--steps 24] [--skip 4] [--repeats 3]
                                           [--settings clip siglip-bidir ...] [--json OUT]
 
 Settings: clip, siglip with each --loss-dist-impl (bidir, shift, reduce, gather), coca and distill.
-Both trainers run 2 processes on the CPU (gloo), one compute thread each, fp32, --workers 0, on
-synthetic data (`--dataset-type synthetic`: the objective's cost, not JPEG decoding), with
+acc_clip runs 2 processes on the CPU (gloo), one compute thread each, batch b per process.
+open_clip_train 3.3 cannot run several processes on the CPU (its DDP wrapper passes device_ids=[cpu],
+which torch refuses: "DistributedDataParallel device_ids ... only work with ... GPU modules"), so it
+runs one process with the same global batch 2b and two compute threads: the same work on the same
+cores. Both: fp32, --workers 0, synthetic data (`--dataset-type synthetic`: the objective's cost, not JPEG decoding), with
 --gather-with-grad, from the same weights: tiny-vit for clip, siglip and distill (the teacher is a
 tiny-vit with other weights), tiny-coca for coca, each written to a local-dir: folder here (open_clip
 leaves CoCa's decoder projection uninitialised, so a fresh CoCa could start from garbage).
-acc_clip runs under `accelerate launch --config_file launch/cpu_2proc.yaml`, open_clip_train under
-`torchrun --nproc_per_node 2`. A run's figure is the median step time after --skip warm-up steps (from
-metrics.jsonl and from out.log's samples/s); a setting's, the median of --repeats runs, the two trainers
+acc_clip runs under `accelerate launch --config_file launch/cpu_2proc.yaml`. A run's figure is the
+median step time after --skip warm-up steps (from metrics.jsonl and from out.log's samples/s); a setting's, the median of --repeats runs, the two trainers
 alternating so that a change in machine load hits both. Ratios are open_clip's step time over acc_clip's
 (above 1: acc_clip is faster). The load average is printed before and after.
 """
@@ -22,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import sys
 import tempfile
@@ -31,7 +32,7 @@ from pathlib import Path
 
 from acc_clip.checkpoint.export import write_seeded_local_dir
 from acc_clip.config import SIGLIP_DIST_IMPLS
-from benchmarks.bench_scaling import free_port, launcher
+from benchmarks.bench_scaling import launcher
 from benchmarks.bench_train import acc_clip_steps, open_clip_steps, run_logged
 
 REPO = Path(__file__).resolve().parents[1]
@@ -53,9 +54,9 @@ def objective_flags(setting: str, folders: dict[str, str]) -> tuple[str, list[st
     return folders["vit"], []
 
 
-def common_flags(args, model: str, logs: str, name: str) -> list[str]:
+def common_flags(args, model: str, logs: str, name: str, batch_size: int) -> list[str]:
     return ["--dataset-type", "synthetic", "--train-num-samples", str(args.steps * args.batch_size * 2),
-            "--model", model, "--batch-size", str(args.batch_size), "--epochs", "1", "--workers", "0",
+            "--model", model, "--batch-size", str(batch_size), "--epochs", "1", "--workers", "0",
             "--precision", "fp32", "--device", "cpu", "--gather-with-grad", "--lr", "1e-4", "--warmup", "1",
             "--log-every-n-steps", "1", "--save-frequency", "0", "--zeroshot-frequency", "0",
             "--val-frequency", "0", "--logs", logs, "--name", name, "--seed", "0"]
@@ -64,13 +65,12 @@ def common_flags(args, model: str, logs: str, name: str) -> list[str]:
 def run_pair(args, setting: str, folders: dict[str, str], logs: str, repeat: int) -> tuple[float, float]:
     """(acc_clip, open_clip) median step seconds of one run each."""
     model, flags = objective_flags(setting, folders)
-    env = {"OMP_NUM_THREADS": "1"}
     name = f"{setting}_r{repeat}"
-    torchrun = shutil.which("torchrun", path=os.path.dirname(sys.executable)) or "torchrun"
-    run_logged([*launcher(2), "-m", "acc_clip.train", *common_flags(args, model, logs, f"acc_{name}"), *flags],
-               Path(logs) / f"acc_{name}.stdout", env)
-    run_logged([torchrun, "--nproc_per_node", "2", "--master_port", str(free_port()), "-m", "open_clip_train.main",
-                *common_flags(args, model, logs, f"oc_{name}"), *flags], Path(logs) / f"oc_{name}.stdout", env)
+    run_logged([*launcher(2), "-m", "acc_clip.train", *common_flags(args, model, logs, f"acc_{name}", args.batch_size),
+                *flags], Path(logs) / f"acc_{name}.stdout", {"OMP_NUM_THREADS": "1"})
+    run_logged([sys.executable, "-m", "open_clip_train.main",
+                *common_flags(args, model, logs, f"oc_{name}", 2 * args.batch_size), *flags],
+               Path(logs) / f"oc_{name}.stdout", {"OMP_NUM_THREADS": "2"})
     ours = [s.batch_time for s in acc_clip_steps(Path(logs) / f"acc_{name}" / "metrics.jsonl")][args.skip:]
     theirs = [s.batch_time for s in open_clip_steps(Path(logs) / f"oc_{name}" / "out.log",
                                                     args.batch_size * 2)][args.skip:]
@@ -105,10 +105,12 @@ def main(argv: list[str] | None = None) -> int:
             ours, theirs = statistics.median(p[0] for p in pairs), statistics.median(p[1] for p in pairs)
             results[setting] = {"acc_clip_step_s": ours, "open_clip_step_s": theirs, "runs": pairs,
                                 "ratio_open_clip_over_acc_clip": theirs / ours}
-            print(f"{setting:>14}: acc_clip {ours * 1000:7.1f} ms/step, open_clip_train {theirs * 1000:7.1f} ms/step, "
+            print(f"{setting:>14}: acc_clip 2x{args.batch_size} {ours * 1000:7.1f} ms/step, open_clip_train "
+                  f"1x{2 * args.batch_size} {theirs * 1000:7.1f} ms/step, "
                   f"ratio {theirs / ours:.2f} (median of {args.repeats})", flush=True)
     load_after = os.getloadavg()
-    print(f"2 processes x batch {args.batch_size}, 1 thread each, {os.cpu_count()} CPUs; load average (1/5/15 min) "
+    print(f"acc_clip 2 processes x batch {args.batch_size} x 1 thread; open_clip_train 1 process x batch "
+          f"{2 * args.batch_size} x 2 threads; {os.cpu_count()} CPUs; load average (1/5/15 min) "
           f"{' '.join(f'{x:.1f}' for x in load_before)} before, {' '.join(f'{x:.1f}' for x in load_after)} after; "
           f"{time.time() - started:.0f} s")
     if args.json:
