@@ -119,11 +119,13 @@ class MetricsLogger:
         seen = step_in_epoch * self.global_batch_size
         percent = 100.0 * step_in_epoch / self.steps_per_epoch
         per_second = row["samples_per_second"]
+        # The objective's named parts, as open_clip_train logs them (e.g. "Caption_loss: 4.1234"), before the total.
+        parts = "".join(f"{k.capitalize()}: {v:#.5g} " for k, v in row.items() if k.endswith("_loss"))
         message = (
             f"Train Epoch: {row['epoch']} [{seen:>{digits}}/{self.samples_per_epoch} ({percent:.0f}%)] "
             f"Data (t): {row['data_time']:.3f} Batch (t): {row['batch_time']:.3f}, {per_second:#g}/s, "
             f"{per_second / self.world_size:#g}/s/gpu LR: {row['lr']:5f} Logit Scale: {row['logit_scale']:.3f} "
-            f"Loss: {row['loss']:#.5g} ({self._loss_sum / self._loss_count:#.5g})"
+            f"{parts}Loss: {row['loss']:#.5g} ({self._loss_sum / self._loss_count:#.5g})"
         )
         log.info(message)
         if self._progress is not None:

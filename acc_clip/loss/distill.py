@@ -55,6 +55,9 @@ class DistillObjective(Objective):
                 "dist_logit_scale": outputs["logit_scale"].float()}
 
     def __call__(self, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if "logit_bias" in rows:  # DistillClipLoss has no bias term: the bias would silently never train
+            raise AccClipError(f"--model {self.config.model} has a logit_bias (a SigLIP architecture), which "
+                               "open_clip's distillation loss does not use: distil into a model without one")
         return self.loss(rows["image_features"].float(), rows["text_features"].float(), rows["logit_scale"],
                          rows["dist_image_features"], rows["dist_text_features"], rows["dist_logit_scale"],
                          output_dict=True)

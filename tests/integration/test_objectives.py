@@ -45,6 +45,14 @@ def test_objective_run_evaluates_and_exports_for_open_clip(objective, small_csv,
         assert 0 <= result["image_to_text_R@1"] <= 1 and 0 <= result["zeroshot_top1"] <= 1
 
     checkpoint = tmp_path / "run" / "checkpoints" / "step_00000010"
+    # `acc-clip eval` of the last checkpoint: the trainer's own last validation (the objective's loss included)
+    evaluated = subprocess.run([sys.executable, "-m", "acc_clip.cli", "eval", "--model", model_name, "--checkpoint",
+                                str(checkpoint), "--val-data", str(val_csv), "--csv-separator", ",", "--device", "cpu",
+                                *(["--siglip"] if "--siglip" in flags else [])],
+                               check=True, cwd=REPO, capture_output=True, text=True, timeout=120)
+    again = json.loads(evaluated.stdout.splitlines()[0])
+    for key in ("val_loss", *(f"val_{p}" for p in parts), "image_to_text_R@1"):
+        assert again[key] == pytest.approx(results[-1][key], rel=1e-5), key
     exported = tmp_path / "exported.pt"
     subprocess.run([sys.executable, "-m", "acc_clip.cli", "export", str(checkpoint), "--out", str(exported)],
                    check=True, cwd=REPO, capture_output=True, timeout=120)

@@ -14,7 +14,7 @@ from acc_clip.errors import AccClipError
 from acc_clip.loss import OBJECTIVES, create_objective, objective_name, total_loss
 from acc_clip.loss.coca import CoCaObjective
 from acc_clip.loss.distill import DistillObjective
-from conftest import TINY_COCA, TINY_RN, TINY_VIT
+from conftest import TINY_RN, TINY_VIT
 
 
 def config_of(*flags: str):
@@ -166,3 +166,14 @@ def test_a_local_weights_file_is_loaded_for_the_teacher(tiny_teacher, tmp_path):
                                            "--distill-pretrained", str(path)), 0, 1)
     teacher = objective.teacher.state_dict()
     assert all(torch.equal(teacher[k], v) for k, v in source.state_dict().items())
+
+
+def test_distilling_into_a_model_with_a_logit_bias_is_refused(tiny_teacher):
+    """open_clip's distillation loss has no bias term: a student's bias would never train (and DDP would
+    fail on the unused parameter), so it is said in one line."""
+    objective = create_objective(config_of("--model", TINY_VIT, "--distill-model", tiny_teacher), 0, 1)
+    rows = {"image_features": features(2, dim=32), "text_features": features(2, dim=32, seed=1),
+            "logit_scale": torch.tensor(10.0), "logit_bias": torch.tensor(-10.0),
+            **objective.targets(torch.randn(2, 3, 32, 32), torch.zeros(2, 32, dtype=torch.long))}
+    with pytest.raises(AccClipError, match="has a logit_bias .* distil into a model without one"):
+        objective(rows)
