@@ -7,9 +7,7 @@ from __future__ import annotations
 
 import pytest
 
-from parity_checks import STEPS, assert_same_batches_and_learning_rates, parity
-
-FLAT_EMA_TOLERANCE = 2e-5  # as test_parity.py's flat-colour CLIP test
+from parity_checks import FLAT_EMA_TOLERANCE, STEPS, assert_same_batches_and_learning_rates, parity
 
 
 # Each objective beyond CLIP, flat-colour images, open_clip_train's arithmetic, 64 steps (measured, seed 0:
