@@ -20,16 +20,45 @@ import yaml
 
 from acc_clip.errors import AccClipError
 
-PRECISIONS = ("amp", "amp_bf16", "bf16", "fp16", "fp32")
+PRECISIONS = ("amp", "amp_bf16", "amp_bfloat16", "bf16", "fp16", "pure_bf16", "pure_fp16", "fp32")  # open_clip's
 SCHEDULERS = ("cosine", "const", "const-cooldown")
 DATASET_TYPES = ("auto", "csv", "webdataset", "synthetic")
 SIGLIP_DIST_IMPLS = ("bidir", "shift", "reduce", "gather")  # open_clip SigLipLoss's exchanges across processes
 
 COCA_FLAGS = ("coca_caption_loss_weight", "coca_contrastive_loss_weight")
+OPTIMIZER_DEFAULTS = ("lr", "beta1", "beta2", "eps")  # derived from the model name by open_clip_train when unset
+# open_clip_train flags that cannot mean anything under acc_clip: flag -> why, and what to use instead.
+REFUSED_FLAGS = {
+    "horovod": "acc_clip runs on Accelerate, not Horovod: start processes with `accelerate launch` (launch/README.md)",
+    "torchscript": "a TorchScript model cannot be trained here; export (acc-clip export) and script the open_clip "
+                   "model for inference",
+    "trace": "open_clip_train cannot train a traced model either; trace the exported model for inference",
+    "use_bnb_linear": "bitsandbytes int8 linear layers are not supported; train in a --precision of torch's",
+    "no_set_device_rank": "Accelerate places each process on its local device; choose devices with "
+                          "CUDA_VISIBLE_DEVICES or SDAA_VISIBLE_DEVICES",
+}
 
 
 def _opt(default: Any, help: str, **extra: Any) -> Any:
+    if default is dict:  # a fresh {} per config
+        return field(default_factory=dict, metadata={"help": help, **extra})
     return field(default=default, metadata={"help": help, **extra})
+
+
+def _base_type(kind: Any) -> Any:
+    """The type a flag parses to: Optional[X] -> X, list[X] -> list, dict -> dict."""
+    args = getattr(kind, "__args__", None)
+    if args and type(None) in args:  # Optional[X]
+        kind = next(arg for arg in args if arg is not type(None))
+    return getattr(kind, "__origin__", kind)
+
+
+def _element_type(kind: Any) -> Any:
+    """X for Optional[list[X]]."""
+    args = getattr(kind, "__args__", None)
+    if args and type(None) in args:
+        kind = next(arg for arg in args if arg is not type(None))
+    return kind.__args__[0]
 
 
 @dataclass
@@ -59,6 +88,22 @@ class TrainConfig:
     lock_text: bool = _opt(False, "freeze the text tower")
     lock_text_unlocked_layers: int = _opt(0, "leave the last N text layers trainable")
     lock_text_freeze_layer_norm: bool = _opt(False, "freeze layer-norm parameters of locked text layers")
+    pretrained_image: bool = _opt(False, "load ImageNet weights into the image tower (timm towers), as open_clip")
+    cache_dir: Optional[str] = _opt(None, "where open_clip caches downloaded weights")
+    force_image_size: Optional[list[int]] = _opt(None, "override the model's image size (one value, or height width)")
+    force_context_length: Optional[int] = _opt(None, "override the text tower's context length")
+    force_quick_gelu: bool = _opt(False, "use QuickGELU (as OpenAI's weights expect)")
+    force_patch_dropout: Optional[float] = _opt(None, "override the ViT patch dropout in training (evaluation runs "
+                                                      "without it)")
+    force_custom_text: bool = _opt(False, "build the text tower as a separate module (CustomTextCLIP)")
+    image_mean: Optional[list[float]] = _opt(None, "override the normalisation mean (one value per channel)")
+    image_std: Optional[list[float]] = _opt(None, "override the normalisation std (one value per channel)")
+    image_interpolation: Optional[str] = _opt(None, "resize interpolation: bicubic, bilinear or random",
+                                              choices=("bicubic", "bilinear", "random"))
+    image_resize_mode: Optional[str] = _opt(None, "evaluation resize: shortest, longest or squash",
+                                            choices=("shortest", "longest", "squash"))
+    aug_cfg: dict = _opt(dict, "training augmentation, key=value pairs (open_clip's AugmentationCfg: scale=(0.9,1.0) "
+                               "color_jitter=... re_prob=...)")
     grad_checkpointing: bool = _opt(False, "activation checkpointing (less memory, more compute)")
     torchcompile: bool = _opt(False, "torch.compile the model")
     cudnn_benchmark: bool = _opt(True, "cuDNN picks the fastest convolution algorithms on CUDA, as open_clip_train "
@@ -70,23 +115,29 @@ class TrainConfig:
     batch_size: int = _opt(64, "samples per process per micro-batch")
     epochs: int = _opt(32, "training epochs")
     max_steps: Optional[int] = _opt(None, "stop after this many optimizer steps (benchmarks, smoke tests)")
-    lr: float = _opt(5.0e-4, "peak learning rate")
-    beta1: float = _opt(0.9, "AdamW beta1")
-    beta2: float = _opt(0.999, "AdamW beta2")
-    eps: float = _opt(1.0e-8, "AdamW epsilon")
+    # None: open_clip_train's defaults for the model (get_default_params: beta2 0.98, eps 1e-6 for a model whose
+    # name holds "vit", else 0.999, 1e-8; lr 5e-4), filled in by `resolve_defaults`, or the timm optimizer's own.
+    lr: Optional[float] = _opt(None, "peak learning rate (default 5e-4)")
+    beta1: Optional[float] = _opt(None, "AdamW beta1 (default 0.9)")
+    beta2: Optional[float] = _opt(None, "AdamW beta2 (default 0.98 for ViT models, else 0.999, as open_clip_train)")
+    eps: Optional[float] = _opt(None, "AdamW epsilon (default 1e-6 for ViT models, else 1e-8, as open_clip_train)")
+    momentum: Optional[float] = _opt(None, "momentum, for timm optimizers")
     wd: float = _opt(0.2, "weight decay (not applied to gains, biases, logit_scale)")
     fused_adamw: Optional[bool] = _opt(None, "AdamW's fused kernel (default: on where torch has one, CUDA and the "
                                              "CPU from torch 2.4; --no-fused-adamw: open_clip_train's unfused "
                                              "update, the same values up to rounding)", tristate=True)
-    opt: str = _opt("adamw", "optimizer (adamw)", choices=("adamw",))
+    opt: str = _opt("adamw", "optimizer: adamw, or any timm optimizer as timm/NAME (e.g. timm/sgd, timm/lamb)")
     warmup: int = _opt(10000, "linear warm-up optimizer steps")
     lr_scheduler: str = _opt("cosine", "cosine, const or const-cooldown", choices=SCHEDULERS)
+    skip_scheduler: bool = _opt(False, "no schedule: the learning rate stays at --lr")
     epochs_cooldown: Optional[int] = _opt(None, "cool-down epochs at the end, for const-cooldown")
     lr_cooldown_end: float = _opt(0.0, "learning rate at the end of the cool-down")
     lr_cooldown_power: float = _opt(1.0, "cool-down curve power (1 = linear)")
     grad_clip_norm: Optional[float] = _opt(None, "clip the global gradient norm to this value")
     accum_freq: int = _opt(1, "micro-batches per optimizer step, contrastive-exact")
-    precision: str = _opt("amp", "amp (fp16 + grad scaler), amp_bf16/bf16, fp16 or fp32", choices=PRECISIONS)
+    precision: str = _opt("amp", "open_clip's: amp (fp16 autocast + grad scaler), amp_bf16 = amp_bfloat16 (bf16 "
+                                 "autocast), fp16 / bf16 (weights cast, no autocast), pure_fp16 / pure_bf16 (the whole "
+                                 "model cast), fp32", choices=PRECISIONS)
     seed: int = _opt(0, "seed for weights, sample order and augmentation")
     # objective and distributed loss
     siglip: bool = _opt(False, "train with the sigmoid loss (SigLIP); the model starts at logit scale ln 10, logit "
@@ -103,12 +154,24 @@ class TrainConfig:
     gather_with_grad: bool = _opt(False, "all-gather features with gradient (exact multi-process gradients)")
     local_loss: bool = _opt(False, "compute only the local rows of the logit matrix")
     use_bn_sync: bool = _opt(False, "synchronise batch-norm statistics across processes")
+    ddp_static_graph: bool = _opt(False, "DDP's static_graph (the same parameters take part in every step)")
+    dist_backend: Optional[str] = _opt(None, "process-group backend (default: nccl on CUDA, tccl on SDAA, gloo on the CPU)")
+    dist_url: Optional[str] = _opt(None, "env:// only: addresses come from the launcher (accelerate launch, srun)")
+    horovod: bool = _opt(False, "refused: acc_clip runs on Accelerate")
+    no_set_device_rank: bool = _opt(False, "refused: Accelerate places each process on its local device")
+    torchscript: bool = _opt(False, "refused: a TorchScript model cannot be trained")
+    trace: bool = _opt(False, "refused: a traced model cannot be trained")
+    use_bnb_linear: Optional[str] = _opt(None, "refused: bitsandbytes linear layers are not supported")
     # device
-    device: Optional[str] = _opt(None, "sdaa, cuda or cpu; default: sdaa if torch_sdaa is installed, else cuda, else cpu")
+    device: Optional[str] = _opt(None, "sdaa, cuda, npu, xpu, mps or cpu; default: sdaa if torch_sdaa is installed, "
+                                       "else cuda, else cpu")
     # logging and evaluation
     logs: str = _opt("./logs/", "folder holding one sub-folder per run")
     name: Optional[str] = _opt(None, "run name (default: date, model, lr, batch size, workers, precision)")
     log_every_n_steps: int = _opt(100, "log a line every N optimizer steps")
+    log_local: bool = _opt(False, "every process writes its own log, out-RANK.log (default: the main process, out.log)")
+    debug: bool = _opt(False, "debug-level logging")
+    copy_codebase: bool = _opt(False, "copy the acc_clip package into the run folder (code/), to rerun it as it was")
     report_to: str = _opt("", "trackers: tensorboard, wandb, all, or empty")
     wandb_notes: str = _opt("", "wandb run notes")
     wandb_project_name: str = _opt("open-clip", "wandb project")
@@ -134,7 +197,43 @@ class TrainConfig:
         """open_clip_train's rule: a model whose name says coca trains with the CoCa loss."""
         return "coca" in self.model.lower()
 
+    @property
+    def uses_timm_optimizer(self) -> bool:
+        return self.opt.lower().startswith("timm/")
+
+    def with_model_defaults(self) -> "TrainConfig":
+        """open_clip_train's rule: lr, beta1, beta2 and eps left unset take `get_default_params(model)` (a
+        model whose name holds "vit": beta2 0.98, eps 1e-6), except under a timm optimizer, which keeps
+        its own defaults."""
+        if self.uses_timm_optimizer:
+            return self
+        from open_clip_train.params import get_default_params
+
+        defaults = get_default_params(self.model)
+        return dataclasses.replace(self, **{key: value for key, value in defaults.items()
+                                            if getattr(self, key) is None})
+
+    def _validate_compatibility(self) -> None:
+        """open_clip_train flags that cannot mean anything here, or only in part: one line each."""
+        for key, why in REFUSED_FLAGS.items():
+            if getattr(self, key):
+                raise AccClipError(f"--{flag(key)}: {why}")
+        if self.dist_url not in (None, "env://"):
+            raise AccClipError(f"--dist-url {self.dist_url}: acc_clip's processes take their addresses from the "
+                               "launcher: accelerate launch --main_process_ip/--main_process_port, or srun with "
+                               "MASTER_ADDR/MASTER_PORT (launch/README.md)")
+        if self.opt.lower() != "adamw" and not self.uses_timm_optimizer:
+            raise AccClipError(f"--opt {self.opt}: expected adamw or a timm optimizer as timm/NAME")
+        if self.uses_timm_optimizer:
+            if self.lr is None:
+                raise AccClipError(f"--opt {self.opt} needs --lr: the schedule starts from it (open_clip_train's too)")
+            if (self.beta1 is None) != (self.beta2 is None):
+                raise AccClipError(f"--opt {self.opt}: give both --beta1 and --beta2 or neither (as open_clip_train)")
+        if self.force_image_size is not None and len(self.force_image_size) not in (1, 2):
+            raise AccClipError(f"--force-image-size {self.force_image_size}: one size, or height and width")
+
     def validate(self) -> "TrainConfig":
+        self._validate_compatibility()
         positive = ("batch_size", "epochs", "accum_freq", "log_every_n_steps")
         for key in positive:
             if getattr(self, key) < 1:
@@ -178,13 +277,19 @@ def _argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="acc-clip train", allow_abbrev=False,
                                      description="Train a CLIP model with open_clip_train's flags, on Accelerate.")
     parser.add_argument("--config", help="YAML file of options (keys as flags, - or _)")
+    from open_clip_train.params import ParseKwargs  # open_clip's own key=value parsing for --aug-cfg
+
     hints = get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         kind = hints[f.name]
-        base = getattr(kind, "__args__", (kind,))[0] if getattr(kind, "__args__", None) else kind
+        base = _base_type(kind)
         kwargs: dict[str, Any] = {"dest": f.name, "default": argparse.SUPPRESS, "help": f.metadata["help"]}
         if base is bool:
             kwargs["action"] = argparse.BooleanOptionalAction if f.metadata.get("tristate") else "store_true"
+        elif base is list:
+            kwargs.update(type=_element_type(kind), nargs="+")
+        elif base is dict:
+            kwargs.update(nargs="*", action=ParseKwargs)
         else:
             kwargs["type"] = base
             if base is str:
@@ -219,13 +324,20 @@ def _read_yaml(path: str) -> dict[str, Any]:
 def _coerce(key: str, value: Any) -> Any:
     """YAML gives ints for floats (`lr: 1`) and strings for scientific notation without a dot (`5e-4`)."""
     kind = get_type_hints(TrainConfig)[key]
-    base = getattr(kind, "__args__", (kind,))[0] if getattr(kind, "__args__", None) else kind
+    base = _base_type(kind)
     if value is None or base is str and isinstance(value, str):
         return value
     try:
         if base is bool:
             if isinstance(value, bool):
                 return value
+            raise ValueError
+        if base is list:
+            element = _element_type(kind)
+            return [element(v) for v in (value if isinstance(value, (list, tuple)) else [value])]
+        if base is dict:
+            if isinstance(value, dict):
+                return dict(value)
             raise ValueError
         return base(value)
     except (TypeError, ValueError):
@@ -247,15 +359,27 @@ def parse_config(argv: list[str]) -> tuple[TrainConfig, list[str]]:
     if config_path:
         values.update(_read_yaml(config_path))
     values.update({k: v for k, v in vars(namespace).items() if k != "config"})
-    config = TrainConfig(**{k: _coerce(k, v) for k, v in values.items()})
+    config = TrainConfig(**{k: _coerce(k, v) for k, v in values.items()}).with_model_defaults()
     notices = [f"--{flag(key)} has no effect: {config.model} is not a CoCa model (open_clip_train's rule: the name "
                 f"holds 'coca')" for key in COCA_FLAGS if key in values and not config.is_coca]
+    if config.momentum is not None and not config.uses_timm_optimizer:
+        notices.append(f"--momentum {config.momentum} has no effect with --opt {config.opt} (as in open_clip)")
     if config.loss_dist_impl is not None and not config.siglip:
         notices.append(f"--loss-dist-impl {config.loss_dist_impl} has no effect without --siglip (as in open_clip)")
     return config.validate(), notices
 
 
+def _plain(value: Any) -> Any:
+    """YAML's safe dumper takes lists, not tuples (--aug-cfg scale=(0.9,1.0))."""
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    return value
+
+
 def save_config(config: TrainConfig, path: str) -> None:
-    values = dataclasses.asdict(config)
+    """The resolved config: every default filled in, those derived from the model included."""
+    values = _plain(dataclasses.asdict(config))
     with open(path, "w") as file:
         yaml.safe_dump(values, file, sort_keys=False)

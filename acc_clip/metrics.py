@@ -23,7 +23,7 @@ from acc_clip.runtime.run_dir import METRICS_FILE, RESULTS_FILE
 log = logging.getLogger(__name__)
 
 
-def setup_logging(log_file: Optional[str], is_main: bool) -> None:
+def setup_logging(log_file: Optional[str], is_main: bool, debug: bool = False) -> None:
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
     if log_file:
         handlers.append(logging.FileHandler(log_file))
@@ -32,7 +32,7 @@ def setup_logging(log_file: Optional[str], is_main: bool) -> None:
         handler.setFormatter(formatter)
     root = logging.getLogger()
     root.handlers[:] = handlers
-    root.setLevel(logging.INFO if is_main else logging.WARNING)
+    root.setLevel(logging.DEBUG if debug else logging.INFO if is_main else logging.WARNING)
 
 
 @dataclass

@@ -47,14 +47,31 @@ def open_clip_model(name: str, pretrained: str, model_flag: str, weights_flag: s
     local = is_local_weights(pretrained)
     if pretrained and os.path.sep in pretrained and not local:
         raise AccClipError(f"{weights_flag} {pretrained}: no such file")
+    kwargs = {"precision": "fp32", **kwargs}
     try:
         model, preprocess_train, preprocess_val = create_model_and_transforms(
-            name, None if local else pretrained or None, precision="fp32", device="cpu", output_dict=True, **kwargs)
+            name, None if local else pretrained or None, device="cpu", output_dict=True, **kwargs)
     except (RuntimeError, ValueError, FileNotFoundError) as error:  # open_clip's ways of saying bad name/weights
         raise AccClipError(f"{model_flag} {name} {weights_flag} {pretrained!r}: {error}") from None
     if local:
         load_weights(model, pretrained, weights_flag)
     return model, preprocess_train, preprocess_val
+
+
+def model_options(config: TrainConfig) -> dict:
+    """open_clip_train's arguments to create_model_and_transforms beyond the name and weights."""
+    size = config.force_image_size
+    options = dict(
+        precision=config.precision, force_quick_gelu=config.force_quick_gelu,
+        force_custom_text=config.force_custom_text, force_patch_dropout=config.force_patch_dropout,
+        force_image_size=size[0] if size is not None and len(size) == 1 else size,
+        force_context_length=config.force_context_length, image_mean=config.image_mean, image_std=config.image_std,
+        image_interpolation=config.image_interpolation, image_resize_mode=config.image_resize_mode,
+        aug_cfg=config.aug_cfg, pretrained_image=config.pretrained_image, cache_dir=config.cache_dir)
+    if config.siglip:
+        # open_clip_train's SigLIP start: a cooler temperature and a strongly negative bias, most pairs being negatives.
+        options.update(init_logit_scale=math.log(10), init_logit_bias=-10)
+    return options
 
 
 def has_weights(name: str, pretrained: str) -> bool:
@@ -70,10 +87,8 @@ def create_model(config: TrainConfig) -> ModelBundle:
     from accelerate.utils import set_seed
 
     set_seed(config.seed)
-    # open_clip_train's SigLIP start: a cooler temperature and a strongly negative bias, since most pairs are negatives.
-    siglip_init = {"init_logit_scale": math.log(10), "init_logit_bias": -10} if config.siglip else {}
     model, preprocess_train, preprocess_val = open_clip_model(config.model, config.pretrained, "--model",
-                                                              "--pretrained", **siglip_init)
+                                                              "--pretrained", **model_options(config))
     if not has_weights(config.model, config.pretrained):
         initialise_coca_decoder_projection(model)
     if config.lock_image:
@@ -139,7 +154,27 @@ def fused_adamw_available(device_type: str) -> bool:
     return device_type == "cuda" or device_type == "cpu" and (major, minor) >= (2, 4)
 
 
+def create_timm_optimizer(model: torch.nn.Module, config: TrainConfig) -> torch.optim.Optimizer:
+    """`--opt timm/NAME` as open_clip_train builds it: timm's create_optimizer_v2 on the model (timm's own
+    weight-decay grouping), with betas, momentum and eps only where given."""
+    try:
+        from timm.optim import create_optimizer_v2
+    except ImportError:
+        raise AccClipError(f"--opt {config.opt} needs the timm package (pip install timm)") from None
+    options = {"betas": (config.beta1, config.beta2)} if config.beta1 is not None else {}
+    if config.momentum is not None:
+        options["momentum"] = config.momentum
+    if config.eps is not None:
+        options["eps"] = config.eps
+    try:
+        return create_optimizer_v2(model, config.opt.split("/", 1)[1], lr=config.lr, weight_decay=config.wd, **options)
+    except (AssertionError, TypeError, ValueError) as error:  # timm's ways of saying "no such optimizer / option"
+        raise AccClipError(f"--opt {config.opt}: {error}") from None
+
+
 def create_optimizer(model: torch.nn.Module, config: TrainConfig, device_type: str) -> torch.optim.Optimizer:
+    if config.uses_timm_optimizer:
+        return create_timm_optimizer(model, config)
     # The fused kernel makes one pass over each parameter instead of a dozen element-wise ops: on the
     # CPU it cuts the tiny model's AdamW step about fivefold (docs/performance.md).
     fused = fused_adamw_available(device_type) if config.fused_adamw is None else config.fused_adamw
@@ -151,6 +186,8 @@ def create_lr_schedule(optimizer: torch.optim.Optimizer, config: TrainConfig, st
     """A function of the global optimizer step that sets the learning rate: stateless, so resuming is
     only a matter of knowing the step."""
     total_steps = steps_per_epoch * config.epochs
+    if config.skip_scheduler:  # open_clip_train's --skip-scheduler: the optimizer keeps --lr throughout
+        return lambda step: config.lr
     if config.lr_scheduler == "cosine":
         return cosine_lr(optimizer, config.lr, config.warmup, total_steps)
     if config.lr_scheduler == "const":

@@ -66,8 +66,20 @@ def report_evaluation(results: dict, metrics: MetricsLogger, *, epoch: int, step
     metrics.write_result({"epoch": epoch, "step": step, **results})
 
 
-def to_device(batch, image_transform, device, channels_last: bool):
-    return model_input(batch.images, image_transform, device, channels_last), batch.texts.to(device, non_blocking=True)
+def copy_codebase(run_dir: str) -> None:
+    """--copy-codebase: the acc_clip package as it ran, in <run>/code/acc_clip (open_clip_train copies its own)."""
+    import shutil
+
+    import acc_clip
+
+    shutil.copytree(os.path.dirname(acc_clip.__file__), os.path.join(run_dir, "code", "acc_clip"),
+                    ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
+
+
+def to_device(batch, image_transform, device, channels_last: bool, input_dtype=None):
+    """Images and texts on the device; images in `input_dtype` when --precision casts the weights."""
+    images = model_input(batch.images, image_transform, device, channels_last)
+    return images if input_dtype is None else images.to(input_dtype), batch.texts.to(device, non_blocking=True)
 
 
 def limit_cpu_threads(plan, workers: int, world_size: int) -> None:
@@ -84,14 +96,17 @@ def limit_cpu_threads(plan, workers: int, world_size: int) -> None:
 
 def start_run(config: TrainConfig, notices: list[str]):
     """The device plan, the Accelerator, the run folder with its log, config and trackers."""
-    plan = plan_device(config.device, config.precision)
+    plan = plan_device(config.device, config.precision, backend=config.dist_backend)
     check_bn_sync(plan, config.use_bn_sync)
     # project_dir is refined to the run folder once the run is named (start_trackers).
-    accelerator = make_accelerator(plan, cudnn_benchmark=config.cudnn_benchmark,
+    accelerator = make_accelerator(plan, cudnn_benchmark=config.cudnn_benchmark, static_graph=config.ddp_static_graph,
                                    log_with=trackers(config.report_to) or None, project_dir=config.logs)
     run_dir = run_folder(config, accelerator)
-    setup_logging(os.path.join(run_dir, LOG_FILE) if accelerator.is_main_process else None,
-                  accelerator.is_main_process)
+    # --log-local: every process keeps its own log (open_clip_train's out-RANK.log); else the main process, out.log.
+    rank = accelerator.process_index
+    log_file = (os.path.join(run_dir, f"out-{rank}.log") if config.log_local else
+                os.path.join(run_dir, LOG_FILE) if accelerator.is_main_process else None)
+    setup_logging(log_file, accelerator.is_main_process or config.log_local, debug=config.debug)
     log.info("acc_clip run %s: %s, %d process(es), precision %s", config.name, plan.describe(),
              accelerator.num_processes, config.precision)
     limit_cpu_threads(plan, config.workers, accelerator.num_processes)
@@ -99,6 +114,10 @@ def start_run(config: TrainConfig, notices: list[str]):
         log.warning(notice)
     if accelerator.is_main_process:
         save_config(config, os.path.join(run_dir, CONFIG_FILE))
+        log.info("optimizer %s: lr %s, betas (%s, %s), eps %s, weight decay %s%s", config.opt, config.lr, config.beta1,
+                 config.beta2, config.eps, config.wd, ", momentum %s" % config.momentum if config.momentum else "")
+        if config.copy_codebase:
+            copy_codebase(run_dir)
     start_trackers(accelerator, config, run_dir)
     return plan, accelerator, run_dir
 
@@ -168,7 +187,8 @@ def train(config: TrainConfig, notices: list[str] = ()) -> int:
                 raise AccClipError(error)
             micro_batches, trimmed = agree_batch_sizes(micro_batches, host_group)
             samples_trimmed += trimmed
-            device_batches = [to_device(b, image_transform, accelerator.device, channels_last) for b in micro_batches]
+            device_batches = [to_device(b, image_transform, accelerator.device, channels_last, plan.input_dtype)
+                              for b in micro_batches]
             data_time = time.perf_counter() - start
             lr = schedule(progress.global_step)
             losses = train_step(model, device_batches, objective, accelerator, optimizer, config.grad_clip_norm)

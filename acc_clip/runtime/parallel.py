@@ -15,15 +15,20 @@ today), and the ways back to the plain open_clip module. Nothing else in acc_cli
 from __future__ import annotations
 
 from contextlib import AbstractContextManager
+from typing import Optional
 
 import torch
 
 
-def kwargs_handlers(*, find_unused_parameters: bool) -> list:
-    """Accelerate's settings for the wrapping it will do (DDP's, under several processes)."""
-    from accelerate.utils import DistributedDataParallelKwargs
+def kwargs_handlers(*, find_unused_parameters: bool, static_graph: bool = False, backend: Optional[str] = None) -> list:
+    """Accelerate's settings for the wrapping it will do (DDP's, under several processes: --ddp-static-graph)
+    and for the process group it starts (--dist-backend; None: Accelerate's choice for the device)."""
+    from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
 
-    return [DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters)]
+    handlers = [DistributedDataParallelKwargs(find_unused_parameters=find_unused_parameters, static_graph=static_graph)]
+    if backend is not None:
+        handlers.append(InitProcessGroupKwargs(backend=backend))
+    return handlers
 
 
 def prepare(accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, sync_batch_norm: bool,

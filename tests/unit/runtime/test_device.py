@@ -110,19 +110,66 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.parametrize("precision, mixed, note", [("amp", "bf16", True), ("fp16", "bf16", True),
-                                                    ("amp_bf16", "bf16", False), ("fp32", "no", False)])
-def test_cpu_plan(precision, mixed, note):
+@pytest.mark.parametrize("precision, mixed, input_dtype", [
+    ("amp_bf16", "bf16", None), ("amp_bfloat16", "bf16", None), ("fp32", "no", None),
+    # open_clip's meaning: fp16/bf16 cast the weights, pure_* the whole model; no autocast, no scaler
+    ("fp16", "no", torch.float16), ("bf16", "no", torch.bfloat16),
+    ("pure_fp16", "no", torch.float16), ("pure_bf16", "no", torch.bfloat16),
+])
+def test_cpu_plan(precision, mixed, input_dtype):
     plan = plan_device("cpu", precision)
     assert (plan.device, plan.backend, plan.mixed_precision, plan.uses_grad_scaler) == ("cpu", "gloo", mixed, False)
-    assert ("runs as bf16 autocast" in plan.describe()) == note
+    assert plan.input_dtype == input_dtype
     assert grad_scaler(plan) is None and peak_memory_bytes(plan) is None
+
+
+def write_cpuinfo(path, flags: str):
+    path.write_text(f"processor\t: 0\nflags\t\t: fpu sse2 {flags}\n\nprocessor\t: 1\nflags\t\t: fpu sse2 {flags}\n")
+    return str(path)
+
+
+def test_native_bf16_is_read_from_the_cpu_flags(tmp_path):
+    """The CPUs themselves cannot be had here: their /proc/cpuinfo flags are written instead."""
+    from acc_clip.runtime.device import cpu_has_native_bf16
+
+    assert cpu_has_native_bf16(write_cpuinfo(tmp_path / "sapphire", "avx2 avx512f avx512_bf16 amx_bf16"))
+    assert cpu_has_native_bf16(write_cpuinfo(tmp_path / "zen4", "avx2 avx512f avx512_bf16"))
+    assert not cpu_has_native_bf16(write_cpuinfo(tmp_path / "avx2", "avx2 fma"))
+    assert not cpu_has_native_bf16(str(tmp_path / "missing"))
+
+
+@pytest.mark.parametrize("precision, native, mixed, says", [
+    ("amp", True, "bf16", "runs as bf16 autocast"),
+    ("amp", False, "no", "runs fp32: this CPU has no native bf16"),  # open_clip would autocast: 20x slower there
+    ("amp_bf16", False, "bf16", "emulated and slow"),  # asked for by name: kept, with a warning
+    ("amp_bf16", True, "bf16", None),
+    ("fp32", False, "no", None),
+])
+def test_cpu_amp_runs_fp32_where_bf16_is_emulated(precision, native, mixed, says):
+    from acc_clip.runtime.device import MIXED_PRECISION, cpu_mixed_precision
+
+    got, note = cpu_mixed_precision(precision, MIXED_PRECISION[precision], native)
+    assert got == mixed
+    assert (says in note) if says else note == ""
+
+
+def test_other_accelerate_devices_are_refused_where_torch_has_none():
+    for device in ("npu", "xpu", "mps"):
+        with pytest.raises(AccClipError, match=f"--device {device}: torch sees no {device} device"):
+            plan_device(device, "fp32")
+    with pytest.raises(AccClipError, match="expected sdaa, cuda, npu, xpu, mps or cpu"):
+        plan_device("tpu", "fp32")
+
+
+def test_dist_backend_reaches_the_plan():
+    assert plan_device("cpu", "fp32", backend="gloo").backend == "gloo"
+    assert plan_device("cpu", "fp32").backend == "gloo"
 
 
 def test_cpu_accelerator_uses_the_planned_precision():
     AcceleratorState._reset_state(reset_partial_state=True)
     try:
-        accelerator = make_accelerator(plan_device("cpu", "amp"))
+        accelerator = make_accelerator(plan_device("cpu", "amp_bf16"))
         assert accelerator.device.type == "cpu" and accelerator.mixed_precision == "bf16"
         assert accelerator.num_processes == 1
     finally:
@@ -130,7 +177,7 @@ def test_cpu_accelerator_uses_the_planned_precision():
 
 
 def test_bad_device_requests():
-    with pytest.raises(AccClipError, match="expected sdaa, cuda or cpu"):
+    with pytest.raises(AccClipError, match="expected sdaa, cuda, npu, xpu, mps or cpu"):
         plan_device("tpu", "amp")
     with pytest.raises(AccClipError, match="--use-bn-sync needs CUDA or SDAA"):
         check_bn_sync(plan_device("cpu", "fp32"), True)
