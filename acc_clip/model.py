@@ -127,6 +127,14 @@ def initialise_coca_decoder_projection(model: torch.nn.Module) -> None:
             decoder.text_projection.normal_(std=decoder.width ** -0.5)
 
 
+def image_input_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype images must have for the image tower: that of its first convolution or linear layer.
+    Under --precision fp16/bf16 open_clip casts those but keeps norms and embeddings fp32, so the model's
+    first parameter does not tell."""
+    layers = (torch.nn.Conv2d, torch.nn.Linear)
+    return next(m.weight.dtype for m in model.visual.modules() if isinstance(m, layers))
+
+
 def uses_channels_last(model: torch.nn.Module, requested: Optional[bool]) -> bool:
     """`--channels-last` as asked, else on for ResNet image towers: their convolutions run faster
     in that layout on GPUs and CPUs alike (docs/performance.md); a ViT has one convolution only."""

@@ -23,6 +23,7 @@ from acc_clip.evaluation.retrieval import coco_retrieval_metrics, retrieval_metr
 from acc_clip.loss import PER_MODEL_OUTPUTS, Objective, model_rows, total_loss
 from acc_clip.loss.clip import ClipObjective
 from acc_clip.runtime import parallel
+from acc_clip.model import image_input_dtype
 
 
 def gather_rows_by_index(
@@ -53,7 +54,7 @@ def encode_rows(clip, objective, loader, accelerator: Accelerator, autocast) -> 
     """This process's share of the set through the model (eval mode, no gradient): the objective's
     per-sample rows by name, each concatenated over batches, on the CPU, with "indices"; the per-model
     rows (PER_MODEL_OUTPUTS) of its last batch; and the rows skipped as unreadable."""
-    input_dtype = next(clip.parameters()).dtype
+    input_dtype = image_input_dtype(clip)
     parts: dict[str, list[torch.Tensor]] = {"indices": []}
     per_model: dict[str, torch.Tensor] = {}
     bad = 0

@@ -29,6 +29,7 @@ from acc_clip.data.csv_file import read_csv_columns
 from acc_clip.data.pixels import load_pixels
 from acc_clip.errors import AccClipError
 from acc_clip.runtime import parallel
+from acc_clip.model import image_input_dtype
 
 log = logging.getLogger(__name__)
 
@@ -207,7 +208,7 @@ def zeroshot_eval(
     clip = parallel.unwrap(model)
     autocast = precision_autocast or contextlib.nullcontext
     device = accelerator.device
-    input_dtype = next(clip.parameters()).dtype
+    input_dtype = image_input_dtype(clip)
     loader = build_eval_loader(
         dataset, batch_size=batch_size, workers=workers,
         rank=accelerator.process_index, world_size=accelerator.num_processes,
