@@ -31,6 +31,7 @@ from acc_clip.runtime import parallel
 from acc_clip.runtime.device import check_bn_sync, host_process_group, make_accelerator, peak_memory_bytes, plan_device
 from acc_clip.runtime.run_dir import CONFIG_FILE, LOG_FILE, TENSORBOARD_DIR, run_folder
 from acc_clip.runtime.signals import PREEMPTED_EXIT_CODE, StopSignal
+from acc_clip.runtime.slurm import batch_script_warning, place_from_slurm
 from acc_clip.step import agree_batch_sizes, train_step
 
 log = logging.getLogger(__name__)
@@ -84,6 +85,7 @@ def limit_cpu_threads(plan, workers: int, world_size: int) -> None:
 
 def start_run(config: TrainConfig, notices: list[str]):
     """The device plan, the Accelerator, the run folder with its log, config and trackers."""
+    slurm = place_from_slurm()  # srun's tasks -> RANK, WORLD_SIZE, ...: read by the plan and the Accelerator
     plan = plan_device(config.device, config.precision)
     check_bn_sync(plan, config.use_bn_sync)
     # project_dir is refined to the run folder once the run is named (start_trackers).
@@ -94,8 +96,10 @@ def start_run(config: TrainConfig, notices: list[str]):
                   accelerator.is_main_process)
     log.info("acc_clip run %s: %s, %d process(es), precision %s", config.name, plan.describe(),
              accelerator.num_processes, config.precision)
+    if slurm is not None:
+        log.info("%s", slurm.describe())
     limit_cpu_threads(plan, config.workers, accelerator.num_processes)
-    for notice in notices:
+    for notice in [*notices, *filter(None, [batch_script_warning(os.environ)])]:
         log.warning(notice)
     if accelerator.is_main_process:
         save_config(config, os.path.join(run_dir, CONFIG_FILE))
