@@ -130,3 +130,14 @@ def test_sbatch_runs_on_each_node_what_the_dry_run_prints(tmp_path):
     assert [shlex.split(line)[1:] for line in ran.stdout.splitlines()] == \
         [shlex.split(line)[1:] for line in printed.stdout.splitlines()]
     assert [shlex.split(line)[3] for line in ran.stdout.splitlines()] == ["0", "1", "2"]
+
+
+def test_a_bad_slurm_variable_stops_the_trainer_in_one_line(train_csv, tmp_path, train_in_process, monkeypatch):
+    for name in PLACEMENT:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in {"SLURM_PROCID": "2", "SLURM_LOCALID": "0", "SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2",
+                        "SLURM_JOB_NODELIST": "localhost"}.items():
+        monkeypatch.setenv(name, value)
+    status, errors = train_in_process(tiny_train_args(train_csv, tmp_path, "bad"))
+    assert (status, errors) == (2, ["error: SLURM_PROCID='2': expected an integer from 0 to 1"])
+    assert not any(name in os.environ for name in PLACEMENT)  # nothing half-placed
