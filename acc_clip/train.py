@@ -29,8 +29,9 @@ from acc_clip.metrics import MetricsLogger, StepRecord, setup_logging
 from acc_clip.model import create_lr_schedule, create_model, create_optimizer, uses_channels_last
 from acc_clip.runtime import parallel
 from acc_clip.runtime.device import check_bn_sync, host_process_group, make_accelerator, peak_memory_bytes, plan_device
-from acc_clip.runtime.run_dir import CONFIG_FILE, LOG_FILE, TENSORBOARD_DIR, run_folder
+from acc_clip.runtime.run_dir import CONFIG_FILE, LOG_FILE, TENSORBOARD_DIR, run_folder, wandb_run_id
 from acc_clip.runtime.signals import PREEMPTED_EXIT_CODE, StopSignal
+from acc_clip.runtime.slurm import batch_script_warning, place_from_slurm
 from acc_clip.step import agree_batch_sizes, train_step
 
 log = logging.getLogger(__name__)
@@ -48,6 +49,14 @@ def trackers(report_to: str) -> list[str]:
     return sorted(names)
 
 
+def wandb_init_kwargs(config: TrainConfig, run_dir: str) -> dict:
+    """wandb.init's arguments: one wandb run per run folder, continued by every resume of it, as
+    open_clip_train's `wandb.init(id=..., resume='auto')`. "allow" resumes the run when wandb knows the id
+    and starts it under that id when not (the first start, or a run wandb never received)."""
+    return {"name": config.name, "notes": config.wandb_notes, "dir": run_dir, "id": wandb_run_id(run_dir),
+            "resume": "allow"}
+
+
 def start_trackers(accelerator, config: TrainConfig, run_dir: str) -> None:
     if not config.report_to:
         return
@@ -55,8 +64,10 @@ def start_trackers(accelerator, config: TrainConfig, run_dir: str) -> None:
     accelerator.project_configuration.project_dir = run_dir
     accelerator.project_configuration.logging_dir = os.path.join(run_dir, TENSORBOARD_DIR)
     hyperparameters = {k: v for k, v in vars(config).items() if isinstance(v, (int, float, str, bool))}
-    accelerator.init_trackers(config.wandb_project_name, config=hyperparameters, init_kwargs={
-        "wandb": {"name": config.name, "notes": config.wandb_notes, "dir": run_dir}})
+    # Accelerate starts trackers on the main process only: the wandb id file is read or made there alone.
+    wandb = "wandb" in trackers(config.report_to) and accelerator.is_main_process
+    accelerator.init_trackers(config.wandb_project_name, config=hyperparameters,
+                              init_kwargs={"wandb": wandb_init_kwargs(config, run_dir)} if wandb else {})
 
 
 def report_evaluation(results: dict, metrics: MetricsLogger, *, epoch: int, step: int, when: str) -> None:
@@ -96,6 +107,7 @@ def limit_cpu_threads(plan, workers: int, world_size: int) -> None:
 
 def start_run(config: TrainConfig, notices: list[str]):
     """The device plan, the Accelerator, the run folder with its log, config and trackers."""
+    slurm = place_from_slurm()  # srun's tasks -> RANK, WORLD_SIZE, ...: read by the plan and the Accelerator
     plan = plan_device(config.device, config.precision, backend=config.dist_backend)
     check_bn_sync(plan, config.use_bn_sync)
     # project_dir is refined to the run folder once the run is named (start_trackers).
@@ -109,8 +121,10 @@ def start_run(config: TrainConfig, notices: list[str]):
     setup_logging(log_file, accelerator.is_main_process or config.log_local, debug=config.debug)
     log.info("acc_clip run %s: %s, %d process(es), precision %s", config.name, plan.describe(),
              accelerator.num_processes, config.precision)
+    if slurm is not None:
+        log.info("%s", slurm.describe())
     limit_cpu_threads(plan, config.workers, accelerator.num_processes)
-    for notice in notices:
+    for notice in [*notices, *filter(None, [batch_script_warning(os.environ)])]:
         log.warning(notice)
     if accelerator.is_main_process:
         save_config(config, os.path.join(run_dir, CONFIG_FILE))

@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from acc_clip.runtime.run_dir import WANDB_ID_FILE
 from conftest import TINY_RN, read_metrics, run_trainer, tiny_train_args
 
 
@@ -53,8 +54,14 @@ def test_tensorboard_events_hold_train_and_val_scalars(evaluated_run):
 def test_wandb_offline_run_folder(train_csv, tmp_path, monkeypatch):
     pytest.importorskip("wandb", reason="wandb is an optional extra (pip install -e '.[wandb]'); not installed here")
     monkeypatch.setenv("WANDB_MODE", "offline")  # no network: wandb writes the run folder locally
-    run_trainer(tiny_train_args(train_csv, tmp_path, "wb", "--epochs", "1", "--max-steps", "2", "--report-to", "wandb"))
-    assert list((tmp_path / "wb").rglob("offline-run-*"))
+    args = tiny_train_args(train_csv, tmp_path, "wb", "--epochs", "1", "--report-to", "wandb",
+                           "--save-every-n-steps", "2")
+    run_trainer([*args, "--max-steps", "2"])
+    run_trainer([*args, "--max-steps", "3", "--resume", "latest"])
+    # Both starts wrote under the one id of the run folder (offline-run-<time>-<id>): one wandb run, continued.
+    run_id = (tmp_path / "wb" / WANDB_ID_FILE).read_text().strip()
+    runs = list((tmp_path / "wb").rglob("offline-run-*"))
+    assert len(runs) == 2 and all(run.name.endswith(f"-{run_id}") for run in runs), runs
 
 
 def test_acc_clip_eval_reads_step_checkpoints_and_epoch_files(evaluated_run, val_csv):

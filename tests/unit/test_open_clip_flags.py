@@ -11,7 +11,7 @@ import argparse
 import pytest
 import torch
 
-from acc_clip.config import REFUSED_FLAGS, TrainConfig, flag, parse_config
+from acc_clip.config import REFUSED_FLAGS, flag, parse_config
 from acc_clip.errors import AccClipError
 
 TRAIN = ["--train-data", "x.csv"]

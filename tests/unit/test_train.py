@@ -1,13 +1,17 @@
 """The training loop (acc_clip/train.py), run in-process on synthetic batches: how many optimizer
-steps it makes under --accum-freq and the learning rate of each."""
+steps it makes under --accum-freq and the learning rate of each; the trackers it starts (a stand-in
+Accelerator, since wandb is an optional extra that may be missing)."""
 
 from __future__ import annotations
 
+import os
+from types import SimpleNamespace
 
 import pytest
 
 from acc_clip.config import parse_config
-from acc_clip.train import train
+from acc_clip.runtime.run_dir import WANDB_ID_FILE
+from acc_clip.train import start_trackers, train, wandb_init_kwargs
 from conftest import TINY_VIT, open_clip_cosine_lr, read_metrics
 
 MICRO_BATCHES_PER_EPOCH = 10  # --train-num-samples 40 at --batch-size 4, one process
@@ -34,3 +38,46 @@ def test_steps_and_learning_rate_under_accumulation(in_process, tmp_path, accum_
     for step in (warmup - 1, warmup, mid, total - 1):  # last warm-up step, warm-up end, mid-way, last
         assert lrs[step] == pytest.approx(open_clip_cosine_lr(step, lr, warmup, total), rel=1e-12, abs=0), step
     assert lrs == pytest.approx([open_clip_cosine_lr(s, lr, warmup, total) for s in range(total)], rel=1e-12, abs=0)
+
+
+def wandb_config(tmp_path, *extra: str):
+    config, _ = parse_config(["--train-data", "x.csv", "--report-to", "wandb", "--name", "run", "--logs", str(tmp_path),
+                              "--wandb-notes", "note", *extra])
+    return config
+
+
+def test_wandb_continues_the_run_folders_wandb_run_on_resume(tmp_path):
+    run_dir = str(tmp_path / "run")
+    os.makedirs(run_dir)
+    first = wandb_init_kwargs(wandb_config(tmp_path), run_dir)
+    resumed = wandb_init_kwargs(wandb_config(tmp_path, "--resume", "latest"), run_dir)
+    assert first == resumed == {"name": "run", "notes": "note", "dir": run_dir, "id": first["id"], "resume": "allow"}
+    os.makedirs(tmp_path / "other")
+    assert wandb_init_kwargs(wandb_config(tmp_path), str(tmp_path / "other"))["id"] != first["id"]
+
+
+class RecordingAccelerator:
+    """What start_trackers asks of the Accelerator: its project configuration and init_trackers."""
+
+    def __init__(self, is_main_process: bool):
+        self.is_main_process = is_main_process
+        self.project_configuration = SimpleNamespace(project_dir=None, logging_dir=None)
+        self.calls = []
+
+    def init_trackers(self, project_name, config=None, init_kwargs=None):
+        self.calls.append((project_name, init_kwargs))
+
+
+@pytest.mark.parametrize("report_to, is_main_process, id_file", [
+    ("wandb", True, True), ("all", True, True), ("wandb", False, False), ("tensorboard", True, False)])
+def test_start_trackers_hands_wandb_its_id_on_the_main_process_only(tmp_path, report_to, is_main_process, id_file):
+    accelerator = RecordingAccelerator(is_main_process)
+    start_trackers(accelerator, wandb_config(tmp_path, "--report-to", report_to), str(tmp_path))
+    [(project, init_kwargs)] = accelerator.calls
+    assert project == "open-clip"
+    assert (tmp_path / WANDB_ID_FILE).exists() == id_file
+    if id_file:
+        assert init_kwargs["wandb"]["id"] == (tmp_path / WANDB_ID_FILE).read_text().strip()
+        assert init_kwargs["wandb"]["resume"] == "allow"
+    else:
+        assert "wandb" not in init_kwargs

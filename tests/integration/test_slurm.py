@@ -1,0 +1,143 @@
+"""SLURM as a user meets it, without SLURM: two `python -m acc_clip.train` processes given the
+variables srun gives two tasks train exactly like one process with twice the batch; the sbatch
+template parses and, dry, prints one `accelerate launch` per node with that node's machine rank."""
+
+from __future__ import annotations
+
+import os
+import shlex
+import subprocess
+import sys
+
+import pytest
+from safetensors.torch import load_file
+
+from background_trainer import free_port
+from conftest import REPO, TINY_VIT, read_metrics, tiny_train_args
+from dist_worker import max_difference, without_key_bias
+
+SBATCH = REPO / "launch" / "slurm" / "train.sbatch"
+# test_distributed.py's tolerances and the reasons for them: losses agree to ~2.4e-7; AdamW turns fp32
+# summation-order noise in near-zero gradients into updates of up to lr, measured 3.3e-5 on the weights.
+TOLERANCE = 1e-5
+ADAMW_TOLERANCE = 1e-4
+PLACEMENT = ("RANK", "LOCAL_RANK", "WORLD_SIZE", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def without_launcher_or_slurm() -> dict[str, str]:
+    """This process's environment less anything a launcher or SLURM set (a test run inside a job)."""
+    return {k: v for k, v in os.environ.items() if k not in PLACEMENT and not k.startswith("SLURM_")}
+
+
+def srun_tasks(args: list[str], tasks: int, timeout: float = 300) -> list[subprocess.CompletedProcess]:
+    """`srun --ntasks TASKS python -m acc_clip.train ARGS` on one node, as far as the processes can tell."""
+    port = str(free_port())  # the default 29500 may be held by another test run on this machine
+    processes = []
+    for rank in range(tasks):
+        env = {**without_launcher_or_slurm(), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "SLURM_JOB_ID": "1",
+               "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank), "SLURM_NTASKS": str(tasks),
+               "SLURM_STEP_NUM_TASKS": str(tasks), "SLURM_JOB_NODELIST": "localhost", "MASTER_PORT": port}
+        processes.append(subprocess.Popen([sys.executable, "-m", "acc_clip.train", *args], cwd=REPO, env=env,
+                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    results = []
+    try:
+        for process in processes:
+            stdout, stderr = process.communicate(timeout=timeout)
+            results.append(subprocess.CompletedProcess(process.args, process.returncode, stdout, stderr))
+    finally:
+        for process in processes:
+            if process.poll() is None:
+                process.kill()
+                process.wait()
+    return results
+
+
+def test_two_srun_tasks_train_like_one_process_with_twice_the_batch(train_csv, tmp_path):
+    common = ["--model", TINY_VIT, "--max-steps", "3", "--save-every-n-steps", "3", "--gather-with-grad"]
+    one = subprocess.run([sys.executable, "-m", "acc_clip.train",
+                          *tiny_train_args(train_csv, tmp_path, "one", *common, "--batch-size", "16")],
+                         cwd=REPO, env={**without_launcher_or_slurm(), "OMP_NUM_THREADS": "1"}, capture_output=True,
+                         text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-3000:]
+    tasks = srun_tasks(tiny_train_args(train_csv, tmp_path, "two", *common, "--batch-size", "8"), 2)
+    for rank, task in enumerate(tasks):
+        assert task.returncode == 0, f"task {rank}:\n{task.stderr[-3000:]}"
+    one_rows, two_rows = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
+    assert [r["samples_seen"] for r in two_rows] == [r["samples_seen"] for r in one_rows] == [16, 32, 48]
+    assert [r["loss"] for r in two_rows] == pytest.approx([r["loss"] for r in one_rows], abs=TOLERANCE)
+    weights = [load_file(tmp_path / run / "checkpoints" / "step_00000003" / "model.safetensors")
+               for run in ("one", "two")]
+    assert max_difference(*map(without_key_bias, weights)) <= ADAMW_TOLERANCE
+    log = (tmp_path / "two" / "out.log").read_text()
+    assert "2 process(es)" in log and "backend gloo" in log
+    assert "placed by SLURM (srun): rank 0 of 2, local rank 0, process group at localhost:" in log
+
+
+def sbatch(args: list[str], tmp_path, **env: str) -> subprocess.CompletedProcess:
+    """launch/slurm/train.sbatch ARGS as the batch script of a 3-node job with 4 GPUs a node."""
+    environ = {**without_launcher_or_slurm(), "PYTHONPATH": str(REPO), "SLURM_JOB_NODELIST": "gpu[07-09]",
+               "SLURM_JOB_NUM_NODES": "3", "SLURM_GPUS_ON_NODE": "4", "SLURM_SUBMIT_DIR": str(REPO),
+               "PATH": f"{tmp_path}:{os.environ['PATH']}", **env}
+    return subprocess.run([str(SBATCH), *args], capture_output=True, text=True, timeout=60, cwd=tmp_path,
+                          env=environ)
+
+
+def test_sbatch_template_is_valid_bash():
+    subprocess.run(["bash", "-n", str(SBATCH)], check=True, timeout=30)
+
+
+def test_sbatch_dry_run_prints_one_accelerate_launch_per_node(tmp_path):
+    from accelerate.commands.launch import launch_command_parser
+
+    train = ["--train-data", "/shared/my data.csv", "--batch-size", "64", "--gather-with-grad"]
+    result = sbatch(train, tmp_path, DRY_RUN="1")
+    assert result.returncode == 0, result.stderr
+    lines = [shlex.split(line) for line in result.stdout.splitlines()]
+    assert len(lines) == 3
+    for node, words in enumerate(lines):
+        assert words[:2] == ["accelerate", "launch"]
+        launch = launch_command_parser().parse_args(words[2:])  # accelerate launch accepts every option
+        assert (launch.machine_rank, launch.num_machines, launch.num_processes) == (node, 3, 12)
+        assert (launch.main_process_ip, launch.main_process_port) == ("gpu07", 29500)
+        assert launch.config_file == str(REPO / "launch" / "multi_node.yaml")
+        assert launch.module and launch.training_script == "acc_clip.train"
+        assert launch.training_script_args == train
+
+
+def test_sbatch_keeps_master_address_and_port_and_needs_the_gpu_count(tmp_path):
+    words = shlex.split(sbatch([], tmp_path, DRY_RUN="1", MASTER_ADDR="10.1.2.3", MASTER_PORT="31000",
+                               GPUS_PER_NODE="2").stdout.splitlines()[0])
+    assert words[words.index("--main_process_ip") + 1:words.index("--main_process_port") + 2] == [
+        "10.1.2.3", "--main_process_port", "31000"]
+    assert words[words.index("--num_processes") + 1] == "6"
+    result = sbatch([], tmp_path, DRY_RUN="1", SLURM_GPUS_ON_NODE="")
+    assert result.returncode == 2 and result.stderr.strip().startswith("error: GPUS_PER_NODE=''")
+
+
+def test_sbatch_runs_on_each_node_what_the_dry_run_prints(tmp_path):
+    """Under a stand-in srun that runs its command once per node with that node's SLURM_NODEID, and a
+    stand-in accelerate that prints its arguments: each node runs exactly its dry-run line."""
+    (tmp_path / "srun").write_text(
+        '#!/usr/bin/env bash\nwhile [[ $1 == --* ]]; do shift; done\n'
+        'for node in 0 1 2; do SLURM_NODEID=$node "$@" || exit; done\n')
+    (tmp_path / "accelerate").write_text('#!/usr/bin/env bash\nprintf "%q " "$(basename "$0")" "$@"\necho\n')
+    for stand_in in ("srun", "accelerate"):
+        (tmp_path / stand_in).chmod(0o755)
+    train = ["--train-data", "a b.csv", "--name", "$HOME"]  # words that must reach the trainer unchanged
+    ran = sbatch(train, tmp_path, ACCELERATE=str(tmp_path / "accelerate"))
+    printed = sbatch(train, tmp_path, ACCELERATE=str(tmp_path / "accelerate"), DRY_RUN="1")
+    assert ran.returncode == 0 and printed.returncode == 0, ran.stderr + printed.stderr
+    assert [shlex.split(line)[1:] for line in ran.stdout.splitlines()] == \
+        [shlex.split(line)[1:] for line in printed.stdout.splitlines()]
+    assert [shlex.split(line)[3] for line in ran.stdout.splitlines()] == ["0", "1", "2"]
+
+
+def test_a_bad_slurm_variable_stops_the_trainer_in_one_line(train_csv, tmp_path, train_in_process, monkeypatch):
+    for name in PLACEMENT:
+        monkeypatch.delenv(name, raising=False)
+    for name, value in {"SLURM_PROCID": "2", "SLURM_LOCALID": "0", "SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2",
+                        "SLURM_JOB_NODELIST": "localhost"}.items():
+        monkeypatch.setenv(name, value)
+    status, errors = train_in_process(tiny_train_args(train_csv, tmp_path, "bad"))
+    assert (status, errors) == (2, ["error: SLURM_PROCID='2': expected an integer from 0 to 1"])
+    assert not any(name in os.environ for name in PLACEMENT)  # nothing half-placed
