@@ -19,6 +19,9 @@ REPO = Path(__file__).resolve().parents[1]
 TINY_RN = f"local-dir:{REPO / 'configs' / 'models' / 'tiny-rn'}"
 TINY_VIT = f"local-dir:{REPO / 'configs' / 'models' / 'tiny-vit'}"
 TINY_COCA = f"local-dir:{REPO / 'configs' / 'models' / 'tiny-coca'}"  # the name holds coca: the CoCa loss
+# Plain SGD through the trainer's own flags (timm's "momentum" optimizer with momentum 0, no weight decay, no
+# schedule, lr 1): the update is the gradient, so a gradient off by any factor shows, where AdamW would hide it.
+PLAIN_SGD = ["--opt", "timm/momentum", "--momentum", "0", "--wd", "0", "--skip-scheduler", "--lr", "1"]
 # The vendor's default command exactly as its README prints it (empty values print as nothing).
 SEED_COMMAND = (
     "--train-data /../COCO/train_data.csv --dataset-type auto --csv-separator , --csv-img-key filepath "
