@@ -92,8 +92,12 @@ def create_model(config: TrainConfig) -> ModelBundle:
     if not has_weights(config.model, config.pretrained):
         initialise_coca_decoder_projection(model)
     if config.lock_image:
-        model.lock_image_tower(unlocked_groups=config.lock_image_unlocked_groups,
-                               freeze_bn_stats=config.lock_image_freeze_bn_stats)
+        try:
+            model.lock_image_tower(unlocked_groups=config.lock_image_unlocked_groups,
+                                   freeze_bn_stats=config.lock_image_freeze_bn_stats)
+        except AssertionError as error:  # open_clip's way of saying "not for this tower"
+            raise AccClipError(f"--lock-image-unlocked-groups {config.lock_image_unlocked_groups} with --model "
+                               f"{config.model}: {error}") from None
     if config.lock_text:
         model.lock_text_tower(unlocked_layers=config.lock_text_unlocked_layers,
                               freeze_layer_norm=config.lock_text_freeze_layer_norm)

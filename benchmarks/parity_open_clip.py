@@ -29,6 +29,7 @@ import argparse
 import json
 import math
 import re
+import shlex
 import sys
 from pathlib import Path
 from typing import Optional
@@ -44,7 +45,7 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def common_flags(args: argparse.Namespace) -> list[str]:
-    return [*getattr(args, "objective_flags", []), "--train-data", str(args.train_data), "--csv-separator", ",", "--csv-img-key", "filepath",
+    return [*getattr(args, "objective_flags", []), *shlex.split(args.trainer_args), "--train-data", str(args.train_data), "--csv-separator", ",", "--csv-img-key", "filepath",
             "--csv-caption-key", "title", "--model", args.model, "--batch-size", str(args.batch_size),
             "--epochs", str(args.epochs), "--workers", str(args.workers), "--precision", args.precision,
             "--lr", str(args.lr), "--warmup", str(args.warmup), "--seed", str(args.seed), "--wd", "0.2",
@@ -222,6 +223,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train-data", required=True)
     parser.add_argument("--objective", choices=OBJECTIVES, default="clip")
     parser.add_argument("--model", help="default: configs/models/tiny-coca for coca, else configs/models/tiny-rn")
+    parser.add_argument("--trainer-args", default="",
+                        help="more open_clip_train flags for both trainers, one string: '--force-patch-dropout 0.5'")
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2)
