@@ -43,6 +43,8 @@ class TrainConfig:
     csv_caption_key: str = _opt("title", "CSV column with captions")
     train_num_samples: Optional[int] = _opt(None, "samples per epoch for shards (default: sizes.json)")
     dataset_resampled: bool = _opt(False, "sample shards with replacement")
+    train_data_upsampling_factors: Optional[str] = _opt(None, "with --dataset-resampled: 'F1::F2::...', one draw "
+                                                              "weight per '::'-joined source of --train-data")
     workers: int = _opt(4, "data loader worker processes per rank")
     pin_memory: Optional[bool] = _opt(None, "page-locked loader batches for non-blocking copies to the device "
                                             "(default: on for CUDA and SDAA; --no-pin-memory turns it off)",
@@ -158,6 +160,10 @@ class TrainConfig:
                                f"{'a CoCa model' if self.is_coca else '--siglip'} (open_clip_train cannot either)")
         if self.train_data is None and self.dataset_type != "synthetic":
             raise AccClipError("--train-data is required (a CSV file or webdataset shards)")
+        if self.train_data_upsampling_factors is not None:
+            from acc_clip.data import check_upsampling_factors  # acc_clip.data imports this module
+
+            check_upsampling_factors(self)
         return self
 
 
