@@ -42,6 +42,8 @@ class TrainConfig:
     csv_img_key: str = _opt("filepath", "CSV column with image paths")
     csv_caption_key: str = _opt("title", "CSV column with captions")
     train_num_samples: Optional[int] = _opt(None, "samples per epoch for shards (default: sizes.json)")
+    val_num_samples: Optional[int] = _opt(None, "samples the validation set holds (default: sizes.json; needed for "
+                                                "shards without it); every sample is evaluated, whatever it says")
     dataset_resampled: bool = _opt(False, "sample shards with replacement")
     train_data_upsampling_factors: Optional[str] = _opt(None, "with --dataset-resampled: 'F1::F2::...', one draw "
                                                               "weight per '::'-joined source of --train-data")
@@ -145,6 +147,8 @@ class TrainConfig:
                     "val_frequency", "zeroshot_frequency", "lock_image_unlocked_groups", "lock_text_unlocked_layers"):
             if getattr(self, key) < 0:
                 raise AccClipError(f"--{flag(key)} must not be negative, got {getattr(self, key)}")
+        if self.val_num_samples is not None and self.val_num_samples < 1:
+            raise AccClipError(f"--val-num-samples must be at least 1, got {self.val_num_samples}")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise AccClipError(f"--max-bad-fraction must be within [0, 1], got {self.max_bad_fraction}")
         if self.lr_scheduler == "const-cooldown" and self.epochs_cooldown is None:

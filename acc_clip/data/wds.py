@@ -228,8 +228,11 @@ class ShardEpoch(IterableDataset):
     def __init__(self, *, rank_shards: list[str], all_shards: list[str], preprocess: Callable, tokenizer: Callable,
                  batch_size: int, num_workers: int, num_batches: Optional[int], seed: int, epoch: int, rank: int,
                  is_train: bool, resampled: bool, start_batch: int, shuffle_buffer: int,
-                 weights: Optional[list[float]] = None):
+                 weights: Optional[list[float]] = None, num_samples: Optional[int] = None):
         self.rank_shards, self.all_shards, self.weights = rank_shards, all_shards, weights
+        # Of the epoch (training), or of the whole set as given or in sizes.json (eval: the loader reads
+        # every sample there is whatever this says; the evaluator compares it with what was read).
+        self.num_samples = num_samples
         self.preprocess, self.tokenizer = preprocess, tokenizer
         self.batch_size, self.num_workers, self.num_batches = batch_size, num_workers, num_batches
         self.seed, self.epoch, self.rank = seed, epoch, rank
@@ -350,8 +353,10 @@ def build_wds_loader(
     training only (--train-data-upsampling-factors).
 
     Epoch length: `num_samples`, else the sum of the shards' sizes.json entries (of every source,
-    whatever its factor, as open_clip_train counts). For eval without sizes.json the returned count
-    is an estimate from `num_samples` (the loader yields all there is)."""
+    whatever its factor, as open_clip_train counts). Eval reads every sample of the shards, whatever
+    `num_samples` says (--val-num-samples: the count the evaluator expects, needed without sizes.json);
+    without sizes.json the returned batch count is an estimate from it, and the loader has no len()
+    (how the set splits among processes depends on the sizes of the shards)."""
     if batch_size < 1:
         raise AccClipError(f"batch size must be at least 1, got {batch_size}")
     if workers < 0 or world_size < 1 or not 0 <= rank < world_size:
@@ -364,12 +369,13 @@ def build_wds_loader(
     if num_samples is None:
         if sizes is None:
             raise AccClipError(f"{urls}: no sizes.json entry for every shard; give the number of samples "
-                               f"(--train-num-samples / --val-num-samples)")
+                               f"({'--train-num-samples' if is_train else '--val-num-samples'})")
         num_samples = sum(sizes)
     num_workers = max(1, workers)
     common = dict(all_shards=shards, preprocess=preprocess, tokenizer=tokenizer,
                   batch_size=batch_size, seed=seed, epoch=epoch, rank=rank, is_train=is_train,
-                  resampled=resampled and is_train, shuffle_buffer=shuffle_buffer, weights=weights)
+                  resampled=resampled and is_train, shuffle_buffer=shuffle_buffer, weights=weights,
+                  num_samples=num_samples)
     if is_train:
         num_batches = num_samples // (batch_size * world_size)
         if num_batches == 0:

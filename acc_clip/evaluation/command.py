@@ -24,6 +24,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--siglip", action="store_true",
                         help="a model trained with --siglip: it has a logit bias, and the validation loss is SigLIP's")
     parser.add_argument("--val-data", help="validation CSV (one image,caption pair per row) or shard folder")
+    parser.add_argument("--val-num-samples", type=int,
+                        help="samples the validation set holds (needed for shards without sizes.json)")
     parser.add_argument("--dataset-type", choices=("auto", "csv", "webdataset"), default="auto")
     parser.add_argument("--csv-img-key", default="filepath")
     parser.add_argument("--csv-caption-key", default="title")

@@ -10,6 +10,7 @@ process and broadcast, so every process returns the same dict.
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Callable, ContextManager, Optional
 
 import torch
@@ -24,6 +25,7 @@ from acc_clip.loss import PER_MODEL_OUTPUTS, Objective, model_rows, total_loss
 from acc_clip.loss.clip import ClipObjective
 from acc_clip.runtime import parallel
 
+log = logging.getLogger(__name__)
 
 def gather_rows_by_index(
     accelerator: Accelerator, indices: torch.Tensor, *row_tensors: torch.Tensor
@@ -168,7 +170,8 @@ def build_val_loader(settings, preprocess_val: Callable, tokenizer: Callable, ra
 
         loader, _ = build_wds_loader(
             settings.val_data, preprocess=preprocess_val, tokenizer=tokenizer, batch_size=settings.batch_size,
-            workers=settings.workers, seed=settings.seed, epoch=0, rank=rank, world_size=world_size, is_train=False)
+            workers=settings.workers, seed=settings.seed, epoch=0, rank=rank, world_size=world_size, is_train=False,
+            num_samples=settings.val_num_samples)
         return loader
     from acc_clip.data.csv import CsvDataset, build_eval_loader
 
@@ -177,6 +180,26 @@ def build_val_loader(settings, preprocess_val: Callable, tokenizer: Callable, ra
                          sep=settings.csv_separator, augment_seeded=False)
     return build_eval_loader(dataset, batch_size=settings.batch_size, workers=settings.workers, rank=rank,
                              world_size=world_size)
+
+
+def expected_val_samples(settings, loader) -> tuple[Optional[int], str]:
+    """How many samples the validation set should hold, and who says so: --val-num-samples, else the
+    shards' sizes.json; (None, "") for a CSV without the flag (its rows are the count)."""
+    if settings.val_num_samples is not None:
+        return settings.val_num_samples, "--val-num-samples"
+    from_sizes = getattr(loader.dataset, "num_samples", None)
+    return (from_sizes, "sizes.json") if from_sizes is not None else (None, "")
+
+
+def val_count_warning(expected: Optional[int], said_by: str, metrics: dict) -> Optional[str]:
+    """The warning to give when the samples read (evaluated or unreadable) are not the count expected.
+    The count never cuts or pads the set: evaluation reads every sample once, so only this line differs."""
+    read = metrics["num_samples"] + metrics["num_bad"]
+    if expected is None or read == expected:
+        return None
+    return (f"{said_by} says the validation set holds {expected} samples but {read} were read "
+            f"({metrics['num_bad']} unreadable); the metrics are over every sample read, once each"
+            + ("" if said_by == "--val-num-samples" else " (a shard missing or cut short?)"))
 
 
 def zeroshot_sets(settings, preprocess_val: Callable) -> list[tuple]:
@@ -196,8 +219,8 @@ def zeroshot_sets(settings, preprocess_val: Callable) -> list[tuple]:
 
 class Evaluator:
     """Validation retrieval and zero-shot sets, built once from `settings` (the train config, or the
-    eval command's arguments: val_data, dataset_type, csv_*, zeroshot_*, imagenet_val, batch_size,
-    workers, seed, val_frequency, zeroshot_frequency)."""
+    eval command's arguments: val_data, val_num_samples, dataset_type, csv_*, zeroshot_*, imagenet_val,
+    batch_size, workers, seed, val_frequency, zeroshot_frequency)."""
 
     def __init__(self, settings, preprocess_val: Callable, tokenizer: Callable, accelerator: Accelerator,
                  objective: Optional[Objective] = None):
@@ -205,6 +228,9 @@ class Evaluator:
         self.objective = objective  # the validation loss's; CLIP's when None
         self.val_loader = (build_val_loader(settings, preprocess_val, tokenizer, accelerator.process_index,
                                             accelerator.num_processes) if settings.val_data else None)
+        self.val_expected = (expected_val_samples(settings, self.val_loader) if self.val_loader is not None
+                             else (None, ""))
+        self._val_counts_warned: set[int] = set()
         self.zeroshot_sets = zeroshot_sets(settings, preprocess_val)
 
     @property
@@ -217,12 +243,20 @@ class Evaluator:
         if retrieval and self.val_loader is not None:
             results["retrieval"] = evaluate_retrieval(model, self.val_loader, self.accelerator, self.objective,
                                                       precision_autocast=self.accelerator.autocast)
+            self._check_val_count(results["retrieval"])
         for name, dataset, classnames, templates in self.zeroshot_sets if classification else ():
             results[name] = zeroshot.zeroshot_eval(model, self.tokenizer, dataset, classnames, templates,
                                                    self.accelerator, batch_size=self.settings.batch_size,
                                                    workers=self.settings.workers,
                                                    precision_autocast=self.accelerator.autocast)
         return results
+
+    def _check_val_count(self, metrics: dict) -> None:
+        warning = val_count_warning(*self.val_expected, metrics)
+        read = metrics["num_samples"] + metrics["num_bad"]
+        if warning and self.accelerator.is_main_process and read not in self._val_counts_warned:
+            self._val_counts_warned.add(read)  # once per count read: not again every epoch
+            log.warning(warning)
 
     @staticmethod
     def _due(frequency: int, completed_epochs: int, last: bool) -> bool:
