@@ -122,6 +122,8 @@ class TrainConfig:
     zeroshot_classnames: Optional[str] = _opt(None, "class names file, one per line")
     zeroshot_templates: Optional[str] = _opt(None, "prompt templates file, one per line with {}")
     imagenet_val: Optional[str] = _opt(None, "ImageNet validation folder for zero-shot")
+    imagenet_v2: Optional[str] = _opt(None, "ImageNetV2 matched-frequency folder (sub-folders 0..999 by class index) "
+                                            "for zero-shot, on --imagenet-val's schedule")
     # checkpoints
     save_frequency: int = _opt(1, "save every N epochs (0: never)")
     save_every_n_steps: int = _opt(0, "also save every N optimizer steps (0: never)")

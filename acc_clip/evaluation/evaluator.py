@@ -203,24 +203,26 @@ def val_count_warning(expected: Optional[int], said_by: str, metrics: dict) -> O
 
 
 def zeroshot_sets(settings, preprocess_val: Callable) -> list[tuple]:
-    """(name, dataset, classnames, templates) for `--zeroshot-data` and `--imagenet-val`."""
+    """(name, dataset, classnames, templates) for `--zeroshot-data`, `--imagenet-val` and `--imagenet-v2`
+    (open_clip_train's 'imagenet-val' and 'imagenet-v2': OpenAI's ImageNet class names and templates)."""
     sets = []
     if settings.zeroshot_data:
         dataset, classnames = zeroshot.load_zeroshot_dataset(
             settings.zeroshot_data, transform=preprocess_val, classnames_file=settings.zeroshot_classnames)
         sets.append(("zeroshot", dataset, classnames, zeroshot.load_templates(settings.zeroshot_templates)))
     if settings.imagenet_val:
-        import open_clip
-
         dataset, classnames = zeroshot.load_imagenet_val(settings.imagenet_val, transform=preprocess_val)
-        sets.append(("imagenet-zeroshot", dataset, classnames, open_clip.OPENAI_IMAGENET_TEMPLATES))
+        sets.append(("imagenet-zeroshot", dataset, classnames, zeroshot.OPENAI_IMAGENET_TEMPLATES))
+    if settings.imagenet_v2:
+        dataset, classnames = zeroshot.load_imagenet_v2(settings.imagenet_v2, transform=preprocess_val)
+        sets.append(("imagenetv2-zeroshot", dataset, classnames, zeroshot.OPENAI_IMAGENET_TEMPLATES))
     return sets
 
 
 class Evaluator:
     """Validation retrieval and zero-shot sets, built once from `settings` (the train config, or the
     eval command's arguments: val_data, val_num_samples, dataset_type, csv_*, zeroshot_*, imagenet_val,
-    batch_size, workers, seed, val_frequency, zeroshot_frequency)."""
+    imagenet_v2, batch_size, workers, seed, val_frequency, zeroshot_frequency)."""
 
     def __init__(self, settings, preprocess_val: Callable, tokenizer: Callable, accelerator: Accelerator,
                  objective: Optional[Objective] = None):
@@ -244,11 +246,17 @@ class Evaluator:
             results["retrieval"] = evaluate_retrieval(model, self.val_loader, self.accelerator, self.objective,
                                                       precision_autocast=self.accelerator.autocast)
             self._check_val_count(results["retrieval"])
+        classifiers: dict[tuple, torch.Tensor] = {}  # ImageNet val and V2 share one: 1000 classes x 80 prompts
         for name, dataset, classnames, templates in self.zeroshot_sets if classification else ():
+            key = (tuple(classnames), tuple(templates))
+            if key not in classifiers:
+                classifiers[key] = zeroshot.zeroshot_classifier(model, self.tokenizer, classnames, templates,
+                                                                self.accelerator, self.accelerator.autocast)
             results[name] = zeroshot.zeroshot_eval(model, self.tokenizer, dataset, classnames, templates,
                                                    self.accelerator, batch_size=self.settings.batch_size,
                                                    workers=self.settings.workers,
-                                                   precision_autocast=self.accelerator.autocast)
+                                                   precision_autocast=self.accelerator.autocast,
+                                                   classifier=classifiers[key])
         return results
 
     def _check_val_count(self, metrics: dict) -> None:

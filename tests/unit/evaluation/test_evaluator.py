@@ -431,3 +431,13 @@ def test_val_num_samples_must_be_positive():
 
     with pytest.raises(AccClipError, match="--val-num-samples must be at least 1, got 0"):
         parse_config(["--train-data", "x.csv", "--val-num-samples", "0"])
+
+
+def test_acc_clip_eval_takes_imagenet_v2(tiny, tmp_path, capsys):
+    name, model, _, _ = tiny
+    torch.save({"epoch": 1, "name": "x", "state_dict": model.state_dict()}, tmp_path / "epoch_1.pt")
+    status = cli.main(["eval", "--model", name, "--checkpoint", str(tmp_path / "epoch_1.pt"), "--imagenet-v2",
+                       str(tmp_path / "nowhere"), "--device", "cpu", "--workers", "0"])
+    assert status == 2  # the flag is taken (no 'nothing to evaluate') and its folder checked before evaluating
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: --imagenet-v2 {tmp_path / 'nowhere'}: folder not found"]
