@@ -71,7 +71,11 @@ class TrainConfig:
     csv_img_key: str = _opt("filepath", "CSV column with image paths")
     csv_caption_key: str = _opt("title", "CSV column with captions")
     train_num_samples: Optional[int] = _opt(None, "samples per epoch for shards (default: sizes.json)")
+    val_num_samples: Optional[int] = _opt(None, "samples the validation set holds (default: sizes.json; needed for "
+                                                "shards without it); every sample is evaluated, whatever it says")
     dataset_resampled: bool = _opt(False, "sample shards with replacement")
+    train_data_upsampling_factors: Optional[str] = _opt(None, "with --dataset-resampled: 'F1::F2::...', one draw "
+                                                              "weight per '::'-joined source of --train-data")
     workers: int = _opt(4, "data loader worker processes per rank")
     pin_memory: Optional[bool] = _opt(None, "page-locked loader batches for non-blocking copies to the device "
                                             "(default: on for CUDA and SDAA; --no-pin-memory turns it off)",
@@ -181,6 +185,8 @@ class TrainConfig:
     zeroshot_classnames: Optional[str] = _opt(None, "class names file, one per line")
     zeroshot_templates: Optional[str] = _opt(None, "prompt templates file, one per line with {}")
     imagenet_val: Optional[str] = _opt(None, "ImageNet validation folder for zero-shot")
+    imagenet_v2: Optional[str] = _opt(None, "ImageNetV2 matched-frequency folder (sub-folders 0..999 by class index) "
+                                            "for zero-shot, on --imagenet-val's schedule")
     # checkpoints
     save_frequency: int = _opt(1, "save every N epochs (0: never)")
     save_every_n_steps: int = _opt(0, "also save every N optimizer steps (0: never)")
@@ -242,6 +248,8 @@ class TrainConfig:
                     "val_frequency", "zeroshot_frequency", "lock_image_unlocked_groups", "lock_text_unlocked_layers"):
             if getattr(self, key) < 0:
                 raise AccClipError(f"--{flag(key)} must not be negative, got {getattr(self, key)}")
+        if self.val_num_samples is not None and self.val_num_samples < 1:
+            raise AccClipError(f"--val-num-samples must be at least 1, got {self.val_num_samples}")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise AccClipError(f"--max-bad-fraction must be within [0, 1], got {self.max_bad_fraction}")
         if self.lr_scheduler == "const-cooldown" and self.epochs_cooldown is None:
@@ -257,6 +265,10 @@ class TrainConfig:
                                f"{'a CoCa model' if self.is_coca else '--siglip'} (open_clip_train cannot either)")
         if self.train_data is None and self.dataset_type != "synthetic":
             raise AccClipError("--train-data is required (a CSV file or webdataset shards)")
+        if self.train_data_upsampling_factors is not None:
+            from acc_clip.data import check_upsampling_factors  # acc_clip.data imports this module
+
+            check_upsampling_factors(self)
         return self
 
 

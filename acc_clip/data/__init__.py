@@ -21,9 +21,23 @@ def dataset_type_of(path: str, requested: str) -> str:
         return requested
     if path.endswith((".csv", ".tsv")):
         return "csv"
-    if ".tar" in path or os.path.isdir(path):
+    if all(".tar" in part or os.path.isdir(part) for part in path.split("::")):  # '::' joins shard sources
         return "webdataset"
     raise AccClipError(f"{path}: cannot tell the dataset type from the name; pass --dataset-type csv or webdataset")
+
+
+def check_upsampling_factors(config: TrainConfig) -> None:
+    """Refuse --train-data-upsampling-factors where it means nothing, and bad factors, before anything
+    is built: it weighs the shard sources of webdataset data drawn with replacement."""
+    kind = dataset_type_of(config.train_data, config.dataset_type) if config.train_data else config.dataset_type
+    if kind != "webdataset":
+        data = f"--train-data {config.train_data} is {kind} data" if config.train_data else f"--dataset-type {kind}"
+        raise AccClipError(f"--train-data-upsampling-factors weighs webdataset shard sources; {data}")
+    from acc_clip.data.wds import NEEDS_RESAMPLED, source_factors
+
+    if not config.dataset_resampled:
+        raise AccClipError(NEEDS_RESAMPLED)
+    source_factors(config.train_data, config.train_data_upsampling_factors)
 
 
 @dataclass
@@ -60,6 +74,7 @@ def build_train_data(config: TrainConfig, preprocess: Callable, tokenizer: Calla
                                     batch_size=config.batch_size, workers=config.workers, seed=config.seed,
                                     epoch=epoch, rank=rank, world_size=world_size, is_train=True,
                                     num_samples=config.train_num_samples, resampled=config.dataset_resampled,
+                                    upsampling_factors=config.train_data_upsampling_factors,
                                     start_batch=start_batch, pin_memory=pin_memory)
 
         _, batches_per_epoch = wds_loader(0)

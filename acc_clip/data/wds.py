@@ -11,7 +11,9 @@ Training order of epoch e (W = max(1, workers) loader workers, R = world_size ra
      w) of raw, undecoded samples. Should it need more samples than its shards hold, it reads them
      again in a new order (each pass is shuffled on its own, so pass 1 never mixes into pass 0).
      With `resampled=True` it instead draws shards with replacement from the whole list, seeded
-     from (seed, e, r, w).
+     from (seed, e, r, w): uniformly, or, with `upsampling_factors` F1::F2::... for the sources
+     joined by '::' in the URLs, each shard of source i with weight F_i (a source of weight 0 is
+     never opened).
   4. The rank yields num_batches = num_samples // (batch_size * world_size) batches (drop last).
      torch's DataLoader takes batches from its workers in turn, so batch b is batch b // W of
      worker b % W; worker w therefore yields exactly len(range(w, num_batches, W)) batches, and
@@ -33,11 +35,12 @@ the same number of CPU threads, bit-equal losses: tests/integration/test_train_s
 
 What resume guarantees when the order is not the same. The order above depends on the shards and
 their sizes.json, seed, batch size, number of processes, --workers, the epoch length
-(--train-num-samples) and --dataset-resampled. Change any of them between the save and the resume,
-or let a shard fail to read in only one of the runs (it is cut short with a warning, shifting what
-follows), and the resumed run takes batches k, k+1, ... of the new order: for the rest of that
-epoch some samples are seen twice and others not at all. Still, every rank gets the same number of
-batches (the new epoch's count minus k), and later epochs are whole epochs of the new order. The
+(--train-num-samples), --dataset-resampled and --train-data-upsampling-factors. Change any of them
+between the save and the resume, or let a shard fail to read in only one of the runs (it is cut
+short with a warning, shifting what follows), and the resumed run takes batches k, k+1, ... of the
+new order: for the rest of that epoch some samples are seen twice and others not at all. Still,
+every rank gets the same number of batches (the new epoch's count minus k), and later epochs are
+whole epochs of the new order. The
 checkpoint warns when seed, batch size, processes or steps per epoch changed; --workers is not
 recorded there, so keep it when resuming from shards (CSV orders do not depend on it). A position
 past the end of the new epoch is refused with an error.
@@ -65,7 +68,7 @@ import math
 import os
 import random
 import warnings
-from itertools import count, islice
+from itertools import accumulate, count, islice
 from typing import Callable, Iterable, Iterator, Optional
 
 import torch
@@ -83,6 +86,8 @@ log = logging.getLogger(__name__)
 SHUFFLE_BUFFER = 2000  # raw samples per worker; at ~100 KB per JPEG about 200 MB of memory
 SHUFFLE_INITIAL = 100  # samples read before the buffer yields its first
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+NEEDS_RESAMPLED = ("--train-data-upsampling-factors weighs shard draws with replacement: it needs "
+                   "--dataset-resampled (as in open_clip_train)")
 # A resampled worker gives up after this many empty shards in a row rather than spin forever.
 MAX_EMPTY_DRAWS = 1000
 
@@ -91,21 +96,56 @@ MAX_EMPTY_DRAWS = 1000
 # Shard lists and sizes
 
 
-def expand_shard_urls(urls: str) -> list[str]:
-    """'DIR/{00000..00031}.tar', a folder (its *.tar, sorted), or several of those joined by '::'."""
-    shards: list[str] = []
+def expand_sources(urls: str) -> list[list[str]]:
+    """The shards of each source: 'DIR/{00000..00031}.tar', a folder (its *.tar, sorted), or several of
+    those joined by '::', one source each."""
+    sources = []
     for part in urls.split("::"):
         if os.path.isdir(part):
             found = sorted(glob.glob(os.path.join(part, "*.tar")))
             if not found:
                 raise AccClipError(f"{part}: folder holds no .tar shards")
-            shards += found
+            sources.append(found)
         else:
-            shards += wds.shardlists.expand_urls(part)
+            sources.append(list(wds.shardlists.expand_urls(part)))
+    shards = [shard for source in sources for shard in source]
     missing = [s for s in shards if "://" not in s and not s.startswith("pipe:") and not os.path.isfile(s)]
     if missing:
         raise AccClipError(f"{missing[0]}: shard not found ({len(missing)} of {len(shards)} missing) in {urls!r}")
-    return shards
+    return sources
+
+
+def expand_shard_urls(urls: str) -> list[str]:
+    """All shards of `urls` (see `expand_sources`), in order."""
+    return [shard for source in expand_sources(urls) for shard in source]
+
+
+def source_factors(urls: str, factors: str) -> list[float]:
+    """--train-data-upsampling-factors 'F1::F2::...' as numbers, one per '::'-joined source of `urls`."""
+    num_sources = len(urls.split("::"))
+    parts = factors.split("::")
+    if len(parts) != num_sources:
+        raise AccClipError(f"--train-data-upsampling-factors {factors!r} gives {len(parts)} factors for "
+                           f"{num_sources} sources in --train-data (one per '::'-joined source)")
+    values = []
+    for part in parts:
+        try:
+            value = float(part)
+        except ValueError:
+            value = math.nan
+        if not math.isfinite(value) or value < 0:
+            raise AccClipError(f"--train-data-upsampling-factors {factors!r}: {part!r} is not a number >= 0")
+        values.append(value)
+    if not any(values):
+        raise AccClipError(f"--train-data-upsampling-factors {factors!r}: all factors are 0, no shard could be drawn")
+    return values
+
+
+def shard_weights(urls: str, factors: Optional[str]) -> Optional[list[float]]:
+    """The draw weight of each shard of `expand_shard_urls(urls)`: its source's factor; None without factors."""
+    if factors is None:
+        return None
+    return [factor for source, factor in zip(expand_sources(urls), source_factors(urls, factors)) for _ in source]
 
 
 def read_shard_sizes(shards: list[str]) -> Optional[list[int]]:
@@ -131,6 +171,18 @@ def read_shard_sizes(shards: list[str]) -> Optional[list[int]]:
 def _rng(*parts) -> random.Random:
     # A str seed is hashed with SHA-512 by `random`, the same in every process and run.
     return random.Random("acc_clip.wds:" + ":".join(map(str, parts)))
+
+
+def draw_shards(shards: list[str], weights: Optional[list[float]], rng: random.Random) -> Iterator[str]:
+    """Shards drawn with replacement for ever, uniformly or with these weights. Shards of weight 0 are
+    left out of the population, so they are never drawn (not even by a rounding of the cumulative sums)."""
+    if weights is None:
+        while True:
+            yield rng.choice(shards)  # the draws of runs before weights existed: their resumes still match
+    population = [shard for shard, weight in zip(shards, weights) if weight > 0]
+    cumulative = list(accumulate(weight for weight in weights if weight > 0))
+    while True:
+        yield rng.choices(population, cum_weights=cumulative)[0]
 
 
 def batches_of_worker(worker: int, num_batches: int, num_workers: int) -> int:
@@ -175,8 +227,12 @@ class ShardEpoch(IterableDataset):
 
     def __init__(self, *, rank_shards: list[str], all_shards: list[str], preprocess: Callable, tokenizer: Callable,
                  batch_size: int, num_workers: int, num_batches: Optional[int], seed: int, epoch: int, rank: int,
-                 is_train: bool, resampled: bool, start_batch: int, shuffle_buffer: int):
-        self.rank_shards, self.all_shards = rank_shards, all_shards
+                 is_train: bool, resampled: bool, start_batch: int, shuffle_buffer: int,
+                 weights: Optional[list[float]] = None, num_samples: Optional[int] = None):
+        self.rank_shards, self.all_shards, self.weights = rank_shards, all_shards, weights
+        # Of the epoch (training), or of the whole set as given or in sizes.json (eval: the loader reads
+        # every sample there is whatever this says; the evaluator compares it with what was read).
+        self.num_samples = num_samples
         self.preprocess, self.tokenizer = preprocess, tokenizer
         self.batch_size, self.num_workers, self.num_batches = batch_size, num_workers, num_batches
         self.seed, self.epoch, self.rank = seed, epoch, rank
@@ -208,8 +264,7 @@ class ShardEpoch(IterableDataset):
     def _train_raw(self, worker: int) -> Iterator[dict]:
         place = (self.seed, self.epoch, self.rank, worker)
         if self.resampled:
-            draws = _rng("resample", *place)
-            shards = (draws.choice(self.all_shards) for _ in count())
+            shards = draw_shards(self.all_shards, self.weights, _rng("resample", *place))
             return buffer_shuffle(self._non_empty(shards), self.shuffle_buffer, _rng("buffer", *place))
         return self._passes(self.rank_shards[worker::self.num_workers], place)
 
@@ -285,6 +340,7 @@ def build_wds_loader(
     is_train: bool = True,
     num_samples: Optional[int] = None,
     resampled: bool = False,
+    upsampling_factors: Optional[str] = None,
     start_batch: int = 0,
     shuffle_buffer: int = SHUFFLE_BUFFER,
     pin_memory: Optional[bool] = None,
@@ -293,23 +349,33 @@ def build_wds_loader(
     this rank (the whole epoch, including the `start_batch` skipped ones). Call once per epoch.
     `preprocess` takes a PIL image, or is a `pixels.SplitTransform` (takes the encoded bytes).
 
-    Epoch length: `num_samples`, else the sum of the shards' sizes.json entries. For eval without
-    sizes.json the returned count is an estimate from `num_samples` (the loader yields all there is)."""
+    `upsampling_factors`: 'F1::F2::...', the draw weight of each '::'-joined source of `urls`; resampled
+    training only (--train-data-upsampling-factors).
+
+    Epoch length: `num_samples`, else the sum of the shards' sizes.json entries (of every source,
+    whatever its factor, as open_clip_train counts). Eval reads every sample of the shards, whatever
+    `num_samples` says (--val-num-samples: the count the evaluator expects, needed without sizes.json);
+    without sizes.json the returned batch count is an estimate from it, and the loader has no len()
+    (how the set splits among processes depends on the sizes of the shards)."""
     if batch_size < 1:
         raise AccClipError(f"batch size must be at least 1, got {batch_size}")
     if workers < 0 or world_size < 1 or not 0 <= rank < world_size:
         raise AccClipError(f"bad worker layout: workers={workers}, rank={rank}, world_size={world_size}")
+    if upsampling_factors is not None and not (is_train and resampled):
+        raise AccClipError(NEEDS_RESAMPLED)
     shards = expand_shard_urls(urls)
+    weights = shard_weights(urls, upsampling_factors)
     sizes = read_shard_sizes(shards)
     if num_samples is None:
         if sizes is None:
             raise AccClipError(f"{urls}: no sizes.json entry for every shard; give the number of samples "
-                               f"(--train-num-samples / --val-num-samples)")
+                               f"({'--train-num-samples' if is_train else '--val-num-samples'})")
         num_samples = sum(sizes)
     num_workers = max(1, workers)
     common = dict(all_shards=shards, preprocess=preprocess, tokenizer=tokenizer,
                   batch_size=batch_size, seed=seed, epoch=epoch, rank=rank, is_train=is_train,
-                  resampled=resampled and is_train, shuffle_buffer=shuffle_buffer)
+                  resampled=resampled and is_train, shuffle_buffer=shuffle_buffer, weights=weights,
+                  num_samples=num_samples)
     if is_train:
         num_batches = num_samples // (batch_size * world_size)
         if num_batches == 0:

@@ -24,6 +24,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--siglip", action="store_true",
                         help="a model trained with --siglip: it has a logit bias, and the validation loss is SigLIP's")
     parser.add_argument("--val-data", help="validation CSV (one image,caption pair per row) or shard folder")
+    parser.add_argument("--val-num-samples", type=int,
+                        help="samples the validation set holds (needed for shards without sizes.json)")
     parser.add_argument("--dataset-type", choices=("auto", "csv", "webdataset"), default="auto")
     parser.add_argument("--csv-img-key", default="filepath")
     parser.add_argument("--csv-caption-key", default="title")
@@ -32,13 +34,15 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--zeroshot-classnames", help="class names, one per line (default: folder names)")
     parser.add_argument("--zeroshot-templates", help="prompt templates, one per line, {} = class name")
     parser.add_argument("--imagenet-val", help="ImageNet validation folder (1000 class sub-folders)")
+    parser.add_argument("--imagenet-v2", help="ImageNetV2 matched-frequency folder (sub-folders 0..999), or the "
+                                              "folder holding its ImageNetV2-matched-frequency, as open_clip_train")
     parser.add_argument("--batch-size", type=int, default=64)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--device", choices=("auto", "cpu"), default="auto", help="cpu forces the CPU")
     parser.add_argument("--out", help="also write all metrics to this JSON file")
     args = parser.parse_args(argv)
-    if not (args.val_data or args.zeroshot_data or args.imagenet_val):
-        parser.error("nothing to evaluate: give --val-data, --zeroshot-data and/or --imagenet-val")
+    if not (args.val_data or args.zeroshot_data or args.imagenet_val or args.imagenet_v2):
+        parser.error("nothing to evaluate: give --val-data, --zeroshot-data, --imagenet-val and/or --imagenet-v2")
     args.seed = 0  # evaluation reads in order: the seed orders nothing
     return args
 

@@ -10,6 +10,7 @@ process and broadcast, so every process returns the same dict.
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Callable, ContextManager, Optional
 
 import torch
@@ -25,6 +26,7 @@ from acc_clip.loss.clip import ClipObjective
 from acc_clip.runtime import parallel
 from acc_clip.model import image_input_dtype
 
+log = logging.getLogger(__name__)
 
 def gather_rows_by_index(
     accelerator: Accelerator, indices: torch.Tensor, *row_tensors: torch.Tensor
@@ -169,7 +171,8 @@ def build_val_loader(settings, preprocess_val: Callable, tokenizer: Callable, ra
 
         loader, _ = build_wds_loader(
             settings.val_data, preprocess=preprocess_val, tokenizer=tokenizer, batch_size=settings.batch_size,
-            workers=settings.workers, seed=settings.seed, epoch=0, rank=rank, world_size=world_size, is_train=False)
+            workers=settings.workers, seed=settings.seed, epoch=0, rank=rank, world_size=world_size, is_train=False,
+            num_samples=settings.val_num_samples)
         return loader
     from acc_clip.data.csv import CsvDataset, build_eval_loader
 
@@ -180,25 +183,47 @@ def build_val_loader(settings, preprocess_val: Callable, tokenizer: Callable, ra
                              world_size=world_size)
 
 
+def expected_val_samples(settings, loader) -> tuple[Optional[int], str]:
+    """How many samples the validation set should hold, and who says so: --val-num-samples, else the
+    shards' sizes.json; (None, "") for a CSV without the flag (its rows are the count)."""
+    if settings.val_num_samples is not None:
+        return settings.val_num_samples, "--val-num-samples"
+    from_sizes = getattr(loader.dataset, "num_samples", None)
+    return (from_sizes, "sizes.json") if from_sizes is not None else (None, "")
+
+
+def val_count_warning(expected: Optional[int], said_by: str, metrics: dict) -> Optional[str]:
+    """The warning to give when the samples read (evaluated or unreadable) are not the count expected.
+    The count never cuts or pads the set: evaluation reads every sample once, so only this line differs."""
+    read = metrics["num_samples"] + metrics["num_bad"]
+    if expected is None or read == expected:
+        return None
+    return (f"{said_by} says the validation set holds {expected} samples but {read} were read "
+            f"({metrics['num_bad']} unreadable); the metrics are over every sample read, once each"
+            + ("" if said_by == "--val-num-samples" else " (a shard missing or cut short?)"))
+
+
 def zeroshot_sets(settings, preprocess_val: Callable) -> list[tuple]:
-    """(name, dataset, classnames, templates) for `--zeroshot-data` and `--imagenet-val`."""
+    """(name, dataset, classnames, templates) for `--zeroshot-data`, `--imagenet-val` and `--imagenet-v2`
+    (open_clip_train's 'imagenet-val' and 'imagenet-v2': OpenAI's ImageNet class names and templates)."""
     sets = []
     if settings.zeroshot_data:
         dataset, classnames = zeroshot.load_zeroshot_dataset(
             settings.zeroshot_data, transform=preprocess_val, classnames_file=settings.zeroshot_classnames)
         sets.append(("zeroshot", dataset, classnames, zeroshot.load_templates(settings.zeroshot_templates)))
     if settings.imagenet_val:
-        import open_clip
-
         dataset, classnames = zeroshot.load_imagenet_val(settings.imagenet_val, transform=preprocess_val)
-        sets.append(("imagenet-zeroshot", dataset, classnames, open_clip.OPENAI_IMAGENET_TEMPLATES))
+        sets.append(("imagenet-zeroshot", dataset, classnames, zeroshot.OPENAI_IMAGENET_TEMPLATES))
+    if settings.imagenet_v2:
+        dataset, classnames = zeroshot.load_imagenet_v2(settings.imagenet_v2, transform=preprocess_val)
+        sets.append(("imagenetv2-zeroshot", dataset, classnames, zeroshot.OPENAI_IMAGENET_TEMPLATES))
     return sets
 
 
 class Evaluator:
     """Validation retrieval and zero-shot sets, built once from `settings` (the train config, or the
-    eval command's arguments: val_data, dataset_type, csv_*, zeroshot_*, imagenet_val, batch_size,
-    workers, seed, val_frequency, zeroshot_frequency)."""
+    eval command's arguments: val_data, val_num_samples, dataset_type, csv_*, zeroshot_*, imagenet_val,
+    imagenet_v2, batch_size, workers, seed, val_frequency, zeroshot_frequency)."""
 
     def __init__(self, settings, preprocess_val: Callable, tokenizer: Callable, accelerator: Accelerator,
                  objective: Optional[Objective] = None):
@@ -206,6 +231,9 @@ class Evaluator:
         self.objective = objective  # the validation loss's; CLIP's when None
         self.val_loader = (build_val_loader(settings, preprocess_val, tokenizer, accelerator.process_index,
                                             accelerator.num_processes) if settings.val_data else None)
+        self.val_expected = (expected_val_samples(settings, self.val_loader) if self.val_loader is not None
+                             else (None, ""))
+        self._val_counts_warned: set[int] = set()
         self.zeroshot_sets = zeroshot_sets(settings, preprocess_val)
 
     @property
@@ -218,12 +246,26 @@ class Evaluator:
         if retrieval and self.val_loader is not None:
             results["retrieval"] = evaluate_retrieval(model, self.val_loader, self.accelerator, self.objective,
                                                       precision_autocast=self.accelerator.autocast)
+            self._check_val_count(results["retrieval"])
+        classifiers: dict[tuple, torch.Tensor] = {}  # ImageNet val and V2 share one: 1000 classes x 80 prompts
         for name, dataset, classnames, templates in self.zeroshot_sets if classification else ():
+            key = (tuple(classnames), tuple(templates))
+            if key not in classifiers:
+                classifiers[key] = zeroshot.zeroshot_classifier(model, self.tokenizer, classnames, templates,
+                                                                self.accelerator, self.accelerator.autocast)
             results[name] = zeroshot.zeroshot_eval(model, self.tokenizer, dataset, classnames, templates,
                                                    self.accelerator, batch_size=self.settings.batch_size,
                                                    workers=self.settings.workers,
-                                                   precision_autocast=self.accelerator.autocast)
+                                                   precision_autocast=self.accelerator.autocast,
+                                                   classifier=classifiers[key])
         return results
+
+    def _check_val_count(self, metrics: dict) -> None:
+        warning = val_count_warning(*self.val_expected, metrics)
+        read = metrics["num_samples"] + metrics["num_bad"]
+        if warning and self.accelerator.is_main_process and read not in self._val_counts_warned:
+            self._val_counts_warned.add(read)  # once per count read: not again every epoch
+            log.warning(warning)
 
     @staticmethod
     def _due(frequency: int, completed_epochs: int, last: bool) -> bool:

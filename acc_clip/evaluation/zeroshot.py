@@ -1,4 +1,5 @@
-"""Zero-shot classification accuracy on labelled images the user gives, or on ImageNet val.
+"""Zero-shot classification accuracy on labelled images the user gives, on ImageNet val, or on
+ImageNetV2 (matched-frequency; its class folders are named 0..999 by class index).
 
 Data: a folder with one sub-folder of images per class (classes in sorted folder order, like
 torchvision's ImageFolder), or a CSV with columns `filepath,label` where a label is either a class
@@ -6,8 +7,9 @@ name (classes in sorted name order, like folders) or, when every label is an int
 the class-names file. Class names default to the folder/label names with `_` read as a space.
 Templates default to open_clip's OPENAI_IMAGENET_TEMPLATES (the 80 prompts of the CLIP paper).
 
-The classifier is open_clip's `build_zero_shot_classifier`; each process classifies its share of
-the images (each image on exactly one process) and the counts are summed.
+The classifier is open_clip's `build_zero_shot_classifier` (`zeroshot_classifier`; sets with the
+same class names and templates may share one); each process classifies its share of the images
+(each image on exactly one process) and the counts are summed.
 """
 
 from __future__ import annotations
@@ -65,11 +67,21 @@ def _is_image(name: str) -> bool:
     return name.lower().endswith(IMG_EXTENSIONS)
 
 
+def _sub_folders(root: str) -> list[str]:
+    return sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+
+
 def _image_folder(root: str) -> tuple[list[str], list[str], list[int]]:
     """(class folder names, image paths, labels) of a folder with one sub-folder per class."""
-    folders = sorted(e.name for e in os.scandir(root) if e.is_dir() and not e.name.startswith("."))
+    folders = _sub_folders(root)
     if not folders:
         raise AccClipError(f"{root}: no class sub-folders (zero-shot data is one sub-folder of images per class)")
+    filepaths, labels = _images_of_classes(root, folders)
+    return folders, filepaths, labels
+
+
+def _images_of_classes(root: str, folders: list[str]) -> tuple[list[str], list[int]]:
+    """(image paths, labels) of the class folders `folders` under `root`, folder i holding class i."""
     filepaths, labels = [], []
     for label, folder in enumerate(folders):
         found = sorted(
@@ -82,7 +94,7 @@ def _image_folder(root: str) -> tuple[list[str], list[str], list[int]]:
             raise AccClipError(f"{os.path.join(root, folder)}: class folder holds no images ({' '.join(IMG_EXTENSIONS)})")
         filepaths += found
         labels += [label] * len(found)
-    return folders, filepaths, labels
+    return filepaths, labels
 
 
 def _labelled_csv(path: str, num_named_classes: Optional[int]) -> tuple[Optional[list[str]], list[str], list[int]]:
@@ -171,6 +183,41 @@ def load_imagenet_val(path: str, *, transform: Callable) -> tuple[ZeroShotDatase
     return ZeroShotDataset(filepaths, labels, transform=transform), list(IMAGENET_CLASSNAMES)
 
 
+# Where imagenetv2_pytorch (open_clip_train's reader of --imagenet-v2 PATH) keeps the set under PATH,
+# and the folder its download unpacks to.
+IMAGENET_V2_SUBFOLDERS = ("ImageNetV2-matched-frequency", "imagenetv2-matched-frequency-format-val")
+
+
+def imagenet_v2_root(path: str) -> str:
+    """The folder of ImageNetV2's class folders: PATH/ImageNetV2-matched-frequency (what open_clip_train
+    reads for --imagenet-v2 PATH), the unpacked download's folder under PATH, or PATH itself."""
+    if not os.path.isdir(path):
+        raise AccClipError(f"--imagenet-v2 {path}: folder not found")
+    for name in IMAGENET_V2_SUBFOLDERS:
+        if os.path.isdir(os.path.join(path, name)):
+            return os.path.join(path, name)
+    return path
+
+
+def load_imagenet_v2(path: str, *, transform: Callable,
+                     classnames: Optional[Sequence[str]] = None) -> tuple[ZeroShotDataset, list[str]]:
+    """ImageNetV2 matched-frequency: class folders named 0..999, each name the class index into
+    `classnames` (default open_clip's IMAGENET_CLASSNAMES, looked up at call time). The label is
+    int(name), not the folder's place in sorted order, where '10' comes before '2'."""
+    classnames = list(IMAGENET_CLASSNAMES if classnames is None else classnames)
+    root = imagenet_v2_root(path)
+    by_index = [str(index) for index in range(len(classnames))]
+    found = _sub_folders(root)
+    missing, unexpected = sorted(set(by_index) - set(found), key=int), sorted(set(found) - set(by_index))
+    if missing or unexpected:
+        problems = [f"{len(missing)} missing, e.g. {missing[0]!r}"] if missing else []
+        problems += [f"{len(unexpected)} unexpected, e.g. {unexpected[0]!r}"] if unexpected else []
+        raise AccClipError(f"--imagenet-v2 {root}: not ImageNetV2's layout (sub-folders 0..{len(classnames) - 1}, "
+                           f"one per class index): {'; '.join(problems)}")
+    filepaths, labels = _images_of_classes(root, by_index)  # folder i of by_index is class i
+    return ZeroShotDataset(filepaths, labels, transform=transform), classnames
+
+
 def load_templates(path: Optional[str] = None) -> Sequence[Template]:
     """Prompt templates, one per line with `{}` for the class name; None -> OPENAI_IMAGENET_TEMPLATES."""
     if path is None:
@@ -190,6 +237,34 @@ def load_templates(path: Optional[str] = None) -> Sequence[Template]:
 # --- evaluation ----------------------------------------------------------------------------------
 
 
+@contextlib.contextmanager
+def _eval_mode(clip: torch.nn.Module):
+    """Eval mode and no gradient for the block; the model's previous mode afterwards."""
+    was_training = clip.training
+    clip.eval()
+    try:
+        with torch.inference_mode():
+            yield
+    finally:
+        clip.train(was_training)
+
+
+def zeroshot_classifier(
+    model: torch.nn.Module,
+    tokenizer: Callable,
+    classnames: Sequence[str],
+    templates: Sequence[Template],
+    accelerator: Accelerator,
+    precision_autocast: Optional[Callable[[], ContextManager]] = None,
+) -> torch.Tensor:
+    """[embed_dim, classes] float32: each class's prompts encoded, averaged and normalised (open_clip's
+    build_zero_shot_classifier), the same on every process."""
+    clip = parallel.unwrap(model)
+    with _eval_mode(clip), (precision_autocast or contextlib.nullcontext)():
+        return build_zero_shot_classifier(clip, tokenizer=tokenizer, classnames=classnames, templates=templates,
+                                          num_classes_per_batch=10, device=accelerator.device).float()
+
+
 def zeroshot_eval(
     model: torch.nn.Module,
     tokenizer: Callable,
@@ -201,10 +276,12 @@ def zeroshot_eval(
     batch_size: int,
     workers: int,
     precision_autocast: Optional[Callable[[], ContextManager]] = None,
+    classifier: Optional[torch.Tensor] = None,
 ) -> dict[str, float]:
     """Top-1 / top-5 accuracy (fractions; top-5 is top-min(5, classes)), identical on every process.
     Keys: zeroshot_top1, zeroshot_top5, zeroshot_num_samples (images classified), zeroshot_num_bad
-    (images skipped as missing or corrupt)."""
+    (images skipped as missing or corrupt). `classifier`: `zeroshot_classifier` of these class names
+    and templates, when the caller has it already."""
     clip = parallel.unwrap(model)
     autocast = precision_autocast or contextlib.nullcontext
     device = accelerator.device
@@ -214,31 +291,23 @@ def zeroshot_eval(
         rank=accelerator.process_index, world_size=accelerator.num_processes,
     )
     top_k = min(TOP_K, len(classnames))
+    if classifier is None:
+        classifier = zeroshot_classifier(model, tokenizer, classnames, templates, accelerator, precision_autocast)
     # [top-1 hits, top-k hits, images classified, images skipped] of this process
     counts = torch.zeros(4, dtype=torch.long)
-    was_training = clip.training
-    clip.eval()
-    try:
-        with torch.inference_mode():
+    with _eval_mode(clip):
+        for batch in loader:
+            counts[3] += batch.num_bad
+            if len(batch.indices) == 0:
+                continue
+            labels = batch.texts.to(device)  # the class index travels in the text slot
             with autocast():
-                classifier = build_zero_shot_classifier(
-                    clip, tokenizer=tokenizer, classnames=classnames, templates=templates,
-                    num_classes_per_batch=10, device=device,
-                ).float()
-            for batch in loader:
-                counts[3] += batch.num_bad
-                if len(batch.indices) == 0:
-                    continue
-                labels = batch.texts.to(device)  # the class index travels in the text slot
-                with autocast():
-                    features = clip.encode_image(batch.images.to(device, dtype=input_dtype), normalize=True)
-                predictions = (features.float() @ classifier).topk(top_k, dim=1).indices
-                hits = predictions == labels.unsqueeze(1)
-                counts[0] += hits[:, 0].sum().item()
-                counts[1] += hits.any(dim=1).sum().item()
-                counts[2] += len(labels)
-    finally:
-        clip.train(was_training)
+                features = clip.encode_image(batch.images.to(device, dtype=input_dtype), normalize=True)
+            predictions = (features.float() @ classifier).topk(top_k, dim=1).indices
+            hits = predictions == labels.unsqueeze(1)
+            counts[0] += hits[:, 0].sum().item()
+            counts[1] += hits.any(dim=1).sum().item()
+            counts[2] += len(labels)
     top1, top5, num_samples, num_bad = accelerator.gather(counts.to(device)).view(-1, 4).sum(dim=0).tolist()
     if num_samples == 0:
         raise AccClipError(f"zero-shot data: no readable images ({num_bad} skipped as missing or corrupt)")

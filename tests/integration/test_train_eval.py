@@ -83,3 +83,11 @@ def test_acc_clip_eval_reads_step_checkpoints_and_epoch_files(evaluated_run, val
 def test_unknown_tracker_is_an_error(train_csv, tmp_path, train_in_process):
     status, errors = train_in_process(tiny_train_args(train_csv, tmp_path, "x", "--report-to", "tensorbord"))
     assert status == 2 and len(errors) == 1 and "unknown tracker 'tensorbord'" in errors[0], errors
+
+
+def test_an_imagenet_v2_folder_without_its_layout_stops_the_run_at_start(train_csv, tmp_path, train_in_process):
+    (tmp_path / "v2" / "n01440764").mkdir(parents=True)  # ImageNet val's layout, not ImageNetV2's
+    status, errors = train_in_process(tiny_train_args(train_csv, tmp_path, "x", "--imagenet-v2", str(tmp_path / "v2")))
+    assert status == 2 and len(errors) == 1, errors
+    assert f"--imagenet-v2 {tmp_path / 'v2'}: not ImageNetV2's layout (sub-folders 0..999" in errors[0]
+    assert not (tmp_path / "x" / "metrics.jsonl").exists()  # refused before the first step

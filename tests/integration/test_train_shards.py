@@ -1,6 +1,7 @@
 """The real trainer (`python -m acc_clip.train`) on webdataset shards: a brace pattern and a folder,
 --dataset-type auto|webdataset, epoch length from sizes.json and from --train-num-samples,
---group-by-image shards, --dataset-resampled, and an exact mid-epoch resume from a step checkpoint.
+--group-by-image shards, --dataset-resampled (also with --train-data-upsampling-factors), and an exact
+mid-epoch resume from a step checkpoint.
 
 Shards come from the 320-row `train_csv` fixture: 8 shards of 40 rows; most runs read the first 4
 (160 samples, 10 steps of 16 per epoch, 2 loader workers with 2 shards each, so every sample is
@@ -133,6 +134,32 @@ def test_a_folder_of_group_by_image_shards_resampled_with_train_num_samples(imag
     assert trained == loader_indices(str(image_shard_dir), resampled=True, **settings)
     with pytest.warns(UserWarning, match="8 are left out"):  # 32 images per worker, 24 used
         assert trained != loader_indices(str(image_shard_dir), **settings)
+
+
+def test_a_resampled_run_with_upsampling_factors_resumes_on_the_same_samples(shard_dir, tmp_path):
+    """--train-data-upsampling-factors: three sources (rows 0-79, 80-159 and 160-319) weighted 1, 3 and 0.
+    A run stopped at step 7 and resumed trains on the samples of the run left alone, step for step."""
+    sources = "::".join(str(shard_dir / pattern) for pattern in ("{00000..00001}.tar", "{00002..00003}.tar",
+                                                                 "{00004..00007}.tar"))
+
+    def args(name: str, *extra: str) -> list[str]:
+        return shard_args(sources, tmp_path, name, "--dataset-resampled", "--train-data-upsampling-factors",
+                          "1::3::0", "--train-num-samples", "160", *extra)
+
+    run_trainer(args("A"))
+    interrupted = args("B", "--save-every-n-steps", "7")
+    run_trainer(interrupted + ["--max-steps", "7"])
+    run_trainer(interrupted + ["--resume", "latest"])
+
+    want, got = read_samples(tmp_path / "A"), read_samples(tmp_path / "B")
+    assert [(r["step"], r["epoch"]) for r in got] == [(r["step"], r["epoch"]) for r in want]
+    assert len(want) == EPOCHS * STEPS_PER_EPOCH
+    assert [r["indices"] for r in got] == [r["indices"] for r in want]
+    worst = max(abs(a["loss"] - b["loss"]) for a, b in zip(read_metrics(tmp_path / "B"), read_metrics(tmp_path / "A")))
+    assert worst <= LOSS_TOLERANCE, f"resumed losses differ from the uninterrupted run's by up to {worst}"
+    trained = [i for r in want for i in r["indices"]]
+    assert max(trained) < 160  # the source of factor 0 is never read
+    assert sum(80 <= i < 160 for i in trained) > 2 * sum(i < 80 for i in trained)  # 3:1, not 1:1
 
 
 def test_decoding_on_the_device_trains_on_the_same_pixels(shard_dir, reference_run, tmp_path):

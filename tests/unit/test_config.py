@@ -87,3 +87,16 @@ def test_fast_path_switches_default_on_and_turn_off():
     off, _ = parse_config(["--train-data", "x.csv", "--no-cudnn-benchmark", "--no-pin-memory", "--decode-on-device"])
     assert off.cudnn_benchmark is False and off.pin_memory is False and off.decode_on_device is True
     assert parse_config(["--train-data", "x.csv", "--pin-memory"])[0].pin_memory is True
+
+
+def test_upsampling_factors_val_num_samples_and_imagenet_v2_parse_as_open_clip_train_parses_them():
+    from open_clip_train.params import parse_args
+
+    flags = ["--train-data", "a/{0..1}.tar::b/{0..1}.tar", "--dataset-resampled", "--train-data-upsampling-factors",
+             "1::0.5", "--val-num-samples", "1000", "--imagenet-v2", "/data/imagenetv2"]
+    theirs, (ours, _) = vars(parse_args(flags)), parse_config(flags)
+    keys = ["train_data_upsampling_factors", "val_num_samples", "imagenet_v2"]
+    assert {k: getattr(ours, k) for k in keys} == {k: theirs[k] for k in keys} == \
+        {"train_data_upsampling_factors": "1::0.5", "val_num_samples": 1000, "imagenet_v2": "/data/imagenetv2"}
+    defaults = vars(parse_args([]))
+    assert {k: getattr(TrainConfig(), k) for k in keys} == {k: defaults[k] for k in keys} == dict.fromkeys(keys)

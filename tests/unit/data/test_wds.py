@@ -271,3 +271,139 @@ def test_the_shuffle_buffer_starts_early_and_loses_nothing():
     assert out == list(buffer_shuffle(range(5000), 2000, random.Random(3), initial=100))  # a function of the seed
     # Once full, items are yielded one for one: the buffer stays at 2000, so an item can travel far.
     assert max(out.index(item) - item for item in range(5000)) > 1000
+
+
+# --- --train-data-upsampling-factors ---------------------------------------------------------------
+
+def sigma_bound(count: int, draws: int, p: float, sigmas: float = 5.0) -> bool:
+    """Whether `count` successes in `draws` Bernoulli(p) trials are within `sigmas` standard deviations of
+    the mean. The draws are seeded, so a test either always passes or always fails; 5 sigmas means a correct
+    sampler fails it for fewer than 1 seed in a million, while a sampler that ignored the weights misses by
+    dozens of sigmas at these sizes."""
+    return abs(count - draws * p) <= sigmas * (draws * p * (1 - p)) ** 0.5
+
+
+def test_upsampling_factors_weigh_each_shard_by_its_source(shard_dir):
+    import random
+    from collections import Counter
+
+    names = [os.path.join(shard_dir, f"{i:05d}.tar") for i in range(4)]
+    # Three sources of 1, 2 and 1 shards: the factor is per shard (open_clip's meaning), so source 2
+    # weighs 2 x 1 = 2 of the total 3 + 2 + 0 = 5, and each of its shards 1/5.
+    urls = "::".join([names[0], os.path.join(shard_dir, "{00001..00002}.tar"), names[3]])
+    weights = wds_data.shard_weights(urls, "3::1::0")
+    assert weights == [3.0, 1.0, 1.0, 0.0]
+    draws = 50000
+    drawn = Counter(islice_draws(wds_data.draw_shards(names, weights, random.Random(5)), draws))
+    assert drawn[names[3]] == 0  # weight 0: never drawn
+    for name, p in zip(names[:3], (3 / 5, 1 / 5, 1 / 5)):
+        assert sigma_bound(drawn[name], draws, p), (name, drawn[name], draws * p)
+    # Without factors the draw is uniform and unchanged (runs saved before factors existed resume the same).
+    uniform = random.Random(5)
+    assert islice_draws(wds_data.draw_shards(names, None, random.Random(5)), 20) == \
+        [uniform.choice(names) for _ in range(20)]
+
+
+def islice_draws(draws, n: int) -> list[str]:
+    from itertools import islice
+
+    return list(islice(draws, n))
+
+
+SOURCE_SHARDS, SOURCE_SHARD_SIZE = 3, 2
+
+
+@pytest.fixture(scope="module")
+def three_sources(tmp_path_factory) -> list[str]:
+    """Three folders of 3 shards of 2 samples; source s's sample keys are 1000 * s + n, so a sample's
+    index tells its source."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (20, 20), (9, 99, 199)).save(buffer, "JPEG")
+    folders = []
+    for source in range(3):
+        folder = tmp_path_factory.mktemp(f"source{source}")
+        for shard in range(SOURCE_SHARDS):
+            first = 1000 * source + shard * SOURCE_SHARD_SIZE
+            write_tar(folder / f"{shard:05d}.tar", {f"{first + n:09d}": {"jpg": buffer.getvalue(), "txt": b"a caption"}
+                                                    for n in range(SOURCE_SHARD_SIZE)})
+        folders.append(str(folder))
+    return folders
+
+
+def test_an_epoch_takes_its_samples_from_the_sources_by_their_factors(three_sources, monkeypatch):
+    opened = []
+    real_read = wds_data.read_raw_samples
+
+    def recording_read(shards):
+        shards = list(shards)
+        opened.extend(shards)
+        return real_read(shards)
+
+    monkeypatch.setattr(wds_data, "read_raw_samples", recording_read)  # workers=0: read in this process
+    num_samples = 1200
+    batches, num_batches = load("::".join(three_sources), upsampling_factors="1::3::0", resampled=True, workers=0,
+                                batch_size=20, num_samples=num_samples, shuffle_buffer=10, preprocess=PLAIN)
+    assert len(batches) == num_batches == num_samples // 20
+    by_source = [sum(1 for i in indices_of(batches) if i // 1000 == source) for source in range(3)]
+    assert sum(by_source) == num_samples
+    assert not any(shard.startswith(three_sources[2]) for shard in opened)  # factor 0: never opened
+    assert by_source[2] == 0
+    # Samples come in whole shards of 2, so source 1's share is that of ~600 shard draws with p = 3/4; the
+    # at most 10 samples left in the shuffle buffer at the end of the epoch are within the slack.
+    shard_draws = num_samples // SOURCE_SHARD_SIZE
+    assert sigma_bound(by_source[1] // SOURCE_SHARD_SIZE, shard_draws, 3 / 4), by_source
+    assert by_source[1] > 2.5 * by_source[0]  # far from the uniform draw's 1:1
+
+
+def test_upsampling_factors_keep_the_exact_resume(shard_dir):
+    # The same as test_start_batch_gives_the_rest_of_the_uninterrupted_epoch, with two weighted sources.
+    urls = "::".join(os.path.join(shard_dir, pattern) for pattern in ("{00000..00001}.tar", "{00002..00003}.tar"))
+    settings = dict(batch_size=3, workers=2, epoch=2, resampled=True, upsampling_factors="1::4", num_samples=60)
+    full, num_batches = load(urls, **settings)
+    assert num_batches == len(full) == 20
+    assert sum(i >= 20 for i in indices_of(full)) > 2 * sum(i < 20 for i in indices_of(full))  # the factors bite
+    assert indices_of(load(urls, **{**settings, "upsampling_factors": "4::1"})[0]) != indices_of(full)
+    for start in (5, 20):
+        rest, _ = load(urls, start_batch=start, **settings)
+        assert len(rest) == num_batches - start
+        for resumed, original in zip(rest, full[start:]):
+            assert torch.equal(resumed.indices, original.indices)
+            assert torch.equal(resumed.images, original.images)
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--train-data", "a/{0..3}.tar::b/{0..3}.tar", "--dataset-resampled", "--train-data-upsampling-factors", "1"],
+     "--train-data-upsampling-factors '1' gives 1 factors for 2 sources in --train-data"),
+    (["--train-data", "a.tar::b.tar", "--dataset-resampled", "--train-data-upsampling-factors", "1::2::3"],
+     "gives 3 factors for 2 sources"),
+    (["--train-data", "a.tar::b.tar", "--dataset-resampled", "--train-data-upsampling-factors", "1::-2"],
+     "--train-data-upsampling-factors '1::-2': '-2' is not a number >= 0"),
+    (["--train-data", "a.tar::b.tar", "--dataset-resampled", "--train-data-upsampling-factors", "1::two"],
+     "'two' is not a number >= 0"),
+    (["--train-data", "a.tar::b.tar", "--dataset-resampled", "--train-data-upsampling-factors", "nan::1"],
+     "'nan' is not a number >= 0"),
+    (["--train-data", "a.tar::b.tar", "--dataset-resampled", "--train-data-upsampling-factors", "0::0.0"],
+     "all factors are 0"),
+    (["--train-data", "a.tar::b.tar", "--train-data-upsampling-factors", "1::2"],
+     "it needs --dataset-resampled"),
+    (["--train-data", "train.csv", "--dataset-resampled", "--train-data-upsampling-factors", "1"],
+     "--train-data-upsampling-factors weighs webdataset shard sources; --train-data train.csv is csv data"),
+    (["--dataset-type", "synthetic", "--dataset-resampled", "--train-data-upsampling-factors", "1"],
+     "--train-data-upsampling-factors weighs webdataset shard sources; --dataset-type synthetic"),
+])
+def test_bad_upsampling_factors_are_one_line_errors_at_start(args, message):
+    from acc_clip.config import parse_config
+
+    with pytest.raises(AccClipError) as error:
+        parse_config(args)
+    assert message in str(error.value) and "\n" not in str(error.value)
+
+
+def test_upsampling_factors_are_accepted_for_resampled_shard_folders(three_sources, shard_dir):
+    from acc_clip.config import parse_config
+
+    config, _ = parse_config(["--train-data", "::".join(three_sources), "--dataset-resampled",
+                              "--train-data-upsampling-factors", "1::2.5::0"])
+    assert config.train_data_upsampling_factors == "1::2.5::0"
+    with pytest.raises(AccClipError, match="it needs --dataset-resampled"):  # the loader checks it too
+        load(shard_dir, upsampling_factors="1")

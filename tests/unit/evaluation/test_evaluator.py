@@ -337,3 +337,107 @@ def test_acc_clip_eval_rejects_a_checkpoint_of_another_architecture(odd_val_csv,
     first_mismatch = next(key for key, value in model.state_dict().items()
                           if value.shape != other.state_dict()[key].shape)
     assert f"'{first_mismatch}'" in lines[0]
+
+
+# --- --val-num-samples: validation shards without sizes.json ---------------------------------------
+
+VAL_SHARD_ROWS = 9
+
+
+@pytest.fixture(scope="module")
+def val_shards(tmp_path_factory) -> dict[str, str]:
+    """9 image,caption rows as 3 shards (4, 4 and 1 samples): the folder with its sizes.json, and a copy
+    of the shards without it."""
+    import shutil
+
+    from acc_clip.shards.convert import convert_csv_to_shards
+
+    root = tmp_path_factory.mktemp("val_shards")
+    rows = [(write_image(root / f"img{i}.png", seed=100 + i), f"a picture of item {i}") for i in range(VAL_SHARD_ROWS)]
+    (root / "val.csv").write_text("filepath,title\n" + "".join(f"{f},{c}\n" for f, c in rows))
+    convert_csv_to_shards(str(root / "val.csv"), str(root / "sized"), samples_per_shard=4, workers=1, progress=False)
+    (root / "bare").mkdir()
+    for shard in sorted((root / "sized").glob("*.tar")):
+        shutil.copy(shard, root / "bare" / shard.name)
+    assert len(list((root / "bare").glob("*.tar"))) == 3
+    return {"sized": str(root / "sized"), "bare": str(root / "bare")}
+
+
+def val_evaluator(tiny, accelerator, val_data: str, val_num_samples=None):
+    from acc_clip.config import TrainConfig
+    from acc_clip.evaluation.evaluator import Evaluator
+
+    _, _, preprocess, tokenizer = tiny
+    settings = TrainConfig(val_data=val_data, val_num_samples=val_num_samples, batch_size=4, workers=0)
+    return Evaluator(settings, preprocess, tokenizer, accelerator)
+
+
+def test_val_shards_without_sizes_json_need_val_num_samples(val_shards, tiny, accelerator):
+    with pytest.raises(AccClipError) as error:
+        val_evaluator(tiny, accelerator, val_shards["bare"])
+    assert "no sizes.json entry for every shard; give the number of samples (--val-num-samples)" in str(error.value)
+    assert "--train-num-samples" not in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_wrong_val_num_samples_changes_nothing_but_a_warning(val_shards, tiny, accelerator, caplog):
+    """Evaluation reads every sample once whatever --val-num-samples says: the same metrics with the
+    right count, a smaller or a larger one, or sizes.json; a count that is off is said, once."""
+    model = tiny[1]
+    reference = val_evaluator(tiny, accelerator, val_shards["sized"]).evaluate(model)["retrieval"]
+    assert reference["num_samples"] == VAL_SHARD_ROWS and reference["num_bad"] == 0
+    for count in (VAL_SHARD_ROWS, 5, 20):
+        caplog.clear()
+        evaluator = val_evaluator(tiny, accelerator, val_shards["bare"], count)
+        assert evaluator.evaluate(model)["retrieval"] == reference
+        assert evaluator.evaluate(model)["retrieval"] == reference  # a second pass: the same, not warned again
+        warnings = [r.getMessage() for r in caplog.records if "validation set holds" in r.getMessage()]
+        if count == VAL_SHARD_ROWS:
+            assert warnings == []
+        else:
+            assert warnings == [f"--val-num-samples says the validation set holds {count} samples but 9 were read "
+                                f"(0 unreadable); the metrics are over every sample read, once each"]
+    # With sizes.json too, the flag is the count expected (as in open_clip_train, it wins over sizes.json).
+    caplog.clear()
+    assert val_evaluator(tiny, accelerator, val_shards["sized"], 7).evaluate(model)["retrieval"] == reference
+    assert "--val-num-samples says the validation set holds 7 samples but 9 were read" in caplog.text
+
+
+def test_a_sizes_json_that_overstates_the_set_is_said(val_shards, tiny, accelerator, caplog, tmp_path):
+    import shutil
+
+    folder = tmp_path / "overstated"
+    shutil.copytree(val_shards["sized"], folder)
+    sizes = json.loads((folder / "sizes.json").read_text())
+    (folder / "sizes.json").write_text(json.dumps({**sizes, "00002.tar": sizes["00002.tar"] + 3}))
+    metrics = val_evaluator(tiny, accelerator, str(folder)).evaluate(tiny[1])["retrieval"]
+    assert metrics["num_samples"] == VAL_SHARD_ROWS
+    assert "sizes.json says the validation set holds 12 samples but 9 were read (0 unreadable); the metrics are " \
+           "over every sample read, once each (a shard missing or cut short?)" in caplog.text
+
+
+def test_acc_clip_eval_takes_val_num_samples(val_shards, tiny, tmp_path, capsys):
+    name, model, _, _ = tiny
+    torch.save({"epoch": 1, "name": "x", "state_dict": model.state_dict()}, tmp_path / "epoch_1.pt")
+    status = cli.main(["eval", "--model", name, "--checkpoint", str(tmp_path / "epoch_1.pt"), "--val-data",
+                       val_shards["bare"], "--val-num-samples", str(VAL_SHARD_ROWS), "--batch-size", "4",
+                       "--workers", "0", "--device", "cpu"])
+    assert status == 0
+    printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert printed[0]["eval"] == "retrieval" and printed[0]["num_samples"] == VAL_SHARD_ROWS
+
+
+def test_val_num_samples_must_be_positive():
+    from acc_clip.config import parse_config
+
+    with pytest.raises(AccClipError, match="--val-num-samples must be at least 1, got 0"):
+        parse_config(["--train-data", "x.csv", "--val-num-samples", "0"])
+
+
+def test_acc_clip_eval_takes_imagenet_v2(tiny, tmp_path, capsys):
+    name, model, _, _ = tiny
+    torch.save({"epoch": 1, "name": "x", "state_dict": model.state_dict()}, tmp_path / "epoch_1.pt")
+    status = cli.main(["eval", "--model", name, "--checkpoint", str(tmp_path / "epoch_1.pt"), "--imagenet-v2",
+                       str(tmp_path / "nowhere"), "--device", "cpu", "--workers", "0"])
+    assert status == 2  # the flag is taken (no 'nothing to evaluate') and its folder checked before evaluating
+    errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert errors == [f"error: --imagenet-v2 {tmp_path / 'nowhere'}: folder not found"]

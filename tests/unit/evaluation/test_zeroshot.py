@@ -266,3 +266,115 @@ def test_imagenet_val_needs_its_1000_class_folders(tmp_path):
     root = make_folder(tmp_path / "val", ["n01440764", "n01443537"], per_class=1)
     with pytest.raises(AccClipError, match="1000 class names but .* has 2 classes"):
         load_imagenet_val(str(root), transform=None)
+
+
+# --- --imagenet-v2 --------------------------------------------------------------------------------
+
+# A short stand-in for the 1000 ImageNet class names: 12 classes are enough for folder '10' to sort
+# before '2', and keep the fake layout and the classifier small. The loader takes the list as a
+# parameter (default: open_clip's IMAGENET_CLASSNAMES); the Evaluator test patches the module's list.
+FEW_CLASSNAMES = [f"thing{chr(ord('a') + i)}" for i in range(12)]
+CLASS_COLOURS = [(20 * i, 255 - 20 * i, (97 * i) % 256) for i in range(12)]  # one solid colour per class
+
+
+def make_v2_layout(root: Path, classes: int = 12, per_class: int = 2) -> Path:
+    """ImageNetV2's layout: sub-folders named by class index, .jpeg images of their class's colour."""
+    for index in range(classes):
+        for i in range(per_class):
+            path = root / str(index) / f"{i}.jpeg"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            Image.new("RGB", (24, 24), CLASS_COLOURS[index]).save(path, quality=95)
+    return root
+
+
+def test_imagenet_v2_labels_are_the_integer_folder_names_not_their_sorted_order(tmp_path):
+    from acc_clip.evaluation.zeroshot import load_imagenet_v2
+
+    root = make_v2_layout(tmp_path / "v2")
+    dataset, classnames = load_imagenet_v2(str(root), transform=None, classnames=FEW_CLASSNAMES)
+    assert classnames == FEW_CLASSNAMES and len(dataset) == 24
+    assert [int(Path(f).parent.name) for f in dataset.filepaths] == dataset.labels
+    assert sorted(set(dataset.labels)) == list(range(12))
+    assert dataset.labels[dataset.filepaths.index(str(root / "10" / "0.jpeg"))] == 10  # not 2, its sorted rank
+    # open_clip_train's --imagenet-v2 PATH is where imagenetv2_pytorch keeps PATH/ImageNetV2-matched-frequency
+    (tmp_path / "location").mkdir()
+    root.rename(tmp_path / "location" / "ImageNetV2-matched-frequency")
+    again, _ = load_imagenet_v2(str(tmp_path / "location"), transform=None, classnames=FEW_CLASSNAMES)
+    assert again.labels == dataset.labels
+
+
+def test_imagenet_v2_without_its_layout_is_a_one_line_error(tmp_path):
+    from acc_clip.evaluation.zeroshot import load_imagenet_v2
+
+    def error_of(path) -> str:
+        with pytest.raises(AccClipError) as error:
+            load_imagenet_v2(str(path), transform=None, classnames=FEW_CLASSNAMES)
+        assert "\n" not in str(error.value)
+        return str(error.value)
+
+    assert error_of(tmp_path / "nowhere") == f"--imagenet-v2 {tmp_path / 'nowhere'}: folder not found"
+    synsets = make_folder(tmp_path / "val", ["n01440764", "n01443537"], per_class=1)  # ImageNet val's layout
+    assert error_of(synsets) == (f"--imagenet-v2 {synsets}: not ImageNetV2's layout (sub-folders 0..11, one per "
+                                 f"class index): 12 missing, e.g. '0'; 2 unexpected, e.g. 'n01440764'")
+    partial = make_v2_layout(tmp_path / "partial")
+    for image in (partial / "7").iterdir():
+        image.unlink()
+    (partial / "7").rmdir()
+    assert "1 missing, e.g. '7'" in error_of(partial)
+    # With the real list, a 12-class folder lacks 988 of ImageNet's 1000 classes.
+    with pytest.raises(AccClipError, match=r"sub-folders 0\.\.999, one per class index\): 988 missing, e.g. '12'"):
+        load_imagenet_v2(str(make_v2_layout(tmp_path / "v2")), transform=None)
+
+
+class OneHotClip(torch.nn.Module):
+    """A model that knows the answers: an image of CLASS_COLOURS[c] and a prompt of class c both encode
+    to the unit vector e_c, so top-1 is 1 exactly when every image carries its own class's label."""
+
+    def __init__(self, tokenizer, templates):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(1))  # for the input dtype
+        self.colours = torch.tensor(CLASS_COLOURS, dtype=torch.float32)
+        self.prompts = {tuple(tokenizer([template.format(name)])[0].tolist()): c
+                        for c, name in enumerate(FEW_CLASSNAMES) for template in templates}
+
+    def encode_image(self, images, normalize=False):
+        rgb = images.float().mean(dim=(2, 3))  # the test's transform keeps 0..255 colours
+        return torch.eye(len(FEW_CLASSNAMES))[torch.cdist(rgb, self.colours).argmin(dim=1)]
+
+    def encode_text(self, texts, normalize=False):
+        return torch.eye(len(FEW_CLASSNAMES))[[self.prompts[tuple(row.tolist())] for row in texts.cpu()]]
+
+
+def test_imagenet_v2_zeroshot_runs_beside_imagenet_val_on_its_schedule_with_one_classifier(
+        tiny, accelerator, tmp_path, monkeypatch):
+    from acc_clip.config import TrainConfig
+    from acc_clip.evaluation import zeroshot
+    from acc_clip.evaluation.evaluator import Evaluator
+
+    templates = ["a photo of a {}.", "{} in the wild"]
+    # 12 class names and 2 templates in place of ImageNet's 1000 and 80 (see FEW_CLASSNAMES).
+    monkeypatch.setattr(zeroshot, "IMAGENET_CLASSNAMES", FEW_CLASSNAMES)
+    monkeypatch.setattr(zeroshot, "OPENAI_IMAGENET_TEMPLATES", templates)
+    builds = []
+    real_build = zeroshot.build_zero_shot_classifier
+    monkeypatch.setattr(zeroshot, "build_zero_shot_classifier", lambda *a, **k: builds.append(1) or real_build(*a, **k))
+    v2 = make_v2_layout(tmp_path / "v2")
+    val = tmp_path / "val"  # ImageNet val's layout: synset-like folders, labels in sorted order
+    for index in range(12):
+        (val / f"n{index:02d}").mkdir(parents=True)
+        Image.new("RGB", (24, 24), CLASS_COLOURS[index]).save(val / f"n{index:02d}" / "0.png")
+
+    tokenizer = tiny[2]
+    to_tensor = lambda image: torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32)).permute(2, 0, 1)
+    settings = TrainConfig(imagenet_val=str(val), imagenet_v2=str(v2), zeroshot_frequency=2, batch_size=5, workers=0)
+    evaluator = Evaluator(settings, to_tensor, tokenizer, accelerator)
+    model = OneHotClip(tokenizer, templates)
+    assert evaluator.run(model, completed_epochs=1) == {}  # not due: --zeroshot-frequency 2
+    metrics = evaluator.run(model, completed_epochs=2)
+    assert metrics == {
+        "imagenet-zeroshot_top1": 1.0, "imagenet-zeroshot_top5": 1.0,
+        "imagenet-zeroshot_num_samples": 12, "imagenet-zeroshot_num_bad": 0,
+        "imagenetv2-zeroshot_top1": 1.0, "imagenetv2-zeroshot_top5": 1.0,
+        "imagenetv2-zeroshot_num_samples": 24, "imagenetv2-zeroshot_num_bad": 0,
+    }
+    assert len(builds) == 1  # both sets are ImageNet's classes and templates: one classifier
