@@ -201,6 +201,8 @@ def train(config: TrainConfig, notices: list[str] = ()) -> int:
                 raise AccClipError(error)
             micro_batches, trimmed = agree_batch_sizes(micro_batches, host_group)
             samples_trimmed += trimmed
+            log.debug("step %d: micro-batches of %s samples, %d cut", progress.global_step,
+                      [len(b.indices) for b in micro_batches], trimmed)
             device_batches = [to_device(b, image_transform, accelerator.device, channels_last, plan.input_dtype)
                               for b in micro_batches]
             data_time = time.perf_counter() - start

@@ -4,7 +4,7 @@ import shlex
 import sys
 
 
-from conftest import SEED_COMMAND, TINY_RN, read_metrics, run_trainer, tiny_train_args
+from conftest import REPO, SEED_COMMAND, TINY_RN, read_metrics, run_trainer, tiny_train_args
 
 
 def test_seed_default_command_runs_on_the_cpu(train_csv, tmp_path):
@@ -115,3 +115,15 @@ def test_channels_last_trains_and_checkpoints(train_csv, tmp_path):
     run_trainer(tiny_train_args(train_csv, tmp_path, "cl", "--channels-last", "--save-every-n-steps", "2",
                                 "--max-steps", "2"))
     assert (tmp_path / "cl" / "checkpoints" / "step_00000002" / "complete.json").exists()
+
+
+def test_open_clip_s_logging_flags(train_csv, tmp_path):
+    """--log-local: each process writes out-RANK.log (open_clip_train's name) instead of the main process's
+    out.log; --copy-codebase: the package as it ran, in code/; --debug: debug-level lines."""
+    result = run_trainer(tiny_train_args(train_csv, tmp_path, "logs", "--max-steps", "1", "--log-local",
+                                         "--copy-codebase", "--debug"))
+    run = tmp_path / "logs"
+    assert (run / "out-0.log").is_file() and not (run / "out.log").exists()
+    assert "Train Epoch: 0" in (run / "out-0.log").read_text()
+    assert (run / "code" / "acc_clip" / "train.py").read_text() == (REPO / "acc_clip" / "train.py").read_text()
+    assert "| DEBUG |" in result.stdout
