@@ -207,17 +207,17 @@ class TrainConfig:
     def uses_timm_optimizer(self) -> bool:
         return self.opt.lower().startswith("timm/")
 
-    def with_model_defaults(self) -> "TrainConfig":
+    def __post_init__(self) -> None:
         """open_clip_train's rule: lr, beta1, beta2 and eps left unset take `get_default_params(model)` (a
         model whose name holds "vit": beta2 0.98, eps 1e-6), except under a timm optimizer, which keeps
-        its own defaults."""
+        its own defaults. Done on every construction, so no config is ever half resolved."""
         if self.uses_timm_optimizer:
-            return self
+            return
         from open_clip_train.params import get_default_params
 
-        defaults = get_default_params(self.model)
-        return dataclasses.replace(self, **{key: value for key, value in defaults.items()
-                                            if getattr(self, key) is None})
+        for key, value in get_default_params(self.model).items():
+            if getattr(self, key) is None:
+                setattr(self, key, value)
 
     def _validate_compatibility(self) -> None:
         """open_clip_train flags that cannot mean anything here, or only in part: one line each."""
@@ -371,7 +371,7 @@ def parse_config(argv: list[str]) -> tuple[TrainConfig, list[str]]:
     if config_path:
         values.update(_read_yaml(config_path))
     values.update({k: v for k, v in vars(namespace).items() if k != "config"})
-    config = TrainConfig(**{k: _coerce(k, v) for k, v in values.items()}).with_model_defaults()
+    config = TrainConfig(**{k: _coerce(k, v) for k, v in values.items()})
     notices = [f"--{flag(key)} has no effect: {config.model} is not a CoCa model (open_clip_train's rule: the name "
                 f"holds 'coca')" for key in COCA_FLAGS if key in values and not config.is_coca]
     if config.momentum is not None and not config.uses_timm_optimizer:

@@ -136,7 +136,9 @@ def image_input_dtype(model: torch.nn.Module) -> torch.dtype:
     Under --precision fp16/bf16 open_clip casts those but keeps norms and embeddings fp32, so the model's
     first parameter does not tell."""
     layers = (torch.nn.Conv2d, torch.nn.Linear)
-    return next(m.weight.dtype for m in model.visual.modules() if isinstance(m, layers))
+    tower = getattr(model, "visual", model)
+    dtype = next((m.weight.dtype for m in tower.modules() if isinstance(m, layers)), None)
+    return dtype or next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
 def uses_channels_last(model: torch.nn.Module, requested: Optional[bool]) -> bool:

@@ -52,58 +52,51 @@ def test_accumulation_equals_one_big_batch(train_csv, accelerator, optimizer_nam
         assert max_difference(without_key_bias(accumulated), without_key_bias(big)) <= 1e-5
 
 
+def sgd_big_and_accumulated(train_csv, accelerator, big_batch: int, accum_freq: int, *flags: str, model=TINY_VIT):
+    """Plain SGD (lr 1) from the seeded weights: (initial weights, (loss, weights) after one step of one
+    batch of `big_batch`, the same after one step of `accum_freq` micro-batches of big_batch / accum_freq)."""
+    def one_step(batch: int, *extra: str, steps: int = 1):
+        return run_steps(tiny_config(train_csv, *flags, "--batch-size", str(batch), *extra, model=model), accelerator,
+                         steps, optimizer_name="sgd")
+
+    initial = one_step(big_batch, steps=0)[1]
+    big_losses, big, _ = one_step(big_batch)
+    acc_losses, accumulated, _ = one_step(big_batch // accum_freq, "--accum-freq", str(accum_freq))
+    return initial, (big_losses[0], big), (acc_losses[0], accumulated)
+
+
 @pytest.mark.parametrize("accum_freq", [2, 4])
 def test_siglip_accumulation_equals_one_big_batch_and_trains_the_bias(train_csv, accelerator, accum_freq):
     """SigLIP (--siglip) with plain SGD, lr 1: k micro-batches of 32/k make the update of one batch of
     32, the logit bias included (its gradient comes once, from the last micro-batch); the model starts
     as open_clip_train starts it (logit scale ln 10, bias -10) and the bias does train. Measured:
     weights within 1.4e-6 of the big batch's for an update of up to 5.6 (the bias moves by 1.0)."""
-    def one_step(batch: int, *flags: str, steps: int = 1):
-        return run_steps(tiny_config(train_csv, "--siglip", "--batch-size", str(batch), *flags), accelerator, steps,
-                         optimizer_name="sgd")
-
-    initial = one_step(32, steps=0)[1]
+    initial, (big_loss, big), (acc_loss, accumulated) = sgd_big_and_accumulated(train_csv, accelerator, 32, accum_freq,
+                                                                                "--siglip")
     assert initial["logit_bias"].item() == -10 and initial["logit_scale"].item() == pytest.approx(math.log(10))
-    big_losses, big, _ = one_step(32)
-    acc_losses, accumulated, _ = one_step(32 // accum_freq, "--accum-freq", str(accum_freq))
     assert abs(big["logit_bias"].item() - initial["logit_bias"].item()) > 0.1  # the bias received its gradient
-    assert abs(acc_losses[0] - big_losses[0]) <= 1e-5
+    assert abs(acc_loss - big_loss) <= 1e-5
     assert max_difference(accumulated, big) <= 1e-5
 
 
-@pytest.mark.parametrize("accum_freq", [2, 4])
-def test_coca_accumulation_equals_one_big_batch(train_csv, accelerator, accum_freq):
-    """A CoCa model (its name holds coca) trains on open_clip's CoCaLoss: the contrastive and the
-    caption loss, both logged; with plain SGD, k micro-batches of 16/k make the update of one batch of
-    16, the decoder's logits and labels re-assembled across micro-batches like the features. Measured:
-    equal losses, weights within 7.2e-7 for an update of up to 6.7."""
-    def one_step(batch: int, *flags: str, steps: int = 1):
-        return run_steps(tiny_config(train_csv, "--batch-size", str(batch), *flags, model=TINY_COCA), accelerator,
-                         steps, optimizer_name="sgd")
-
-    initial = one_step(16, steps=0)[1]
-    big_losses, big, _ = one_step(16)
-    acc_losses, accumulated, _ = one_step(16 // accum_freq, "--accum-freq", str(accum_freq))
+@pytest.mark.parametrize("objective, accum_freq", [(o, k) for o in ("coca", "distill") for k in (2, 4)])
+def test_coca_and_distillation_accumulation_equal_one_big_batch(train_csv, tiny_teacher, accelerator, objective,
+                                                                 accum_freq):
+    """With plain SGD, lr 1, k micro-batches make the update of one batch k times larger:
+    - CoCa (a model whose name holds coca; batch 16): the caption loss's per-sample token sums are
+      re-assembled across micro-batches like the features. Measured: equal losses, weights within 7.2e-7
+      for an update of up to 6.7.
+    - distillation (open_clip_train refuses it with --accum-freq; batch 32): the teacher's features are
+      computed once per micro-batch and assembled like the student's. Measured: equal losses, weights
+      within 9.6e-7 for an update of up to 4.3."""
+    if objective == "coca":
+        setting = dict(big_batch=16, flags=(), model=TINY_COCA)
+    else:
+        setting = dict(big_batch=32, flags=("--distill-model", tiny_teacher), model=TINY_VIT)
+    initial, (big_loss, big), (acc_loss, accumulated) = sgd_big_and_accumulated(
+        train_csv, accelerator, setting["big_batch"], accum_freq, *setting["flags"], model=setting["model"])
     assert max_difference(big, initial) > 1e-3
-    assert abs(acc_losses[0] - big_losses[0]) <= 1e-5
-    assert max_difference(accumulated, big) <= 1e-5
-
-
-@pytest.mark.parametrize("accum_freq", [2, 4])
-def test_distillation_accumulation_equals_one_big_batch(train_csv, tiny_teacher, accelerator, accum_freq):
-    """Distillation (open_clip_train refuses it with --accum-freq) with plain SGD, lr 1: the teacher's
-    features are computed once per micro-batch and assembled like the student's, so k micro-batches of
-    32/k make the update of one batch of 32. Measured: equal losses, weights within 9.6e-7 for an update of
-    up to 4.3."""
-    def one_step(batch: int, *flags: str, steps: int = 1):
-        return run_steps(tiny_config(train_csv, "--distill-model", tiny_teacher, "--batch-size", str(batch), *flags),
-                         accelerator, steps, optimizer_name="sgd")
-
-    initial = one_step(32, steps=0)[1]
-    big_losses, big, _ = one_step(32)
-    acc_losses, accumulated, _ = one_step(32 // accum_freq, "--accum-freq", str(accum_freq))
-    assert max_difference(big, initial) > 1e-3
-    assert abs(acc_losses[0] - big_losses[0]) <= 1e-5
+    assert abs(acc_loss - big_loss) <= 1e-5
     assert max_difference(accumulated, big) <= 1e-5
 
 
