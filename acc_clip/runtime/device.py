@@ -143,7 +143,7 @@ def plan_device(requested: Optional[str], precision: str, local_rank: Optional[i
         mixed, note = cpu_mixed_precision(precision, mixed, cpu_has_native_bf16())
     return DevicePlan(
         kind=kind,
-        device="cpu" if kind in ("cpu", "mps") else f"{kind}:{local_rank}",
+        device=kind if kind in ("cpu", "mps") else f"{kind}:{local_rank}",  # one CPU, one Apple GPU per machine
         backend=backend or BACKEND[kind],
         distributed_type=DISTRIBUTED_TYPE[kind],
         mixed_precision=mixed,
