@@ -150,7 +150,7 @@ def plan_device(requested: Optional[str], precision: str, local_rank: Optional[i
         autocast_dtype=AUTOCAST_DTYPE[mixed],
         input_dtype=INPUT_DTYPE.get(precision),
         uses_grad_scaler=mixed == "fp16",
-        pin_memory=kind != "cpu",
+        pin_memory=kind not in ("cpu", "mps"),  # MPS shares the host memory: nothing to pin
         visible_devices_variable=VISIBLE_DEVICES[kind],
         note=note,
     )
