@@ -235,8 +235,18 @@ class TrainConfig:
                 raise AccClipError(f"--opt {self.opt} needs --lr: the schedule starts from it (open_clip_train's too)")
             if (self.beta1 is None) != (self.beta2 is None):
                 raise AccClipError(f"--opt {self.opt}: give both --beta1 and --beta2 or neither (as open_clip_train)")
-        if self.force_image_size is not None and len(self.force_image_size) not in (1, 2):
-            raise AccClipError(f"--force-image-size {self.force_image_size}: one size, or height and width")
+        if self.force_image_size is not None and (len(self.force_image_size) not in (1, 2) or
+                                                  min(self.force_image_size) < 1):
+            raise AccClipError(f"--force-image-size {' '.join(map(str, self.force_image_size))}: one positive size, "
+                               "or height and width")
+        for key in ("image_mean", "image_std"):
+            values = getattr(self, key)
+            if values is not None and len(values) not in (1, 3):
+                raise AccClipError(f"--{flag(key)} {' '.join(map(str, values))}: one value, or one per channel (3)")
+        if self.image_std is not None and min(self.image_std) <= 0:
+            raise AccClipError(f"--image-std {' '.join(map(str, self.image_std))}: must be positive")
+        if self.force_context_length is not None and self.force_context_length < 2:
+            raise AccClipError(f"--force-context-length {self.force_context_length}: at least 2 tokens (start, end)")
 
     def validate(self) -> "TrainConfig":
         self._validate_compatibility()
@@ -285,12 +295,27 @@ def _closest(key: str) -> str:
     return flag(matches[0]) if matches else ""
 
 
+def _key_values_action() -> type:
+    from open_clip_train.params import ParseKwargs  # open_clip's own key=value parsing for --aug-cfg
+
+    class KeyValues(ParseKwargs):
+        """open_clip's parsing, with a one-line error where it would raise a ValueError."""
+
+        def __call__(self, parser, namespace, values, option_string=None):
+            try:
+                super().__call__(parser, namespace, values, option_string)
+            except ValueError:
+                raise AccClipError(f"{option_string} {' '.join(values)}: expected key=value pairs, e.g. "
+                                   "scale=(0.9,1.0) re_prob=0.25") from None
+
+    return KeyValues
+
+
 def _argument_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="acc-clip train", allow_abbrev=False,
                                      description="Train a CLIP model with open_clip_train's flags, on Accelerate.")
     parser.add_argument("--config", help="YAML file of options (keys as flags, - or _)")
-    from open_clip_train.params import ParseKwargs  # open_clip's own key=value parsing for --aug-cfg
-
+    KeyValues = _key_values_action()
     hints = get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
         kind = hints[f.name]
@@ -301,7 +326,7 @@ def _argument_parser() -> argparse.ArgumentParser:
         elif base is list:
             kwargs.update(type=_element_type(kind), nargs="+")
         elif base is dict:
-            kwargs.update(nargs="*", action=ParseKwargs)
+            kwargs.update(nargs="*", action=KeyValues)
         else:
             kwargs["type"] = base
             if base is str:

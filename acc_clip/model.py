@@ -53,6 +53,8 @@ def open_clip_model(name: str, pretrained: str, model_flag: str, weights_flag: s
             name, None if local else pretrained or None, device="cpu", output_dict=True, **kwargs)
     except (RuntimeError, ValueError, FileNotFoundError) as error:  # open_clip's ways of saying bad name/weights
         raise AccClipError(f"{model_flag} {name} {weights_flag} {pretrained!r}: {error}") from None
+    except TypeError as error:  # an option open_clip's classes do not take, e.g. --aug-cfg bogus=1
+        raise AccClipError(f"{model_flag} {name}: {error}") from None
     if local:
         load_weights(model, pretrained, weights_flag)
     return model, preprocess_train, preprocess_val
@@ -78,7 +80,8 @@ def has_weights(name: str, pretrained: str) -> bool:
     if pretrained:
         return True
     folder = name[len(LOCAL_DIR):] if name.startswith(LOCAL_DIR) else None
-    return folder is not None and any(entry.endswith(WEIGHT_SUFFIXES) for entry in os.listdir(folder))
+    return folder is not None and os.path.isdir(folder) and any(entry.endswith(WEIGHT_SUFFIXES)
+                                                                 for entry in os.listdir(folder))
 
 
 def create_model(config: TrainConfig) -> ModelBundle:
@@ -110,11 +113,15 @@ def create_model(config: TrainConfig) -> ModelBundle:
 def create_teacher(config: TrainConfig, device) -> torch.nn.Module:
     """The distillation teacher (--distill-model, --distill-pretrained): frozen, in eval mode, on
     `device`. It is not part of the trained model, so it is never wrapped, optimised or saved."""
-    if not has_weights(config.distill_model, config.distill_pretrained):
-        raise AccClipError(f"--distill-model {config.distill_model}: the teacher has no weights; give "
+    name = config.distill_model
+    if name.startswith(LOCAL_DIR) and not os.path.isdir(name[len(LOCAL_DIR):]):
+        raise AccClipError(f"--distill-model {name}: no such folder")
+    if not has_weights(name, config.distill_pretrained):
+        raise AccClipError(f"--distill-model {name}: the teacher has no weights; give "
                            "--distill-pretrained (a tag or a local file) or a local-dir: folder that holds them")
-    teacher, _, _ = open_clip_model(config.distill_model, config.distill_pretrained or "", "--distill-model",
-                                    "--distill-pretrained")
+    # In the run's precision, as open_clip_train creates it: under fp16/bf16 it reads the student's cast inputs.
+    teacher, _, _ = open_clip_model(name, config.distill_pretrained or "", "--distill-model", "--distill-pretrained",
+                                    precision=config.precision)
     return teacher.requires_grad_(False).eval().to(device)
 
 

@@ -1,5 +1,6 @@
 """Config: open_clip_train's flags keep their names and meaning; unknown keys are errors naming the closest key."""
 
+import re
 import shlex
 
 import pytest
@@ -86,3 +87,31 @@ def test_upsampling_factors_val_num_samples_and_imagenet_v2_parse_as_open_clip_t
         {"train_data_upsampling_factors": "1::0.5", "val_num_samples": 1000, "imagenet_v2": "/data/imagenetv2"}
     defaults = vars(parse_args([]))
     assert {k: getattr(TrainConfig(), k) for k in keys} == {k: defaults[k] for k in keys} == dict.fromkeys(keys)
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--aug-cfg", "foo"], "--aug-cfg foo: expected key=value pairs"),
+    (["--image-mean", "0.5", "0.5"], "--image-mean 0.5 0.5: one value, or one per channel"),
+    (["--image-std", "0", "1", "1"], "--image-std 0.0 1.0 1.0: must be positive"),
+    (["--force-image-size", "0"], "--force-image-size 0: one positive size"),
+    (["--force-image-size", "224", "224", "3"], "--force-image-size 224 224 3: one positive size, or height and width"),
+    (["--force-context-length", "1"], "--force-context-length 1: at least 2 tokens"),
+    (["--opt", "sgd"], "--opt sgd: expected adamw or a timm optimizer as timm/NAME"),
+    (["--opt", "timm/sgd"], "--opt timm/sgd needs --lr"),
+    (["--dist-url", "tcp://10.0.0.1:23456"], "--dist-url tcp://10.0.0.1:23456: acc_clip's processes take their"),
+])
+def test_open_clip_flags_with_values_that_cannot_work_are_one_line_errors(flags, message):
+    """open_clip_train accepts these and fails later with a traceback (or, for --dist-url, starts differently)."""
+    with pytest.raises(AccClipError, match=re.escape(message)) as error:
+        parse_config(["--train-data", "x.csv", *flags])
+    assert "\n" not in str(error.value)
+
+
+def test_an_augmentation_option_open_clip_does_not_know_is_one_line_at_model_creation():
+    from acc_clip.model import create_model
+
+    config, _ = parse_config(["--train-data", "x.csv", "--model", f"local-dir:{REPO}/configs/models/tiny-vit",
+                              "--aug-cfg", "bogus=1"])
+    with pytest.raises(AccClipError, match="unexpected keyword argument 'bogus'") as error:
+        create_model(config)
+    assert "\n" not in str(error.value)

@@ -177,3 +177,21 @@ def test_distilling_into_a_model_with_a_logit_bias_is_refused(tiny_teacher):
             **objective.targets(torch.randn(2, 3, 32, 32), torch.zeros(2, 32, dtype=torch.long))}
     with pytest.raises(AccClipError, match="has a logit_bias .* distil into a model without one"):
         objective(rows)
+
+
+def test_a_model_named_coca_without_a_caption_decoder_is_one_line():
+    """open_clip_train's rule picks the CoCa loss by name: a CLIP model in a folder whose path holds
+    'coca' would otherwise fail with a KeyError deep in the loss."""
+    objective = CoCaObjective(config_of("--model", "local-dir:/data/coca-experiments/tiny-vit"), 0, 1)
+    outputs = {"image_features": features(2), "text_features": features(2, seed=1), "logit_scale": torch.tensor(10.0)}
+    with pytest.raises(AccClipError, match="has no caption decoder"):
+        objective.rows(outputs)
+
+
+def test_the_teacher_is_built_in_the_run_s_precision_and_its_folder_must_exist(tiny_teacher, tmp_path):
+    """open_clip_train creates the teacher with --precision: under bf16 it reads the student's bf16 images."""
+    objective = create_objective(config_of("--model", TINY_VIT, "--distill-model", tiny_teacher,
+                                           "--precision", "pure_bf16"), 0, 1)
+    assert {p.dtype for p in objective.teacher.parameters()} == {torch.bfloat16}
+    with pytest.raises(AccClipError, match="--distill-model local-dir:.*nowhere: no such folder"):
+        create_objective(config_of("--distill-model", f"local-dir:{tmp_path / 'nowhere'}"), 0, 1)
