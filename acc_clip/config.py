@@ -26,7 +26,8 @@ DATASET_TYPES = ("auto", "csv", "webdataset", "synthetic")
 SIGLIP_DIST_IMPLS = ("bidir", "shift", "reduce", "gather")  # open_clip SigLipLoss's exchanges across processes
 
 COCA_FLAGS = ("coca_caption_loss_weight", "coca_contrastive_loss_weight")
-OPTIMIZER_DEFAULTS = ("lr", "beta1", "beta2", "eps")  # derived from the model name by open_clip_train when unset
+# torch's process-group backends, and those vendor packages register (SDAA's tccl, Ascend's hccl).
+DIST_BACKENDS = ("nccl", "gloo", "mpi", "ucc", "xccl", "tccl", "hccl")
 # open_clip_train flags that cannot mean anything under acc_clip: flag -> why, and what to use instead.
 REFUSED_FLAGS = {
     "horovod": "acc_clip runs on Accelerate, not Horovod: start processes with `accelerate launch` (launch/README.md)",
@@ -235,6 +236,11 @@ class TrainConfig:
                 raise AccClipError(f"--opt {self.opt} needs --lr: the schedule starts from it (open_clip_train's too)")
             if (self.beta1 is None) != (self.beta2 is None):
                 raise AccClipError(f"--opt {self.opt}: give both --beta1 and --beta2 or neither (as open_clip_train)")
+        for key in COCA_FLAGS:
+            if getattr(self, key) < 0:
+                raise AccClipError(f"--{flag(key)} {getattr(self, key)}: a loss weight must not be negative")
+        if self.dist_backend is not None and self.dist_backend not in DIST_BACKENDS:
+            raise AccClipError(f"--dist-backend {self.dist_backend}: expected one of {', '.join(DIST_BACKENDS)}")
         if self.force_image_size is not None and (len(self.force_image_size) not in (1, 2) or
                                                   min(self.force_image_size) < 1):
             raise AccClipError(f"--force-image-size {' '.join(map(str, self.force_image_size))}: one positive size, "
@@ -401,8 +407,12 @@ def parse_config(argv: list[str]) -> tuple[TrainConfig, list[str]]:
                 f"holds 'coca')" for key in COCA_FLAGS if key in values and not config.is_coca]
     if config.momentum is not None and not config.uses_timm_optimizer:
         notices.append(f"--momentum {config.momentum} has no effect with --opt {config.opt} (as in open_clip)")
-    if config.loss_dist_impl is not None and not config.siglip:
-        notices.append(f"--loss-dist-impl {config.loss_dist_impl} has no effect without --siglip (as in open_clip)")
+    if config.siglip and config.is_coca:
+        notices.append("--siglip with a CoCa model: the CoCa loss trains (open_clip_train's order); only the SigLIP "
+                       "initialisation (logit scale ln 10, bias -10) applies")
+    if config.loss_dist_impl is not None and (not config.siglip or config.is_coca):
+        notices.append(f"--loss-dist-impl {config.loss_dist_impl} has no effect: this run does not train with the "
+                       "SigLIP loss (as in open_clip)")
     return config.validate(), notices
 
 

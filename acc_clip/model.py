@@ -9,7 +9,7 @@ from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
-from open_clip import create_model_and_transforms, get_tokenizer
+from open_clip import create_model_and_transforms, get_model_config, get_tokenizer
 from open_clip_train.scheduler import const_lr, const_lr_cooldown, cosine_lr
 
 from acc_clip.config import TrainConfig
@@ -92,6 +92,7 @@ def create_model(config: TrainConfig) -> ModelBundle:
     set_seed(config.seed)
     model, preprocess_train, preprocess_val = open_clip_model(config.model, config.pretrained, "--model",
                                                               "--pretrained", **model_options(config))
+    check_coca(model, config)
     if not has_weights(config.model, config.pretrained):
         initialise_coca_decoder_projection(model)
     if config.lock_image:
@@ -106,7 +107,9 @@ def create_model(config: TrainConfig) -> ModelBundle:
                               freeze_layer_norm=config.lock_text_freeze_layer_norm)
     if config.grad_checkpointing:
         model.set_grad_checkpointing()
-    tokenizer = get_tokenizer(config.model)
+    # open_clip_train's: with --force-context-length the texts are tokenised to that length
+    tokenizer = get_tokenizer(config.model, **({'context_length': config.force_context_length}
+                                               if config.force_context_length else {}))
     return ModelBundle(model, preprocess_train, preprocess_val, tokenizer)
 
 
@@ -116,6 +119,8 @@ def create_teacher(config: TrainConfig, device) -> torch.nn.Module:
     name = config.distill_model
     if name.startswith(LOCAL_DIR) and not os.path.isdir(name[len(LOCAL_DIR):]):
         raise AccClipError(f"--distill-model {name}: no such folder")
+    if not name.startswith(LOCAL_DIR) and not name.startswith("hf-hub:") and get_model_config(name) is None:
+        raise AccClipError(f"--distill-model {name}: open_clip has no model of that name (open_clip.list_models())")
     if not has_weights(name, config.distill_pretrained):
         raise AccClipError(f"--distill-model {name}: the teacher has no weights; give "
                            "--distill-pretrained (a tag or a local file) or a local-dir: folder that holds them")
@@ -123,6 +128,24 @@ def create_teacher(config: TrainConfig, device) -> torch.nn.Module:
     teacher, _, _ = open_clip_model(name, config.distill_pretrained or "", "--distill-model", "--distill-pretrained",
                                     precision=config.precision)
     return teacher.requires_grad_(False).eval().to(device)
+
+
+def check_coca(model: torch.nn.Module, config: TrainConfig) -> None:
+    """open_clip_train picks the CoCa loss by the model's name; a CoCa model under another name (an exported
+    local-dir: folder, say) would silently train without its caption loss, and a CLIP model under a coca name
+    would fail in the loss. Both are one line here. open_clip's CoCa pooler also fails on weights cast by
+    --precision fp16/bf16 (dtype mismatch in its attention); refuse that before training."""
+    from open_clip import CoCa
+
+    if isinstance(model, CoCa) != config.is_coca:
+        raise AccClipError(f"--model {config.model}: " + (
+            "a CoCa model whose name lacks 'coca', so open_clip_train's rule would train it without its caption "
+            "loss; name its folder with coca" if isinstance(model, CoCa) else
+            "the name holds 'coca', which selects the CoCa loss (open_clip_train's rule), but the model has no "
+            "caption decoder; rename its folder"))
+    if isinstance(model, CoCa) and config.precision in ("fp16", "bf16"):
+        raise AccClipError(f"--precision {config.precision} with a CoCa model: open_clip's CoCa fails on weights cast "
+                           "this way; use amp, amp_bf16 or pure_" + config.precision)
 
 
 def initialise_coca_decoder_projection(model: torch.nn.Module) -> None:

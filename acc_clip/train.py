@@ -128,8 +128,10 @@ def start_run(config: TrainConfig, notices: list[str]):
         log.warning(notice)
     if accelerator.is_main_process:
         save_config(config, os.path.join(run_dir, CONFIG_FILE))
-        log.info("optimizer %s: lr %s, betas (%s, %s), eps %s, weight decay %s%s", config.opt, config.lr, config.beta1,
-                 config.beta2, config.eps, config.wd, ", momentum %s" % config.momentum if config.momentum else "")
+        given = {"lr": config.lr, "betas": (config.beta1, config.beta2) if config.beta1 is not None else None,
+                 "eps": config.eps, "weight decay": config.wd, "momentum": config.momentum}
+        log.info("optimizer %s: %s", config.opt, ", ".join(f"{k} {v}" for k, v in given.items() if v is not None) +
+                 (" (timm's defaults for the rest)" if config.uses_timm_optimizer else ""))
         if config.copy_codebase:
             copy_codebase(run_dir)
     start_trackers(accelerator, config, run_dir)
@@ -211,7 +213,7 @@ def train(config: TrainConfig, notices: list[str] = ()) -> int:
             progress.advance(step_in_epoch + 1, global_batch)
             end = time.perf_counter()
             metrics.record(StepRecord(progress.global_step - 1, epoch, step_in_epoch + 1, losses,
-                                      parallel.unwrap(model).logit_scale.detach(), lr, data_time,
+                                      parallel.unwrap(model).logit_scale.detach().clone(), lr, data_time,
                                       end - start, progress.samples_seen))
             start = end
             if sample_log is not None:

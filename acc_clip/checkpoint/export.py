@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+from typing import Optional
 
 from acc_clip.errors import AccClipError
 from acc_clip.checkpoint.format import (OPTIMIZER_FILE, SCALER_FILE, WEIGHTS_FILE, Progress, atomic_torch_save,
@@ -58,7 +59,32 @@ def open_clip_config(model_name: str, state_dict: dict) -> dict:
     return config
 
 
-def write_local_dir(model_name: str, state_dict: dict, out: str) -> str:
+# --force-* / --image-* options of a run -> where open_clip's config keeps them (as its create_model applies them).
+MODEL_CFG_OPTIONS = {"force_quick_gelu": ("quick_gelu",), "force_custom_text": ("custom_text",),
+                     "force_image_size": ("vision_cfg", "image_size"), "force_patch_dropout": ("vision_cfg", "patch_dropout"),
+                     "force_context_length": ("text_cfg", "context_length")}
+PREPROCESS_OPTIONS = {"image_mean": "mean", "image_std": "std", "image_interpolation": "interpolation",
+                      "image_resize_mode": "resize_mode"}
+MODEL_OPTIONS = (*MODEL_CFG_OPTIONS, *PREPROCESS_OPTIONS)  # recorded in each checkpoint's manifest
+
+
+def with_model_options(config: dict, options: dict) -> dict:
+    """open_clip_config.json's content with the run's model options (the checkpoint manifest's
+    `model_options`) written in, so that the folder alone builds the model that was trained."""
+    config = json.loads(json.dumps(config))  # a copy
+    for key, value in options.items():
+        if key in MODEL_CFG_OPTIONS and value:
+            *parents, leaf = MODEL_CFG_OPTIONS[key]
+            section = config["model_cfg"]
+            for parent in parents:
+                section = section.setdefault(parent, {})
+            section[leaf] = value[0] if key == "force_image_size" and len(value) == 1 else value
+        elif key in PREPROCESS_OPTIONS and value is not None:
+            config.setdefault("preprocess_cfg", {})[PREPROCESS_OPTIONS[key]] = value
+    return config
+
+
+def write_local_dir(model_name: str, state_dict: dict, out: str, model_options: Optional[dict] = None) -> str:
     """A local-dir: folder for open_clip at `out` (written in a temporary folder, then renamed into
     place, so a folder at `out` is whole); returns its local-dir: name. `out` must not exist."""
     from safetensors.torch import save_file
@@ -67,7 +93,7 @@ def write_local_dir(model_name: str, state_dict: dict, out: str) -> str:
 
     if os.path.exists(out):
         raise AccClipError(f"export: {out} exists; give a new folder")
-    config = open_clip_config(model_name, state_dict)
+    config = with_model_options(open_clip_config(model_name, state_dict), model_options or {})
     partial = f"{out}.partial-{os.getpid()}"
     os.makedirs(partial)
     with open(os.path.join(partial, LOCAL_DIR_CONFIG), "w") as file:
@@ -82,7 +108,7 @@ def export_local_dir(checkpoint: str, out: str) -> str:
 
     manifest = read_manifest(checkpoint, source="export")
     weights = {plain_key(k): v for k, v in load_file(os.path.join(checkpoint, WEIGHTS_FILE)).items()}
-    name = write_local_dir(manifest["model"], weights, out)
+    name = write_local_dir(manifest["model"], weights, out, manifest.get("model_options"))
     return f"wrote {out}: model {manifest['model']}, global step {manifest['progress']['global_step']}; load it as {name}"
 
 

@@ -139,8 +139,12 @@ def check_architecture(model: torch.nn.Module, shapes: dict[str, tuple[int, ...]
                            f"this model's is {own[key]}; {len(wrong)} such key(s))")
     if unexpected or missing:
         what = f"unexpected key {unexpected[0]!r}" if unexpected else f"missing key {missing[0]!r}"
+        # A SigLIP model differs from its CLIP twin by the bias alone: name the flag that makes it.
+        hint = ("; the weights have a logit_bias: trained with --siglip? pass --siglip" if unexpected == ["logit_bias"]
+                and not missing else "; these weights have no logit_bias: drop --siglip" if missing == ["logit_bias"]
+                and not unexpected else "")
         raise AccClipError(f"{source}: weights of another architecture ({what}; {len(unexpected)} unexpected, "
-                           f"{len(missing)} missing)")
+                           f"{len(missing)} missing){hint}")
 
 
 def weights_are_finite(model: torch.nn.Module) -> bool:

@@ -28,6 +28,7 @@ from acc_clip.checkpoint.format import (FORMAT_VERSION, MANIFEST, TMP_PREFIX, WE
                                         fsync_folder, load_safetensors_weights, load_weights, open_clip_checkpoint,
                                         plain_key, read_manifest, remove_path, restore_moved_aside, step_name,
                                         weights_are_finite)
+from acc_clip.checkpoint.export import MODEL_OPTIONS
 from acc_clip.config import TrainConfig
 from acc_clip.errors import AccClipError
 from acc_clip.runtime.parallel import full_state_dict, unwrap
@@ -96,8 +97,20 @@ class CheckpointManager:
             return self._start_from_open_clip(target, model, optimizer)
         return self._resume_folder(target)
 
+    def _objective(self) -> dict:
+        """What the run trains on, beyond the weights: resuming with another objective would change the
+        training silently (the weights alone load either way)."""
+        from acc_clip.loss import objective_name
+
+        return {"name": objective_name(self.config), "siglip": self.config.siglip,
+                "distill_model": self.config.distill_model}
+
     def _resume_folder(self, path: str) -> Progress:
         manifest = read_manifest(path)
+        saved = manifest.get("objective")  # absent from checkpoints written before it was recorded
+        if saved is not None and saved != self._objective():
+            raise AccClipError(f"--resume {path}: saved by a run training {saved}, this run trains "
+                               f"{self._objective()}; resume with the flags it was saved with")
         if manifest.get("model") != self.config.model:
             log.warning("--resume %s: saved from model %r, this run names %r; loading as the weights' shapes agree",
                         path, manifest.get("model"), self.config.model)
@@ -205,6 +218,9 @@ class CheckpointManager:
         manifest = {
             "format": FORMAT_VERSION,
             "model": self.config.model,
+            "objective": self._objective(),
+            # what changes the architecture or preprocessing beyond the model's config (export writes them in)
+            "model_options": {key: getattr(self.config, key) for key in MODEL_OPTIONS if getattr(self.config, key)},
             "name": self.config.name,
             "progress": asdict(progress),
             # the position in the epoch's rebuilt order: micro-batches each process has consumed

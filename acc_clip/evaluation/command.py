@@ -23,6 +23,10 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
                         help="open_clip epoch_N.pt, a plain state dict, or an acc_clip checkpoints/step_N folder")
     parser.add_argument("--siglip", action="store_true",
                         help="a model trained with --siglip: it has a logit bias, and the validation loss is SigLIP's")
+    parser.add_argument("--coca-caption-loss-weight", type=float, default=2.0,
+                        help="a CoCa model's validation loss: the run's caption loss weight")
+    parser.add_argument("--coca-contrastive-loss-weight", type=float, default=1.0,
+                        help="a CoCa model's validation loss: the run's contrastive loss weight")
     parser.add_argument("--val-data", help="validation CSV (one image,caption pair per row) or shard folder")
     parser.add_argument("--val-num-samples", type=int,
                         help="samples the validation set holds (needed for shards without sizes.json)")
@@ -60,7 +64,10 @@ def main(argv: list[str]) -> int:
         print(f"acc-clip eval: {args.checkpoint} on {accelerator.num_processes} process(es), "
               f"device {accelerator.device}", file=sys.stderr)
     # The validation loss is the objective's that the model's name and --siglip select (CoCa, SigLIP or CLIP).
-    objective = create_objective(TrainConfig(model=args.model, siglip=args.siglip), 0, 1, accelerator.device)
+    objective = create_objective(TrainConfig(model=args.model, siglip=args.siglip,
+                                             coca_caption_loss_weight=args.coca_caption_loss_weight,
+                                             coca_contrastive_loss_weight=args.coca_contrastive_loss_weight),
+                                 0, 1, accelerator.device)
     evaluator = Evaluator(args, preprocess_val, open_clip.get_tokenizer(args.model), accelerator, objective)
     results = evaluator.evaluate(model)
     if accelerator.is_main_process:

@@ -83,19 +83,21 @@ def encode_rows(clip, objective, loader, accelerator: Accelerator, autocast) -> 
     return {key: torch.cat(values) for key, values in parts.items() if values}, per_model, bad
 
 
-def _rows_over_processes(accelerator: Accelerator, local: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """Every process's rows, by row index (see gather_rows_by_index); row names and widths are taken
-    from whichever processes have rows, as a process may have had none."""
-    shapes = [None] * accelerator.num_processes if accelerator.num_processes > 1 else None
+def _rows_over_processes(accelerator: Accelerator, local: dict[str, torch.Tensor],
+                         per_model: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """Every process's rows, by row index (see gather_rows_by_index), and the per-model rows; row names,
+    widths and per-model values are taken from whichever process has rows, as a process may have had
+    none (its share unreadable, or no share at all)."""
     layout = {key: (tuple(value.shape[1:]), value.dtype) for key, value in local.items() if key != "indices"}
-    if shapes is not None:
-        torch.distributed.all_gather_object(shapes, layout)
-        layout = next((s for s in shapes if s), {})
+    if accelerator.num_processes > 1:
+        shares = [None] * accelerator.num_processes
+        torch.distributed.all_gather_object(shares, (layout, per_model))
+        layout, per_model = next(((s, p) for s, p in shares if s), ({}, {}))
     names = sorted(layout)
     empty = {key: torch.empty((0, *shape), dtype=dtype) for key, (shape, dtype) in layout.items()}
     gathered = gather_rows_by_index(accelerator, local.get("indices", torch.empty(0, dtype=torch.long)),
                                     *(local.get(key, empty[key]) for key in names))
-    return {"indices": gathered[0], **dict(zip(names, gathered[1:]))}
+    return {"indices": gathered[0], **dict(zip(names, gathered[1:]))}, per_model
 
 
 def evaluate_retrieval(
@@ -123,16 +125,13 @@ def evaluate_retrieval(
     one_process = (objective or ClipObjective(TrainConfig(), 0, 1, accelerator.device)).on_one_process()
     local, per_model, local_bad = encode_rows(clip, one_process, loader, accelerator,
                                               precision_autocast or contextlib.nullcontext)
-    rows = _rows_over_processes(accelerator, local)
+    rows, per_model = _rows_over_processes(accelerator, local, per_model)
     num_bad = _sum_over_processes(accelerator, local_bad)
     if len(rows["indices"]) == 0:
         raise AccClipError(f"validation set: no readable samples ({num_bad} skipped as unreadable)")
 
     result: list[Optional[dict[str, float]]] = [None]
     if accelerator.is_main_process:
-        if not per_model:
-            raise AccClipError("validation set: the main process read none of its rows (all unreadable), so it "
-                               "holds no logit scale to score with; check the first rows or shard")
         indices = rows.pop("indices").tolist()
         filepaths = getattr(loader.dataset, "filepaths", None)
         captions = getattr(loader.dataset, "captions", None)

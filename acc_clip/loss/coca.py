@@ -19,7 +19,6 @@ import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
 from acc_clip.config import TrainConfig
-from acc_clip.errors import AccClipError
 from acc_clip.loss import Objective
 
 PAD_TOKEN = 0  # open_clip's tokenizers pad with 0, and CoCaLoss ignores it
@@ -33,9 +32,6 @@ class CoCaObjective(Objective):
         self.mean_over_processes = world_size > 1
 
     def rows(self, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        if "logits" not in outputs:
-            raise AccClipError(f"--model {self.config.model}: the name holds 'coca', which selects the CoCa loss "
-                               "(open_clip_train's rule), but the model has no caption decoder; rename its folder")
         labels = outputs["labels"]
         token_losses = F.cross_entropy(outputs["logits"].float().transpose(1, 2), labels, ignore_index=PAD_TOKEN,
                                        reduction="none")

@@ -33,10 +33,13 @@ def test_objective_run_evaluates_and_exports_for_open_clip(objective, small_csv,
 
     model_name, flags, parts = OBJECTIVE_RUNS[objective]
     run_trainer(tiny_train_args(small_csv, tmp_path, "run", "--model", model_name, "--epochs", "1",
-                                "--val-data", str(val_csv), "--save-frequency", "1", *flags,
+                                "--val-data", str(val_csv), "--save-frequency", "1", "--log-every-n-steps", "5", *flags,
                                 *zeroshot_flags(demo_dataset)))
     records = read_metrics(tmp_path / "run")
     assert len(records) == 10 and all(parts <= set(r) for r in records)
+    # each step's temperature as it was after that step, not the latest one of the buffered steps
+    scales = [r["logit_scale"] for r in records]
+    assert all(a != b for a, b in zip(scales, scales[1:])), scales
     assert all(r["loss"] == pytest.approx(sum(r[p] for p in parts), rel=1e-5) for r in records if parts)
     results = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
     assert [r["step"] for r in results] == [0, 10]
@@ -110,3 +113,45 @@ def test_a_teacher_that_reads_other_inputs_is_refused_in_one_line(train_csv, tin
                                                       "--distill-model", tiny_teacher, "--max-steps", "1"))
     assert status != 0 and len(errors) == 1
     assert "reads 32x32 images" in errors[0] and "gives 64x64" in errors[0]
+
+
+def test_resuming_with_another_objective_is_refused(train_csv, tmp_path, train_in_process):
+    """The weights of a SigLIP run load into... a SigLIP model only; a distillation run's load into the
+    student either way, so without the check a resume that dropped --distill-model would silently go on
+    with the CLIP loss. The manifest records the objective."""
+    first = tiny_train_args(train_csv, tmp_path, "obj", "--model", TINY_VIT, "--batch-size", "8", "--max-steps", "1",
+                            "--save-every-n-steps", "1", "--siglip")
+    assert train_in_process(first)[0] == 0
+    resumed = [arg for arg in first if arg != "--siglip"] + ["--resume", "latest"]
+    status, errors = train_in_process([*resumed[:resumed.index("--max-steps")], "--max-steps", "2",
+                                       *resumed[resumed.index("--max-steps") + 2:]])
+    assert status != 0 and len(errors) == 1
+    assert "saved by a run training {'name': 'siglip'" in errors[0] and "resume with the flags" in errors[0]
+
+
+def test_model_options_travel_into_the_local_dir_export(train_csv, tmp_path):
+    """--force-image-size, --force-quick-gelu and --image-mean change the model and its preprocessing beyond
+    its config: the exported folder builds the model that was trained (open_clip would otherwise load the
+    48 px weights into a 32 px model, resizing the positional embedding without a word)."""
+    import open_clip
+
+    options = ["--force-image-size", "48", "--force-quick-gelu", "--image-mean", "0.1", "0.2", "0.3"]
+    run_trainer(tiny_train_args(train_csv, tmp_path, "opts", "--model", TINY_VIT, "--batch-size", "8", "--max-steps",
+                                "1", "--save-every-n-steps", "1", *options))
+    checkpoint = tmp_path / "opts" / "checkpoints" / "step_00000001"
+    subprocess.run([sys.executable, "-m", "acc_clip.cli", "export", str(checkpoint), "--format", "local-dir",
+                    "--out", str(tmp_path / "hub")], check=True, cwd=REPO, capture_output=True, timeout=120)
+    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'hub'}")
+    trained = load_file(checkpoint / "model.safetensors")
+    assert model.visual.image_size == (48, 48)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in trained.items())
+    assert model.visual.preprocess_cfg["mean"] == [0.1, 0.2, 0.3]
+    from acc_clip.config import parse_config
+    from acc_clip.model import create_model
+
+    ours = create_model(parse_config(["--train-data", "x.csv", "--model", TINY_VIT, *options])[0]).model
+    ours.load_state_dict(trained)
+    images, texts = torch.rand(2, 3, 48, 48), open_clip.get_tokenizer(TINY_VIT)(["a", "b"])
+    with torch.no_grad():
+        assert torch.allclose(model.eval().encode_image(images), ours.eval().encode_image(images), atol=1e-5)
+        assert torch.allclose(model.encode_text(texts), ours.encode_text(texts), atol=1e-5)

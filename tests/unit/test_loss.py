@@ -14,7 +14,7 @@ from acc_clip.errors import AccClipError
 from acc_clip.loss import OBJECTIVES, create_objective, objective_name, total_loss
 from acc_clip.loss.coca import CoCaObjective
 from acc_clip.loss.distill import DistillObjective
-from conftest import TINY_RN, TINY_VIT
+from conftest import TINY_COCA, TINY_RN, TINY_VIT
 
 
 def config_of(*flags: str):
@@ -179,13 +179,25 @@ def test_distilling_into_a_model_with_a_logit_bias_is_refused(tiny_teacher):
         objective(rows)
 
 
-def test_a_model_named_coca_without_a_caption_decoder_is_one_line():
-    """open_clip_train's rule picks the CoCa loss by name: a CLIP model in a folder whose path holds
-    'coca' would otherwise fail with a KeyError deep in the loss."""
-    objective = CoCaObjective(config_of("--model", "local-dir:/data/coca-experiments/tiny-vit"), 0, 1)
-    outputs = {"image_features": features(2), "text_features": features(2, seed=1), "logit_scale": torch.tensor(10.0)}
+def test_the_coca_loss_goes_with_coca_models_only(tmp_path_factory):
+    """open_clip_train's rule picks the CoCa loss by the model's name. A CLIP model in a folder whose path
+    holds 'coca' would fail deep in the loss, and a CoCa model exported to a folder named otherwise would
+    silently train without its caption loss: both are one line at model creation."""
+    import shutil
+
+    from acc_clip.model import create_model
+
+    tmp_path = tmp_path_factory.mktemp("models")  # this test's own tmp_path would hold 'coca' (its name)
+    clip_in_coca_folder = tmp_path / "coca-experiments" / "tiny-vit"
+    shutil.copytree(TINY_VIT[len("local-dir:"):], clip_in_coca_folder)
     with pytest.raises(AccClipError, match="has no caption decoder"):
-        objective.rows(outputs)
+        create_model(config_of("--model", f"local-dir:{clip_in_coca_folder}"))
+    coca_elsewhere = tmp_path / "exported"
+    shutil.copytree(TINY_COCA[len("local-dir:"):], coca_elsewhere)
+    with pytest.raises(AccClipError, match="a CoCa model whose name lacks 'coca'"):
+        create_model(config_of("--model", f"local-dir:{coca_elsewhere}"))
+    with pytest.raises(AccClipError, match="--precision bf16 with a CoCa model"):
+        create_model(config_of("--model", TINY_COCA, "--precision", "bf16"))
 
 
 def test_the_teacher_is_built_in_the_run_s_precision_and_its_folder_must_exist(tiny_teacher, tmp_path):

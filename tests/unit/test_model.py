@@ -90,3 +90,19 @@ def test_a_fresh_coca_model_depends_on_the_seed_only():
     second = create_model(config).model.text_decoder.text_projection.detach()
     assert torch.equal(first, second)
     assert abs(first.std().item() - 0.125) < 0.01 and abs(first.mean().item()) < 0.01
+
+
+def test_force_context_length_reaches_the_tokenizer_too():
+    """open_clip_train tokenises to --force-context-length; with the tokenizer's own length the text tower
+    would fail on the first batch."""
+    import torch
+
+    from acc_clip.config import parse_config
+    from acc_clip.model import create_model
+    from conftest import TINY_VIT
+
+    bundle = create_model(parse_config(["--train-data", "x.csv", "--model", TINY_VIT, "--force-context-length", "16"])[0])
+    texts = bundle.tokenizer(["a red square", "a blue circle"])
+    assert texts.shape == (2, 16)
+    with torch.no_grad():
+        assert bundle.model.encode_text(texts).shape == (2, 64)  # tiny-vit embeds in 64 dimensions
