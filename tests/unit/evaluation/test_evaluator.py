@@ -441,3 +441,26 @@ def test_acc_clip_eval_takes_imagenet_v2(tiny, tmp_path, capsys):
     assert status == 2  # the flag is taken (no 'nothing to evaluate') and its folder checked before evaluating
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert errors == [f"error: --imagenet-v2 {tmp_path / 'nowhere'}: folder not found"]
+
+
+def test_two_processes_evaluate_when_the_main_process_share_is_unreadable(tiny, tmp_path):
+    """Rank 0 reads rows 0, 2, ... : all missing here. The logit scale comes from a process that has rows,
+    and the readable half is evaluated (before, the main process stopped with an error and rank 1 lost
+    its peer)."""
+    name, model, _, _ = tiny
+    images = [write_image(tmp_path / f"img{i}.png", seed=i) for i in range(3)]
+    rows = [(str(tmp_path / "gone0.png"), "a"), (images[0], "b"), (str(tmp_path / "gone1.png"), "c"),
+            (images[1], "d"), (str(tmp_path / "gone2.png"), "e"), (images[2], "f")]
+    csv = tmp_path / "val.csv"
+    csv.write_text("filepath\ttitle\n" + "".join(f"{f}\t{c}\n" for f, c in rows))
+    checkpoint = tmp_path / "plain.pt"
+    torch.save(model.state_dict(), checkpoint)
+    out = tmp_path / "metrics.json"
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
+               "acc_clip.eval", "--model", name, "--checkpoint", str(checkpoint), "--val-data", str(csv),
+               "--batch-size", "2", "--workers", "0", "--device", "cpu", "--out", str(out)]
+    run = subprocess.run(command, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+                         capture_output=True, text=True, timeout=240)
+    assert run.returncode == 0, run.stderr[-3000:]
+    retrieval = json.loads(out.read_text())["retrieval"]
+    assert (retrieval["num_samples"], retrieval["num_bad"]) == (3, 3)
