@@ -77,6 +77,14 @@ def report_evaluation(results: dict, metrics: MetricsLogger, *, epoch: int, step
     metrics.write_result({"epoch": epoch, "step": step, **results})
 
 
+def describe_optimizer(config: TrainConfig) -> str:
+    """The optimizer settings in force, open_clip's model-derived defaults included."""
+    given = {"lr": config.lr, "betas": (config.beta1, config.beta2) if config.beta1 is not None else None,
+             "eps": config.eps, "weight decay": config.wd, "momentum": config.momentum}
+    return (f"{config.opt}: " + ", ".join(f"{k} {v}" for k, v in given.items() if v is not None) +
+            (" (timm's defaults for the rest)" if config.uses_timm_optimizer else ""))
+
+
 def copy_codebase(run_dir: str) -> None:
     """--copy-codebase: the acc_clip package as it ran, in <run>/code/acc_clip (open_clip_train copies its own)."""
     import shutil
@@ -128,10 +136,7 @@ def start_run(config: TrainConfig, notices: list[str]):
         log.warning(notice)
     if accelerator.is_main_process:
         save_config(config, os.path.join(run_dir, CONFIG_FILE))
-        given = {"lr": config.lr, "betas": (config.beta1, config.beta2) if config.beta1 is not None else None,
-                 "eps": config.eps, "weight decay": config.wd, "momentum": config.momentum}
-        log.info("optimizer %s: %s", config.opt, ", ".join(f"{k} {v}" for k, v in given.items() if v is not None) +
-                 (" (timm's defaults for the rest)" if config.uses_timm_optimizer else ""))
+        log.info("optimizer %s", describe_optimizer(config))
         if config.copy_codebase:
             copy_codebase(run_dir)
     start_trackers(accelerator, config, run_dir)
