@@ -52,7 +52,9 @@ def open_clip_model(name: str, pretrained: str, model_flag: str, weights_flag: s
         model, preprocess_train, preprocess_val = create_model_and_transforms(
             name, None if local else pretrained or None, device="cpu", output_dict=True, **kwargs)
     except (RuntimeError, ValueError, FileNotFoundError) as error:  # open_clip's ways of saying bad name/weights
-        raise AccClipError(f"{model_flag} {name} {weights_flag} {pretrained!r}: {error}") from None
+        # open_clip's unknown-name message lists every model it has (kilobytes): keep its start.
+        message = str(error) if len(str(error)) <= 300 else f"{str(error)[:300]}... (see open_clip.list_models())"
+        raise AccClipError(f"{model_flag} {name} {weights_flag} {pretrained!r}: {message}") from None
     except TypeError as error:  # an option open_clip's classes do not take, e.g. --aug-cfg bogus=1
         raise AccClipError(f"{model_flag} {name}: {error}") from None
     if local:
