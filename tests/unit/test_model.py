@@ -106,3 +106,16 @@ def test_force_context_length_reaches_the_tokenizer_too():
     assert texts.shape == (2, 16)
     with torch.no_grad():
         assert bundle.model.encode_text(texts).shape == (2, 64)  # tiny-vit embeds in 64 dimensions
+
+
+def test_an_unknown_model_is_a_short_line():
+    """open_clip's message lists every model it knows (about 5 KB); the line keeps its start."""
+    import pytest
+
+    from acc_clip.config import parse_config
+    from acc_clip.errors import AccClipError
+    from acc_clip.model import create_model
+
+    with pytest.raises(AccClipError, match="--model NoSuchModel") as error:
+        create_model(parse_config(["--train-data", "x.csv", "--model", "NoSuchModel"])[0])
+    assert len(str(error.value)) < 500 and "\n" not in str(error.value)
