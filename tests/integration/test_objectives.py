@@ -21,6 +21,17 @@ OBJECTIVE_RUNS = {  # name -> (model, extra flags, named losses logged beside th
 }
 
 
+def tensorboard_tags(run_dir) -> set[str]:
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    tags = set()
+    for events_file in run_dir.rglob("events.out.tfevents.*"):
+        events = EventAccumulator(str(events_file.parent))
+        events.Reload()
+        tags |= set(events.Tags()["scalars"])
+    return tags
+
+
 def zeroshot_flags(demo_dataset) -> list[str]:
     zeroshot = demo_dataset / "zeroshot"
     return ["--zeroshot-data", str(zeroshot), "--zeroshot-classnames", str(zeroshot / "classnames.txt"),
@@ -34,13 +45,14 @@ def test_objective_run_evaluates_and_exports_for_open_clip(objective, small_csv,
     model_name, flags, parts = OBJECTIVE_RUNS[objective]
     run_trainer(tiny_train_args(small_csv, tmp_path, "run", "--model", model_name, "--epochs", "1",
                                 "--val-data", str(val_csv), "--save-frequency", "1", "--log-every-n-steps", "5", *flags,
-                                *zeroshot_flags(demo_dataset)))
+                                "--report-to", "tensorboard", *zeroshot_flags(demo_dataset)))
     records = read_metrics(tmp_path / "run")
     assert len(records) == 10 and all(parts <= set(r) for r in records)
     # each step's temperature as it was after that step, not the latest one of the buffered steps
     scales = [r["logit_scale"] for r in records]
     assert all(a != b for a, b in zip(scales, scales[1:])), scales
     assert all(r["loss"] == pytest.approx(sum(r[p] for p in parts), rel=1e-5) for r in records if parts)
+    assert {f"train/{p}" for p in parts} | {f"val/val_{p}" for p in parts} <= tensorboard_tags(tmp_path / "run")
     results = [json.loads(line) for line in (tmp_path / "run" / "results.jsonl").read_text().splitlines()]
     assert [r["step"] for r in results] == [0, 10]
     for result in results:
