@@ -3,9 +3,8 @@ share: one separator rule and one column reader, each with one-line errors namin
 
 from __future__ import annotations
 
+import csv
 import os
-
-import pandas as pd
 
 from acc_clip.errors import AccClipError
 
@@ -18,22 +17,43 @@ def parse_separator(text: str, flag: str) -> str:
     return separator
 
 
+def _rows(path: str, sep: str) -> tuple[list[str], list[list[str]]]:
+    """The header and the data rows (blank lines skipped), each data row with as many fields as the
+    header: a row with more or fewer (an unquoted separator inside a caption, a cut line) is an error
+    naming the file, the row and its line. pandas would take the first column of such a file as its
+    index and shift every value by one column, silently."""
+    try:
+        with open(path, newline="", encoding="utf-8-sig") as file:
+            reader = csv.reader(file, delimiter=sep)
+            header = next(reader, None)
+            if header is None:
+                raise AccClipError(f"{path}: the CSV is empty (no header, no rows)")
+            rows = []
+            for row in reader:
+                if not row:
+                    continue
+                if len(row) != len(header):
+                    raise AccClipError(
+                        f"{path}: row {len(rows) + 1} (line {reader.line_num}) has {len(row)} fields, the header "
+                        f"{len(header)} (separator {sep!r}); quote a field that holds the separator")
+                rows.append(row)
+    except (csv.Error, UnicodeDecodeError) as error:
+        raise AccClipError(f"{path}: cannot parse the CSV with separator {sep!r}: {error}") from None
+    return header, rows
+
+
 def read_csv_columns(path: str, *, img_key: str, caption_key: str, sep: str) -> tuple[list[str], list[str]]:
-    """The image paths and captions of a CSV, or one clear error naming the file."""
+    """The image paths and captions of a CSV, or one clear error naming the file (and the row)."""
     if not os.path.isfile(path):
         raise AccClipError(f"{path}: CSV file not found")
-    try:
-        frame = pd.read_csv(path, sep=sep, dtype=str, keep_default_na=False)
-    except pd.errors.EmptyDataError:
-        raise AccClipError(f"{path}: the CSV is empty (no header, no rows)") from None
-    except (pd.errors.ParserError, UnicodeDecodeError) as error:
-        raise AccClipError(f"{path}: cannot parse the CSV with separator {sep!r}: {error}") from None
-    missing = [key for key in (img_key, caption_key) if key not in frame.columns]
+    header, rows = _rows(path, sep)
+    missing = [key for key in (img_key, caption_key) if key not in header]
     if missing:
         raise AccClipError(
             f"{path}: no column {', '.join(map(repr, missing))} (separator {sep!r}); "
-            f"columns found: {', '.join(map(repr, map(str, frame.columns)))}"
+            f"columns found: {', '.join(map(repr, header))}"
         )
-    if len(frame) == 0:
+    if not rows:
         raise AccClipError(f"{path}: the CSV has a header but no rows")
-    return frame[img_key].tolist(), frame[caption_key].tolist()
+    image, caption = header.index(img_key), header.index(caption_key)
+    return [row[image] for row in rows], [row[caption] for row in rows]

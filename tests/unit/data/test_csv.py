@@ -42,6 +42,46 @@ def test_empty_csv_is_an_error(tmp_path, bundle):
         dataset(header_only, bundle)
 
 
+@pytest.mark.parametrize("body, row, line, fields", [
+    # an unquoted comma in the first caption: pandas took column 1 as the index, shifting every value
+    ("a.jpg,a cat, sitting\nb.jpg,a dog\n", 1, 2, 3),
+    ("a.jpg,a cat\nb.jpg\n", 2, 3, 1),  # a cut line
+    ('a.jpg,"a cat, quoted"\n\nb.jpg,a dog\nc.jpg,x,y\n', 3, 5, 3),  # quotes and blank lines counted right
+])
+def test_a_row_with_another_field_count_than_the_header_names_file_row_and_line(tmp_path, body, row, line, fields):
+    """One reader serves the trainer, the converter and evaluation (acc_clip/data/csv_file.py)."""
+    from acc_clip.data.csv_file import read_csv_columns
+
+    path = tmp_path / "shifted.csv"
+    path.write_text("filepath,title\n" + body)
+    with pytest.raises(AccClipError, match=rf"shifted\.csv: row {row} \(line {line}\) has {fields} fields, the "
+                                           r"header 2") as error:
+        read_csv_columns(str(path), img_key="filepath", caption_key="title", sep=",")
+    assert "\n" not in str(error.value)
+
+
+def test_the_converter_refuses_a_shifted_csv_instead_of_writing_no_samples(tmp_path, capsys):
+    from acc_clip import cli
+
+    path = tmp_path / "shifted.csv"
+    path.write_text("filepath,title\na.jpg,a cat, sitting\nb.jpg,a dog\n")
+    assert cli.main(["shards", "--csv", str(path), "--csv-separator", ",", "--out", str(tmp_path / "out")]) == 2
+    assert "shifted.csv: row 1 (line 2) has 3 fields" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
+
+
+def test_quoted_fields_and_a_bom_read_as_pandas_reads_them(tmp_path):
+    import pandas as pd
+
+    from acc_clip.data.csv_file import read_csv_columns
+
+    path = tmp_path / "ok.csv"
+    path.write_bytes('\ufefffilepath,title\n"a,b.jpg","say ""hi"", twice"\nc.jpg,\n'.encode("utf-8"))
+    frame = pd.read_csv(path, sep=",", dtype=str, keep_default_na=False)
+    ours = read_csv_columns(str(path), img_key="filepath", caption_key="title", sep=",")
+    assert ours == (frame["filepath"].tolist(), frame["title"].tolist()) == (["a,b.jpg", "c.jpg"], ['say "hi", twice', ""])
+
+
 def test_missing_corrupt_and_empty_rows_are_skipped_and_counted(tmp_path, train_csv, bundle):
     good = train_csv.read_text().splitlines()[1]
     corrupt = tmp_path / "corrupt.jpg"
