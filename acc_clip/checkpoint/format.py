@@ -221,7 +221,13 @@ def atomic_torch_save(obj: dict, path: str) -> None:
 
 
 def load_if_present(path: str) -> Optional[dict]:
-    return torch.load(path, map_location="cpu", weights_only=True) if os.path.isfile(path) else None
+    """A checkpoint's optimizer or scaler state, None where the file is absent; a damaged one is one line."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for a damaged file
+        raise AccClipError(f"{path}: cannot be read ({type(error).__name__}); the checkpoint is damaged") from None
 
 
 

@@ -156,15 +156,27 @@ def read_shard_sizes(shards: list[str]) -> Optional[list[int]]:
     for shard in shards:
         folder = os.path.dirname(shard)
         if folder not in by_folder:
-            try:
-                with open(os.path.join(folder, "sizes.json"), encoding="utf-8") as f:
-                    by_folder[folder] = json.load(f)
-            except (OSError, ValueError):
-                by_folder[folder] = {}
+            by_folder[folder] = _read_sizes_json(os.path.join(folder, "sizes.json"))
         size = by_folder[folder].get(os.path.basename(shard))
         if size is None:
             return None
-        sizes.append(int(size))
+        sizes.append(size)
+    return sizes
+
+
+def _read_sizes_json(path: str) -> dict[str, int]:
+    """{shard file name: sample count}, {} when there is no such file; a file that is there but not
+    that (damaged, hand-edited) is a one-line error, never taken as absent."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            sizes = json.load(f)
+    except FileNotFoundError:
+        return {}
+    except (OSError, ValueError) as error:  # unreadable, not UTF-8, not JSON
+        raise AccClipError(f"{path}: not a readable sizes.json ({type(error).__name__}: {error})") from None
+    if not isinstance(sizes, dict) or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
+                                               for n in sizes.values()):
+        raise AccClipError(f"{path}: expected {{\"shard.tar\": sample count, ...}} with counts >= 0")
     return sizes
 
 

@@ -121,8 +121,11 @@ def _labelled_csv(path: str, num_named_classes: Optional[int]) -> tuple[Optional
 def _read_lines(path: str, what: str) -> list[str]:
     if not os.path.isfile(path):
         raise AccClipError(f"{path}: {what} file not found")
-    with open(path, encoding="utf-8") as f:
-        lines = [line.strip() for line in f.read().splitlines()]
+    try:
+        with open(path, encoding="utf-8") as f:
+            lines = [line.strip() for line in f.read().splitlines()]
+    except UnicodeDecodeError as error:
+        raise AccClipError(f"{path}: the {what} file is not UTF-8 text (byte {error.start})") from None
     while lines and not lines[-1]:
         lines.pop()
     if not lines:

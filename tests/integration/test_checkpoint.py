@@ -139,6 +139,17 @@ def test_local_dir_export_loads_in_open_clip_with_the_trained_features(trained, 
         export.main([str(step), "--format", "local-dir", "--out", str(out)])
 
 
+def test_export_of_a_checkpoint_with_a_damaged_optimizer_file_is_one_line(trained, tmp_path):
+    step = step_folder(trained["run"], STEPS_PER_EPOCH)
+    damaged = tmp_path / "damaged"
+    shutil.copytree(step, damaged)
+    size = (damaged / "optimizer.bin").stat().st_size  # the same size: the manifest's size check passes
+    (damaged / "optimizer.bin").write_bytes(b"\x80\x02not a torch file".ljust(size, b"\0"))
+    with pytest.raises(AccClipError, match=r"optimizer\.bin: cannot be read \(.*\); the checkpoint is damaged"):
+        export.export_checkpoint(str(damaged), str(tmp_path / "model.pt"))
+    assert not (tmp_path / "model.pt").exists()
+
+
 def test_an_open_clip_epoch_file_is_a_starting_point(trained, tmp_path):
     """From epoch_1.pt (weights and optimizer), epoch 2 repeats run R's steps: same step numbers,
     learning rates and losses."""

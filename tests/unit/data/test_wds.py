@@ -407,3 +407,24 @@ def test_upsampling_factors_are_accepted_for_resampled_shard_folders(three_sourc
     assert config.train_data_upsampling_factors == "1::2.5::0"
     with pytest.raises(AccClipError, match="it needs --dataset-resampled"):  # the loader checks it too
         load(shard_dir, upsampling_factors="1")
+
+
+@pytest.mark.parametrize("content, says", [
+    (b'{"00000.tar": 6', "not a readable sizes.json (JSONDecodeError"),
+    (b'["00000.tar", 6]', "expected {\"shard.tar\": sample count"),
+    (b'{"00000.tar": -1}', "counts >= 0"),
+    (b'{"00000.tar": "6"}', "counts >= 0"),
+    (b'\xff\xfe{}', "not a readable sizes.json (UnicodeDecodeError"),
+])
+def test_a_damaged_sizes_json_is_one_line_not_taken_as_absent(tmp_path, content, says):
+    """Taken as absent, a damaged sizes.json sent the user after --train-num-samples; not a dict, it was
+    a traceback."""
+    from acc_clip.data.wds import read_shard_sizes
+    from acc_clip.errors import AccClipError
+
+    (tmp_path / "sizes.json").write_bytes(content)
+    with pytest.raises(AccClipError, match="sizes.json: ") as error:
+        read_shard_sizes([str(tmp_path / "00000.tar")])
+    assert says in str(error.value) and "\n" not in str(error.value)
+    (tmp_path / "sizes.json").unlink()
+    assert read_shard_sizes([str(tmp_path / "00000.tar")]) is None  # absent: the sizes are unknown

@@ -378,3 +378,13 @@ def test_imagenet_v2_zeroshot_runs_beside_imagenet_val_on_its_schedule_with_one_
         "imagenetv2-zeroshot_num_samples": 24, "imagenetv2-zeroshot_num_bad": 0,
     }
     assert len(builds) == 1  # both sets are ImageNet's classes and templates: one classifier
+
+
+def test_a_class_names_file_that_is_not_utf8_is_one_line(tmp_path):
+    root = tmp_path / "zs"
+    (root / "cat").mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(root / "cat" / "0.png")
+    names = tmp_path / "names.txt"
+    names.write_bytes("caf\u00e9\n".encode("latin-1"))
+    with pytest.raises(AccClipError, match=r"names\.txt: the class names file is not UTF-8 text \(byte 3\)"):
+        load_zeroshot_dataset(str(root), transform=lambda image: image, classnames_file=str(names))
