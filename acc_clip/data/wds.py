@@ -222,6 +222,9 @@ def buffer_shuffle(samples: Iterable, size: int, rng: random.Random, initial: in
     yield from buffer
 
 
+MISSING_SAMPLE = "__missing_from__"  # a gap standing for a sample a shard's sizes.json count promised
+
+
 def read_raw_samples(shards: Iterable[str]) -> Iterator[dict]:
     """Raw samples ({"__key__", "jpg": bytes, ...}) of the shards, in order; damaged tars warn and are cut short."""
     return tarfile_samples(({"url": url} for url in shards), handler=wds.warn_and_continue)
@@ -240,8 +243,10 @@ class ShardEpoch(IterableDataset):
     def __init__(self, *, rank_shards: list[str], all_shards: list[str], preprocess: Callable, tokenizer: Callable,
                  batch_size: int, num_workers: int, num_batches: Optional[int], seed: int, epoch: int, rank: int,
                  is_train: bool, resampled: bool, start_batch: int, shuffle_buffer: int,
-                 weights: Optional[list[float]] = None, num_samples: Optional[int] = None):
+                 weights: Optional[list[float]] = None, num_samples: Optional[int] = None,
+                 shard_sizes: Optional[dict[str, int]] = None):
         self.rank_shards, self.all_shards, self.weights = rank_shards, all_shards, weights
+        self.shard_sizes = shard_sizes or {}  # sizes.json's count of each shard, where it has one
         # Of the epoch (training), or of the whole set as given or in sizes.json (eval: the loader reads
         # every sample there is whatever this says; the evaluator compares it with what was read).
         self.num_samples = num_samples
@@ -286,11 +291,27 @@ class ShardEpoch(IterableDataset):
             if number > 0:
                 _rng("pass", number, *place).shuffle(order)
             found = 0
-            for sample in buffer_shuffle(read_raw_samples(order), self.shuffle_buffer, _rng("buffer", number, *place)):
+            for sample in buffer_shuffle(self._read_accounted(order), self.shuffle_buffer,
+                                         _rng("buffer", number, *place)):
                 found += 1
                 yield sample
             if not found:
                 raise AccClipError(f"shards {order} hold no readable samples")
+
+    def _read_accounted(self, shards: list[str]) -> Iterator[dict]:
+        """The shards' samples, each shard followed by a gap for every sample its sizes.json count promises
+        and its tar does not hold (cut short, damaged): the gaps are counted as bad samples. Without them
+        the epoch, which takes the promised number, would fill up by reading samples a second time."""
+        for shard in shards:
+            found = 0
+            for sample in read_raw_samples([shard]):
+                found += 1
+                yield sample
+            promised = self.shard_sizes.get(shard)
+            if promised is not None and found < promised:
+                log.warning("%s: holds %d samples, sizes.json says %d: a cut or damaged shard; the %d missing count "
+                            "as bad samples", shard, found, promised, promised - found)
+                yield from ({MISSING_SAMPLE: shard} for _ in range(promised - found))
 
     def _non_empty(self, shards: Iterator[str]) -> Iterator[dict]:
         empty_in_a_row = 0
@@ -314,6 +335,8 @@ class ShardEpoch(IterableDataset):
         return raw.get("txt", b"").decode("utf-8", errors="replace")
 
     def _decode(self, raw: dict) -> Optional[Sample]:
+        if MISSING_SAMPLE in raw:  # said once per shard in _read_accounted
+            return None
         index = sample_index(raw["__key__"])
         where = f"{raw.get('__url__')} sample {raw['__key__']}"
         image_bytes = next((raw[e] for e in IMAGE_EXTENSIONS if e in raw), None)
@@ -384,7 +407,8 @@ def build_wds_loader(
                                f"({'--train-num-samples' if is_train else '--val-num-samples'})")
         num_samples = sum(sizes)
     num_workers = max(1, workers)
-    common = dict(all_shards=shards, preprocess=preprocess, tokenizer=tokenizer,
+    common = dict(all_shards=shards, shard_sizes=dict(zip(shards, sizes)) if sizes is not None else None,
+                  preprocess=preprocess, tokenizer=tokenizer,
                   batch_size=batch_size, seed=seed, epoch=epoch, rank=rank, is_train=is_train,
                   resampled=resampled and is_train, shuffle_buffer=shuffle_buffer, weights=weights,
                   num_samples=num_samples)

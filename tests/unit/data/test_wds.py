@@ -428,3 +428,20 @@ def test_a_damaged_sizes_json_is_one_line_not_taken_as_absent(tmp_path, content,
     assert says in str(error.value) and "\n" not in str(error.value)
     (tmp_path / "sizes.json").unlink()
     assert read_shard_sizes([str(tmp_path / "00000.tar")]) is None  # absent: the sizes are unknown
+
+
+def test_a_shard_cut_short_counts_its_missing_samples_as_bad_and_replays_nothing(tmp_path, caplog):
+    """sizes.json promises 6 samples of 00000.tar, which holds 1 (a copy cut off at a member boundary). The
+    epoch takes the promised 12 samples: before, a second pass over the shards filled it by reading the same
+    samples again, silently; now the 5 missing are counted as bad and every real sample comes once."""
+    buffer = io.BytesIO()
+    Image.new("RGB", (20, 20), (1, 2, 3)).save(buffer, "JPEG")
+    image = buffer.getvalue()
+    write_tar(tmp_path / "00000.tar", {"000000000": {"jpg": image, "txt": b"only one"}})
+    write_tar(tmp_path / "00001.tar", {f"{i:09d}": {"jpg": image, "txt": f"sample {i}".encode()} for i in range(1, 7)})
+    (tmp_path / "sizes.json").write_text(json.dumps({"00000.tar": 6, "00001.tar": 6}))
+    batches, num_batches = load(str(tmp_path), workers=0, batch_size=4, preprocess=PLAIN)
+    assert num_batches == len(batches) == 3
+    assert sorted(indices_of(batches)) == list(range(7))
+    assert sum(batch.num_bad for batch in batches) == 5
+    assert "00000.tar: holds 1 samples, sizes.json says 6" in caplog.text
