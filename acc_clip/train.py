@@ -29,7 +29,8 @@ from acc_clip.metrics import MetricsLogger, StepRecord, setup_logging
 from acc_clip.model import create_lr_schedule, create_model, create_optimizer, uses_channels_last
 from acc_clip.runtime import parallel
 from acc_clip.runtime.device import check_bn_sync, host_process_group, make_accelerator, peak_memory_bytes, plan_device
-from acc_clip.runtime.run_dir import CONFIG_FILE, LOG_FILE, TENSORBOARD_DIR, run_folder, wandb_run_id
+from acc_clip.runtime.run_dir import (CONFIG_FILE, LOG_FILE, TENSORBOARD_DIR, release_run_lock, run_folder,
+                                     wandb_run_id)
 from acc_clip.runtime.signals import PREEMPTED_EXIT_CODE, StopSignal
 from acc_clip.runtime.slurm import batch_script_warning, place_from_slurm
 from acc_clip.step import agree_batch_sizes, train_step
@@ -260,6 +261,8 @@ def main(argv: list[str] | None = None) -> int:
         signal.signal(signal.SIGCHLD, signal.SIG_DFL)
         for child in multiprocessing.active_children():
             child.kill()
+        if config.name is not None:  # the run folder's lock, if this process took it (run_dir.take_run_lock)
+            release_run_lock(os.path.join(config.logs, config.name))
 
 
 if __name__ == "__main__":

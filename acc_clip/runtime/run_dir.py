@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
+import logging
 import os
 import re
 import secrets
+import socket
 from datetime import datetime
 
 from acc_clip.errors import AccClipError
@@ -16,6 +19,7 @@ RESULTS_FILE = "results.jsonl"  # one record per evaluation
 SAMPLES_FILE = "samples.jsonl"  # the opt-in debug record of samples per step (checkpoint/debug.py)
 CHECKPOINTS_DIR = "checkpoints"
 TENSORBOARD_DIR = "tensorboard"
+LOCK_FILE = "run.lock"  # "HOST PID" of the process writing to the run folder (take_run_lock)
 WANDB_ID_FILE = "wandb_id"  # the id of the run folder's wandb run, so that every resume continues that run
 # A wandb run id (wandb refuses / \ # ? % : in one); a user may write an existing run's id there to continue it.
 WANDB_ID = re.compile(r"[A-Za-z0-9_.\-]+")
@@ -40,8 +44,72 @@ def run_folder(config, accelerator) -> str:
         if os.path.exists(os.path.join(path, METRICS_FILE)) and config.resume is None:
             raise AccClipError(f"{path} already holds a run: pass --resume latest to continue it, or a new --name")
         os.makedirs(path, exist_ok=True)
+        take_run_lock(path)
     accelerator.wait_for_everyone()
     return path
+
+
+def _this_process() -> str:
+    return f"{socket.gethostname()} {os.getpid()}"
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's live process
+        return True
+    return True
+
+
+def take_run_lock(path: str) -> None:
+    """Hold `<run>/run.lock` while this process writes to the run folder, so that a second run with the
+    same name (a repeated command, another machine on the same file system) cannot delete this one's
+    partial saves or append to its logs. A lock whose process is gone on this host (a kill -9, a crash)
+    is stale and taken over, saying so; one held from another host cannot be checked from here and is
+    refused, saying how to clear it. Released when the process exits (and by release_run_lock)."""
+    lock = os.path.join(path, LOCK_FILE)
+    me = _this_process()
+    while True:
+        try:
+            descriptor = os.open(lock, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+        except FileExistsError:
+            holder = _read_holder(lock)
+            host, _, pid = holder.partition(" ")
+            if holder == me:  # this process's own (a second run inside one Python process)
+                break
+            if host == socket.gethostname() and pid.isdigit() and not _alive(int(pid)):
+                logging.getLogger(__name__).warning("%s: taking over the lock of process %s, which is gone", path, pid)
+                _remove_if_held_by(lock, holder)
+                continue
+            raise AccClipError(f"{path} is in use by another run (process {pid or '?'} on {host or '?'}, per {lock}): "
+                               "wait for it to end or pick another --name; if that process is gone, delete the lock")
+        with os.fdopen(descriptor, "w") as file:
+            file.write(me)
+        break
+    atexit.register(release_run_lock, path)
+
+
+def _read_holder(lock: str) -> str:
+    try:
+        with open(lock) as file:
+            return file.read().strip()
+    except FileNotFoundError:
+        return ""
+
+
+def _remove_if_held_by(lock: str, holder: str) -> None:
+    if _read_holder(lock) == holder:
+        try:
+            os.remove(lock)
+        except FileNotFoundError:
+            pass
+
+
+def release_run_lock(path: str) -> None:
+    """Give up `<run>/run.lock` if this process holds it."""
+    _remove_if_held_by(os.path.join(path, LOCK_FILE), _this_process())
 
 
 def write_atomically(path: str, text: str) -> None:

@@ -127,3 +127,29 @@ def test_open_clip_s_logging_flags(train_csv, tmp_path):
     assert "Train Epoch: 0" in (run / "out-0.log").read_text()
     assert (run / "code" / "acc_clip" / "train.py").read_text() == (REPO / "acc_clip" / "train.py").read_text()
     assert "| DEBUG |" in result.stdout
+
+
+def test_a_run_folder_in_use_is_refused_and_a_stale_lock_taken_over(train_csv, tmp_path, train_in_process):
+    """Two runs with one --name: the second would delete the first's partial saves and append to its logs.
+    A lock naming a live process refuses the second in one line; a lock left by a process that is gone
+    (a kill -9) is taken over; a run that ends leaves no lock."""
+    import socket
+    import subprocess as sp
+    import sys as system
+
+    run = tmp_path / "shared"
+    args = tiny_train_args(train_csv, tmp_path, "shared", "--max-steps", "1", "--resume", "latest")
+    run.mkdir()
+    live = sp.Popen([system.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (run / "run.lock").write_text(f"{socket.gethostname()} {live.pid}")
+        status, errors = train_in_process(args)
+        assert status != 0 and len(errors) == 1 and f"is in use by another run (process {live.pid}" in errors[0]
+        assert not (run / "metrics.jsonl").exists()  # nothing written beside the other run
+    finally:
+        live.kill()
+        live.wait()
+    (run / "run.lock").write_text(f"{socket.gethostname()} {live.pid}")  # now gone: a stale lock
+    status, _ = train_in_process(args)
+    assert status == 0 and len(read_metrics(run)) == 1
+    assert not (run / "run.lock").exists()
