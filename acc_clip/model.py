@@ -30,6 +30,16 @@ LOCAL_DIR = "local-dir:"
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth")  # what open_clip looks for in a local-dir: folder
 
 
+def local_dir_folder(name: str, flag: str) -> Optional[str]:
+    """The folder of a local-dir: model name (None for other names); a folder that is not there is one line."""
+    if not name.startswith(LOCAL_DIR):
+        return None
+    folder = name[len(LOCAL_DIR):]
+    if not os.path.isdir(folder):
+        raise AccClipError(f"{flag} {name}: no such folder")
+    return folder
+
+
 def is_local_weights(pretrained: str) -> bool:
     """A path to weights on this machine (a file, or an acc_clip checkpoint folder), not a pretrained tag."""
     return bool(pretrained) and os.path.exists(pretrained)
@@ -42,8 +52,7 @@ def open_clip_model(name: str, pretrained: str, model_flag: str, weights_flag: s
     over the folder's weights rather than dropped. Errors name the flags."""
     from acc_clip.checkpoint.format import load_weights
 
-    if name.startswith(LOCAL_DIR) and not os.path.isdir(name[len(LOCAL_DIR):]):
-        raise AccClipError(f"{model_flag} {name}: no such folder")
+    local_dir_folder(name, model_flag)
     local = is_local_weights(pretrained)
     if pretrained and os.path.sep in pretrained and not local:
         raise AccClipError(f"{weights_flag} {pretrained}: no such file")
@@ -78,12 +87,11 @@ def model_options(config: TrainConfig) -> dict:
     return options
 
 
-def has_weights(name: str, pretrained: str) -> bool:
+def has_weights(name: str, pretrained: str, flag: str) -> bool:
     if pretrained:
         return True
-    folder = name[len(LOCAL_DIR):] if name.startswith(LOCAL_DIR) else None
-    return folder is not None and os.path.isdir(folder) and any(entry.endswith(WEIGHT_SUFFIXES)
-                                                                 for entry in os.listdir(folder))
+    folder = local_dir_folder(name, flag)
+    return folder is not None and any(entry.endswith(WEIGHT_SUFFIXES) for entry in os.listdir(folder))
 
 
 def create_model(config: TrainConfig) -> ModelBundle:
@@ -95,7 +103,7 @@ def create_model(config: TrainConfig) -> ModelBundle:
     model, preprocess_train, preprocess_val = open_clip_model(config.model, config.pretrained, "--model",
                                                               "--pretrained", **model_options(config))
     check_coca(model, config)
-    if not has_weights(config.model, config.pretrained):
+    if not has_weights(config.model, config.pretrained, "--model"):
         initialise_coca_decoder_projection(model)
     if config.lock_image:
         try:
@@ -119,11 +127,10 @@ def create_teacher(config: TrainConfig, device) -> torch.nn.Module:
     """The distillation teacher (--distill-model, --distill-pretrained): frozen, in eval mode, on
     `device`. It is not part of the trained model, so it is never wrapped, optimised or saved."""
     name = config.distill_model
-    if name.startswith(LOCAL_DIR) and not os.path.isdir(name[len(LOCAL_DIR):]):
-        raise AccClipError(f"--distill-model {name}: no such folder")
-    if not name.startswith(LOCAL_DIR) and not name.startswith("hf-hub:") and get_model_config(name) is None:
+    if local_dir_folder(name, "--distill-model") is None and not name.startswith("hf-hub:") and \
+            get_model_config(name) is None:
         raise AccClipError(f"--distill-model {name}: open_clip has no model of that name (open_clip.list_models())")
-    if not has_weights(name, config.distill_pretrained):
+    if not has_weights(name, config.distill_pretrained, "--distill-model"):
         raise AccClipError(f"--distill-model {name}: the teacher has no weights; give "
                            "--distill-pretrained (a tag or a local file) or a local-dir: folder that holds them")
     # In the run's precision, as open_clip_train creates it: under fp16/bf16 it reads the student's cast inputs.

@@ -43,10 +43,11 @@ def open_clip_config(model_name: str, state_dict: dict) -> dict:
     (--siglip) gets `init_logit_bias` so that open_clip builds the parameter its weights fill."""
     import open_clip
 
-    from acc_clip.model import LOCAL_DIR
+    from acc_clip.model import local_dir_folder
 
-    if model_name.startswith(LOCAL_DIR):
-        with open(os.path.join(model_name[len(LOCAL_DIR):], LOCAL_DIR_CONFIG)) as file:
+    folder = local_dir_folder(model_name, "export: the checkpoint's model")
+    if folder is not None:
+        with open(os.path.join(folder, LOCAL_DIR_CONFIG)) as file:
             config = json.load(file)
     else:
         model_cfg = open_clip.get_model_config(model_name)
