@@ -1,7 +1,7 @@
 # Two entry points for a fresh machine: `make demo` and `make test`. Both create .venv first.
 PYTHON ?= python3
 VENV ?= .venv
-# The torch pair this project is tested with; elsewhere any torch>=2.1 with its torchvision works.
+# The torch pair this project is tested with; elsewhere any torch>=2.6 with its torchvision works (pyproject says why).
 TORCH_SPEC ?= torch==2.14.1 torchvision==0.29.1
 
 .PHONY: install demo test
