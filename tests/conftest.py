@@ -3,9 +3,11 @@ trainer as a user does (a subprocess, so each run gets a fresh Accelerate state)
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -208,3 +210,32 @@ def tiny_teacher(tmp_path_factory) -> str:
     from acc_clip.checkpoint.export import write_seeded_local_dir
 
     return write_seeded_local_dir(TINY_VIT, str(tmp_path_factory.mktemp("teacher") / "tiny-vit-teacher"), seed=1)
+
+
+@contextlib.contextmanager
+def small_disk(folder: Path, size: str):
+    """`folder` on a tmpfs of `size` bytes ('2m'): a real full disk, ENOSPC and all. Needs the right to
+    mount (root here and in CI); where that is missing the test is skipped, saying why."""
+    folder.mkdir(parents=True, exist_ok=True)
+    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
+                             capture_output=True, text=True)
+    if mounted.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here for a full disk: {mounted.stderr.strip()}")
+    try:
+        yield folder
+    finally:
+        subprocess.run(["umount", "-l", str(folder)], check=False)
+
+
+def fill_disk(folder: Path, leave_bytes: int = 0) -> Path:
+    """Write a filler file in `folder` until its disk has `leave_bytes` or less left; returns the file."""
+    filler = folder / "filler.bin"
+    descriptor = os.open(filler, os.O_WRONLY | os.O_CREAT)
+    try:
+        while (free := shutil.disk_usage(folder).free) > leave_bytes:
+            os.write(descriptor, b"\0" * min(1 << 20, max(4096, free - leave_bytes)))
+    except OSError:
+        pass  # the disk is full
+    finally:
+        os.close(descriptor)
+    return filler

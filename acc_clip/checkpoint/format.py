@@ -3,8 +3,11 @@
 A step checkpoint `<run>/checkpoints/step_NNNNNNNN/` holds Accelerate's state (model.safetensors,
 optimizer.bin, scaler.pt under fp16, random_states_<rank>.pkl for every process) and
 `complete.json`, the manifest: training progress (epoch, step within the epoch, global step,
-samples seen), the data position and the settings it depends on, and every file with its size.
-A folder without a manifest is never read as a checkpoint (see manager.py for how saves commit).
+samples seen), the data position and the settings it depends on, and every file with its size and
+SHA-256. A folder without a manifest is never read as a checkpoint (see manager.py for how saves
+commit), and one whose files differ from their manifest (a flipped bit, a truncated copy) is refused
+by name wherever it is read: resume, evaluation, export. Manifests written before hashes were
+recorded (no "sha256") are checked by size only.
 
 Weights are stored under their plain names (no `module.` or `_orig_mod.`), so they load whatever
 the wrapping. `load_weights` reads them from a step checkpoint folder, an open_clip `epoch_N.pt` or a
@@ -13,7 +16,9 @@ plain state dict, for resume, evaluation and export alike, and refuses another a
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
 import os
 import shutil
 from dataclasses import dataclass
@@ -22,8 +27,10 @@ from typing import Any, Optional
 import torch
 
 from acc_clip.checkpoint import debug
-from acc_clip.errors import AccClipError
+from acc_clip.errors import AccClipError, describe_error
 from acc_clip.runtime.run_dir import CHECKPOINTS_DIR
+
+log = logging.getLogger(__name__)
 
 FORMAT_VERSION = 1
 MANIFEST = "complete.json"
@@ -96,7 +103,56 @@ def read_manifest(path: str, source: str = "--resume") -> dict:
                                f"bytes, the manifest says {size}")
     if set(progress) != set(Progress.__dataclass_fields__):
         raise AccClipError(f"{source} {path}: {MANIFEST} has progress fields {sorted(progress)}")
+    check_hashes(path, manifest.get("sha256", {}), source)
     return manifest
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def folder_hashes(folder: str) -> dict[str, str]:
+    """{file name: SHA-256} of every file in a save folder, for its manifest."""
+    return {name: file_sha256(os.path.join(folder, name)) for name in sorted(os.listdir(folder))}
+
+
+def check_hashes(path: str, hashes: dict, source: str) -> None:
+    """Refuse, naming the file, a checkpoint whose content is not what was saved: sizes catch a cut
+    file, only a hash catches a bit flipped in place (a weight of 3.0 read back as 5.9e-39)."""
+    if not isinstance(hashes, dict):
+        raise AccClipError(f"{source} {path}: {MANIFEST} is damaged (sha256 is not a mapping)")
+    for name, expected in sorted(hashes.items()):
+        if not os.path.isfile(os.path.join(path, name)):
+            raise AccClipError(f"{source} {path}: damaged checkpoint, {name} is missing")
+        if file_sha256(os.path.join(path, name)) != expected:
+            raise AccClipError(f"{source} {path}: damaged checkpoint, {name} differs from what was saved "
+                               f"(SHA-256 mismatch)")
+
+
+def newest_intact_checkpoint(directory: str) -> tuple[Optional[str], Optional[dict]]:
+    """(path, manifest) of the newest complete checkpoint in `directory` whose files pass their
+    manifest, each one that fails named in a warning; (None, None) when there is none at all. When
+    there are checkpoints but none passes, one line naming the newest."""
+    found = complete_checkpoints(directory)
+    for path in reversed(found):
+        try:
+            manifest = read_manifest(path, source="--resume latest:")
+        except AccClipError as error:
+            log.warning("%s; trying the checkpoint before it", error)
+            continue
+        if path != found[-1]:
+            log.warning("--resume latest: resuming from %s, the newest checkpoint that passes its check "
+                        "(%d newer one(s) failed, named above; they are left in place)", path,
+                        len(found) - found.index(path) - 1)
+        return path, manifest
+    if found:
+        raise AccClipError(f"--resume latest: none of the {len(found)} checkpoint(s) in {directory} passes its "
+                           f"manifest check (the newest, {os.path.basename(found[-1])}, is named above)")
+    return None, None
 
 
 def fsync_entry(path: str) -> None:
@@ -215,9 +271,45 @@ def open_clip_checkpoint(state_dict: dict, optimizer_state: Optional[dict], scal
 
 
 def atomic_torch_save(obj: dict, path: str) -> None:
+    """torch.save under a temporary name, renamed into place: `path` holds the old file or the new one.
+    A failed save (a full disk) removes the temporary file and is one line."""
     partial = path + ".tmp"
-    torch.save(obj, partial)
-    os.replace(partial, path)
+    try:
+        torch.save(obj, partial)
+        os.replace(partial, path)
+    except Exception as error:  # torch reports a full disk as RuntimeError "[enforce fail at inline_container.cc...]"
+        remove_path(partial)
+        raise AccClipError(save_failure(path, os.path.dirname(os.path.abspath(path)), describe_error(error),
+                                        tensor_bytes(obj))) from None
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors in a (nested) state dict: about what saving it writes."""
+    if isinstance(obj, torch.Tensor):
+        return obj.nelement() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(value) for value in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(value) for value in obj)
+    return 0
+
+
+def state_bytes(model: torch.nn.Module, optimizer) -> int:
+    return tensor_bytes(model.state_dict()) + tensor_bytes(optimizer.state_dict())
+
+
+DISK_FULL_SIGNS = ("No space left", "StorageFull", "file write failed", "Disk quota exceeded")
+
+
+def save_failure(what: str, directory: str, failure: str, needed_bytes: int) -> str:
+    """One line for a save that failed. A full disk hides behind torch's and safetensors' own words
+    ('PytorchStreamWriter failed writing file', 'IoError ... StorageFull'): say it is the disk, how much
+    the save needs and how much is free (measured after the partial save was removed)."""
+    free = shutil.disk_usage(directory).free
+    if free < needed_bytes or any(sign in failure for sign in DISK_FULL_SIGNS):
+        failure = (f"no space left on the disk of {directory} (the save needs about {needed_bytes / 1e6:.1f} MB, "
+                   f"{free / 1e6:.1f} MB are free)")
+    return f"{what} could not be saved: {failure}; the partial save was removed, what was saved before is kept"
 
 
 def load_if_present(path: str) -> Optional[dict]:

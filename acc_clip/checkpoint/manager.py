@@ -25,12 +25,13 @@ from typing import Optional
 from acc_clip.checkpoint import debug
 from acc_clip.checkpoint.format import (FORMAT_VERSION, MANIFEST, TMP_PREFIX, WEIGHTS_FILE, Progress,
                                         atomic_torch_save, commit_folder, complete_checkpoints, folder_bytes,
-                                        fsync_folder, load_safetensors_weights, load_weights, open_clip_checkpoint,
-                                        plain_key, read_manifest, remove_path, restore_moved_aside, step_name,
+                                        folder_hashes, fsync_folder, load_safetensors_weights, load_weights,
+                                        newest_intact_checkpoint, open_clip_checkpoint, plain_key, read_manifest,
+                                        remove_path, restore_moved_aside, save_failure, state_bytes, step_name,
                                         weights_are_finite)
 from acc_clip.checkpoint.export import MODEL_OPTIONS
 from acc_clip.config import TrainConfig
-from acc_clip.errors import AccClipError
+from acc_clip.errors import AccClipError, attempt, describe_error
 from acc_clip.runtime.parallel import full_state_dict, unwrap
 from acc_clip.runtime.run_dir import CHECKPOINTS_DIR, METRICS_FILE, SAMPLES_FILE
 
@@ -88,14 +89,30 @@ class CheckpointManager:
             if self.remote is not None:
                 self.remote.fetch_newest_checkpoint()
             self.accelerator.wait_for_everyone()
-            found = complete_checkpoints(self.directory)
-            if not found:
+            target, manifest = self._on_main_process(newest_intact_checkpoint, self.directory)
+            if target is None:
                 log.info("--resume latest: no checkpoint in %s yet, starting from the beginning", self.directory)
                 return Progress()
-            target = found[-1]
+            return self._resume_folder(target, manifest)
         if os.path.isfile(target):
             return self._start_from_open_clip(target, model, optimizer)
-        return self._resume_folder(target)
+        return self._resume_folder(target, self._on_main_process(read_manifest, target))
+
+    def _on_main_process(self, function, *args):
+        """function(*args) on the main process only (checking a checkpoint's hashes reads every byte of
+        it: once, not once per process), its result or its one-line error given to every process."""
+        from accelerate.utils import broadcast_object_list
+
+        answer = [None, None]
+        if self.accelerator.is_main_process:
+            try:
+                answer[0] = function(*args)
+            except AccClipError as error:
+                answer[1] = str(error)
+        broadcast_object_list(answer)
+        if answer[1] is not None:
+            raise AccClipError(answer[1])
+        return answer[0]
 
     def _objective(self) -> dict:
         """What the run trains on, beyond the weights: resuming with another objective would change the
@@ -105,8 +122,8 @@ class CheckpointManager:
         return {"name": objective_name(self.config), "siglip": self.config.siglip,
                 "distill_model": self.config.distill_model}
 
-    def _resume_folder(self, path: str) -> Progress:
-        manifest = read_manifest(path)
+    def _resume_folder(self, path: str, manifest: dict) -> Progress:
+        """Resume from a checkpoint folder whose `manifest` was read and checked (see `_on_main_process`)."""
         saved = manifest.get("objective")  # absent from checkpoints written before it was recorded
         if saved is not None and saved != self._objective():
             raise AccClipError(f"--resume {path}: saved by a run training {saved}, this run trains "
@@ -115,6 +132,7 @@ class CheckpointManager:
             log.warning("--resume %s: saved from model %r, this run names %r; loading as the weights' shapes agree",
                         path, manifest.get("model"), self.config.model)
         self._warn_if_data_differs(path, manifest.get("data", {}))
+        self._check_random_states(path)
         try:
             self.accelerator.load_state(path)
         except AccClipError:
@@ -122,10 +140,6 @@ class CheckpointManager:
         except Exception as error:  # torch and pickle raise many types for damaged files
             raise AccClipError(f"--resume {path}: cannot load: {type(error).__name__}: "
                                f"{str(error).strip().splitlines()[0] if str(error).strip() else ''}") from None
-        rng_file = os.path.join(path, f"random_states_{self.accelerator.process_index}.pkl")
-        if not os.path.isfile(rng_file):
-            log.warning("--resume %s: no random state saved for process %d (fewer processes then); "
-                        "its random streams start afresh", path, self.accelerator.process_index)
         progress = Progress(**manifest["progress"])
         log.info("resumed from %s: epoch %d, step %d of the epoch, global step %d, %d samples seen", path,
                  progress.epoch, progress.step_in_epoch, progress.global_step, progress.samples_seen)
@@ -137,6 +151,22 @@ class CheckpointManager:
                             "--resume latest would pick them until this run passes them", path, len(newer),
                             os.path.basename(newer[-1]))
         return progress
+
+    def _check_random_states(self, path: str) -> None:
+        """Accelerate's load_state logs a random-state file it cannot read at INFO level and goes on with
+        fresh streams, so the resume is silently not exact: read it first with Accelerate's own loader."""
+        from accelerate.utils import load
+
+        rng_file = os.path.join(path, f"random_states_{self.accelerator.process_index}.pkl")
+        if not os.path.isfile(rng_file):
+            log.warning("--resume %s: no random state saved for process %d (fewer processes then); "
+                        "its random streams start afresh", path, self.accelerator.process_index)
+            return
+        try:
+            load(rng_file)
+        except Exception as error:  # torch and pickle raise many types for a damaged or foreign file
+            raise AccClipError(f"--resume {path}: cannot read {os.path.basename(rng_file)} ({type(error).__name__}); "
+                               "the run's random streams could not be restored exactly") from None
 
     def _warn_if_data_differs(self, path: str, saved: dict) -> None:
         # The order depends on the seed and the global micro-batch (per-process batch x processes),
@@ -180,7 +210,9 @@ class CheckpointManager:
         return every > 0 and progress.global_step % every == 0
 
     def save(self, model, optimizer, progress: Progress) -> str:
-        """A complete step checkpoint, or nothing: see the module docstring."""
+        """A complete step checkpoint, or nothing: see the module docstring. A save that fails on any
+        process (a full disk, say) removes its partial folder and stops every process with one line;
+        the checkpoints saved before are untouched."""
         self._refuse_non_finite(model, progress)
         name = step_name(progress.global_step)
         final, partial = os.path.join(self.directory, name), os.path.join(self.directory, TMP_PREFIX + name)
@@ -188,18 +220,36 @@ class CheckpointManager:
         if self.accelerator.is_main_process:
             remove_path(partial)
         self.accelerator.wait_for_everyone()
-        self.accelerator.save_state(partial)
-        self.accelerator.wait_for_everyone()  # every process has written its random states
-        if self.accelerator.is_main_process:
+        failure = self._agreed_failure(attempt(self.accelerator.save_state, partial))  # also waits for all
+        if failure is None and self.accelerator.is_main_process:
             debug.kill_if_asked_before_commit(progress.global_step)
-            self._write_manifest(partial, progress)
-            fsync_folder(partial)
-            commit_folder(partial, final)
-            self._prune()
+            failure = attempt(self._commit, partial, final, progress)
+        failure = self._agreed_failure(failure)
+        if failure is not None:
+            if self.accelerator.is_main_process:
+                remove_path(partial)
+            raise AccClipError(save_failure(f"checkpoint {name}", self.directory, failure,
+                                            state_bytes(model, optimizer)))
+        if self.accelerator.is_main_process:
             log.info("saved checkpoint %s (%.1f MB, %.2f s)", final, folder_bytes(final) / 1e6,
                      time.perf_counter() - started)
-        self.accelerator.wait_for_everyone()
         return final
+
+    def _commit(self, partial: str, final: str, progress: Progress) -> None:
+        self._write_manifest(partial, progress)
+        fsync_folder(partial)
+        commit_folder(partial, final)
+        self._prune()
+
+    def _agreed_failure(self, failure: Optional[BaseException]) -> Optional[str]:
+        """The first process's failure (as 'Type: first line'), the same on every process; None when
+        all succeeded. Every process must call it: a process that stopped alone would hang the others."""
+        from accelerate.utils import gather_object
+
+        described = None if failure is None else describe_error(failure)
+        if self.accelerator.num_processes == 1:
+            return described
+        return next((each for each in gather_object([described]) if each is not None), None)
 
     def _refuse_non_finite(self, model, progress: Progress) -> None:
         # Every process holds the same weights, so all of them stop here together.
@@ -227,6 +277,7 @@ class CheckpointManager:
             "data": {"epoch": progress.epoch, "next_micro_batch": progress.step_in_epoch * self.config.accum_freq,
                      **self._data_settings()},
             "files": {name: os.path.getsize(os.path.join(folder, name)) for name in sorted(os.listdir(folder))},
+            "sha256": folder_hashes(folder),
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
         with open(os.path.join(folder, MANIFEST), "w") as file:

@@ -16,9 +16,11 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import SMALL_CSV_ROWS, REPO, TINY_RN, TINY_VIT, read_metrics, run_trainer, tiny_train_args
+from conftest import (SMALL_CSV_ROWS, REPO, TINY_RN, TINY_VIT, fill_disk, read_metrics, run_trainer, small_disk,
+                      tiny_train_args)
 
 from acc_clip.checkpoint import export, manager
+from acc_clip.checkpoint import format as format_module
 from acc_clip.checkpoint.format import MANIFEST, TMP_PREFIX, Progress, complete_checkpoints, read_manifest
 from acc_clip.checkpoint.manager import CheckpointManager
 from acc_clip.runtime import parallel, signals
@@ -145,9 +147,36 @@ def test_export_of_a_checkpoint_with_a_damaged_optimizer_file_is_one_line(traine
     shutil.copytree(step, damaged)
     size = (damaged / "optimizer.bin").stat().st_size  # the same size: the manifest's size check passes
     (damaged / "optimizer.bin").write_bytes(b"\x80\x02not a torch file".ljust(size, b"\0"))
+    with pytest.raises(AccClipError, match=r"optimizer\.bin differs from what was saved \(SHA-256 mismatch\)"):
+        export.export_checkpoint(str(damaged), str(tmp_path / "model.pt"))
+    # a checkpoint from before hashes were recorded: the loader itself still refuses in one line
+    manifest = json.loads((damaged / MANIFEST).read_text())
+    del manifest["sha256"]
+    (damaged / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(AccClipError, match=r"optimizer\.bin: cannot be read \(.*\); the checkpoint is damaged"):
         export.export_checkpoint(str(damaged), str(tmp_path / "model.pt"))
     assert not (tmp_path / "model.pt").exists()
+
+
+def flip_a_bit(path: Path, offset_from_end: int = 16) -> None:
+    """One bit of a tensor's bytes (the end of a safetensors file is tensor data), size unchanged."""
+    data = bytearray(path.read_bytes())
+    data[-offset_from_end] ^= 0x40
+    path.write_bytes(bytes(data))
+
+
+def test_one_flipped_bit_in_the_weights_is_refused_by_export_evaluation_and_resume(trained, tmp_path):
+    damaged = tmp_path / "step_00000010"
+    shutil.copytree(step_folder(trained["run"], STEPS_PER_EPOCH), damaged)
+    flip_a_bit(damaged / "model.safetensors")
+    says = r"step_00000010: damaged checkpoint, model\.safetensors differs from what was saved \(SHA-256 mismatch\)$"
+    with pytest.raises(AccClipError, match=says):
+        export.export_checkpoint(str(damaged), str(tmp_path / "model.pt"))
+    with pytest.raises(AccClipError, match=says):
+        export.main([str(damaged), "--format", "local-dir", "--out", str(tmp_path / "dir")])
+    with pytest.raises(AccClipError, match=says):
+        read_manifest(str(damaged))  # what evaluation and --resume PATH read first
+    assert not (tmp_path / "model.pt").exists() and not (tmp_path / "dir").exists()
 
 
 def test_an_open_clip_epoch_file_is_a_starting_point(trained, tmp_path):
@@ -260,6 +289,23 @@ def test_resume_rejects_damaged_and_interrupted_folders_and_points_into_run_fold
         read_manifest(str(interrupted))
     with pytest.raises(AccClipError, match="it holds checkpoints, e.g. .*step_00000020"):
         read_manifest(str(trained["run"]))
+
+
+def test_a_trainer_that_fills_the_disk_stops_with_one_line_and_resumes_from_the_save_before(trained, tmp_path):
+    """A real full disk (a tmpfs with room for one and a half checkpoints of run R's model)."""
+    checkpoint_bytes = format_module.folder_bytes(str(step_folder(trained["run"], STEPS_PER_EPOCH)))
+    with small_disk(tmp_path / "disk", f"{int(checkpoint_bytes * 1.5) + 2_000_000}") as disk:
+        args = tiny_train_args(trained["csv"], disk, "F", "--save-every-n-steps", "3")
+        result = run_trainer(args, check=False)
+        assert result.returncode == 2, result.stderr[-3000:]
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(
+            "error: checkpoint step_00000006 could not be saved: no space left on the disk of "), result.stderr[-3000:]
+        assert "the partial save was removed, what was saved before is kept" in lines[0]
+        checkpoints = disk / "F" / "checkpoints"
+        assert sorted(p.name for p in checkpoints.iterdir()) == ["step_00000003"]
+        read_manifest(str(checkpoints / "step_00000003"))  # whole, hashes and all
+        assert len(read_metrics(disk / "F")) == 6  # the steps trained before the failed save are recorded
 
 
 def test_a_non_finite_loss_stops_the_run_naming_the_step_and_saves_nothing_after_it(small_csv, tmp_path):
@@ -412,6 +458,77 @@ def test_rewind_drops_the_records_made_after_the_resumed_checkpoint_and_a_torn_l
     path.write_text("".join(json.dumps({"step": s, "loss": 1.0}) + "\n" for s in range(5)) + '{"step": 5, "lo')
     manager.rewind_jsonl(str(path), 3)
     assert [json.loads(line)["step"] for line in path.read_text().splitlines()] == [0, 1, 2]
+
+
+def test_resume_latest_falls_back_to_the_newest_checkpoint_that_passes(manager_parts, caplog):
+    accelerator, model, optimizer, manager = manager_parts
+    saver = manager()
+    train_a_step(model, optimizer)
+    saver.save(model, optimizer, Progress(global_step=1))
+    weights_at_1 = {k: v.clone() for k, v in model.state_dict().items()}
+    for step in (2, 3):
+        train_a_step(model, optimizer)
+        saver.save(model, optimizer, Progress(global_step=step))
+    folder = Path(saver.directory)
+    flip_a_bit(folder / "step_00000003" / "model.safetensors", offset_from_end=4)
+    (folder / "step_00000002" / "optimizer.bin").write_bytes(b"x" * (folder / "step_00000002" / "optimizer.bin")
+                                                            .stat().st_size)
+    with caplog.at_level("WARNING"):
+        resumed = manager(resume="latest").resume(model, optimizer, 10)
+    assert resumed.global_step == 1
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in weights_at_1.items())
+    said = caplog.text
+    assert "step_00000003: damaged checkpoint, model.safetensors differs" in said
+    assert "step_00000002: damaged checkpoint, optimizer.bin differs" in said
+    assert "resuming from " in said and "step_00000001, the newest checkpoint that passes" in said
+    assert (folder / "step_00000003").is_dir()  # left in place, never deleted
+
+    flip_a_bit(folder / "step_00000001" / "model.safetensors", offset_from_end=4)
+    with pytest.raises(AccClipError, match=r"none of the 3 checkpoint\(s\) in .* passes its manifest check "
+                                           r"\(the newest, step_00000003"):
+        manager(resume="latest").resume(model, optimizer, 10)
+
+
+def test_a_random_state_file_that_cannot_be_read_is_an_error_not_a_log_line(manager_parts):
+    """Accelerate logs "Could not load random states" at INFO and goes on; the resume would not be exact."""
+    accelerator, model, optimizer, manager = manager_parts
+    saver = manager()
+    saved = Path(saver.save(model, optimizer, Progress(global_step=4)))
+    (saved / "random_states_0.pkl").write_bytes(b"not a pickle at all")
+    manifest = json.loads((saved / MANIFEST).read_text())  # made to pass the manifest: only the load fails
+    manifest["files"]["random_states_0.pkl"] = (saved / "random_states_0.pkl").stat().st_size
+    manifest["sha256"]["random_states_0.pkl"] = format_module.file_sha256(str(saved / "random_states_0.pkl"))
+    (saved / MANIFEST).write_text(json.dumps(manifest))
+    with pytest.raises(AccClipError, match=r"step_00000004: cannot read random_states_0\.pkl \(\w+\); the run's "
+                                           "random streams could not be restored exactly$"):
+        manager(resume="latest").resume(model, optimizer, 10)
+
+
+def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_checkpoint_before(manager_parts, tmp_path):
+    accelerator, model, optimizer, manager = manager_parts
+    with small_disk(tmp_path / "run", "1m") as run:
+        saver = manager()
+        train_a_step(model, optimizer)
+        saver.save(model, optimizer, Progress(global_step=1))
+        weights_at_1 = {k: v.clone() for k, v in model.state_dict().items()}
+        filler = fill_disk(run)
+        train_a_step(model, optimizer)
+        with pytest.raises(AccClipError) as raised:
+            saver.save(model, optimizer, Progress(global_step=2))
+        said = str(raised.value)
+        assert "\n" not in said and said.startswith("checkpoint step_00000002 could not be saved: no space left on "
+                                                     f"the disk of {run / 'checkpoints'} (the save needs about ")
+        assert said.endswith("MB are free); the partial save was removed, what was saved before is kept"), said
+        assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000001"]
+
+        with pytest.raises(AccClipError, match=r"epoch_1\.pt could not be saved: no space left on the disk of .*"
+                                               r"the partial save was removed"):
+            format_module.atomic_torch_save({"weights": torch.zeros(10_000)}, str(run / "checkpoints" / "epoch_1.pt"))
+        assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000001"]
+
+        filler.unlink()
+        assert manager(resume="latest").resume(model, optimizer, 10).global_step == 1
+        assert all(torch.equal(model.state_dict()[k], v) for k, v in weights_at_1.items())
 
 
 def test_bad_resume_input_in_this_process(manager_parts, tmp_path):
