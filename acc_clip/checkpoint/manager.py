@@ -33,7 +33,7 @@ from acc_clip.checkpoint.export import MODEL_OPTIONS
 from acc_clip.config import TrainConfig
 from acc_clip.errors import AccClipError, attempt, describe_error
 from acc_clip.runtime.parallel import full_state_dict, unwrap
-from acc_clip.runtime.run_dir import CHECKPOINTS_DIR, METRICS_FILE, SAMPLES_FILE
+from acc_clip.runtime.run_dir import CHECKPOINTS_DIR, METRICS_FILE, SAMPLES_FILE, run_id
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +62,7 @@ class CheckpointManager:
 
                 self.remote = RemoteSync(run_dir, config.remote_sync, config.remote_sync_protocol,
                                          config.remote_sync_frequency, prune=config.keep_checkpoints > 0)
+                self.remote.claim(may_adopt=config.resume == "latest" and not complete_checkpoints(self.directory))
         # Weights are stored under their plain names, and loaded here with an architecture check.
         accelerator.register_save_state_pre_hook(_save_plain_weights)
         accelerator.register_load_state_pre_hook(self._load_weights)
@@ -272,6 +273,7 @@ class CheckpointManager:
             # what changes the architecture or preprocessing beyond the model's config (export writes them in)
             "model_options": {key: getattr(self.config, key) for key in MODEL_OPTIONS if getattr(self.config, key)},
             "name": self.config.name,
+            "run_id": run_id(self.run_dir),  # which run saved it: remote sync prunes and fetches only its own
             "progress": asdict(progress),
             # the position in the epoch's rebuilt order: micro-batches each process has consumed
             "data": {"epoch": progress.epoch, "next_micro_batch": progress.step_in_epoch * self.config.accum_freq,

@@ -10,12 +10,21 @@ Consistency. A step checkpoint is copied only once it is complete locally, its m
 a remote folder without the manifest is an interrupted copy: never fetched back, copied again next
 time. Partial local saves (`.tmp-*`) are never copied. With --keep-checkpoints, remote checkpoints
 older than the newest local one and no longer kept locally are removed remotely too.
+
+Ownership. Every run folder has a run id (`<run>/run_id`), also written to `URL/<name>/run_id` by
+the first run that copies there, and into every checkpoint's manifest. A run whose id differs from
+the remote folder's is refused at start in one line (two machines or a repeated command with the
+same --name), and stops copying if another run claims the folder meanwhile: one run never overwrites
+another's files. Only checkpoints whose manifest carries this run's id are pruned or fetched back.
+A machine that lost the local folder continues the remote run with `--resume latest`: a run folder
+without checkpoints takes over the remote folder's id (said in a warning).
 """
 
 from __future__ import annotations
 
 import atexit
 import importlib.util
+import json
 import logging
 import os
 import threading
@@ -23,7 +32,7 @@ from typing import Optional
 
 from acc_clip.checkpoint.format import MANIFEST, STEP_PREFIX, TMP_PREFIX, complete_checkpoints
 from acc_clip.errors import AccClipError
-from acc_clip.runtime.run_dir import CHECKPOINTS_DIR, METRICS_FILE
+from acc_clip.runtime.run_dir import CHECKPOINTS_DIR, METRICS_FILE, RUN_ID_FILE, adopt_run_id, run_id
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +63,57 @@ class RemoteSync:
         self.remote_dir = f"{root}/{os.path.basename(os.path.normpath(run_dir))}"
         self.every_seconds = every_seconds
         self.prune = prune
+        self.run_id = run_id(run_dir)
+        self._foreign: Optional[str] = None  # the id of another run that claimed the remote folder meanwhile
         self._copied: dict[str, tuple[int, int]] = {}  # local file -> (size, mtime_ns) when last copied
         self._lock = threading.Lock()  # one copy at a time: the thread's and the final one
         self._stop = threading.Event()
         self._thread: Optional[threading.Thread] = None
+
+    # ownership --------------------------------------------------------------------------------
+    def _remote_owner(self) -> Optional[str]:
+        path = f"{self.remote_dir}/{RUN_ID_FILE}"
+        return self.fs.cat_file(path).decode().strip() if self.fs.exists(path) else None
+
+    def claim(self, may_adopt: bool) -> None:
+        """Make the remote folder this run's, before anything is copied or fetched. `may_adopt`: this
+        run folder holds no checkpoint and resumes (`--resume latest`), so it continues the remote run."""
+        owner = self._remote_owner()
+        if owner in (None, self.run_id):
+            self._claim_if_free(owner)
+        elif may_adopt:
+            log.warning("--remote-sync: continuing the run copied at %s (run id %s) in %s", self.remote_dir, owner,
+                        self.run_dir)
+            adopt_run_id(self.run_dir, owner)
+            self.run_id = owner
+        else:
+            raise AccClipError(f"--remote-sync: {self.remote_dir} holds another run's copy (run id {owner}; this "
+                               f"run's is {self.run_id}, in {os.path.join(self.run_dir, RUN_ID_FILE)}): pick "
+                               "another --name, or continue that run with --resume latest from a new run folder")
+
+    def _claim_if_free(self, owner: Optional[str]) -> None:
+        if owner is None:
+            self.fs.makedirs(self.remote_dir, exist_ok=True)
+            self.fs.pipe_file(f"{self.remote_dir}/{RUN_ID_FILE}", (self.run_id + "\n").encode())
+
+    def _still_ours(self) -> bool:
+        """Whether the remote folder is still this run's; once another run claimed it, copying stops for good."""
+        if self._foreign is None:
+            owner = self._remote_owner()
+            if owner not in (None, self.run_id):
+                self._foreign = owner
+                log.warning("remote sync: %s now belongs to run %s, not this run (%s); no longer copying there",
+                            self.remote_dir, owner, self.run_id)
+            else:
+                self._claim_if_free(owner)
+        return self._foreign is None
+
+    def _manifest_run_id(self, name: str) -> Optional[str]:
+        try:
+            manifest = json.loads(self.fs.cat_file(f"{self.remote_dir}/{CHECKPOINTS_DIR}/{name}/{MANIFEST}"))
+        except (ValueError, OSError):
+            return None
+        return manifest.get("run_id") if isinstance(manifest, dict) else None
 
     # background -------------------------------------------------------------------------------
     def start(self) -> None:
@@ -93,6 +149,8 @@ class RemoteSync:
     def sync_once(self) -> int:
         """Copy what changed since the last copy; returns the number of files copied."""
         with self._lock:
+            if not self._still_ours():
+                return 0
             copied = self._copy_loose_files()
             local = complete_checkpoints(os.path.join(self.run_dir, CHECKPOINTS_DIR))
             remote = set(self._remote_complete())
@@ -144,7 +202,7 @@ class RemoteSync:
 
     def _prune_remote(self, kept_locally: set[str], newest_local: str) -> None:
         for name in self._remote_complete():
-            if name < newest_local and name not in kept_locally:
+            if name < newest_local and name not in kept_locally and self._manifest_run_id(name) == self.run_id:
                 self.fs.rm(f"{self.remote_dir}/checkpoints/{name}", recursive=True)
 
     # the way back -----------------------------------------------------------------------------
@@ -159,10 +217,15 @@ class RemoteSync:
         except Exception as error:  # fsspec backends raise their own types
             raise AccClipError(f"--resume latest: cannot list the remote copy {self.remote_dir} "
                                f"({type(error).__name__}: {error})") from None
+        ours = [name for name in remote if self._manifest_run_id(name) == self.run_id]
+        if len(ours) < len(remote):
+            log.warning("--resume latest: %d checkpoint(s) in %s were not saved by this run (%s), not fetched: %s",
+                        len(remote) - len(ours), self.remote_dir, self.run_id,
+                        ", ".join(sorted(set(remote) - set(ours))))
         local = [os.path.basename(f) for f in complete_checkpoints(local_dir)]
-        if not remote or (local and local[-1] >= remote[-1]):
+        if not ours or (local and local[-1] >= ours[-1]):
             return None
-        name = remote[-1]
+        name = ours[-1]
         partial, final = os.path.join(local_dir, TMP_PREFIX + name), os.path.join(local_dir, name)
         os.makedirs(partial, exist_ok=True)
         remote_folder = f"{self.remote_dir}/checkpoints/{name}"

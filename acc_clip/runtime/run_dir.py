@@ -20,6 +20,7 @@ SAMPLES_FILE = "samples.jsonl"  # the opt-in debug record of samples per step (c
 CHECKPOINTS_DIR = "checkpoints"
 TENSORBOARD_DIR = "tensorboard"
 LOCK_FILE = "run.lock"  # "HOST PID" of the process writing to the run folder (take_run_lock)
+RUN_ID_FILE = "run_id"  # this run's identity on remote storage: what it may overwrite, prune and fetch there
 WANDB_ID_FILE = "wandb_id"  # the id of the run folder's wandb run, so that every resume continues that run
 # A wandb run id (wandb refuses / \ # ? % : in one); a user may write an existing run's id there to continue it.
 WANDB_ID = re.compile(r"[A-Za-z0-9_.\-]+")
@@ -141,3 +142,24 @@ def wandb_run_id(run_dir: str) -> str:
         raise AccClipError(f"{path} holds {run_id!r}, not a wandb run id (letters, digits, '_', '-', '.'): "
                            "fix it, or delete it to start a new wandb run")
     return run_id
+
+
+def run_id(run_dir: str) -> str:
+    """The id of the run in this folder, made on its first start (or taken over with `adopt_run_id`).
+    Main process only."""
+    path = os.path.join(run_dir, RUN_ID_FILE)
+    try:
+        with open(path) as file:
+            found = file.read().strip()
+    except FileNotFoundError:
+        found = ""
+    if found:
+        return found
+    made = secrets.token_hex(8)
+    write_atomically(path, made + "\n")
+    return made
+
+
+def adopt_run_id(run_dir: str, adopted: str) -> None:
+    """Continue the run `adopted` in this folder (a machine that lost its local copy resuming from remote)."""
+    write_atomically(os.path.join(run_dir, RUN_ID_FILE), adopted + "\n")

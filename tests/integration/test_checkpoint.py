@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 from pathlib import Path
@@ -194,6 +195,15 @@ def test_an_open_clip_epoch_file_is_a_starting_point(trained, tmp_path):
 
 # the remote copy ----------------------------------------------------------------------------------
 
+def test_a_second_run_with_the_same_name_and_remote_is_refused_in_one_line(trained, tmp_path):
+    args = tiny_train_args(trained["csv"], tmp_path, "R", "--remote-sync", trained["remote"],
+                           "--remote-sync-protocol", "fsspec")
+    result = run_trainer(args, check=False)
+    assert result.returncode == 2, result.stderr[-3000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and " holds another run's copy (run id " in lines[0], result.stderr[-3000:]
+
+
 def test_the_run_is_copied_to_the_remote_and_resume_latest_fetches_it_back(trained, tmp_path):
     remote_run = trained["remote_run"]
     assert (remote_run / "metrics.jsonl").read_text() == (trained["run"] / "metrics.jsonl").read_text()
@@ -213,50 +223,90 @@ def test_the_run_is_copied_to_the_remote_and_resume_latest_fetches_it_back(train
     assert (remote_run / "checkpoints" / f"step_{3 * STEPS_PER_EPOCH:08d}" / MANIFEST).is_file()
 
 
-def fake_checkpoint(folder: Path, payload: bytes = b"weights") -> Path:
+def fake_checkpoint(folder: Path, payload: bytes = b"weights", run_id: str | None = None) -> Path:
     folder.mkdir(parents=True)
     (folder / "model.safetensors").write_bytes(payload)
-    (folder / MANIFEST).write_text("{}")
+    (folder / MANIFEST).write_text(json.dumps({} if run_id is None else {"run_id": run_id}))
     return folder
 
 
+def local_run_with_sync(tmp_path: Path, name: str = "local", **settings) -> tuple[Path, RemoteSync]:
+    run = tmp_path / name / "run"
+    run.mkdir(parents=True)
+    return run, RemoteSync(str(run), f"file://{tmp_path / 'remote'}", "fsspec", 60, **settings)
+
+
 def test_remote_sync_copies_complete_checkpoints_manifest_last_and_never_partial_ones(tmp_path):
-    run = tmp_path / "local" / "run"
-    fake_checkpoint(run / "checkpoints" / "step_00000004")
+    run, sync = local_run_with_sync(tmp_path, prune=True)
+    fake_checkpoint(run / "checkpoints" / "step_00000004", run_id=sync.run_id)
     partial = run / "checkpoints" / f"{TMP_PREFIX}step_00000008"
     partial.mkdir()
     (partial / "model.safetensors").write_bytes(b"half")
     (run / "metrics.jsonl").write_text('{"step": 0}\n')
-    sync = RemoteSync(str(run), f"file://{tmp_path / 'remote'}", "fsspec", 60, prune=True)
     order = []
     put_file = sync.fs.put_file
     sync.fs.put_file = lambda local, remote: (order.append(os.path.basename(local)), put_file(local, remote))
-    assert sync.sync_once() == 3
+    assert sync.sync_once() == 4  # metrics.jsonl, run_id, and the checkpoint's two files
     assert order.index(MANIFEST) > order.index("model.safetensors")
     remote = tmp_path / "remote" / "run"
     assert (remote / "checkpoints" / "step_00000004" / MANIFEST).is_file()
     assert not (remote / "checkpoints" / partial.name).exists()
     assert sync.sync_once() == 0  # nothing changed, nothing copied
 
-    # keep-K pruning locally is mirrored, newer remote checkpoints are left alone
-    fake_checkpoint(run / "checkpoints" / "step_00000012")
+    # keep-K pruning locally is mirrored; newer remote checkpoints, and any another run saved, are left alone
+    fake_checkpoint(run / "checkpoints" / "step_00000012", run_id=sync.run_id)
     shutil.rmtree(run / "checkpoints" / "step_00000004")
-    fake_checkpoint(remote / "checkpoints" / "step_00000099")
+    fake_checkpoint(remote / "checkpoints" / "step_00000099", run_id=sync.run_id)
+    fake_checkpoint(remote / "checkpoints" / "step_00000002", run_id="another-run")
     sync.sync_once()
-    assert sorted(p.name for p in (remote / "checkpoints").glob("step_*")) == ["step_00000012", "step_00000099"]
+    assert sorted(p.name for p in (remote / "checkpoints").glob("step_*")) == \
+        ["step_00000002", "step_00000012", "step_00000099"]
 
 
 def test_an_interrupted_remote_copy_is_not_fetched(tmp_path):
+    run, sync = local_run_with_sync(tmp_path)
     remote = tmp_path / "remote" / "run" / "checkpoints"
-    fake_checkpoint(remote / "step_00000004", b"complete")
+    fake_checkpoint(remote / "step_00000004", b"complete", run_id=sync.run_id)
     (remote / "step_00000008").mkdir()  # the copy died before its manifest
     (remote / "step_00000008" / "model.safetensors").write_bytes(b"half")
-    run = tmp_path / "local" / "run"
-    sync = RemoteSync(str(run), str(tmp_path / "remote"), "fsspec", 60)
     fetched = sync.fetch_newest_checkpoint()
     assert fetched == str(run / "checkpoints" / "step_00000004")
     assert (run / "checkpoints" / "step_00000004" / "model.safetensors").read_bytes() == b"complete"
     assert sync.fetch_newest_checkpoint() is None  # the local one is as new as any remote one
+
+
+def test_one_run_never_overwrites_prunes_or_fetches_another_runs_remote_files(tmp_path, caplog):
+    first, sync = local_run_with_sync(tmp_path, "machine_a", prune=True)
+    sync.claim(may_adopt=False)
+    (first / "metrics.jsonl").write_text('{"step": 0, "run": "a"}\n')
+    sync.sync_once()
+    remote = tmp_path / "remote" / "run"
+    assert (remote / "run_id").read_text().strip() == sync.run_id
+
+    # the same --name on another machine (or a repeated command): refused before anything is copied
+    second, other = local_run_with_sync(tmp_path, "machine_b")
+    with pytest.raises(AccClipError, match=rf"^--remote-sync: {re.escape(str(remote))} holds another run's copy "
+                                           rf"\(run id {sync.run_id}; this run's is {other.run_id}, in "):
+        other.claim(may_adopt=False)
+    assert (remote / "metrics.jsonl").read_text() == '{"step": 0, "run": "a"}\n'
+
+    # a checkpoint of another run in the remote folder is neither fetched nor pruned
+    fake_checkpoint(remote / "checkpoints" / "step_00000008", b"other run", run_id="another-run")
+    fake_checkpoint(remote / "checkpoints" / "step_00000004", b"ours", run_id=sync.run_id)
+    third, fetcher = local_run_with_sync(tmp_path, "machine_c")
+    with caplog.at_level("WARNING"):
+        fetcher.claim(may_adopt=True)  # a machine that lost the folder continues the remote run
+        assert fetcher.run_id == sync.run_id and (third / "run_id").read_text().strip() == sync.run_id
+        assert fetcher.fetch_newest_checkpoint() == str(third / "checkpoints" / "step_00000004")
+    assert "1 checkpoint(s) in" in caplog.text and "not fetched: step_00000008" in caplog.text
+
+    # once another run claims the folder, this one stops copying instead of overwriting its files
+    (remote / "run_id").write_text("another-run\n")
+    (first / "metrics.jsonl").write_text('{"step": 0, "run": "a"}\n{"step": 1, "run": "a"}\n')
+    with caplog.at_level("WARNING"):
+        assert sync.sync_once() == 0
+    assert "now belongs to run another-run" in caplog.text
+    assert (remote / "metrics.jsonl").read_text() == '{"step": 0, "run": "a"}\n'
 
 
 def test_remote_sync_protocol_errors_are_one_line(tmp_path):
