@@ -18,6 +18,7 @@ from typing import Any, Optional, get_type_hints
 
 import yaml
 
+from acc_clip.image_file import MAX_IMAGE_BYTES
 from acc_clip.errors import AccClipError
 
 PRECISIONS = ("amp", "amp_bf16", "amp_bfloat16", "bf16", "fp16", "pure_bf16", "pure_fp16", "fp32")  # open_clip's
@@ -84,6 +85,9 @@ class TrainConfig:
     decode_on_device: bool = _opt(False, "decode JPEGs on the accelerator (nvjpeg on CUDA) instead of in the loader "
                                          "workers; falls back to the workers where the device cannot")
     max_bad_fraction: float = _opt(0.01, "stop when more than this fraction of samples read is missing or corrupt")
+    skip_bad_rows: bool = _opt(False, "skip CSV rows whose field count differs from the header's (counted and named "
+                                      "in a warning) instead of stopping at the first")
+    max_image_bytes: int = _opt(MAX_IMAGE_BYTES, "image files larger than this are skipped and counted as bad")
     # model
     model: str = _opt("RN50", "open_clip model name, or local-dir:PATH holding open_clip_config.json")
     pretrained: str = _opt("", "pretrained tag or local weights file; empty for random init")
@@ -266,6 +270,8 @@ class TrainConfig:
                 raise AccClipError(f"--{flag(key)} must not be negative, got {getattr(self, key)}")
         if self.val_num_samples is not None and self.val_num_samples < 1:
             raise AccClipError(f"--val-num-samples must be at least 1, got {self.val_num_samples}")
+        if self.max_image_bytes < 1:
+            raise AccClipError(f"--max-image-bytes must be at least 1, got {self.max_image_bytes}")
         if not 0.0 <= self.max_bad_fraction <= 1.0:
             raise AccClipError(f"--max-bad-fraction must be within [0, 1], got {self.max_bad_fraction}")
         if self.lr_scheduler == "const-cooldown" and self.epochs_cooldown is None:

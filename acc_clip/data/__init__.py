@@ -57,7 +57,8 @@ def build_train_data(config: TrainConfig, preprocess: Callable, tokenizer: Calla
         from acc_clip.data.csv import CsvDataset, build_train_loader
 
         dataset = CsvDataset(config.train_data, transform=preprocess, tokenizer=tokenizer, img_key=config.csv_img_key,
-                             caption_key=config.csv_caption_key, sep=config.csv_separator, seed=config.seed)
+                             caption_key=config.csv_caption_key, sep=config.csv_separator, seed=config.seed,
+                             max_image_bytes=config.max_image_bytes, skip_bad_rows=config.skip_bad_rows)
         loader = build_train_loader(dataset, batch_size=config.batch_size, workers=config.workers, seed=config.seed,
                                     rank=rank, world_size=world_size, pin_memory=pin_memory)
 

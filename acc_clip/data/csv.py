@@ -23,6 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from acc_clip.data.common import Sample, collate_skipping_bad, sample_seed
+from acc_clip.image_file import MAX_IMAGE_BYTES, ImageFileError, read_image_file
 from acc_clip.data.pixels import ImageDecodeError, collate_images, load_pixels
 from acc_clip.data.csv_file import read_csv_columns
 from acc_clip.errors import AccClipError
@@ -31,7 +32,7 @@ from acc_clip.runtime.signals import ignore_stop_signals
 log = logging.getLogger(__name__)
 
 # Errors that mean "this image cannot be used"; anything else is a bug and must surface.
-IMAGE_ERRORS = (OSError, ImageDecodeError)  # OSError: missing, unreadable, a folder
+IMAGE_ERRORS = (OSError, ImageDecodeError)  # OSError: missing, unreadable, a folder, a FIFO, too large
 
 
 class CsvDataset(Dataset):
@@ -50,9 +51,13 @@ class CsvDataset(Dataset):
         sep: str = "\t",
         seed: int = 0,
         augment_seeded: bool = True,
+        max_image_bytes: int = MAX_IMAGE_BYTES,
+        skip_bad_rows: bool = False,
     ):
         self.path = path
-        self.filepaths, self.captions = read_csv_columns(path, img_key=img_key, caption_key=caption_key, sep=sep)
+        self.filepaths, self.captions = read_csv_columns(path, img_key=img_key, caption_key=caption_key, sep=sep,
+                                                         skip_bad_rows=skip_bad_rows)
+        self.max_image_bytes = max_image_bytes
         self.transform = transform
         self.tokenizer = tokenizer
         self.seed = seed
@@ -68,13 +73,13 @@ class CsvDataset(Dataset):
             log.warning("%s row %d: empty caption, sample skipped", self.path, index)
             return None
         try:
-            with open(self.filepaths[index], "rb") as file:
-                data = file.read()
+            data = read_image_file(self.filepaths[index], self.max_image_bytes)
             pixels = load_pixels(data, self.transform,
                                  sample_seed(self.seed, epoch, index) if self.augment_seeded else None)
         except IMAGE_ERRORS as error:
-            log.warning("%s row %d: cannot read image %s (%s), sample skipped",
-                        self.path, index, self.filepaths[index], type(error).__name__)
+            why = str(error) if isinstance(error, ImageFileError) else type(error).__name__
+            log.warning("%s row %d: cannot read image %s (%s), sample skipped", self.path, index,
+                        self.filepaths[index], why)
             return None
         return Sample(pixels, self.tokenizer([caption])[0], index)
 

@@ -4,9 +4,12 @@ share: one separator rule and one column reader, each with one-line errors namin
 from __future__ import annotations
 
 import csv
+import logging
 import os
 
 from acc_clip.errors import AccClipError
+
+log = logging.getLogger(__name__)
 
 
 def parse_separator(text: str, flag: str) -> str:
@@ -17,11 +20,13 @@ def parse_separator(text: str, flag: str) -> str:
     return separator
 
 
-def _rows(path: str, sep: str) -> tuple[list[str], list[list[str]]]:
+def _rows(path: str, sep: str, skip_bad_rows: bool) -> tuple[list[str], list[list[str]]]:
     """The header and the data rows (blank lines skipped), each data row with as many fields as the
     header: a row with more or fewer (an unquoted separator inside a caption, a cut line) is an error
-    naming the file, the row and its line. pandas would take the first column of such a file as its
-    index and shift every value by one column, silently."""
+    naming the file, the row and its line, or with `skip_bad_rows` left out, counted and named in a
+    warning. pandas would take the first column of such a file as its index and shift every value by
+    one column, silently."""
+    skipped: list[str] = []
     try:
         with open(path, newline="", encoding="utf-8-sig") as file:
             reader = csv.reader(file, delimiter=sep)
@@ -33,20 +38,29 @@ def _rows(path: str, sep: str) -> tuple[list[str], list[list[str]]]:
                 if not row:
                     continue
                 if len(row) != len(header):
-                    raise AccClipError(
-                        f"{path}: row {len(rows) + 1} (line {reader.line_num}) has {len(row)} fields, the header "
-                        f"{len(header)} (separator {sep!r}); quote a field that holds the separator")
+                    where = f"row {len(rows) + len(skipped) + 1} (line {reader.line_num}) has {len(row)} fields"
+                    if not skip_bad_rows:
+                        raise AccClipError(f"{path}: {where}, the header {len(header)} (separator {sep!r}); quote a "
+                                           "field that holds the separator, or pass --skip-bad-rows to skip such rows")
+                    skipped.append(where)
+                    continue
                 rows.append(row)
     except (csv.Error, UnicodeDecodeError) as error:
         raise AccClipError(f"{path}: cannot parse the CSV with separator {sep!r}: {error}") from None
+    if skipped:
+        log.warning("%s: skipped %d row(s) whose field count differs from the header's %d (--skip-bad-rows): %s%s",
+                    path, len(skipped), len(header), "; ".join(skipped[:5]), "; ..." if len(skipped) > 5 else "")
     return header, rows
 
 
-def read_csv_columns(path: str, *, img_key: str, caption_key: str, sep: str) -> tuple[list[str], list[str]]:
+def read_csv_columns(path: str, *, img_key: str, caption_key: str, sep: str,
+                     skip_bad_rows: bool = False) -> tuple[list[str], list[str]]:
     """The image paths and captions of a CSV, or one clear error naming the file (and the row)."""
-    if not os.path.isfile(path):
+    if not os.path.exists(path):
         raise AccClipError(f"{path}: CSV file not found")
-    header, rows = _rows(path, sep)
+    if not os.path.isfile(path):  # a FIFO would block, /dev/zero never end
+        raise AccClipError(f"{path}: not a regular file")
+    header, rows = _rows(path, sep, skip_bad_rows)
     missing = [key for key in (img_key, caption_key) if key not in header]
     if missing:
         raise AccClipError(

@@ -41,6 +41,7 @@ from torchvision import transforms as T
 from torchvision.transforms.v2 import functional as F
 
 from acc_clip.data.common import Batch, seeded_torch_rng
+from acc_clip.image_file import PIL_FORMATS
 
 from acc_clip import jpeg
 
@@ -69,9 +70,10 @@ class ImageDecodeError(ValueError):
 
 def pil_image(data: bytes, *, decode: bool = True) -> Image.Image:
     """PIL's RGB image of `data` (decoded), or with `decode=False` the opened file (its header read:
-    size, format). PIL's errors, its size limit included, become `ImageDecodeError`."""
+    size, format). PIL's errors, its size limit and formats outside PIL_FORMATS included, become
+    `ImageDecodeError`."""
     try:
-        opened = Image.open(io.BytesIO(data))
+        opened = Image.open(io.BytesIO(data), formats=PIL_FORMATS)
         return opened.convert("RGB") if decode else opened
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         raise ImageDecodeError(str(error) or type(error).__name__) from None

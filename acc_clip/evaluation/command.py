@@ -31,6 +31,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--val-num-samples", type=int,
                         help="samples the validation set holds (needed for shards without sizes.json)")
     parser.add_argument("--dataset-type", choices=("auto", "csv", "webdataset"), default="auto")
+    parser.add_argument("--skip-bad-rows", action="store_true",
+                        help="skip CSV rows whose field count differs from the header's (counted, named) instead of stopping")
     parser.add_argument("--csv-img-key", default="filepath")
     parser.add_argument("--csv-caption-key", default="title")
     parser.add_argument("--csv-separator", default="\t")

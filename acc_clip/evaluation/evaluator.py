@@ -177,7 +177,8 @@ def build_val_loader(settings, preprocess_val: Callable, tokenizer: Callable, ra
 
     dataset = CsvDataset(settings.val_data, transform=preprocess_val, tokenizer=tokenizer,
                          img_key=settings.csv_img_key, caption_key=settings.csv_caption_key,
-                         sep=settings.csv_separator, augment_seeded=False)
+                         sep=settings.csv_separator, augment_seeded=False,
+                         skip_bad_rows=getattr(settings, "skip_bad_rows", False))
     return build_eval_loader(dataset, batch_size=settings.batch_size, workers=settings.workers, rank=rank,
                              world_size=world_size)
 

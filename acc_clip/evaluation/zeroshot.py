@@ -28,8 +28,9 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from acc_clip.data.common import Sample
 from acc_clip.data.csv import IMAGE_ERRORS, build_eval_loader
 from acc_clip.data.csv_file import read_csv_columns
+from acc_clip.image_file import read_image_file
 from acc_clip.data.pixels import load_pixels
-from acc_clip.errors import AccClipError
+from acc_clip.errors import AccClipError, describe_error
 from acc_clip.runtime import parallel
 from acc_clip.model import image_input_dtype
 
@@ -52,10 +53,9 @@ class ZeroShotDataset(Dataset):
 
     def __getitem__(self, index: int) -> Optional[Sample]:
         try:
-            with open(self.filepaths[index], "rb") as file:
-                pixels = load_pixels(file.read(), self.transform)
+            pixels = load_pixels(read_image_file(self.filepaths[index]), self.transform)
         except IMAGE_ERRORS as error:
-            log.warning("%s: cannot read image (%s), skipped", self.filepaths[index], type(error).__name__)
+            log.warning("%s: cannot read image (%s), skipped", self.filepaths[index], describe_error(error))
             return None
         return Sample(pixels, torch.tensor(self.labels[index]), index)
 

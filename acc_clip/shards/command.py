@@ -25,6 +25,8 @@ def _convert_main(argv: list[str]) -> int:
     parser.add_argument("--resize", type=int, default=None, metavar="S", help="scale the shorter side to S px")
     parser.add_argument("--quality", type=int, default=DEFAULT_QUALITY,
                         help=f"JPEG quality when re-encoding (default {DEFAULT_QUALITY})")
+    parser.add_argument("--skip-bad-rows", action="store_true",
+                        help="skip CSV rows whose field count differs from the header's (counted, named) instead of stopping")
     parser.add_argument("--group-by-image", action="store_true", help="one sample per image, all its captions")
     parser.add_argument("--no-progress", action="store_true")
     args = parser.parse_args(argv)
@@ -32,6 +34,7 @@ def _convert_main(argv: list[str]) -> int:
         args.csv, args.out, img_key=args.csv_img_key, caption_key=args.csv_caption_key,
         sep=parse_separator(args.csv_separator, "--csv-separator"), samples_per_shard=args.samples_per_shard, workers=args.workers,
         resize=args.resize, quality=args.quality, group_by_image=args.group_by_image, progress=not args.no_progress,
+        skip_bad_rows=args.skip_bad_rows,
     )
     skipped = ", ".join(f"{count} {reason}" for reason, count in result["skipped"].items() if count) or "none"
     print(f"{result['out_dir']}: {result['samples']} samples in {result['shards']} shards "

@@ -50,6 +50,7 @@ from tqdm import tqdm
 
 from acc_clip import jpeg
 from acc_clip.data.csv_file import read_csv_columns
+from acc_clip.image_file import MAX_IMAGE_BYTES, PIL_FORMATS, ImageFileError, read_image_file
 from acc_clip.errors import AccClipError
 from acc_clip.shards.tar import finish_tar, write_member
 
@@ -64,7 +65,8 @@ FORMAT_VERSION = 1
 # photos' are about 90) only adds bytes; at 256 px q90 shards are ~35% smaller and decode ~33% faster
 # than q95, at ~1.3 dB less PSNR against the resized image (docs/shards.md).
 DEFAULT_QUALITY = 90
-SKIP_REASONS = ("missing_file", "unreadable_file", "corrupt_image", "empty_caption")
+# not_read: not a regular file (a FIFO, a device), or above --max-image-bytes
+SKIP_REASONS = ("missing_file", "unreadable_file", "not_read", "corrupt_image", "empty_caption")
 # Every file this module writes; anything else in OUT means the folder belongs to someone else.
 OWN_FILE = re.compile(r"^(\d{5,}\.tar(\.tmp)?|\d{5,}_stats\.json(\.tmp)?|sizes\.json(\.tmp)?|_conversion\.json(\.tmp)?)$")
 
@@ -113,8 +115,10 @@ def sample_key(number: int) -> str:
 # Reading the CSV
 
 
-def read_items(csv_path: str, *, img_key: str, caption_key: str, sep: str, group_by_image: bool) -> list[Item]:
-    paths, captions = read_csv_columns(csv_path, img_key=img_key, caption_key=caption_key, sep=sep)
+def read_items(csv_path: str, *, img_key: str, caption_key: str, sep: str, group_by_image: bool,
+               skip_bad_rows: bool = False) -> list[Item]:
+    paths, captions = read_csv_columns(csv_path, img_key=img_key, caption_key=caption_key, sep=sep,
+                                       skip_bad_rows=skip_bad_rows)
     if not group_by_image:
         return [Item(row, path, (row,), (caption,)) for row, (path, caption) in enumerate(zip(paths, captions))]
     rows_of: dict[str, list[int]] = {}
@@ -130,12 +134,13 @@ def read_items(csv_path: str, *, img_key: str, caption_key: str, sep: str, group
 # One image
 
 
-def _read_source(path: str) -> bytes:
+def _read_source(path: str, max_bytes: int) -> bytes:
     try:
-        with open(path, "rb") as f:
-            return f.read()
+        return read_image_file(path, max_bytes)
     except (FileNotFoundError, IsADirectoryError, NotADirectoryError):
         raise BadImage("missing_file", f"no such file: {path}") from None
+    except ImageFileError as error:
+        raise BadImage("not_read", str(error)) from None
     except OSError as error:
         raise BadImage("unreadable_file", f"cannot read {path}: {error.strerror or error}") from None
 
@@ -153,14 +158,14 @@ def _resized(size: tuple[int, int], shorter_side: int) -> tuple[int, int]:
 
 def prepare_image(path: str, resize: Optional[int], quality: int) -> tuple[bytes, int, int, int, int]:
     """(JPEG bytes to store, width, height, source width, source height), or BadImage."""
-    data = _read_source(path)
+    data = _read_source(path, MAX_IMAGE_BYTES)
     header = jpeg.read_header(data)
     if (why := jpeg.too_many_pixels(header.size)) is not None:
         raise BadImage("corrupt_image", f"{path}: {why}")
     if resize is None and header.complete and header.size is not None:
         return data, *header.size, *header.size  # copy mode's usual case: the header walk alone, no PIL
     try:
-        with Image.open(io.BytesIO(data)) as image:
+        with Image.open(io.BytesIO(data), formats=PIL_FORMATS) as image:
             source_size = image.size
             is_jpeg = image.format in ("JPEG", "MPO")  # MPO: a JPEG with extra pictures appended
             if resize is None and is_jpeg:
@@ -309,6 +314,7 @@ def convert_csv_to_shards(
     quality: int = DEFAULT_QUALITY,
     group_by_image: bool = False,
     progress: bool = True,
+    skip_bad_rows: bool = False,
 ) -> dict:
     """Convert a CSV of image paths and captions into shards under `out_dir` (see the module
     docstring). `samples_per_shard=None`: about 256 MB per shard; `workers=None`: all cores.
@@ -323,11 +329,13 @@ def convert_csv_to_shards(
     if not 1 <= quality <= 100:
         raise AccClipError(f"--quality must be in 1..100, got {quality}")
     previous = _check_out_dir(out_dir)
-    items = read_items(csv_path, img_key=img_key, caption_key=caption_key, sep=sep, group_by_image=group_by_image)
+    items = read_items(csv_path, img_key=img_key, caption_key=caption_key, sep=sep, group_by_image=group_by_image,
+                       skip_bad_rows=skip_bad_rows)
     parameters = {
         "format_version": FORMAT_VERSION, "csv": os.path.abspath(csv_path), "csv_sha256": _csv_sha256(csv_path),
         "img_key": img_key, "caption_key": caption_key, "sep": sep, "samples_per_shard": samples_per_shard,
         "resize": resize, "quality": quality, "group_by_image": group_by_image,
+        **({"skip_bad_rows": True} if skip_bad_rows else {}),  # absent when off: earlier conversions still resume
     }
     if previous is not None:
         if previous.get("parameters") != parameters:

@@ -95,6 +95,53 @@ def test_missing_corrupt_and_empty_rows_are_skipped_and_counted(tmp_path, train_
     assert batch.num_bad == 3 and batch.indices.tolist() == [0] and batch.images.shape[0] == 1
 
 
+def test_skip_bad_rows_skips_counts_and_names_them_in_the_trainer_converter_and_eval(tmp_path, bundle, caplog):
+    from acc_clip.data.csv_file import read_csv_columns
+
+    path = tmp_path / "shifted.csv"
+    path.write_text("filepath,title\na.jpg,a cat, sitting\nb.jpg,a dog\nc.jpg\nd.jpg,a bird\n")
+    with pytest.raises(AccClipError, match="or pass --skip-bad-rows to skip such rows$"):
+        read_csv_columns(str(path), img_key="filepath", caption_key="title", sep=",")
+    with caplog.at_level("WARNING"):
+        paths, captions = read_csv_columns(str(path), img_key="filepath", caption_key="title", sep=",",
+                                           skip_bad_rows=True)
+    assert (paths, captions) == (["b.jpg", "d.jpg"], ["a dog", "a bird"])  # nothing shifted
+    assert ("shifted.csv: skipped 2 row(s) whose field count differs from the header's 2 (--skip-bad-rows): "
+            "row 1 (line 2) has 3 fields; row 3 (line 4) has 1 fields") in caplog.text
+    assert dataset(path, bundle, skip_bad_rows=True).filepaths == ["b.jpg", "d.jpg"]  # the trainer's reader
+
+
+def test_an_image_path_that_is_a_fifo_or_too_large_is_skipped_and_counted_not_read(tmp_path, train_csv, bundle,
+                                                                                    caplog):
+    import os
+
+    good_path, caption = train_csv.read_text().splitlines()[1].split(",", 1)
+    fifo = tmp_path / "pipe.jpg"
+    os.mkfifo(fifo)  # opening it for reading would block until a writer came
+    path = tmp_path / "bounded.csv"
+    path.write_text("\n".join(["filepath,title", f"{good_path},{caption}", f"{fifo},a pipe", "/dev/zero,endless",
+                               f"{good_path},again"]) + "\n")
+    size = os.path.getsize(good_path)
+    with caplog.at_level("WARNING"):
+        batch = collate_skipping_bad([dataset(path, bundle, max_image_bytes=size)[i] for i in range(4)])
+        assert batch.num_bad == 2 and batch.indices.tolist() == [0, 3]
+        assert collate_skipping_bad([dataset(path, bundle, max_image_bytes=size - 1)[0]]).num_bad == 1
+    assert f"{fifo}: not a regular file" in caplog.text and "/dev/zero: not a regular file" in caplog.text
+    assert f"{size} bytes, above the limit of {size - 1} (--max-image-bytes)" in caplog.text
+
+
+def test_a_csv_path_that_is_not_a_regular_file_is_one_line(tmp_path):
+    import os
+
+    from acc_clip.data.csv_file import read_csv_columns
+
+    fifo = tmp_path / "rows.csv"
+    os.mkfifo(fifo)
+    for path in (str(fifo), "/dev/zero"):
+        with pytest.raises(AccClipError, match=rf"^{path}: not a regular file$"):
+            read_csv_columns(path, img_key="filepath", caption_key="title", sep=",")
+
+
 def test_bad_fraction_threshold():
     assert check_bad_fraction(bad=1, read=200, max_fraction=0.01) is None
     assert "3 of 200 samples" in check_bad_fraction(bad=3, read=200, max_fraction=0.01)

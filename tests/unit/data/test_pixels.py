@@ -301,3 +301,21 @@ def test_a_cuda_device_counts_only_if_its_decoder_decodes_a_probe(monkeypatch, c
     assert pixels.device_can_decode_jpeg(torch.device("cuda:0"))
     pixels.device_can_decode_jpeg.cache_clear()
     assert not pixels.device_can_decode_jpeg(torch.device("cpu"))
+
+
+def test_pil_opens_only_the_photo_formats_it_is_allowed():
+    """Without a list PIL tries every plugin it has: an EPS file reached its Ghostscript plugin."""
+    import io
+
+    from PIL import Image
+
+    from acc_clip.data.pixels import ImageDecodeError, decode_rgb, pil_image
+
+    eps = b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nnewpath 0 0 moveto 8 8 lineto stroke\nshowpage\n"
+    assert Image.open(io.BytesIO(eps)).format == "EPS"  # what PIL would do unasked
+    with pytest.raises(ImageDecodeError):
+        decode_rgb(eps)
+    for image_format in ("PNG", "BMP", "WEBP", "GIF"):
+        buffer = io.BytesIO()
+        Image.new("RGB", (4, 4), (200, 10, 10)).save(buffer, format=image_format)
+        assert pil_image(buffer.getvalue()).size == (4, 4)

@@ -120,10 +120,12 @@ def test_bad_rows_are_skipped_and_counted_per_shard(tmp_path, images):
         (images[1], "   "),
         (str(garbage), "garbage"),
         (images[2], "fine again"),
+        ("/dev/zero", "not a regular file: read, it would never end"),
     ]
     result = convert(write_csv(tmp_path / "bad.csv", rows), tmp_path / "out", samples_per_shard=4)
     assert result["samples"] == 2
-    assert result["skipped"] == {"missing_file": 1, "unreadable_file": 0, "corrupt_image": 2, "empty_caption": 1}
+    assert result["skipped"] == {"missing_file": 1, "unreadable_file": 0, "not_read": 1, "corrupt_image": 2,
+                                 "empty_caption": 1}
 
     with open(tmp_path / "out" / "00000_stats.json") as f:
         first = json.load(f)
