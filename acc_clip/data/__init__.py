@@ -7,6 +7,7 @@ any batch onwards (mid-epoch resume).
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass
 from typing import Callable, Iterable, Optional
@@ -14,6 +15,8 @@ from typing import Callable, Iterable, Optional
 from acc_clip.config import TrainConfig
 from acc_clip.data.common import Batch
 from acc_clip.errors import AccClipError
+
+log = logging.getLogger(__name__)
 
 
 def dataset_type_of(path: str, requested: str) -> str:
@@ -68,7 +71,7 @@ def build_train_data(config: TrainConfig, preprocess: Callable, tokenizer: Calla
 
         return TrainData(len(dataset), loader.batch_sampler.batches_per_epoch, csv_batches)
     if kind == "webdataset":
-        from acc_clip.data.wds import build_wds_loader
+        from acc_clip.data.wds import build_wds_loader, train_workers
 
         def wds_loader(epoch: int, start_batch: int = 0):
             return build_wds_loader(config.train_data, preprocess=preprocess, tokenizer=tokenizer,
@@ -79,6 +82,9 @@ def build_train_data(config: TrainConfig, preprocess: Callable, tokenizer: Calla
                                     start_batch=start_batch, pin_memory=pin_memory)
 
         _, batches_per_epoch = wds_loader(0)
+        if train_workers(config.workers, batches_per_epoch) < config.workers:
+            log.info("%d batches per process per epoch: starting %d loader workers, not --workers %d (each makes "
+                     "whole batches)", batches_per_epoch, batches_per_epoch, config.workers)
         num_samples = config.train_num_samples or batches_per_epoch * config.batch_size * world_size
         return TrainData(num_samples, batches_per_epoch, lambda epoch, start: wds_loader(epoch, start)[0])
     if kind == "synthetic":

@@ -4,26 +4,41 @@
 Build one loader per epoch with `build_wds_loader`; it splits by rank itself, so do not pass it
 through `accelerate.prepare`.
 
-Training order of epoch e (W = max(1, workers) loader workers, R = world_size ranks):
-  1. The shard list is shuffled with a generator seeded from (seed, e): the same on every rank.
-  2. Rank r takes shards r, r+R, ...; its worker w takes every W-th of those from w.
-  3. Each worker reads its shards in that order through a shuffle buffer (seeded from seed, e, r,
-     w) of raw, undecoded samples. Should it need more samples than its shards hold, it reads them
-     again in a new order (each pass is shuffled on its own, so pass 1 never mixes into pass 0).
-     With `resampled=True` it instead draws shards with replacement from the whole list, seeded
-     from (seed, e, r, w): uniformly, or, with `upsampling_factors` F1::F2::... for the sources
-     joined by '::' in the URLs, each shard of source i with weight F_i (a source of weight 0 is
-     never opened).
-  4. The rank yields num_batches = num_samples // (batch_size * world_size) batches (drop last).
-     torch's DataLoader takes batches from its workers in turn, so batch b is batch b // W of
-     worker b % W; worker w therefore yields exactly len(range(w, num_batches, W)) batches, and
-     every rank yields the same number.
+Training order of epoch e (R = world_size ranks, B = batch_size per rank):
+  1. Each rank yields num_batches = num_samples // (B * R) batches (drop last), from
+     W = max(1, min(workers, num_batches)) loader workers: one beyond the rank's batch count would
+     have no batch to make, so it is not started (the trainer says so in one line). torch's DataLoader takes batches
+     from its workers in turn, so batch b is batch b // W of worker b % W, and worker w makes exactly
+     batches_of_worker(w) = len(range(w, num_batches, W)) of them.
+  2. The shard list is shuffled with a generator seeded from (seed, e): the same on every rank. Its
+     shards' samples, laid end to end in that order (each shard in file order, as many as its sizes.json
+     count), are the epoch's sequence. Should the epoch be longer than the shards (--train-num-samples
+     above their total), the sequence goes on with further passes, each shuffled from (seed, e, pass).
+  3. Its first num_batches * B * R positions are cut into R * W contiguous spans that lie end to end in the
+     order rank 0 worker 0, rank 0 worker 1, ..., rank 0 worker W-1, rank 1 worker 0, ...; the span of
+     (r, w) is batches_of_worker(w) * B positions long. A worker opens only the shards its span reaches:
+     in the first it reads past the samples before its span without decoding them, and it stops at the
+     span's end, so two workers may read different parts of one shard (`epoch_sequence`, `worker_span`,
+     `span_parts`).
+  4. Each worker feeds its span through a shuffle buffer (seeded from seed, e, r, w) of raw, undecoded
+     samples. With `resampled=True` it instead draws shards with replacement from the whole list, seeded
+     from (seed, e, r, w): uniformly, or, with `upsampling_factors` F1::F2::... for the sources joined by
+     '::' in the URLs, each shard of source i with weight F_i (a source of weight 0 is never opened); steps
+     2 and 3 do not apply, and the epoch ends after the worker's batches.
 
-Guarantee: when the shards divide evenly among R*W workers and each worker's shards hold exactly
-its batches' worth of samples (e.g. equal shards and num_samples divisible by batch_size * R * W),
-every sample is seen exactly once per epoch across ranks and workers. Otherwise every rank still
-yields num_batches batches, but a worker short of samples repeats some of its own and a worker
-with extra samples leaves its last ones out (a warning says so).
+Guarantee (not resampled), for any number of shards and shard sizes, ranks and workers (more workers than
+shards included): every position among the first num_batches * B * R of the epoch's sequence is trained on
+exactly once in the epoch, across all ranks and workers, and nothing else is. The positions after them,
+fewer than one global batch of B * R, are left out of the epoch (drop last); the shard order is reshuffled
+every epoch, so they are other samples each time. At the default length (the sizes.json total) the
+sequence is one pass, so no sample repeats within an epoch; --train-num-samples below the total takes the
+first positions only, above it later passes repeat samples. Which samples an epoch holds depends only on
+the shards, their sizes.json, seed, epoch and num_batches * B * R; which rank and worker reads each, and
+the order, on R, B and W as well. The spans are positions in sizes.json's counts, so training without
+resampling needs sizes.json for every shard (its absence is an error that points to --dataset-resampled).
+A shard that holds fewer samples than sizes.json says (cut short, damaged) leaves gaps at its missing
+positions, counted as bad samples: nothing moves into them, so no other position shifts; one that holds
+more has its extra samples left out, with a warning.
 
 Resume: `start_batch=k` yields batches k, k+1, ... of the uninterrupted epoch: the same samples,
 indices and pixels. Worker w drops the samples of its batches before k undecoded (tar bytes are
@@ -36,14 +51,15 @@ the same number of CPU threads, bit-equal losses: tests/integration/test_train_s
 What resume guarantees when the order is not the same. The order above depends on the shards and
 their sizes.json, seed, batch size, number of processes, --workers, the epoch length
 (--train-num-samples), --dataset-resampled and --train-data-upsampling-factors. Change any of them
-between the save and the resume, or let a shard fail to read in only one of the runs (it is cut
-short with a warning, shifting what follows), and the resumed run takes batches k, k+1, ... of the
-new order: for the rest of that epoch some samples are seen twice and others not at all. Still,
-every rank gets the same number of batches (the new epoch's count minus k), and later epochs are
-whole epochs of the new order. The
-checkpoint warns when seed, batch size, processes or steps per epoch changed; --workers is not
-recorded there, so keep it when resuming from shards (CSV orders do not depend on it). A position
-past the end of the new epoch is refused with an error.
+between the save and the resume, or, with --dataset-resampled, let a shard fail to read in only one
+of the runs (it is cut short with a warning, shifting what follows in its worker; without
+resampling its missing samples are gaps and nothing shifts), and the resumed run takes batches
+k, k+1, ... of the new order: for the rest of that epoch some samples are seen twice and others
+not at all. Still, every rank gets the same number of batches (the new epoch's count minus k), and
+later epochs are whole epochs of the new order. The checkpoint warns when seed, batch size,
+processes or steps per epoch changed; --workers is not recorded there, so keep it when resuming
+from shards (CSV orders do not depend on it). A position past the end of the new epoch is refused
+with an error.
 
 Augmentation: `preprocess` runs under `seeded_torch_rng(sample_seed(seed, epoch, index))`, index
 being the sample number in its key, so the draws do not depend on which worker decodes a sample.
@@ -54,8 +70,9 @@ Eval (`is_train=False`): shards in file order, rank r takes shards r, r+R, ..., 
 augmentation seeding, every sample exactly once across ranks, the last batch of a worker partial.
 Ranks may get different numbers of batches, so gather after the loop, not per batch.
 
-Bad samples (no image, undecodable image, empty caption) become None and are counted by
-`collate_skipping_bad`; they keep their place, so they do not shift the order of the others.
+Bad samples (no image, undecodable image, empty caption, a gap for a sample missing from a shard) become
+None and are counted by `collate_skipping_bad`; they keep their place, so they do not shift the order of
+the others.
 """
 
 from __future__ import annotations
@@ -67,8 +84,7 @@ import logging
 import math
 import os
 import random
-import warnings
-from itertools import accumulate, count, islice
+from itertools import accumulate, islice
 from typing import Callable, Iterable, Iterator, Optional
 
 import torch
@@ -202,6 +218,50 @@ def batches_of_worker(worker: int, num_batches: int, num_workers: int) -> int:
     return len(range(worker, num_batches, num_workers))
 
 
+def train_workers(workers: int, num_batches: int) -> int:
+    """Loader workers to start for an epoch of `num_batches` batches per rank: no more than it has batches,
+    as each worker makes whole batches and one beyond that would have none."""
+    return min(workers, num_batches)
+
+
+def epoch_sequence(shards: list[str], sizes: list[int], seed: int, epoch: int, length: int) -> list[tuple[str, int]]:
+    """The samples of an epoch end to end, as (shard, sizes.json count) runs covering at least `length` positions:
+    the shards in the order shuffled from (seed, epoch); where they hold fewer, further passes, each in an order
+    of its own. Every rank computes the same sequence."""
+    if not sum(sizes):  # would never reach `length`
+        raise AccClipError(f"{shards[0]}: sizes.json gives these {len(shards)} shards no samples")
+    sequence: list[tuple[str, int]] = []
+    number, total = 0, sum(sizes)
+    while number * total < length:
+        runs = list(zip(shards, sizes))
+        # Pass 0 is seeded as the shard order was before passes existed; later passes get their own seeds.
+        _rng("shards", seed, epoch, *([number] if number else [])).shuffle(runs)
+        sequence += runs
+        number += 1
+    return sequence
+
+
+def worker_span(rank: int, worker: int, *, num_batches: int, num_workers: int, batch_size: int) -> range:
+    """The positions of the epoch's sequence that worker `worker` of rank `rank` reads: the spans lie end to
+    end, rank by rank and, within a rank, worker by worker, each its worker's batches x batch_size long."""
+    before = rank * num_batches + sum(batches_of_worker(w, num_batches, num_workers) for w in range(worker))
+    return range(before * batch_size, (before + batches_of_worker(worker, num_batches, num_workers)) * batch_size)
+
+
+def span_parts(sequence: list[tuple[str, int]], span: range) -> list[tuple[str, int, int, int]]:
+    """(shard, its count, first, stop) for each shard of `sequence` that `span` reaches, in order: the span
+    holds that shard's samples first .. stop-1 (in file order)."""
+    parts, offset = [], 0
+    for shard, size in sequence:
+        if offset >= span.stop:
+            break
+        first, stop = max(span.start - offset, 0), min(span.stop - offset, size)
+        if first < stop:
+            parts.append((shard, size, first, stop))
+        offset += size
+    return parts
+
+
 # ---------------------------------------------------------------------------------------------
 # One worker's sample stream
 
@@ -238,15 +298,15 @@ def sample_index(key: str) -> int:
 
 
 class ShardEpoch(IterableDataset):
-    """The batches of one rank for one epoch; see the module docstring for the order."""
+    """The batches of one rank for one epoch; see the module docstring for the order. Training reads the
+    spans of `sequence` (`epoch_sequence`), or draws from `all_shards` when resampled; eval reads `eval_shards`."""
 
-    def __init__(self, *, rank_shards: list[str], all_shards: list[str], preprocess: Callable, tokenizer: Callable,
-                 batch_size: int, num_workers: int, num_batches: Optional[int], seed: int, epoch: int, rank: int,
-                 is_train: bool, resampled: bool, start_batch: int, shuffle_buffer: int,
-                 weights: Optional[list[float]] = None, num_samples: Optional[int] = None,
-                 shard_sizes: Optional[dict[str, int]] = None):
-        self.rank_shards, self.all_shards, self.weights = rank_shards, all_shards, weights
-        self.shard_sizes = shard_sizes or {}  # sizes.json's count of each shard, where it has one
+    def __init__(self, *, all_shards: list[str], preprocess: Callable, tokenizer: Callable, batch_size: int,
+                 num_workers: int, num_batches: Optional[int], seed: int, epoch: int, rank: int, is_train: bool,
+                 resampled: bool, start_batch: int, shuffle_buffer: int, weights: Optional[list[float]] = None,
+                 num_samples: Optional[int] = None, sequence: Optional[list[tuple[str, int]]] = None,
+                 eval_shards: Optional[list[str]] = None):
+        self.all_shards, self.weights, self.sequence, self.eval_shards = all_shards, weights, sequence, eval_shards
         # Of the epoch (training), or of the whole set as given or in sizes.json (eval: the loader reads
         # every sample there is whatever this says; the evaluator compares it with what was read).
         self.num_samples = num_samples
@@ -265,53 +325,50 @@ class ShardEpoch(IterableDataset):
         info = get_worker_info()
         loader_worker = info.id if info is not None else 0
         if not self.is_train:
-            raw = read_raw_samples(self.rank_shards[loader_worker::self.num_workers])
+            raw = read_raw_samples(self.eval_shards[loader_worker::self.num_workers])
         else:
             # Rotated roles: the loader starts with its worker 0, which must make batch start_batch.
             worker = (loader_worker + self.start_batch) % self.num_workers
             first = batches_of_worker(worker, self.start_batch, self.num_workers) * self.batch_size
             end = batches_of_worker(worker, self.num_batches, self.num_workers) * self.batch_size
-            raw = islice(self._train_raw(worker), first, end)
+            raw = islice(self.train_raw(worker), first, end)
         while True:
             chunk = list(islice(raw, self.batch_size))
             if not chunk:
                 return
             yield collate_skipping_bad([self._decode(sample) for sample in chunk], collate_images(self.preprocess))
 
-    def _train_raw(self, worker: int) -> Iterator[dict]:
+    def train_raw(self, worker: int) -> Iterator[dict]:
+        """Worker role `worker`'s raw samples of the epoch, shuffled, before any are skipped for a resume."""
         place = (self.seed, self.epoch, self.rank, worker)
         if self.resampled:
             shards = draw_shards(self.all_shards, self.weights, _rng("resample", *place))
             return buffer_shuffle(self._non_empty(shards), self.shuffle_buffer, _rng("buffer", *place))
-        return self._passes(self.rank_shards[worker::self.num_workers], place)
+        span = worker_span(self.rank, worker, num_batches=self.num_batches, num_workers=self.num_workers,
+                           batch_size=self.batch_size)
+        samples = (sample for part in span_parts(self.sequence, span) for sample in self._read_part(*part))
+        return buffer_shuffle(samples, self.shuffle_buffer, _rng("buffer", *place))
 
-    def _passes(self, shards: list[str], place: tuple) -> Iterator[dict]:
-        for number in count():
-            order = list(shards)
-            if number > 0:
-                _rng("pass", number, *place).shuffle(order)
-            found = 0
-            for sample in buffer_shuffle(self._read_accounted(order), self.shuffle_buffer,
-                                         _rng("buffer", number, *place)):
-                found += 1
+    def _read_part(self, shard: str, size: int, first: int, stop: int) -> Iterator[dict]:
+        """Samples first .. stop-1 of `shard`, whose sizes.json count is `size`: those before `first` are read
+        but not decoded. Positions the tar does not hold (cut short, damaged) become gaps, counted as bad
+        samples: filling them with other samples would shift every later position, into other workers' spans."""
+        samples = read_raw_samples([shard])
+        found = 0
+        for sample in samples:
+            if found == size:  # only the part that ends the shard reads this far
+                log.warning("%s: holds more samples than the %d sizes.json says; the rest are left out", shard, size)
+                break
+            if found >= first:
                 yield sample
-            if not found:
-                raise AccClipError(f"shards {order} hold no readable samples")
-
-    def _read_accounted(self, shards: list[str]) -> Iterator[dict]:
-        """The shards' samples, each shard followed by a gap for every sample its sizes.json count promises
-        and its tar does not hold (cut short, damaged): the gaps are counted as bad samples. Without them
-        the epoch, which takes the promised number, would fill up by reading samples a second time."""
-        for shard in shards:
-            found = 0
-            for sample in read_raw_samples([shard]):
-                found += 1
-                yield sample
-            promised = self.shard_sizes.get(shard)
-            if promised is not None and found < promised:
-                log.warning("%s: holds %d samples, sizes.json says %d: a cut or damaged shard; the %d missing count "
-                            "as bad samples", shard, found, promised, promised - found)
-                yield from ({MISSING_SAMPLE: shard} for _ in range(promised - found))
+            found += 1
+            if found == stop < size:
+                break  # the rest of the shard is another worker's
+        samples.close()
+        if found < stop:
+            log.warning("%s: holds %d samples, sizes.json says %d: a cut or damaged shard; the %d missing count "
+                        "as bad samples", shard, found, size, size - found)
+            yield from ({MISSING_SAMPLE: shard} for _ in range(max(first, found), stop))
 
     def _non_empty(self, shards: Iterator[str]) -> Iterator[dict]:
         empty_in_a_row = 0
@@ -388,7 +445,8 @@ def build_wds_loader(
     training only (--train-data-upsampling-factors).
 
     Epoch length: `num_samples`, else the sum of the shards' sizes.json entries (of every source,
-    whatever its factor, as open_clip_train counts). Eval reads every sample of the shards, whatever
+    whatever its factor, as open_clip_train counts). Training without `resampled` needs sizes.json
+    for every shard whatever `num_samples` says: it splits the samples by those counts. Eval reads every sample of the shards, whatever
     `num_samples` says (--val-num-samples: the count the evaluator expects, needed without sizes.json);
     without sizes.json the returned batch count is an estimate from it, and the loader has no len()
     (how the set splits among processes depends on the sizes of the shards)."""
@@ -401,76 +459,67 @@ def build_wds_loader(
     shards = expand_shard_urls(urls)
     weights = shard_weights(urls, upsampling_factors)
     sizes = read_shard_sizes(shards)
+    if is_train and not resampled and sizes is None:
+        raise AccClipError(f"{urls}: no sizes.json entry for every shard; training without --dataset-resampled "
+                           f"splits the samples among processes and workers by those counts: write sizes.json "
+                           f"({{\"00000.tar\": samples, ...}}) beside the shards, or pass --dataset-resampled")
     if num_samples is None:
         if sizes is None:
             raise AccClipError(f"{urls}: no sizes.json entry for every shard; give the number of samples "
                                f"({'--train-num-samples' if is_train else '--val-num-samples'})")
         num_samples = sum(sizes)
-    num_workers = max(1, workers)
-    common = dict(all_shards=shards, shard_sizes=dict(zip(shards, sizes)) if sizes is not None else None,
-                  preprocess=preprocess, tokenizer=tokenizer,
-                  batch_size=batch_size, seed=seed, epoch=epoch, rank=rank, is_train=is_train,
-                  resampled=resampled and is_train, shuffle_buffer=shuffle_buffer, weights=weights,
-                  num_samples=num_samples)
+    common = dict(all_shards=shards, preprocess=preprocess, tokenizer=tokenizer, batch_size=batch_size, seed=seed,
+                  epoch=epoch, rank=rank, is_train=is_train, resampled=resampled and is_train,
+                  shuffle_buffer=shuffle_buffer, weights=weights, num_samples=num_samples)
     if is_train:
-        num_batches = num_samples // (batch_size * world_size)
-        if num_batches == 0:
-            raise AccClipError(f"{num_samples} samples cannot fill one global batch of {batch_size * world_size} "
-                               f"({batch_size} per process x {world_size} processes)")
-        if not 0 <= start_batch <= num_batches:
-            raise AccClipError(f"cannot start epoch {epoch} at batch {start_batch}: it has {num_batches} batches per "
-                               f"process (a resume after the batch size, processes or epoch length changed?)")
-        order = list(shards)
-        _rng("shards", seed, epoch).shuffle(order)
-        rank_shards = order[rank::world_size]
-        if not resampled:
-            _check_split(shards, sizes, order, world_size, num_workers, num_batches, batch_size)
-        dataset = ShardEpoch(rank_shards=rank_shards, num_workers=num_workers, num_batches=num_batches,
-                             start_batch=start_batch, **common)
+        dataset = _train_epoch(shards, sizes, world_size=world_size, workers=workers, start_batch=start_batch,
+                               **common)
+        num_batches = dataset.num_batches
+        workers = train_workers(workers, num_batches)
     else:
         if start_batch:
             raise AccClipError("start_batch is for training; an eval pass always starts at its beginning")
-        if len(shards) < world_size:
-            raise AccClipError(f"{len(shards)} eval shards cannot be split among {world_size} ranks: "
-                               f"make more, smaller shards")
-        rank_shards = shards[rank::world_size]
-        num_workers = min(num_workers, len(rank_shards))  # a worker without shards would add nothing
-        workers = min(workers, num_workers)
-        if sizes is not None:
-            rank_sizes = sizes[rank::world_size]
-            num_batches = sum(math.ceil(sum(rank_sizes[w::num_workers]) / batch_size) for w in range(num_workers))
-        else:
-            num_batches = math.ceil(num_samples / (batch_size * world_size))
-        dataset = ShardEpoch(rank_shards=rank_shards, num_workers=num_workers,
-                             num_batches=num_batches if sizes is not None else None, start_batch=0, **common)
+        dataset, num_batches = _eval_pass(shards, sizes, world_size=world_size, workers=workers, **common)
+        workers = min(workers, dataset.num_workers)  # a worker without shards would add nothing
     loader = DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_as_is,
                         pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
                         worker_init_fn=ignore_stop_signals)  # the main process saves on SIGTERM first
     return loader, num_batches
 
 
-def _check_split(shards: list[str], sizes: Optional[list[int]], order: list[str], world_size: int,
-                 num_workers: int, num_batches: int, batch_size: int) -> None:
-    """Refuse layouts that leave workers without shards; warn where samples repeat or drop."""
-    total_workers = world_size * num_workers
-    if len(shards) < total_workers:
-        raise AccClipError(f"{len(shards)} shards cannot feed {world_size} ranks x {num_workers} workers: "
-                           f"use fewer workers, make more shards (--samples-per-shard), or resampled")
-    if len(shards) % total_workers:
-        warnings.warn(f"{len(shards)} shards do not divide evenly among {world_size} ranks x {num_workers} "
-                      f"workers: every rank yields {num_batches} batches, but samples of workers with fewer "
-                      f"shards repeat and those of workers with more are partly left out", stacklevel=3)
-        return
-    if sizes is None:
-        return
-    size_of = dict(zip(shards, sizes))
-    for rank in range(world_size):
-        for worker in range(num_workers):
-            held = sum(size_of[s] for s in order[rank::world_size][worker::num_workers])
-            needed = batches_of_worker(worker, num_batches, num_workers) * batch_size
-            if held != needed:
-                warnings.warn(f"rank {rank} worker {worker} holds {held} samples but makes "
-                              f"{needed // batch_size} batches of {batch_size}: "
-                              f"{'some repeat' if held < needed else f'{held - needed} are left out'} this epoch",
-                              stacklevel=3)
-                return
+def _train_epoch(shards: list[str], sizes: Optional[list[int]], *, world_size: int, workers: int, start_batch: int,
+                 **common) -> ShardEpoch:
+    """The dataset of one training epoch: its batch count, and the epoch's sequence unless resampled."""
+    num_samples, batch_size, epoch = common["num_samples"], common["batch_size"], common["epoch"]
+    num_batches = num_samples // (batch_size * world_size)
+    if num_batches == 0:
+        raise AccClipError(f"{num_samples} samples cannot fill one global batch of {batch_size * world_size} "
+                           f"({batch_size} per process x {world_size} processes)")
+    if not 0 <= start_batch <= num_batches:
+        raise AccClipError(f"cannot start epoch {epoch} at batch {start_batch}: it has {num_batches} batches per "
+                           f"process (a resume after the batch size, processes or epoch length changed?)")
+    sequence = None
+    if not common["resampled"]:
+        sequence = epoch_sequence(shards, sizes, common["seed"], epoch, num_batches * batch_size * world_size)
+    # The order is laid out for the workers started (workers=0: one role, read in the calling process).
+    return ShardEpoch(num_workers=max(1, train_workers(workers, num_batches)), num_batches=num_batches,
+                      start_batch=start_batch, sequence=sequence, **common)
+
+
+def _eval_pass(shards: list[str], sizes: Optional[list[int]], *, world_size: int, workers: int,
+               **common) -> tuple[ShardEpoch, int]:
+    """The dataset of one eval pass and its batch count (an estimate without sizes.json)."""
+    rank, batch_size = common["rank"], common["batch_size"]
+    if len(shards) < world_size:
+        raise AccClipError(f"{len(shards)} eval shards cannot be split among {world_size} ranks: "
+                           f"make more, smaller shards")
+    rank_shards = shards[rank::world_size]
+    num_workers = min(max(1, workers), len(rank_shards))
+    if sizes is not None:
+        rank_sizes = sizes[rank::world_size]
+        num_batches = sum(math.ceil(sum(rank_sizes[w::num_workers]) / batch_size) for w in range(num_workers))
+    else:
+        num_batches = math.ceil(common["num_samples"] / (batch_size * world_size))
+    dataset = ShardEpoch(eval_shards=rank_shards, num_workers=num_workers,
+                         num_batches=num_batches if sizes is not None else None, start_batch=0, **common)
+    return dataset, num_batches

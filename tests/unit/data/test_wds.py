@@ -8,7 +8,6 @@ import io
 import json
 import os
 import tarfile
-import warnings
 
 import numpy as np
 import pytest
@@ -116,17 +115,15 @@ def test_augmentation_follows_the_sample_not_the_worker(shard_dir):
 def test_start_batch_gives_the_rest_of_the_uninterrupted_epoch(shard_dir, resampled):
     # 13 batches over 2 workers: uneven quotas (7 and 6), so the worker rotation is exercised.
     settings = dict(batch_size=3, workers=2, epoch=2, resampled=resampled)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # 20 samples per worker do not fill 7 batches of 3 evenly
-        full, num_batches = load(shard_dir, **settings)
-        assert num_batches == len(full) == 13
-        for start in (4, 5, 13):
-            rest, _ = load(shard_dir, start_batch=start, **settings)
-            assert len(rest) == num_batches - start
-            for resumed, original in zip(rest, full[start:]):
-                assert torch.equal(resumed.indices, original.indices)
-                assert torch.equal(resumed.images, original.images)
-                assert torch.equal(resumed.texts, original.texts)
+    full, num_batches = load(shard_dir, **settings)
+    assert num_batches == len(full) == 13
+    for start in (4, 5, 13):
+        rest, _ = load(shard_dir, start_batch=start, **settings)
+        assert len(rest) == num_batches - start
+        for resumed, original in zip(rest, full[start:]):
+            assert torch.equal(resumed.indices, original.indices)
+            assert torch.equal(resumed.images, original.images)
+            assert torch.equal(resumed.texts, original.texts)
 
 
 def test_skipped_batches_are_not_decoded(shard_dir, monkeypatch):
@@ -143,20 +140,17 @@ def test_skipped_batches_are_not_decoded(shard_dir, monkeypatch):
     assert len(decoded) == 4 * 4
 
 
-def test_uneven_shards_warn_but_every_rank_gets_the_same_number_of_batches(tmp_path):
-    uneven = make_shards(tmp_path, per_shard=8)  # 5 shards for 2 ranks x 2 workers
-    for rank in (0, 1):
-        with pytest.warns(UserWarning, match="do not divide evenly"):
-            batches, num_batches = load(uneven, rank=rank, world_size=2, batch_size=4)
-        assert len(batches) == num_batches == 40 // (4 * 2)
-        assert all(len(batch.indices) == 4 for batch in batches)
-
-
-def test_too_few_shards_for_ranks_and_workers_is_an_error(shard_dir):
-    with pytest.raises(AccClipError, match="4 shards cannot feed 3 ranks x 2 workers"):
-        build_wds_loader(shard_dir, preprocess=AUGMENT, tokenizer=tokenize, batch_size=2, workers=2, seed=0,
-                         epoch=0, rank=0, world_size=3)
-    # Sampling shards with replacement needs no split, so it is allowed.
+def test_more_ranks_x_workers_than_shards_still_sees_every_sample_once(shard_dir):
+    # 4 shards for 3 ranks x 2 workers: was refused when shards were dealt out whole. 40 // (2 * 3) = 6 batches
+    # per rank, so 36 of the epoch's 40 positions are trained on and 4 (less than a global batch) left out.
+    seen = []
+    for rank in range(3):
+        batches, num_batches = load(shard_dir, workers=2, world_size=3, rank=rank, batch_size=2)
+        assert len(batches) == num_batches == 40 // (2 * 3)
+        assert all(len(batch.indices) == 2 and batch.num_bad == 0 for batch in batches)
+        seen += indices_of(batches)
+    assert len(seen) == len(set(seen)) == 36
+    # Sampling shards with replacement needs no split either.
     batches, num_batches = load(shard_dir, workers=2, world_size=3, batch_size=2, resampled=True)
     assert len(batches) == num_batches == 40 // (2 * 3)
 
@@ -169,15 +163,22 @@ def test_a_resume_position_past_the_epoch_is_refused(shard_dir):
         load(shard_dir, batch_size=5, workers=0, start_batch=9)
 
 
-def test_epoch_length_needs_sizes_json_or_num_samples(tmp_path, shard_dir):
+def test_training_without_resampling_needs_sizes_json(tmp_path, shard_dir):
+    """The spans are positions in sizes.json's counts, so --train-num-samples alone no longer does without
+    --dataset-resampled (it did when whole shards were dealt out); with it, the epoch length is enough."""
     bare = tmp_path / "bare"
     bare.mkdir()
     for name in sorted(os.listdir(shard_dir)):
         if name.endswith(".tar"):
             (bare / name).write_bytes(open(os.path.join(shard_dir, name), "rb").read())
-    with pytest.raises(AccClipError, match="sizes.json"):
-        load(str(bare))
-    batches, num_batches = load(str(bare), num_samples=20, workers=0)
+    for num_samples in (None, 20):
+        with pytest.raises(AccClipError, match="no sizes.json entry for every shard; training without "
+                                               "--dataset-resampled splits") as error:
+            load(str(bare), num_samples=num_samples)
+        assert "\n" not in str(error.value)
+    with pytest.raises(AccClipError, match=r"give the number of samples \(--train-num-samples\)"):
+        load(str(bare), resampled=True)
+    batches, num_batches = load(str(bare), num_samples=20, workers=0, resampled=True)
     assert num_batches == len(batches) == 4
 
 
@@ -445,3 +446,182 @@ def test_a_shard_cut_short_counts_its_missing_samples_as_bad_and_replays_nothing
     assert sorted(indices_of(batches)) == list(range(7))
     assert sum(batch.num_bad for batch in batches) == 5
     assert "00000.tar: holds 1 samples, sizes.json says 6" in caplog.text
+
+
+def test_a_cut_shard_split_between_workers_still_counts_its_missing_samples(tmp_path):
+    """The same shards with 3 workers of 4 positions each: the gaps of 00000.tar fall into spans that start
+    mid-shard, and are still counted, once each, wherever they fall."""
+    image = io.BytesIO()
+    Image.new("RGB", (20, 20), (1, 2, 3)).save(image, "JPEG")
+    write_tar(tmp_path / "00000.tar", {"000000000": {"jpg": image.getvalue(), "txt": b"only one"}})
+    write_tar(tmp_path / "00001.tar", {f"{i:09d}": {"jpg": image.getvalue(), "txt": b"a caption"} for i in range(1, 7)})
+    (tmp_path / "sizes.json").write_text(json.dumps({"00000.tar": 6, "00001.tar": 6}))
+    batches, num_batches = load(str(tmp_path), workers=3, batch_size=4, preprocess=PLAIN)
+    assert num_batches == len(batches) == 3
+    assert sorted(indices_of(batches)) == list(range(7))
+    assert sum(batch.num_bad for batch in batches) == 5
+
+
+def test_a_shard_holding_more_than_sizes_json_says_gives_only_its_count(tmp_path, caplog):
+    image = io.BytesIO()
+    Image.new("RGB", (20, 20), (1, 2, 3)).save(image, "JPEG")
+    write_tar(tmp_path / "00000.tar", {f"{i:09d}": {"jpg": image.getvalue(), "txt": b"a caption"} for i in range(5)})
+    (tmp_path / "sizes.json").write_text(json.dumps({"00000.tar": 3}))
+    batches, num_batches = load(str(tmp_path), workers=0, batch_size=3, preprocess=PLAIN)
+    assert num_batches == len(batches) == 1
+    assert sorted(indices_of(batches)) == [0, 1, 2]  # positions follow sizes.json: the first 3 in file order
+    assert "00000.tar: holds more samples than the 3 sizes.json says; the rest are left out" in caplog.text
+
+
+# --- Sample-level spans: any shards, ranks and workers ------------------------------------------
+
+SPAN_SIZES = [7, 3, 11, 1, 5]  # 27 samples, keys 0..26 in file order: shard 0 holds 0-6, shard 1 7-9, ...
+FIRST_KEY = [sum(SPAN_SIZES[:shard]) for shard in range(len(SPAN_SIZES))]
+
+
+@pytest.fixture(scope="module")
+def uneven_shards(tmp_path_factory) -> str:
+    """Five shards of 7, 3, 11, 1 and 5 samples, each a JPEG of its own noise, with sizes.json."""
+    folder = tmp_path_factory.mktemp("uneven")
+    rng = np.random.default_rng(2)
+    for shard, size in enumerate(SPAN_SIZES):
+        samples = {}
+        for key in range(FIRST_KEY[shard], FIRST_KEY[shard] + size):
+            image = io.BytesIO()
+            Image.fromarray(rng.integers(0, 255, (20, 24, 3), dtype=np.uint8)).save(image, "JPEG")
+            samples[f"{key:09d}"] = {"jpg": image.getvalue(), "txt": f"sample {key}".encode()}
+        write_tar(folder / f"{shard:05d}.tar", samples)
+    (folder / "sizes.json").write_text(json.dumps({f"{shard:05d}.tar": n for shard, n in enumerate(SPAN_SIZES)}))
+    return str(folder)
+
+
+def shard_of(key: int) -> int:
+    return max(shard for shard, first in enumerate(FIRST_KEY) if first <= key)
+
+
+def epoch_positions(urls: str, *, seed: int, epoch: int, length: int) -> list[int]:
+    """The keys at positions 0 .. length-1 of the epoch's sequence (the shuffled shards end to end)."""
+    shards = expand_shard_urls(urls)
+    sequence = wds_data.epoch_sequence(shards, SPAN_SIZES, seed, epoch, length)
+    keys = [key for shard, size in sequence for key in range(FIRST_KEY[shards.index(shard)],
+                                                              FIRST_KEY[shards.index(shard)] + size)]
+    return keys[:length]
+
+
+def read_every_worker(urls: str, monkeypatch, *, world_size: int, workers: int, batch_size: int,
+                      num_samples=None) -> tuple[list[int], int]:
+    """The raw keys every (rank, worker) of one epoch reads, undecoded, in this process; checks on the way
+    that each worker makes its number of batches and opens only shards its keys come from."""
+    opened: list[str] = []
+    real_read = wds_data.read_raw_samples
+    monkeypatch.setattr(wds_data, "read_raw_samples", lambda shards: real_read(opened.extend(shards) or shards))
+    seen = []
+    for rank in range(world_size):
+        loader, num_batches = build_wds_loader(urls, preprocess=PLAIN, tokenizer=tokenize, batch_size=batch_size,
+                                               workers=workers, seed=7, epoch=1, rank=rank, world_size=world_size,
+                                               num_samples=num_samples, shuffle_buffer=4)
+        dataset = loader.dataset
+        assert loader.num_workers == min(workers, num_batches)  # none started that would have no batch
+        for worker in range(dataset.num_workers):
+            opened.clear()
+            keys = [int(raw["__key__"]) for raw in dataset.train_raw(worker)]
+            assert len(keys) == wds_data.batches_of_worker(worker, num_batches, dataset.num_workers) * batch_size
+            assert {os.path.basename(shard) for shard in opened} == {f"{shard_of(key):05d}.tar" for key in keys}
+            seen += keys
+    return seen, num_batches
+
+
+@pytest.mark.parametrize("batch_size", [2, 3])
+@pytest.mark.parametrize("workers", [1, 2, 4, 5])
+@pytest.mark.parametrize("world_size", [1, 2, 3])
+def test_every_position_of_the_epoch_is_read_exactly_once(uneven_shards, monkeypatch, world_size, workers,
+                                                          batch_size):
+    seen, num_batches = read_every_worker(uneven_shards, monkeypatch, world_size=world_size, workers=workers,
+                                          batch_size=batch_size)
+    assert num_batches == 27 // (batch_size * world_size)
+    trained = num_batches * batch_size * world_size
+    assert len(seen) == len(set(seen)) == trained  # no sample twice
+    assert 27 - trained < batch_size * world_size  # only the drop-last remainder is left out
+    assert sorted(seen) == sorted(epoch_positions(uneven_shards, seed=7, epoch=1, length=trained))
+
+
+def test_an_epoch_longer_than_the_shards_goes_on_with_another_pass(uneven_shards, monkeypatch):
+    # 60 positions of 27 samples: every sample 2 or 3 times, every position of the sequence once.
+    seen, num_batches = read_every_worker(uneven_shards, monkeypatch, world_size=2, workers=4, batch_size=3,
+                                          num_samples=60)
+    assert num_batches == 10
+    assert sorted(seen) == sorted(epoch_positions(uneven_shards, seed=7, epoch=1, length=60))
+    assert {seen.count(key) for key in range(27)} == {2, 3}
+    # A shorter epoch takes the first positions only.
+    seen, _ = read_every_worker(uneven_shards, monkeypatch, world_size=2, workers=4, batch_size=3, num_samples=12)
+    assert sorted(seen) == sorted(epoch_positions(uneven_shards, seed=7, epoch=1, length=12))
+
+
+def test_spans_of_a_sequence_with_empty_shards_tile_it():
+    sequence = [("a", 0), ("b", 4), ("c", 0), ("d", 2), ("e", 3)]
+    spans = [wds_data.worker_span(rank, worker, num_batches=2, num_workers=2, batch_size=2)
+             for rank in range(2) for worker in range(2)]
+    assert spans == [range(0, 2), range(2, 4), range(4, 6), range(6, 8)]
+    parts = [wds_data.span_parts(sequence, span) for span in spans]
+    assert parts == [[("b", 4, 0, 2)], [("b", 4, 2, 4)], [("d", 2, 0, 2)], [("e", 3, 0, 2)]]  # empty ones not opened
+
+
+def test_workers_decode_only_their_own_span(uneven_shards, monkeypatch):
+    # One worker per rank, 3 ranks, batches of 2: rank 1 and 2 start in the middle of a shard.
+    decoded = []
+    real_decode = wds_data.ShardEpoch._decode
+    monkeypatch.setattr(wds_data.ShardEpoch, "_decode", lambda self, raw: decoded.append(raw["__key__"]) or
+                        real_decode(self, raw))
+    seen = []
+    for rank in range(3):
+        decoded.clear()
+        batches, num_batches = load(uneven_shards, workers=0, world_size=3, rank=rank, batch_size=2, preprocess=PLAIN)
+        assert len(decoded) == num_batches * 2 == 8
+        assert sorted(int(key) for key in decoded) == sorted(indices_of(batches))
+        seen += indices_of(batches)
+    assert len(set(seen)) == 24
+
+
+@pytest.mark.parametrize("world_size, rank, workers, batch_size", [(2, 1, 4, 2), (3, 2, 4, 3)])
+def test_resume_on_uneven_shards_gives_the_rest_of_the_epoch(uneven_shards, world_size, rank, workers, batch_size):
+    # (2, 1, 4, 2): 6 batches over quotas 2, 2, 1, 1. (3, 2, 4, 3): 3 batches, so 3 workers, not 4.
+    settings = dict(world_size=world_size, rank=rank, workers=workers, batch_size=batch_size, epoch=5)
+    full, num_batches = load(uneven_shards, **settings)
+    assert len(full) == num_batches == 27 // (batch_size * world_size)
+    for start in sorted({1, num_batches // 2 + 1, num_batches}):
+        rest, _ = load(uneven_shards, start_batch=start, **settings)
+        assert len(rest) == num_batches - start
+        for resumed, original in zip(rest, full[start:]):
+            assert torch.equal(resumed.indices, original.indices)
+            assert torch.equal(resumed.images, original.images)
+
+
+@pytest.mark.parametrize("world_size, workers, batch_size, started", [(1, 4, 4, 4), (2, 8, 5, 4)])
+def test_one_shard_feeds_every_worker(tmp_path, world_size, workers, batch_size, started):
+    """1 shard of 40 (a small set at the converter's default shard size) on 4 workers: was refused. With
+    more workers than batches (2 ranks x 4 batches, --workers 8) only as many as there are batches start."""
+    one = make_shards(tmp_path, count=40, per_shard=40)
+    assert len(expand_shard_urls(one)) == 1
+    seen = []
+    for rank in range(world_size):
+        loader, num_batches = build_wds_loader(one, preprocess=AUGMENT, tokenizer=tokenize, batch_size=batch_size,
+                                               workers=workers, seed=7, epoch=0, rank=rank, world_size=world_size,
+                                               shuffle_buffer=100)
+        assert loader.num_workers == started
+        batches = list(loader)
+        assert len(batches) == num_batches == 40 // (batch_size * world_size)
+        seen += indices_of(batches)
+    assert sorted(seen) == list(range(40))
+
+
+def test_the_trainer_says_when_it_starts_fewer_workers_than_asked(shard_dir, caplog):
+    import logging
+
+    from acc_clip.config import parse_config
+    from acc_clip.data import build_train_data
+
+    config, _ = parse_config(["--train-data", shard_dir, "--batch-size", "5", "--workers", "12"])
+    with caplog.at_level(logging.INFO, logger="acc_clip.data"):
+        data = build_train_data(config, AUGMENT, tokenize, rank=0, world_size=1, pin_memory=False)
+    assert data.batches_per_epoch == 8
+    assert "8 batches per process per epoch: starting 8 loader workers, not --workers 12" in caplog.text
