@@ -33,6 +33,9 @@ def verify_shard(job: VerifyJob) -> dict:
                 if member.isfile():
                     key, _, extension = member.name.partition(".")
                     samples.setdefault(key, {})[extension] = tar.extractfile(member).read()
+            end = tar.offset  # where the member after the last one would start
+        if not _ends_with_end_marker(job.path, end):
+            problems.append(f"{name}: cut short (no end-of-archive marker after its last member, at byte {end})")
     except (tarfile.TarError, OSError, EOFError) as error:
         problems.append(f"{name}: unreadable tar ({error})")
     for key, files in samples.items():
@@ -40,6 +43,15 @@ def verify_shard(job: VerifyJob) -> dict:
     if job.expected is not None and job.expected != len(samples):
         problems.append(f"{name}: {len(samples)} samples, sizes.json says {job.expected}")
     return {"shard": name, "count": len(samples), "problems": problems}
+
+
+def _ends_with_end_marker(path: str, end: int) -> bool:
+    """Whether two zero blocks follow the last member, as every finished tar has. Python's tarfile reads
+    a tar cut at a member boundary as a shorter archive, without a word."""
+    with open(path, "rb") as file:
+        file.seek(end)
+        marker = file.read(2 * tarfile.BLOCKSIZE)
+    return len(marker) == 2 * tarfile.BLOCKSIZE and not any(marker)
 
 
 def _sample_problems(key: str, files: dict[str, bytes]) -> list[str]:

@@ -289,6 +289,27 @@ def test_verify_passes_good_shards_and_reports_damage(tmp_path, dataset_csv, cap
     assert cli_main(["shards", "verify", str(out), "--workers", "2"]) == 1
 
 
+def test_verify_reports_a_shard_cut_at_a_member_boundary(tmp_path, dataset_csv):
+    """Python's tarfile reads such a shard as a shorter archive; sizes.json and the missing end marker tell."""
+    import tarfile
+
+    out = tmp_path / "out"
+    convert(dataset_csv, out)
+    with tarfile.open(out / "00001.tar") as tar:
+        members = tar.getmembers()
+    cut = members[3].offset  # the first byte of the second sample's header: three whole members kept
+    with open(out / "00001.tar", "r+b") as f:
+        f.truncate(cut)
+    result = verify_shards(str(out))
+    assert not result["ok"]
+    assert result["problems"] == [f"00001.tar: cut short (no end-of-archive marker after its last member, at byte {cut})",
+                                  "00001.tar: 1 samples, sizes.json says 10"]
+
+    (out / "sizes.json").write_text(json.dumps({**json.loads((out / "sizes.json").read_text()), "00001.tar": 1}))
+    assert verify_shards(str(out))["problems"] == [  # sizes.json fixed to match: the tar's own end still tells
+        f"00001.tar: cut short (no end-of-archive marker after its last member, at byte {cut})"]
+
+
 def test_open_clip_trainer_runs_an_epoch_on_the_shards(tmp_path, dataset_csv):
     convert(dataset_csv, tmp_path / "out")
     model_dir = tmp_path / "tiny"
