@@ -134,3 +134,25 @@ def test_sigterm_then_kill9_mid_epoch_resume_exactly(small_csv, tmp_path, refere
     assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(TMP_PREFIX)]  # cleaned up
     worst = assert_same_training(run_dir, reference_runs(workers))
     print(f"\nworkers={workers}, kill -9 {kill}: max |loss(B) - loss(A)| over the resumed run = {worst:.3g}")
+
+
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before_and_resumes_exactly(small_csv, tmp_path,
+                                                                                      reference_runs):
+    """One bit flipped in the newest checkpoint's weights: `--resume latest` names it, resumes from the
+    checkpoint before, trains the steps after that again, and ends as the run that never stopped."""
+    workers = WORKERS[0]
+    args = run_args(small_csv, tmp_path, "D", workers)
+    run_dir = tmp_path / "D"
+    killed = run_trainer(args, check=False, env={KILL_BEFORE_COMMIT_ENV: str(3 * SAVE_EVERY)})
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    newest, _ = newest_checkpoint(run_dir)
+    assert newest.name == f"step_{2 * SAVE_EVERY:08d}"
+    weights = bytearray((newest / "model.safetensors").read_bytes())
+    weights[-8] ^= 0x40  # tensor data, size unchanged
+    (newest / "model.safetensors").write_bytes(bytes(weights))
+
+    result = run_trainer([*args, "--resume", "latest"])
+    assert f"{newest}: damaged checkpoint, model.safetensors differs from what was saved" in result.stdout
+    assert (f"resuming from {run_dir / 'checkpoints' / f'step_{SAVE_EVERY:08d}'}, the newest checkpoint that "
+            "passes its check (1 newer one(s) failed") in result.stdout
+    assert_same_training(run_dir, reference_runs(workers))
