@@ -184,15 +184,18 @@ def bad_images(work, data, reference):
     rows[1] = f"{corrupt},a corrupt image"
     rows[2] = f"{work / 'missing.jpg'},a missing image"
     rows[3] = f"{fifo},a FIFO"
+    eps = work / "drawing.jpg"  # an EPS file under a photo's name: PIL would hand it to Ghostscript
+    eps.write_bytes(b"%!PS-Adobe-3.0 EPSF-3.0\n%%BoundingBox: 0 0 8 8\nshowpage\n")
+    rows[4] = f"{eps},an EPS drawing"
     bad = work / "bad_images.csv"
     bad.write_text("\n".join(rows) + "\n")
     result = run(train_args(bad, work / "bad_images", "run", "--epochs", "1", "--max-bad-fraction", "0.2"))
     said = [line for line in result.stdout.splitlines() if "samples skipped so far" in line]
     counted = said[-1].split(": ", 1)[-1] if said else error_line(result)
-    # the 3 bad rows are lost by nature: counted, never replaced by other samples
+    # the 4 bad rows are lost by nature: counted, never replaced by other samples
     seen_twice = sum(n - 1 for n in Counter(i for r in records(work / "bad_images" / "run", "samples.jsonl")
                                             for i in r["indices"]).values() if n > 1)
-    return Outcome(counted[:120], seen_twice, result.returncode == 0 and "3 samples skipped" in counted)
+    return Outcome(counted[:120], seen_twice, result.returncode == 0 and "4 samples skipped" in counted)
 
 
 def cut_shard(work, data, reference):
@@ -215,6 +218,51 @@ def cut_shard(work, data, reference):
                    verified == "verify names it" and "37 samples skipped" in counted)
 
 
+def refused(result: subprocess.CompletedProcess, *words: str) -> bool:
+    return result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1 and all(
+        word in result.stderr for word in words)
+
+
+def unreadable_random_state(work, data, reference):
+    from acc_clip.checkpoint.format import MANIFEST, file_sha256
+
+    copy = work / "rng" / "step_00000003"
+    shutil.copytree(reference / "checkpoints" / "step_00000003", copy)
+    (copy / "random_states_0.pkl").write_bytes(b"not a pickle")
+    manifest = json.loads((copy / MANIFEST).read_text())  # made to match: only the load can fail
+    manifest["files"]["random_states_0.pkl"] = (copy / "random_states_0.pkl").stat().st_size
+    manifest["sha256"]["random_states_0.pkl"] = file_sha256(str(copy / "random_states_0.pkl"))
+    (copy / MANIFEST).write_text(json.dumps(manifest))
+    result = run(train_args(data, work / "rng", "run", "--resume", str(copy)))
+    return Outcome(error_line(result)[-120:], 0, refused(result, "random_states_0.pkl", "could not be restored"))
+
+
+def same_name_and_remote_elsewhere(work, data, reference):
+    remote = f"file://{work / 'remote'}"
+    first = run(train_args(data, work / "machine_a", "run", "--epochs", "1", "--remote-sync", remote,
+                           "--remote-sync-protocol", "fsspec"))
+    metrics = (work / "remote" / "run" / "metrics.jsonl").read_text() if first.returncode == 0 else ""
+    second = run(train_args(data, work / "machine_b", "run", "--remote-sync", remote, "--remote-sync-protocol", "fsspec"))
+    untouched = (work / "remote" / "run" / "metrics.jsonl").read_text() == metrics != ""
+    return Outcome(error_line(second)[:140], 0 if untouched else 1,
+                   refused(second, "holds another run's copy") and untouched)
+
+
+def damaged_sizes_json(work, data, reference):
+    shards = work / "sizes_shards"
+    run([sys.executable, "-m", "acc_clip.cli", "shards", "--csv", str(data), "--out", str(shards), "--no-progress"])
+    (shards / "sizes.json").write_text('{"00000.tar": "many"')
+    result = run(train_args(shards, work / "sizes", "run"))
+    return Outcome(error_line(result)[:140], 0, refused(result, "sizes.json"))
+
+
+def csv_path_is_a_fifo(work, data, reference):
+    fifo = work / "rows.csv"
+    os.mkfifo(fifo)
+    result = run(train_args(fifo, work / "fifo", "run"))
+    return Outcome(error_line(result)[:140], 0, refused(result, "not a regular file"))
+
+
 FAULTS = [
     ("kill -9 in mid-epoch, then --resume latest", kill_9_mid_epoch),
     ("SIGTERM in mid-epoch, then --resume latest", sigterm_mid_epoch),
@@ -222,9 +270,13 @@ FAULTS = [
     ("one bit flipped in the newest checkpoint", bit_flip_in_newest_checkpoint),
     ("a full disk during a save", full_disk_during_a_save),
     ("a second run with the same --name", second_run_with_the_same_name),
+    ("the same --name and --remote-sync from another machine", same_name_and_remote_elsewhere),
+    ("a random-state file that cannot be read", unreadable_random_state),
     ("a CSV row with an extra field", shifted_csv_row),
-    ("a corrupt JPEG, a missing file and a FIFO in the CSV", bad_images),
+    ("a corrupt JPEG, a missing file, a FIFO and an EPS in the CSV", bad_images),
     ("a shard cut at a member boundary", cut_shard),
+    ("a damaged sizes.json", damaged_sizes_json),
+    ("--train-data naming a FIFO", csv_path_is_a_fifo),
 ]
 
 
