@@ -219,7 +219,7 @@ def train(config: TrainConfig, notices: list[str] = ()) -> int:
             progress.advance(step_in_epoch + 1, global_batch)
             end = time.perf_counter()
             metrics.record(StepRecord(progress.global_step - 1, epoch, step_in_epoch + 1, losses,
-                                      parallel.unwrap(model).logit_scale.detach().clone(), lr, data_time,
+                                      parallel.logit_scale(model), lr, data_time,
                                       end - start, progress.samples_seen))
             start = end
             if sample_log is not None:
