@@ -1,7 +1,8 @@
 """The step checkpoint's on-disk format, and the one weights loader.
 
 A step checkpoint `<run>/checkpoints/step_NNNNNNNN/` holds Accelerate's state (model.safetensors,
-optimizer.bin, scaler.pt under fp16, random_states_<rank>.pkl for every process) and
+optimizer.bin, scaler.pt under fp16, random_states_<rank>.pkl for every process; under FSDP the sharded
+pytorch_model_fsdp_0/ and optimizer_0/ of torch.distributed.checkpoint instead of the first two) and
 `complete.json`, the manifest: training progress (epoch, step within the epoch, global step,
 samples seen), the data position and the settings it depends on, and every file with its size.
 A folder without a manifest is never read as a checkpoint (see manager.py for how saves commit).
@@ -33,6 +34,7 @@ OLD_PREFIX = TMP_PREFIX + "old-"  # a committed checkpoint moved aside while a s
 WEIGHTS_FILE = "model.safetensors"  # Accelerate's name for the first model's weights
 OPTIMIZER_FILE = "optimizer.bin"
 SCALER_FILE = "scaler.pt"
+SHARDED_WEIGHTS_DIR = "pytorch_model_fsdp_0"  # Accelerate's folder for FSDP's sharded weights (FSDP_MODEL_NAME)
 
 
 @dataclass
@@ -109,11 +111,32 @@ def fsync_entry(path: str) -> None:
 
 
 def fsync_folder(path: str) -> None:
-    """Data first, then the folder entry, so a power loss cannot leave a renamed but empty save."""
+    """Data first, then the folder entry, so a power loss cannot leave a renamed but empty save.
+    Sub-folders (a sharded checkpoint's) in turn."""
     for name in os.listdir(path):
+        if os.path.isdir(os.path.join(path, name)):
+            fsync_folder(os.path.join(path, name))
+            continue
         with open(os.path.join(path, name), "rb") as file:
             os.fsync(file.fileno())
     fsync_entry(path)
+
+
+def checkpoint_files(folder: str) -> dict[str, int]:
+    """Every file under `folder` by its relative path ('/'-separated), with its size: the manifest's
+    `files`. A sharded checkpoint's shards lie in sub-folders (pytorch_model_fsdp_0/__0_0.distcp, ...)."""
+    files = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            files[os.path.relpath(path, folder).replace(os.sep, "/")] = os.path.getsize(path)
+    return dict(sorted(files.items()))
+
+
+def is_sharded_checkpoint(folder: str) -> bool:
+    """Whether a step checkpoint holds FSDP shards (Accelerate's torch.distributed.checkpoint folder)
+    instead of model.safetensors."""
+    return os.path.isdir(os.path.join(folder, SHARDED_WEIGHTS_DIR))
 
 
 # model weights -----------------------------------------------------------------------------------
@@ -199,7 +222,7 @@ def remove_path(path: str) -> None:
 
 
 def folder_bytes(path: str) -> int:
-    return sum(os.path.getsize(os.path.join(path, name)) for name in os.listdir(path))
+    return sum(checkpoint_files(path).values())
 
 
 

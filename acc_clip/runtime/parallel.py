@@ -214,7 +214,7 @@ def logit_scale(model: torch.nn.Module) -> torch.Tensor:
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     """The plain-named full weights. Under FSDP a collective: every process must call it; the main
     process gets them on the CPU, the others an empty dict (they hold one parameter at a time)."""
-    if not any(type(v).__name__ == "DTensor" for v in unwrap(model).state_dict().values()):
+    if not is_fsdp_model(model):
         return unwrap(model).state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -222,18 +222,36 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {key: value.reshape(()) if key in SCALAR_PARAMETERS else value for key, value in state.items()}
 
 
-def full_optimizer_state_dict(optimizer: torch.optim.Optimizer, is_main_process: bool) -> dict:
+def full_optimizer_state_dict(model: torch.nn.Module, optimizer: torch.optim.Optimizer, is_main_process: bool) -> dict:
     """torch's optimizer.state_dict() layout (parameters by index, as open_clip's epoch_N.pt holds it)
-    with whole tensors: each sharded state tensor is gathered in turn (a collective); the main process
-    keeps them on the CPU, the others return an empty dict."""
+    with whole tensors. Without FSDP that is optimizer.state_dict(). Under FSDP each sharded state
+    tensor is gathered in turn (a collective: every process calls this); the main process keeps them on
+    the CPU, the others get an empty dict; the temperature's state is 0-d again, as its parameter."""
     saved = optimizer.state_dict()
+    if not is_fsdp_model(model):
+        return saved
+    names = {id(parameter): name for name, parameter in unwrap(model).named_parameters()}
+    ordered = [names.get(id(p)) for group in optimizer.param_groups for p in group["params"]]
     state = {}
     for index, values in saved["state"].items():
-        gathered = {key: full_tensor(value).cpu() if isinstance(value, torch.Tensor) else value
-                    for key, value in values.items()}
+        scalar = ordered[index] in SCALAR_PARAMETERS
+        whole = {key: _whole_state(value, scalar) for key, value in values.items()}
         if is_main_process:
-            state[index] = gathered
+            state[index] = whole
     return {"state": state, "param_groups": saved["param_groups"]} if is_main_process else {}
+
+
+def _whole_state(value, scalar: bool):
+    if not isinstance(value, torch.Tensor):
+        return value
+    value = full_tensor(value).cpu()
+    return value.reshape(()) if scalar and value.numel() == 1 and value.ndim == 1 else value
+
+
+def is_fsdp_model(model: torch.nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(unwrap(model), FSDPModule)
 
 
 def weights_are_finite(model: torch.nn.Module, accelerator) -> bool:
@@ -242,7 +260,7 @@ def weights_are_finite(model: torch.nn.Module, accelerator) -> bool:
     flags = [torch.isfinite(local_tensor(t)).all() for t in unwrap(model).state_dict().values()
              if t.is_floating_point()]
     finite = torch.stack(flags).all() if flags else torch.tensor(True, device=accelerator.device)
-    if is_fsdp(accelerator):
+    if is_fsdp_model(model):
         finite = finite.to(torch.int32)
         torch.distributed.all_reduce(finite, op=torch.distributed.ReduceOp.MIN)
     return bool(finite.item())
@@ -255,13 +273,20 @@ def gathered(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
     each unit is all-gathered once and kept so until the block ends; otherwise nothing changes."""
     from torch.distributed.fsdp import FSDPModule
 
-    units = [m for m in unwrap(model).modules() if isinstance(m, FSDPModule)]
+    units = {m: _reshards_after_forward(m) for m in unwrap(model).modules() if isinstance(m, FSDPModule)}
     for unit in units:
         unit.unshard()
-        unit.set_reshard_after_forward(False, recurse=False)
+        unit.set_reshard_after_forward(False, recurse=False)  # torch's documented way to evaluate
     try:
         yield unwrap(model)
     finally:
-        for unit in units:
+        for unit, reshards in units.items():
             unit.reshard()
-            unit.set_reshard_after_forward(True, recurse=False)
+            unit.set_reshard_after_forward(reshards, recurse=False)
+
+
+def _reshards_after_forward(unit) -> bool:
+    """A unit's reshard_after_forward, to put back after `gathered` (the root's and Accelerate's tail
+    unit's are False, the blocks' the plugin's); FSDP2 has no getter, so its parameter groups are read."""
+    groups = unit._get_fsdp_state()._fsdp_param_groups
+    return any(group.post_forward_mesh_info is not None for group in groups)
