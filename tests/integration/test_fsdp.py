@@ -11,11 +11,16 @@ import os
 import subprocess
 import sys
 
+import signal
+from pathlib import Path
+
 import pytest
 import torch
 
-from background_trainer import ACCELERATE, free_port
-from conftest import REPO
+from acc_clip.checkpoint.debug import KILL_BEFORE_COMMIT_ENV, SAMPLES_ENV
+from acc_clip.checkpoint.format import MANIFEST, TMP_PREFIX, complete_checkpoints, read_manifest
+from background_trainer import ACCELERATE, Trainer, free_port, launch_with, metric_rows, newest_checkpoint, wait_until
+from conftest import REPO, TINY_VIT, read_metrics, tiny_train_args
 from dist_worker import max_difference
 from fsdp_worker import SCENARIOS, SHORT_SCENARIOS, SHORT_STEPS, STEPS
 
@@ -61,6 +66,8 @@ def steps_of(scenario: str) -> int:
 def test_fsdp_matches_ddp(results, scenario):
     fsdp, ddp = load(results, "fsdp", scenario), load(results, "ddp", scenario)
     assert len(fsdp["losses"]) == steps_of(scenario)
+    print(f"\n{scenario}: FSDP-DDP losses {max(abs(a - b) for a, b in zip(fsdp['losses'], ddp['losses'])):.3g}, "
+          f"weights {max_difference(fsdp['weights'], ddp['weights']):.3g}")
     assert fsdp["losses"] == pytest.approx(ddp["losses"], abs=TOLERANCE)
     assert max_difference(fsdp["weights"], ddp["weights"]) <= TOLERANCE
 
@@ -68,6 +75,8 @@ def test_fsdp_matches_ddp(results, scenario):
 @pytest.mark.parametrize("scenario", WITH_ONE_PROCESS_REFERENCE)
 def test_fsdp_matches_one_process_with_twice_the_batch(results, scenario):
     fsdp, one = load(results, "fsdp", scenario), load(results, "one", scenario)
+    print(f"\n{scenario}: FSDP-one losses {max(abs(a - b) for a, b in zip(fsdp['losses'], one['losses'])):.3g}, "
+          f"weights {max_difference(fsdp['weights'], one['weights']):.3g}")
     assert fsdp["losses"] == pytest.approx(one["losses"], abs=TOLERANCE)
     assert max_difference(fsdp["weights"], one["weights"]) <= TOLERANCE
 
@@ -89,3 +98,111 @@ def test_accumulation_reduce_scatters_once_per_update(results, plain, accumulate
     once = load(results, "fsdp", plain)["reduce_scatters"]
     assert len(once) == STEPS and all(calls > 0 for calls in once)
     assert load(results, "fsdp", accumulated)["reduce_scatters"] == once
+
+
+# the trainer: sharded step checkpoints ---------------------------------------------------------------
+
+FSDP_ROWS, FSDP_STEPS_PER_EPOCH, FSDP_EPOCHS, FSDP_SAVE_EVERY = 160, 10, 2, 4
+
+
+def fsdp_args(csv, logs, name: str, *extra: str) -> list[str]:
+    """tiny-vit (no batch norm, so 1 process x 16 is 2 x 8), AdamW (its moments are sharded state), 2 x 8
+    per step: 10 steps per epoch of the 160-row CSV, 2 epochs, a step checkpoint every 4 steps and
+    epoch_N.pt at each epoch's end."""
+    return tiny_train_args(csv, logs, name, "--model", TINY_VIT, "--batch-size", "8", "--gather-with-grad",
+                           "--save-every-n-steps", str(FSDP_SAVE_EVERY), "--save-frequency", "1", *extra)
+
+
+def fsdp_trainer(args: list[str], log_file, *options: str, env=None) -> Trainer:
+    return Trainer(args, log_file, processes=2, launcher=launch_with("cpu_2proc_fsdp.yaml", *options), env=env)
+
+
+@pytest.fixture(scope="module")
+def fsdp_reference(small_csv, tmp_path_factory):
+    """Run A: FSDP on 2 processes straight through, in the background while the tests run theirs."""
+    logs = tmp_path_factory.mktemp("fsdp_reference")
+    trainer = fsdp_trainer(fsdp_args(small_csv, logs, "A"), logs / "A.log",
+                           env={"OMP_NUM_THREADS": "1", SAMPLES_ENV: "1"})
+
+    def finished() -> Path:
+        assert trainer.wait(timeout=600) == 0, trainer.tail()
+        return logs / "A"
+
+    yield finished
+    trainer.stop()
+
+
+def losses_by_step(run_dir: Path) -> dict[int, float]:
+    return {record["step"]: record["loss"] for record in read_metrics(run_dir)}
+
+
+def test_sharded_checkpoint_commits_with_a_complete_manifest(fsdp_reference):
+    """Each process's shards under pytorch_model_fsdp_0/ and optimizer_0/, listed with their sizes in
+    complete.json (written last), and no weights file of the unsharded format."""
+    step = Path(complete_checkpoints(str(fsdp_reference() / "checkpoints"))[0])
+    manifest = read_manifest(str(step))
+    files = manifest["files"]
+    for folder in ("pytorch_model_fsdp_0", "optimizer_0"):
+        assert {f"{folder}/__0_0.distcp", f"{folder}/__1_0.distcp", f"{folder}/.metadata"} <= set(files)
+    assert {"random_states_0.pkl", "random_states_1.pkl"} <= set(files) and "model.safetensors" not in files
+    assert all((step / name).stat().st_size == size for name, size in files.items())
+    assert manifest["data"]["world_size"] == 2
+
+
+def test_sigterm_then_kill9_while_saving_resume_exactly(small_csv, tmp_path, fsdp_reference):
+    """SIGTERM in epoch 0 (to the launcher; torchrun passes it on): a sharded checkpoint of the step.
+    Resume, then kill -9 on rank 0 after the shards of step 16 are written and before its manifest.
+    Resume to the end: every step's loss equals the uninterrupted run's."""
+    env = {"OMP_NUM_THREADS": "1", SAMPLES_ENV: "1"}
+    args, run_dir = fsdp_args(small_csv, tmp_path, "B"), tmp_path / "B"
+    trainer = fsdp_trainer(args, tmp_path / "B1.log", env=env)
+    try:
+        wait_until(lambda: metric_rows(run_dir) >= 2, trainer)
+        trainer.process.send_signal(signal.SIGTERM)
+        trainer.wait(timeout=120)
+        first, progress = newest_checkpoint(run_dir)
+        assert progress["epoch"] == 0 and 0 < progress["step_in_epoch"] < FSDP_STEPS_PER_EPOCH, progress
+
+        trainer = fsdp_trainer([*args, "--resume", "latest"], tmp_path / "B2.log",
+                               env={**env, KILL_BEFORE_COMMIT_ENV: "16"})
+        assert trainer.wait(timeout=300) != 0, trainer.tail()
+        partial = run_dir / "checkpoints" / f"{TMP_PREFIX}step_00000016"
+        assert (partial / "pytorch_model_fsdp_0" / ".metadata").is_file() and not (partial / MANIFEST).exists()
+        second, progress = newest_checkpoint(run_dir)
+        assert second.name == "step_00000012" and progress["epoch"] == 1, progress  # mid-epoch 1
+
+        trainer = fsdp_trainer([*args, "--resume", "latest"], tmp_path / "B3.log", env=env)
+        assert trainer.wait(timeout=300) == 0, trainer.tail()
+    finally:
+        trainer.stop()
+    assert f"resumed from {second}:" in (tmp_path / "B3.log").read_text() and not partial.exists()
+    got, want = losses_by_step(run_dir), losses_by_step(fsdp_reference())
+    assert sorted(got) == list(range(FSDP_EPOCHS * FSDP_STEPS_PER_EPOCH)) == sorted(want)
+    worst = max(abs(got[step] - want[step]) for step in got)
+    print(f"\nFSDP SIGTERM + kill -9 resume: max |loss(B) - loss(A)| = {worst:.3g}")
+    assert worst <= 1e-6
+
+
+def test_a_two_process_sharded_checkpoint_resumes_on_one_and_on_two(small_csv, tmp_path, fsdp_reference):
+    """The step-12 checkpoint of run A (2 shards), resumed under FSDP on 1 process (batch 16: the same
+    global batch, so the same samples) and on 2: DCP reshards; both end with the same weights and
+    losses as run A."""
+    step12 = str(fsdp_reference() / "checkpoints" / "step_00000012")
+    env = {"OMP_NUM_THREADS": "1"}
+    one = fsdp_trainer([*fsdp_args(small_csv, tmp_path, "one", "--resume", step12), "--batch-size", "16"],
+                       tmp_path / "one.log", "--num_processes", "1", env=env)
+    assert one.wait(timeout=300) == 0, one.tail()
+    two = fsdp_trainer(fsdp_args(small_csv, tmp_path, "two", "--resume", step12), tmp_path / "two.log", env=env)
+    assert two.wait(timeout=300) == 0, two.tail()
+    assert "1 process(es)" in (tmp_path / "one" / "out.log").read_text()
+    final = {run: torch.load(path / "checkpoints" / f"epoch_{FSDP_EPOCHS}.pt")["state_dict"]
+             for run, path in (("one", tmp_path / "one"), ("two", tmp_path / "two"), ("A", fsdp_reference()))}
+    print(f"\nFSDP reshard: weights one-two {max_difference(final['one'], final['two']):.3g}, "
+          f"two-A {max_difference(final['two'], final['A']):.3g}")
+    assert max_difference(final["one"], final["two"]) <= TOLERANCE
+    assert max_difference(final["two"], final["A"]) <= TOLERANCE
+    want = losses_by_step(fsdp_reference())
+    for run in ("one", "two"):
+        got = losses_by_step(tmp_path / run)
+        assert sorted(got) == list(range(12, FSDP_EPOCHS * FSDP_STEPS_PER_EPOCH))
+        assert max(abs(got[step] - want[step]) for step in got) <= TOLERANCE
