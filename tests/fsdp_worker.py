@@ -90,7 +90,8 @@ def run(name: str, scenario: tuple, steps: int, accelerator, train_csv: str, out
     counter = ReduceScatterCounter() if getattr(accelerator, "is_fsdp2", False) else None
     losses, weights, _ = run_steps(config, accelerator, steps, optimizer_name="sgd", after_prepare=counter)
     if accelerator.is_main_process:
-        torch.save({"losses": losses, "weights": weights, "reduce_scatters": counter.per_step if counter else None},
+        torch.save({"losses": losses, "weights": weights, "reduce_scatters": counter.per_step if counter else None,
+                    "fsdp": bool(getattr(accelerator, "is_fsdp2", False)), "processes": accelerator.num_processes},
                    os.path.join(out_dir, f"{name}.pt"))
 
 

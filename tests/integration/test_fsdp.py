@@ -65,6 +65,7 @@ def steps_of(scenario: str) -> int:
 @pytest.mark.parametrize("scenario", ALL)
 def test_fsdp_matches_ddp(results, scenario):
     fsdp, ddp = load(results, "fsdp", scenario), load(results, "ddp", scenario)
+    assert (fsdp["fsdp"], fsdp["processes"], ddp["fsdp"], ddp["processes"]) == (True, 2, False, 2)
     assert len(fsdp["losses"]) == steps_of(scenario)
     print(f"\n{scenario}: FSDP-DDP losses {max(abs(a - b) for a, b in zip(fsdp['losses'], ddp['losses'])):.3g}, "
           f"weights {max_difference(fsdp['weights'], ddp['weights']):.3g}")
@@ -201,8 +202,31 @@ def test_a_two_process_sharded_checkpoint_resumes_on_one_and_on_two(small_csv, t
           f"two-A {max_difference(final['two'], final['A']):.3g}")
     assert max_difference(final["one"], final["two"]) <= TOLERANCE
     assert max_difference(final["two"], final["A"]) <= TOLERANCE
+    assert_open_clip_optimizer_layout(tmp_path / "one", tmp_path / "two")
     want = losses_by_step(fsdp_reference())
     for run in ("one", "two"):
         got = losses_by_step(tmp_path / run)
         assert sorted(got) == list(range(12, FSDP_EPOCHS * FSDP_STEPS_PER_EPOCH))
         assert max(abs(got[step] - want[step]) for step in got) <= TOLERANCE
+
+
+def assert_open_clip_optimizer_layout(*run_dirs: Path) -> None:
+    """epoch_N.pt's optimizer state, gathered from the shards (parallel.full_optimizer_state_dict), is
+    torch's layout for the plain open_clip model: one entry per parameter of acc_clip's AdamW groups, in
+    their order, shaped as the parameter (logit_scale's moments 0-d again); the 1-shard and 2-shard
+    runs agree."""
+    import open_clip
+
+    from acc_clip.model import parameter_groups
+
+    model = open_clip.create_model(TINY_VIT)
+    shapes = [tuple(p.shape) for group in parameter_groups(model, 0.1) for p in group["params"]]
+    states = [torch.load(run / "checkpoints" / f"epoch_{FSDP_EPOCHS}.pt")["optimizer"] for run in run_dirs]
+    for state in states:
+        assert sorted(state["state"]) == list(range(len(shapes)))
+        assert [tuple(state["state"][i]["exp_avg"].shape) for i in range(len(shapes))] == shapes
+        optimizer = torch.optim.AdamW(parameter_groups(model, 0.1))
+        optimizer.load_state_dict(state)  # loads as open_clip_train's resume would
+    for index in states[0]["state"]:
+        for key in ("exp_avg", "exp_avg_sq"):
+            assert torch.allclose(states[0]["state"][index][key], states[1]["state"][index][key], atol=TOLERANCE)
