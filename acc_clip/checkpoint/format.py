@@ -286,12 +286,34 @@ def load_safetensors_weights(model: torch.nn.Module, path: str, source: str) -> 
     model.load_state_dict({plain_key(k): v for k, v in load_file(path).items()})
 
 
+def load_sharded_weights(model: torch.nn.Module, folder: str, source: str) -> None:
+    """A sharded (FSDP) step checkpoint's weights into the plain `model`, read in this one process by
+    torch.distributed.checkpoint (no process group: each tensor whole, from every shard), the
+    architecture checked from the shards' metadata first. FSDP holds open_clip's 0-d parameters as
+    1-element vectors (runtime/parallel.scalars_as_vectors): they are read so and given back 0-d."""
+    import torch.distributed.checkpoint as dcp
+
+    path = os.path.join(folder, SHARDED_WEIGHTS_DIR)
+    metadata = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    saved = {key[len("model."):]: tuple(meta.size) for key, meta in metadata.items()
+             if key.startswith("model.") and hasattr(meta, "size")}
+    own = model.state_dict()
+    check_architecture(model, {key: () if shape == (1,) and key in own and own[key].ndim == 0 else shape
+                               for key, shape in saved.items()}, source)
+    state = {key: value.detach().clone().reshape(saved[key]) for key, value in own.items()}
+    dcp.load({"model": state}, checkpoint_id=path)
+    model.load_state_dict({key: value.reshape(own[key].shape) for key, value in state.items()})
+
+
 def load_weights(model: torch.nn.Module, path: str, source: str) -> Optional[dict]:
     """Load a step checkpoint folder (its model.safetensors), a .safetensors file, an open_clip
     `epoch_N.pt` or a bare state dict into the plain `model`. Returns what a file held besides the weights (optimizer, scaler,
     epoch), None for a folder. Every failure is one line naming `source` and `path`."""
     if os.path.isdir(path):
         read_manifest(path, source=source)  # refuses a partial or foreign folder in one line
+        if is_sharded_checkpoint(path):
+            load_sharded_weights(model, path, f"{source} {path}")
+            return None
         load_safetensors_weights(model, os.path.join(path, WEIGHTS_FILE), f"{source} {path}")
         return None
     if not os.path.isfile(path):

@@ -20,6 +20,7 @@ name classes but not the stages of a ResNet (plain nn.Sequential).
 
 from __future__ import annotations
 
+import logging
 import os
 from contextlib import AbstractContextManager, contextmanager
 from typing import Iterator, Optional
@@ -28,6 +29,7 @@ import torch
 
 from acc_clip.errors import AccClipError
 
+log = logging.getLogger(__name__)
 # open_clip's 0-d parameters (temperature, SigLIP's bias): 1-element vectors under FSDP (scalars_as_vectors).
 SCALAR_PARAMETERS = ("logit_scale", "logit_bias")
 # Accelerate's own variable: `accelerate launch` sets it from a config whose distributed_type is FSDP.
@@ -145,8 +147,11 @@ def shard_blocks(accelerator, model: torch.nn.Module, optimizer: torch.optim.Opt
     kwargs = fully_shard_kwargs(accelerator.state.fsdp_plugin)
     scalars_as_vectors(model)
     contiguous_parameters(model)
-    for unit in shard_units(model):
+    units = shard_units(model)
+    for unit in units:
         fully_shard(unit, **kwargs)
+    log.info("FSDP2: %d units (transformer blocks, ResNet stages, towers) and the root, sharded over %d "
+             "process(es)", len(units), accelerator.num_processes)
     switch_optimizer_parameters(optimizer, names, dict(model.named_parameters()))
 
 
