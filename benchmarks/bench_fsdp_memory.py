@@ -3,6 +3,7 @@
 two CPU processes (gloo): what sharding saves, measured rather than computed.
 
     python -m benchmarks.bench_fsdp_memory [--model ViT-S-32] [--json OUT]
+    python -m benchmarks.bench_fsdp_memory --table     # docs/fsdp.md's table, from parameter counts
 
 Runs itself twice under `accelerate launch`: launch/cpu_2proc.yaml (DDP) and launch/cpu_2proc_fsdp.yaml
 (FSDP2), each one step of 2 random images and captions per process through acc_clip's own model,
@@ -22,6 +23,8 @@ import sys
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 KINDS = {"ddp": "cpu_2proc.yaml", "fsdp": "cpu_2proc_fsdp.yaml"}
 PARTS = ("parameters", "gradients", "optimizer_state")
+TABLE_MODELS = ["RN50", "ViT-B-16", "ViT-L-14", "ViT-H-14", "ViT-bigG-14"]
+TABLE_PROCESSES = [2, 8, 64]
 
 
 def tensor_bytes(tensors) -> int:
@@ -69,6 +72,30 @@ def measure(model_name: str) -> dict:
             **dict(zip(PARTS, largest.tolist()))}
 
 
+def parameter_count(model_name: str) -> int:
+    """Parameters of an open_clip model, built on the meta device (no memory, any size)."""
+    import open_clip
+    import torch
+
+    with torch.device("meta"):
+        model = open_clip.create_model(model_name, device="meta")
+    return sum(p.numel() for p in model.parameters())
+
+
+def table(models: list[str], processes: list[int]) -> str:
+    """Markdown: GiB per process of fp32 parameters (4 B each), gradients (4 B) and AdamW's two moments (8 B),
+    under DDP (all of them on every process) and FSDP on N processes (a 1/N share; FSDP pads each tensor
+    to a multiple of N, negligible here). Activations and the one unit FSDP gathers at a time come on top."""
+    header = "| model | parameters | DDP: params + grads + AdamW | " + " | ".join(f"FSDP on {n}" for n in processes) + " |"
+    lines = [header, "|" + " --- |" * (3 + len(processes))]
+    for name in models:
+        count = parameter_count(name)
+        per = [count * 4, count * 4, count * 8]
+        cell = lambda share: f"{sum(per) / share / 2**30:.2f} GiB ({' + '.join(f'{b / share / 2**30:.2f}' for b in per)})"
+        lines.append(f"| {name} | {count / 1e6:,.1f}M | {cell(1)} | " + " | ".join(cell(n) for n in processes) + " |")
+    return "\n".join(lines)
+
+
 def launch(kind: str, model_name: str) -> dict:
     import shutil
     import socket
@@ -91,8 +118,13 @@ def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="ViT-S-32")
     parser.add_argument("--json", help="write the figures here too")
+    parser.add_argument("--table", action="store_true", help="print docs/fsdp.md's table computed from parameter "
+                        "counts (RN50 ... ViT-bigG-14 on 2, 8, 64 processes) instead of measuring")
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.table:
+        print(table(TABLE_MODELS, TABLE_PROCESSES))
+        return
     if args.worker:
         figures = measure(args.model)
         if int(os.environ.get("RANK", "0")) == 0:

@@ -249,3 +249,26 @@ def test_a_sharded_step_checkpoint_loads_whole_for_export_and_evaluation(fsdp_re
     assert max_difference(model.state_dict(), exported) == 0 and model.logit_scale.shape == ()
     with pytest.raises(AccClipError, match="weights of another architecture"):
         load_weights(open_clip.create_model(TINY_RN), str(checkpoints / "step_00000004"), "--checkpoint")
+
+
+def test_two_machines_on_localhost_train_as_one_machine_with_two_processes(small_csv, tmp_path, fsdp_reference):
+    """launch/cpu_2proc_fsdp.yaml as two machines of one process each (--num_machines 2, --machine_rank 0
+    and 1, the main machine at 127.0.0.1), as launch/multi_node.yaml starts real ones: the first 4 steps
+    equal the one-machine run's."""
+    port = str(free_port())
+    machine = ["--num_machines", "2", "--num_processes", "2", "--main_process_ip", "127.0.0.1",
+               "--main_process_port", port]
+    args = [*fsdp_args(small_csv, tmp_path, "M"), "--max-steps", "4"]
+    env = {"OMP_NUM_THREADS": "1"}
+    base = [ACCELERATE, "launch", "--config_file", str(REPO / "launch" / "cpu_2proc_fsdp.yaml"), *machine]
+    machines = [Trainer(args, tmp_path / f"machine{rank}.log", processes=2, env=env,
+                        launcher=[*base, "--machine_rank", str(rank)]) for rank in (0, 1)]
+    try:
+        assert [m.wait(timeout=300) for m in machines] == [0, 0], machines[0].tail() + machines[1].tail()
+    finally:
+        for trainer in machines:
+            trainer.stop()
+    got, want = losses_by_step(tmp_path / "M"), losses_by_step(fsdp_reference())
+    assert sorted(got) == [0, 1, 2, 3]
+    assert max(abs(got[step] - want[step]) for step in got) <= TOLERANCE
+    assert "2 process(es)" in (tmp_path / "M" / "out.log").read_text()
