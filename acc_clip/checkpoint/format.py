@@ -286,23 +286,30 @@ def load_safetensors_weights(model: torch.nn.Module, path: str, source: str) -> 
     model.load_state_dict({plain_key(k): v for k, v in load_file(path).items()})
 
 
-def load_sharded_weights(model: torch.nn.Module, folder: str, source: str) -> None:
-    """A sharded (FSDP) step checkpoint's weights into the plain `model`, read in this one process by
-    torch.distributed.checkpoint (no process group: each tensor whole, from every shard), the
-    architecture checked from the shards' metadata first. FSDP holds open_clip's 0-d parameters as
-    1-element vectors (runtime/parallel.scalars_as_vectors): they are read so and given back 0-d."""
+def read_sharded_weights(folder: str) -> dict[str, torch.Tensor]:
+    """A sharded (FSDP) step checkpoint's whole weights, plain-named, on the CPU, read in this one process by
+    torch.distributed.checkpoint (no process group: each tensor whole, from every shard). FSDP holds
+    open_clip's 0-d parameters as 1-element vectors (runtime/parallel.scalars_as_vectors): 0-d again here."""
     import torch.distributed.checkpoint as dcp
+
+    from acc_clip.runtime.parallel import SCALAR_PARAMETERS
 
     path = os.path.join(folder, SHARDED_WEIGHTS_DIR)
     metadata = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
-    saved = {key[len("model."):]: tuple(meta.size) for key, meta in metadata.items()
-             if key.startswith("model.") and hasattr(meta, "size")}
-    own = model.state_dict()
-    check_architecture(model, {key: () if shape == (1,) and key in own and own[key].ndim == 0 else shape
-                               for key, shape in saved.items()}, source)
-    state = {key: value.detach().clone().reshape(saved[key]) for key, value in own.items()}
+    state = {key[len("model."):]: torch.empty(meta.size, dtype=meta.properties.dtype)
+             for key, meta in metadata.items() if key.startswith("model.") and hasattr(meta, "size")}
     dcp.load({"model": state}, checkpoint_id=path)
-    model.load_state_dict({key: value.reshape(own[key].shape) for key, value in state.items()})
+    return {key: value.reshape(()) if key in SCALAR_PARAMETERS and value.shape == (1,) else value
+            for key, value in state.items()}
+
+
+def step_weights(folder: str) -> dict[str, torch.Tensor]:
+    """A step checkpoint's plain-named weights, sharded or not (for export, which has no model to load into)."""
+    from safetensors.torch import load_file
+
+    if is_sharded_checkpoint(folder):
+        return read_sharded_weights(folder)
+    return {plain_key(k): v for k, v in load_file(os.path.join(folder, WEIGHTS_FILE)).items()}
 
 
 def load_weights(model: torch.nn.Module, path: str, source: str) -> Optional[dict]:
@@ -312,7 +319,9 @@ def load_weights(model: torch.nn.Module, path: str, source: str) -> Optional[dic
     if os.path.isdir(path):
         read_manifest(path, source=source)  # refuses a partial or foreign folder in one line
         if is_sharded_checkpoint(path):
-            load_sharded_weights(model, path, f"{source} {path}")
+            weights = read_sharded_weights(path)
+            check_architecture(model, {k: tuple(v.shape) for k, v in weights.items()}, f"{source} {path}")
+            model.load_state_dict(weights)
             return None
         load_safetensors_weights(model, os.path.join(path, WEIGHTS_FILE), f"{source} {path}")
         return None

@@ -232,21 +232,27 @@ def assert_open_clip_optimizer_layout(*run_dirs: Path) -> None:
             assert torch.allclose(states[0]["state"][index][key], states[1]["state"][index][key], atol=TOLERANCE)
 
 
-def test_a_sharded_step_checkpoint_loads_whole_for_export_and_evaluation(fsdp_reference):
-    """format.load_weights (evaluation, export, --pretrained-like starts) reads a sharded folder in one
-    process: the same weights as the epoch_N.pt gathered at the same step, logit_scale 0-d; another
-    architecture is one line."""
+def test_a_sharded_step_checkpoint_loads_whole_for_export_and_evaluation(fsdp_reference, tmp_path):
+    """format.load_weights (evaluation) and `acc-clip export` read a sharded folder in one process: the
+    same weights as the epoch_N.pt gathered at the same step, logit_scale 0-d; another architecture is
+    one line."""
     import open_clip
 
+    from acc_clip.checkpoint.export import export_checkpoint, export_local_dir
     from acc_clip.checkpoint.format import load_weights
     from acc_clip.errors import AccClipError
     from conftest import TINY_RN
 
     checkpoints = fsdp_reference() / "checkpoints"
+    last = str(checkpoints / f"step_{FSDP_EPOCHS * FSDP_STEPS_PER_EPOCH:08d}")
     model = open_clip.create_model(TINY_VIT)
-    assert load_weights(model, str(checkpoints / f"step_{FSDP_EPOCHS * FSDP_STEPS_PER_EPOCH:08d}"), "--checkpoint") is None
+    assert load_weights(model, last, "--checkpoint") is None
     exported = torch.load(checkpoints / f"epoch_{FSDP_EPOCHS}.pt")["state_dict"]
     assert max_difference(model.state_dict(), exported) == 0 and model.logit_scale.shape == ()
+    export_checkpoint(last, str(tmp_path / "exported.pt"))
+    assert max_difference(torch.load(tmp_path / "exported.pt")["state_dict"], exported) == 0
+    export_local_dir(last, str(tmp_path / "local"))
+    assert max_difference(open_clip.create_model(f"local-dir:{tmp_path / 'local'}").state_dict(), exported) == 0
     with pytest.raises(AccClipError, match="weights of another architecture"):
         load_weights(open_clip.create_model(TINY_RN), str(checkpoints / "step_00000004"), "--checkpoint")
 
