@@ -278,3 +278,12 @@ def test_two_machines_on_localhost_train_as_one_machine_with_two_processes(small
     assert sorted(got) == [0, 1, 2, 3]
     assert max(abs(got[step] - want[step]) for step in got) <= TOLERANCE
     assert "2 process(es)" in (tmp_path / "M" / "out.log").read_text()
+
+
+def test_a_sharded_checkpoint_resumed_without_the_fsdp_launch_config_is_one_line(small_csv, tmp_path, fsdp_reference,
+                                                                                 train_in_process):
+    step4 = fsdp_reference() / "checkpoints" / "step_00000004"
+    status, errors = train_in_process(fsdp_args(small_csv, tmp_path, "plain", "--resume", str(step4)))
+    assert status == 2
+    assert errors == [f"error: --resume {step4}: a sharded (FSDP) checkpoint; resume it under an FSDP launch config "
+                      "(launch/fsdp.yaml, any number of processes)"]
