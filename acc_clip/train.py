@@ -78,6 +78,15 @@ def report_evaluation(results: dict, metrics: MetricsLogger, *, epoch: int, step
     metrics.write_result({"epoch": epoch, "step": step, **results})
 
 
+def evaluate(evaluator: Evaluator, model, completed_epochs: int, **when) -> dict:
+    """The evaluator's metrics on whole weights: under FSDP they are gathered once for the pass, so
+    each process encodes its own rows without collectives (runtime/parallel.gathered)."""
+    if not evaluator.enabled:
+        return {}
+    with parallel.gathered(model):
+        return evaluator.run(model, completed_epochs, **when)
+
+
 def describe_optimizer(config: TrainConfig) -> str:
     """The optimizer settings in force, open_clip's model-derived defaults included."""
     given = {"lr": config.lr, "betas": (config.beta1, config.beta2) if config.beta1 is not None else None,
@@ -186,7 +195,7 @@ def train(config: TrainConfig, notices: list[str] = ()) -> int:
                            "and number of processes it was saved with")
     evaluator = Evaluator(config, bundle.preprocess_val, bundle.tokenizer, accelerator, objective)
     if evaluator.enabled and progress.global_step == 0:
-        report_evaluation(evaluator.run(model, 0, force=True), metrics, epoch=0, step=0, when="before training")
+        report_evaluation(evaluate(evaluator, model, 0, force=True), metrics, epoch=0, step=0, when="before training")
     stop = StopSignal.install()
     sample_log = SampleLog.from_env(run_dir, rank)  # debug record for resume tests; off by default
     samples_read = samples_bad = samples_trimmed = 0
@@ -219,7 +228,7 @@ def train(config: TrainConfig, notices: list[str] = ()) -> int:
             progress.advance(step_in_epoch + 1, global_batch)
             end = time.perf_counter()
             metrics.record(StepRecord(progress.global_step - 1, epoch, step_in_epoch + 1, losses,
-                                      parallel.unwrap(model).logit_scale.detach().clone(), lr, data_time,
+                                      parallel.logit_scale(model), lr, data_time,
                                       end - start, progress.samples_seen))
             start = end
             if sample_log is not None:
@@ -239,7 +248,7 @@ def train(config: TrainConfig, notices: list[str] = ()) -> int:
                      "process to keep the processes' batches equal", epoch, progress.global_step, samples_bad,
                      samples_trimmed)
             saver.end_of_epoch(model, optimizer, progress)
-            report_evaluation(evaluator.run(model, epoch + 1, last=epoch + 1 == config.epochs), metrics,
+            report_evaluation(evaluate(evaluator, model, epoch + 1, last=epoch + 1 == config.epochs), metrics,
                               epoch=epoch + 1, step=progress.global_step, when=f"after epoch {epoch}")
         if progress.global_step >= max_steps:
             break

@@ -31,12 +31,20 @@ def two_processes() -> list[str]:
             str(free_port())]
 
 
+def launch_with(config: str, *options: str) -> list[str]:
+    """`accelerate launch` with launch/CONFIG and extra launcher options (e.g. --num_processes 1)."""
+    return [ACCELERATE, "launch", "--config_file", str(REPO / "launch" / config), "--main_process_port",
+            str(free_port()), *options]
+
+
 class Trainer:
     """`python -m acc_clip.train ARGS` in the background, or several processes under accelerate launch."""
 
-    def __init__(self, args: list[str], log_file: Path, *, processes: int = 1, env: Optional[dict[str, str]] = None):
-        launcher = [sys.executable] if processes == 1 else two_processes()
+    def __init__(self, args: list[str], log_file: Path, *, processes: int = 1, env: Optional[dict[str, str]] = None,
+                 launcher: Optional[list[str]] = None):
+        """`launcher`: another start than python or cpu_2proc.yaml's (e.g. `launch_with("cpu_2proc_fsdp.yaml")`)."""
         assert processes in (1, 2), processes
+        launcher = launcher or ([sys.executable] if processes == 1 else two_processes())
         self.log_file = log_file
         with open(log_file, "w") as out:
             self.process = subprocess.Popen(launcher + ["-m", "acc_clip.train", *args], stdout=out,

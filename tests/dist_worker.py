@@ -129,10 +129,11 @@ class AllReduceCounter:
 
 
 def run_steps(config: TrainConfig, accelerator, steps: int, *, optimizer_name: str = "adamw",
-              counter: Optional[AllReduceCounter] = None, drop_on_rank: Optional[int] = None):
+              counter: Optional[AllReduceCounter] = None, drop_on_rank: Optional[int] = None, after_prepare=None):
     """`steps` optimizer steps of `config` from the seeded initial weights, on the first micro-batches
     of epoch 0; returns (losses, weights, samples cut by agree_batch_sizes). `drop_on_rank` makes that
-    rank lose its last sample of every micro-batch, as if it were corrupt."""
+    rank lose its last sample of every micro-batch, as if it were corrupt. `after_prepare`: an object whose
+    install(model) is called on the wrapped model and end_step() after each step (a communication counter)."""
     rank, world_size = accelerator.process_index, accelerator.num_processes
     bundle = create_model(config)
     # The trainer's own image path: uint8 crops from the loader, normalised on the device.
@@ -150,6 +151,8 @@ def run_steps(config: TrainConfig, accelerator, steps: int, *, optimizer_name: s
     model, optimizer = parallel.prepare(accelerator, model, optimizer, sync_batch_norm=False, compile_model=False)
     if counter is not None:
         model.register_comm_hook(None, counter.hook)
+    if after_prepare is not None:
+        after_prepare.install(model)
     objective = create_objective(config, rank, world_size, accelerator.device)
     host_group = host_process_group(accelerator)
     batches = iter(data.batches(0))
@@ -164,8 +167,9 @@ def run_steps(config: TrainConfig, accelerator, steps: int, *, optimizer_name: s
         trimmed += cut
         device_batches = [to_device(b, image_transform, accelerator.device, channels_last) for b in micro_batches]
         losses.append(float(train_step(model, device_batches, objective, accelerator, optimizer)["loss"]))
-        if counter is not None:
-            counter.end_step()
+        for watcher in (counter, after_prepare):
+            if watcher is not None:
+                watcher.end_step()
     weights = {k: v.detach().clone() for k, v in parallel.full_state_dict(model).items()}
     accelerator.free_memory()
     return losses, weights, trimmed

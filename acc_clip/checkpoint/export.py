@@ -12,18 +12,16 @@ import os
 from typing import Optional
 
 from acc_clip.errors import AccClipError
-from acc_clip.checkpoint.format import (OPTIMIZER_FILE, SCALER_FILE, WEIGHTS_FILE, Progress, atomic_torch_save,
-                                        load_if_present, open_clip_checkpoint, plain_key, read_manifest)
+from acc_clip.checkpoint.format import (OPTIMIZER_FILE, SCALER_FILE, Progress, atomic_torch_save, load_if_present,
+                                        open_clip_checkpoint, read_manifest, step_weights)
 
 
 def export_checkpoint(checkpoint: str, out: str) -> str:
     """Write an open_clip epoch_N.pt from a step checkpoint folder; returns a line saying what was
     written. Its `epoch` is the number of epochs completed, as open_clip counts: a checkpoint in
     the middle of epoch e exports as epoch e, and open_clip_train would resume it at e's start."""
-    from safetensors.torch import load_file
-
     manifest = read_manifest(checkpoint, source="export")
-    weights = {plain_key(k): v for k, v in load_file(os.path.join(checkpoint, WEIGHTS_FILE)).items()}
+    weights = step_weights(checkpoint)  # a sharded (FSDP) checkpoint's without its optimizer state (docs/fsdp.md)
     optimizer_state, scaler_state = (load_if_present(os.path.join(checkpoint, name))
                                      for name in (OPTIMIZER_FILE, SCALER_FILE))
     progress = Progress(**manifest["progress"])
@@ -105,10 +103,8 @@ def write_local_dir(model_name: str, state_dict: dict, out: str, model_options: 
 
 
 def export_local_dir(checkpoint: str, out: str) -> str:
-    from safetensors.torch import load_file
-
     manifest = read_manifest(checkpoint, source="export")
-    weights = {plain_key(k): v for k, v in load_file(os.path.join(checkpoint, WEIGHTS_FILE)).items()}
+    weights = step_weights(checkpoint)
     name = write_local_dir(manifest["model"], weights, out, manifest.get("model_options"))
     return f"wrote {out}: model {manifest['model']}, global step {manifest['progress']['global_step']}; load it as {name}"
 

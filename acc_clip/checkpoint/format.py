@@ -1,7 +1,8 @@
 """The step checkpoint's on-disk format, and the one weights loader.
 
 A step checkpoint `<run>/checkpoints/step_NNNNNNNN/` holds Accelerate's state (model.safetensors,
-optimizer.bin, scaler.pt under fp16, random_states_<rank>.pkl for every process) and
+optimizer.bin, scaler.pt under fp16, random_states_<rank>.pkl for every process; under FSDP the sharded
+pytorch_model_fsdp_0/ and optimizer_0/ of torch.distributed.checkpoint instead of the first two) and
 `complete.json`, the manifest: training progress (epoch, step within the epoch, global step,
 samples seen), the data position and the settings it depends on, and every file with its size and
 SHA-256. A folder without a manifest is never read as a checkpoint (see manager.py for how saves
@@ -40,6 +41,7 @@ OLD_PREFIX = TMP_PREFIX + "old-"  # a committed checkpoint moved aside while a s
 WEIGHTS_FILE = "model.safetensors"  # Accelerate's name for the first model's weights
 OPTIMIZER_FILE = "optimizer.bin"
 SCALER_FILE = "scaler.pt"
+SHARDED_WEIGHTS_DIR = "pytorch_model_fsdp_0"  # Accelerate's folder for FSDP's sharded weights (FSDP_MODEL_NAME)
 
 
 @dataclass
@@ -116,8 +118,9 @@ def file_sha256(path: str) -> str:
 
 
 def folder_hashes(folder: str) -> dict[str, str]:
-    """{file name: SHA-256} of every file in a save folder, for its manifest."""
-    return {name: file_sha256(os.path.join(folder, name)) for name in sorted(os.listdir(folder))}
+    """{relative path: SHA-256} of every file under a save folder (a sharded one's shards lie in
+    sub-folders), for its manifest."""
+    return {name: file_sha256(os.path.join(folder, name)) for name in checkpoint_files(folder)}
 
 
 def check_hashes(path: str, hashes: dict, source: str) -> None:
@@ -165,11 +168,32 @@ def fsync_entry(path: str) -> None:
 
 
 def fsync_folder(path: str) -> None:
-    """Data first, then the folder entry, so a power loss cannot leave a renamed but empty save."""
+    """Data first, then the folder entry, so a power loss cannot leave a renamed but empty save.
+    Sub-folders (a sharded checkpoint's) in turn."""
     for name in os.listdir(path):
+        if os.path.isdir(os.path.join(path, name)):
+            fsync_folder(os.path.join(path, name))
+            continue
         with open(os.path.join(path, name), "rb") as file:
             os.fsync(file.fileno())
     fsync_entry(path)
+
+
+def checkpoint_files(folder: str) -> dict[str, int]:
+    """Every file under `folder` by its relative path ('/'-separated), with its size: the manifest's
+    `files`. A sharded checkpoint's shards lie in sub-folders (pytorch_model_fsdp_0/__0_0.distcp, ...)."""
+    files = {}
+    for root, _, names in os.walk(folder):
+        for name in names:
+            path = os.path.join(root, name)
+            files[os.path.relpath(path, folder).replace(os.sep, "/")] = os.path.getsize(path)
+    return dict(sorted(files.items()))
+
+
+def is_sharded_checkpoint(folder: str) -> bool:
+    """Whether a step checkpoint holds FSDP shards (Accelerate's torch.distributed.checkpoint folder)
+    instead of model.safetensors."""
+    return os.path.isdir(os.path.join(folder, SHARDED_WEIGHTS_DIR))
 
 
 # model weights -----------------------------------------------------------------------------------
@@ -255,7 +279,7 @@ def remove_path(path: str) -> None:
 
 
 def folder_bytes(path: str) -> int:
-    return sum(os.path.getsize(os.path.join(path, name)) for name in os.listdir(path))
+    return sum(checkpoint_files(path).values())
 
 
 
@@ -355,12 +379,43 @@ def load_safetensors_weights(model: torch.nn.Module, path: str, source: str) -> 
     model.load_state_dict({plain_key(k): v for k, v in load_file(path).items()})
 
 
+def read_sharded_weights(folder: str) -> dict[str, torch.Tensor]:
+    """A sharded (FSDP) step checkpoint's whole weights, plain-named, on the CPU, read in this one process by
+    torch.distributed.checkpoint (no process group: each tensor whole, from every shard). FSDP holds
+    open_clip's 0-d parameters as 1-element vectors (runtime/parallel.scalars_as_vectors): 0-d again here."""
+    import torch.distributed.checkpoint as dcp
+
+    from acc_clip.runtime.parallel import SCALAR_PARAMETERS
+
+    path = os.path.join(folder, SHARDED_WEIGHTS_DIR)
+    metadata = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    state = {key[len("model."):]: torch.empty(meta.size, dtype=meta.properties.dtype)
+             for key, meta in metadata.items() if key.startswith("model.") and hasattr(meta, "size")}
+    dcp.load({"model": state}, checkpoint_id=path)
+    return {key: value.reshape(()) if key in SCALAR_PARAMETERS and value.shape == (1,) else value
+            for key, value in state.items()}
+
+
+def step_weights(folder: str) -> dict[str, torch.Tensor]:
+    """A step checkpoint's plain-named weights, sharded or not (for export, which has no model to load into)."""
+    from safetensors.torch import load_file
+
+    if is_sharded_checkpoint(folder):
+        return read_sharded_weights(folder)
+    return {plain_key(k): v for k, v in load_file(os.path.join(folder, WEIGHTS_FILE)).items()}
+
+
 def load_weights(model: torch.nn.Module, path: str, source: str) -> Optional[dict]:
     """Load a step checkpoint folder (its model.safetensors), a .safetensors file, an open_clip
     `epoch_N.pt` or a bare state dict into the plain `model`. Returns what a file held besides the weights (optimizer, scaler,
     epoch), None for a folder. Every failure is one line naming `source` and `path`."""
     if os.path.isdir(path):
         read_manifest(path, source=source)  # refuses a partial or foreign folder in one line
+        if is_sharded_checkpoint(path):
+            weights = read_sharded_weights(path)
+            check_architecture(model, {k: tuple(v.shape) for k, v in weights.items()}, f"{source} {path}")
+            model.load_state_dict(weights)
+            return None
         load_safetensors_weights(model, os.path.join(path, WEIGHTS_FILE), f"{source} {path}")
         return None
     if not os.path.isfile(path):

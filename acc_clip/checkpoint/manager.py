@@ -27,11 +27,12 @@ from acc_clip.checkpoint.format import (FORMAT_VERSION, MANIFEST, TMP_PREFIX, WE
                                         atomic_torch_save, commit_folder, complete_checkpoints, folder_bytes,
                                         folder_hashes, fsync_folder, load_safetensors_weights, load_weights,
                                         newest_intact_checkpoint, open_clip_checkpoint, plain_key, read_manifest,
-                                        remove_path, restore_moved_aside, save_failure, state_bytes, step_name,
-                                        weights_are_finite)
+                                        remove_path, restore_moved_aside, save_failure, state_bytes, step_name)
+from acc_clip.checkpoint.format import checkpoint_files, is_sharded_checkpoint  # FSDP's sharded checkpoints
 from acc_clip.checkpoint.export import MODEL_OPTIONS
 from acc_clip.config import TrainConfig
 from acc_clip.errors import AccClipError, attempt, describe_error
+from acc_clip.runtime import parallel
 from acc_clip.runtime.parallel import full_state_dict, unwrap
 from acc_clip.runtime.run_dir import CHECKPOINTS_DIR, METRICS_FILE, SAMPLES_FILE, run_id
 
@@ -183,14 +184,32 @@ class CheckpointManager:
     def _load_weights(self, models: list, input_dir: str) -> None:
         """Accelerate's load pre-hook: load the plain-named weights into the unwrapped model, checking
         the architecture first; Accelerate then restores optimizer, scaler and RNG states."""
+        if self._sharded_weights(models, input_dir):
+            return
         for index, wrapped in enumerate(models):
             name = WEIGHTS_FILE if index == 0 else WEIGHTS_FILE.replace(".", f"_{index}.")
             load_safetensors_weights(unwrap(wrapped), os.path.join(input_dir, name), f"--resume {input_dir}")
         models.clear()  # loaded: Accelerate must not load them again
 
+    def _sharded_weights(self, models: list, input_dir: str) -> bool:
+        """Under FSDP, Accelerate reads the sharded weights (torch.distributed.checkpoint, resharded to
+        this run's processes) and optimizer state itself; a checkpoint and a run that differ in being
+        sharded are refused in one line. Returns whether Accelerate loads the weights."""
+        sharded_run, sharded_save = parallel.is_fsdp(self.accelerator), is_sharded_checkpoint(input_dir)
+        if sharded_save and not sharded_run:
+            raise AccClipError(f"--resume {input_dir}: a sharded (FSDP) checkpoint; resume it under an FSDP launch "
+                               "config (launch/fsdp.yaml, any number of processes)")
+        if sharded_run and not sharded_save:
+            raise AccClipError(f"--resume {input_dir}: a DDP or one-process checkpoint; resume it without the FSDP "
+                               "launch config")
+        return sharded_run
+
     def _start_from_open_clip(self, path: str, model, optimizer) -> Progress:
         """An open_clip epoch_N.pt (or a bare state dict): weights, plus optimizer and scaler when
         present; training goes on with epoch N, the learning rate where open_clip's would be."""
+        if parallel.is_fsdp(self.accelerator):
+            raise AccClipError(f"--resume {path}: an open_clip checkpoint cannot be resumed under the FSDP launch "
+                               "config yet; resume a step checkpoint folder, or start from it without FSDP")
         saved = load_weights(unwrap(model), path, "--resume")
         try:
             if "optimizer" in saved:
@@ -253,8 +272,8 @@ class CheckpointManager:
         return next((each for each in gather_object([described]) if each is not None), None)
 
     def _refuse_non_finite(self, model, progress: Progress) -> None:
-        # Every process holds the same weights, so all of them stop here together.
-        if not weights_are_finite(unwrap(model)):
+        # The processes vote (under FSDP each holds another shard), so all of them stop here together.
+        if not parallel.weights_are_finite(model, self.accelerator):
             raise AccClipError(f"the weights are not finite after step {progress.global_step} (epoch "
                                f"{progress.epoch}): not saving them; the last checkpoint saved before is kept "
                                "(resume with --resume latest, perhaps with a lower --lr or --grad-clip-norm)")
@@ -278,7 +297,7 @@ class CheckpointManager:
             # the position in the epoch's rebuilt order: micro-batches each process has consumed
             "data": {"epoch": progress.epoch, "next_micro_batch": progress.step_in_epoch * self.config.accum_freq,
                      **self._data_settings()},
-            "files": {name: os.path.getsize(os.path.join(folder, name)) for name in sorted(os.listdir(folder))},
+            "files": checkpoint_files(folder),
             "sha256": folder_hashes(folder),
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
         }
@@ -299,9 +318,12 @@ class CheckpointManager:
         if not (due or config.save_most_recent):
             return
         self._refuse_non_finite(model, progress)
-        if self.accelerator.is_main_process:
+        main = self.accelerator.is_main_process
+        # Collectives under FSDP: every process gathers, the main process alone keeps the whole copy.
+        weights, optimizer_state = full_state_dict(model), parallel.full_optimizer_state_dict(model, optimizer, main)
+        if main:
             scaler = self.accelerator.scaler
-            exported = open_clip_checkpoint(full_state_dict(model), optimizer.state_dict(),
+            exported = open_clip_checkpoint(weights, optimizer_state,
                                             scaler.state_dict() if scaler is not None else None, completed,
                                             config.name)
             if due:

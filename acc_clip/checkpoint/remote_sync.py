@@ -30,7 +30,7 @@ import os
 import threading
 from typing import Optional
 
-from acc_clip.checkpoint.format import MANIFEST, STEP_PREFIX, TMP_PREFIX, complete_checkpoints
+from acc_clip.checkpoint.format import MANIFEST, STEP_PREFIX, TMP_PREFIX, checkpoint_files, complete_checkpoints
 from acc_clip.errors import AccClipError
 from acc_clip.runtime.run_dir import CHECKPOINTS_DIR, METRICS_FILE, RUN_ID_FILE, adopt_run_id, run_id
 
@@ -183,7 +183,7 @@ class RemoteSync:
 
     def _copy_checkpoint(self, folder: str) -> int:
         try:
-            names = sorted(os.listdir(folder))
+            names = list(checkpoint_files(folder))  # relative paths: a sharded checkpoint has sub-folders
             for name in [n for n in names if n != MANIFEST] + [MANIFEST]:
                 self._put(os.path.join(folder, name))
         except FileNotFoundError:  # pruned locally while being copied; its remote copy has no manifest
@@ -229,9 +229,12 @@ class RemoteSync:
         partial, final = os.path.join(local_dir, TMP_PREFIX + name), os.path.join(local_dir, name)
         os.makedirs(partial, exist_ok=True)
         remote_folder = f"{self.remote_dir}/checkpoints/{name}"
-        files = sorted(path.rstrip("/").split("/")[-1] for path in self.fs.ls(remote_folder, detail=False))
+        prefix = remote_folder + "/"  # fsspec lists paths as remote_dir holds them: without the protocol
+        files = sorted(path[len(prefix):] for path in self.fs.find(remote_folder) if path.startswith(prefix))
         for file_name in [n for n in files if n != MANIFEST] + [MANIFEST]:
-            self.fs.get_file(f"{remote_folder}/{file_name}", os.path.join(partial, file_name))
+            local = os.path.join(partial, *file_name.split("/"))
+            os.makedirs(os.path.dirname(local), exist_ok=True)
+            self.fs.get_file(f"{remote_folder}/{file_name}", local)
         os.replace(partial, final)
         metrics = os.path.join(self.run_dir, METRICS_FILE)
         if not os.path.exists(metrics) and self.fs.exists(f"{self.remote_dir}/{METRICS_FILE}"):

@@ -179,9 +179,10 @@ def make_accelerator(plan: DevicePlan, *, find_unused_parameters: bool = False, 
     Accelerate agrees with the plan."""
     from accelerate import Accelerator
 
-    from acc_clip.runtime.parallel import kwargs_handlers
+    from acc_clip.runtime.parallel import enable_fsdp_on_cpu, fsdp_plugin, kwargs_handlers
 
     hide_gpus_from_cpu_processes(plan)
+    plugin = fsdp_plugin()  # the launch config's fsdp section, None without one
     if plan.kind == "cuda":
         # open_clip_train's settings: TF32 matmuls and cuDNN autotuning.
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -190,13 +191,14 @@ def make_accelerator(plan: DevicePlan, *, find_unused_parameters: bool = False, 
     backend = plan.backend if plan.backend != BACKEND[plan.kind] else None  # --dist-backend, where it differs
     handlers = kwargs_handlers(find_unused_parameters=find_unused_parameters, static_graph=static_graph, backend=backend)
     accelerator = Accelerator(cpu=plan.kind == "cpu", mixed_precision=plan.mixed_precision,
-                              kwargs_handlers=handlers, **accelerator_kwargs)
+                              kwargs_handlers=handlers, fsdp_plugin=plugin, **accelerator_kwargs)
+    enable_fsdp_on_cpu(accelerator, plugin)
     where = plan.visible_devices_variable or "the launch configuration"
     if accelerator.device.type != plan.kind:
         raise AccClipError(f"planned device {plan.kind} but Accelerate chose {accelerator.device}; check {where}")
     if accelerator.num_processes > 1:
         chosen = (accelerator.state.backend, accelerator.distributed_type.value)
-        if chosen != (plan.backend, plan.distributed_type):
+        if chosen != (plan.backend, "FSDP" if plugin is not None else plan.distributed_type):
             raise AccClipError(f"planned backend {plan.backend} ({plan.distributed_type}) but Accelerate started "
                                f"{chosen[0]} ({chosen[1]}); check {where}")
     return accelerator

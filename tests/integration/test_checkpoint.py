@@ -275,6 +275,22 @@ def test_an_interrupted_remote_copy_is_not_fetched(tmp_path):
     assert sync.fetch_newest_checkpoint() is None  # the local one is as new as any remote one
 
 
+def test_a_sharded_checkpoint_goes_to_the_remote_and_back_with_its_sub_folders(tmp_path):
+    run, sync = local_run_with_sync(tmp_path)
+    folder = fake_checkpoint(run / "checkpoints" / "step_00000004", run_id=sync.run_id)
+    (folder / "pytorch_model_fsdp_0").mkdir()
+    (folder / "pytorch_model_fsdp_0" / "__0_0.distcp").write_bytes(b"shard 0")
+    sync.sync_once()
+    remote = tmp_path / "remote" / "run" / "checkpoints" / "step_00000004"
+    assert (remote / "pytorch_model_fsdp_0" / "__0_0.distcp").read_bytes() == b"shard 0"
+
+    elsewhere, fetcher = local_run_with_sync(tmp_path, "machine_b")
+    fetcher.claim(may_adopt=True)
+    fetched = Path(fetcher.fetch_newest_checkpoint())
+    assert (fetched / "pytorch_model_fsdp_0" / "__0_0.distcp").read_bytes() == b"shard 0"
+    assert (fetched / MANIFEST).is_file()
+
+
 def test_one_run_never_overwrites_prunes_or_fetches_another_runs_remote_files(tmp_path, caplog):
     first, sync = local_run_with_sync(tmp_path, "machine_a", prune=True)
     sync.claim(may_adopt=False)

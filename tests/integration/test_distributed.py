@@ -42,7 +42,8 @@ VENDOR_COMMAND = (  # run_demo.py's default command line
     "--save-frequency 1 --zeroshot-frequency 2 --val-frequency 1 --precision amp --model RN50 --pretrained '' "
     "--lock-image-unlocked-groups 0 --accum-freq 1 --seed 0 --lock-text-unlocked-layers 0 --log-every-n-steps 100")
 LAUNCH_CONFIGS = {"single_card": ("NO", 1), "multi_gpu": ("MULTI_GPU", 8), "multi_node": ("MULTI_GPU", 16),
-                  "sdaa_single": ("NO", 1), "sdaa_multi": ("MULTI_SDAA", 4), "cpu_2proc": ("MULTI_GPU", 2)}
+                  "sdaa_single": ("NO", 1), "sdaa_multi": ("MULTI_SDAA", 4), "cpu_2proc": ("MULTI_GPU", 2),
+                  "fsdp": ("FSDP", 8), "cpu_2proc_fsdp": ("FSDP", 2)}
 
 
 @pytest.fixture(autouse=True)
