@@ -19,5 +19,6 @@ demo: install
 
 # Two pytest workers, a test file each at a time (module fixtures are built once): many tests wait on
 # trainer processes, so two workers use both cores of a small machine (545 s -> 425 s on 2 cores).
+# --durations: the slowest tests in every log, to keep the suite within its ~15 minutes.
 test: install
-	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q -n 2 --dist loadfile tests
+	HF_HUB_OFFLINE=1 $(VENV)/bin/python -m pytest -q -n 2 --dist loadfile --durations=15 tests

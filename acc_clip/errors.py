@@ -19,6 +19,11 @@ def describe_error(error: BaseException) -> str:
     return f"{type(error).__name__}: {text.splitlines()[0]}" if text else type(error).__name__
 
 
+def one_line(error: BaseException) -> str:
+    """An AccClipError's own message (already one line for the user); 'Type: first line' for any other."""
+    return str(error) if isinstance(error, AccClipError) else describe_error(error)
+
+
 def attempt(function, *args):
     """Run function(*args); the exception it raised, or None. For collective steps where every process
     must learn of one process's failure before any of them stops (see checkpoint/manager.py)."""

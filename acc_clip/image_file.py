@@ -20,16 +20,22 @@ class ImageFileError(OSError):
 
 
 def read_image_file(path: str, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
-    """The bytes of an image file, read only when it is a regular file of at most `max_bytes`. Opened
-    non-blocking and checked on the open descriptor, so a FIFO neither blocks nor slips in after a check."""
+    """The bytes of an image file, read only when it is a regular file of at most `max_bytes`. Checked
+    before opening (a device is never opened), then on the open descriptor (opened non-blocking, so a
+    FIFO swapped in meanwhile neither blocks nor slips through)."""
+    if not stat.S_ISREG(os.stat(path).st_mode):
+        raise ImageFileError(f"{path}: not a regular file")
     descriptor = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-    with os.fdopen(descriptor, "rb") as file:
+    try:
         status = os.fstat(descriptor)
         if not stat.S_ISREG(status.st_mode):
             raise ImageFileError(f"{path}: not a regular file")
         if status.st_size > max_bytes:
             raise ImageFileError(f"{path}: {status.st_size} bytes, above the limit of {max_bytes} (--max-image-bytes)")
-        data = file.read(max_bytes + 1)
+        with os.fdopen(descriptor, "rb", closefd=False) as file:
+            data = file.read(max_bytes + 1)
+    finally:
+        os.close(descriptor)
     if len(data) > max_bytes:  # grew since the check
         raise ImageFileError(f"{path}: more than {max_bytes} bytes (--max-image-bytes)")
     return data

@@ -28,6 +28,9 @@ from typing import NamedTuple
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from PIL import Image  # noqa: E402
+
+from acc_clip.runtime.signals import PREEMPTED_EXIT_CODE  # noqa: E402
 MODEL = f"local-dir:{REPO / 'configs' / 'models' / 'tiny-rn'}"
 ENV = {**os.environ, "ACC_CLIP_DEBUG_SAMPLES": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
        "PYTHONUNBUFFERED": "1"}
@@ -88,7 +91,8 @@ def interrupted_then_resumed(work: Path, data: Path, reference: Path, name: str,
     process.wait(timeout=300)
     resumed = run(train_args(data, logs, "run", "--resume", "latest"))
     seen = f"stopped (exit {process.returncode}); resumed: " + ("ok" if resumed.returncode == 0 else error_line(resumed))
-    return Outcome(seen, data_lost(logs / "run", reference), resumed.returncode == 0)
+    stopped_mid_run = process.returncode in (-signal.SIGKILL, PREEMPTED_EXIT_CODE) and "resumed from" in resumed.stdout
+    return Outcome(seen, data_lost(logs / "run", reference), stopped_mid_run and resumed.returncode == 0)
 
 
 # the faults: each returns an Outcome (None: not tried here) --------------------------------------
@@ -108,7 +112,7 @@ def kill_9_inside_a_save(work, data, reference):
     partial = any(p.name.startswith(".tmp-") for p in (logs / "run" / "checkpoints").iterdir())
     return Outcome(f"killed (exit {killed.returncode}); resumed: {'ok' if resumed.returncode == 0 else error_line(resumed)}"
                    f"; partial save left: {partial}", data_lost(logs / "run", reference),
-                   resumed.returncode == 0 and not partial)
+                   killed.returncode == -signal.SIGKILL and resumed.returncode == 0 and not partial)
 
 
 def bit_flip_in_newest_checkpoint(work, data, reference):
@@ -192,10 +196,23 @@ def bad_images(work, data, reference):
     result = run(train_args(bad, work / "bad_images", "run", "--epochs", "1", "--max-bad-fraction", "0.2"))
     said = [line for line in result.stdout.splitlines() if "samples skipped so far" in line]
     counted = said[-1].split(": ", 1)[-1] if said else error_line(result)
+    # PIL itself would take the EPS for an image (and hand it to Ghostscript where installed)
+    eps_refused = Image.open(str(eps)).format == "EPS" and not _decodes(eps.read_bytes())
     # the 4 bad rows are lost by nature: counted, never replaced by other samples
     seen_twice = sum(n - 1 for n in Counter(i for r in records(work / "bad_images" / "run", "samples.jsonl")
                                             for i in r["indices"]).values() if n > 1)
-    return Outcome(counted[:120], seen_twice, result.returncode == 0 and "4 samples skipped" in counted)
+    return Outcome(counted[:120] + ("; the EPS refused by format" if eps_refused else "; the EPS NOT refused by format"),
+                   seen_twice, result.returncode == 0 and "4 samples skipped" in counted and eps_refused)
+
+
+def _decodes(data: bytes) -> bool:
+    from acc_clip.data.pixels import ImageDecodeError, pil_image
+
+    try:
+        pil_image(data, decode=False)
+    except ImageDecodeError:
+        return False
+    return True
 
 
 def cut_shard(work, data, reference):

@@ -37,6 +37,7 @@ FORMAT_VERSION = 1
 MANIFEST = "complete.json"
 STEP_PREFIX = "step_"
 TMP_PREFIX = ".tmp-"
+DAMAGED_PREFIX = "damaged-"  # a checkpoint that failed its check, moved out of the step_ names (newest_intact_checkpoint)
 OLD_PREFIX = TMP_PREFIX + "old-"  # a committed checkpoint moved aside while a save of its step replaces it
 WEIGHTS_FILE = "model.safetensors"  # Accelerate's name for the first model's weights
 OPTIMIZER_FILE = "optimizer.bin"
@@ -91,11 +92,15 @@ def read_manifest(path: str, source: str = "--resume") -> dict:
         hint = f"; it holds checkpoints, e.g. {inside[-1]}" if inside else ""
         raise AccClipError(f"{source} {path}: not an acc_clip checkpoint (no {MANIFEST}){hint}")
     try:
-        with open(manifest_path) as file:
+        with open(manifest_path, encoding="utf-8") as file:
             manifest = json.load(file)
         files, progress = manifest["files"], manifest["progress"]
-    except (json.JSONDecodeError, KeyError, TypeError):
+        if not (isinstance(files, dict) and files and isinstance(progress, dict)):
+            raise TypeError
+    except (ValueError, KeyError, TypeError):  # ValueError: not JSON, not UTF-8
         raise AccClipError(f"{source} {path}: {MANIFEST} is damaged") from None
+    except OSError as error:
+        raise AccClipError(f"{source} {path}: cannot read {MANIFEST} ({error.strerror or error})") from None
     for name, size in files.items():
         file_path = os.path.join(path, name)
         if not os.path.isfile(file_path):
@@ -131,26 +136,36 @@ def check_hashes(path: str, hashes: dict, source: str) -> None:
     for name, expected in sorted(hashes.items()):
         if not os.path.isfile(os.path.join(path, name)):
             raise AccClipError(f"{source} {path}: damaged checkpoint, {name} is missing")
-        if file_sha256(os.path.join(path, name)) != expected:
+        try:
+            actual = file_sha256(os.path.join(path, name))
+        except OSError as error:
+            raise AccClipError(f"{source} {path}: cannot read {name} ({error.strerror or error})") from None
+        if actual != expected:
             raise AccClipError(f"{source} {path}: damaged checkpoint, {name} differs from what was saved "
                                f"(SHA-256 mismatch)")
 
 
 def newest_intact_checkpoint(directory: str) -> tuple[Optional[str], Optional[dict]]:
     """(path, manifest) of the newest complete checkpoint in `directory` whose files pass their
-    manifest, each one that fails named in a warning; (None, None) when there is none at all. When
-    there are checkpoints but none passes, one line naming the newest."""
-    found = complete_checkpoints(directory)
+    manifest; (None, None) when there is none at all. Each newer one that fails is named in a warning
+    and renamed `damaged-step_N`: kept for inspection, but out of the way of --keep-checkpoints, which
+    would otherwise count it among the newest and prune the good ones. When there are checkpoints but
+    none passes, one line naming the newest (and nothing renamed)."""
+    found, failed = complete_checkpoints(directory), []
     for path in reversed(found):
         try:
             manifest = read_manifest(path, source="--resume latest:")
         except AccClipError as error:
             log.warning("%s; trying the checkpoint before it", error)
+            failed.append(path)
             continue
-        if path != found[-1]:
-            log.warning("--resume latest: resuming from %s, the newest checkpoint that passes its check "
-                        "(%d newer one(s) failed, named above; they are left in place)", path,
-                        len(found) - found.index(path) - 1)
+        for damaged in failed:
+            aside = os.path.join(directory, DAMAGED_PREFIX + os.path.basename(damaged))
+            remove_path(aside)
+            os.replace(damaged, aside)
+        if failed:
+            log.warning("--resume latest: resuming from %s, the newest checkpoint that passes its check (%d newer "
+                        "one(s) failed, named above, and were renamed %s*)", path, len(failed), DAMAGED_PREFIX)
         return path, manifest
     if found:
         raise AccClipError(f"--resume latest: none of the {len(found)} checkpoint(s) in {directory} passes its "

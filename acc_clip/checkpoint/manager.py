@@ -31,7 +31,7 @@ from acc_clip.checkpoint.format import (FORMAT_VERSION, MANIFEST, TMP_PREFIX, WE
 from acc_clip.checkpoint.format import checkpoint_files, is_sharded_checkpoint  # FSDP's sharded checkpoints
 from acc_clip.checkpoint.export import MODEL_OPTIONS
 from acc_clip.config import TrainConfig
-from acc_clip.errors import AccClipError, attempt, describe_error
+from acc_clip.errors import AccClipError, attempt, one_line
 from acc_clip.runtime import parallel
 from acc_clip.runtime.parallel import full_state_dict, unwrap
 from acc_clip.runtime.run_dir import CHECKPOINTS_DIR, METRICS_FILE, SAMPLES_FILE, run_id
@@ -50,24 +50,27 @@ class CheckpointManager:
         self.global_batch = config.batch_size * config.accum_freq * accelerator.num_processes
         self.steps_per_epoch: Optional[int] = None  # known once `resume` is called
         self.remote = None
-        if accelerator.is_main_process:
-            os.makedirs(self.directory, exist_ok=True)
-            for name in restore_moved_aside(self.directory):  # before they are removed as partial saves
-                log.warning("restored %s, moved aside by a save of its step that was interrupted", name)
-            for name in os.listdir(self.directory):  # partial saves of a crashed run
-                if name.startswith(TMP_PREFIX):
-                    log.info("removing %s, a save that was interrupted", name)
-                    remove_path(os.path.join(self.directory, name))
-            if config.remote_sync:
-                from acc_clip.checkpoint.remote_sync import RemoteSync
-
-                self.remote = RemoteSync(run_dir, config.remote_sync, config.remote_sync_protocol,
-                                         config.remote_sync_frequency, prune=config.keep_checkpoints > 0)
-                self.remote.claim(may_adopt=config.resume == "latest" and not complete_checkpoints(self.directory))
+        self._raise_agreed(attempt(self._prepare_folder) if accelerator.is_main_process else None)
         # Weights are stored under their plain names, and loaded here with an architecture check.
         accelerator.register_save_state_pre_hook(_save_plain_weights)
         accelerator.register_load_state_pre_hook(self._load_weights)
-        accelerator.wait_for_everyone()
+
+    def _prepare_folder(self) -> None:
+        """Main process: put back what a killed commit moved aside, remove partial saves, claim the remote copy."""
+        os.makedirs(self.directory, exist_ok=True)
+        for name in restore_moved_aside(self.directory):  # before they are removed as partial saves
+            log.warning("restored %s, moved aside by a save of its step that was interrupted", name)
+        for name in os.listdir(self.directory):  # partial saves of a crashed run
+            if name.startswith(TMP_PREFIX):
+                log.info("removing %s, a save that was interrupted", name)
+                remove_path(os.path.join(self.directory, name))
+        if self.config.remote_sync:
+            from acc_clip.checkpoint.remote_sync import RemoteSync
+
+            config = self.config
+            self.remote = RemoteSync(self.run_dir, config.remote_sync, config.remote_sync_protocol,
+                                     config.remote_sync_frequency, prune=config.keep_checkpoints > 0)
+            self.remote.claim(may_adopt=config.resume == "latest" and not complete_checkpoints(self.directory))
 
     # resume -----------------------------------------------------------------------------------
     def resume(self, model, optimizer, steps_per_epoch: int) -> Progress:
@@ -88,9 +91,7 @@ class CheckpointManager:
         if target is None:
             return Progress()
         if target == "latest":
-            if self.remote is not None:
-                self.remote.fetch_newest_checkpoint()
-            self.accelerator.wait_for_everyone()
+            self._raise_agreed(attempt(self.remote.fetch_newest_checkpoint) if self.remote is not None else None)
             target, manifest = self._on_main_process(newest_intact_checkpoint, self.directory)
             if target is None:
                 log.info("--resume latest: no checkpoint in %s yet, starting from the beginning", self.directory)
@@ -109,8 +110,8 @@ class CheckpointManager:
         if self.accelerator.is_main_process:
             try:
                 answer[0] = function(*args)
-            except AccClipError as error:
-                answer[1] = str(error)
+            except Exception as error:  # noqa: BLE001 - every process must hear of it, or the others wait
+                answer[1] = one_line(error)
         broadcast_object_list(answer)
         if answer[1] is not None:
             raise AccClipError(answer[1])
@@ -134,7 +135,7 @@ class CheckpointManager:
             log.warning("--resume %s: saved from model %r, this run names %r; loading as the weights' shapes agree",
                         path, manifest.get("model"), self.config.model)
         self._warn_if_data_differs(path, manifest.get("data", {}))
-        self._check_random_states(path)
+        self._raise_agreed(attempt(self._check_random_states, path))
         try:
             self.accelerator.load_state(path)
         except AccClipError:
@@ -259,17 +260,23 @@ class CheckpointManager:
         self._write_manifest(partial, progress)
         fsync_folder(partial)
         commit_folder(partial, final)
-        self._prune()
+        self._prune(keep=final)
 
     def _agreed_failure(self, failure: Optional[BaseException]) -> Optional[str]:
         """The first process's failure (as 'Type: first line'), the same on every process; None when
         all succeeded. Every process must call it: a process that stopped alone would hang the others."""
         from accelerate.utils import gather_object
 
-        described = None if failure is None else describe_error(failure)
+        described = None if failure is None else one_line(failure)
         if self.accelerator.num_processes == 1:
             return described
         return next((each for each in gather_object([described]) if each is not None), None)
+
+    def _raise_agreed(self, failure: Optional[BaseException]) -> None:
+        """After a step some processes took alone: every process raises the first failure, or none does."""
+        agreed = self._agreed_failure(failure)
+        if agreed is not None:
+            raise AccClipError(agreed)
 
     def _refuse_non_finite(self, model, progress: Progress) -> None:
         # The processes vote (under FSDP each holds another shard), so all of them stop here together.
@@ -304,11 +311,14 @@ class CheckpointManager:
         with open(os.path.join(folder, MANIFEST), "w") as file:
             json.dump(manifest, file, indent=1)
 
-    def _prune(self) -> None:
-        keep = self.config.keep_checkpoints
-        if keep > 0:
-            for old in complete_checkpoints(self.directory)[:-keep]:
-                remove_path(old)
+    def _prune(self, keep: str) -> None:
+        """--keep-checkpoints K: remove all but the K newest, never `keep` (the checkpoint just saved, which
+        is older than some when a run resumed from an older one)."""
+        count = self.config.keep_checkpoints
+        if count > 0:
+            for old in complete_checkpoints(self.directory)[:-count]:
+                if old != keep:
+                    remove_path(old)
 
     def end_of_epoch(self, model, optimizer, progress: Progress) -> None:
         """Epoch saves as open_clip makes them (`epoch_N.pt`), then a full step checkpoint. The export
@@ -321,21 +331,23 @@ class CheckpointManager:
         main = self.accelerator.is_main_process
         # Collectives under FSDP: every process gathers, the main process alone keeps the whole copy.
         weights, optimizer_state = full_state_dict(model), parallel.full_optimizer_state_dict(model, optimizer, main)
-        if main:
-            scaler = self.accelerator.scaler
-            exported = open_clip_checkpoint(weights, optimizer_state,
-                                            scaler.state_dict() if scaler is not None else None, completed,
-                                            config.name)
-            if due:
-                atomic_torch_save(exported, os.path.join(self.directory, f"epoch_{completed}.pt"))
-                if config.delete_previous_checkpoint:
-                    # open_clip removes epoch_{N-1}.pt, even when it never saved one (--save-frequency > 1)
-                    # and after an epoch that saved nothing; here: the older epoch files, once a new one exists.
-                    for older in _epoch_files(self.directory, before=completed):
-                        os.remove(older)
-            if config.save_most_recent:
-                atomic_torch_save(exported, os.path.join(self.directory, "epoch_latest.pt"))
+        self._raise_agreed(attempt(self._write_epoch_files, weights, optimizer_state, completed, due) if main else None)
         self.save(model, optimizer, progress)
+
+    def _write_epoch_files(self, weights: dict, optimizer_state: Optional[dict], completed: int, due: bool) -> None:
+        """Main process: `epoch_N.pt` when due, `epoch_latest.pt` with --save-most-recent."""
+        config, scaler = self.config, self.accelerator.scaler
+        exported = open_clip_checkpoint(weights, optimizer_state, scaler.state_dict() if scaler is not None else None,
+                                        completed, config.name)
+        if due:
+            atomic_torch_save(exported, os.path.join(self.directory, f"epoch_{completed}.pt"))
+            if config.delete_previous_checkpoint:
+                # open_clip removes epoch_{N-1}.pt, even when it never saved one (--save-frequency > 1)
+                # and after an epoch that saved nothing; here: the older epoch files, once a new one exists.
+                for older in _epoch_files(self.directory, before=completed):
+                    os.remove(older)
+        if config.save_most_recent:
+            atomic_torch_save(exported, os.path.join(self.directory, "epoch_latest.pt"))
 
 
 def _epoch_files(directory: str, before: int) -> list[str]:

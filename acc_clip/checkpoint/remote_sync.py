@@ -65,6 +65,9 @@ class RemoteSync:
         self.prune = prune
         self.run_id = run_id(run_dir)
         self._foreign: Optional[str] = None  # the id of another run that claimed the remote folder meanwhile
+        # Checkpoints copied before run ids existed carry none: this run's own when it found the remote
+        # folder without an owner (an older acc_clip wrote it under this name), nobody's otherwise.
+        self._owns_unmarked = False
         self._copied: dict[str, tuple[int, int]] = {}  # local file -> (size, mtime_ns) when last copied
         self._lock = threading.Lock()  # one copy at a time: the thread's and the final one
         self._stop = threading.Event()
@@ -80,6 +83,7 @@ class RemoteSync:
         run folder holds no checkpoint and resumes (`--resume latest`), so it continues the remote run."""
         owner = self._remote_owner()
         if owner in (None, self.run_id):
+            self._owns_unmarked = owner is None
             self._claim_if_free(owner)
         elif may_adopt:
             log.warning("--remote-sync: continuing the run copied at %s (run id %s) in %s", self.remote_dir, owner,
@@ -113,7 +117,8 @@ class RemoteSync:
             manifest = json.loads(self.fs.cat_file(f"{self.remote_dir}/{CHECKPOINTS_DIR}/{name}/{MANIFEST}"))
         except (ValueError, OSError):
             return None
-        return manifest.get("run_id") if isinstance(manifest, dict) else None
+        marked = manifest.get("run_id") if isinstance(manifest, dict) else None
+        return self.run_id if marked is None and self._owns_unmarked else marked
 
     # background -------------------------------------------------------------------------------
     def start(self) -> None:

@@ -174,11 +174,13 @@ def build_val_loader(settings, preprocess_val: Callable, tokenizer: Callable, ra
             num_samples=settings.val_num_samples)
         return loader
     from acc_clip.data.csv import CsvDataset, build_eval_loader
+    from acc_clip.image_file import MAX_IMAGE_BYTES
 
     dataset = CsvDataset(settings.val_data, transform=preprocess_val, tokenizer=tokenizer,
                          img_key=settings.csv_img_key, caption_key=settings.csv_caption_key,
                          sep=settings.csv_separator, augment_seeded=False,
-                         skip_bad_rows=getattr(settings, "skip_bad_rows", False))
+                         skip_bad_rows=getattr(settings, "skip_bad_rows", False),
+                         max_image_bytes=getattr(settings, "max_image_bytes", MAX_IMAGE_BYTES))
     return build_eval_loader(dataset, batch_size=settings.batch_size, workers=settings.workers, rank=rank,
                              world_size=world_size)
 

@@ -60,6 +60,11 @@ def fsdp_plugin(environ=os.environ):
     if plugin.fsdp_version != 2:
         raise AccClipError(f"the launch config's fsdp_config has fsdp_version {plugin.fsdp_version}: acc_clip "
                            "supports FSDP2 only; set fsdp_version: 2 (see launch/fsdp.yaml)")
+    kind = getattr(plugin.state_dict_type, "name", str(plugin.state_dict_type))
+    if kind != "SHARDED_STATE_DICT":
+        # A full state dict is written by rank 0 alone (step checkpoints then cannot reshard on resume).
+        raise AccClipError(f"the launch config's fsdp_config has fsdp_state_dict_type {kind}: acc_clip's step "
+                           "checkpoints are sharded; set fsdp_state_dict_type: SHARDED_STATE_DICT (see launch/fsdp.yaml)")
     return plugin
 
 

@@ -130,6 +130,18 @@ def test_an_image_path_that_is_a_fifo_or_too_large_is_skipped_and_counted_not_re
     assert f"{size} bytes, above the limit of {size - 1} (--max-image-bytes)" in caplog.text
 
 
+def test_reading_a_folder_as_an_image_leaves_no_file_open(tmp_path):
+    import os
+
+    from acc_clip.image_file import ImageFileError, read_image_file
+
+    before = len(os.listdir("/proc/self/fd"))
+    for _ in range(50):
+        with pytest.raises(ImageFileError, match="not a regular file"):
+            read_image_file(str(tmp_path))
+    assert len(os.listdir("/proc/self/fd")) == before
+
+
 def test_a_csv_path_that_is_not_a_regular_file_is_one_line(tmp_path):
     import os
 

@@ -80,6 +80,10 @@ def test_plugin_comes_from_the_launch_config_and_only_fsdp2(monkeypatch):
     monkeypatch.setenv(parallel.FSDP_VARIABLE, "true")
     monkeypatch.setenv("FSDP_VERSION", "2")
     assert parallel.fsdp_plugin().fsdp_version == 2
+    monkeypatch.setenv("FSDP_STATE_DICT_TYPE", "FULL_STATE_DICT")
+    with pytest.raises(AccClipError, match="fsdp_state_dict_type FULL_STATE_DICT: acc_clip's step checkpoints"):
+        parallel.fsdp_plugin()
+    monkeypatch.setenv("FSDP_STATE_DICT_TYPE", "SHARDED_STATE_DICT")
     monkeypatch.setenv("FSDP_VERSION", "1")
     with pytest.raises(AccClipError, match="fsdp_version 1: acc_clip supports FSDP2 only"):
         parallel.fsdp_plugin()
