@@ -65,10 +65,9 @@ def scenario_flags(scenario: str, teacher: str) -> list[str]:
     return [teacher if flag == TEACHER else flag for flag in SCENARIOS[scenario][1]]
 
 
-def reference_of(scenario: str) -> tuple[int, tuple[str, ...]]:
-    """One process: batch = per-process batch x accumulation x 2 processes, and the scenario's flags
-    less PROCESS_FLAGS (kept symbolic: TEACHER stays as it is)."""
-    batch, flags, _ = SCENARIOS[scenario]
+def one_process_reference(batch: int, flags) -> tuple[int, tuple[str, ...]]:
+    """The batch and flags of one process doing the work of 2 processes x batch x --accum-freq: the
+    flags less PROCESS_FLAGS (and their values)."""
     accum = int(flags[flags.index("--accum-freq") + 1]) if "--accum-freq" in flags else 1
     kept, skip = [], 0
     for flag in flags:
@@ -79,6 +78,12 @@ def reference_of(scenario: str) -> tuple[int, tuple[str, ...]]:
         else:
             kept.append(flag)
     return batch * 2 * accum, tuple(kept)
+
+
+def reference_of(scenario: str) -> tuple[int, tuple[str, ...]]:
+    """One process for a scenario (kept symbolic: TEACHER stays as it is)."""
+    batch, flags, _ = SCENARIOS[scenario]
+    return one_process_reference(batch, flags)
 
 
 def tiny_config(train_csv, *extra: str, model: str = TINY_VIT) -> TrainConfig:

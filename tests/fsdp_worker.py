@@ -17,7 +17,7 @@ import sys
 import torch
 
 from conftest import TINY_RN, TINY_VIT
-from dist_worker import accelerator_for_cpu, run_steps, tiny_config
+from dist_worker import accelerator_for_cpu, one_process_reference, run_steps, tiny_config
 
 # name -> (model, per-process batch, flags). 20 steps of global batch 16 are one epoch of the 320-row CSV.
 # tiny-rn has batch norm: each process normalises its own rows, so it has no one-process reference.
@@ -36,21 +36,6 @@ SHORT_SCENARIOS = {
                                              "--grad-checkpointing"]),
 }
 STEPS, SHORT_STEPS = 20, 3
-PROCESS_FLAGS = {"--accum-freq": 1, "--gather-with-grad": 0, "--local-loss": 0}
-
-
-def one_process_reference(batch: int, flags: list[str]) -> tuple[int, list[str]]:
-    """The batch and flags of one process doing the work of 2 processes x batch x --accum-freq."""
-    accum = int(flags[flags.index("--accum-freq") + 1]) if "--accum-freq" in flags else 1
-    kept, skip = [], 0
-    for flag in flags:
-        if skip:
-            skip -= 1
-        elif flag in PROCESS_FLAGS:
-            skip = PROCESS_FLAGS[flag]
-        else:
-            kept.append(flag)
-    return batch * 2 * accum, kept
 
 
 class ReduceScatterCounter:

@@ -241,7 +241,8 @@ def refused(result: subprocess.CompletedProcess, *words: str) -> bool:
 
 
 def unreadable_random_state(work, data, reference):
-    from acc_clip.checkpoint.format import MANIFEST, file_sha256
+    from acc_clip.checkpoint.format import MANIFEST
+    from acc_clip.files import file_sha256
 
     copy = work / "rng" / "step_00000003"
     shutil.copytree(reference / "checkpoints" / "step_00000003", copy)

@@ -17,7 +17,6 @@ plain state dict, for resume, evaluation and export alike, and refuses another a
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -29,6 +28,7 @@ import torch
 
 from acc_clip.checkpoint import debug
 from acc_clip.errors import AccClipError, describe_error
+from acc_clip.files import file_sha256
 from acc_clip.runtime.run_dir import CHECKPOINTS_DIR
 
 log = logging.getLogger(__name__)
@@ -112,14 +112,6 @@ def read_manifest(path: str, source: str = "--resume") -> dict:
         raise AccClipError(f"{source} {path}: {MANIFEST} has progress fields {sorted(progress)}")
     check_hashes(path, manifest.get("sha256", {}), source)
     return manifest
-
-
-def file_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 22), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def folder_hashes(folder: str) -> dict[str, str]:

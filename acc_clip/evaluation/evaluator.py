@@ -174,7 +174,7 @@ def build_val_loader(settings, preprocess_val: Callable, tokenizer: Callable, ra
             num_samples=settings.val_num_samples)
         return loader
     from acc_clip.data.csv import CsvDataset, build_eval_loader
-    from acc_clip.image_file import MAX_IMAGE_BYTES
+    from acc_clip.files import MAX_IMAGE_BYTES
 
     dataset = CsvDataset(settings.val_data, transform=preprocess_val, tokenizer=tokenizer,
                          img_key=settings.csv_img_key, caption_key=settings.csv_caption_key,

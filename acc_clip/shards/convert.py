@@ -35,7 +35,6 @@ and reused on rerun.
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import multiprocessing
@@ -50,7 +49,7 @@ from tqdm import tqdm
 
 from acc_clip import jpeg
 from acc_clip.data.csv_file import read_csv_columns
-from acc_clip.image_file import MAX_IMAGE_BYTES, PIL_FORMATS, ImageFileError, read_image_file
+from acc_clip.files import MAX_IMAGE_BYTES, PIL_FORMATS, ImageFileError, file_sha256, read_image_file
 from acc_clip.errors import AccClipError
 from acc_clip.shards.tar import finish_tar, write_member
 
@@ -255,14 +254,6 @@ def read_complete_stats(out_dir: str, shard: int) -> Optional[dict]:
 # The output folder
 
 
-def _csv_sha256(path: str) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _check_out_dir(out_dir: str) -> Optional[dict]:
     """Make sure OUT is new, empty or one of our conversions; returns its _conversion.json if any."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
@@ -332,7 +323,7 @@ def convert_csv_to_shards(
     items = read_items(csv_path, img_key=img_key, caption_key=caption_key, sep=sep, group_by_image=group_by_image,
                        skip_bad_rows=skip_bad_rows)
     parameters = {
-        "format_version": FORMAT_VERSION, "csv": os.path.abspath(csv_path), "csv_sha256": _csv_sha256(csv_path),
+        "format_version": FORMAT_VERSION, "csv": os.path.abspath(csv_path), "csv_sha256": file_sha256(csv_path),
         "img_key": img_key, "caption_key": caption_key, "sep": sep, "samples_per_shard": samples_per_shard,
         "resize": resize, "quality": quality, "group_by_image": group_by_image,
         **({"skip_bad_rows": True} if skip_bad_rows else {}),  # absent when off: earlier conversions still resume

@@ -23,6 +23,7 @@ from conftest import (SMALL_CSV_ROWS, REPO, TINY_RN, TINY_VIT, fill_disk, read_m
 
 from acc_clip.checkpoint import export, manager
 from acc_clip.checkpoint import format as format_module
+from acc_clip.files import file_sha256
 from acc_clip.checkpoint.format import MANIFEST, TMP_PREFIX, Progress, complete_checkpoints, read_manifest
 from acc_clip.checkpoint.manager import CheckpointManager
 from acc_clip.runtime import parallel, signals
@@ -593,7 +594,7 @@ def test_a_random_state_file_that_cannot_be_read_is_an_error_not_a_log_line(mana
     (saved / "random_states_0.pkl").write_bytes(b"not a pickle at all")
     manifest = json.loads((saved / MANIFEST).read_text())  # made to pass the manifest: only the load fails
     manifest["files"]["random_states_0.pkl"] = (saved / "random_states_0.pkl").stat().st_size
-    manifest["sha256"]["random_states_0.pkl"] = format_module.file_sha256(str(saved / "random_states_0.pkl"))
+    manifest["sha256"]["random_states_0.pkl"] = file_sha256(str(saved / "random_states_0.pkl"))
     (saved / MANIFEST).write_text(json.dumps(manifest))
     with pytest.raises(AccClipError, match=r"step_00000004: cannot read random_states_0\.pkl \(\w+\); the run's "
                                            "random streams could not be restored exactly$"):

@@ -1,8 +1,9 @@
-"""Reading an image file with bounds, and the image formats PIL may open. No torch here: the shard
-converter's workers import it too."""
+"""Reading files: an image file with bounds, the image formats PIL may open, and a file's SHA-256
+(checkpoint manifests, the converter's record of its CSV). No torch here."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 import stat
 
@@ -39,3 +40,11 @@ def read_image_file(path: str, max_bytes: int = MAX_IMAGE_BYTES) -> bytes:
     if len(data) > max_bytes:  # grew since the check
         raise ImageFileError(f"{path}: more than {max_bytes} bytes (--max-image-bytes)")
     return data
+
+
+def file_sha256(path: str) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 22), b""):
+            digest.update(block)
+    return digest.hexdigest()
