@@ -31,7 +31,7 @@ from acc_clip.checkpoint.format import (FORMAT_VERSION, MANIFEST, TMP_PREFIX, WE
 from acc_clip.checkpoint.format import checkpoint_files, is_sharded_checkpoint  # FSDP's sharded checkpoints
 from acc_clip.checkpoint.export import MODEL_OPTIONS
 from acc_clip.config import TrainConfig
-from acc_clip.errors import AccClipError, attempt, one_line
+from acc_clip.errors import AccClipError, attempt, describe_error, one_line
 from acc_clip.runtime import parallel
 from acc_clip.runtime.parallel import full_state_dict, unwrap
 from acc_clip.runtime.run_dir import CHECKPOINTS_DIR, METRICS_FILE, SAMPLES_FILE, run_id
@@ -141,8 +141,7 @@ class CheckpointManager:
         except AccClipError:
             raise
         except Exception as error:  # torch and pickle raise many types for damaged files
-            raise AccClipError(f"--resume {path}: cannot load: {type(error).__name__}: "
-                               f"{str(error).strip().splitlines()[0] if str(error).strip() else ''}") from None
+            raise AccClipError(f"--resume {path}: cannot load: {describe_error(error)}") from None
         progress = Progress(**manifest["progress"])
         log.info("resumed from %s: epoch %d, step %d of the epoch, global step %d, %d samples seen", path,
                  progress.epoch, progress.step_in_epoch, progress.global_step, progress.samples_seen)
@@ -263,7 +262,7 @@ class CheckpointManager:
         self._prune(keep=final)
 
     def _agreed_failure(self, failure: Optional[BaseException]) -> Optional[str]:
-        """The first process's failure (as 'Type: first line'), the same on every process; None when
+        """The first process's failure in one line (errors.one_line), the same on every process; None when
         all succeeded. Every process must call it: a process that stopped alone would hang the others."""
         from accelerate.utils import gather_object
 

@@ -31,7 +31,7 @@ import threading
 from typing import Optional
 
 from acc_clip.checkpoint.format import MANIFEST, STEP_PREFIX, TMP_PREFIX, checkpoint_files, complete_checkpoints
-from acc_clip.errors import AccClipError
+from acc_clip.errors import AccClipError, describe_error
 from acc_clip.runtime.run_dir import CHECKPOINTS_DIR, METRICS_FILE, RUN_ID_FILE, adopt_run_id, run_id
 
 log = logging.getLogger(__name__)
@@ -221,7 +221,7 @@ class RemoteSync:
                 remote = self._remote_complete()
         except Exception as error:  # fsspec backends raise their own types
             raise AccClipError(f"--resume latest: cannot list the remote copy {self.remote_dir} "
-                               f"({type(error).__name__}: {error})") from None
+                               f"({describe_error(error)})") from None
         ours = [name for name in remote if self._manifest_run_id(name) == self.run_id]
         if len(ours) < len(remote):
             log.warning("--resume latest: %d checkpoint(s) in %s were not saved by this run (%s), not fetched: %s",

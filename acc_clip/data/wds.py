@@ -94,7 +94,7 @@ from webdataset.tariterators import tarfile_samples
 
 from acc_clip.data.common import Batch, Sample, collate_skipping_bad, sample_seed
 from acc_clip.data.pixels import ImageDecodeError, collate_images, load_pixels
-from acc_clip.errors import AccClipError
+from acc_clip.errors import AccClipError, describe_error
 from acc_clip.runtime.signals import ignore_stop_signals
 
 log = logging.getLogger(__name__)
@@ -189,7 +189,7 @@ def _read_sizes_json(path: str) -> dict[str, int]:
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as error:  # unreadable, not UTF-8, not JSON
-        raise AccClipError(f"{path}: not a readable sizes.json ({type(error).__name__}: {error})") from None
+        raise AccClipError(f"{path}: not a readable sizes.json ({describe_error(error)})") from None
     if not isinstance(sizes, dict) or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
                                                for n in sizes.values()):
         raise AccClipError(f"{path}: expected {{\"shard.tar\": sample count, ...}} with counts >= 0")
