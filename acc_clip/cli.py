@@ -12,12 +12,12 @@ from acc_clip.errors import AccClipError, user_error_exit_code
 
 # command -> (module whose main(argv) runs it, one-line help); modules are imported only when their command runs.
 COMMANDS = {
-    "train": ("acc_clip.train", "train a CLIP model (also: accelerate launch -m acc_clip.train)"),
-    "demo-data": ("acc_clip.demo_data", "generate the small COCO-shaped demo dataset"),
-    "coco-csv": ("acc_clip.coco_csv", "COCO captions JSON -> filepath,title CSV"),
-    "shards": ("acc_clip.shards.command", "CSV -> webdataset shards; `shards verify DIR` checks them"),
-    "compare-loss": ("acc_clip.compare_loss", "the seed's loss-curve check, one-sided and two-sided"),
-    "plot": ("acc_clip.plot", "plot loss, lr and samples/s of one or more runs"),
+    "train": ("acc_clip.train.loop", "train a CLIP model (also: accelerate launch -m acc_clip.train)"),
+    "demo-data": ("acc_clip.prep.demo_data", "generate the small COCO-shaped demo dataset"),
+    "coco-csv": ("acc_clip.prep.coco_csv", "COCO captions JSON -> filepath,title CSV"),
+    "shards": ("acc_clip.prep.shards.command", "CSV -> webdataset shards; `shards verify DIR` checks them"),
+    "compare-loss": ("acc_clip.reports.compare_loss", "the seed's loss-curve check, one-sided and two-sided"),
+    "plot": ("acc_clip.reports.plot", "plot loss, lr and samples/s of one or more runs"),
     "eval": ("acc_clip.evaluation.command", "evaluate a checkpoint: retrieval and zero-shot"),
     "export": ("acc_clip.checkpoint.export", "write an open_clip epoch_N.pt from a step checkpoint"),
 }

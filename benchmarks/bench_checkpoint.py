@@ -23,7 +23,7 @@ import torch
 from acc_clip.checkpoint.format import Progress, folder_bytes
 from acc_clip.checkpoint.manager import CheckpointManager
 from acc_clip.config import TrainConfig
-from acc_clip.model import create_optimizer
+from acc_clip.model.build import create_optimizer
 
 
 def main() -> int:

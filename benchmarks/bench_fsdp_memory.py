@@ -45,7 +45,7 @@ def measure(model_name: str) -> dict:
 
     from acc_clip.config import parse_config
     from acc_clip.loss import create_objective, model_rows, total_loss
-    from acc_clip.model import create_model, create_optimizer
+    from acc_clip.model.build import create_model, create_optimizer
     from acc_clip.runtime import parallel
     from acc_clip.runtime.device import make_accelerator, plan_device
 

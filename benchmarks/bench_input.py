@@ -44,7 +44,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from benchmarks.bench_shards import make_images  # noqa: E402
 
-from acc_clip.shards.convert import DEFAULT_QUALITY, convert_csv_to_shards  # noqa: E402
+from acc_clip.prep.shards.convert import DEFAULT_QUALITY, convert_csv_to_shards  # noqa: E402
 
 RESIZE = 256
 

@@ -33,8 +33,8 @@ REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 def demo_csv(folder: str) -> str:
-    from acc_clip.coco_csv import create_coco_csv
-    from acc_clip.demo_data import make_demo_data
+    from acc_clip.prep.coco_csv import create_coco_csv
+    from acc_clip.prep.demo_data import make_demo_data
 
     make_demo_data(os.path.join(folder, "coco"), num_train=64, num_val=1, size=(160, 120), seed=0,
                    zeroshot_per_class=1)

@@ -29,7 +29,7 @@ from PIL import Image, ImageDraw
 
 # Run from a checkout without installing: the package lives one folder up.
 
-from acc_clip.shards.convert import convert_csv_to_shards  # noqa: E402
+from acc_clip.prep.shards.convert import convert_csv_to_shards  # noqa: E402
 
 
 def photo_like(rng: np.random.Generator, width: int = 640, height: int = 480) -> Image.Image:

@@ -19,7 +19,7 @@ import tarfile
 import tempfile
 import time
 
-from acc_clip.shards.tar import finish_tar, write_member
+from acc_clip.prep.shards.tar import finish_tar, write_member
 
 
 def members(samples: int, image_bytes: int) -> list[tuple[str, bytes]]:

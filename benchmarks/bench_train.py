@@ -148,8 +148,8 @@ def _warm_page_cache(paths: list[Path]) -> None:
 
 
 def _make_part(job: tuple[Path, int, tuple[int, int], int]) -> Path:
-    from acc_clip.coco_csv import create_coco_csv
-    from acc_clip.demo_data import make_demo_data
+    from acc_clip.prep.coco_csv import create_coco_csv
+    from acc_clip.prep.demo_data import make_demo_data
 
     folder, images, size, seed = job
     paths = make_demo_data(str(folder), num_train=images, num_val=1, size=size, seed=seed, zeroshot_per_class=0)
@@ -182,7 +182,7 @@ def prepare_data(data_dir: Path, *, images: int, size: tuple[int, int], steps: i
     """Make or reuse the demo images, their CSV, the run CSV of steps x batch rows and the shards."""
     import pandas as pd
 
-    from acc_clip.shards.convert import DEFAULT_QUALITY, convert_csv_to_shards
+    from acc_clip.prep.shards.convert import DEFAULT_QUALITY, convert_csv_to_shards
 
     num_samples = steps * batch_size
     if not need_csv and resize is None:
@@ -472,7 +472,7 @@ def run_bench(args: argparse.Namespace) -> dict:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from acc_clip.demo_data import parse_size
+    from acc_clip.prep.demo_data import parse_size
 
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
                                      formatter_class=argparse.RawDescriptionHelpFormatter)

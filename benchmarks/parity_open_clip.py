@@ -35,8 +35,8 @@ from pathlib import Path
 from typing import Optional
 
 from acc_clip.checkpoint.debug import SAMPLES_ENV
-from acc_clip.compare_loss import compare_curves, two_sided_report_lines, vendor_report_lines
-from acc_clip.curves import read_loss_curve
+from acc_clip.reports.compare_loss import compare_curves, two_sided_report_lines, vendor_report_lines
+from acc_clip.reports.curves import read_loss_curve
 from acc_clip.errors import AccClipError, user_error_exit_code
 from acc_clip.runtime.run_dir import LOG_FILE, METRICS_FILE, SAMPLES_FILE
 from benchmarks.bench_train import acc_clip_steps, open_clip_steps, run_logged, steady_samples_per_second

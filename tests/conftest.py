@@ -39,7 +39,7 @@ SEED_COMMAND = (
 
 @pytest.fixture(scope="session")
 def demo_dataset(tmp_path_factory) -> Path:
-    from acc_clip.demo_data import make_demo_data
+    from acc_clip.prep.demo_data import make_demo_data
 
     root = tmp_path_factory.mktemp("demo")
     make_demo_data(root / "coco", num_train=64, num_val=21, size=(160, 120), seed=0, zeroshot_per_class=3)
@@ -47,7 +47,7 @@ def demo_dataset(tmp_path_factory) -> Path:
 
 
 def _coco_csv(demo_dataset: Path, split: str) -> Path:
-    from acc_clip.coco_csv import create_coco_csv
+    from acc_clip.prep.coco_csv import create_coco_csv
 
     out = demo_dataset / f"{split}_data.csv"
     if not out.exists():

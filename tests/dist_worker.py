@@ -21,11 +21,11 @@ from acc_clip.config import SIGLIP_DIST_IMPLS, TrainConfig, parse_config
 from acc_clip.data import build_train_data
 from acc_clip.data.pixels import train_transform
 from acc_clip.loss import create_objective
-from acc_clip.model import create_model, create_optimizer, uses_channels_last
+from acc_clip.model.build import create_model, create_optimizer, uses_channels_last
 from acc_clip.runtime import parallel
 from acc_clip.runtime.device import host_process_group, make_accelerator, plan_device
-from acc_clip.step import agree_batch_sizes, train_step
-from acc_clip.train import to_device
+from acc_clip.train.step import agree_batch_sizes, train_step
+from acc_clip.train.loop import to_device
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_VIT = f"local-dir:{REPO / 'configs' / 'models' / 'tiny-vit'}"

@@ -33,7 +33,7 @@ def _counting_checkpoint(*args, **kwargs):
 # Before open_clip is imported: its transformer binds `checkpoint` by name at import.
 torch.utils.checkpoint.checkpoint = _counting_checkpoint
 
-import acc_clip.train as train  # noqa: E402
+import acc_clip.train.loop as train  # noqa: E402
 from acc_clip.errors import AccClipError, user_error_exit_code  # noqa: E402
 from acc_clip.runtime import parallel  # noqa: E402
 

@@ -242,7 +242,7 @@ def refused(result: subprocess.CompletedProcess, *words: str) -> bool:
 
 def unreadable_random_state(work, data, reference):
     from acc_clip.checkpoint.format import MANIFEST
-    from acc_clip.files import file_sha256
+    from acc_clip.io.files import file_sha256
 
     copy = work / "rng" / "step_00000003"
     shutil.copytree(reference / "checkpoints" / "step_00000003", copy)
@@ -299,8 +299,8 @@ FAULTS = [
 
 
 def make_data(work: Path) -> Path:
-    from acc_clip.coco_csv import create_coco_csv
-    from acc_clip.demo_data import make_demo_data
+    from acc_clip.prep.coco_csv import create_coco_csv
+    from acc_clip.prep.demo_data import make_demo_data
 
     make_demo_data(work / "coco", num_train=32, num_val=4, size=(160, 120), seed=0, zeroshot_per_class=1)
     full = work / "coco" / "train.csv"

@@ -41,7 +41,7 @@ def open_clip_config(model_name: str, state_dict: dict) -> dict:
     (--siglip) gets `init_logit_bias` so that open_clip builds the parameter its weights fill."""
     import open_clip
 
-    from acc_clip.model import local_dir_folder
+    from acc_clip.model.build import local_dir_folder
 
     folder = local_dir_folder(model_name, "export: the checkpoint's model")
     if folder is not None:
@@ -88,7 +88,7 @@ def write_local_dir(model_name: str, state_dict: dict, out: str, model_options: 
     place, so a folder at `out` is whole); returns its local-dir: name. `out` must not exist."""
     from safetensors.torch import save_file
 
-    from acc_clip.model import LOCAL_DIR
+    from acc_clip.model.build import LOCAL_DIR
 
     if os.path.exists(out):
         raise AccClipError(f"export: {out} exists; give a new folder")
@@ -116,7 +116,7 @@ def write_seeded_local_dir(model_name: str, out: str, seed: int) -> str:
     import open_clip
     import torch
 
-    from acc_clip.model import initialise_coca_decoder_projection
+    from acc_clip.model.build import initialise_coca_decoder_projection
 
     torch.manual_seed(seed)
     model = open_clip.create_model(model_name)

@@ -28,7 +28,7 @@ import torch
 
 from acc_clip.checkpoint import debug
 from acc_clip.errors import AccClipError, describe_error
-from acc_clip.files import file_sha256
+from acc_clip.io.files import file_sha256
 from acc_clip.runtime.run_dir import CHECKPOINTS_DIR
 
 log = logging.getLogger(__name__)

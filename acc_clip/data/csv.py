@@ -23,7 +23,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from acc_clip.data.common import Sample, collate_skipping_bad, sample_seed
-from acc_clip.files import MAX_IMAGE_BYTES, ImageFileError, read_image_file
+from acc_clip.io.files import MAX_IMAGE_BYTES, ImageFileError, read_image_file
 from acc_clip.data.pixels import ImageDecodeError, collate_images, load_pixels
 from acc_clip.data.csv_file import read_csv_columns
 from acc_clip.errors import AccClipError

@@ -41,7 +41,7 @@ from torchvision import transforms as T
 from torchvision.transforms.v2 import functional as F
 
 from acc_clip.data.common import Batch, seeded_torch_rng
-from acc_clip.files import PIL_FORMATS
+from acc_clip.io.files import PIL_FORMATS
 
 from acc_clip import jpeg
 

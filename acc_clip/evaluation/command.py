@@ -12,7 +12,7 @@ from acc_clip.checkpoint.format import load_weights
 from acc_clip.config import TrainConfig
 from acc_clip.evaluation.evaluator import Evaluator
 from acc_clip.loss import create_objective
-from acc_clip.model import open_clip_model
+from acc_clip.model.build import open_clip_model
 from acc_clip.runtime.device import make_accelerator, plan_device
 
 

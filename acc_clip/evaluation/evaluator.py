@@ -24,7 +24,7 @@ from acc_clip.evaluation.retrieval import coco_retrieval_metrics, retrieval_metr
 from acc_clip.loss import PER_MODEL_OUTPUTS, Objective, model_rows, total_loss
 from acc_clip.loss.clip import ClipObjective
 from acc_clip.runtime import parallel
-from acc_clip.model import image_input_dtype
+from acc_clip.model.build import image_input_dtype
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +174,7 @@ def build_val_loader(settings, preprocess_val: Callable, tokenizer: Callable, ra
             num_samples=settings.val_num_samples)
         return loader
     from acc_clip.data.csv import CsvDataset, build_eval_loader
-    from acc_clip.files import MAX_IMAGE_BYTES
+    from acc_clip.io.files import MAX_IMAGE_BYTES
 
     dataset = CsvDataset(settings.val_data, transform=preprocess_val, tokenizer=tokenizer,
                          img_key=settings.csv_img_key, caption_key=settings.csv_caption_key,

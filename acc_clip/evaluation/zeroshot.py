@@ -28,11 +28,11 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from acc_clip.data.common import Sample
 from acc_clip.data.csv import IMAGE_ERRORS, build_eval_loader
 from acc_clip.data.csv_file import read_csv_columns
-from acc_clip.files import read_image_file
+from acc_clip.io.files import read_image_file
 from acc_clip.data.pixels import load_pixels
 from acc_clip.errors import AccClipError, describe_error
 from acc_clip.runtime import parallel
-from acc_clip.model import image_input_dtype
+from acc_clip.model.build import image_input_dtype
 
 log = logging.getLogger(__name__)
 

@@ -25,7 +25,7 @@ class DistillObjective(Objective):
                  teacher: Optional[torch.nn.Module] = None):
         super().__init__(config, rank, world_size, *placement)
         if teacher is None:
-            from acc_clip.model import create_teacher
+            from acc_clip.model.build import create_teacher
 
             teacher = create_teacher(config, self.device)
         self.teacher = teacher

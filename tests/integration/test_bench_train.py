@@ -45,7 +45,7 @@ def test_csv_and_shards_end_to_end(tmp_path, capsys):
     # Both trainers read the same run CSV of exactly steps x batch rows; acc_clip's shards exist.
     run_csv = next((tmp_path / "data").glob("coco_40_160x120/train_32.csv"))
     assert len(run_csv.read_text().splitlines()) == 1 + 32
-    from acc_clip.shards.convert import DEFAULT_QUALITY
+    from acc_clip.prep.shards.convert import DEFAULT_QUALITY
 
     assert list((tmp_path / "data").glob(f"coco_40_160x120/shards_r256_q{DEFAULT_QUALITY}_n16/*.tar"))
     for name in ("ratio acc_clip/csv / open_clip/csv:", "ratio acc_clip/shards / open_clip/csv:", "load average",
@@ -150,7 +150,7 @@ def test_cpu_compute_threads_leave_a_core_per_loader_worker(monkeypatch, restore
     import torch
 
     from acc_clip.runtime.device import plan_device
-    from acc_clip.train import limit_cpu_threads
+    from acc_clip.train.loop import limit_cpu_threads
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
@@ -171,7 +171,7 @@ def test_fused_adamw_on_cpu_and_cuda_only():
     import torch
 
     from acc_clip.config import TrainConfig
-    from acc_clip.model import create_optimizer, fused_adamw_available
+    from acc_clip.model.build import create_optimizer, fused_adamw_available
 
     assert fused_adamw_available("cuda") and not fused_adamw_available("sdaa")
     assert fused_adamw_available("cpu") == (tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 4))

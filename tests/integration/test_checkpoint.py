@@ -23,7 +23,7 @@ from conftest import (SMALL_CSV_ROWS, REPO, TINY_RN, TINY_VIT, fill_disk, read_m
 
 from acc_clip.checkpoint import export, manager
 from acc_clip.checkpoint import format as format_module
-from acc_clip.files import file_sha256
+from acc_clip.io.files import file_sha256
 from acc_clip.checkpoint.format import MANIFEST, TMP_PREFIX, Progress, complete_checkpoints, read_manifest
 from acc_clip.checkpoint.manager import CheckpointManager
 from acc_clip.runtime import parallel, signals

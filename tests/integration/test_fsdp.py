@@ -217,7 +217,7 @@ def assert_open_clip_optimizer_layout(*run_dirs: Path) -> None:
     runs agree."""
     import open_clip
 
-    from acc_clip.model import parameter_groups
+    from acc_clip.model.build import parameter_groups
 
     model = open_clip.create_model(TINY_VIT)
     shapes = [tuple(p.shape) for group in parameter_groups(model, 0.1) for p in group["params"]]

@@ -159,7 +159,7 @@ def test_model_options_travel_into_the_local_dir_export(train_csv, tmp_path):
     assert all(torch.equal(model.state_dict()[k], v) for k, v in trained.items())
     assert model.visual.preprocess_cfg["mean"] == [0.1, 0.2, 0.3]
     from acc_clip.config import parse_config
-    from acc_clip.model import create_model
+    from acc_clip.model.build import create_model
 
     ours = create_model(parse_config(["--train-data", "x.csv", "--model", TINY_VIT, *options])[0]).model
     ours.load_state_dict(trained)

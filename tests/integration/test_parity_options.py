@@ -44,7 +44,7 @@ def test_patch_dropout_trains_with_dropout_and_evaluates_without():
     import torch
 
     from acc_clip.config import parse_config
-    from acc_clip.model import create_model
+    from acc_clip.model.build import create_model
 
     config, _ = parse_config(["--train-data", "x.csv", "--model", TINY_VIT, "--force-patch-dropout", "0.5"])
     model = create_model(config).model

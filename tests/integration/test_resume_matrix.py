@@ -44,7 +44,7 @@ from acc_clip.checkpoint.manager import CheckpointManager
 from acc_clip.config import TrainConfig
 from acc_clip.runtime.run_dir import LOG_FILE, SAMPLES_FILE
 from acc_clip.runtime.signals import PREEMPTED_EXIT_CODE
-from acc_clip.shards.convert import convert_csv_to_shards
+from acc_clip.prep.shards.convert import convert_csv_to_shards
 
 ROWS = 48
 ACCUM = 2

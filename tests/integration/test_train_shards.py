@@ -24,7 +24,7 @@ from acc_clip.checkpoint.debug import SAMPLES_ENV
 from acc_clip.checkpoint.format import complete_checkpoints
 from acc_clip.runtime.run_dir import SAMPLES_FILE
 from acc_clip.data.wds import build_wds_loader
-from acc_clip.shards.convert import convert_csv_to_shards
+from acc_clip.prep.shards.convert import convert_csv_to_shards
 
 BATCH = 16
 FIRST_FOUR = "{00000..00003}.tar"  # 160 samples

@@ -16,7 +16,7 @@ from conftest import read_metrics, run_trainer, tiny_train_args
 
 from acc_clip.checkpoint.debug import SAMPLES_ENV
 from acc_clip.runtime.run_dir import SAMPLES_FILE
-from acc_clip.shards.convert import convert_csv_to_shards
+from acc_clip.prep.shards.convert import convert_csv_to_shards
 
 # `--` ends torchrun's options: it would otherwise take the trainer's --logs for its --logs-specs.
 TWO_PROCESSES = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

@@ -17,8 +17,8 @@ from PIL import Image
 from torchvision import transforms
 
 from acc_clip import cli
-from acc_clip.coco_csv import create_coco_csv
-from acc_clip.demo_data import make_demo_data
+from acc_clip.prep.coco_csv import create_coco_csv
+from acc_clip.prep.demo_data import make_demo_data
 from acc_clip.errors import AccClipError
 
 REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))

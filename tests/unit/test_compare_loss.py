@@ -10,8 +10,8 @@ import matplotlib.image
 import pytest
 
 from acc_clip import cli
-from acc_clip.compare_loss import ALIGNED_BY_POSITION, ALIGNED_BY_STEP, compare_curves
-from acc_clip.curves import LossCurve
+from acc_clip.reports.compare_loss import ALIGNED_BY_POSITION, ALIGNED_BY_STEP, compare_curves
+from acc_clip.reports.curves import LossCurve
 from acc_clip.errors import AccClipError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

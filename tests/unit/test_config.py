@@ -108,7 +108,7 @@ def test_open_clip_flags_with_values_that_cannot_work_are_one_line_errors(flags,
 
 
 def test_an_augmentation_option_open_clip_does_not_know_is_one_line_at_model_creation():
-    from acc_clip.model import create_model
+    from acc_clip.model.build import create_model
 
     config, _ = parse_config(["--train-data", "x.csv", "--model", f"local-dir:{REPO}/configs/models/tiny-vit",
                               "--aug-cfg", "bogus=1"])

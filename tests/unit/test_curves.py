@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 from PIL import Image
 
-from acc_clip.curves import (
+from acc_clip.reports.curves import (
     FORMAT_METRICS,
     FORMAT_OPEN_CLIP,
     FORMAT_PLAIN,

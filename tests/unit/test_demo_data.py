@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from acc_clip import cli
-from acc_clip.demo_data import BACKGROUNDS, SHAPE_COLOURS, SHAPES, make_demo_data
+from acc_clip.prep.demo_data import BACKGROUNDS, SHAPE_COLOURS, SHAPES, make_demo_data
 from acc_clip.errors import AccClipError
 
 SIZE = (96, 72)

@@ -185,7 +185,7 @@ def test_the_coca_loss_goes_with_coca_models_only(tmp_path_factory):
     silently train without its caption loss: both are one line at model creation."""
     import shutil
 
-    from acc_clip.model import create_model
+    from acc_clip.model.build import create_model
 
     tmp_path = tmp_path_factory.mktemp("models")  # this test's own tmp_path would hold 'coca' (its name)
     clip_in_coca_folder = tmp_path / "coca-experiments" / "tiny-vit"

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from acc_clip.config import parse_config
-from acc_clip.model import create_lr_schedule, create_model, parameter_groups, uses_channels_last
+from acc_clip.model.build import create_lr_schedule, create_model, parameter_groups, uses_channels_last
 from conftest import TINY_COCA, TINY_RN, TINY_VIT, open_clip_cosine_lr
 
 
@@ -98,7 +98,7 @@ def test_force_context_length_reaches_the_tokenizer_too():
     import torch
 
     from acc_clip.config import parse_config
-    from acc_clip.model import create_model
+    from acc_clip.model.build import create_model
     from conftest import TINY_VIT
 
     bundle = create_model(parse_config(["--train-data", "x.csv", "--model", TINY_VIT, "--force-context-length", "16"])[0])
@@ -114,7 +114,7 @@ def test_an_unknown_model_is_a_short_line():
 
     from acc_clip.config import parse_config
     from acc_clip.errors import AccClipError
-    from acc_clip.model import create_model
+    from acc_clip.model.build import create_model
 
     with pytest.raises(AccClipError, match="--model NoSuchModel") as error:
         create_model(parse_config(["--train-data", "x.csv", "--model", "NoSuchModel"])[0])

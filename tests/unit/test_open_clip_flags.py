@@ -125,7 +125,7 @@ def test_every_shared_default_is_open_clip_train_s():
 
 
 def built_optimizer_and_schedule(config, model: torch.nn.Module):
-    from acc_clip.model import create_lr_schedule, create_optimizer
+    from acc_clip.model.build import create_lr_schedule, create_optimizer
 
     optimizer = create_optimizer(model, config, "cpu")
     schedule = create_lr_schedule(optimizer, config, steps_per_epoch=10)
@@ -144,7 +144,7 @@ def open_clip_built(args, model: torch.nn.Module):
         optimizer = create_optimizer_v2(model, args.opt.split("timm/")[-1], lr=args.lr, weight_decay=args.wd,
                                         eps=args.eps, **extra)
     else:
-        from acc_clip.model import is_gain_or_bias  # open_clip_train's rule, asserted against it in test_model.py
+        from acc_clip.model.build import is_gain_or_bias  # open_clip_train's rule, asserted against it in test_model.py
 
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW([{"params": [p for n, p in named if is_gain_or_bias(n, p)], "weight_decay": 0.},

@@ -1,4 +1,4 @@
-"""Contrastive-exact accumulation (acc_clip.step): k micro-batches of b make the same update as one
+"""Contrastive-exact accumulation (acc_clip.train.step): k micro-batches of b make the same update as one
 batch of k*b, at the function level with a real Accelerator on the CPU, a real open_clip model and
 the real CSV pipeline (its EpochBatchSampler gives both runs the same samples); train_step's
 gradient clipping and logit-scale clamp against references computed here; and the trainer counts
@@ -17,9 +17,9 @@ from dist_worker import accelerator_for_cpu, max_difference, run_steps, tiny_con
 from acc_clip.data.common import Batch
 from acc_clip.errors import AccClipError
 from acc_clip.loss import create_objective, total_loss
-from acc_clip.model import LOGIT_SCALE_MAX, create_model
+from acc_clip.model.build import LOGIT_SCALE_MAX, create_model
 from acc_clip.runtime import parallel
-from acc_clip.step import agree_batch_sizes, train_step
+from acc_clip.train.step import agree_batch_sizes, train_step
 from conftest import TINY_COCA, TINY_RN, TINY_VIT, read_metrics, run_trainer, tiny_train_args
 
 

@@ -11,7 +11,7 @@ import pytest
 
 from acc_clip.config import parse_config
 from acc_clip.runtime.run_dir import WANDB_ID_FILE
-from acc_clip.train import start_trackers, train, wandb_init_kwargs
+from acc_clip.train.loop import start_trackers, train, wandb_init_kwargs
 from conftest import TINY_VIT, open_clip_cosine_lr, read_metrics
 
 MICRO_BATCHES_PER_EPOCH = 10  # --train-num-samples 40 at --batch-size 4, one process

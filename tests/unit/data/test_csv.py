@@ -133,7 +133,7 @@ def test_an_image_path_that_is_a_fifo_or_too_large_is_skipped_and_counted_not_re
 def test_reading_a_folder_as_an_image_leaves_no_file_open(tmp_path):
     import os
 
-    from acc_clip.files import ImageFileError, read_image_file
+    from acc_clip.io.files import ImageFileError, read_image_file
 
     before = len(os.listdir("/proc/self/fd"))
     for _ in range(50):

@@ -18,7 +18,7 @@ from torchvision import transforms
 from acc_clip.data import wds as wds_data
 from acc_clip.data.wds import build_wds_loader, expand_shard_urls
 from acc_clip.errors import AccClipError
-from acc_clip.shards.convert import convert_csv_to_shards
+from acc_clip.prep.shards.convert import convert_csv_to_shards
 
 CONTEXT = 24
 

@@ -350,7 +350,7 @@ def val_shards(tmp_path_factory) -> dict[str, str]:
     of the shards without it."""
     import shutil
 
-    from acc_clip.shards.convert import convert_csv_to_shards
+    from acc_clip.prep.shards.convert import convert_csv_to_shards
 
     root = tmp_path_factory.mktemp("val_shards")
     rows = [(write_image(root / f"img{i}.png", seed=100 + i), f"a picture of item {i}") for i in range(VAL_SHARD_ROWS)]

@@ -1,4 +1,4 @@
-"""CSV -> shards conversion (acc_clip.shards): content, bad rows, resume, verify, bad input, and that
+"""CSV -> shards conversion (acc_clip.prep.shards): content, bad rows, resume, verify, bad input, and that
 open_clip's own trainer reads the result."""
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import pytest
 from open_clip_train.data import get_dataset_size
 from PIL import Image
 
-from acc_clip.shards import convert as converter
-from acc_clip.shards.verify import verify_shards
+from acc_clip.prep.shards import convert as converter
+from acc_clip.prep.shards.verify import verify_shards
 from acc_clip.cli import main as cli_main
 from acc_clip.errors import AccClipError
 
@@ -334,7 +334,7 @@ def test_open_clip_trainer_runs_an_epoch_on_the_shards(tmp_path, dataset_csv):
 def test_tar_headers_are_those_python_tarfile_writes(tmp_path):
     """acc_clip writes shard members itself (faster than tarfile); the archive must be byte for byte
     what tarfile writes for the same members with the same fixed metadata."""
-    from acc_clip.shards.tar import finish_tar, write_member
+    from acc_clip.prep.shards.tar import finish_tar, write_member
 
     members = [("000000000.jpg", bytes(range(256)) * 41), ("000000000.txt", "a café".encode()),
                ("000000001.json", b"{}"), ("000000002.txt", b""), ("000000003.txt", b"x" * 512)]
@@ -358,7 +358,7 @@ def test_copy_mode_reads_the_size_pil_reads(tmp_path):
     PIL's for baseline, progressive, grey, CMYK JPEGs, and one with an EXIF thumbnail of another size."""
     from PIL import Image
 
-    from acc_clip.shards.convert import prepare_image
+    from acc_clip.prep.shards.convert import prepare_image
 
     rng = np.random.default_rng(0)
     picture = Image.fromarray(rng.integers(0, 256, (123, 217, 3), dtype=np.uint8))
@@ -381,8 +381,8 @@ def test_copy_mode_reads_the_size_pil_reads(tmp_path):
 def test_oversized_images_and_members_are_refused(tmp_path, images):
     """Copy mode reads sizes from the header, so it applies PIL's decompression-bomb limit itself;
     a member too large for a ustar header is an error, not a corrupt archive."""
-    from acc_clip.shards.convert import BadImage, prepare_image
-    from acc_clip.shards.tar import ustar_header
+    from acc_clip.prep.shards.convert import BadImage, prepare_image
+    from acc_clip.prep.shards.tar import ustar_header
 
     good = open(images[0], "rb").read()
     at = good.find(b"\xff\xc0")

@@ -49,9 +49,9 @@ from tqdm import tqdm
 
 from acc_clip import jpeg
 from acc_clip.data.csv_file import read_csv_columns
-from acc_clip.files import MAX_IMAGE_BYTES, PIL_FORMATS, ImageFileError, file_sha256, read_image_file
+from acc_clip.io.files import MAX_IMAGE_BYTES, PIL_FORMATS, ImageFileError, file_sha256, read_image_file
 from acc_clip.errors import AccClipError
-from acc_clip.shards.tar import finish_tar, write_member
+from acc_clip.prep.shards.tar import finish_tar, write_member
 
 TARGET_SHARD_BYTES = 256 * 2**20
 SAMPLES_PER_SHARD_RANGE = (100, 100_000)

@@ -25,15 +25,15 @@ from acc_clip.data.pixels import decode_encoded_batch, model_input, train_transf
 from acc_clip.errors import AccClipError, user_error_exit_code
 from acc_clip.evaluation.evaluator import Evaluator, format_metrics
 from acc_clip.loss import create_objective
-from acc_clip.metrics import MetricsLogger, StepRecord, setup_logging
-from acc_clip.model import create_lr_schedule, create_model, create_optimizer, uses_channels_last
+from acc_clip.train.metrics import MetricsLogger, StepRecord, setup_logging
+from acc_clip.model.build import create_lr_schedule, create_model, create_optimizer, uses_channels_last
 from acc_clip.runtime import parallel
 from acc_clip.runtime.device import check_bn_sync, host_process_group, make_accelerator, peak_memory_bytes, plan_device
 from acc_clip.runtime.run_dir import (CONFIG_FILE, LOG_FILE, TENSORBOARD_DIR, release_run_lock, run_folder,
                                      wandb_run_id)
 from acc_clip.runtime.signals import PREEMPTED_EXIT_CODE, StopSignal
 from acc_clip.runtime.slurm import batch_script_warning, place_from_slurm
-from acc_clip.step import agree_batch_sizes, train_step
+from acc_clip.train.step import agree_batch_sizes, train_step
 
 log = logging.getLogger(__name__)
 

@@ -8,8 +8,8 @@ import sys
 from typing import Optional
 
 from acc_clip.data.csv_file import parse_separator
-from acc_clip.shards.convert import DEFAULT_QUALITY, convert_csv_to_shards
-from acc_clip.shards.verify import verify_shards
+from acc_clip.prep.shards.convert import DEFAULT_QUALITY, convert_csv_to_shards
+from acc_clip.prep.shards.verify import verify_shards
 
 
 def _convert_main(argv: list[str]) -> int:

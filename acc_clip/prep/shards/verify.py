@@ -13,7 +13,7 @@ from typing import Optional
 from PIL import Image, UnidentifiedImageError
 
 from acc_clip.errors import AccClipError
-from acc_clip.shards.convert import SIZES_NAME, run_jobs
+from acc_clip.prep.shards.convert import SIZES_NAME, run_jobs
 
 
 @dataclass(frozen=True)

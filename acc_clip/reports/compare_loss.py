@@ -17,9 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from acc_clip.curves import LossCurve, ema_smooth, read_loss_curve
+from acc_clip.reports.curves import LossCurve, ema_smooth, read_loss_curve
 from acc_clip.errors import AccClipError
-from acc_clip.plot import save_figure
+from acc_clip.reports.plot import save_figure
 
 VENDOR_RELATIVE_LIMIT = 0.05
 VENDOR_ABSOLUTE_LIMIT = 0.0002

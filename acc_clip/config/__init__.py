@@ -18,7 +18,7 @@ from typing import Any, Optional, get_type_hints
 
 import yaml
 
-from acc_clip.files import MAX_IMAGE_BYTES
+from acc_clip.io.files import MAX_IMAGE_BYTES
 from acc_clip.errors import AccClipError
 
 PRECISIONS = ("amp", "amp_bf16", "amp_bfloat16", "bf16", "fp16", "pure_bf16", "pure_fp16", "fp32")  # open_clip's

@@ -14,7 +14,7 @@ from typing import Optional, Sequence
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from acc_clip.curves import ema_smooth, read_metrics
+from acc_clip.reports.curves import ema_smooth, read_metrics
 from acc_clip.runtime.run_dir import METRICS_FILE
 from acc_clip.errors import AccClipError
 

@@ -27,7 +27,7 @@ import torch
 from acc_clip.data.common import Batch
 from acc_clip.errors import AccClipError
 from acc_clip.loss import PER_MODEL_OUTPUTS, Objective, model_rows, total_loss
-from acc_clip.model import clamp_logit_scale
+from acc_clip.model.build import clamp_logit_scale
 from acc_clip.runtime import parallel
 
 MicroBatch = tuple[torch.Tensor, torch.Tensor]  # (images, texts) on the device

@@ -1,0 +1,1 @@
+"""Files: bounded image reads and hashes (files.py), JPEG headers (jpeg.py)."""
