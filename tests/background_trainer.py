@@ -13,7 +13,8 @@ import time
 from pathlib import Path
 from typing import Callable, Optional
 
-from acc_clip.checkpoint.format import MANIFEST, complete_checkpoints
+from acc_clip.checkpoint.folders import complete_checkpoints
+from acc_clip.io.sealed import MANIFEST
 from conftest import REPO
 
 ACCELERATE = shutil.which("accelerate", path=os.path.dirname(sys.executable))

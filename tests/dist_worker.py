@@ -17,15 +17,17 @@ from typing import Optional
 
 import torch
 
-from acc_clip.config import SIGLIP_DIST_IMPLS, TrainConfig, parse_config
 from acc_clip.data import build_train_data
 from acc_clip.data.pixels import train_transform
-from acc_clip.loss import create_objective
-from acc_clip.model.build import create_model, create_optimizer, uses_channels_last
+from acc_clip.loss import create_objective, model_overrides
+from acc_clip.loss.siglip import DIST_IMPLS as SIGLIP_DIST_IMPLS
+from acc_clip.model.build import create_model, uses_channels_last
+from acc_clip.model.optim import create_optimizer
 from acc_clip.runtime import parallel
 from acc_clip.runtime.device import host_process_group, make_accelerator, plan_device
-from acc_clip.train.step import agree_batch_sizes, train_step
+from acc_clip.train.config import TrainConfig, parse_train_config
 from acc_clip.train.loop import to_device
+from acc_clip.train.step import agree_batch_sizes, train_step
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_VIT = f"local-dir:{REPO / 'configs' / 'models' / 'tiny-vit'}"
@@ -87,7 +89,7 @@ def reference_of(scenario: str) -> tuple[int, tuple[str, ...]]:
 
 
 def tiny_config(train_csv, *extra: str, model: str = TINY_VIT) -> TrainConfig:
-    config, _ = parse_config(["--train-data", str(train_csv), "--csv-separator", ",", "--model", model,
+    config, _ = parse_train_config(["--train-data", str(train_csv), "--csv-separator", ",", "--model", model,
                               "--workers", "0", "--precision", "fp32", "--device", "cpu", "--lr", "1e-3",
                               "--warmup", "0", "--wd", "0.1", *extra])
     return config
@@ -140,17 +142,18 @@ def run_steps(config: TrainConfig, accelerator, steps: int, *, optimizer_name: s
     rank lose its last sample of every micro-batch, as if it were corrupt. `after_prepare`: an object whose
     install(model) is called on the wrapped model and end_step() after each step (a communication counter)."""
     rank, world_size = accelerator.process_index, accelerator.num_processes
-    bundle = create_model(config)
+    bundle = create_model(config.model, precision=config.runtime.precision, seed=config.runtime.seed,
+                          **model_overrides(config))
     # The trainer's own image path: uint8 crops from the loader, normalised on the device.
     image_transform = train_transform(bundle.preprocess_train, decode_on_device=False, device=accelerator.device)
-    data = build_train_data(config, image_transform, bundle.tokenizer, rank=rank, world_size=world_size,
-                            pin_memory=False)
+    data = build_train_data(config, image_transform, bundle.tokenizer, seed=config.runtime.seed, rank=rank,
+                            world_size=world_size, pin_memory=False)
     model = bundle.model
-    channels_last = uses_channels_last(model, config.channels_last)
+    channels_last = uses_channels_last(model, config.model.channels_last)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     if optimizer_name == "adamw":
-        optimizer = create_optimizer(model, config, "cpu")
+        optimizer = create_optimizer(model, config.optimizer, "cpu")
     else:  # plain SGD: the update is the gradient itself, so any gradient scale error shows
         optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
     model, optimizer = parallel.prepare(accelerator, model, optimizer, sync_batch_norm=False, compile_model=False)
@@ -164,7 +167,7 @@ def run_steps(config: TrainConfig, accelerator, steps: int, *, optimizer_name: s
     losses, trimmed = [], 0
     model.train()
     for _ in range(steps):
-        micro_batches = [next(batches) for _ in range(config.accum_freq)]
+        micro_batches = [next(batches) for _ in range(config.training.accum_freq)]
         if drop_on_rank == rank:
             micro_batches = [b._replace(images=b.images[:-1], texts=b.texts[:-1], indices=b.indices[:-1],
                                         num_bad=b.num_bad + 1) for b in micro_batches]

@@ -34,7 +34,7 @@ def _counting_checkpoint(*args, **kwargs):
 torch.utils.checkpoint.checkpoint = _counting_checkpoint
 
 import acc_clip.train.loop as train  # noqa: E402
-from acc_clip.errors import AccClipError, user_error_exit_code  # noqa: E402
+from acc_clip.errors import run_command  # noqa: E402
 from acc_clip.runtime import parallel  # noqa: E402
 
 _prepare_model = train.prepare_model  # an AttributeError here means the probe needs updating
@@ -64,8 +64,4 @@ if __name__ == "__main__":
     if argv[:2] == ["-m", "acc_clip.train"]:
         argv = argv[2:]
     atexit.register(_write_record)
-    try:
-        sys.exit(train.main(argv))
-    except AccClipError as error:  # as acc_clip.train's own __main__
-        print(f"error: {error}", file=sys.stderr)
-        sys.exit(user_error_exit_code())
+    sys.exit(run_command(train.main, argv))  # as acc_clip.train's own __main__

@@ -6,14 +6,19 @@ it is)."""
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-from typing import Optional
+from dataclasses import dataclass
+from typing import ClassVar, Optional
 
-from acc_clip.errors import AccClipError
-from acc_clip.checkpoint.format import (OPTIMIZER_FILE, SCALER_FILE, Progress, atomic_torch_save, load_if_present,
-                                        open_clip_checkpoint, read_manifest, step_weights)
+from acc_clip.checkpoint.folders import OPTIMIZER_FILE, SCALER_FILE, Progress, load_if_present, read_manifest
+from acc_clip.checkpoint.manager import save_torch
+from acc_clip.config.parsing import parse
+from acc_clip.config.schema import REQUIRED, Section, option
+from acc_clip.errors import UsageError
+from acc_clip.model.build import initialise_coca_decoder_projection, local_dir_folder
+from acc_clip.model.options import LOCAL_DIR, with_model_options
+from acc_clip.model.weights import open_clip_checkpoint, step_weights
 
 
 def export_checkpoint(checkpoint: str, out: str) -> str:
@@ -27,7 +32,7 @@ def export_checkpoint(checkpoint: str, out: str) -> str:
     progress = Progress(**manifest["progress"])
     steps_per_epoch = manifest.get("data", {}).get("steps_per_epoch")
     completed = progress.epoch + int(steps_per_epoch is not None and progress.step_in_epoch == steps_per_epoch)
-    atomic_torch_save(open_clip_checkpoint(weights, optimizer_state, scaler_state, completed, manifest["name"]), out)
+    save_torch(open_clip_checkpoint(weights, optimizer_state, scaler_state, completed, manifest["name"]), out)
     return (f"wrote {out}: model {manifest['model']}, {completed} epoch(s) completed, global step "
             f"{progress.global_step}")
 
@@ -41,8 +46,6 @@ def open_clip_config(model_name: str, state_dict: dict) -> dict:
     (--siglip) gets `init_logit_bias` so that open_clip builds the parameter its weights fill."""
     import open_clip
 
-    from acc_clip.model.build import local_dir_folder
-
     folder = local_dir_folder(model_name, "export: the checkpoint's model")
     if folder is not None:
         with open(os.path.join(folder, LOCAL_DIR_CONFIG)) as file:
@@ -50,36 +53,11 @@ def open_clip_config(model_name: str, state_dict: dict) -> dict:
     else:
         model_cfg = open_clip.get_model_config(model_name)
         if model_cfg is None:
-            raise AccClipError(f"export: open_clip has no model config named {model_name!r}")
+            raise UsageError(f"export: open_clip has no model config named {model_name!r}")
         config = {"model_cfg": model_cfg,
                   "preprocess_cfg": open_clip.get_model_preprocess_cfg(open_clip.create_model(model_name))}
     if "logit_bias" in state_dict and "init_logit_bias" not in config["model_cfg"]:
         config["model_cfg"] = {**config["model_cfg"], "init_logit_bias": float(state_dict["logit_bias"])}
-    return config
-
-
-# --force-* / --image-* options of a run -> where open_clip's config keeps them (as its create_model applies them).
-MODEL_CFG_OPTIONS = {"force_quick_gelu": ("quick_gelu",), "force_custom_text": ("custom_text",),
-                     "force_image_size": ("vision_cfg", "image_size"), "force_patch_dropout": ("vision_cfg", "patch_dropout"),
-                     "force_context_length": ("text_cfg", "context_length")}
-PREPROCESS_OPTIONS = {"image_mean": "mean", "image_std": "std", "image_interpolation": "interpolation",
-                      "image_resize_mode": "resize_mode"}
-MODEL_OPTIONS = (*MODEL_CFG_OPTIONS, *PREPROCESS_OPTIONS)  # recorded in each checkpoint's manifest
-
-
-def with_model_options(config: dict, options: dict) -> dict:
-    """open_clip_config.json's content with the run's model options (the checkpoint manifest's
-    `model_options`) written in, so that the folder alone builds the model that was trained."""
-    config = json.loads(json.dumps(config))  # a copy
-    for key, value in options.items():
-        if key in MODEL_CFG_OPTIONS and value:
-            *parents, leaf = MODEL_CFG_OPTIONS[key]
-            section = config["model_cfg"]
-            for parent in parents:
-                section = section.setdefault(parent, {})
-            section[leaf] = value[0] if key == "force_image_size" and len(value) == 1 else value
-        elif key in PREPROCESS_OPTIONS and value is not None:
-            config.setdefault("preprocess_cfg", {})[PREPROCESS_OPTIONS[key]] = value
     return config
 
 
@@ -88,10 +66,8 @@ def write_local_dir(model_name: str, state_dict: dict, out: str, model_options: 
     place, so a folder at `out` is whole); returns its local-dir: name. `out` must not exist."""
     from safetensors.torch import save_file
 
-    from acc_clip.model.build import LOCAL_DIR
-
     if os.path.exists(out):
-        raise AccClipError(f"export: {out} exists; give a new folder")
+        raise UsageError(f"export: {out} exists; give a new folder")
     config = with_model_options(open_clip_config(model_name, state_dict), model_options or {})
     partial = f"{out}.partial-{os.getpid()}"
     os.makedirs(partial)
@@ -116,8 +92,6 @@ def write_seeded_local_dir(model_name: str, out: str, seed: int) -> str:
     import open_clip
     import torch
 
-    from acc_clip.model.build import initialise_coca_decoder_projection
-
     torch.manual_seed(seed)
     model = open_clip.create_model(model_name)
     initialise_coca_decoder_projection(model)
@@ -127,14 +101,18 @@ def write_seeded_local_dir(model_name: str, out: str, seed: int) -> str:
 FORMATS = {"epoch": export_checkpoint, "local-dir": export_local_dir}
 
 
+@dataclass
+class ExportOptions(Section):
+    title: ClassVar[str] = "export"
+    checkpoint: str = option(REQUIRED, "a checkpoints/step_NNNNNNNN folder", positional=True)
+    out: str = option(REQUIRED, "the .pt file (epoch) or the new folder (local-dir) to write")
+    format: str = option("epoch", "epoch: an open_clip epoch_N.pt; local-dir: open_clip_config.json and "
+                                  "open_clip_model.safetensors, loaded as local-dir:OUT", choices=tuple(sorted(FORMATS)))
+
+
 def main(argv: list[str]) -> int:
     """`acc-clip export CHECKPOINT --out OUT [--format epoch|local-dir]`: a step checkpoint for open_clip."""
-    parser = argparse.ArgumentParser(prog="acc-clip export", description=main.__doc__)
-    parser.add_argument("checkpoint", help="a checkpoints/step_NNNNNNNN folder")
-    parser.add_argument("--out", required=True, help="the .pt file (epoch) or the new folder (local-dir) to write")
-    parser.add_argument("--format", choices=sorted(FORMATS), default="epoch",
-                        help="epoch: an open_clip epoch_N.pt; local-dir: open_clip_config.json and "
-                             "open_clip_model.safetensors, loaded as local-dir:OUT")
-    args = parser.parse_args(argv)
-    print(FORMATS[args.format](args.checkpoint, args.out))
+    options = parse(argv, [ExportOptions], prog="acc-clip export", description=main.__doc__ or "",
+                    train=False)[ExportOptions]
+    print(FORMATS[options.format](options.checkpoint, options.out))
     return 0

@@ -1,6 +1,6 @@
 """Checkpoints a user can trust: atomic step checkpoints on Accelerate's save_state/load_state,
-exact mid-epoch resume, and open_clip `epoch_N.pt` files at epoch ends. The on-disk format is in
-format.py; the test-only hooks in debug.py.
+exact mid-epoch resume, and open_clip `epoch_N.pt` files at epoch ends. The folders' format is in
+folders.py; the weights' formats in model/weights.py.
 
 Commit. A save is written to `checkpoints/.tmp-step_NNNNNNNN/` and renamed into place only after
 the manifest is written, so a folder without a manifest is never resumed from; partial folders
@@ -19,35 +19,72 @@ import logging
 import os
 import re
 import time
-from dataclasses import asdict
-from typing import Optional
+from dataclasses import asdict, dataclass, field
+from typing import Any, ClassVar, Optional
 
-from acc_clip.checkpoint import debug
-from acc_clip.checkpoint.format import (FORMAT_VERSION, MANIFEST, TMP_PREFIX, WEIGHTS_FILE, Progress,
-                                        atomic_torch_save, commit_folder, complete_checkpoints, folder_bytes,
-                                        folder_hashes, fsync_folder, load_safetensors_weights, load_weights,
-                                        newest_intact_checkpoint, open_clip_checkpoint, plain_key, read_manifest,
-                                        remove_path, restore_moved_aside, save_failure, state_bytes, step_name)
-from acc_clip.checkpoint.format import checkpoint_files, is_sharded_checkpoint  # FSDP's sharded checkpoints
-from acc_clip.checkpoint.export import MODEL_OPTIONS
-from acc_clip.config import TrainConfig
-from acc_clip.errors import AccClipError, attempt, describe_error, one_line
+import torch
+
+from acc_clip.checkpoint.folders import (FORMAT_VERSION, TMP_PREFIX, Progress, commit_folder, complete_checkpoints,
+                                         newest_intact_checkpoint, read_manifest, restore_moved_aside, step_name)
+from acc_clip.config.schema import NON_NEGATIVE, POSITIVE, Section, option
+from acc_clip.errors import (KINDS, CheckpointError, DivergedError, ResourceError, UsageError, attempt, kind_name,
+                             one_line)
+from acc_clip.io.atomic import fsync_folder, remove_path, save_failure, write_atomically
+from acc_clip.io.sealed import folder_bytes, seal
+from acc_clip.model.weights import (WEIGHTS_FILE, is_sharded_checkpoint, load_safetensors_weights, load_weights,
+                                    open_clip_checkpoint, plain_key, tensor_bytes)
 from acc_clip.runtime import parallel
+from acc_clip.runtime.faults import fault_point
 from acc_clip.runtime.parallel import full_state_dict, unwrap
 from acc_clip.runtime.run_dir import CHECKPOINTS_DIR, METRICS_FILE, SAMPLES_FILE, run_id
 
 log = logging.getLogger(__name__)
 
 
+@dataclass
+class CheckpointOptions(Section):
+    title: ClassVar[str] = "checkpoint"
+    save_frequency: int = option(1, "save every N epochs (0: never)", domain=NON_NEGATIVE, train_only=True)
+    save_every_n_steps: int = option(0, "also save every N optimizer steps (0: never)", domain=NON_NEGATIVE,
+                                     train_only=True)
+    keep_checkpoints: int = option(0, "keep only the newest K step checkpoints (0: keep all)", domain=NON_NEGATIVE,
+                                   train_only=True)
+    save_most_recent: bool = option(False, "also keep an epoch_latest.pt", train_only=True)
+    delete_previous_checkpoint: bool = option(False, "delete the previous epoch_N.pt after saving a new one",
+                                              train_only=True)
+    resume: Optional[str] = option(None, "'latest', a checkpoint folder, or an open_clip epoch_N.pt", train_only=True)
+    remote_sync: Optional[str] = option(None, "copy the run folder to this fsspec URL in the background",
+                                        train_only=True)
+    remote_sync_frequency: int = option(300, "seconds between remote copies", domain=POSITIVE, train_only=True)
+    remote_sync_protocol: str = option("s3", "s3 or fsspec", choices=("s3", "fsspec"), train_only=True)
+
+
+@dataclass
+class RunRecord:
+    """What a run's checkpoints record beyond its progress, given by the training loop: the run's name and
+    epochs, what it trains (the model, its recorded options, the objective's identity) and the settings the
+    data order depends on."""
+
+    name: str
+    epochs: int
+    model: str
+    model_options: dict[str, Any] = field(default_factory=dict)
+    objective: dict[str, Any] = field(default_factory=dict)
+    seed: int = 0
+    batch_size: int = 1
+    accum_freq: int = 1
+    train_data: Optional[str] = None
+
+
 class CheckpointManager:
     """Saves and resumes one run. All processes call every method (saves are collective)."""
 
-    def __init__(self, run_dir: str, config: TrainConfig, accelerator):
+    def __init__(self, run_dir: str, options: CheckpointOptions, record: RunRecord, accelerator):
         self.run_dir = run_dir
         self.directory = os.path.join(run_dir, CHECKPOINTS_DIR)
-        self.config = config
+        self.options, self.record = options, record
         self.accelerator = accelerator
-        self.global_batch = config.batch_size * config.accum_freq * accelerator.num_processes
+        self.global_batch = record.batch_size * record.accum_freq * accelerator.num_processes
         self.steps_per_epoch: Optional[int] = None  # known once `resume` is called
         self.remote = None
         self._raise_agreed(attempt(self._prepare_folder) if accelerator.is_main_process else None)
@@ -64,13 +101,13 @@ class CheckpointManager:
             if name.startswith(TMP_PREFIX):
                 log.info("removing %s, a save that was interrupted", name)
                 remove_path(os.path.join(self.directory, name))
-        if self.config.remote_sync:
-            from acc_clip.checkpoint.remote_sync import RemoteSync
+        options = self.options
+        if options.remote_sync:
+            from acc_clip.checkpoint.remote_sync import RemoteSync  # fsspec, only for runs that copy
 
-            config = self.config
-            self.remote = RemoteSync(self.run_dir, config.remote_sync, config.remote_sync_protocol,
-                                     config.remote_sync_frequency, prune=config.keep_checkpoints > 0)
-            self.remote.claim(may_adopt=config.resume == "latest" and not complete_checkpoints(self.directory))
+            self.remote = RemoteSync(self.run_dir, options.remote_sync, options.remote_sync_protocol,
+                                     options.remote_sync_frequency, prune=options.keep_checkpoints > 0)
+            self.remote.claim(may_adopt=options.resume == "latest" and not complete_checkpoints(self.directory))
 
     # resume -----------------------------------------------------------------------------------
     def resume(self, model, optimizer, steps_per_epoch: int) -> Progress:
@@ -87,7 +124,7 @@ class CheckpointManager:
         return progress
 
     def _restore(self, model, optimizer) -> Progress:
-        target = self.config.resume
+        target = self.options.resume
         if target is None:
             return Progress()
         if target == "latest":
@@ -114,34 +151,28 @@ class CheckpointManager:
                 answer[1] = one_line(error)
         broadcast_object_list(answer)
         if answer[1] is not None:
-            raise AccClipError(answer[1])
+            raise CheckpointError(answer[1])
         return answer[0]
-
-    def _objective(self) -> dict:
-        """What the run trains on, beyond the weights: resuming with another objective would change the
-        training silently (the weights alone load either way)."""
-        from acc_clip.loss import objective_name
-
-        return {"name": objective_name(self.config), "siglip": self.config.siglip,
-                "distill_model": self.config.distill_model}
 
     def _resume_folder(self, path: str, manifest: dict) -> Progress:
         """Resume from a checkpoint folder whose `manifest` was read and checked (see `_on_main_process`)."""
+        # What the run trains on, beyond the weights: resuming with another objective would change the
+        # training silently (the weights alone load either way).
         saved = manifest.get("objective")  # absent from checkpoints written before it was recorded
-        if saved is not None and saved != self._objective():
-            raise AccClipError(f"--resume {path}: saved by a run training {saved}, this run trains "
-                               f"{self._objective()}; resume with the flags it was saved with")
-        if manifest.get("model") != self.config.model:
+        if saved is not None and saved != self.record.objective:
+            raise UsageError(f"--resume {path}: saved by a run training {saved}, this run trains "
+                             f"{self.record.objective}; resume with the flags it was saved with")
+        if manifest.get("model") != self.record.model:
             log.warning("--resume %s: saved from model %r, this run names %r; loading as the weights' shapes agree",
-                        path, manifest.get("model"), self.config.model)
+                        path, manifest.get("model"), self.record.model)
         self._warn_if_data_differs(path, manifest.get("data", {}))
         self._raise_agreed(attempt(self._check_random_states, path))
         try:
             self.accelerator.load_state(path)
-        except AccClipError:
+        except (UsageError, CheckpointError):
             raise
         except Exception as error:  # torch and pickle raise many types for damaged files
-            raise AccClipError(f"--resume {path}: cannot load: {describe_error(error)}") from None
+            raise CheckpointError(f"--resume {path}: cannot load: {one_line(error)}") from None
         progress = Progress(**manifest["progress"])
         log.info("resumed from %s: epoch %d, step %d of the epoch, global step %d, %d samples seen", path,
                  progress.epoch, progress.step_in_epoch, progress.global_step, progress.samples_seen)
@@ -167,7 +198,7 @@ class CheckpointManager:
         try:
             load(rng_file)
         except Exception as error:  # torch and pickle raise many types for a damaged or foreign file
-            raise AccClipError(f"--resume {path}: cannot read {os.path.basename(rng_file)} ({type(error).__name__}); "
+            raise CheckpointError(f"--resume {path}: cannot read {os.path.basename(rng_file)} ({type(error).__name__}); "
                                "the run's random streams could not be restored exactly") from None
 
     def _warn_if_data_differs(self, path: str, saved: dict) -> None:
@@ -197,10 +228,10 @@ class CheckpointManager:
         sharded are refused in one line. Returns whether Accelerate loads the weights."""
         sharded_run, sharded_save = parallel.is_fsdp(self.accelerator), is_sharded_checkpoint(input_dir)
         if sharded_save and not sharded_run:
-            raise AccClipError(f"--resume {input_dir}: a sharded (FSDP) checkpoint; resume it under an FSDP launch "
+            raise UsageError(f"--resume {input_dir}: a sharded (FSDP) checkpoint; resume it under an FSDP launch "
                                "config (launch/fsdp.yaml, any number of processes)")
         if sharded_run and not sharded_save:
-            raise AccClipError(f"--resume {input_dir}: a DDP or one-process checkpoint; resume it without the FSDP "
+            raise UsageError(f"--resume {input_dir}: a DDP or one-process checkpoint; resume it without the FSDP "
                                "launch config")
         return sharded_run
 
@@ -208,7 +239,7 @@ class CheckpointManager:
         """An open_clip epoch_N.pt (or a bare state dict): weights, plus optimizer and scaler when
         present; training goes on with epoch N, the learning rate where open_clip's would be."""
         if parallel.is_fsdp(self.accelerator):
-            raise AccClipError(f"--resume {path}: an open_clip checkpoint cannot be resumed under the FSDP launch "
+            raise UsageError(f"--resume {path}: an open_clip checkpoint cannot be resumed under the FSDP launch "
                                "config yet; resume a step checkpoint folder, or start from it without FSDP")
         saved = load_weights(unwrap(model), path, "--resume")
         try:
@@ -217,7 +248,7 @@ class CheckpointManager:
             if "scaler" in saved and self.accelerator.scaler is not None:
                 self.accelerator.scaler.load_state_dict(saved["scaler"])
         except (ValueError, KeyError, RuntimeError) as error:
-            raise AccClipError(f"--resume {path}: its optimizer state does not fit this model's parameter "
+            raise CheckpointError(f"--resume {path}: its optimizer state does not fit this model's parameter "
                                f"groups ({str(error).splitlines()[0]})") from None
         epoch = int(saved.get("epoch", 0))
         global_step = epoch * self.steps_per_epoch
@@ -226,7 +257,7 @@ class CheckpointManager:
 
     # save -------------------------------------------------------------------------------------
     def step_save_due(self, progress: Progress) -> bool:
-        every = self.config.save_every_n_steps
+        every = self.options.save_every_n_steps
         return every > 0 and progress.global_step % every == 0
 
     def save(self, model, optimizer, progress: Progress) -> str:
@@ -241,15 +272,16 @@ class CheckpointManager:
             remove_path(partial)
         self.accelerator.wait_for_everyone()
         failure = self._agreed_failure(attempt(self.accelerator.save_state, partial))  # also waits for all
+        commit_failure = None
         if failure is None and self.accelerator.is_main_process:
-            debug.kill_if_asked_before_commit(progress.global_step)
-            failure = attempt(self._commit, partial, final, progress)
-        failure = self._agreed_failure(failure)
+            fault_point("before_commit", progress.global_step)
+            commit_failure = attempt(self._commit, partial, final, progress)
+        failure = failure or self._agreed_failure(commit_failure)
         if failure is not None:
             if self.accelerator.is_main_process:
                 remove_path(partial)
-            raise AccClipError(save_failure(f"checkpoint {name}", self.directory, failure,
-                                            state_bytes(model, optimizer)))
+            raise ResourceError(save_failure(f"checkpoint {name}", self.directory, failure[1],
+                                             state_bytes(model, optimizer)))
         if self.accelerator.is_main_process:
             log.info("saved checkpoint %s (%.1f MB, %.2f s)", final, folder_bytes(final) / 1e6,
                      time.perf_counter() - started)
@@ -258,62 +290,60 @@ class CheckpointManager:
     def _commit(self, partial: str, final: str, progress: Progress) -> None:
         self._write_manifest(partial, progress)
         fsync_folder(partial)
-        commit_folder(partial, final)
+        commit_folder(partial, final, progress.global_step)
         self._prune(keep=final)
 
-    def _agreed_failure(self, failure: Optional[BaseException]) -> Optional[str]:
-        """The first process's failure in one line (errors.one_line), the same on every process; None when
-        all succeeded. Every process must call it: a process that stopped alone would hang the others."""
+    def _agreed_failure(self, failure: Optional[BaseException]) -> Optional[tuple[str, str]]:
+        """The first process's failure as (its kind, one line), the same on every process; None when all
+        succeeded. Every process must call it: a process that stopped alone would hang the others."""
         from accelerate.utils import gather_object
 
-        described = None if failure is None else one_line(failure)
+        described = None if failure is None else (kind_name(failure, CheckpointError), one_line(failure))
         if self.accelerator.num_processes == 1:
             return described
         return next((each for each in gather_object([described]) if each is not None), None)
 
     def _raise_agreed(self, failure: Optional[BaseException]) -> None:
-        """After a step some processes took alone: every process raises the first failure, or none does."""
+        """After a step some processes took alone: every process raises the first failure, of its kind, or
+        none does."""
         agreed = self._agreed_failure(failure)
         if agreed is not None:
-            raise AccClipError(agreed)
+            raise KINDS[agreed[0]](agreed[1])
 
     def _refuse_non_finite(self, model, progress: Progress) -> None:
         # The processes vote (under FSDP each holds another shard), so all of them stop here together.
         if not parallel.weights_are_finite(model, self.accelerator):
-            raise AccClipError(f"the weights are not finite after step {progress.global_step} (epoch "
+            raise DivergedError(f"the weights are not finite after step {progress.global_step} (epoch "
                                f"{progress.epoch}): not saving them; the last checkpoint saved before is kept "
                                "(resume with --resume latest, perhaps with a lower --lr or --grad-clip-norm)")
 
     def _data_settings(self) -> dict:
-        world_size = self.accelerator.num_processes
-        return {"seed": self.config.seed, "batch_size": self.config.batch_size, "world_size": world_size,
-                "global_micro_batch": self.config.batch_size * world_size, "accum_freq": self.config.accum_freq,
-                "steps_per_epoch": self.steps_per_epoch, "train_data": self.config.train_data}
+        world_size, record = self.accelerator.num_processes, self.record
+        return {"seed": record.seed, "batch_size": record.batch_size, "world_size": world_size,
+                "global_micro_batch": record.batch_size * world_size, "accum_freq": record.accum_freq,
+                "steps_per_epoch": self.steps_per_epoch, "train_data": record.train_data}
 
     def _write_manifest(self, folder: str, progress: Progress) -> None:
-        manifest = {
+        record = self.record
+        seal(folder, {
             "format": FORMAT_VERSION,
-            "model": self.config.model,
-            "objective": self._objective(),
+            "model": record.model,
+            "objective": record.objective,
             # what changes the architecture or preprocessing beyond the model's config (export writes them in)
-            "model_options": {key: getattr(self.config, key) for key in MODEL_OPTIONS if getattr(self.config, key)},
-            "name": self.config.name,
+            "model_options": record.model_options,
+            "name": record.name,
             "run_id": run_id(self.run_dir),  # which run saved it: remote sync prunes and fetches only its own
             "progress": asdict(progress),
             # the position in the epoch's rebuilt order: micro-batches each process has consumed
-            "data": {"epoch": progress.epoch, "next_micro_batch": progress.step_in_epoch * self.config.accum_freq,
+            "data": {"epoch": progress.epoch, "next_micro_batch": progress.step_in_epoch * record.accum_freq,
                      **self._data_settings()},
-            "files": checkpoint_files(folder),
-            "sha256": folder_hashes(folder),
             "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        }
-        with open(os.path.join(folder, MANIFEST), "w") as file:
-            json.dump(manifest, file, indent=1)
+        })
 
     def _prune(self, keep: str) -> None:
         """--keep-checkpoints K: remove all but the K newest, never `keep` (the checkpoint just saved, which
         is older than some when a run resumed from an older one)."""
-        count = self.config.keep_checkpoints
+        count = self.options.keep_checkpoints
         if count > 0:
             for old in complete_checkpoints(self.directory)[:-count]:
                 if old != keep:
@@ -322,9 +352,9 @@ class CheckpointManager:
     def end_of_epoch(self, model, optimizer, progress: Progress) -> None:
         """Epoch saves as open_clip makes them (`epoch_N.pt`), then a full step checkpoint. The export
         comes first: a crash between the two resumes from before the epoch's end and exports again."""
-        completed, config = progress.epoch, self.config
-        due = completed == config.epochs or (config.save_frequency > 0 and completed % config.save_frequency == 0)
-        if not (due or config.save_most_recent):
+        completed, options = progress.epoch, self.options
+        due = completed == self.record.epochs or (options.save_frequency > 0 and completed % options.save_frequency == 0)
+        if not (due or options.save_most_recent):
             return
         self._refuse_non_finite(model, progress)
         main = self.accelerator.is_main_process
@@ -335,18 +365,27 @@ class CheckpointManager:
 
     def _write_epoch_files(self, weights: dict, optimizer_state: Optional[dict], completed: int, due: bool) -> None:
         """Main process: `epoch_N.pt` when due, `epoch_latest.pt` with --save-most-recent."""
-        config, scaler = self.config, self.accelerator.scaler
+        options, scaler = self.options, self.accelerator.scaler
         exported = open_clip_checkpoint(weights, optimizer_state, scaler.state_dict() if scaler is not None else None,
-                                        completed, config.name)
+                                        completed, self.record.name)
         if due:
-            atomic_torch_save(exported, os.path.join(self.directory, f"epoch_{completed}.pt"))
-            if config.delete_previous_checkpoint:
+            save_torch(exported, os.path.join(self.directory, f"epoch_{completed}.pt"))
+            if options.delete_previous_checkpoint:
                 # open_clip removes epoch_{N-1}.pt, even when it never saved one (--save-frequency > 1)
                 # and after an epoch that saved nothing; here: the older epoch files, once a new one exists.
                 for older in _epoch_files(self.directory, before=completed):
                     os.remove(older)
-        if config.save_most_recent:
-            atomic_torch_save(exported, os.path.join(self.directory, "epoch_latest.pt"))
+        if options.save_most_recent:
+            save_torch(exported, os.path.join(self.directory, "epoch_latest.pt"))
+
+
+def save_torch(obj: dict, path: str) -> None:
+    """torch.save, atomically (io/atomic.py): `path` holds the old file or the new one."""
+    write_atomically(path, lambda partial: torch.save(obj, partial), needed_bytes=tensor_bytes(obj))
+
+
+def state_bytes(model, optimizer) -> int:
+    return tensor_bytes(model.state_dict()) + tensor_bytes(optimizer.state_dict())
 
 
 def _epoch_files(directory: str, before: int) -> list[str]:
@@ -372,10 +411,7 @@ def rewind_jsonl(path: str, global_step: int) -> None:
         lines = file.readlines()
     kept = [line for line in lines if _record_step(line) < global_step]
     if len(kept) != len(lines):
-        partial = path + ".tmp"
-        with open(partial, "w") as file:
-            file.writelines(kept)
-        os.replace(partial, path)
+        write_atomically(path, "".join(kept))
         log.info("%s: dropped %d record(s) of steps from %d on, which are trained again", os.path.basename(path),
                  len(lines) - len(kept), global_step)
 

@@ -30,8 +30,9 @@ import os
 import threading
 from typing import Optional
 
-from acc_clip.checkpoint.format import MANIFEST, STEP_PREFIX, TMP_PREFIX, checkpoint_files, complete_checkpoints
-from acc_clip.errors import AccClipError, describe_error
+from acc_clip.checkpoint.folders import STEP_PREFIX, TMP_PREFIX, complete_checkpoints
+from acc_clip.errors import ResourceError, UsageError, describe_error
+from acc_clip.io.sealed import MANIFEST, list_files
 from acc_clip.runtime.run_dir import CHECKPOINTS_DIR, METRICS_FILE, RUN_ID_FILE, adopt_run_id, run_id
 
 log = logging.getLogger(__name__)
@@ -43,16 +44,16 @@ def open_remote(url: str, protocol: str):
 
     if protocol == "s3":
         if not url.startswith("s3://"):
-            raise AccClipError(f"--remote-sync {url}: --remote-sync-protocol s3 needs an s3:// URL "
+            raise UsageError(f"--remote-sync {url}: --remote-sync-protocol s3 needs an s3:// URL "
                                "(use --remote-sync-protocol fsspec for other storage)")
         if importlib.util.find_spec("s3fs") is None:
-            raise AccClipError("--remote-sync-protocol s3 needs the s3fs package, which is not installed")
+            raise ResourceError("--remote-sync-protocol s3 needs the s3fs package, which is not installed")
     elif protocol != "fsspec":
-        raise AccClipError(f"--remote-sync-protocol {protocol!r}: expected s3 or fsspec")
+        raise UsageError(f"--remote-sync-protocol {protocol!r}: expected s3 or fsspec")
     try:
         fs, root = fsspec.core.url_to_fs(url)
     except (ValueError, ImportError) as error:
-        raise AccClipError(f"--remote-sync {url}: fsspec cannot open it ({error})") from None
+        raise ResourceError(f"--remote-sync {url}: fsspec cannot open it ({error})") from None
     return fs, root.rstrip("/")
 
 
@@ -91,7 +92,7 @@ class RemoteSync:
             adopt_run_id(self.run_dir, owner)
             self.run_id = owner
         else:
-            raise AccClipError(f"--remote-sync: {self.remote_dir} holds another run's copy (run id {owner}; this "
+            raise UsageError(f"--remote-sync: {self.remote_dir} holds another run's copy (run id {owner}; this "
                                f"run's is {self.run_id}, in {os.path.join(self.run_dir, RUN_ID_FILE)}): pick "
                                "another --name, or continue that run with --resume latest from a new run folder")
 
@@ -188,7 +189,7 @@ class RemoteSync:
 
     def _copy_checkpoint(self, folder: str) -> int:
         try:
-            names = list(checkpoint_files(folder))  # relative paths: a sharded checkpoint has sub-folders
+            names = list(list_files(folder))  # relative paths: a sharded checkpoint has sub-folders
             for name in [n for n in names if n != MANIFEST] + [MANIFEST]:
                 self._put(os.path.join(folder, name))
         except FileNotFoundError:  # pruned locally while being copied; its remote copy has no manifest
@@ -220,7 +221,7 @@ class RemoteSync:
             with self._lock:
                 remote = self._remote_complete()
         except Exception as error:  # fsspec backends raise their own types
-            raise AccClipError(f"--resume latest: cannot list the remote copy {self.remote_dir} "
+            raise ResourceError(f"--resume latest: cannot list the remote copy {self.remote_dir} "
                                f"({describe_error(error)})") from None
         ours = [name for name in remote if self._manifest_run_id(name) == self.run_id]
         if len(ours) < len(remote):

@@ -1,105 +1,75 @@
-"""Input pipelines: CSV rows (csv.py) and webdataset shards (wds.py) into `Batch`es.
+"""Input pipelines: the registry of data sources, used by training and validation alike.
 
-`build_train_data` picks the pipeline from `--dataset-type` (or the path, for `auto`) and returns a
-`TrainData`: the number of micro-batches each rank reads per epoch, and the batches of an epoch from
-any batch onwards (mid-epoch resume).
-"""
+Each source keeps the contract in source.py (exact resume from a batch count, every sample of an epoch
+at most once, bad samples counted). Adding a source: a module here with a `Source` subclass (and its
+options section, if it has flags), and one entry in SOURCES."""
 
 from __future__ import annotations
 
-import logging
-import os
-from dataclasses import dataclass
-from typing import Callable, Iterable, Optional
+from typing import Any, Callable, Optional
 
-from acc_clip.config import TrainConfig
-from acc_clip.data.common import Batch
-from acc_clip.errors import AccClipError
+from acc_clip.config.parsing import Config
+from acc_clip.config.schema import Section, options_of
+from acc_clip.data.csv import CSV
+from acc_clip.data.source import DataOptions, Source, TrainData, check_bad_fraction
+from acc_clip.data.synthetic import SYNTHETIC
+from acc_clip.data.wds import WEBDATASET
+from acc_clip.errors import UsageError
 
-log = logging.getLogger(__name__)
+__all__ = ["SOURCES", "DataOptions", "TrainData", "build_eval_loader", "build_train_data", "check_bad_fraction",
+           "check_train_source", "source_for", "source_options"]
 
-
-def dataset_type_of(path: str, requested: str) -> str:
-    if requested != "auto":
-        return requested
-    if path.endswith((".csv", ".tsv")):
-        return "csv"
-    if all(".tar" in part or os.path.isdir(part) for part in path.split("::")):  # '::' joins shard sources
-        return "webdataset"
-    raise AccClipError(f"{path}: cannot tell the dataset type from the name; pass --dataset-type csv or webdataset")
+# --dataset-type -> source; `auto` tries them in this order.
+SOURCES: dict[str, Source] = {source.name: source for source in (CSV, WEBDATASET, SYNTHETIC)}
 
 
-def check_upsampling_factors(config: TrainConfig) -> None:
-    """Refuse --train-data-upsampling-factors where it means nothing, and bad factors, before anything
-    is built: it weighs the shard sources of webdataset data drawn with replacement."""
-    kind = dataset_type_of(config.train_data, config.dataset_type) if config.train_data else config.dataset_type
-    if kind != "webdataset":
-        data = f"--train-data {config.train_data} is {kind} data" if config.train_data else f"--dataset-type {kind}"
-        raise AccClipError(f"--train-data-upsampling-factors weighs webdataset shard sources; {data}")
-    from acc_clip.data.wds import NEEDS_RESAMPLED, source_factors
-
-    if not config.dataset_resampled:
-        raise AccClipError(NEEDS_RESAMPLED)
-    source_factors(config.train_data, config.train_data_upsampling_factors)
+def source_options() -> list[type[Section]]:
+    """The sections of the sources' own flags."""
+    return [source.options for source in SOURCES.values() if source.options is not None]
 
 
-@dataclass
-class TrainData:
-    num_samples: int
-    batches_per_epoch: int  # micro-batches per rank
-    _batches: Callable[[int, int], Iterable[Batch]]
-
-    def batches(self, epoch: int, start_batch: int = 0) -> Iterable[Batch]:
-        return self._batches(epoch, start_batch)
-
-
-def build_train_data(config: TrainConfig, preprocess: Callable, tokenizer: Callable, *, rank: int, world_size: int,
-                     pin_memory: bool) -> TrainData:
-    kind = dataset_type_of(config.train_data, config.dataset_type)
-    if kind == "csv":
-        from acc_clip.data.csv import CsvDataset, build_train_loader
-
-        dataset = CsvDataset(config.train_data, transform=preprocess, tokenizer=tokenizer, img_key=config.csv_img_key,
-                             caption_key=config.csv_caption_key, sep=config.csv_separator, seed=config.seed,
-                             max_image_bytes=config.max_image_bytes, skip_bad_rows=config.skip_bad_rows)
-        loader = build_train_loader(dataset, batch_size=config.batch_size, workers=config.workers, seed=config.seed,
-                                    rank=rank, world_size=world_size, pin_memory=pin_memory)
-
-        def csv_batches(epoch: int, start_batch: int) -> Iterable[Batch]:
-            loader.batch_sampler.set_epoch(epoch, start_batch)
-            return loader
-
-        return TrainData(len(dataset), loader.batch_sampler.batches_per_epoch, csv_batches)
-    if kind == "webdataset":
-        from acc_clip.data.wds import build_wds_loader, train_workers
-
-        def wds_loader(epoch: int, start_batch: int = 0):
-            return build_wds_loader(config.train_data, preprocess=preprocess, tokenizer=tokenizer,
-                                    batch_size=config.batch_size, workers=config.workers, seed=config.seed,
-                                    epoch=epoch, rank=rank, world_size=world_size, is_train=True,
-                                    num_samples=config.train_num_samples, resampled=config.dataset_resampled,
-                                    upsampling_factors=config.train_data_upsampling_factors,
-                                    start_batch=start_batch, pin_memory=pin_memory)
-
-        _, batches_per_epoch = wds_loader(0)
-        if train_workers(config.workers, batches_per_epoch) < config.workers:
-            log.info("%d batches per process per epoch: starting %d loader workers, not --workers %d (each makes "
-                     "whole batches)", batches_per_epoch, batches_per_epoch, config.workers)
-        num_samples = config.train_num_samples or batches_per_epoch * config.batch_size * world_size
-        return TrainData(num_samples, batches_per_epoch, lambda epoch, start: wds_loader(epoch, start)[0])
-    if kind == "synthetic":
-        from acc_clip.data.synthetic import synthetic_batches
-
-        num_samples = config.train_num_samples or 100 * config.batch_size * world_size
-        return TrainData(num_samples, num_samples // (config.batch_size * world_size),
-                         lambda epoch, start: synthetic_batches(preprocess, tokenizer, config.batch_size,
-                                                                num_samples // (config.batch_size * world_size) - start))
-    raise AccClipError(f"--dataset-type {kind!r}: expected auto, csv, webdataset or synthetic")
+def source_for(path: Optional[str], dataset_type: str) -> Source:
+    """The source that reads `path`: the one --dataset-type names, or the first that detects it."""
+    if dataset_type != "auto":
+        if dataset_type not in SOURCES:
+            raise UsageError(f"--dataset-type {dataset_type!r}: expected auto, {', '.join(SOURCES)}")
+        return SOURCES[dataset_type]
+    found = next((source for source in SOURCES.values() if path and source.detect(path)), None)
+    if found is None:
+        raise UsageError(f"{path}: cannot tell the dataset type from the name; pass --dataset-type "
+                         f"{' or '.join(name for name in SOURCES if name != 'synthetic')}")
+    return found
 
 
-def check_bad_fraction(bad: int, read: int, max_fraction: float, minimum_read: int = 100) -> Optional[str]:
-    """The error to stop with when too many samples were missing or corrupt, else None."""
-    if read >= minimum_read and bad > max_fraction * read:
-        return (f"{bad} of {read} samples read so far were missing or corrupt ({bad / read:.1%}), "
-                f"more than --max-bad-fraction {max_fraction}; see the warnings above for the files")
-    return None
+def check_train_source(config: Config) -> list[str]:
+    """The training source's own rules, and the flags of other sources given for this run: refused or
+    announced (Source.refuse_elsewhere). Returns the notices."""
+    data = config[DataOptions]
+    if data.train_data is None and data.dataset_type != "synthetic":
+        raise UsageError("--train-data is required (a CSV file or webdataset shards)")
+    chosen = source_for(data.train_data, data.dataset_type)
+    what = f"--train-data {data.train_data}" if data.train_data else f"--dataset-type {data.dataset_type}"
+    notices = []
+    for source in SOURCES.values():
+        if source is chosen or source.options is None:
+            continue
+        for option in options_of(source.options):
+            if option.name in config.given and getattr(config[source.options], option.name) != option.default:
+                if source.refuse_elsewhere:
+                    raise UsageError(f"--{option.flag} applies to {source.name} data; {what} is {chosen.name} data")
+                notices.append(f"--{option.flag} has no effect: {what} is {chosen.name} data")
+    return notices + chosen.check(config)
+
+
+def build_train_data(config: Config, preprocess: Callable, tokenizer: Callable, *, seed: int, rank: int,
+                     world_size: int, pin_memory: bool) -> TrainData:
+    data = config[DataOptions]
+    return source_for(data.train_data, data.dataset_type).train_data(
+        config, preprocess, tokenizer, seed=seed, rank=rank, world_size=world_size, pin_memory=pin_memory)
+
+
+def build_eval_loader(config: Config, path: str, preprocess: Callable, tokenizer: Callable, *, rank: int,
+                      world_size: int, expected_samples: Optional[int] = None) -> Any:
+    """A validation set's loader: every sample once across processes, in order."""
+    return source_for(path, config[DataOptions].dataset_type).eval_loader(
+        config, path, preprocess, tokenizer, rank=rank, world_size=world_size, expected_samples=expected_samples)

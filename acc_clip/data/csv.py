@@ -17,16 +17,19 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Callable, Iterator, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Optional
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from acc_clip.data.common import Sample, collate_skipping_bad, sample_seed
-from acc_clip.io.files import MAX_IMAGE_BYTES, ImageFileError, read_image_file
+from acc_clip.config.parsing import Config
+from acc_clip.config.schema import NON_EMPTY, Section, option
+from acc_clip.data.common import Batch, Sample, collate_skipping_bad, sample_seed
+from acc_clip.data.csv_file import AUTO_SEPARATOR, parse_separator, read_csv_columns
 from acc_clip.data.pixels import ImageDecodeError, collate_images, load_pixels
-from acc_clip.data.csv_file import read_csv_columns
-from acc_clip.errors import AccClipError
+from acc_clip.data.source import DataOptions, Source, TrainData, too_few_samples
+from acc_clip.io.files import MAX_IMAGE_BYTES, ImageFileError, read_image_file
 from acc_clip.runtime.signals import ignore_stop_signals
 
 log = logging.getLogger(__name__)
@@ -48,7 +51,7 @@ class CsvDataset(Dataset):
         tokenizer: Callable,
         img_key: str = "filepath",
         caption_key: str = "title",
-        sep: str = "\t",
+        sep: str = AUTO_SEPARATOR,
         seed: int = 0,
         augment_seeded: bool = True,
         max_image_bytes: int = MAX_IMAGE_BYTES,
@@ -103,17 +106,12 @@ class EpochBatchSampler(Sampler):
     batches by index arithmetic, without reading them (exact mid-epoch resume)."""
 
     def __init__(self, num_samples: int, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
-        if batch_size < 1:
-            raise AccClipError(f"--batch-size must be at least 1, got {batch_size}")
         self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
         self.rank, self.world_size = rank, world_size
         self.global_batch_size = batch_size * world_size
         self.batches_per_epoch = num_samples // self.global_batch_size
         if self.batches_per_epoch == 0:
-            raise AccClipError(
-                f"{num_samples} samples cannot fill one global batch of {self.global_batch_size} "
-                f"({batch_size} per process x {world_size} processes): lower --batch-size or add data"
-            )
+            raise too_few_samples(num_samples, batch_size, world_size)
         self.epoch, self.start_batch = 0, 0
 
     def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
@@ -171,3 +169,71 @@ def build_eval_loader(
         collate_fn=collate_skipping_bad,
         pin_memory=pin_memory,
     )
+
+
+@dataclass
+class CsvOptions(Section):
+    """The CSV source's own flags (training, validation and `acc-clip shards` read CSVs alike)."""
+
+    title: ClassVar[str] = "csv"
+    csv_separator: str = option(AUTO_SEPARATOR, "column separator: auto (a tab, open_clip's default, unless the "
+                                                "header line holds a comma and no tab), or one character ('\\t' "
+                                                "for a tab)", domain=NON_EMPTY)
+    csv_img_key: str = option("filepath", "CSV column with image paths", domain=NON_EMPTY)
+    csv_caption_key: str = option("title", "CSV column with captions", domain=NON_EMPTY)
+    skip_bad_rows: bool = option(False, "skip CSV rows whose field count differs from the header's (counted and "
+                                        "named in a warning) instead of stopping at the first")
+
+    def check(self) -> None:
+        if self.csv_separator != AUTO_SEPARATOR:
+            parse_separator(self.csv_separator, "--csv-separator")
+
+
+def csv_dataset(config: Config, path: str, transform: Callable, tokenizer: Callable, *, seed: int = 0,
+                augment_seeded: bool) -> CsvDataset:
+    csv, data = config[CsvOptions], config[DataOptions]
+    return CsvDataset(path, transform=transform, tokenizer=tokenizer, img_key=csv.csv_img_key,
+                      caption_key=csv.csv_caption_key, sep=csv.csv_separator, seed=seed,
+                      augment_seeded=augment_seeded, max_image_bytes=data.max_image_bytes,
+                      skip_bad_rows=csv.skip_bad_rows)
+
+
+class CsvSource(Source):
+    """One sample per CSV row; see the module docstring for the order and how it splits over processes."""
+
+    name = "csv"
+    options = CsvOptions
+
+    def detect(self, path: str) -> bool:
+        return path.endswith((".csv", ".tsv"))
+
+    def check(self, config: Config) -> list[str]:
+        data = config[DataOptions]
+        if data.train_num_samples is not None:
+            return [f"--train-num-samples {data.train_num_samples} has no effect on CSV data: an epoch is every "
+                    "row once (it sets the epoch length of shards and synthetic data)"]
+        return []
+
+    def train_data(self, config: Config, preprocess: Callable, tokenizer: Callable, *, seed: int, rank: int,
+                   world_size: int, pin_memory: bool) -> TrainData:
+        data = config[DataOptions]
+        dataset = csv_dataset(config, str(data.train_data), preprocess, tokenizer, seed=seed, augment_seeded=True)
+        loader = build_train_loader(dataset, batch_size=data.batch_size, workers=data.workers, seed=seed,
+                                    rank=rank, world_size=world_size, pin_memory=pin_memory)
+        sampler: EpochBatchSampler = loader.batch_sampler  # type: ignore[assignment]
+
+        def batches(epoch: int, start_batch: int) -> Iterable[Batch]:
+            sampler.set_epoch(epoch, start_batch)
+            return loader
+
+        return TrainData(len(dataset), sampler.batches_per_epoch, batches)
+
+    def eval_loader(self, config: Config, path: str, preprocess: Callable, tokenizer: Callable, *, rank: int,
+                    world_size: int, expected_samples: Optional[int]) -> Any:
+        data = config[DataOptions]
+        dataset = csv_dataset(config, path, preprocess, tokenizer, augment_seeded=False)
+        return build_eval_loader(dataset, batch_size=data.batch_size, workers=data.workers, rank=rank,
+                                 world_size=world_size)
+
+
+CSV = CsvSource()

@@ -43,7 +43,7 @@ from torchvision.transforms.v2 import functional as F
 from acc_clip.data.common import Batch, seeded_torch_rng
 from acc_clip.io.files import PIL_FORMATS
 
-from acc_clip import jpeg
+from acc_clip.io import jpeg
 
 try:  # torchcodec supersedes torchvision.io's image decoders (deprecated in torchvision 0.29)
     from torchcodec.decoders import decode_jpeg as _decode_jpeg

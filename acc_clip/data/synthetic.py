@@ -3,11 +3,14 @@
 
 from __future__ import annotations
 
-from typing import Callable, Iterator
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 
+from acc_clip.config.parsing import Config
 from acc_clip.data.common import Batch
+from acc_clip.data.source import DataOptions, Source, TrainData
+from acc_clip.errors import UsageError
 
 
 def _image_size(preprocess: Callable) -> int:
@@ -26,3 +29,25 @@ def synthetic_batches(preprocess: Callable, tokenizer: Callable, batch_size: int
     indices = torch.arange(batch_size)
     for _ in range(num_batches):
         yield Batch(images, texts, indices, 0)
+
+
+class SyntheticSource(Source):
+    """`--dataset-type synthetic`: the same random batch over and over, --train-num-samples per epoch
+    (default 100 global batches); never detected from a path."""
+
+    name = "synthetic"
+
+    def train_data(self, config: Config, preprocess: Callable, tokenizer: Callable, *, seed: int, rank: int,
+                   world_size: int, pin_memory: bool) -> TrainData:
+        data = config[DataOptions]
+        num_samples = data.train_num_samples or 100 * data.batch_size * world_size
+        per_epoch = num_samples // (data.batch_size * world_size)
+        return TrainData(num_samples, per_epoch,
+                         lambda epoch, start: synthetic_batches(preprocess, tokenizer, data.batch_size, per_epoch - start))
+
+    def eval_loader(self, config: Config, path: str, preprocess: Callable, tokenizer: Callable, *, rank: int,
+                    world_size: int, expected_samples: Optional[int]) -> Any:
+        raise UsageError(f"{path}: synthetic data cannot be a validation set; give a CSV or shards")
+
+
+SYNTHETIC = SyntheticSource()

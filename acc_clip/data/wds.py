@@ -84,17 +84,21 @@ import logging
 import math
 import os
 import random
+from dataclasses import dataclass
 from itertools import accumulate, islice
-from typing import Callable, Iterable, Iterator, Optional
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Optional
 
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import tarfile_samples
 
+from acc_clip.config.parsing import Config
+from acc_clip.config.schema import Section, option
 from acc_clip.data.common import Batch, Sample, collate_skipping_bad, sample_seed
 from acc_clip.data.pixels import ImageDecodeError, collate_images, load_pixels
-from acc_clip.errors import AccClipError, describe_error
+from acc_clip.data.source import DataOptions, Source, TrainData, too_few_samples
+from acc_clip.errors import DataError, UsageError, describe_error
 from acc_clip.runtime.signals import ignore_stop_signals
 
 log = logging.getLogger(__name__)
@@ -120,14 +124,14 @@ def expand_sources(urls: str) -> list[list[str]]:
         if os.path.isdir(part):
             found = sorted(glob.glob(os.path.join(part, "*.tar")))
             if not found:
-                raise AccClipError(f"{part}: folder holds no .tar shards")
+                raise DataError(f"{part}: folder holds no .tar shards")
             sources.append(found)
         else:
             sources.append(list(wds.shardlists.expand_urls(part)))
     shards = [shard for source in sources for shard in source]
     missing = [s for s in shards if "://" not in s and not s.startswith("pipe:") and not os.path.isfile(s)]
     if missing:
-        raise AccClipError(f"{missing[0]}: shard not found ({len(missing)} of {len(shards)} missing) in {urls!r}")
+        raise DataError(f"{missing[0]}: shard not found ({len(missing)} of {len(shards)} missing) in {urls!r}")
     return sources
 
 
@@ -141,7 +145,7 @@ def source_factors(urls: str, factors: str) -> list[float]:
     num_sources = len(urls.split("::"))
     parts = factors.split("::")
     if len(parts) != num_sources:
-        raise AccClipError(f"--train-data-upsampling-factors {factors!r} gives {len(parts)} factors for "
+        raise UsageError(f"--train-data-upsampling-factors {factors!r} gives {len(parts)} factors for "
                            f"{num_sources} sources in --train-data (one per '::'-joined source)")
     values = []
     for part in parts:
@@ -150,10 +154,10 @@ def source_factors(urls: str, factors: str) -> list[float]:
         except ValueError:
             value = math.nan
         if not math.isfinite(value) or value < 0:
-            raise AccClipError(f"--train-data-upsampling-factors {factors!r}: {part!r} is not a number >= 0")
+            raise UsageError(f"--train-data-upsampling-factors {factors!r}: {part!r} is not a number >= 0")
         values.append(value)
     if not any(values):
-        raise AccClipError(f"--train-data-upsampling-factors {factors!r}: all factors are 0, no shard could be drawn")
+        raise UsageError(f"--train-data-upsampling-factors {factors!r}: all factors are 0, no shard could be drawn")
     return values
 
 
@@ -189,10 +193,10 @@ def _read_sizes_json(path: str) -> dict[str, int]:
     except FileNotFoundError:
         return {}
     except (OSError, ValueError) as error:  # unreadable, not UTF-8, not JSON
-        raise AccClipError(f"{path}: not a readable sizes.json ({describe_error(error)})") from None
+        raise DataError(f"{path}: not a readable sizes.json ({describe_error(error)})") from None
     if not isinstance(sizes, dict) or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
                                                for n in sizes.values()):
-        raise AccClipError(f"{path}: expected {{\"shard.tar\": sample count, ...}} with counts >= 0")
+        raise DataError(f"{path}: expected {{\"shard.tar\": sample count, ...}} with counts >= 0")
     return sizes
 
 
@@ -229,7 +233,7 @@ def epoch_sequence(shards: list[str], sizes: list[int], seed: int, epoch: int, l
     the shards in the order shuffled from (seed, epoch); where they hold fewer, further passes, each in an order
     of its own. Every rank computes the same sequence."""
     if not sum(sizes):  # would never reach `length`
-        raise AccClipError(f"{shards[0]}: sizes.json gives these {len(shards)} shards no samples")
+        raise DataError(f"{shards[0]}: sizes.json gives these {len(shards)} shards no samples")
     sequence: list[tuple[str, int]] = []
     number, total = 0, sum(sizes)
     while number * total < length:
@@ -379,7 +383,7 @@ class ShardEpoch(IterableDataset):
                 yield sample
             empty_in_a_row = 0 if found else empty_in_a_row + 1
             if empty_in_a_row == MAX_EMPTY_DRAWS:
-                raise AccClipError(f"{MAX_EMPTY_DRAWS} shards drawn in a row hold no readable samples, e.g. {shard}")
+                raise DataError(f"{MAX_EMPTY_DRAWS} shards drawn in a row hold no readable samples, e.g. {shard}")
 
     def _caption(self, raw: dict, index: int) -> str:
         if self.is_train and "json" in raw:
@@ -451,21 +455,21 @@ def build_wds_loader(
     without sizes.json the returned batch count is an estimate from it, and the loader has no len()
     (how the set splits among processes depends on the sizes of the shards)."""
     if batch_size < 1:
-        raise AccClipError(f"batch size must be at least 1, got {batch_size}")
+        raise UsageError(f"batch size must be at least 1, got {batch_size}")
     if workers < 0 or world_size < 1 or not 0 <= rank < world_size:
-        raise AccClipError(f"bad worker layout: workers={workers}, rank={rank}, world_size={world_size}")
+        raise UsageError(f"bad worker layout: workers={workers}, rank={rank}, world_size={world_size}")
     if upsampling_factors is not None and not (is_train and resampled):
-        raise AccClipError(NEEDS_RESAMPLED)
+        raise UsageError(NEEDS_RESAMPLED)
     shards = expand_shard_urls(urls)
     weights = shard_weights(urls, upsampling_factors)
     sizes = read_shard_sizes(shards)
     if is_train and not resampled and sizes is None:
-        raise AccClipError(f"{urls}: no sizes.json entry for every shard; training without --dataset-resampled "
+        raise DataError(f"{urls}: no sizes.json entry for every shard; training without --dataset-resampled "
                            f"splits the samples among processes and workers by those counts: write sizes.json "
                            f"({{\"00000.tar\": samples, ...}}) beside the shards, or pass --dataset-resampled")
     if num_samples is None:
         if sizes is None:
-            raise AccClipError(f"{urls}: no sizes.json entry for every shard; give the number of samples "
+            raise DataError(f"{urls}: no sizes.json entry for every shard; give the number of samples "
                                f"({'--train-num-samples' if is_train else '--val-num-samples'})")
         num_samples = sum(sizes)
     common = dict(all_shards=shards, preprocess=preprocess, tokenizer=tokenizer, batch_size=batch_size, seed=seed,
@@ -478,7 +482,7 @@ def build_wds_loader(
         workers = train_workers(workers, num_batches)
     else:
         if start_batch:
-            raise AccClipError("start_batch is for training; an eval pass always starts at its beginning")
+            raise UsageError("start_batch is for training; an eval pass always starts at its beginning")
         dataset, num_batches = _eval_pass(shards, sizes, world_size=world_size, workers=workers, **common)
         workers = min(workers, dataset.num_workers)  # a worker without shards would add nothing
     loader = DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_as_is,
@@ -493,10 +497,9 @@ def _train_epoch(shards: list[str], sizes: Optional[list[int]], *, world_size: i
     num_samples, batch_size, epoch = common["num_samples"], common["batch_size"], common["epoch"]
     num_batches = num_samples // (batch_size * world_size)
     if num_batches == 0:
-        raise AccClipError(f"{num_samples} samples cannot fill one global batch of {batch_size * world_size} "
-                           f"({batch_size} per process x {world_size} processes)")
+        raise too_few_samples(num_samples, batch_size, world_size)
     if not 0 <= start_batch <= num_batches:
-        raise AccClipError(f"cannot start epoch {epoch} at batch {start_batch}: it has {num_batches} batches per "
+        raise UsageError(f"cannot start epoch {epoch} at batch {start_batch}: it has {num_batches} batches per "
                            f"process (a resume after the batch size, processes or epoch length changed?)")
     sequence = None
     if not common["resampled"]:
@@ -511,7 +514,7 @@ def _eval_pass(shards: list[str], sizes: Optional[list[int]], *, world_size: int
     """The dataset of one eval pass and its batch count (an estimate without sizes.json)."""
     rank, batch_size = common["rank"], common["batch_size"]
     if len(shards) < world_size:
-        raise AccClipError(f"{len(shards)} eval shards cannot be split among {world_size} ranks: "
+        raise DataError(f"{len(shards)} eval shards cannot be split among {world_size} ranks: "
                            f"make more, smaller shards")
     rank_shards = shards[rank::world_size]
     num_workers = min(max(1, workers), len(rank_shards))
@@ -523,3 +526,67 @@ def _eval_pass(shards: list[str], sizes: Optional[list[int]], *, world_size: int
     dataset = ShardEpoch(eval_shards=rank_shards, num_workers=num_workers,
                          num_batches=num_batches if sizes is not None else None, start_batch=0, **common)
     return dataset, num_batches
+
+
+# ---------------------------------------------------------------------------------------------
+# The source
+
+
+@dataclass
+class ShardOptions(Section):
+    """The webdataset source's own flags."""
+
+    title: ClassVar[str] = "webdataset"
+    dataset_resampled: bool = option(False, "sample shards with replacement", train_only=True)
+    train_data_upsampling_factors: Optional[str] = option(None, "with --dataset-resampled: 'F1::F2::...', one draw "
+                                                                "weight per '::'-joined source of --train-data",
+                                                          train_only=True)
+
+
+class WebdatasetSource(Source):
+    """Webdataset shards: a brace pattern, a folder of .tar files, or several joined by '::'."""
+
+    name = "webdataset"
+    options = ShardOptions
+    refuse_elsewhere = True  # resampling and weighing shard sources mean nothing for other data
+
+    def detect(self, path: str) -> bool:
+        return all(".tar" in part or os.path.isdir(part) for part in path.split("::"))  # '::' joins sources
+
+    def check(self, config: Config) -> list[str]:
+        shards, data = config[ShardOptions], config[DataOptions]
+        if shards.train_data_upsampling_factors is not None:
+            if not shards.dataset_resampled:
+                raise UsageError(NEEDS_RESAMPLED)
+            source_factors(str(data.train_data), shards.train_data_upsampling_factors)
+        return []
+
+    def train_data(self, config: Config, preprocess: Callable, tokenizer: Callable, *, seed: int, rank: int,
+                   world_size: int, pin_memory: bool) -> TrainData:
+        data, shards = config[DataOptions], config[ShardOptions]
+
+        def loader(epoch: int, start_batch: int = 0) -> tuple[DataLoader, int]:
+            return build_wds_loader(str(data.train_data), preprocess=preprocess, tokenizer=tokenizer,
+                                    batch_size=data.batch_size, workers=data.workers, seed=seed, epoch=epoch,
+                                    rank=rank, world_size=world_size, is_train=True,
+                                    num_samples=data.train_num_samples, resampled=shards.dataset_resampled,
+                                    upsampling_factors=shards.train_data_upsampling_factors,
+                                    start_batch=start_batch, pin_memory=pin_memory)
+
+        _, batches_per_epoch = loader(0)
+        if train_workers(data.workers, batches_per_epoch) < data.workers:
+            log.info("%d batches per process per epoch: starting %d loader workers, not --workers %d (each makes "
+                     "whole batches)", batches_per_epoch, batches_per_epoch, data.workers)
+        num_samples = data.train_num_samples or batches_per_epoch * data.batch_size * world_size
+        return TrainData(num_samples, batches_per_epoch, lambda epoch, start: loader(epoch, start)[0])
+
+    def eval_loader(self, config: Config, path: str, preprocess: Callable, tokenizer: Callable, *, rank: int,
+                    world_size: int, expected_samples: Optional[int]) -> Any:
+        data = config[DataOptions]
+        loader, _ = build_wds_loader(path, preprocess=preprocess, tokenizer=tokenizer, batch_size=data.batch_size,
+                                     workers=data.workers, seed=0, epoch=0, rank=rank, world_size=world_size,
+                                     is_train=False, num_samples=expected_samples)
+        return loader
+
+
+WEBDATASET = WebdatasetSource()

@@ -1,82 +1,89 @@
-"""`acc-clip eval ...` (also `accelerate launch -m acc_clip.eval ...`): evaluate a
-checkpoint with the training loop's own evaluator; one JSON line per evaluation on stdout (main
-process), all metrics together in `--out`."""
+"""`acc-clip eval ...` (also `accelerate launch -m acc_clip.eval ...`): evaluate a checkpoint with the
+training loop's own evaluator; one JSON line per evaluation on stdout (main process), all metrics
+together in `--out`.
+
+Its flags are training's own (the same sections, the training-only options left out), so a shared flag
+has one definition and one default. A step checkpoint folder brings the model it was trained as: its
+manifest's model name, recorded model options (--force-quick-gelu, --image-mean, ...) and objective
+(--siglip) stand in for the defaults, and flags given on the command line still win. An open_clip
+`epoch_N.pt` or a bare state dict records none of that: give the flags the run was trained with."""
 
 from __future__ import annotations
 
-import argparse
 import json
+import os
 import sys
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional
 
-from acc_clip.checkpoint.format import load_weights
-from acc_clip.config import TrainConfig
-from acc_clip.evaluation.evaluator import Evaluator
-from acc_clip.loss import create_objective
-from acc_clip.model.build import open_clip_model
-from acc_clip.runtime.device import make_accelerator, plan_device
+from acc_clip.config.parsing import Config, parse
+from acc_clip.config.schema import REQUIRED, Section, option
+from acc_clip.data import DataOptions, source_options
+from acc_clip.errors import UsageError
+from acc_clip.evaluation.evaluator import EvaluationOptions, Evaluator
+from acc_clip.io.sealed import MANIFEST, read_sealed
+from acc_clip.loss import ObjectiveOptions, create_objective, model_overrides, objective_options
+from acc_clip.model.build import create_tokenizer, open_clip_model
+from acc_clip.model.options import ModelOptions, create_kwargs
+from acc_clip.model.weights import load_weights
+from acc_clip.runtime.device import RuntimeOptions, make_accelerator, plan_device
 
 
-def parse_args(argv: list[str]) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="acc-clip eval", description="Evaluate a checkpoint: retrieval and zero-shot.")
-    parser.add_argument("--model", required=True, help="open_clip model name, or local-dir:PATH")
-    parser.add_argument("--checkpoint", required=True,
-                        help="open_clip epoch_N.pt, a plain state dict, or an acc_clip checkpoints/step_N folder")
-    parser.add_argument("--siglip", action="store_true",
-                        help="a model trained with --siglip: it has a logit bias, and the validation loss is SigLIP's")
-    parser.add_argument("--coca-caption-loss-weight", type=float, default=2.0,
-                        help="a CoCa model's validation loss: the run's caption loss weight")
-    parser.add_argument("--coca-contrastive-loss-weight", type=float, default=1.0,
-                        help="a CoCa model's validation loss: the run's contrastive loss weight")
-    parser.add_argument("--val-data", help="validation CSV (one image,caption pair per row) or shard folder")
-    parser.add_argument("--val-num-samples", type=int,
-                        help="samples the validation set holds (needed for shards without sizes.json)")
-    parser.add_argument("--dataset-type", choices=("auto", "csv", "webdataset"), default="auto")
-    parser.add_argument("--skip-bad-rows", action="store_true",
-                        help="skip CSV rows whose field count differs from the header's (counted, named) instead of stopping")
-    parser.add_argument("--csv-img-key", default="filepath")
-    parser.add_argument("--csv-caption-key", default="title")
-    parser.add_argument("--csv-separator", default="\t")
-    parser.add_argument("--zeroshot-data", help="folder with one sub-folder per class, or a filepath,label CSV")
-    parser.add_argument("--zeroshot-classnames", help="class names, one per line (default: folder names)")
-    parser.add_argument("--zeroshot-templates", help="prompt templates, one per line, {} = class name")
-    parser.add_argument("--imagenet-val", help="ImageNet validation folder (1000 class sub-folders)")
-    parser.add_argument("--imagenet-v2", help="ImageNetV2 matched-frequency folder (sub-folders 0..999), or the "
-                                              "folder holding its ImageNetV2-matched-frequency, as open_clip_train")
-    parser.add_argument("--batch-size", type=int, default=64)
-    parser.add_argument("--workers", type=int, default=2)
-    parser.add_argument("--device", choices=("auto", "cpu"), default="auto", help="cpu forces the CPU")
-    parser.add_argument("--out", help="also write all metrics to this JSON file")
-    args = parser.parse_args(argv)
-    if not (args.val_data or args.zeroshot_data or args.imagenet_val or args.imagenet_v2):
-        parser.error("nothing to evaluate: give --val-data, --zeroshot-data, --imagenet-val and/or --imagenet-v2")
-    args.seed = 0  # evaluation reads in order: the seed orders nothing
-    return args
+@dataclass
+class EvalOptions(Section):
+    title: ClassVar[str] = "eval"
+    checkpoint: str = option(REQUIRED, "open_clip epoch_N.pt, a plain state dict, or an acc_clip "
+                                       "checkpoints/step_N folder (which brings its model and model options)")
+    out: Optional[str] = option(None, "also write all metrics to this JSON file")
+
+
+def sections() -> list[type]:
+    return [EvalOptions, ModelOptions, ObjectiveOptions, *objective_options(), EvaluationOptions, DataOptions,
+            *source_options(), RuntimeOptions]
+
+
+def recorded_defaults(checkpoint: str) -> dict[str, Any]:
+    """The model a step checkpoint folder records (name, model options, the objective's identifying flags), as
+    option values; {} for a file (open_clip's epoch_N.pt records none of them)."""
+    if not (os.path.isdir(checkpoint) and os.path.isfile(os.path.join(checkpoint, MANIFEST))):
+        return {}
+    manifest = read_sealed(checkpoint, "--checkpoint")
+    objective = {key: value for key, value in manifest.get("objective", {}).items() if key == "siglip"}
+    return {"model": manifest["model"], **manifest.get("model_options", {}), **objective}
+
+
+def parse_eval_config(argv: list[str]) -> Config:
+    description = "Evaluate a checkpoint: validation retrieval and zero-shot, with training's own evaluator."
+    config = parse(argv, sections(), prog="acc-clip eval", description=description, train=False)
+    defaults = recorded_defaults(config[EvalOptions].checkpoint)
+    if defaults:
+        config = parse(argv, sections(), prog="acc-clip eval", description=description, train=False,
+                       defaults=defaults)
+    if not config[EvaluationOptions].any_set:
+        raise UsageError("nothing to evaluate: give --val-data, --zeroshot-data, --imagenet-val and/or --imagenet-v2")
+    return config
 
 
 def main(argv: list[str]) -> int:
-    args = parse_args(argv)
-    import open_clip
-
-    accelerator = make_accelerator(plan_device("cpu" if args.device == "cpu" else None, "fp32"))
-    siglip_init = {"init_logit_bias": -10.0} if args.siglip else {}  # the parameter exists; its value is loaded
-    model, _, preprocess_val = open_clip_model(args.model, "", "--model", "--checkpoint", **siglip_init)
-    load_weights(model, args.checkpoint, "--checkpoint")
+    config = parse_eval_config(argv)
+    options, model_options, runtime = config[EvalOptions], config[ModelOptions], config[RuntimeOptions]
+    accelerator = make_accelerator(plan_device(runtime.device, runtime.precision))
+    model, _, preprocess_val = open_clip_model(model_options.model, "", "--model", "--checkpoint",
+                                               **{**create_kwargs(model_options, runtime.precision),
+                                                  **model_overrides(config)})
+    load_weights(model, options.checkpoint, "--checkpoint")
     model.to(accelerator.device)
     if accelerator.is_main_process:
-        print(f"acc-clip eval: {args.checkpoint} on {accelerator.num_processes} process(es), "
-              f"device {accelerator.device}", file=sys.stderr)
-    # The validation loss is the objective's that the model's name and --siglip select (CoCa, SigLIP or CLIP).
-    objective = create_objective(TrainConfig(model=args.model, siglip=args.siglip,
-                                             coca_caption_loss_weight=args.coca_caption_loss_weight,
-                                             coca_contrastive_loss_weight=args.coca_contrastive_loss_weight),
-                                 0, 1, accelerator.device)
-    evaluator = Evaluator(args, preprocess_val, open_clip.get_tokenizer(args.model), accelerator, objective)
+        print(f"acc-clip eval: {options.checkpoint} ({model_options.model}) on {accelerator.num_processes} "
+              f"process(es), device {accelerator.device}", file=sys.stderr)
+    # The validation loss is that of the objective the model and --siglip select (CoCa, SigLIP or CLIP).
+    objective = create_objective(config, 0, 1, accelerator.device)
+    evaluator = Evaluator(config, preprocess_val, create_tokenizer(model_options), accelerator, objective)
     results = evaluator.evaluate(model)
     if accelerator.is_main_process:
         for name, metrics in results.items():
             print(json.dumps({"eval": name, **metrics}), flush=True)
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump(results, f, indent=2)
+        if options.out:
+            with open(options.out, "w") as file:
+                json.dump(results, file, indent=2)
     return 0
-

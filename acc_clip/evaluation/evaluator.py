@@ -11,22 +11,46 @@ from __future__ import annotations
 
 import contextlib
 import logging
-from typing import Callable, ContextManager, Optional
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, ContextManager, Optional
 
 import torch
 from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
-from acc_clip.errors import AccClipError
+from acc_clip.config.parsing import Config
+from acc_clip.config.schema import NON_NEGATIVE, POSITIVE, Section, option
+from acc_clip.data import DataOptions, build_eval_loader
+from acc_clip.errors import DataError
 from acc_clip.evaluation import zeroshot
-from acc_clip.config import TrainConfig
 from acc_clip.evaluation.retrieval import coco_retrieval_metrics, retrieval_metrics, same_key_same_features
-from acc_clip.loss import PER_MODEL_OUTPUTS, Objective, model_rows, total_loss
+from acc_clip.loss import PER_MODEL_OUTPUTS, Objective, ObjectiveOptions, model_rows, total_loss
 from acc_clip.loss.clip import ClipObjective
-from acc_clip.runtime import parallel
 from acc_clip.model.build import image_input_dtype
+from acc_clip.runtime import parallel
 
 log = logging.getLogger(__name__)
+
+
+@dataclass
+class EvaluationOptions(Section):
+    title: ClassVar[str] = "evaluation"
+    val_data: Optional[str] = option(None, "validation CSV or shards")
+    val_num_samples: Optional[int] = option(None, "samples the validation set holds (default: sizes.json; needed for "
+                                                  "shards without it); every sample is evaluated, whatever it says",
+                                            domain=POSITIVE)
+    val_frequency: int = option(1, "evaluate every N epochs", domain=NON_NEGATIVE, train_only=True)
+    zeroshot_frequency: int = option(2, "zero-shot every N epochs", domain=NON_NEGATIVE, train_only=True)
+    zeroshot_data: Optional[str] = option(None, "zero-shot set: a folder per class, or a filepath,label CSV")
+    zeroshot_classnames: Optional[str] = option(None, "class names file, one per line")
+    zeroshot_templates: Optional[str] = option(None, "prompt templates file, one per line with {}")
+    imagenet_val: Optional[str] = option(None, "ImageNet validation folder for zero-shot")
+    imagenet_v2: Optional[str] = option(None, "ImageNetV2 matched-frequency folder (sub-folders 0..999 by class "
+                                              "index) for zero-shot, on --imagenet-val's schedule")
+
+    @property
+    def any_set(self) -> bool:
+        return bool(self.val_data or self.zeroshot_data or self.imagenet_val or self.imagenet_v2)
 
 def gather_rows_by_index(
     accelerator: Accelerator, indices: torch.Tensor, *row_tensors: torch.Tensor
@@ -122,13 +146,13 @@ def evaluate_retrieval(
     The model is put in eval mode for the pass and returned to its previous mode after it.
     """
     clip = parallel.unwrap(model)
-    one_process = (objective or ClipObjective(TrainConfig(), 0, 1, accelerator.device)).on_one_process()
+    one_process = (objective or ClipObjective(Config([ObjectiveOptions()]), 0, 1, accelerator.device)).on_one_process()
     local, per_model, local_bad = encode_rows(clip, one_process, loader, accelerator,
                                               precision_autocast or contextlib.nullcontext)
     rows, per_model = _rows_over_processes(accelerator, local, per_model)
     num_bad = _sum_over_processes(accelerator, local_bad)
     if len(rows["indices"]) == 0:
-        raise AccClipError(f"validation set: no readable samples ({num_bad} skipped as unreadable)")
+        raise DataError(f"validation set: no readable samples ({num_bad} skipped as unreadable)")
 
     result: list[Optional[dict[str, float]]] = [None]
     if accelerator.is_main_process:
@@ -161,35 +185,11 @@ def validation_losses(objective: Objective, rows: dict, per_model: dict) -> dict
     return metrics
 
 
-def build_val_loader(settings, preprocess_val: Callable, tokenizer: Callable, rank: int, world_size: int):
-    """The validation loader for `settings.val_data`: shards in order, or CSV rows, each row on one process."""
-    from acc_clip.data import dataset_type_of
-
-    if dataset_type_of(settings.val_data, settings.dataset_type) == "webdataset":
-        from acc_clip.data.wds import build_wds_loader
-
-        loader, _ = build_wds_loader(
-            settings.val_data, preprocess=preprocess_val, tokenizer=tokenizer, batch_size=settings.batch_size,
-            workers=settings.workers, seed=settings.seed, epoch=0, rank=rank, world_size=world_size, is_train=False,
-            num_samples=settings.val_num_samples)
-        return loader
-    from acc_clip.data.csv import CsvDataset, build_eval_loader
-    from acc_clip.io.files import MAX_IMAGE_BYTES
-
-    dataset = CsvDataset(settings.val_data, transform=preprocess_val, tokenizer=tokenizer,
-                         img_key=settings.csv_img_key, caption_key=settings.csv_caption_key,
-                         sep=settings.csv_separator, augment_seeded=False,
-                         skip_bad_rows=getattr(settings, "skip_bad_rows", False),
-                         max_image_bytes=getattr(settings, "max_image_bytes", MAX_IMAGE_BYTES))
-    return build_eval_loader(dataset, batch_size=settings.batch_size, workers=settings.workers, rank=rank,
-                             world_size=world_size)
-
-
-def expected_val_samples(settings, loader) -> tuple[Optional[int], str]:
+def expected_val_samples(options: EvaluationOptions, loader) -> tuple[Optional[int], str]:
     """How many samples the validation set should hold, and who says so: --val-num-samples, else the
     shards' sizes.json; (None, "") for a CSV without the flag (its rows are the count)."""
-    if settings.val_num_samples is not None:
-        return settings.val_num_samples, "--val-num-samples"
+    if options.val_num_samples is not None:
+        return options.val_num_samples, "--val-num-samples"
     from_sizes = getattr(loader.dataset, "num_samples", None)
     return (from_sizes, "sizes.json") if from_sizes is not None else (None, "")
 
@@ -205,38 +205,41 @@ def val_count_warning(expected: Optional[int], said_by: str, metrics: dict) -> O
             + ("" if said_by == "--val-num-samples" else " (a shard missing or cut short?)"))
 
 
-def zeroshot_sets(settings, preprocess_val: Callable) -> list[tuple]:
+def zeroshot_sets(options: EvaluationOptions, preprocess_val: Callable) -> list[tuple]:
     """(name, dataset, classnames, templates) for `--zeroshot-data`, `--imagenet-val` and `--imagenet-v2`
     (open_clip_train's 'imagenet-val' and 'imagenet-v2': OpenAI's ImageNet class names and templates)."""
-    sets = []
-    if settings.zeroshot_data:
+    sets: list[tuple] = []
+    if options.zeroshot_data:
         dataset, classnames = zeroshot.load_zeroshot_dataset(
-            settings.zeroshot_data, transform=preprocess_val, classnames_file=settings.zeroshot_classnames)
-        sets.append(("zeroshot", dataset, classnames, zeroshot.load_templates(settings.zeroshot_templates)))
-    if settings.imagenet_val:
-        dataset, classnames = zeroshot.load_imagenet_val(settings.imagenet_val, transform=preprocess_val)
+            options.zeroshot_data, transform=preprocess_val, classnames_file=options.zeroshot_classnames)
+        sets.append(("zeroshot", dataset, classnames, zeroshot.load_templates(options.zeroshot_templates)))
+    if options.imagenet_val:
+        dataset, classnames = zeroshot.load_imagenet_val(options.imagenet_val, transform=preprocess_val)
         sets.append(("imagenet-zeroshot", dataset, classnames, zeroshot.OPENAI_IMAGENET_TEMPLATES))
-    if settings.imagenet_v2:
-        dataset, classnames = zeroshot.load_imagenet_v2(settings.imagenet_v2, transform=preprocess_val)
+    if options.imagenet_v2:
+        dataset, classnames = zeroshot.load_imagenet_v2(options.imagenet_v2, transform=preprocess_val)
         sets.append(("imagenetv2-zeroshot", dataset, classnames, zeroshot.OPENAI_IMAGENET_TEMPLATES))
     return sets
 
 
 class Evaluator:
-    """Validation retrieval and zero-shot sets, built once from `settings` (the train config, or the
-    eval command's arguments: val_data, val_num_samples, dataset_type, csv_*, zeroshot_*, imagenet_val,
-    imagenet_v2, batch_size, workers, seed, val_frequency, zeroshot_frequency)."""
+    """Validation retrieval and zero-shot sets, built once from the evaluation options (and the data
+    options for reading them), run on open_clip_train's schedule."""
 
-    def __init__(self, settings, preprocess_val: Callable, tokenizer: Callable, accelerator: Accelerator,
+    def __init__(self, config: Config, preprocess_val: Callable, tokenizer: Callable, accelerator: Accelerator,
                  objective: Optional[Objective] = None):
-        self.settings, self.tokenizer, self.accelerator = settings, tokenizer, accelerator
+        self.options, self.data = config[EvaluationOptions], config[DataOptions]
+        self.tokenizer, self.accelerator = tokenizer, accelerator
         self.objective = objective  # the validation loss's; CLIP's when None
-        self.val_loader = (build_val_loader(settings, preprocess_val, tokenizer, accelerator.process_index,
-                                            accelerator.num_processes) if settings.val_data else None)
-        self.val_expected = (expected_val_samples(settings, self.val_loader) if self.val_loader is not None
+        self.val_loader: Any = None
+        if self.options.val_data:
+            self.val_loader = build_eval_loader(config, self.options.val_data, preprocess_val, tokenizer,
+                                                rank=accelerator.process_index, world_size=accelerator.num_processes,
+                                                expected_samples=self.options.val_num_samples)
+        self.val_expected = (expected_val_samples(self.options, self.val_loader) if self.val_loader is not None
                              else (None, ""))
         self._val_counts_warned: set[int] = set()
-        self.zeroshot_sets = zeroshot_sets(settings, preprocess_val)
+        self.zeroshot_sets = zeroshot_sets(self.options, preprocess_val)
 
     @property
     def enabled(self) -> bool:
@@ -256,8 +259,8 @@ class Evaluator:
                 classifiers[key] = zeroshot.zeroshot_classifier(model, self.tokenizer, classnames, templates,
                                                                 self.accelerator, self.accelerator.autocast)
             results[name] = zeroshot.zeroshot_eval(model, self.tokenizer, dataset, classnames, templates,
-                                                   self.accelerator, batch_size=self.settings.batch_size,
-                                                   workers=self.settings.workers,
+                                                   self.accelerator, batch_size=self.data.batch_size,
+                                                   workers=self.data.workers,
                                                    precision_autocast=self.accelerator.autocast,
                                                    classifier=classifiers[key])
         return results
@@ -276,9 +279,9 @@ class Evaluator:
     def run(self, model, completed_epochs: int, *, last: bool = False, force: bool = False) -> dict:
         """The metrics due after `completed_epochs` (all of them with `force`), one flat dict: retrieval
         keys as they are, zero-shot keys prefixed with the set's name."""
-        settings = self.settings
-        results = self.evaluate(model, retrieval=force or self._due(settings.val_frequency, completed_epochs, last),
-                                classification=force or self._due(settings.zeroshot_frequency, completed_epochs, last))
+        options = self.options
+        results = self.evaluate(model, retrieval=force or self._due(options.val_frequency, completed_epochs, last),
+                                classification=force or self._due(options.zeroshot_frequency, completed_epochs, last))
         metrics = dict(results.pop("retrieval", {}))
         for name, result in results.items():
             metrics.update({k.replace("zeroshot", name, 1): v for k, v in result.items()})

@@ -30,7 +30,7 @@ from acc_clip.data.csv import IMAGE_ERRORS, build_eval_loader
 from acc_clip.data.csv_file import read_csv_columns
 from acc_clip.io.files import read_image_file
 from acc_clip.data.pixels import load_pixels
-from acc_clip.errors import AccClipError, describe_error
+from acc_clip.errors import DataError, describe_error
 from acc_clip.runtime import parallel
 from acc_clip.model.build import image_input_dtype
 
@@ -75,7 +75,7 @@ def _image_folder(root: str) -> tuple[list[str], list[str], list[int]]:
     """(class folder names, image paths, labels) of a folder with one sub-folder per class."""
     folders = _sub_folders(root)
     if not folders:
-        raise AccClipError(f"{root}: no class sub-folders (zero-shot data is one sub-folder of images per class)")
+        raise DataError(f"{root}: no class sub-folders (zero-shot data is one sub-folder of images per class)")
     filepaths, labels = _images_of_classes(root, folders)
     return folders, filepaths, labels
 
@@ -91,7 +91,7 @@ def _images_of_classes(root: str, folders: list[str]) -> tuple[list[str], list[i
             if _is_image(name)
         )
         if not found:
-            raise AccClipError(f"{os.path.join(root, folder)}: class folder holds no images ({' '.join(IMG_EXTENSIONS)})")
+            raise DataError(f"{os.path.join(root, folder)}: class folder holds no images ({' '.join(IMG_EXTENSIONS)})")
         filepaths += found
         labels += [label] * len(found)
     return filepaths, labels
@@ -102,17 +102,17 @@ def _labelled_csv(path: str, num_named_classes: Optional[int]) -> tuple[Optional
     filepaths, raw_labels = read_csv_columns(path, img_key="filepath", caption_key="label", sep=",")
     raw_labels = [label.strip() for label in raw_labels]
     if "" in raw_labels:
-        raise AccClipError(f"{path} data row {raw_labels.index('') + 1}: empty label")
+        raise DataError(f"{path} data row {raw_labels.index('') + 1}: empty label")
     if not all(label.isdigit() for label in raw_labels):
         names = sorted(set(raw_labels))
         index_of = {name: i for i, name in enumerate(names)}
         return names, filepaths, [index_of[label] for label in raw_labels]
     if num_named_classes is None:
-        raise AccClipError(f"{path}: integer labels are class indices; give the class names with --zeroshot-classnames")
+        raise DataError(f"{path}: integer labels are class indices; give the class names with --zeroshot-classnames")
     labels = [int(label) for label in raw_labels]
     for row, label in enumerate(labels):
         if label >= num_named_classes:
-            raise AccClipError(
+            raise DataError(
                 f"{path} data row {row + 1}: label {label} is out of range for {num_named_classes} class names"
             )
     return None, filepaths, labels
@@ -120,18 +120,18 @@ def _labelled_csv(path: str, num_named_classes: Optional[int]) -> tuple[Optional
 
 def _read_lines(path: str, what: str) -> list[str]:
     if not os.path.isfile(path):
-        raise AccClipError(f"{path}: {what} file not found")
+        raise DataError(f"{path}: {what} file not found")
     try:
         with open(path, encoding="utf-8") as f:
             lines = [line.strip() for line in f.read().splitlines()]
     except UnicodeDecodeError as error:
-        raise AccClipError(f"{path}: the {what} file is not UTF-8 text (byte {error.start})") from None
+        raise DataError(f"{path}: the {what} file is not UTF-8 text (byte {error.start})") from None
     while lines and not lines[-1]:
         lines.pop()
     if not lines:
-        raise AccClipError(f"{path}: {what} file is empty")
+        raise DataError(f"{path}: {what} file is empty")
     if "" in lines:
-        raise AccClipError(f"{path} line {lines.index('') + 1}: blank line in the {what} file")
+        raise DataError(f"{path} line {lines.index('') + 1}: blank line in the {what} file")
     return lines
 
 
@@ -144,7 +144,7 @@ def _check_classnames(class_ids: list[str], classnames: list[str], names_source:
                  if i >= len(classnames) or i >= len(defaults) or classnames[i] != defaults[i])
     named = repr(classnames[first]) if first < len(classnames) else "nothing"
     found = repr(class_ids[first]) if first < len(class_ids) else "no class"
-    raise AccClipError(
+    raise DataError(
         f"{names_source} has {len(classnames)} class names but {data} has {len(class_ids)} classes; "
         f"first mismatch at class {first + 1}: {named} named, {found} in the data"
     )
@@ -152,7 +152,7 @@ def _check_classnames(class_ids: list[str], classnames: list[str], names_source:
 
 def _check_class_count(count: int, data: str) -> None:
     if count < 2:
-        raise AccClipError(f"{data}: {count} class only; zero-shot classification needs at least 2 classes")
+        raise DataError(f"{data}: {count} class only; zero-shot classification needs at least 2 classes")
 
 
 def load_zeroshot_dataset(
@@ -165,7 +165,7 @@ def load_zeroshot_dataset(
     elif os.path.isfile(path):
         class_ids, filepaths, labels = _labelled_csv(path, len(file_names) if file_names else None)
     else:
-        raise AccClipError(f"{path}: zero-shot data not found (a folder of class sub-folders or a filepath,label CSV)")
+        raise DataError(f"{path}: zero-shot data not found (a folder of class sub-folders or a filepath,label CSV)")
     if class_ids is None:  # integer labels: the file alone says what the classes are
         classnames = file_names
     elif file_names is None:
@@ -180,7 +180,7 @@ def load_zeroshot_dataset(
 def load_imagenet_val(path: str, *, transform: Callable) -> tuple[ZeroShotDataset, list[str]]:
     """ImageNet val as 1000 sorted class folders (synset ids), named by open_clip's IMAGENET_CLASSNAMES."""
     if not os.path.isdir(path):
-        raise AccClipError(f"{path}: ImageNet val folder not found")
+        raise DataError(f"{path}: ImageNet val folder not found")
     class_ids, filepaths, labels = _image_folder(path)
     _check_classnames(class_ids, list(IMAGENET_CLASSNAMES), "open_clip's IMAGENET_CLASSNAMES", path)
     return ZeroShotDataset(filepaths, labels, transform=transform), list(IMAGENET_CLASSNAMES)
@@ -195,7 +195,7 @@ def imagenet_v2_root(path: str) -> str:
     """The folder of ImageNetV2's class folders: PATH/ImageNetV2-matched-frequency (what open_clip_train
     reads for --imagenet-v2 PATH), the unpacked download's folder under PATH, or PATH itself."""
     if not os.path.isdir(path):
-        raise AccClipError(f"--imagenet-v2 {path}: folder not found")
+        raise DataError(f"--imagenet-v2 {path}: folder not found")
     for name in IMAGENET_V2_SUBFOLDERS:
         if os.path.isdir(os.path.join(path, name)):
             return os.path.join(path, name)
@@ -215,7 +215,7 @@ def load_imagenet_v2(path: str, *, transform: Callable,
     if missing or unexpected:
         problems = [f"{len(missing)} missing, e.g. {missing[0]!r}"] if missing else []
         problems += [f"{len(unexpected)} unexpected, e.g. {unexpected[0]!r}"] if unexpected else []
-        raise AccClipError(f"--imagenet-v2 {root}: not ImageNetV2's layout (sub-folders 0..{len(classnames) - 1}, "
+        raise DataError(f"--imagenet-v2 {root}: not ImageNetV2's layout (sub-folders 0..{len(classnames) - 1}, "
                            f"one per class index): {'; '.join(problems)}")
     filepaths, labels = _images_of_classes(root, by_index)  # folder i of by_index is class i
     return ZeroShotDataset(filepaths, labels, transform=transform), classnames
@@ -232,7 +232,7 @@ def load_templates(path: Optional[str] = None) -> Sequence[Template]:
         except (IndexError, KeyError, ValueError):  # other braces in the line
             formats = False
         if not formats:
-            raise AccClipError(f"{path} line {line}: template {template!r} must hold '{{}}' (the class name) "
+            raise DataError(f"{path} line {line}: template {template!r} must hold '{{}}' (the class name) "
                                f"and no other braces")
     return templates
 
@@ -313,7 +313,7 @@ def zeroshot_eval(
             counts[2] += len(labels)
     top1, top5, num_samples, num_bad = accelerator.gather(counts.to(device)).view(-1, 4).sum(dim=0).tolist()
     if num_samples == 0:
-        raise AccClipError(f"zero-shot data: no readable images ({num_bad} skipped as missing or corrupt)")
+        raise DataError(f"zero-shot data: no readable images ({num_bad} skipped as missing or corrupt)")
     return {
         "zeroshot_top1": top1 / num_samples,
         "zeroshot_top5": top5 / num_samples,

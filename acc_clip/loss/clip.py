@@ -1,23 +1,30 @@
 """The CLIP objective: open_clip's own `ClipLoss` (softmax cross-entropy both ways), bound to the
 process group Accelerate created (features gathered with gradient under --gather-with-grad, labels
-offset by rank under --local-loss)."""
+offset by rank under --local-loss). Selected when no other objective is."""
 
 from __future__ import annotations
 
 import torch
 from open_clip.loss import ClipLoss
 
-from acc_clip.config import TrainConfig
-from acc_clip.loss import Objective
+from acc_clip.config.parsing import Config
+from acc_clip.loss.objective import Objective, ObjectiveOptions
 
 
 class ClipObjective(Objective):
-    def __init__(self, config: TrainConfig, rank: int, world_size: int, *placement):
+    name = "clip"
+
+    def __init__(self, config: Config, rank: int, world_size: int, *placement):
         super().__init__(config, rank, world_size, *placement)
-        self.loss = ClipLoss(local_loss=config.local_loss, gather_with_grad=config.gather_with_grad,
+        options = config[ObjectiveOptions]
+        self.loss = ClipLoss(local_loss=options.local_loss, gather_with_grad=options.gather_with_grad,
                              cache_labels=True, rank=rank, world_size=world_size)
         # Under --local-loss each process's loss covers its own rows only.
-        self.mean_over_processes = config.local_loss and world_size > 1
+        self.mean_over_processes = options.local_loss and world_size > 1
+
+    @classmethod
+    def selected(cls, config: Config) -> bool:
+        return True
 
     def __call__(self, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         # Features arrive in fp32 (Accelerate casts model outputs back), so the logits and the softmax

@@ -14,22 +14,55 @@ loss), so every parameter still takes part in every step, which DDP requires."""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
 import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
-from acc_clip.config import TrainConfig
-from acc_clip.loss import Objective
+from acc_clip.config.parsing import Config
+from acc_clip.config.schema import NON_NEGATIVE, Section, option, options_of
+from acc_clip.loss.objective import Objective, ObjectiveOptions
+from acc_clip.model.options import ModelOptions
 
 PAD_TOKEN = 0  # open_clip's tokenizers pad with 0, and CoCaLoss ignores it
 
 
+@dataclass
+class CocaOptions(Section):
+    title: ClassVar[str] = "coca"
+    coca_caption_loss_weight: float = option(2.0, "CoCa models: weight of the caption loss", domain=NON_NEGATIVE)
+    coca_contrastive_loss_weight: float = option(1.0, "CoCa models: weight of the contrastive loss",
+                                                 domain=NON_NEGATIVE)
+
+
 class CoCaObjective(Objective):
-    def __init__(self, config: TrainConfig, rank: int, world_size: int, *placement):
+    name = "coca"
+    options = CocaOptions
+
+    def __init__(self, config: Config, rank: int, world_size: int, *placement):
         super().__init__(config, rank, world_size, *placement)
-        self.contrastive = ClipLoss(local_loss=config.local_loss, gather_with_grad=config.gather_with_grad,
+        options = config[ObjectiveOptions]
+        self.weights = config[CocaOptions]
+        self.contrastive = ClipLoss(local_loss=options.local_loss, gather_with_grad=options.gather_with_grad,
                                     cache_labels=True, rank=rank, world_size=world_size)
         self.mean_over_processes = world_size > 1
+
+    @classmethod
+    def selected(cls, config: Config) -> bool:
+        """open_clip_train's rule: a model whose name holds 'coca'."""
+        return config[ModelOptions].is_coca
+
+    @classmethod
+    def check(cls, config: Config, chosen: type[Objective]) -> list[str]:
+        """The weights given for a model that is not CoCa are announced, at any value (the vendor's command
+        passes them at their defaults)."""
+        model = config[ModelOptions]
+        if model.is_coca:
+            return []
+        return [f"--{option.flag} has no effect: {model.model} is not a CoCa model (open_clip_train's rule: the "
+                "name holds 'coca')" for option in options_of(CocaOptions) if option.name in config.given]
 
     def rows(self, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         labels = outputs["labels"]
@@ -52,5 +85,5 @@ class CoCaObjective(Objective):
         # Each process holds its share of the token sum; x world size because the processes' values (and
         # DDP's gradients) are averaged, which makes the mean over all tokens.
         caption = rows["caption_loss_sum"].sum() * self.world_size / self.global_tokens(rows)
-        return {"contrastive_loss": self.config.coca_contrastive_loss_weight * contrastive,
-                "caption_loss": self.config.coca_caption_loss_weight * caption}
+        return {"contrastive_loss": self.weights.coca_contrastive_loss_weight * contrastive,
+                "caption_loss": self.weights.coca_caption_loss_weight * caption}

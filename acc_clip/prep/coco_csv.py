@@ -17,7 +17,8 @@ from typing import Any
 import pandas as pd
 
 from acc_clip.data.csv_file import parse_separator
-from acc_clip.errors import AccClipError
+from acc_clip.errors import DataError, ResourceError, UsageError
+from acc_clip.io.atomic import write_atomically
 
 
 def clean_caption(caption: str) -> str:
@@ -27,28 +28,28 @@ def clean_caption(caption: str) -> str:
 
 def load_annotations(path: str) -> dict[str, Any]:
     if not os.path.isfile(path):
-        raise AccClipError(f"coco-csv: annotation file not found: {path}")
+        raise UsageError(f"coco-csv: annotation file not found: {path}")
     try:
         with open(path, encoding="utf-8") as f:
             document = json.load(f)
     except json.JSONDecodeError as error:
-        raise AccClipError(
+        raise DataError(
             f"coco-csv: {path}: malformed JSON at line {error.lineno} column {error.colno}: {error.msg}") from None
     except UnicodeDecodeError as error:
-        raise AccClipError(f"coco-csv: {path}: not UTF-8 text at byte {error.start}") from None
+        raise DataError(f"coco-csv: {path}: not UTF-8 text at byte {error.start}") from None
     if not isinstance(document, dict):
-        raise AccClipError(f"coco-csv: {path}: expected a JSON object at the top level")
+        raise DataError(f"coco-csv: {path}: expected a JSON object at the top level")
     for key in ("images", "annotations"):
         if key not in document:
-            raise AccClipError(f"coco-csv: {path}: missing key '{key}'")
+            raise DataError(f"coco-csv: {path}: missing key '{key}'")
         if not isinstance(document[key], list):
-            raise AccClipError(f"coco-csv: {path}: '{key}' must be a list")
+            raise DataError(f"coco-csv: {path}: '{key}' must be a list")
     return document
 
 
 def require(entry: Any, key: str, where: str, path: str) -> Any:
     if not isinstance(entry, dict) or key not in entry:
-        raise AccClipError(f"coco-csv: {path}: {where} has no key '{key}'")
+        raise DataError(f"coco-csv: {path}: {where} has no key '{key}'")
     return entry[key]
 
 
@@ -60,24 +61,18 @@ def captions_by_image(document: dict[str, Any], path: str) -> dict[Any, list[Any
         image_id = require(annotation, "image_id", where, path)
         caption = require(annotation, "caption", where, path)
         if caption is not None and not isinstance(caption, str):
-            raise AccClipError(f"coco-csv: {path}: {where} 'caption' is not a string")
+            raise DataError(f"coco-csv: {path}: {where} 'caption' is not a string")
         grouped.setdefault(image_id, []).append(caption)
     return grouped
 
 
 def write_csv_atomically(frame: pd.DataFrame, out_csv: str, sep: str) -> None:
     folder = os.path.dirname(os.path.abspath(out_csv))
-    # Same folder, so os.replace is a rename; opened normally, so it gets the usual permissions.
-    temporary = os.path.join(folder, f".{os.path.basename(out_csv)}.{os.getpid()}.tmp")
     try:
         os.makedirs(folder, exist_ok=True)
-        frame.to_csv(temporary, index=False, sep=sep)
-        os.replace(temporary, out_csv)
     except OSError as error:
-        raise AccClipError(f"coco-csv: cannot write {out_csv}: {error.strerror or error}") from None
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
+        raise ResourceError(f"coco-csv: cannot write {out_csv}: {error.strerror or error}") from None
+    write_atomically(out_csv, lambda partial: frame.to_csv(partial, index=False, sep=sep))
 
 
 def create_coco_csv(annotations: str, images_dir: str, out_csv: str, sep: str = ",") -> dict[str, int]:
@@ -85,7 +80,7 @@ def create_coco_csv(annotations: str, images_dir: str, out_csv: str, sep: str = 
     sep = parse_separator(sep, "coco-csv: --sep")
     document = load_annotations(annotations)
     if not os.path.isdir(images_dir):
-        raise AccClipError(f"coco-csv: images folder not found: {images_dir}")
+        raise UsageError(f"coco-csv: images folder not found: {images_dir}")
     grouped = captions_by_image(document, annotations)
     images_root = os.path.abspath(images_dir)
     counts = {"rows": 0, "images": 0, "images_missing": 0, "images_without_captions": 0,
@@ -119,7 +114,7 @@ def create_coco_csv(annotations: str, images_dir: str, out_csv: str, sep: str = 
         len(captions) for image_id, captions in grouped.items() if image_id not in known_ids)
     counts["rows"] = len(titles)
     if not titles:
-        raise AccClipError(f"coco-csv: {annotations}: no rows to write ({summary(counts)}); {out_csv} left as it was")
+        raise DataError(f"coco-csv: {annotations}: no rows to write ({summary(counts)}); {out_csv} left as it was")
     write_csv_atomically(pd.DataFrame({"filepath": filepaths, "title": titles}), out_csv, sep)
     return counts
 

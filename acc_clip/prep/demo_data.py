@@ -26,7 +26,7 @@ from typing import NamedTuple
 import numpy as np
 from PIL import Image, ImageDraw
 
-from acc_clip.errors import AccClipError
+from acc_clip.errors import UsageError
 
 MANIFEST_NAME = "demo_data.json"
 # Bump when the images or captions change, so an old folder is not silently reused.
@@ -262,9 +262,9 @@ def make_demo_data(out_dir: str, num_train: int = 1000, num_val: int = 200, size
     An existing complete dataset made with the same parameters is reused as is; any other
     non-empty `out_dir` is refused rather than mixed with or overwritten."""
     if num_train < 1 or num_val < 1 or zeroshot_per_class < 0:
-        raise AccClipError("demo-data: --num-train and --num-val must be >= 1, zero-shot images per class >= 0")
+        raise UsageError("demo-data: --num-train and --num-val must be >= 1, zero-shot images per class >= 0")
     if size[0] < 16 or size[1] < 16:
-        raise AccClipError(f"demo-data: --size {size[0]}x{size[1]} is too small (at least 16x16)")
+        raise UsageError(f"demo-data: --size {size[0]}x{size[1]} is too small (at least 16x16)")
     out_dir = os.path.abspath(out_dir)
     paths = dataset_paths(out_dir)
     parameters = {
@@ -273,14 +273,14 @@ def make_demo_data(out_dir: str, num_train: int = 1000, num_val: int = 200, size
     }
     if os.path.exists(out_dir):
         if not os.path.isdir(out_dir):
-            raise AccClipError(f"demo-data: {out_dir} exists and is not a folder")
+            raise UsageError(f"demo-data: {out_dir} exists and is not a folder")
         if os.listdir(out_dir):
             manifest = read_manifest(paths["manifest"])
             if manifest == parameters:
                 return paths
             reason = ("holds a demo dataset made with other parameters" if manifest is not None
                       else "is not empty and holds no complete demo dataset")
-            raise AccClipError(f"demo-data: {out_dir} {reason}; remove it or choose another folder")
+            raise UsageError(f"demo-data: {out_dir} {reason}; remove it or choose another folder")
     os.makedirs(out_dir, exist_ok=True)
     write_split(out_dir, "train2017", 1, num_train, size, seed)
     write_split(out_dir, "val2017", 1 + num_train, num_val, size, seed)

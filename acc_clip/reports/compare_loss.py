@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Optional
 
 from acc_clip.reports.curves import LossCurve, ema_smooth, read_loss_curve
-from acc_clip.errors import AccClipError
+from acc_clip.errors import DataError, UsageError
 from acc_clip.reports.plot import save_figure
 
 VENDOR_RELATIVE_LIMIT = 0.05
@@ -78,11 +78,11 @@ def _relative_errors(ref: list[float], new: list[float], two_sided: bool) -> lis
 
 def compare_curves(ref: LossCurve, new: LossCurve, ema: float = 0.9, tolerance: float = 0.05) -> ComparisonResult:
     if not tolerance >= 0.0:
-        raise AccClipError(f"--tolerance {tolerance}: expected a non-negative relative error")
+        raise UsageError(f"--tolerance {tolerance}: expected a non-negative relative error")
     aligned_by, x, ref_losses, new_losses = align_curves(ref, new)
     if not x:
         what = "no step in common" if aligned_by == ALIGNED_BY_STEP else "an empty curve"
-        raise AccClipError(f"nothing to compare: the reference and new curves have {what}")
+        raise DataError(f"nothing to compare: the reference and new curves have {what}")
 
     vendor_mre = _mean(_relative_errors(ref_losses, new_losses, two_sided=False))
     vendor_mae = _mean([n - r for r, n in zip(ref_losses, new_losses)])
@@ -183,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    """Exit status 0 when the comparison passes, 1 when it fails (bad input raises AccClipError)."""
+    """Exit status 0 when the comparison passes, 1 when it fails (bad input raises an AccClipError)."""
     args = build_parser().parse_args(argv)
     result = compare_curves(read_loss_curve(args.ref), read_loss_curve(args.new), ema=args.ema, tolerance=args.tolerance)
     for line in vendor_report_lines(result) + two_sided_report_lines(result):

@@ -21,7 +21,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from acc_clip.errors import AccClipError
+from acc_clip.errors import DataError, UsageError
 from acc_clip.runtime.run_dir import LOG_FILE, METRICS_FILE
 
 
@@ -61,9 +61,9 @@ def resolve_log_path(path: str | Path) -> Path:
         for name in (METRICS_FILE, LOG_FILE):
             if (path / name).is_file():
                 return path / name
-        raise AccClipError(f"{path}: run folder holds neither {METRICS_FILE} nor {LOG_FILE}")
+        raise DataError(f"{path}: run folder holds neither {METRICS_FILE} nor {LOG_FILE}")
     if not path.is_file():
-        raise AccClipError(f"{path}: no such file or run folder")
+        raise UsageError(f"{path}: no such file or run folder")
     return path
 
 
@@ -74,7 +74,7 @@ def read_loss_curve(path: str | Path) -> LossCurve:
     lines = text.splitlines()
     first = next((line.strip() for line in lines if line.strip()), "")
     if not first:
-        raise AccClipError(f"{path}: empty file; {EXPECTED_FORMATS}")
+        raise DataError(f"{path}: empty file; {EXPECTED_FORMATS}")
     if first.startswith("{"):
         records = read_metrics(path)
         return LossCurve(
@@ -87,7 +87,7 @@ def read_loss_curve(path: str | Path) -> LossCurve:
     plain = _parse_plain_floats(lines)
     if plain is not None:
         return plain
-    raise AccClipError(f"{path}: no loss values recognised; {EXPECTED_FORMATS}")
+    raise DataError(f"{path}: no loss values recognised; {EXPECTED_FORMATS}")
 
 
 def read_metrics(path: str | Path) -> list[dict]:
@@ -99,10 +99,10 @@ def read_metrics(path: str | Path) -> list[dict]:
     path = Path(path)
     if path.is_dir():
         if not (path / METRICS_FILE).is_file():
-            raise AccClipError(f"{path}: run folder has no {METRICS_FILE}")
+            raise DataError(f"{path}: run folder has no {METRICS_FILE}")
         path = path / METRICS_FILE
     if not path.is_file():
-        raise AccClipError(f"{path}: no such metrics file")
+        raise UsageError(f"{path}: no such metrics file")
     text = path.read_text(encoding="utf-8", errors="replace")
     lines = text.split("\n")  # the element after the last "\n" is "" unless the final write was torn
     by_step: dict[int, dict] = {}
@@ -114,19 +114,19 @@ def read_metrics(path: str | Path) -> list[dict]:
         except json.JSONDecodeError:
             if number == len(lines):
                 continue
-            raise AccClipError(f"{path}:{number}: not a JSON object; expected one metrics record per line") from None
+            raise DataError(f"{path}:{number}: not a JSON object; expected one metrics record per line") from None
         if not isinstance(record, dict):
-            raise AccClipError(f"{path}:{number}: not a JSON object; expected one metrics record per line")
+            raise DataError(f"{path}:{number}: not a JSON object; expected one metrics record per line")
         if record.get("kind", "train") != "train":
             continue
         for key in ("step", "loss"):
             if key not in record:
-                raise AccClipError(f"{path}:{number}: train record has no {key!r} key")
+                raise DataError(f"{path}:{number}: train record has no {key!r} key")
         if not isinstance(record["step"], int) or isinstance(record["step"], bool):
-            raise AccClipError(f"{path}:{number}: 'step' is {record['step']!r}, expected an integer")
+            raise DataError(f"{path}:{number}: 'step' is {record['step']!r}, expected an integer")
         by_step[record["step"]] = record
     if not by_step:
-        raise AccClipError(f"{path}: no train records; expected lines like {{\"step\": 0, \"loss\": 4.1, ...}}")
+        raise DataError(f"{path}: no train records; expected lines like {{\"step\": 0, \"loss\": 4.1, ...}}")
     return [by_step[step] for step in sorted(by_step)]
 
 
@@ -151,14 +151,14 @@ def _parse_open_clip_log(path: Path, lines: list[str]) -> LossCurve:
             continue
         loss = _OPEN_CLIP_LOSS.search(line)
         if not loss:
-            raise AccClipError(f"{path}:{number}: open_clip train line has no 'Loss: <value> (<avg>)'")
+            raise DataError(f"{path}:{number}: open_clip train line has no 'Loss: <value> (<avg>)'")
         entries.append((number, int(progress.group(1)), int(progress.group(2)), progress.group(4), float(loss.group(1))))
 
     # A new epoch begins at the first line and wherever the epoch number changes (a resumed log may repeat one).
     starts = [k for k in range(len(entries)) if k == 0 or entries[k][1] != entries[k - 1][1]]
     global_batches = {entries[k][2] for k in starts}
     if len(global_batches) != 1:
-        raise AccClipError(
+        raise DataError(
             f"{path}: first lines of the epochs report different sample counts {sorted(global_batches)}; "
             "expected one per-step global batch"
         )
@@ -167,7 +167,7 @@ def _parse_open_clip_log(path: Path, lines: list[str]) -> LossCurve:
     batch_counts = []
     for number, _, num_samples, _, _ in entries:
         if num_samples % global_batch:
-            raise AccClipError(
+            raise DataError(
                 f"{path}:{number}: sample count {num_samples} is not a multiple of the per-step batch {global_batch}"
             )
         batch_counts.append(num_samples // global_batch)
@@ -178,15 +178,15 @@ def _parse_open_clip_log(path: Path, lines: list[str]) -> LossCurve:
         ends.append(len(entries) - 1)
     per_epoch = {batch_counts[k] for k in ends}
     if len(per_epoch) > 1:
-        raise AccClipError(f"{path}: completed epochs have different batch counts {sorted(per_epoch)}")
+        raise DataError(f"{path}: completed epochs have different batch counts {sorted(per_epoch)}")
     if not per_epoch and any(e[1] > 0 for e in entries):
-        raise AccClipError(f"{path}: no completed epoch in the log, so the steps of epochs after 0 cannot be derived")
+        raise DataError(f"{path}: no completed epoch in the log, so the steps of epochs after 0 cannot be derived")
     batches_per_epoch = per_epoch.pop() if per_epoch else 0
 
     steps = []
     for (number, epoch, _, percent, _), batch_count in zip(entries, batch_counts):
         if batches_per_epoch and f"{100.0 * batch_count / batches_per_epoch:.0f}" != percent:
-            raise AccClipError(
+            raise DataError(
                 f"{path}:{number}: {percent}% does not match batch {batch_count} of {batches_per_epoch}; "
                 "cannot derive the global step"
             )
@@ -233,7 +233,7 @@ def _parse_plain_floats(lines: list[str]) -> Optional[LossCurve]:
 def ema_smooth(values: list[float], ema: float) -> list[float]:
     """Exponential moving average: s_0 = x_0, s_t = ema * s_{t-1} + (1 - ema) * x_t."""
     if not 0.0 <= ema < 1.0:
-        raise AccClipError(f"--ema {ema}: expected a smoothing factor in [0, 1)")
+        raise UsageError(f"--ema {ema}: expected a smoothing factor in [0, 1)")
     smoothed: list[float] = []
     for value in values:
         smoothed.append(value if not smoothed else ema * smoothed[-1] + (1.0 - ema) * value)

@@ -16,7 +16,7 @@ from matplotlib.figure import Figure
 
 from acc_clip.reports.curves import ema_smooth, read_metrics
 from acc_clip.runtime.run_dir import METRICS_FILE
-from acc_clip.errors import AccClipError
+from acc_clip.errors import DataError, ResourceError, UsageError
 
 
 def run_names(run_dirs: Sequence[str | Path]) -> list[str]:
@@ -30,17 +30,17 @@ def run_names(run_dirs: Sequence[str | Path]) -> list[str]:
 def _series(records: list[dict], key: str, run_dir: str | Path) -> list[float]:
     for record in records:
         if key not in record:
-            raise AccClipError(f"{Path(run_dir) / METRICS_FILE}: train record of step {record['step']} has no {key!r}")
+            raise DataError(f"{Path(run_dir) / METRICS_FILE}: train record of step {record['step']} has no {key!r}")
     return [float(record[key]) for record in records]
 
 
 def plot_runs(run_dirs: Sequence[str | Path], out_path: str | Path, ema: float = 0.9) -> Figure:
     """Draw the runs into one three-panel figure, save it as `out_path` and return it."""
     if not run_dirs:
-        raise AccClipError("no run folder given; expected one or more RUN_DIR holding metrics.jsonl")
+        raise UsageError("no run folder given; expected one or more RUN_DIR holding metrics.jsonl")
     for run_dir in run_dirs:
         if not (Path(run_dir) / METRICS_FILE).is_file():
-            raise AccClipError(f"{run_dir}: not a run folder holding {METRICS_FILE}")
+            raise UsageError(f"{run_dir}: not a run folder holding {METRICS_FILE}")
 
     figure = Figure(figsize=(10, 11))
     FigureCanvasAgg(figure)
@@ -77,7 +77,7 @@ def save_figure(figure, out_path, flag: str):
     try:
         figure.savefig(out_path)
     except (OSError, ValueError) as error:
-        raise AccClipError(f"{flag} {out_path}: cannot write the figure ({error})") from error
+        raise ResourceError(f"{flag} {out_path}: cannot write the figure ({error})") from error
     return figure
 
 

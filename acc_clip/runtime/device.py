@@ -17,11 +17,12 @@ from __future__ import annotations
 import importlib.util
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import ClassVar, Optional
 
 import torch
 
-from acc_clip.errors import AccClipError
+from acc_clip.config.schema import Domain, Section, option
+from acc_clip.errors import ResourceError, UsageError
 
 # open_clip_train's --precision -> Accelerate's mixed_precision (autocast, and a grad scaler for fp16). The amp
 # modes autocast; fp16/bf16 cast the weights (open_clip's convert_weights_to_lp) and pure_* the whole model, with
@@ -39,6 +40,62 @@ VISIBLE_DEVICES = {"sdaa": "SDAA_VISIBLE_DEVICES", "cuda": "CUDA_VISIBLE_DEVICES
 # Devices Accelerate supports besides SDAA, CUDA and the CPU: its own availability test for each.
 OTHER_DEVICES = {"npu": "is_npu_available", "xpu": "is_xpu_available", "mps": "is_mps_available"}
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of CPUs with native bf16 arithmetic
+PRECISIONS = ("amp", "amp_bf16", "amp_bfloat16", "bf16", "fp16", "pure_bf16", "pure_fp16", "fp32")  # open_clip's
+DEVICE = Domain("sdaa, cuda, npu, xpu, mps or cpu (optionally :INDEX)", lambda v: v.split(":")[0] in BACKEND)
+# torch's process-group backends, and those vendor packages register (SDAA's tccl, Ascend's hccl).
+DIST_BACKENDS = ("nccl", "gloo", "mpi", "ucc", "xccl", "tccl", "hccl")
+# open_clip_train flags that cannot mean anything under acc_clip: flag -> why, and what to use instead.
+REFUSED_FLAGS = {
+    "horovod": "acc_clip runs on Accelerate, not Horovod: start processes with `accelerate launch` (launch/README.md)",
+    "torchscript": "a TorchScript model cannot be trained here; export (acc-clip export) and script the open_clip "
+                   "model for inference",
+    "trace": "open_clip_train cannot train a traced model either; trace the exported model for inference",
+    "use_bnb_linear": "bitsandbytes int8 linear layers are not supported; train in a --precision of torch's",
+    "no_set_device_rank": "Accelerate places each process on its local device; choose devices with "
+                          "CUDA_VISIBLE_DEVICES or SDAA_VISIBLE_DEVICES",
+}
+
+
+@dataclass
+class RuntimeOptions(Section):
+    """Where and how the processes run: the device, the precision, the seed, the process group and the
+    wrapping; and open_clip_train's flags that have no meaning here (refused in one line)."""
+
+    title: ClassVar[str] = "runtime"
+    device: Optional[str] = option(None, "sdaa, cuda, npu, xpu, mps or cpu; default: sdaa if torch_sdaa is "
+                                         "installed, else cuda, else cpu", domain=DEVICE)
+    precision: str = option("amp", "open_clip's: amp (fp16 autocast + grad scaler), amp_bf16 = amp_bfloat16 (bf16 "
+                                   "autocast), fp16 / bf16 (weights cast, no autocast), pure_fp16 / pure_bf16 (the "
+                                   "whole model cast), fp32", choices=PRECISIONS)
+    seed: int = option(0, "seed for weights, sample order and augmentation", train_only=True)
+    torchcompile: bool = option(False, "torch.compile the model", train_only=True)
+    cudnn_benchmark: bool = option(True, "cuDNN picks the fastest convolution algorithms on CUDA, as open_clip_train "
+                                         "does (--no-cudnn-benchmark: the same algorithms every run)", tristate=True,
+                                   train_only=True)
+    use_bn_sync: bool = option(False, "synchronise batch-norm statistics across processes", train_only=True)
+    ddp_static_graph: bool = option(False, "DDP's static_graph (the same parameters take part in every step)",
+                                    train_only=True)
+    dist_backend: Optional[str] = option(None, "process-group backend (default: nccl on CUDA, tccl on SDAA, gloo on "
+                                               "the CPU)", choices=DIST_BACKENDS, train_only=True)
+    dist_url: Optional[str] = option(None, "env:// only: addresses come from the launcher (accelerate launch, srun)",
+                                     train_only=True)
+    horovod: bool = option(False, "refused: acc_clip runs on Accelerate", train_only=True)
+    no_set_device_rank: bool = option(False, "refused: Accelerate places each process on its local device",
+                                      train_only=True)
+    torchscript: bool = option(False, "refused: a TorchScript model cannot be trained", train_only=True)
+    trace: bool = option(False, "refused: a traced model cannot be trained", train_only=True)
+    use_bnb_linear: Optional[str] = option(None, "refused: bitsandbytes linear layers are not supported",
+                                           train_only=True)
+
+    def check(self) -> None:
+        """open_clip_train flags that cannot mean anything here, or only in part: one line each."""
+        for key, why in REFUSED_FLAGS.items():
+            if getattr(self, key):
+                raise UsageError(f"--{key.replace('_', '-')}: {why}")
+        if self.dist_url not in (None, "env://"):
+            raise UsageError(f"--dist-url {self.dist_url}: acc_clip's processes take their addresses from the "
+                             "launcher: accelerate launch --main_process_ip/--main_process_port, or srun with "
+                             "MASTER_ADDR/MASTER_PORT (launch/README.md)")
 
 
 def torch_sdaa_installed() -> bool:
@@ -91,7 +148,7 @@ def check_other_device(kind: str, requested: str) -> None:
     import accelerate.utils
 
     if not getattr(accelerate.utils, OTHER_DEVICES[kind])():
-        raise AccClipError(f"--device {requested}: torch sees no {kind} device here (its backend package or the "
+        raise ResourceError(f"--device {requested}: torch sees no {kind} device here (its backend package or the "
                            "device is missing); drop --device to use the best available")
 
 
@@ -116,7 +173,7 @@ def plan_device(requested: Optional[str], precision: str, local_rank: Optional[i
     local_rank = int(os.environ.get("LOCAL_RANK", 0)) if local_rank is None else local_rank
     kind = requested.split(":")[0] if requested else None
     if kind not in (*BACKEND, None):
-        raise AccClipError(f"--device {requested!r}: expected sdaa, cuda, npu, xpu, mps or cpu")
+        raise UsageError(f"--device {requested!r}: expected sdaa, cuda, npu, xpu, mps or cpu")
     if kind in OTHER_DEVICES:
         check_other_device(kind, requested)
     # --device cpu asks nothing of CUDA, so that make_accelerator can still hide the GPUs (see there).
@@ -125,18 +182,18 @@ def plan_device(requested: Optional[str], precision: str, local_rank: Optional[i
     kind = kind or ("sdaa" if sdaa else "cuda" if cuda else "cpu")
     if kind == "sdaa" and not sdaa:
         if not torch_sdaa_installed():
-            raise AccClipError("--device sdaa needs the torch_sdaa package (Tecorigin's SDAA software stack), "
+            raise ResourceError("--device sdaa needs the torch_sdaa package (Tecorigin's SDAA software stack), "
                                "which is not installed; drop --device to train on CUDA or the CPU")
-        raise AccClipError("--device sdaa: torch_sdaa is installed but torch.sdaa sees no card; "
+        raise ResourceError("--device sdaa: torch_sdaa is installed but torch.sdaa sees no card; "
                            "check SDAA_VISIBLE_DEVICES and the driver")
     if kind == "cuda" and not cuda:
-        raise AccClipError("--device cuda: no CUDA device is available to torch; drop --device to use the CPU")
+        raise ResourceError("--device cuda: no CUDA device is available to torch; drop --device to use the CPU")
     if kind == "cuda" and sdaa:
         # Accelerate prefers SDAA whenever a card is visible; say so rather than surprise.
-        raise AccClipError("--device cuda while torch_sdaa sees an SDAA card: Accelerate would place the run on "
+        raise UsageError("--device cuda while torch_sdaa sees an SDAA card: Accelerate would place the run on "
                            "SDAA; hide the cards with SDAA_VISIBLE_DEVICES= to use CUDA")
     if precision not in MIXED_PRECISION:
-        raise AccClipError(f"--precision {precision!r}: expected one of {', '.join(MIXED_PRECISION)}")
+        raise UsageError(f"--precision {precision!r}: expected one of {', '.join(MIXED_PRECISION)}")
     mixed, note = MIXED_PRECISION[precision], ""
     if kind == "cpu":
         # Accelerate ignores fp16 on the CPU (no autocast, no scaler); bf16 autocast is the CPU's mixed precision.
@@ -159,7 +216,7 @@ def plan_device(requested: Optional[str], precision: str, local_rank: Optional[i
 def check_bn_sync(plan: DevicePlan, use_bn_sync: bool) -> None:
     """torch's SyncBatchNorm runs only on accelerators: refuse before training rather than at step 1."""
     if use_bn_sync and plan.kind == "cpu":
-        raise AccClipError("--use-bn-sync needs CUDA or SDAA devices: torch's SyncBatchNorm cannot run on the CPU")
+        raise UsageError("--use-bn-sync needs CUDA or SDAA devices: torch's SyncBatchNorm cannot run on the CPU")
 
 
 def hide_gpus_from_cpu_processes(plan: DevicePlan, environ=os.environ) -> bool:
@@ -195,11 +252,11 @@ def make_accelerator(plan: DevicePlan, *, find_unused_parameters: bool = False, 
     enable_fsdp_on_cpu(accelerator, plugin)
     where = plan.visible_devices_variable or "the launch configuration"
     if accelerator.device.type != plan.kind:
-        raise AccClipError(f"planned device {plan.kind} but Accelerate chose {accelerator.device}; check {where}")
+        raise ResourceError(f"planned device {plan.kind} but Accelerate chose {accelerator.device}; check {where}")
     if accelerator.num_processes > 1:
         chosen = (accelerator.state.backend, accelerator.distributed_type.value)
         if chosen != (plan.backend, "FSDP" if plugin is not None else plan.distributed_type):
-            raise AccClipError(f"planned backend {plan.backend} ({plan.distributed_type}) but Accelerate started "
+            raise ResourceError(f"planned backend {plan.backend} ({plan.distributed_type}) but Accelerate started "
                                f"{chosen[0]} ({chosen[1]}); check {where}")
     return accelerator
 
@@ -212,15 +269,6 @@ def host_process_group(accelerator):
     if torch.distributed.get_backend() == "gloo":
         return torch.distributed.group.WORLD
     return torch.distributed.new_group(backend="gloo")
-
-
-def grad_scaler(plan: DevicePlan):
-    """The grad scaler Accelerate builds for the plan's device under fp16 (None without fp16)."""
-    from accelerate.utils import DistributedType, get_grad_scaler
-
-    if not plan.uses_grad_scaler:
-        return None
-    return get_grad_scaler(DistributedType(plan.distributed_type))
 
 
 def peak_memory_bytes(plan: DevicePlan) -> Optional[int]:

@@ -27,7 +27,7 @@ from typing import Iterator, Optional
 
 import torch
 
-from acc_clip.errors import AccClipError
+from acc_clip.errors import UsageError
 
 log = logging.getLogger(__name__)
 # open_clip's 0-d parameters (temperature, SigLIP's bias): 1-element vectors under FSDP (scalars_as_vectors).
@@ -58,12 +58,12 @@ def fsdp_plugin(environ=os.environ):
         return None
     plugin = FullyShardedDataParallelPlugin()
     if plugin.fsdp_version != 2:
-        raise AccClipError(f"the launch config's fsdp_config has fsdp_version {plugin.fsdp_version}: acc_clip "
+        raise UsageError(f"the launch config's fsdp_config has fsdp_version {plugin.fsdp_version}: acc_clip "
                            "supports FSDP2 only; set fsdp_version: 2 (see launch/fsdp.yaml)")
     kind = getattr(plugin.state_dict_type, "name", str(plugin.state_dict_type))
     if kind != "SHARDED_STATE_DICT":
         # A full state dict is written by rank 0 alone (step checkpoints then cannot reshard on resume).
-        raise AccClipError(f"the launch config's fsdp_config has fsdp_state_dict_type {kind}: acc_clip's step "
+        raise UsageError(f"the launch config's fsdp_config has fsdp_state_dict_type {kind}: acc_clip's step "
                            "checkpoints are sharded; set fsdp_state_dict_type: SHARDED_STATE_DICT (see launch/fsdp.yaml)")
     return plugin
 
@@ -163,12 +163,12 @@ def shard_blocks(accelerator, model: torch.nn.Module, optimizer: torch.optim.Opt
 def check_fsdp_options(accelerator, *, sync_batch_norm: bool, compile_model: bool, model: torch.nn.Module) -> None:
     """What FSDP here cannot do, in one line each, before anything is sharded."""
     if sync_batch_norm:
-        raise AccClipError("--use-bn-sync with the FSDP launch config: not supported; drop --use-bn-sync")
+        raise UsageError("--use-bn-sync with the FSDP launch config: not supported; drop --use-bn-sync")
     if compile_model:
-        raise AccClipError("--torchcompile with the FSDP launch config: not supported yet; drop --torchcompile")
+        raise UsageError("--torchcompile with the FSDP launch config: not supported yet; drop --torchcompile")
     dtypes = {parameter.dtype for parameter in model.parameters()}
     if dtypes != {torch.float32}:
-        raise AccClipError("--precision fp16/bf16/pure_*: the FSDP launch config keeps fp32 weights and computes in "
+        raise UsageError("--precision fp16/bf16/pure_*: the FSDP launch config keeps fp32 weights and computes in "
                            "the launch's mixed precision; use --precision amp, amp_bf16 or fp32")
 
 

@@ -10,13 +10,14 @@ import secrets
 import socket
 from datetime import datetime
 
-from acc_clip.errors import AccClipError
+from acc_clip.errors import ResourceError, UsageError
+from acc_clip.io.atomic import write_atomically
 
 CONFIG_FILE = "config.yaml"  # the resolved config
 LOG_FILE = "out.log"  # the log, open_clip_train's name
 METRICS_FILE = "metrics.jsonl"  # one record per optimizer step
 RESULTS_FILE = "results.jsonl"  # one record per evaluation
-SAMPLES_FILE = "samples.jsonl"  # the opt-in debug record of samples per step (checkpoint/debug.py)
+SAMPLES_FILE = "samples.jsonl"  # --log-samples: the samples of every step (train/samples.py)
 CHECKPOINTS_DIR = "checkpoints"
 TENSORBOARD_DIR = "tensorboard"
 LOCK_FILE = "run.lock"  # "HOST PID" of the process writing to the run folder (take_run_lock)
@@ -26,25 +27,32 @@ WANDB_ID_FILE = "wandb_id"  # the id of the run folder's wandb run, so that ever
 WANDB_ID = re.compile(r"[A-Za-z0-9_.\-]+")
 
 
-def default_run_name(config, stamp: str) -> str:
+def default_run_name(stamp: str, *, model: str, lr, batch_size: int, workers: int, precision: str) -> str:
     """open_clip_train's run name: date, model, lr, batch, workers, precision."""
-    return "-".join([stamp, f"model_{config.model.replace('/', '-').replace(':', '-')}", f"lr_{config.lr}",
-                     f"b_{config.batch_size}", f"j_{config.workers}", f"p_{config.precision}"])
+    return "-".join([stamp, f"model_{model.replace('/', '-').replace(':', '-')}", f"lr_{lr}", f"b_{batch_size}",
+                     f"j_{workers}", f"p_{precision}"])
 
 
-def run_folder(config, accelerator) -> str:
-    """`<logs>/<name>/`, named once on the main process and shared, as open_clip names its runs."""
+def agreed_stamp(accelerator) -> str:
+    """The start time as a run name's date, the main process's on every process."""
     from accelerate.utils import broadcast_object_list
 
-    if config.name is None:
-        stamp = [datetime.now().strftime("%Y_%m_%d-%H_%M_%S")]
-        broadcast_object_list(stamp)
-        config.name = default_run_name(config, stamp[0])
-    path = os.path.join(config.logs, config.name)
+    stamp = [datetime.now().strftime("%Y_%m_%d-%H_%M_%S")]
+    broadcast_object_list(stamp)
+    return stamp[0]
+
+
+def run_folder(logs: str, name: str, *, resuming: bool, accelerator) -> str:
+    """`<logs>/<name>/`, made (and locked) on the main process."""
+    path = os.path.join(logs, name)
     if accelerator.is_main_process:
-        if os.path.exists(os.path.join(path, METRICS_FILE)) and config.resume is None:
-            raise AccClipError(f"{path} already holds a run: pass --resume latest to continue it, or a new --name")
-        os.makedirs(path, exist_ok=True)
+        if os.path.exists(os.path.join(path, METRICS_FILE)) and not resuming:
+            raise UsageError(f"{path} already holds a run: pass --resume latest to continue it, or a new --name")
+        try:
+            os.makedirs(path, exist_ok=True)
+        except OSError as error:  # --logs is a file, or not writable
+            raise UsageError(f"--logs {logs} --name {name}: cannot make the run folder {path} "
+                             f"({error.strerror or error})") from None
         take_run_lock(path)
     accelerator.wait_for_everyone()
     return path
@@ -84,7 +92,7 @@ def take_run_lock(path: str) -> None:
                 logging.getLogger(__name__).warning("%s: taking over the lock of process %s, which is gone", path, pid)
                 _remove_if_held_by(lock, holder)
                 continue
-            raise AccClipError(f"{path} is in use by another run (process {pid or '?'} on {host or '?'}, per {lock}): "
+            raise ResourceError(f"{path} is in use by another run (process {pid or '?'} on {host or '?'}, per {lock}): "
                                "wait for it to end or pick another --name; if that process is gone, delete the lock")
         with os.fdopen(descriptor, "w") as file:
             file.write(me)
@@ -113,20 +121,6 @@ def release_run_lock(path: str) -> None:
     _remove_if_held_by(os.path.join(path, LOCK_FILE), _this_process())
 
 
-def write_atomically(path: str, text: str) -> None:
-    """`path` holds all of `text` or does not exist: a crash mid-write leaves no half-written file."""
-    temporary = os.path.join(os.path.dirname(path), f".{os.path.basename(path)}.{os.getpid()}.tmp")
-    try:
-        with open(temporary, "w") as file:
-            file.write(text)
-        os.replace(temporary, path)  # same folder, so a rename
-    except OSError as error:
-        raise AccClipError(f"cannot write {path}: {error.strerror or error}") from None
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-
-
 def wandb_run_id(run_dir: str) -> str:
     """The id of this run folder's wandb run: made on the first start, read back on every later one.
     Call on the main process only (Accelerate starts trackers there)."""
@@ -139,7 +133,7 @@ def wandb_run_id(run_dir: str) -> str:
         write_atomically(path, run_id + "\n")
         return run_id
     if not WANDB_ID.fullmatch(run_id):
-        raise AccClipError(f"{path} holds {run_id!r}, not a wandb run id (letters, digits, '_', '-', '.'): "
+        raise UsageError(f"{path} holds {run_id!r}, not a wandb run id (letters, digits, '_', '-', '.'): "
                            "fix it, or delete it to start a new wandb run")
     return run_id
 

@@ -20,7 +20,7 @@ import re
 from dataclasses import dataclass
 from typing import Mapping, MutableMapping, Optional
 
-from acc_clip.errors import AccClipError
+from acc_clip.errors import ResourceError
 
 LAUNCHER_VARIABLES = ("RANK", "WORLD_SIZE", "LOCAL_RANK")  # set by accelerate launch and torchrun
 # The step's own nodes first: rank 0 runs on the first node of the step, which srun -N may make a
@@ -52,14 +52,14 @@ class SlurmPlacement:
 def read_int(environ: Mapping[str, str], name: str, *, minimum: int, below: Optional[int] = None) -> int:
     value = environ.get(name)
     if value is None:
-        raise AccClipError(f"{name} is not set, but SLURM started this process as one of several srun tasks")
+        raise ResourceError(f"{name} is not set, but SLURM started this process as one of several srun tasks")
     try:
         number = int(value)
     except ValueError:
-        raise AccClipError(f"{name}={value!r} is not an integer") from None
+        raise ResourceError(f"{name}={value!r} is not an integer") from None
     if number < minimum or (below is not None and number >= below):
         expected = f"from {minimum} to {below - 1}" if below is not None else f"of at least {minimum}"
-        raise AccClipError(f"{name}={value!r}: expected an integer {expected}")
+        raise ResourceError(f"{name}={value!r}: expected an integer {expected}")
     return number
 
 
@@ -69,7 +69,7 @@ def first_host(nodelist: str, variable: str) -> str:
     item = match.group(0) if match else ""
     rest = nodelist[len(item):]
     if not item or (rest and not rest.startswith(",")):
-        raise AccClipError(f"{variable}={nodelist!r} is not a SLURM host list; set MASTER_ADDR to the first "
+        raise ResourceError(f"{variable}={nodelist!r} is not a SLURM host list; set MASTER_ADDR to the first "
                            "task's host")
     return re.sub(r"\[([0-9]+)[^\]]*\]", r"\1", item)
 
@@ -80,13 +80,13 @@ def master_address(environ: Mapping[str, str]) -> str:
     for variable in NODELIST_VARIABLES:
         if environ.get(variable):
             return first_host(environ[variable], variable)
-    raise AccClipError(f"none of MASTER_ADDR, {', '.join(NODELIST_VARIABLES)} is set: set MASTER_ADDR to the "
+    raise ResourceError(f"none of MASTER_ADDR, {', '.join(NODELIST_VARIABLES)} is set: set MASTER_ADDR to the "
                        "host of SLURM task 0")
 
 
 def slurm_placement(environ: Mapping[str, str]) -> Optional[SlurmPlacement]:
     """Where srun placed this process, or None when it is not one of several srun tasks or a launcher
-    already placed it. Bad or inconsistent variables raise a one-line AccClipError naming them."""
+    already placed it. Bad or inconsistent variables raise a one-line ResourceError naming them."""
     if any(name in environ for name in LAUNCHER_VARIABLES):
         return None
     if "SLURM_PROCID" not in environ or "SLURM_STEP_NUM_TASKS" not in environ:
@@ -96,7 +96,7 @@ def slurm_placement(environ: Mapping[str, str]) -> Optional[SlurmPlacement]:
         return None
     step_tasks = read_int(environ, "SLURM_STEP_NUM_TASKS", minimum=1)
     if step_tasks != world_size:  # srun --preserve-env keeps the allocation's SLURM_NTASKS
-        raise AccClipError(f"SLURM_NTASKS={world_size} but SLURM_STEP_NUM_TASKS={step_tasks}: start the trainer "
+        raise ResourceError(f"SLURM_NTASKS={world_size} but SLURM_STEP_NUM_TASKS={step_tasks}: start the trainer "
                            "with srun, one task per device, without --preserve-env")
     rank = read_int(environ, "SLURM_PROCID", minimum=0, below=world_size)
     # A node's local ids count its tasks in order of their global ids, so none exceeds its task's rank.

@@ -13,14 +13,78 @@ import math
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Any, ClassVar, Optional
 
 import torch
 
-from acc_clip.errors import AccClipError
-from acc_clip.runtime.run_dir import METRICS_FILE, RESULTS_FILE
+from acc_clip.config.schema import PLAIN_NAME, POSITIVE, Section, option
+from acc_clip.errors import DivergedError, UsageError
+from acc_clip.runtime.run_dir import METRICS_FILE, RESULTS_FILE, TENSORBOARD_DIR, wandb_run_id
 
 log = logging.getLogger(__name__)
+TRACKERS = ("tensorboard", "wandb")
+
+
+@dataclass
+class LoggingOptions(Section):
+    """Where a run writes (its folder under --logs) and what it reports there and to trackers."""
+
+    title: ClassVar[str] = "logging"
+    logs: str = option("./logs/", "folder holding one sub-folder per run", train_only=True)
+    name: Optional[str] = option(None, "run name, a folder under --logs (default: date, model, lr, batch size, "
+                                       "workers, precision)", domain=PLAIN_NAME, train_only=True)
+    log_every_n_steps: int = option(100, "log a line every N optimizer steps", domain=POSITIVE, train_only=True)
+    log_local: bool = option(False, "every process writes its own log, out-RANK.log (default: the main process, "
+                                    "out.log)", train_only=True)
+    log_samples: bool = option(False, "record which samples every optimizer step trained on, in "
+                                      "<run>/samples.jsonl (step, epoch, rank, sample ids): for debugging a loss "
+                                      "spike, or checking what a resumed run saw", train_only=True)
+    debug: bool = option(False, "debug-level logging", train_only=True)
+    copy_codebase: bool = option(False, "copy the acc_clip package into the run folder (code/), to rerun it as it "
+                                        "was", train_only=True)
+    report_to: str = option("", "trackers: tensorboard, wandb, all, or empty", train_only=True)
+    wandb_notes: str = option("", "wandb run notes", train_only=True)
+    wandb_project_name: str = option("open-clip", "wandb project", train_only=True)
+
+    def check(self) -> None:
+        trackers(self.report_to)
+
+    def notices(self) -> list[str]:
+        if self.wandb_notes and "wandb" not in trackers(self.report_to):
+            return [f"--wandb-notes has no effect without wandb among --report-to (now {self.report_to!r})"]
+        return []
+
+
+def trackers(report_to: str) -> list[str]:
+    """`--report-to tensorboard|wandb|all` as Accelerate tracker names."""
+    names = {part.strip() for part in report_to.split(",") if part.strip()}
+    if "all" in names:
+        names = (names - {"all"}) | set(TRACKERS)
+    unknown = names - set(TRACKERS)
+    if unknown:
+        raise UsageError(f"--report-to {report_to!r}: unknown tracker {sorted(unknown)[0]!r}; "
+                         "expected tensorboard, wandb or all")
+    return sorted(names)
+
+
+def wandb_init_kwargs(options: LoggingOptions, run_dir: str) -> dict:
+    """wandb.init's arguments: one wandb run per run folder, continued by every resume of it, as
+    open_clip_train's `wandb.init(id=..., resume='auto')`. "allow" resumes the run when wandb knows the id
+    and starts it under that id when not (the first start, or a run wandb never received)."""
+    return {"name": options.name, "notes": options.wandb_notes, "dir": run_dir, "id": wandb_run_id(run_dir),
+            "resume": "allow"}
+
+
+def start_trackers(accelerator, options: LoggingOptions, run_dir: str, hyperparameters: dict) -> None:
+    if not options.report_to:
+        return
+    # TensorBoard events go to <run>/tensorboard/<project>/; wandb's project is --wandb-project-name.
+    accelerator.project_configuration.project_dir = run_dir
+    accelerator.project_configuration.logging_dir = os.path.join(run_dir, TENSORBOARD_DIR)
+    # Accelerate starts trackers on the main process only: the wandb id file is read or made there alone.
+    wandb = "wandb" in trackers(options.report_to) and accelerator.is_main_process
+    accelerator.init_trackers(options.wandb_project_name, config=hyperparameters,
+                              init_kwargs={"wandb": wandb_init_kwargs(options, run_dir)} if wandb else {})
 
 
 def setup_logging(log_file: Optional[str], is_main: bool, debug: bool = False) -> None:
@@ -92,7 +156,7 @@ class MetricsLogger:
         for record, (loss, *parts, scale) in zip(self._pending, values):
             if not math.isfinite(loss):
                 self._pending.clear()
-                raise AccClipError(f"the loss is {loss} at step {record.step} (epoch {record.epoch}): stopping; "
+                raise DivergedError(f"the loss is {loss} at step {record.step} (epoch {record.epoch}): stopping; "
                                    "the last checkpoint saved before it is kept (resume with --resume latest, "
                                    "perhaps with a lower --lr or --grad-clip-norm)")
             rows.append({

@@ -25,7 +25,7 @@ from typing import Optional
 import torch
 
 from acc_clip.data.common import Batch
-from acc_clip.errors import AccClipError
+from acc_clip.errors import DataError
 from acc_clip.loss import PER_MODEL_OUTPUTS, Objective, model_rows, total_loss
 from acc_clip.model.build import clamp_logit_scale
 from acc_clip.runtime import parallel
@@ -100,6 +100,6 @@ def agree_batch_sizes(micro_batches: list[Batch], group) -> tuple[list[Batch], i
     kept = [_trim(batch, size) for batch, size in zip(micro_batches, sizes.tolist()) if size > 0]
     if not kept:
         read = sum(len(batch.indices) + batch.num_bad for batch in micro_batches)
-        raise AccClipError(f"no usable sample in this optimizer step on some process ({read} read here): "
+        raise DataError(f"no usable sample in this optimizer step on some process ({read} read here): "
                            "every sample of a micro-batch was missing or corrupt; see the warnings above")
     return kept, held - int(sizes.sum())

@@ -1,40 +1,51 @@
-"""`acc-clip shards --csv CSV --out DIR [...]` and `acc-clip shards verify DIR`."""
+"""`acc-clip shards --csv CSV --out DIR [...]` and `acc-clip shards verify DIR`. The CSV's flags are
+the CSV source's own (data/csv.py), as training reads them."""
 
 from __future__ import annotations
 
-import argparse
 import os
-import sys
-from typing import Optional
+from dataclasses import dataclass
+from typing import ClassVar, Optional
 
-from acc_clip.data.csv_file import parse_separator
+from acc_clip.config.parsing import parse
+from acc_clip.config.schema import NON_NEGATIVE, POSITIVE, REQUIRED, Domain, Section, option
+from acc_clip.data.csv import CsvOptions
 from acc_clip.prep.shards.convert import DEFAULT_QUALITY, convert_csv_to_shards
 from acc_clip.prep.shards.verify import verify_shards
 
 
+@dataclass
+class ConvertOptions(Section):
+    title: ClassVar[str] = "shards"
+    csv: str = option(REQUIRED, "CSV with an image path and a caption column")
+    out: str = option(REQUIRED, "output folder: new, empty, or a previous run to resume")
+    samples_per_shard: Optional[int] = option(None, "samples per shard (default: about 256 MB per shard)",
+                                              domain=POSITIVE)
+    # Conversion processes, not loader workers: this command's own quantity, under its historical name.
+    workers: Optional[int] = option(None, "conversion processes (default: all cores)", domain=NON_NEGATIVE)
+    resize: Optional[int] = option(None, "scale the shorter side to this many pixels", domain=POSITIVE)
+    quality: int = option(DEFAULT_QUALITY, "JPEG quality when re-encoding",
+                          domain=Domain("within 1..100", lambda v: 1 <= v <= 100))
+    group_by_image: bool = option(False, "one sample per image, all its captions")
+    no_progress: bool = option(False, "no progress bar")
+
+
+@dataclass
+class VerifyOptions(Section):
+    title: ClassVar[str] = "verify"
+    dir: str = option(REQUIRED, "the shard folder", positional=True)
+    workers: Optional[int] = option(None, "processes (default: all cores)", domain=POSITIVE)
+
+
 def _convert_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="acc-clip shards", description="CSV -> webdataset shards "
-                                     "(`acc-clip shards verify DIR` checks them)")
-    parser.add_argument("--csv", required=True, help="CSV with an image path and a caption column")
-    parser.add_argument("--out", required=True, help="output folder: new, empty, or a previous run to resume")
-    parser.add_argument("--csv-img-key", default="filepath")
-    parser.add_argument("--csv-caption-key", default="title")
-    parser.add_argument("--csv-separator", default=",", help="',' (default), or '\\t' for tab")
-    parser.add_argument("--samples-per-shard", type=int, default=None, help="default: about 256 MB per shard")
-    parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
-    parser.add_argument("--resize", type=int, default=None, metavar="S", help="scale the shorter side to S px")
-    parser.add_argument("--quality", type=int, default=DEFAULT_QUALITY,
-                        help=f"JPEG quality when re-encoding (default {DEFAULT_QUALITY})")
-    parser.add_argument("--skip-bad-rows", action="store_true",
-                        help="skip CSV rows whose field count differs from the header's (counted, named) instead of stopping")
-    parser.add_argument("--group-by-image", action="store_true", help="one sample per image, all its captions")
-    parser.add_argument("--no-progress", action="store_true")
-    args = parser.parse_args(argv)
+    config = parse(argv, [ConvertOptions, CsvOptions], prog="acc-clip shards", train=False,
+                   description="CSV -> webdataset shards (`acc-clip shards verify DIR` checks them)")
+    options, csv = config[ConvertOptions], config[CsvOptions]
     result = convert_csv_to_shards(
-        args.csv, args.out, img_key=args.csv_img_key, caption_key=args.csv_caption_key,
-        sep=parse_separator(args.csv_separator, "--csv-separator"), samples_per_shard=args.samples_per_shard, workers=args.workers,
-        resize=args.resize, quality=args.quality, group_by_image=args.group_by_image, progress=not args.no_progress,
-        skip_bad_rows=args.skip_bad_rows,
+        options.csv, options.out, img_key=csv.csv_img_key, caption_key=csv.csv_caption_key, sep=csv.csv_separator,
+        samples_per_shard=options.samples_per_shard, workers=options.workers, resize=options.resize,
+        quality=options.quality, group_by_image=options.group_by_image, progress=not options.no_progress,
+        skip_bad_rows=csv.skip_bad_rows,
     )
     skipped = ", ".join(f"{count} {reason}" for reason, count in result["skipped"].items() if count) or "none"
     print(f"{result['out_dir']}: {result['samples']} samples in {result['shards']} shards "
@@ -44,22 +55,18 @@ def _convert_main(argv: list[str]) -> int:
 
 
 def _verify_main(argv: list[str]) -> int:
-    parser = argparse.ArgumentParser(prog="acc-clip shards verify",
-                                     description="decode every sample of every shard, check counts")
-    parser.add_argument("dir")
-    parser.add_argument("--workers", type=int, default=None, help="processes (default: all cores)")
-    args = parser.parse_args(argv)
-    result = verify_shards(args.dir, workers=args.workers or os.cpu_count() or 1)
+    options = parse(argv, [VerifyOptions], prog="acc-clip shards verify", train=False,
+                    description="decode every sample of every shard, check counts")[VerifyOptions]
+    result = verify_shards(options.dir, workers=options.workers or os.cpu_count() or 1)
     for problem in result["problems"]:
         print(problem)
     status = "ok" if result["ok"] else f"{len(result['problems'])} problems"
-    print(f"{args.dir}: {result['samples']} samples in {result['shards']} shards: {status}")
+    print(f"{options.dir}: {result['samples']} samples in {result['shards']} shards: {status}")
     return 0 if result["ok"] else 1
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str]) -> int:
     """`acc-clip shards --csv CSV --out DIR [...]` or `acc-clip shards verify DIR`."""
-    argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["verify"]:
         return _verify_main(argv[1:])
     return _convert_main(argv)

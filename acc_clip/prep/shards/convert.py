@@ -42,15 +42,16 @@ import os
 import re
 import time
 from dataclasses import dataclass
-from typing import Iterable, Optional
+from typing import BinaryIO, Iterable, Optional
 
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from acc_clip import jpeg
-from acc_clip.data.csv_file import read_csv_columns
+from acc_clip.data.csv_file import AUTO_SEPARATOR, detect_separator, parse_separator, read_csv_columns
+from acc_clip.errors import DataError, UsageError
+from acc_clip.io import jpeg
+from acc_clip.io.atomic import write_atomically
 from acc_clip.io.files import MAX_IMAGE_BYTES, PIL_FORMATS, ImageFileError, file_sha256, read_image_file
-from acc_clip.errors import AccClipError
 from acc_clip.prep.shards.tar import finish_tar, write_member
 
 TARGET_SHARD_BYTES = 256 * 2**20
@@ -191,44 +192,51 @@ def prepare_image(path: str, resize: Optional[int], quality: int) -> tuple[bytes
 
 
 def write_json_atomically(path: str, document: dict) -> None:
-    with open(path + ".tmp", "w", encoding="utf-8") as f:
-        json.dump(document, f, indent=1, sort_keys=True)
-        f.write("\n")
-    os.replace(path + ".tmp", path)
+    write_atomically(path, json.dumps(document, indent=1, sort_keys=True) + "\n")
+
+
+def write_samples(tar: BinaryIO, job: ShardJob, skipped_rows: list[dict]) -> int:
+    """The job's samples as tar members; returns how many were written (the rest go to `skipped_rows`)."""
+    count = 0
+    for item in job.items:
+        captions = [c for c in item.captions if c.strip()]
+        try:
+            if not captions:
+                raise BadImage("empty_caption", "empty caption")
+            image, width, height, source_width, source_height = prepare_image(item.source, job.resize, job.quality)
+        except BadImage as bad:
+            skipped_rows.append({"rows": list(item.rows), "source": item.source, "reason": bad.reason,
+                                 "detail": bad.detail})
+            continue
+        key = sample_key(item.number)
+        meta = {"source": item.source, "row": item.rows[0], "width": width, "height": height, "key": key}
+        if job.resize:
+            meta.update(source_width=source_width, source_height=source_height)
+        if job.grouped:
+            meta.update(rows=list(item.rows), captions=captions)
+        write_member(tar, key + ".jpg", image)
+        write_member(tar, key + ".txt", captions[0].encode("utf-8"))
+        write_member(tar, key + ".json", json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8"))
+        count += 1
+    finish_tar(tar)
+    return count
 
 
 def write_shard(job: ShardJob) -> dict:
-    """Write one shard and then its stats file; returns the stats."""
+    """Write one shard (atomically: `00000.tar.tmp`, then renamed) and then its stats file; returns the stats."""
     started = time.perf_counter()
     tar_path = os.path.join(job.out_dir, shard_name(job.shard))
     skipped_rows: list[dict] = []
-    count = 0
-    with open(tar_path + ".tmp", "wb") as tar:
-        for item in job.items:
-            captions = [c for c in item.captions if c.strip()]
-            try:
-                if not captions:
-                    raise BadImage("empty_caption", "empty caption")
-                image, width, height, source_width, source_height = prepare_image(item.source, job.resize, job.quality)
-            except BadImage as bad:
-                skipped_rows.append({"rows": list(item.rows), "source": item.source, "reason": bad.reason,
-                                     "detail": bad.detail})
-                continue
-            key = sample_key(item.number)
-            meta = {"source": item.source, "row": item.rows[0], "width": width, "height": height, "key": key}
-            if job.resize:
-                meta.update(source_width=source_width, source_height=source_height)
-            if job.grouped:
-                meta.update(rows=list(item.rows), captions=captions)
-            write_member(tar, key + ".jpg", image)
-            write_member(tar, key + ".txt", captions[0].encode("utf-8"))
-            write_member(tar, key + ".json", json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8"))
-            count += 1
-        finish_tar(tar)
-    os.replace(tar_path + ".tmp", tar_path)
+    counts = []
+
+    def write_tar(partial: str) -> None:
+        with open(partial, "wb") as tar:
+            counts.append(write_samples(tar, job, skipped_rows))
+
+    write_atomically(tar_path, write_tar)
     stats = {
         "shard": shard_name(job.shard),
-        "count": count,
+        "count": counts[0],
         "skipped": {reason: sum(r["reason"] == reason for r in skipped_rows) for reason in SKIP_REASONS},
         "skipped_rows": skipped_rows,
         "bytes": os.path.getsize(tar_path),
@@ -257,12 +265,12 @@ def read_complete_stats(out_dir: str, shard: int) -> Optional[dict]:
 def _check_out_dir(out_dir: str) -> Optional[dict]:
     """Make sure OUT is new, empty or one of our conversions; returns its _conversion.json if any."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
-        raise AccClipError(f"{out_dir}: output path exists and is not a folder")
+        raise UsageError(f"{out_dir}: output path exists and is not a folder")
     names = sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []
     foreign = [name for name in names if not OWN_FILE.match(name)]
     if names and (foreign or CONVERSION_NAME not in names):
         example = (foreign or names)[0]
-        raise AccClipError(f"{out_dir}: output folder holds other files (e.g. {example!r}); "
+        raise UsageError(f"{out_dir}: output folder holds other files (e.g. {example!r}); "
                            f"choose a new or empty folder (nothing was written)")
     if CONVERSION_NAME not in names:
         return None
@@ -270,7 +278,7 @@ def _check_out_dir(out_dir: str) -> Optional[dict]:
         with open(os.path.join(out_dir, CONVERSION_NAME), encoding="utf-8") as f:
             return json.load(f)
     except ValueError as error:
-        raise AccClipError(f"{os.path.join(out_dir, CONVERSION_NAME)}: unreadable ({error})") from None
+        raise DataError(f"{os.path.join(out_dir, CONVERSION_NAME)}: unreadable ({error})") from None
 
 
 def _auto_samples_per_shard(items: list[Item], resize: Optional[int], quality: int) -> int:
@@ -298,7 +306,7 @@ def convert_csv_to_shards(
     *,
     img_key: str = "filepath",
     caption_key: str = "title",
-    sep: str = ",",
+    sep: str = AUTO_SEPARATOR,
     samples_per_shard: Optional[int] = None,
     workers: Optional[int] = None,
     resize: Optional[int] = None,
@@ -312,14 +320,16 @@ def convert_csv_to_shards(
     Returns totals: shards, samples, skipped (by reason), shards_reused, bytes, seconds."""
     started = time.perf_counter()
     if samples_per_shard is not None and samples_per_shard < 1:
-        raise AccClipError(f"--samples-per-shard must be at least 1, got {samples_per_shard}")
+        raise UsageError(f"--samples-per-shard must be at least 1, got {samples_per_shard}")
     if workers is not None and workers < 0:
-        raise AccClipError(f"--workers must be 0 (all cores) or more, got {workers}")
+        raise UsageError(f"--workers must be 0 (all cores) or more, got {workers}")
     if resize is not None and resize < 1:
-        raise AccClipError(f"--resize must be at least 1 pixel, got {resize}")
+        raise UsageError(f"--resize must be at least 1 pixel, got {resize}")
     if not 1 <= quality <= 100:
-        raise AccClipError(f"--quality must be in 1..100, got {quality}")
+        raise UsageError(f"--quality must be in 1..100, got {quality}")
     previous = _check_out_dir(out_dir)
+    # Recorded as the character the file used, so an `auto` conversion resumes one given the separator.
+    sep = detect_separator(csv_path) if sep == AUTO_SEPARATOR else parse_separator(sep, "--csv-separator")
     items = read_items(csv_path, img_key=img_key, caption_key=caption_key, sep=sep, group_by_image=group_by_image,
                        skip_bad_rows=skip_bad_rows)
     parameters = {
@@ -331,7 +341,7 @@ def convert_csv_to_shards(
     if previous is not None:
         if previous.get("parameters") != parameters:
             changed = sorted(k for k in parameters if previous.get("parameters", {}).get(k) != parameters[k])
-            raise AccClipError(f"{out_dir} holds a conversion with other parameters ({', '.join(changed)} differ); "
+            raise UsageError(f"{out_dir} holds a conversion with other parameters ({', '.join(changed)} differ); "
                                f"use a new folder or the same parameters")
         per_shard = int(previous["resolved_samples_per_shard"])
     else:

@@ -12,7 +12,7 @@ from typing import Optional
 
 from PIL import Image, UnidentifiedImageError
 
-from acc_clip.errors import AccClipError
+from acc_clip.errors import UsageError
 from acc_clip.prep.shards.convert import SIZES_NAME, run_jobs
 
 
@@ -84,7 +84,7 @@ def verify_shards(out_dir: str, *, workers: int = 1) -> dict:
     """Check every shard of `out_dir` against sizes.json and decode every image.
     Returns {"ok", "shards", "samples", "problems": [one line each]}."""
     if not os.path.isdir(out_dir):
-        raise AccClipError(f"{out_dir}: no such folder")
+        raise UsageError(f"{out_dir}: no such folder")
     names = sorted(os.listdir(out_dir))
     shards = [name for name in names if re.fullmatch(r"\d{5,}\.tar", name)]
     problems = [f"{name}: unfinished shard (rerun the conversion)" for name in names if name.endswith(".tar.tmp")]

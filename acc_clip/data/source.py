@@ -1,0 +1,114 @@
+"""The contract every data source keeps, and the options common to all of them.
+
+A `Source` is one kind of data acc_clip reads (one `--dataset-type`): CSV rows (csv.py), webdataset
+shards (wds.py), synthetic tensors (synthetic.py). The registry (data/__init__.py) lists them; training
+and validation both pick a source there, by `--dataset-type` or by `detect`ing the path.
+
+The contract:
+- `name`: its --dataset-type; `options`: the section of its own flags (None without any), given while
+  another source is read announced as having no effect (or refused, `refuse_elsewhere`);
+- `detect(path)`: whether `--dataset-type auto` reads `path` as this kind;
+- `check(config)`: its rules against the whole configuration (one UsageError line each) and the notices
+  to give (flags of its own that have no effect in this run);
+- `train_data(config, preprocess, tokenizer, seed, rank, world_size, pin_memory) -> TrainData`:
+  `batches(epoch, start_batch)` yields this rank's micro-batches of `epoch` from `start_batch` on, the
+  same batches (samples, indices, pixels) an uninterrupted epoch yields from there, so a run resumes
+  exactly from a batch count; within an epoch no sample is trained twice across ranks and workers, and
+  every rank gets `batches_per_epoch` batches;
+- `eval_loader(config, path, preprocess, tokenizer, rank, world_size, expected_samples)`: every sample of
+  the set exactly once across processes, in `Batch`es carrying each sample's index; its dataset may
+  expose `filepaths` and `captions` by index (the evaluator then gives samples of one image, or one
+  caption, identical features).
+Bad samples (missing or corrupt image, empty caption) are counted in `Batch.num_bad` and skipped,
+never silently."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Iterable, Optional
+
+from acc_clip.config.parsing import Config
+from acc_clip.config.schema import NON_NEGATIVE, POSITIVE, UNIT_INTERVAL, Domain, Section, option
+from acc_clip.data.common import Batch
+from acc_clip.errors import DataError
+from acc_clip.io.files import MAX_IMAGE_BYTES
+
+
+def source_names() -> list[str]:
+    """The --dataset-type of every source defined (the registry, data/__init__.py, imports them all)."""
+    return [source.name for source in Source.__subclasses__()]
+
+
+DATASET_TYPE = Domain("auto or a source: csv, webdataset, synthetic", lambda v: v == "auto" or v in source_names())
+
+
+@dataclass
+class DataOptions(Section):
+    """How any data set is read, training or validation, and the training data itself."""
+
+    title: ClassVar[str] = "data"
+    train_data: Optional[str] = option(None, "training CSV, shard pattern 'DIR/{00000..00031}.tar', or a shard "
+                                             "folder", train_only=True)
+    dataset_type: str = option("auto", "auto (from the path), or one of the sources: csv, webdataset, synthetic",
+                               domain=DATASET_TYPE)
+    batch_size: int = option(64, "samples per process per micro-batch", domain=POSITIVE)
+    workers: int = option(4, "data loader worker processes per rank", domain=NON_NEGATIVE)
+    train_num_samples: Optional[int] = option(None, "samples per epoch, for shards and synthetic data (default: "
+                                                    "sizes.json)", domain=POSITIVE, train_only=True)
+    pin_memory: Optional[bool] = option(None, "page-locked loader batches for non-blocking copies to the device "
+                                              "(default: on for CUDA and SDAA; --no-pin-memory turns it off)",
+                                        tristate=True, train_only=True)
+    decode_on_device: bool = option(False, "decode JPEGs on the accelerator (nvjpeg on CUDA) instead of in the "
+                                           "loader workers; falls back to the workers where the device cannot",
+                                    train_only=True)
+    max_bad_fraction: float = option(0.01, "stop when more than this fraction of samples read is missing or corrupt",
+                                     domain=UNIT_INTERVAL, train_only=True)
+    max_image_bytes: int = option(MAX_IMAGE_BYTES, "image files larger than this are skipped and counted as bad",
+                                  domain=POSITIVE)
+
+
+@dataclass
+class TrainData:
+    num_samples: int
+    batches_per_epoch: int  # micro-batches per rank
+    _batches: Callable[[int, int], Iterable[Batch]]
+
+    def batches(self, epoch: int, start_batch: int = 0) -> Iterable[Batch]:
+        return self._batches(epoch, start_batch)
+
+
+class Source:
+    """One kind of data; see the module docstring for the contract."""
+
+    name: ClassVar[str] = ""
+    options: ClassVar[Optional[type[Section]]] = None
+    # Its flags given while another source is read: announced as having no effect, or refused where they
+    # could only be a mistake.
+    refuse_elsewhere: ClassVar[bool] = False
+
+    def detect(self, path: str) -> bool:
+        return False
+
+    def check(self, config: Config) -> list[str]:
+        return []
+
+    def train_data(self, config: Config, preprocess: Callable, tokenizer: Callable, *, seed: int, rank: int,
+                   world_size: int, pin_memory: bool) -> TrainData:
+        raise NotImplementedError
+
+    def eval_loader(self, config: Config, path: str, preprocess: Callable, tokenizer: Callable, *, rank: int,
+                    world_size: int, expected_samples: Optional[int]) -> Any:
+        raise NotImplementedError
+
+
+def check_bad_fraction(bad: int, read: int, max_fraction: float, minimum_read: int = 100) -> Optional[str]:
+    """The error to stop with when too many samples were missing or corrupt, else None."""
+    if read >= minimum_read and bad > max_fraction * read:
+        return (f"{bad} of {read} samples read so far were missing or corrupt ({bad / read:.1%}), "
+                f"more than --max-bad-fraction {max_fraction}; see the warnings above for the files")
+    return None
+
+
+def too_few_samples(num_samples: int, batch_size: int, world_size: int) -> DataError:
+    return DataError(f"{num_samples} samples cannot fill one global batch of {batch_size * world_size} "
+                     f"({batch_size} per process x {world_size} processes): lower --batch-size or add data")

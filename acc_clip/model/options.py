@@ -1,0 +1,122 @@
+"""The model's options: which open_clip model, its weights, the overrides open_clip_train passes to
+`create_model_and_transforms`, and how the towers train (locking, activation checkpointing, memory
+layout). Those that change the architecture or the preprocessing are recorded in every checkpoint
+(`recorded`), so evaluation and export rebuild the model that was trained."""
+
+from __future__ import annotations
+
+import json
+import math
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional
+
+from acc_clip.config.schema import NON_NEGATIVE, POSITIVE, POSITIVE_FINITE, UNIT_INTERVAL, Section, option
+from acc_clip.errors import UsageError
+
+LOCAL_DIR = "local-dir:"
+
+
+@dataclass
+class ModelOptions(Section):
+    title: ClassVar[str] = "model"
+    model: str = option("RN50", "open_clip model name, or local-dir:PATH holding open_clip_config.json")
+    pretrained: str = option("", "pretrained tag or local weights file; empty for random init", train_only=True)
+    pretrained_image: bool = option(False, "load ImageNet weights into the image tower (timm towers), as open_clip",
+                                    train_only=True)
+    cache_dir: Optional[str] = option(None, "where open_clip caches downloaded weights")
+    force_image_size: Optional[list[int]] = option(None, "override the model's image size (one value, or height "
+                                                         "width)", domain=POSITIVE)
+    force_context_length: Optional[int] = option(None, "override the text tower's context length (at least 2: start, "
+                                                       "end)", domain=POSITIVE)
+    force_quick_gelu: bool = option(False, "use QuickGELU (as OpenAI's weights expect)")
+    force_patch_dropout: Optional[float] = option(None, "override the ViT patch dropout in training (evaluation runs "
+                                                        "without it)", domain=UNIT_INTERVAL)
+    force_custom_text: bool = option(False, "build the text tower as a separate module (CustomTextCLIP)")
+    image_mean: Optional[list[float]] = option(None, "override the normalisation mean (one value per channel)")
+    image_std: Optional[list[float]] = option(None, "override the normalisation std (one value per channel)",
+                                              domain=POSITIVE_FINITE)
+    image_interpolation: Optional[str] = option(None, "resize interpolation: bicubic, bilinear or random",
+                                                choices=("bicubic", "bilinear", "random"))
+    image_resize_mode: Optional[str] = option(None, "evaluation resize: shortest, longest or squash",
+                                              choices=("shortest", "longest", "squash"))
+    aug_cfg: dict = option({}, "training augmentation, key=value pairs (open_clip's AugmentationCfg: "
+                               "scale=(0.9,1.0) color_jitter=... re_prob=...)", train_only=True)
+    lock_image: bool = option(False, "freeze the image tower", train_only=True)
+    lock_image_unlocked_groups: int = option(0, "leave the last N image layer groups trainable", domain=NON_NEGATIVE,
+                                             train_only=True)
+    lock_image_freeze_bn_stats: bool = option(False, "freeze batch-norm statistics of locked image layers",
+                                              train_only=True)
+    lock_text: bool = option(False, "freeze the text tower", train_only=True)
+    lock_text_unlocked_layers: int = option(0, "leave the last N text layers trainable", domain=NON_NEGATIVE,
+                                            train_only=True)
+    lock_text_freeze_layer_norm: bool = option(False, "freeze layer-norm parameters of locked text layers",
+                                               train_only=True)
+    grad_checkpointing: bool = option(False, "activation checkpointing (less memory, more compute)", train_only=True)
+    channels_last: Optional[bool] = option(None, "channels_last memory format (default: on for ResNet image "
+                                                 "towers, where it is faster; --no-channels-last turns it off)",
+                                           tristate=True, train_only=True)
+
+    def check(self) -> None:
+        size = self.force_image_size
+        if size is not None and len(size) not in (1, 2):
+            raise UsageError(f"--force-image-size {' '.join(map(str, size))}: one positive size, or height and width")
+        for key in ("image_mean", "image_std"):
+            values = getattr(self, key)
+            if values is not None and len(values) not in (1, 3):
+                raise UsageError(f"--{key.replace('_', '-')} {' '.join(map(str, values))}: one value, or one per "
+                                 "channel (3)")
+        if self.force_context_length is not None and self.force_context_length < 2:
+            raise UsageError(f"--force-context-length {self.force_context_length}: at least 2 tokens (start, end)")
+        if self.image_mean is not None and not all(math.isfinite(v) for v in self.image_mean):
+            raise UsageError(f"--image-mean {' '.join(map(str, self.image_mean))}: must be finite numbers")
+
+    @property
+    def is_coca(self) -> bool:
+        """open_clip_train's rule: a model whose name says coca trains with the CoCa loss."""
+        return "coca" in self.model.lower()
+
+
+def create_kwargs(options: ModelOptions, precision: str) -> dict[str, Any]:
+    """open_clip_train's arguments to create_model_and_transforms beyond the name and weights."""
+    size = options.force_image_size
+    return dict(
+        precision=precision, force_quick_gelu=options.force_quick_gelu, force_custom_text=options.force_custom_text,
+        force_patch_dropout=options.force_patch_dropout,
+        force_image_size=size[0] if size is not None and len(size) == 1 else size,
+        force_context_length=options.force_context_length, image_mean=options.image_mean,
+        image_std=options.image_std, image_interpolation=options.image_interpolation,
+        image_resize_mode=options.image_resize_mode, aug_cfg=options.aug_cfg,
+        pretrained_image=options.pretrained_image, cache_dir=options.cache_dir)
+
+
+# Options of a run -> where open_clip's config keeps them (as its create_model applies them).
+MODEL_CFG_OPTIONS = {"force_quick_gelu": ("quick_gelu",), "force_custom_text": ("custom_text",),
+                     "force_image_size": ("vision_cfg", "image_size"),
+                     "force_patch_dropout": ("vision_cfg", "patch_dropout"),
+                     "force_context_length": ("text_cfg", "context_length")}
+PREPROCESS_OPTIONS = {"image_mean": "mean", "image_std": "std", "image_interpolation": "interpolation",
+                      "image_resize_mode": "resize_mode"}
+RECORDED_OPTIONS = (*MODEL_CFG_OPTIONS, *PREPROCESS_OPTIONS)
+
+
+def recorded(options: ModelOptions) -> dict[str, Any]:
+    """What changes the architecture or preprocessing beyond the model's own config: each checkpoint's
+    manifest keeps it (`model_options`), export writes it into open_clip's config, and `acc-clip eval`
+    builds the model with it."""
+    return {key: getattr(options, key) for key in RECORDED_OPTIONS if getattr(options, key)}
+
+
+def with_model_options(config: dict, options: dict) -> dict:
+    """open_clip_config.json's content with the run's recorded model options written in, so that the
+    folder alone builds the model that was trained."""
+    config = json.loads(json.dumps(config))  # a copy
+    for key, value in options.items():
+        if key in MODEL_CFG_OPTIONS and value:
+            *parents, leaf = MODEL_CFG_OPTIONS[key]
+            section = config["model_cfg"]
+            for parent in parents:
+                section = section.setdefault(parent, {})
+            section[leaf] = value[0] if key == "force_image_size" and len(value) == 1 else value
+        elif key in PREPROCESS_OPTIONS and value is not None:
+            config.setdefault("preprocess_cfg", {})[PREPROCESS_OPTIONS[key]] = value
+    return config

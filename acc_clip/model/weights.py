@@ -1,0 +1,158 @@
+"""The one weights loader, and the weight formats it reads: a step checkpoint folder (Accelerate's
+model.safetensors, or FSDP's sharded torch.distributed.checkpoint folder), a .safetensors file, an
+open_clip `epoch_N.pt` and a bare state dict. `load_weights` serves --pretrained, the distillation
+teacher, `acc-clip eval`, resume from an epoch file and export alike, and refuses weights of another
+architecture in one line before any tensor is read where the format allows.
+
+Weights are stored under their plain names (no `module.` or `_orig_mod.`), so they load whatever the
+wrapping."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Optional
+
+import torch
+
+from acc_clip.errors import CheckpointError
+from acc_clip.io.sealed import read_sealed
+from acc_clip.runtime.parallel import SCALAR_PARAMETERS
+
+WEIGHTS_FILE = "model.safetensors"  # Accelerate's name for the first model's weights
+SHARDED_WEIGHTS_DIR = "pytorch_model_fsdp_0"  # Accelerate's folder for FSDP's sharded weights (FSDP_MODEL_NAME)
+
+
+def plain_key(key: str) -> str:
+    """A parameter name without the wrappers' prefixes (DDP's `module.`, torch.compile's `_orig_mod.`),
+    so checkpoints load whatever the number of processes or compilation."""
+    for prefix in ("module.", "_orig_mod."):
+        while key.startswith(prefix):
+            key = key[len(prefix):]
+    return key
+
+
+def is_sharded_checkpoint(folder: str) -> bool:
+    """Whether a step checkpoint holds FSDP shards (Accelerate's torch.distributed.checkpoint folder)
+    instead of model.safetensors."""
+    return os.path.isdir(os.path.join(folder, SHARDED_WEIGHTS_DIR))
+
+
+def check_architecture(model: torch.nn.Module, shapes: dict[str, tuple[int, ...]], source: str) -> None:
+    """Raise one line naming the first key that shows `shapes` (saved weights) belong to another model."""
+    own = {key: tuple(value.shape) for key, value in model.state_dict().items()}
+    unexpected = [key for key in shapes if key not in own]
+    missing = [key for key in own if key not in shapes]
+    wrong = [key for key in shapes if key in own and tuple(shapes[key]) != own[key]]
+    if wrong:
+        key = wrong[0]
+        raise CheckpointError(f"{source}: weights of another architecture ({key!r} has shape {tuple(shapes[key])}, "
+                              f"this model's is {own[key]}; {len(wrong)} such key(s))")
+    if unexpected or missing:
+        what = f"unexpected key {unexpected[0]!r}" if unexpected else f"missing key {missing[0]!r}"
+        # A SigLIP model differs from its CLIP twin by the bias alone: name the flag that makes it.
+        hint = ("; the weights have a logit_bias: trained with --siglip? pass --siglip" if unexpected == ["logit_bias"]
+                and not missing else "; these weights have no logit_bias: drop --siglip" if missing == ["logit_bias"]
+                and not unexpected else "")
+        raise CheckpointError(f"{source}: weights of another architecture ({what}; {len(unexpected)} unexpected, "
+                              f"{len(missing)} missing){hint}")
+
+
+def open_clip_checkpoint(state_dict: dict, optimizer_state: Optional[dict], scaler_state: Optional[dict],
+                         epoch: int, name: Optional[str]) -> dict:
+    """The dict open_clip_train writes as `epoch_N.pt` and `create_model_and_transforms(pretrained=path)` loads."""
+    exported: dict[str, Any] = {"epoch": epoch, "name": name, "state_dict": state_dict}
+    if optimizer_state is not None:
+        exported["optimizer"] = optimizer_state
+    if scaler_state is not None:
+        exported["scaler"] = scaler_state
+    return exported
+
+
+def tensor_bytes(obj: Any) -> int:
+    """Bytes of the tensors in a (nested) state dict: about what saving it writes."""
+    if isinstance(obj, torch.Tensor):
+        return obj.nelement() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(tensor_bytes(value) for value in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(tensor_bytes(value) for value in obj)
+    return 0
+
+
+def state_dict_of(saved: Any, path: str, source: str) -> dict[str, torch.Tensor]:
+    """The plain-named state dict of an open_clip `epoch_N.pt` (under 'state_dict') or of a bare state dict."""
+    state_dict = saved.get("state_dict", saved) if isinstance(saved, dict) else None
+    if not isinstance(state_dict, dict) or not state_dict or not all(
+            isinstance(v, torch.Tensor) for v in state_dict.values()):
+        raise CheckpointError(f"{source} {path}: not an open_clip checkpoint (no state_dict of tensors)")
+    return {plain_key(key): value for key, value in state_dict.items()}
+
+
+def read_torch_checkpoint(path: str, source: str) -> Any:
+    """An open_clip `epoch_N.pt` or a bare state dict, read without unpickling code."""
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # torch raises many types for a file that is not a checkpoint
+        raise CheckpointError(f"{source} {path}: not an open_clip checkpoint torch can read "
+                              f"({type(error).__name__})") from None
+
+
+def load_safetensors_weights(model: torch.nn.Module, path: str, source: str) -> None:
+    """Weights from a safetensors file into `model`, the architecture checked from the header first
+    (no tensor is read for weights of another model)."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    with safe_open(path, framework="pt") as file:
+        shapes = {plain_key(key): tuple(file.get_slice(key).get_shape()) for key in file.keys()}
+    check_architecture(model, shapes, source)
+    model.load_state_dict({plain_key(k): v for k, v in load_file(path).items()})
+
+
+def read_sharded_weights(folder: str) -> dict[str, torch.Tensor]:
+    """A sharded (FSDP) step checkpoint's whole weights, plain-named, on the CPU, read in this one process by
+    torch.distributed.checkpoint (no process group: each tensor whole, from every shard). FSDP holds
+    open_clip's 0-d parameters as 1-element vectors (runtime/parallel.scalars_as_vectors): 0-d again here."""
+    import torch.distributed.checkpoint as dcp
+
+    path = os.path.join(folder, SHARDED_WEIGHTS_DIR)
+    metadata = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    state = {key[len("model."):]: torch.empty(meta.size, dtype=meta.properties.dtype)
+             for key, meta in metadata.items() if key.startswith("model.") and hasattr(meta, "size")}
+    dcp.load({"model": state}, checkpoint_id=path)
+    return {key: value.reshape(()) if key in SCALAR_PARAMETERS and value.shape == (1,) else value
+            for key, value in state.items()}
+
+
+def step_weights(folder: str) -> dict[str, torch.Tensor]:
+    """A step checkpoint's plain-named weights, sharded or not (for export, which has no model to load into)."""
+    from safetensors.torch import load_file
+
+    if is_sharded_checkpoint(folder):
+        return read_sharded_weights(folder)
+    return {plain_key(k): v for k, v in load_file(os.path.join(folder, WEIGHTS_FILE)).items()}
+
+
+def load_weights(model: torch.nn.Module, path: str, source: str) -> Optional[dict]:
+    """Load a step checkpoint folder (checked against its manifest first), a .safetensors file, an open_clip
+    `epoch_N.pt` or a bare state dict into the plain `model`. Returns what a file held besides the weights
+    (optimizer, scaler, epoch), None for a folder. Every failure is one line naming `source` and `path`."""
+    if os.path.isdir(path):
+        read_sealed(path, source)  # refuses a partial, damaged or foreign folder in one line
+        if is_sharded_checkpoint(path):
+            weights = read_sharded_weights(path)
+            check_architecture(model, {k: tuple(v.shape) for k, v in weights.items()}, f"{source} {path}")
+            model.load_state_dict(weights)
+            return None
+        load_safetensors_weights(model, os.path.join(path, WEIGHTS_FILE), f"{source} {path}")
+        return None
+    if not os.path.isfile(path):
+        raise CheckpointError(f"{source} {path}: no such file or folder")
+    if path.endswith(".safetensors"):
+        load_safetensors_weights(model, path, f"{source} {path}")
+        return {}
+    saved = read_torch_checkpoint(path, source)
+    state_dict = state_dict_of(saved, path, source)
+    check_architecture(model, {k: tuple(v.shape) for k, v in state_dict.items()}, f"{source} {path}")
+    model.load_state_dict(state_dict)
+    return saved if isinstance(saved, dict) and "state_dict" in saved else {}

@@ -1,0 +1,97 @@
+"""The training command's configuration: every component's section, composed, and the rules that span
+sections, kept here in one place.
+
+Every flag of open_clip_train's command line keeps its name and meaning (tests/unit/test_open_clip_flags.py),
+so the vendor's default command runs unchanged. Sources: the defaults (open_clip_train's), a YAML file
+(`--config FILE`), command-line flags; later wins. A flag set where it has no effect is announced at
+start-up, or refused where it could only be a mistake."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, ClassVar, Optional
+
+from acc_clip.checkpoint.manager import CheckpointOptions
+from acc_clip.config.parsing import Config, from_values, parse
+from acc_clip.config.schema import POSITIVE, Section, option
+from acc_clip.data import DataOptions, check_train_source, source_options
+from acc_clip.evaluation.evaluator import EvaluationOptions
+from acc_clip.loss import ObjectiveOptions, check_objective, objective_options
+from acc_clip.model.optim import OptimizerOptions, resolve_defaults
+from acc_clip.model.options import ModelOptions
+from acc_clip.runtime.device import RuntimeOptions
+from acc_clip.train.metrics import LoggingOptions
+
+
+@dataclass
+class TrainingOptions(Section):
+    """How long a run trains and how one optimizer step is made."""
+
+    title: ClassVar[str] = "training"
+    epochs: int = option(32, "training epochs", domain=POSITIVE, train_only=True)
+    max_steps: Optional[int] = option(None, "stop after this many optimizer steps (benchmarks, smoke tests)",
+                                      domain=POSITIVE, train_only=True)
+    accum_freq: int = option(1, "micro-batches per optimizer step, contrastive-exact", domain=POSITIVE,
+                             train_only=True)
+
+
+class TrainConfig(Config):
+    """The training command's sections, each reachable by name."""
+
+    @property
+    def data(self) -> DataOptions:
+        return self[DataOptions]
+
+    @property
+    def model(self) -> ModelOptions:
+        return self[ModelOptions]
+
+    @property
+    def optimizer(self) -> OptimizerOptions:
+        return self[OptimizerOptions]
+
+    @property
+    def training(self) -> TrainingOptions:
+        return self[TrainingOptions]
+
+    @property
+    def checkpoint(self) -> CheckpointOptions:
+        return self[CheckpointOptions]
+
+    @property
+    def evaluation(self) -> EvaluationOptions:
+        return self[EvaluationOptions]
+
+    @property
+    def logging(self) -> LoggingOptions:
+        return self[LoggingOptions]
+
+    @property
+    def runtime(self) -> RuntimeOptions:
+        return self[RuntimeOptions]
+
+
+def sections() -> list[type]:
+    """Every section the training command takes, the registries' own included."""
+    return [DataOptions, *source_options(), ModelOptions, OptimizerOptions, TrainingOptions, ObjectiveOptions,
+            *objective_options(), CheckpointOptions, EvaluationOptions, LoggingOptions, RuntimeOptions]
+
+
+def resolve(config: Config) -> tuple[TrainConfig, list[str]]:
+    """Defaults derived from other sections, then the rules across sections; returns the config and the
+    notices (flags given that have no effect in this run)."""
+    config = TrainConfig(config.sections(), config.given)
+    resolve_defaults(config.optimizer, config.model.model)
+    notices = [*check_train_source(config), *check_objective(config), *config.optimizer.notices()]
+    return config, notices
+
+
+def parse_train_config(argv: list[str]) -> tuple[TrainConfig, list[str]]:
+    """The checked config of `acc-clip train ARGV` and the notices to give at start-up."""
+    return resolve(parse(argv, sections(), prog="acc-clip train", train=True,
+                         description="Train a CLIP model with open_clip_train's flags, on Accelerate."))
+
+
+def train_config(**values: Any) -> TrainConfig:
+    """A checked config from option values by name, as a YAML file would give them (tests, tools)."""
+    return resolve(from_values(sections(), values))[0]
