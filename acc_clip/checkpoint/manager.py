@@ -24,6 +24,7 @@ from typing import Any, ClassVar, Optional
 
 import torch
 
+from acc_clip.checkpoint.remote_sync import RemoteSync
 from acc_clip.checkpoint.folders import (FORMAT_VERSION, TMP_PREFIX, Progress, commit_folder, complete_checkpoints,
                                          newest_intact_checkpoint, read_manifest, restore_moved_aside, step_name)
 from acc_clip.config.schema import NON_NEGATIVE, POSITIVE, Section, option
@@ -86,7 +87,7 @@ class CheckpointManager:
         self.accelerator = accelerator
         self.global_batch = record.batch_size * record.accum_freq * accelerator.num_processes
         self.steps_per_epoch: Optional[int] = None  # known once `resume` is called
-        self.remote = None
+        self.remote: Optional[RemoteSync] = None
         self._raise_agreed(attempt(self._prepare_folder) if accelerator.is_main_process else None)
         # Weights are stored under their plain names, and loaded here with an architecture check.
         accelerator.register_save_state_pre_hook(_save_plain_weights)
@@ -103,8 +104,6 @@ class CheckpointManager:
                 remove_path(os.path.join(self.directory, name))
         options = self.options
         if options.remote_sync:
-            from acc_clip.checkpoint.remote_sync import RemoteSync  # fsspec, only for runs that copy
-
             self.remote = RemoteSync(self.run_dir, options.remote_sync, options.remote_sync_protocol,
                                      options.remote_sync_frequency, prune=options.keep_checkpoints > 0)
             self.remote.claim(may_adopt=options.resume == "latest" and not complete_checkpoints(self.directory))
@@ -114,7 +113,7 @@ class CheckpointManager:
         """Restore the state `--resume` names and return where training stands; then start the
         remote copy, if any."""
         self.steps_per_epoch = steps_per_epoch
-        progress = self._restore(model, optimizer)
+        progress = self._restore(model, optimizer, steps_per_epoch)
         if self.accelerator.is_main_process:
             for name in (METRICS_FILE, SAMPLES_FILE):
                 rewind_jsonl(os.path.join(self.run_dir, name), progress.global_step)
@@ -123,7 +122,7 @@ class CheckpointManager:
         self.accelerator.wait_for_everyone()
         return progress
 
-    def _restore(self, model, optimizer) -> Progress:
+    def _restore(self, model, optimizer, steps_per_epoch: int) -> Progress:
         target = self.options.resume
         if target is None:
             return Progress()
@@ -135,7 +134,7 @@ class CheckpointManager:
                 return Progress()
             return self._resume_folder(target, manifest)
         if os.path.isfile(target):
-            return self._start_from_open_clip(target, model, optimizer)
+            return self._start_from_open_clip(target, model, optimizer, steps_per_epoch)
         return self._resume_folder(target, self._on_main_process(read_manifest, target))
 
     def _on_main_process(self, function, *args):
@@ -143,7 +142,7 @@ class CheckpointManager:
         it: once, not once per process), its result or its one-line error given to every process."""
         from accelerate.utils import broadcast_object_list
 
-        answer = [None, None]
+        answer: list[Any] = [None, None]
         if self.accelerator.is_main_process:
             try:
                 answer[0] = function(*args)
@@ -235,13 +234,13 @@ class CheckpointManager:
                                "launch config")
         return sharded_run
 
-    def _start_from_open_clip(self, path: str, model, optimizer) -> Progress:
+    def _start_from_open_clip(self, path: str, model, optimizer, steps_per_epoch: int) -> Progress:
         """An open_clip epoch_N.pt (or a bare state dict): weights, plus optimizer and scaler when
         present; training goes on with epoch N, the learning rate where open_clip's would be."""
         if parallel.is_fsdp(self.accelerator):
             raise UsageError(f"--resume {path}: an open_clip checkpoint cannot be resumed under the FSDP launch "
                                "config yet; resume a step checkpoint folder, or start from it without FSDP")
-        saved = load_weights(unwrap(model), path, "--resume")
+        saved = load_weights(unwrap(model), path, "--resume") or {}
         try:
             if "optimizer" in saved:
                 optimizer.load_state_dict(saved["optimizer"])
@@ -251,7 +250,7 @@ class CheckpointManager:
             raise CheckpointError(f"--resume {path}: its optimizer state does not fit this model's parameter "
                                f"groups ({str(error).splitlines()[0]})") from None
         epoch = int(saved.get("epoch", 0))
-        global_step = epoch * self.steps_per_epoch
+        global_step = epoch * steps_per_epoch
         log.info("started from open_clip checkpoint %s: epoch %d, global step %d", path, epoch, global_step)
         return Progress(epoch=epoch, global_step=global_step, samples_seen=global_step * self.global_batch)
 

@@ -238,9 +238,9 @@ class RemoteSync:
         prefix = remote_folder + "/"  # fsspec lists paths as remote_dir holds them: without the protocol
         files = sorted(path[len(prefix):] for path in self.fs.find(remote_folder) if path.startswith(prefix))
         for file_name in [n for n in files if n != MANIFEST] + [MANIFEST]:
-            local = os.path.join(partial, *file_name.split("/"))
-            os.makedirs(os.path.dirname(local), exist_ok=True)
-            self.fs.get_file(f"{remote_folder}/{file_name}", local)
+            target = os.path.join(partial, *file_name.split("/"))
+            os.makedirs(os.path.dirname(target), exist_ok=True)
+            self.fs.get_file(f"{remote_folder}/{file_name}", target)
         os.replace(partial, final)
         metrics = os.path.join(self.run_dir, METRICS_FILE)
         if not os.path.exists(metrics) and self.fs.exists(f"{self.remote_dir}/{METRICS_FILE}"):

@@ -103,7 +103,7 @@ class _Parser(argparse.ArgumentParser):
     """argparse's parser whose errors (a bad value, a missing argument) are one line, status 2, like every
     other usage error, instead of its usage text and message."""
 
-    def error(self, message: str):  # type: ignore[override]
+    def error(self, message: str):
         raise UsageError(message)
 
 

@@ -15,7 +15,8 @@ import dataclasses
 import math
 import os
 from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Optional, TypeVar, Union, get_type_hints
+import types
+from typing import Any, Callable, ClassVar, Optional, TypeVar, Union, get_args, get_origin, get_type_hints
 
 from acc_clip.errors import UsageError
 
@@ -124,8 +125,9 @@ def flag(name: str) -> str:
 
 
 def _unwrap_optional(kind: Any) -> tuple[Any, bool]:
-    args = getattr(kind, "__args__", None)
-    if getattr(kind, "__origin__", None) is Union and args and type(None) in args:
+    """(X, True) for Optional[X] or X | None; (kind, False) otherwise."""
+    args = get_args(kind)
+    if get_origin(kind) in (Union, types.UnionType) and type(None) in args:
         return next(arg for arg in args if arg is not type(None)), True
     return kind, False
 
@@ -136,8 +138,8 @@ def options_of(section: type) -> list[Option]:
     result = []
     for f in dataclasses.fields(section):
         kind, optional = _unwrap_optional(hints[f.name])
-        origin = getattr(kind, "__origin__", kind)
-        element = kind.__args__[0] if origin is list else None
+        origin = get_origin(kind) or kind
+        element = get_args(kind)[0] if origin is list else None
         default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
         meta = f.metadata
         result.append(Option(f.name, section, origin, element, optional, default, meta["help"], meta["choices"],

@@ -27,7 +27,7 @@ class Batch(NamedTuple):
 class Sample(NamedTuple):
     image: Any  # what the dataset's transform returns
     text: torch.Tensor
-    index: int
+    index: int  # type: ignore[assignment]  # the sample's index, not tuple.index
 
 
 def sample_seed(seed: int, epoch: int, index: int) -> int:

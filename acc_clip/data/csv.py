@@ -18,7 +18,8 @@ from __future__ import annotations
 import functools
 import logging
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Iterable, Iterator, Optional
+from collections.abc import Sized
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Optional, cast
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -159,12 +160,12 @@ def build_train_loader(
 
 
 def build_eval_loader(
-    dataset: CsvDataset, *, batch_size: int, workers: int, rank: int, world_size: int, pin_memory: bool = False
+    dataset: Dataset, *, batch_size: int, workers: int, rank: int, world_size: int, pin_memory: bool = False
 ) -> DataLoader:
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        sampler=EvalSampler(len(dataset), rank, world_size),
+        sampler=EvalSampler(len(cast(Sized, dataset)), rank, world_size),
         num_workers=workers,
         collate_fn=collate_skipping_bad,
         pin_memory=pin_memory,

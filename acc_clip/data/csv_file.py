@@ -46,7 +46,7 @@ def _rows(path: str, sep: str, skip_bad_rows: bool) -> tuple[list[str], list[lis
             header = next(reader, None)
             if header is None:
                 raise DataError(f"{path}: the CSV is empty (no header, no rows)")
-            rows = []
+            rows: list[list[str]] = []
             for row in reader:
                 if not row:
                     continue

@@ -11,7 +11,7 @@ PIL images. When a transform has that shape (`split_transform`), acc_clip runs i
 - the training process converts to float and normalises on the device (`to_model_input`), with
   ToTensor's and Normalize's arithmetic.
 
-Against PIL this halves the workers' CPU time per image (tools/bench_input.py --stages); pixels
+Against PIL this halves the workers' CPU time per image (benchmarks/bench_input.py --stages); pixels
 differ from PIL's resampling by rounding: mostly equal or one level of 255 apart, rarely a few more
 (tests/unit/data/test_pixels.py).
 
@@ -33,7 +33,7 @@ import io
 import logging
 import warnings
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Optional, Sequence, Union
+from typing import Callable, NamedTuple, Optional, Sequence, Union, cast
 
 import torch
 from PIL import Image
@@ -305,7 +305,7 @@ def decode_encoded_batch(batch: Batch, transform: Callable, device) -> Batch:
     fail to decode are dropped from the batch and counted in `num_bad`."""
     if not isinstance(batch.images, EncodedImages):
         return batch
-    images, failed = transform.decode_batch(batch.images, device)
+    images, failed = cast(SplitTransform, transform).decode_batch(batch.images, device)
     if not failed:
         return Batch(images, batch.texts, batch.indices, batch.num_bad)
     log.warning("samples %s: image does not decode on %s, skipped", [int(batch.indices[i]) for i in failed], device)

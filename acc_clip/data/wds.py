@@ -86,7 +86,7 @@ import os
 import random
 from dataclasses import dataclass
 from itertools import accumulate, islice
-from typing import Any, Callable, ClassVar, Iterable, Iterator, Optional
+from typing import Any, Callable, ClassVar, Generator, Iterable, Iterator, Optional, cast
 
 import torch
 import webdataset as wds
@@ -289,7 +289,7 @@ def buffer_shuffle(samples: Iterable, size: int, rng: random.Random, initial: in
 MISSING_SAMPLE = "__missing_from__"  # a gap standing for a sample a shard's sizes.json count promised
 
 
-def read_raw_samples(shards: Iterable[str]) -> Iterator[dict]:
+def read_raw_samples(shards: Iterable[str]) -> Generator[dict, None, None]:
     """Raw samples ({"__key__", "jpg": bytes, ...}) of the shards, in order; damaged tars warn and are cut short."""
     return tarfile_samples(({"url": url} for url in shards), handler=wds.warn_and_continue)
 
@@ -328,13 +328,14 @@ class ShardEpoch(IterableDataset):
     def __iter__(self) -> Iterator[Batch]:
         info = get_worker_info()
         loader_worker = info.id if info is not None else 0
+        raw: Iterator[dict]
         if not self.is_train:
-            raw = read_raw_samples(self.eval_shards[loader_worker::self.num_workers])
+            raw = read_raw_samples(cast(list[str], self.eval_shards)[loader_worker::self.num_workers])
         else:
             # Rotated roles: the loader starts with its worker 0, which must make batch start_batch.
             worker = (loader_worker + self.start_batch) % self.num_workers
             first = batches_of_worker(worker, self.start_batch, self.num_workers) * self.batch_size
-            end = batches_of_worker(worker, self.num_batches, self.num_workers) * self.batch_size
+            end = batches_of_worker(worker, cast(int, self.num_batches), self.num_workers) * self.batch_size
             raw = islice(self.train_raw(worker), first, end)
         while True:
             chunk = list(islice(raw, self.batch_size))
@@ -348,9 +349,11 @@ class ShardEpoch(IterableDataset):
         if self.resampled:
             shards = draw_shards(self.all_shards, self.weights, _rng("resample", *place))
             return buffer_shuffle(self._non_empty(shards), self.shuffle_buffer, _rng("buffer", *place))
-        span = worker_span(self.rank, worker, num_batches=self.num_batches, num_workers=self.num_workers,
+        # Training without resampling always has its batch count and its sequence (_train_epoch).
+        span = worker_span(self.rank, worker, num_batches=cast(int, self.num_batches), num_workers=self.num_workers,
                            batch_size=self.batch_size)
-        samples = (sample for part in span_parts(self.sequence, span) for sample in self._read_part(*part))
+        sequence = cast(list[tuple[str, int]], self.sequence)
+        samples = (sample for part in span_parts(sequence, span) for sample in self._read_part(*part))
         return buffer_shuffle(samples, self.shuffle_buffer, _rng("buffer", *place))
 
     def _read_part(self, shard: str, size: int, first: int, stop: int) -> Iterator[dict]:
@@ -414,7 +417,7 @@ class ShardEpoch(IterableDataset):
         return Sample(pixels, self.tokenizer([caption])[0], index)
 
 
-def _as_is(batch: Batch) -> Batch:
+def _as_is(batch: Any) -> Any:
     return batch  # batches are collated inside the workers
 
 
@@ -478,7 +481,7 @@ def build_wds_loader(
     if is_train:
         dataset = _train_epoch(shards, sizes, world_size=world_size, workers=workers, start_batch=start_batch,
                                **common)
-        num_batches = dataset.num_batches
+        num_batches = cast(int, dataset.num_batches)  # a training epoch always knows it
         workers = train_workers(workers, num_batches)
     else:
         if start_batch:
@@ -503,7 +506,9 @@ def _train_epoch(shards: list[str], sizes: Optional[list[int]], *, world_size: i
                            f"process (a resume after the batch size, processes or epoch length changed?)")
     sequence = None
     if not common["resampled"]:
-        sequence = epoch_sequence(shards, sizes, common["seed"], epoch, num_batches * batch_size * world_size)
+        # build_wds_loader refused training without resampling and without sizes.json
+        sequence = epoch_sequence(shards, cast(list[int], sizes), common["seed"], epoch,
+                                  num_batches * batch_size * world_size)
     # The order is laid out for the workers started (workers=0: one role, read in the calling process).
     return ShardEpoch(num_workers=max(1, train_workers(workers, num_batches)), num_batches=num_batches,
                       start_batch=start_batch, sequence=sequence, **common)

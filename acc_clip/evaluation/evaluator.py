@@ -114,7 +114,7 @@ def _rows_over_processes(accelerator: Accelerator, local: dict[str, torch.Tensor
     none (its share unreadable, or no share at all)."""
     layout = {key: (tuple(value.shape[1:]), value.dtype) for key, value in local.items() if key != "indices"}
     if accelerator.num_processes > 1:
-        shares = [None] * accelerator.num_processes
+        shares: list[Any] = [None] * accelerator.num_processes
         torch.distributed.all_gather_object(shares, (layout, per_model))
         layout, per_model = next(((s, p) for s, p in shares if s), ({}, {}))
     names = sorted(layout)
@@ -171,7 +171,7 @@ def evaluate_retrieval(
         metrics.update(num_samples=len(indices), num_bad=num_bad)
         result[0] = metrics
     broadcast_object_list(result)
-    return result[0]
+    return result[0] or {}
 
 
 def validation_losses(objective: Objective, rows: dict, per_model: dict) -> dict[str, float]:

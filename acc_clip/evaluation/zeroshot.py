@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from typing import Callable, ContextManager, Optional, Sequence, Union
+from typing import Any, Callable, ContextManager, Optional, Sequence, Union, cast
 
 import torch
 from accelerate import Accelerator
@@ -160,18 +160,19 @@ def load_zeroshot_dataset(
 ) -> tuple[ZeroShotDataset, list[str]]:
     """A class-per-sub-folder folder or a filepath,label CSV -> (dataset, class names by label)."""
     file_names = _read_lines(classnames_file, "class names") if classnames_file else None
+    class_ids: Optional[list[str]]
     if os.path.isdir(path):
         class_ids, filepaths, labels = _image_folder(path)
     elif os.path.isfile(path):
         class_ids, filepaths, labels = _labelled_csv(path, len(file_names) if file_names else None)
     else:
         raise DataError(f"{path}: zero-shot data not found (a folder of class sub-folders or a filepath,label CSV)")
-    if class_ids is None:  # integer labels: the file alone says what the classes are
-        classnames = file_names
+    if class_ids is None:  # integer labels: the file alone says what the classes are (_labelled_csv needs it)
+        classnames = cast(list[str], file_names)
     elif file_names is None:
         classnames = [class_id.replace("_", " ") for class_id in class_ids]
     else:
-        _check_classnames(class_ids, file_names, classnames_file, path)
+        _check_classnames(class_ids, file_names, str(classnames_file), path)
         classnames = file_names
     _check_class_count(len(classnames), path)
     return ZeroShotDataset(filepaths, labels, transform=transform), classnames
@@ -262,7 +263,7 @@ def zeroshot_classifier(
 ) -> torch.Tensor:
     """[embed_dim, classes] float32: each class's prompts encoded, averaged and normalised (open_clip's
     build_zero_shot_classifier), the same on every process."""
-    clip = parallel.unwrap(model)
+    clip: Any = parallel.unwrap(model)  # open_clip's model: encode_image, encode_text
     with _eval_mode(clip), (precision_autocast or contextlib.nullcontext)():
         return build_zero_shot_classifier(clip, tokenizer=tokenizer, classnames=classnames, templates=templates,
                                           num_classes_per_batch=10, device=accelerator.device).float()
@@ -285,7 +286,7 @@ def zeroshot_eval(
     Keys: zeroshot_top1, zeroshot_top5, zeroshot_num_samples (images classified), zeroshot_num_bad
     (images skipped as missing or corrupt). `classifier`: `zeroshot_classifier` of these class names
     and templates, when the caller has it already."""
-    clip = parallel.unwrap(model)
+    clip: Any = parallel.unwrap(model)  # open_clip's model: encode_image, encode_text
     autocast = precision_autocast or contextlib.nullcontext
     device = accelerator.device
     input_dtype = image_input_dtype(clip)

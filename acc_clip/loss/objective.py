@@ -28,7 +28,7 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, ContextManager, Optional
+from typing import Any, Callable, ClassVar, ContextManager, Optional, cast
 
 import torch
 
@@ -98,7 +98,7 @@ class Objective:
 
 
 def total_loss(losses: dict[str, torch.Tensor]) -> torch.Tensor:
-    return sum(losses.values())
+    return cast(torch.Tensor, sum(losses.values()))
 
 
 def model_rows(objective: Objective, model, images: torch.Tensor, texts: torch.Tensor) -> dict[str, torch.Tensor]:

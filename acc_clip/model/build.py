@@ -100,7 +100,7 @@ def create_tokenizer(options: ModelOptions) -> Callable:
                                            if options.force_context_length else {}))
 
 
-def lock_towers(model: torch.nn.Module, options: ModelOptions) -> None:
+def lock_towers(model: Any, options: ModelOptions) -> None:
     """--lock-image and --lock-text, as open_clip_train applies them."""
     if options.lock_image:
         try:
@@ -179,6 +179,6 @@ def uses_channels_last(model: torch.nn.Module, requested: Optional[bool]) -> boo
     return requested if requested is not None else isinstance(model.visual, ModifiedResNet)
 
 
-def clamp_logit_scale(model: torch.nn.Module) -> None:
+def clamp_logit_scale(model: Any) -> None:
     with torch.no_grad():
         model.logit_scale.clamp_(0, LOGIT_SCALE_MAX)

@@ -5,7 +5,7 @@ a schedule that is a function of the global step."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Optional
+from typing import Callable, ClassVar, Optional, cast
 
 import torch
 from open_clip_train.scheduler import const_lr, const_lr_cooldown, cosine_lr
@@ -128,8 +128,10 @@ def create_optimizer(model: torch.nn.Module, options: OptimizerOptions, device_t
     # The fused kernel makes one pass over each parameter instead of a dozen element-wise ops: on the
     # CPU it cuts the tiny model's AdamW step about fivefold (docs/performance.md).
     fused = fused_adamw_available(device_type) if options.fused_adamw is None else options.fused_adamw
-    return torch.optim.AdamW(parameter_groups(model, options.wd), lr=options.lr,
-                             betas=(options.beta1, options.beta2), eps=options.eps, fused=fused or None)
+    # lr, betas and eps are set by now: resolve_defaults fills what the user left out.
+    lr, beta1, beta2, eps = (cast(float, value) for value in (options.lr, options.beta1, options.beta2, options.eps))
+    return torch.optim.AdamW(parameter_groups(model, options.wd), lr=lr, betas=(beta1, beta2), eps=eps,
+                             fused=fused or None)
 
 
 def create_lr_schedule(optimizer: torch.optim.Optimizer, options: OptimizerOptions, *, epochs: int,

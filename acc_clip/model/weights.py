@@ -114,11 +114,12 @@ def read_sharded_weights(folder: str) -> dict[str, torch.Tensor]:
     torch.distributed.checkpoint (no process group: each tensor whole, from every shard). FSDP holds
     open_clip's 0-d parameters as 1-element vectors (runtime/parallel.scalars_as_vectors): 0-d again here."""
     import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
     path = os.path.join(folder, SHARDED_WEIGHTS_DIR)
     metadata = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
     state = {key[len("model."):]: torch.empty(meta.size, dtype=meta.properties.dtype)
-             for key, meta in metadata.items() if key.startswith("model.") and hasattr(meta, "size")}
+             for key, meta in metadata.items() if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)}
     dcp.load({"model": state}, checkpoint_id=path)
     return {key: value.reshape(()) if key in SCALAR_PARAMETERS and value.shape == (1,) else value
             for key, value in state.items()}

@@ -81,7 +81,7 @@ ZEROSHOT_TEMPLATES = [
 class Scene(NamedTuple):
     colour: str
     shape: str
-    count: int
+    count: int  # type: ignore[assignment]  # objects in the scene, not tuple.count
     background: str
 
 
@@ -163,7 +163,7 @@ def render_scene(scene: Scene, size: tuple[int, int], rng: random.Random) -> Ima
     # Mild noise, vectorised: a low-resolution field upscaled, so it costs little per image.
     noise_rng = np.random.default_rng(rng.getrandbits(64))
     field = noise_rng.normal(0.0, 6.0, (max(1, height // 4), max(1, width // 4), 3)).astype(np.float32)
-    noise = np.asarray(Image.fromarray(np.clip(field + 128, 0, 255).astype(np.uint8)).resize(size, Image.BILINEAR),
+    noise = np.asarray(Image.fromarray(np.clip(field + 128, 0, 255).astype(np.uint8)).resize(size, Image.Resampling.BILINEAR),
                        dtype=np.int16) - 128
     pixels = np.asarray(image, dtype=np.int16) + noise
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
@@ -247,7 +247,7 @@ def dataset_paths(out_dir: str) -> dict[str, str]:
     }
 
 
-def read_manifest(path: str) -> dict | None:
+def read_dataset_record(path: str) -> dict | None:
     try:
         with open(path, encoding="utf-8") as f:
             return json.load(f)
@@ -275,7 +275,7 @@ def make_demo_data(out_dir: str, num_train: int = 1000, num_val: int = 200, size
         if not os.path.isdir(out_dir):
             raise UsageError(f"demo-data: {out_dir} exists and is not a folder")
         if os.listdir(out_dir):
-            manifest = read_manifest(paths["manifest"])
+            manifest = read_dataset_record(paths["manifest"])
             if manifest == parameters:
                 return paths
             reason = ("holds a demo dataset made with other parameters" if manifest is not None

@@ -19,7 +19,7 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Optional, cast
 
 from acc_clip.errors import DataError, UsageError
 from acc_clip.runtime.run_dir import LOG_FILE, METRICS_FILE
@@ -212,9 +212,10 @@ def _parse_vendor_log(lines: list[str]) -> LossCurve:
     if None not in explicit_steps:
         steps, losses = _last_per_step(explicit_steps, losses)  # type: ignore[arg-type]
         return LossCurve(steps=steps, losses=losses, source_format=FORMAT_VENDOR)
-    is_global_counter = None not in iterations and all(a < b for a, b in zip(iterations, iterations[1:]))
-    if is_global_counter:
-        return LossCurve(steps=iterations, losses=losses, source_format=FORMAT_VENDOR)  # type: ignore[arg-type]
+    if None not in iterations:
+        counters = cast(list[int], iterations)
+        if all(a < b for a, b in zip(counters, counters[1:])):  # a global counter
+            return LossCurve(steps=counters, losses=losses, source_format=FORMAT_VENDOR)
     return LossCurve(steps=None, losses=losses, source_format=FORMAT_VENDOR)
 
 

@@ -175,7 +175,7 @@ def plan_device(requested: Optional[str], precision: str, local_rank: Optional[i
     if kind not in (*BACKEND, None):
         raise UsageError(f"--device {requested!r}: expected sdaa, cuda, npu, xpu, mps or cpu")
     if kind in OTHER_DEVICES:
-        check_other_device(kind, requested)
+        check_other_device(kind, str(requested))
     # --device cpu asks nothing of CUDA, so that make_accelerator can still hide the GPUs (see there).
     sdaa = kind != "cpu" and sdaa_available()
     cuda = kind != "cpu" and torch.cuda.is_available()
@@ -275,5 +275,5 @@ def peak_memory_bytes(plan: DevicePlan) -> Optional[int]:
     if plan.kind == "cuda":
         return torch.cuda.max_memory_allocated()
     if plan.kind == "sdaa":
-        return torch.sdaa.max_memory_allocated()
+        return torch.sdaa.max_memory_allocated()  # type: ignore[attr-defined]  # torch_sdaa adds it
     return None

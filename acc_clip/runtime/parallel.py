@@ -23,7 +23,7 @@ from __future__ import annotations
 import logging
 import os
 from contextlib import AbstractContextManager, contextmanager
-from typing import Iterator, Optional
+from typing import Any, Iterator, Optional, cast
 
 import torch
 
@@ -184,7 +184,7 @@ def prepare(accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimize
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
     model, optimizer = accelerator.prepare(model, optimizer)
     if compile_model:
-        model = torch.compile(model)
+        model = torch.compile(model)  # type: ignore[assignment]  # a compiled module stands for the model
     return model, optimizer
 
 
@@ -216,9 +216,10 @@ def local_tensor(value: torch.Tensor) -> torch.Tensor:
     return value.to_local() if isinstance(value, DTensor) else value
 
 
-def logit_scale(model: torch.nn.Module) -> torch.Tensor:
+def logit_scale(model: Any) -> torch.Tensor:
     """The temperature as a plain tensor on every process (a collective under FSDP)."""
-    return full_tensor(unwrap(model).logit_scale.detach()).reshape(()).clone()  # 0-d, as open_clip holds it
+    scale = cast(torch.Tensor, unwrap(model).logit_scale)
+    return full_tensor(scale.detach()).reshape(()).clone()  # 0-d, as open_clip holds it
 
 
 def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
@@ -229,7 +230,8 @@ def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     state = get_model_state_dict(unwrap(model), options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return {key: value.reshape(()) if key in SCALAR_PARAMETERS else value for key, value in state.items()}
+    tensors = cast(dict[str, torch.Tensor], state)  # a model's state dict holds tensors only
+    return {key: value.reshape(()) if key in SCALAR_PARAMETERS else value for key, value in tensors.items()}
 
 
 def full_optimizer_state_dict(model: torch.nn.Module, optimizer: torch.optim.Optimizer, is_main_process: bool) -> dict:

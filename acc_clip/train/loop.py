@@ -16,6 +16,7 @@ import os
 import signal
 import sys
 import time
+from collections.abc import Sequence
 
 import torch
 
@@ -82,7 +83,7 @@ def run_record(config: TrainConfig) -> RunRecord:
                      accum_freq=config.training.accum_freq, train_data=config.data.train_data)
 
 
-def train(config: TrainConfig, notices: list[str] = ()) -> int:  # noqa: PLR0915 - the loop, on one screen
+def train(config: TrainConfig, notices: Sequence[str] = ()) -> int:  # noqa: PLR0915 - the loop, on one screen
     run = start_run(config, list(notices))
     plan, accelerator, run_dir = run.plan, run.accelerator, run.run_dir
     host_group = host_process_group(accelerator)  # ranks agree on batch sizes and on stopping over it

@@ -168,7 +168,7 @@ class MetricsLogger:
                 rows[-1].update(zip(names[1:], parts))
             self._loss_sum += loss
             self._loss_count += 1
-        with open(os.path.join(self.run_dir, METRICS_FILE), "a") as file:
+        with open(os.path.join(str(self.run_dir), METRICS_FILE), "a") as file:
             file.writelines(json.dumps(row) + "\n" for row in rows)
         last, record = rows[-1], self._pending[-1]
         self._pending.clear()

@@ -42,7 +42,7 @@ import os
 import re
 import time
 from dataclasses import dataclass
-from typing import BinaryIO, Iterable, Optional
+from typing import BinaryIO, Iterable, Optional, cast
 
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
@@ -282,7 +282,7 @@ def _check_out_dir(out_dir: str) -> Optional[dict]:
 
 
 def _auto_samples_per_shard(items: list[Item], resize: Optional[int], quality: int) -> int:
-    sizes = []
+    sizes: list[int] = []
     for item in items:
         if len(sizes) == SIZE_PROBE_IMAGES:
             break
@@ -365,9 +365,10 @@ def convert_csv_to_shards(
             stats_by_shard[int(stats["shard"].split(".")[0])] = stats
             bar.update(stats["count"] + len(stats["skipped_rows"]))
 
-    sizes = {shard_name(shard): stats_by_shard[shard]["count"] for shard in range(num_shards)}
+    done = cast(dict[int, dict], stats_by_shard)  # every shard has its stats now
+    sizes = {shard_name(shard): done[shard]["count"] for shard in range(num_shards)}
     write_json_atomically(os.path.join(out_dir, SIZES_NAME), sizes)
-    all_stats = list(stats_by_shard.values())
+    all_stats = list(done.values())
     return {
         "out_dir": out_dir,
         "shards": num_shards,

@@ -32,7 +32,8 @@ def verify_shard(job: VerifyJob) -> dict:
             for member in tar:
                 if member.isfile():
                     key, _, extension = member.name.partition(".")
-                    samples.setdefault(key, {})[extension] = tar.extractfile(member).read()
+                    content = tar.extractfile(member)  # a file member: never None
+                    samples.setdefault(key, {})[extension] = content.read() if content is not None else b""
             end = tar.offset  # where the member after the last one would start
         if not _ends_with_end_marker(job.path, end):
             problems.append(f"{name}: cut short (no end-of-archive marker after its last member, at byte {end})")
