@@ -20,10 +20,12 @@ import time
 
 import torch
 
-from acc_clip.checkpoint.format import Progress, folder_bytes
+from acc_clip.checkpoint.folders import Progress
 from acc_clip.checkpoint.manager import CheckpointManager
-from acc_clip.config import TrainConfig
-from acc_clip.model.build import create_optimizer
+from acc_clip.io.sealed import folder_bytes
+from acc_clip.model.optim import create_optimizer
+from acc_clip.train.config import train_config
+from acc_clip.train.loop import run_record
 
 
 def main() -> int:
@@ -39,17 +41,17 @@ def main() -> int:
     root = args.dir or tempfile.mkdtemp(prefix="bench_checkpoint_")
     run_dir = os.path.join(root, "run")
     shutil.rmtree(run_dir, ignore_errors=True)
-    config = TrainConfig(train_data="unused.csv", model=args.model, name="bench")
+    config = train_config(train_data="unused.csv", model=args.model, name="bench")
     accelerator = Accelerator(cpu=True)
     model = open_clip.create_model(args.model, precision="fp32", device="cpu")
-    optimizer = create_optimizer(model, config, "cpu")
+    optimizer = create_optimizer(model, config.optimizer, "cpu")
     model, optimizer = accelerator.prepare(model, optimizer)
     for parameter in model.parameters():
         parameter.grad = torch.zeros_like(parameter)
     optimizer.step()  # creates exp_avg and exp_avg_sq for every parameter
     parameters = sum(p.numel() for p in model.parameters())
 
-    saver = CheckpointManager(run_dir, config, accelerator)
+    saver = CheckpointManager(run_dir, config.checkpoint, run_record(config), accelerator)
     saver.steps_per_epoch = 1000
     results = []
     for repeat in range(args.repeats):
@@ -58,12 +60,12 @@ def main() -> int:
         save_s, save_cpu_s = time.perf_counter() - started, time.process_time() - cpu_started
         files = {name: os.path.getsize(os.path.join(folder, name)) for name in sorted(os.listdir(folder))}
 
-        config.resume = folder
-        loader = CheckpointManager(run_dir, config, accelerator)
+        config.checkpoint.resume = folder
+        loader = CheckpointManager(run_dir, config.checkpoint, run_record(config), accelerator)
         started, cpu_started = time.perf_counter(), time.process_time()
         loader.resume(model, optimizer, 1000)
         load_s, load_cpu_s = time.perf_counter() - started, time.process_time() - cpu_started
-        config.resume = None
+        config.checkpoint.resume = None
         results.append({"save_s": round(save_s, 2), "save_cpu_s": round(save_cpu_s, 2), "load_s": round(load_s, 2),
                         "load_cpu_s": round(load_cpu_s, 2), "bytes": folder_bytes(folder), "files": files})
 

@@ -43,17 +43,20 @@ def measure(model_name: str) -> dict:
     """One step in this process (launched by accelerate); the per-part bytes, the largest over processes."""
     import torch
 
-    from acc_clip.config import parse_config
-    from acc_clip.loss import create_objective, model_rows, total_loss
-    from acc_clip.model.build import create_model, create_optimizer
+    from acc_clip.loss import create_objective, model_overrides, model_rows, total_loss
+    from acc_clip.model.build import create_model
+    from acc_clip.model.optim import create_optimizer
     from acc_clip.runtime import parallel
     from acc_clip.runtime.device import make_accelerator, plan_device
+    from acc_clip.train.config import parse_train_config
 
-    config, _ = parse_config(["--model", model_name, "--device", "cpu", "--precision", "fp32", "--gather-with-grad",
-                              "--train-data", "unused.csv"])  # the data is random tensors; the flag is required
+    # the data is random tensors; --train-data is required
+    config, _ = parse_train_config(["--model", model_name, "--device", "cpu", "--precision", "fp32",
+                                    "--gather-with-grad", "--train-data", "unused.csv"])
     accelerator = make_accelerator(plan_device("cpu", "fp32"))
-    bundle = create_model(config)
-    optimizer = create_optimizer(bundle.model, config, "cpu")
+    bundle = create_model(config.model, precision=config.runtime.precision, seed=config.runtime.seed,
+                          **model_overrides(config))
+    optimizer = create_optimizer(bundle.model, config.optimizer, "cpu")
     model, optimizer = parallel.prepare(accelerator, bundle.model, optimizer, sync_batch_norm=False, compile_model=False)
     size = bundle.model.visual.image_size
     images = torch.randn(2, 3, *(size if isinstance(size, tuple) else (size, size)))

@@ -116,13 +116,15 @@ def acc_clip_epoch(shard_dir: str, preprocess: Callable, tokenizer: Callable, ba
                    epoch: int):
     """The trainer's input path: its loader, then its normalisation of the uint8 batches (on the CPU
     here, in this process: the part a GPU would take over is counted too)."""
-    from acc_clip.config import parse_config
     from acc_clip.data import build_train_data
     from acc_clip.data.pixels import model_input, train_transform
+    from acc_clip.train.config import parse_train_config
 
-    config, _ = parse_config(["--train-data", shard_dir, "--batch-size", str(batch_size), "--workers", str(workers)])
+    config, _ = parse_train_config(["--train-data", shard_dir, "--batch-size", str(batch_size),
+                                    "--workers", str(workers)])
     transform = train_transform(preprocess, decode_on_device=False, device="cpu")
-    data = build_train_data(config, transform, tokenizer, rank=0, world_size=1, pin_memory=False)
+    data = build_train_data(config, transform, tokenizer, seed=config.runtime.seed, rank=0, world_size=1,
+                            pin_memory=False)
     for batch in data.batches(epoch):
         yield model_input(batch.images, transform, "cpu", channels_last=False), batch.texts
 

@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from acc_clip.checkpoint.export import write_seeded_local_dir
-from acc_clip.config import SIGLIP_DIST_IMPLS
+from acc_clip.loss.siglip import DIST_IMPLS as SIGLIP_DIST_IMPLS
 from benchmarks.bench_scaling import launcher
 from benchmarks.bench_train import acc_clip_steps, open_clip_steps, run_logged
 

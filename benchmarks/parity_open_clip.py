@@ -19,7 +19,7 @@ makes exact resume possible; so on real images the curves agree closely but not 
 
 Besides the curves it checks what the curves alone cannot: that acc_clip trained on open_clip_train's
 batches (its order replayed in-process from open_clip_train's own dataset and loader, against the
-samples acc_clip records with ACC_CLIP_DEBUG_SAMPLES=1) at open_clip_train's learning rates (the
+samples acc_clip records with --log-samples) at open_clip_train's learning rates (the
 `LR:` of every logged step of its out.log, and its scheduler's values in full precision).
 """
 
@@ -34,10 +34,9 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-from acc_clip.checkpoint.debug import SAMPLES_ENV
+from acc_clip.errors import AccClipError
 from acc_clip.reports.compare_loss import compare_curves, two_sided_report_lines, vendor_report_lines
 from acc_clip.reports.curves import read_loss_curve
-from acc_clip.errors import AccClipError, user_error_exit_code
 from acc_clip.runtime.run_dir import LOG_FILE, METRICS_FILE, SAMPLES_FILE
 from benchmarks.bench_train import acc_clip_steps, open_clip_steps, run_logged, steady_samples_per_second
 
@@ -100,7 +99,7 @@ def open_clip_batches(args: argparse.Namespace) -> tuple[list[list[Row]], int]:
 
 
 def acc_clip_batches(run_dir: Path, train_csv: str) -> list[list[Row]]:
-    """The rows acc_clip trained on, per step, from its ACC_CLIP_DEBUG_SAMPLES record."""
+    """The rows acc_clip trained on, per step, from its --log-samples record."""
     import pandas as pd
 
     frame = pd.read_csv(train_csv, sep=",")
@@ -147,7 +146,9 @@ OPEN_CLIP_ARITHMETIC_FLAGS = ["--no-channels-last", "--no-fused-adamw"]
 
 
 def acc_clip_command(args: argparse.Namespace) -> list[str]:
-    return [sys.executable, "-m", "acc_clip.train", *(OPEN_CLIP_ARITHMETIC_FLAGS if args.open_clip_arithmetic else [])]
+    # --log-samples: the samples of every step, to compare with open_clip_train's batches
+    return [sys.executable, "-m", "acc_clip.train", "--log-samples",
+            *(OPEN_CLIP_ARITHMETIC_FLAGS if args.open_clip_arithmetic else [])]
 
 
 MODELS = REPO / "configs" / "models"
@@ -191,7 +192,7 @@ def run_parity(args: argparse.Namespace) -> dict:
     seconds_ref = run_logged([sys.executable, "-m", "open_clip_train.main", *flags, "--logs", str(out),
                               "--name", "open_clip"], out / "open_clip.stdout", threads)
     seconds_new = run_logged([*acc_clip_command(args), *flags, "--logs", str(out),
-                              "--name", "acc_clip"], out / "acc_clip.stdout", {**threads, SAMPLES_ENV: "1"})
+                              "--name", "acc_clip"], out / "acc_clip.stdout", threads)
     result = compare_curves(read_loss_curve(reference / LOG_FILE), read_loss_curve(candidate / METRICS_FILE),
                             ema=args.ema, tolerance=args.tolerance)
 
@@ -250,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
         report = run_parity(args)
     except AccClipError as error:
         print(f"error: {error}", file=sys.stderr)
-        return user_error_exit_code()
+        return error.exit_status
     result = report["result"]
     print("\n".join(vendor_report_lines(result) + two_sided_report_lines(result)))
     differing = report["first_differing_step"]

@@ -3,7 +3,7 @@
     python tools/fault_injection.py [--work DIR]
 
 Every run trains the tiny ResNet config on a 160-row demo CSV (2 epochs of 10 steps, batch 16) on the
-CPU, with ACC_CLIP_DEBUG_SAMPLES=1 so that each run records the samples of every optimizer step. "Data
+CPU, with --log-samples so that each run records the samples of every optimizer step. "Data
 lost" compares a run that met a fault (and was resumed) with one uninterrupted run: samples trained a
 different number of times (twice, or never) plus steps whose loss differs. It must be 0 everywhere.
 A full disk needs a tmpfs mount (root); without that right the row says "not tried". Takes a few
@@ -30,9 +30,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 from PIL import Image  # noqa: E402
 
+from acc_clip.errors import CheckpointError, DataError, ResourceError, UsageError  # noqa: E402
+from acc_clip.runtime.faults import kill_at  # noqa: E402
 from acc_clip.runtime.signals import PREEMPTED_EXIT_CODE  # noqa: E402
 MODEL = f"local-dir:{REPO / 'configs' / 'models' / 'tiny-rn'}"
-ENV = {**os.environ, "ACC_CLIP_DEBUG_SAMPLES": "1", "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
        "PYTHONUNBUFFERED": "1"}
 
 
@@ -46,7 +48,7 @@ def train_args(data: Path, logs: Path, name: str, *extra: str) -> list[str]:
     return [sys.executable, "-m", "acc_clip.train", "--train-data", str(data), "--csv-separator", ",", "--model", MODEL,
             "--batch-size", "16", "--epochs", "2", "--workers", "0", "--precision", "fp32", "--device", "cpu",
             "--lr", "1e-3", "--warmup", "5", "--log-every-n-steps", "1", "--logs", str(logs), "--name", name,
-            "--save-frequency", "0", "--save-every-n-steps", "3", *extra]
+            "--save-frequency", "0", "--save-every-n-steps", "3", "--log-samples", *extra]
 
 
 def run(command: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
@@ -107,7 +109,7 @@ def sigterm_mid_epoch(work, data, reference):
 
 def kill_9_inside_a_save(work, data, reference):
     logs = work / "kill_in_save"
-    killed = run(train_args(data, logs, "run"), env={"ACC_CLIP_TEST_KILL_BEFORE_COMMIT": "6"})
+    killed = run(train_args(data, logs, "run"), env=kill_at("before_commit", 6))
     resumed = run(train_args(data, logs, "run", "--resume", "latest"))
     partial = any(p.name.startswith(".tmp-") for p in (logs / "run" / "checkpoints").iterdir())
     return Outcome(f"killed (exit {killed.returncode}); resumed: {'ok' if resumed.returncode == 0 else error_line(resumed)}"
@@ -134,7 +136,7 @@ def bit_flip_in_newest_checkpoint(work, data, reference):
 
 
 def full_disk_during_a_save(work, data, reference):
-    from acc_clip.checkpoint.format import folder_bytes
+    from acc_clip.io.sealed import folder_bytes
 
     room = int(folder_bytes(str(sorted((reference / "checkpoints").glob("step_*"))[-1])) * 1.5) + 2_000_000
     disk = work / "disk"
@@ -147,7 +149,8 @@ def full_disk_during_a_save(work, data, reference):
         resumed = run(train_args(data, disk, "run", "--resume", "latest"))
         seen = f"{error_line(failed)[:150]}...; after freeing space, resumed: " + (
             "ok" if resumed.returncode == 0 else error_line(resumed))
-        said_space = "no space left on the disk" in error_line(failed) and "MB are free" in error_line(failed)
+        said_space = (failed.returncode == ResourceError.exit_status
+                      and "no space left on the disk" in error_line(failed) and "MB are free" in error_line(failed))
         return Outcome(seen, data_lost(disk / "run", reference), said_space and resumed.returncode == 0)
     finally:
         subprocess.run(["umount", "-l", str(disk)])
@@ -162,7 +165,7 @@ def second_run_with_the_same_name(work, data, reference):
     second = run(train_args(data, logs, "run", "--resume", "latest"))
     first.send_signal(signal.SIGCONT)
     first.wait(timeout=600)
-    refused = second.returncode == 2 and "is in use by another run" in error_line(second)
+    refused = second.returncode == ResourceError.exit_status and "is in use by another run" in error_line(second)
     return Outcome(f"second run: {error_line(second)[:140]}; first run exit {first.returncode}",
                    data_lost(logs / "run", reference), refused and first.returncode == 0)
 
@@ -175,7 +178,7 @@ def shifted_csv_row(work, data, reference):
     refused = run(train_args(shifted, work / "shifted", "run"))
     skipped = run(train_args(shifted, work / "shifted", "skip", "--skip-bad-rows", "--epochs", "1"))
     said = [line for line in skipped.stdout.splitlines() + skipped.stderr.splitlines() if "skipped 1 row" in line]
-    named = refused.returncode == 2 and "row 5 (line 6) has 3 fields" in error_line(refused)
+    named = refused.returncode == DataError.exit_status and "row 5 (line 6) has 3 fields" in error_line(refused)
     return Outcome(f"{error_line(refused)[:120]}...; with --skip-bad-rows: {'1 row skipped, named' if said else 'not said'}",
                    0, named and bool(said) and skipped.returncode == 0)
 
@@ -235,14 +238,15 @@ def cut_shard(work, data, reference):
                    verified == "verify names it" and "37 samples skipped" in counted)
 
 
-def refused(result: subprocess.CompletedProcess, *words: str) -> bool:
-    return result.returncode == 2 and len(result.stderr.strip().splitlines()) == 1 and all(
+def refused(result: subprocess.CompletedProcess, status: int, *words: str) -> bool:
+    """Refused with one line naming `words`, and the exit status of the error's kind (acc_clip/errors.py)."""
+    return result.returncode == status and len(result.stderr.strip().splitlines()) == 1 and all(
         word in result.stderr for word in words)
 
 
 def unreadable_random_state(work, data, reference):
-    from acc_clip.checkpoint.format import MANIFEST
     from acc_clip.io.files import file_sha256
+    from acc_clip.io.sealed import MANIFEST
 
     copy = work / "rng" / "step_00000003"
     shutil.copytree(reference / "checkpoints" / "step_00000003", copy)
@@ -252,7 +256,8 @@ def unreadable_random_state(work, data, reference):
     manifest["sha256"]["random_states_0.pkl"] = file_sha256(str(copy / "random_states_0.pkl"))
     (copy / MANIFEST).write_text(json.dumps(manifest))
     result = run(train_args(data, work / "rng", "run", "--resume", str(copy)))
-    return Outcome(error_line(result)[-120:], 0, refused(result, "random_states_0.pkl", "could not be restored"))
+    return Outcome(error_line(result)[-120:], 0, refused(result, CheckpointError.exit_status, "random_states_0.pkl",
+                                                            "could not be restored"))
 
 
 def same_name_and_remote_elsewhere(work, data, reference):
@@ -263,7 +268,7 @@ def same_name_and_remote_elsewhere(work, data, reference):
     second = run(train_args(data, work / "machine_b", "run", "--remote-sync", remote, "--remote-sync-protocol", "fsspec"))
     untouched = (work / "remote" / "run" / "metrics.jsonl").read_text() == metrics != ""
     return Outcome(error_line(second)[:140], 0 if untouched else 1,
-                   refused(second, "holds another run's copy") and untouched)
+                   refused(second, UsageError.exit_status, "holds another run's copy") and untouched)
 
 
 def damaged_sizes_json(work, data, reference):
@@ -271,14 +276,14 @@ def damaged_sizes_json(work, data, reference):
     run([sys.executable, "-m", "acc_clip.cli", "shards", "--csv", str(data), "--out", str(shards), "--no-progress"])
     (shards / "sizes.json").write_text('{"00000.tar": "many"')
     result = run(train_args(shards, work / "sizes", "run"))
-    return Outcome(error_line(result)[:140], 0, refused(result, "sizes.json"))
+    return Outcome(error_line(result)[:140], 0, refused(result, DataError.exit_status, "sizes.json"))
 
 
 def csv_path_is_a_fifo(work, data, reference):
     fifo = work / "rows.csv"
     os.mkfifo(fifo)
     result = run(train_args(fifo, work / "fifo", "run"))
-    return Outcome(error_line(result)[:140], 0, refused(result, "not a regular file"))
+    return Outcome(error_line(result)[:140], 0, refused(result, DataError.exit_status, "not a regular file"))
 
 
 FAULTS = [

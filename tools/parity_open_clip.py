@@ -5,7 +5,7 @@
     python tools/parity_open_clip.py --objective siglip --train-data DATA.csv --open-clip-arithmetic
 
 Exit status: 0 when the curves pass, the batches are open_clip_train's and the learning rates its
-schedule's; 1 otherwise; 2 on bad input.
+schedule's; 1 otherwise; on bad input, its kind's status (acc_clip/errors.py: 2 a flag, 3 the data, ...).
 """
 
 import os
