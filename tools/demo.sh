@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The demo: generate the COCO-shaped demo data, make the CSVs, train a tiny CLIP under
-# `accelerate launch` on the CPU, and show validation retrieval before and after, zero-shot top-1,
+# `acc-clip launch` (Accelerate's launcher) on the CPU, and show validation retrieval before and after, zero-shot top-1,
 # and a loss plot. Run from the repository root (`make demo` installs first, then calls this).
 set -euo pipefail
 export HF_HUB_OFFLINE=1
@@ -14,7 +14,7 @@ acc-clip coco-csv --annotations "$DATA/annotations/captions_val2017.json" --imag
     --out "$DATA/val_data.csv"
 
 rm -rf "$RUN"
-accelerate launch --config_file launch/single_card.yaml -m acc_clip.train --config configs/demo.yaml \
+acc-clip launch --config_file launch/single_card.yaml train --config configs/demo.yaml \
     --train-data "$DATA/train_data.csv" --val-data "$DATA/val_data.csv" \
     --zeroshot-data "$DATA/zeroshot" --zeroshot-classnames "$DATA/zeroshot/classnames.txt" \
     --zeroshot-templates "$DATA/zeroshot/templates.txt" \
