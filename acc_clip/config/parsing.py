@@ -81,7 +81,9 @@ def _argument(option: Option) -> dict[str, Any]:
     """argparse's keywords for one option."""
     kwargs: dict[str, Any] = {"default": argparse.SUPPRESS, "help": option.help}
     if option.positional:
-        return {**kwargs, "default": None, "nargs": None if option.required else "?"}
+        # Optional for argparse even when REQUIRED: a YAML file may give it, and a missing one is then
+        # build_sections' "NAME is required".
+        return {**kwargs, "default": None, "nargs": "?"}
     kwargs["dest"] = option.name
     if option.kind is bool:
         kwargs["action"] = argparse.BooleanOptionalAction if option.tristate else "store_true"

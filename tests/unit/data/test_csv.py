@@ -9,7 +9,7 @@ from acc_clip.data import check_bad_fraction
 from acc_clip.data.common import collate_skipping_bad
 from acc_clip.data.csv import CsvDataset, EpochBatchSampler, build_train_loader, epoch_permutation
 from acc_clip.errors import AccClipError
-from conftest import TINY_RN
+from helpers import TINY_RN
 
 
 @pytest.fixture(scope="module")
@@ -62,10 +62,12 @@ def test_a_row_with_another_field_count_than_the_header_names_file_row_and_line(
 
 def test_the_converter_refuses_a_shifted_csv_instead_of_writing_no_samples(tmp_path, capsys):
     from acc_clip import cli
+    from acc_clip.errors import DataError
 
     path = tmp_path / "shifted.csv"
     path.write_text("filepath,title\na.jpg,a cat, sitting\nb.jpg,a dog\n")
-    assert cli.main(["shards", "--csv", str(path), "--csv-separator", ",", "--out", str(tmp_path / "out")]) == 2
+    status = cli.main(["shards", "--csv", str(path), "--csv-separator", ",", "--out", str(tmp_path / "out")])
+    assert status == DataError.exit_status == 3  # a data error (was the one usage status 2 before error kinds)
     assert "shifted.csv: row 1 (line 2) has 3 fields" in capsys.readouterr().err
     assert not (tmp_path / "out").exists() or not any((tmp_path / "out").iterdir())
 

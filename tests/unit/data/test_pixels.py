@@ -17,8 +17,17 @@ from PIL import Image
 from torchvision import transforms as T
 
 from acc_clip.data.common import Batch, seeded_torch_rng
-from acc_clip.data.pixels import (EncodedImages, ImageDecodeError, SplitTransform, decode_encoded_batch, decode_rgb,
-                                  load_pixels, model_input, split_transform, train_transform)
+from acc_clip.data.pixels import (
+    EncodedImages,
+    ImageDecodeError,
+    SplitTransform,
+    decode_encoded_batch,
+    decode_rgb,
+    load_pixels,
+    model_input,
+    split_transform,
+    train_transform,
+)
 
 
 @pytest.fixture(scope="module")

@@ -16,7 +16,7 @@ from PIL import Image
 from torchvision import transforms
 
 from acc_clip.data import wds as wds_data
-from acc_clip.data.wds import build_wds_loader, expand_shard_urls
+from acc_clip.data.wds import ShardOptions, build_wds_loader, expand_shard_urls
 from acc_clip.errors import AccClipError
 from acc_clip.prep.shards.convert import convert_csv_to_shards
 
@@ -387,13 +387,18 @@ def test_upsampling_factors_keep_the_exact_resume(shard_dir):
      "all factors are 0"),
     (["--train-data", "a.tar::b.tar", "--train-data-upsampling-factors", "1::2"],
      "it needs --dataset-resampled"),
+    # Flags of shards on other data are refused, the first given (in the section's order) named.
+    (["--train-data", "train.csv", "--train-data-upsampling-factors", "1"],
+     "--train-data-upsampling-factors applies to webdataset data; --train-data train.csv is csv data"),
     (["--train-data", "train.csv", "--dataset-resampled", "--train-data-upsampling-factors", "1"],
-     "--train-data-upsampling-factors weighs webdataset shard sources; --train-data train.csv is csv data"),
+     "--dataset-resampled applies to webdataset data; --train-data train.csv is csv data"),
+    (["--dataset-type", "synthetic", "--train-data-upsampling-factors", "1"],
+     "--train-data-upsampling-factors applies to webdataset data; --dataset-type synthetic is synthetic data"),
     (["--dataset-type", "synthetic", "--dataset-resampled", "--train-data-upsampling-factors", "1"],
-     "--train-data-upsampling-factors weighs webdataset shard sources; --dataset-type synthetic"),
+     "--dataset-resampled applies to webdataset data; --dataset-type synthetic is synthetic data"),
 ])
 def test_bad_upsampling_factors_are_one_line_errors_at_start(args, message):
-    from acc_clip.config import parse_config
+    from acc_clip.train.config import parse_train_config as parse_config
 
     with pytest.raises(AccClipError) as error:
         parse_config(args)
@@ -401,11 +406,11 @@ def test_bad_upsampling_factors_are_one_line_errors_at_start(args, message):
 
 
 def test_upsampling_factors_are_accepted_for_resampled_shard_folders(three_sources, shard_dir):
-    from acc_clip.config import parse_config
+    from acc_clip.train.config import parse_train_config as parse_config
 
     config, _ = parse_config(["--train-data", "::".join(three_sources), "--dataset-resampled",
                               "--train-data-upsampling-factors", "1::2.5::0"])
-    assert config.train_data_upsampling_factors == "1::2.5::0"
+    assert config[ShardOptions].train_data_upsampling_factors == "1::2.5::0"
     with pytest.raises(AccClipError, match="it needs --dataset-resampled"):  # the loader checks it too
         load(shard_dir, upsampling_factors="1")
 
@@ -617,11 +622,12 @@ def test_one_shard_feeds_every_worker(tmp_path, world_size, workers, batch_size,
 def test_the_trainer_says_when_it_starts_fewer_workers_than_asked(shard_dir, caplog):
     import logging
 
-    from acc_clip.config import parse_config
     from acc_clip.data import build_train_data
+    from acc_clip.train.config import parse_train_config as parse_config
 
     config, _ = parse_config(["--train-data", shard_dir, "--batch-size", "5", "--workers", "12"])
     with caplog.at_level(logging.INFO, logger="acc_clip.data"):
-        data = build_train_data(config, AUGMENT, tokenize, rank=0, world_size=1, pin_memory=False)
+        data = build_train_data(config, AUGMENT, tokenize, seed=config.runtime.seed, rank=0, world_size=1,
+                                pin_memory=False)
     assert data.batches_per_epoch == 8
     assert "8 batches per process per epoch: starting 8 loader workers, not --workers 12" in caplog.text

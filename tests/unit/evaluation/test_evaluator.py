@@ -1,11 +1,9 @@
-"""Retrieval metrics against open_clip's, the COCO protocol, 1 vs 2 processes, and `acc-clip eval`."""
+"""Retrieval metrics against open_clip's, the COCO protocol, and `acc-clip eval` in this process. (1 vs 2
+processes under torchrun: tests/integration/test_eval_processes.py.)"""
 
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -17,13 +15,11 @@ from PIL import Image
 
 from acc_clip import cli
 from acc_clip.data.csv import CsvDataset, build_eval_loader
-from acc_clip.checkpoint.format import load_weights
+from acc_clip.errors import AccClipError, CheckpointError, DataError
 from acc_clip.evaluation.evaluator import evaluate_retrieval, gather_rows_by_index
 from acc_clip.evaluation.retrieval import coco_retrieval_metrics, retrieval_metrics
-from acc_clip.errors import AccClipError
-from acc_clip.evaluation.zeroshot import load_zeroshot_dataset, zeroshot_eval
-
-from conftest import REPO
+from acc_clip.model.weights import load_weights
+from acc_clip.train.config import train_config
 
 TINY_MODEL_CFG = {
     "embed_dim": 32,
@@ -195,13 +191,12 @@ def test_siglip_validation_loss_is_the_sigmoid_loss_of_the_whole_set(odd_val_csv
     one batch (logit bias included), not the softmax CLIP loss."""
     from open_clip.loss import SigLipLoss
 
-    from acc_clip.config import TrainConfig
     from acc_clip.loss import create_objective
 
     name, model, preprocess, tokenizer = tiny
     model.logit_bias = torch.nn.Parameter(torch.tensor(-4.0))  # as open_clip builds a SigLIP model
     try:
-        objective = create_objective(TrainConfig(model=name, siglip=True), 0, 1)
+        objective = create_objective(train_config(train_data="x.csv", model=name, siglip=True), 0, 1)
         metrics = evaluate_retrieval(model, loader_for(odd_val_csv, tiny, accelerator, 4), accelerator, objective)
         images, texts = good_rows(odd_val_csv, preprocess, tokenizer)
         with torch.no_grad():
@@ -221,15 +216,14 @@ def test_coca_validation_has_the_caption_loss_of_every_token(odd_val_csv, accele
     the whole set as one batch, batches of 4 here), logged beside the contrastive loss."""
     from open_clip.loss import CoCaLoss
 
-    from acc_clip.config import TrainConfig
     from acc_clip.loss import create_objective
-    from conftest import TINY_COCA
+    from helpers import TINY_COCA
 
     torch.manual_seed(0)
     model, _, preprocess = open_clip.create_model_and_transforms(TINY_COCA, output_dict=True)
     tokenizer = open_clip.get_tokenizer(TINY_COCA)
     model.text_decoder.text_projection.data.normal_(std=0.1)  # open_clip leaves it uninitialised
-    objective = create_objective(TrainConfig(model=TINY_COCA), 0, 1)
+    objective = create_objective(train_config(train_data="x.csv", model=TINY_COCA), 0, 1)
     dataset = CsvDataset(odd_val_csv, transform=preprocess, tokenizer=tokenizer, augment_seeded=False)
     loader = build_eval_loader(dataset, batch_size=4, workers=0, rank=0, world_size=1)
     metrics = evaluate_retrieval(model.eval(), loader, accelerator, objective)
@@ -250,46 +244,9 @@ def test_gathered_rows_come_sorted_by_index_each_once(accelerator):
     assert kept_features.flatten().tolist() == [0.0, 10.0, 30.0]
 
 
-def test_two_processes_give_the_one_process_numbers(odd_val_csv, tiny, accelerator, tmp_path):
-    name, model, preprocess, tokenizer = tiny
-    one_process = {"retrieval": evaluate_retrieval(model, loader_for(odd_val_csv, tiny, accelerator, 4), accelerator)}
-    zeroshot_root = tmp_path / "zs"
-    for label, cls in enumerate(["cat", "dog", "red_car"]):
-        (zeroshot_root / cls).mkdir(parents=True)
-        for i in range(2 + label):  # 9 images: an uneven split over 2 processes
-            write_image(zeroshot_root / cls / f"{i}.png", seed=100 + 10 * label + i)
-    dataset, classnames = load_zeroshot_dataset(str(zeroshot_root), transform=preprocess)
-    one_process["zeroshot"] = zeroshot_eval(
-        model, tokenizer, dataset, classnames, ["a photo of a {}."], accelerator, batch_size=3, workers=0)
-    (tmp_path / "templates.txt").write_text("a photo of a {}.\n")
-
-    checkpoint = tmp_path / "epoch_1.pt"  # as a DDP run saves it: keys under `module.`
-    torch.save({"epoch": 1, "name": "x", "state_dict": {f"module.{k}": v for k, v in model.state_dict().items()}},
-               checkpoint)
-    out = tmp_path / "metrics.json"
-    # `accelerate launch --cpu --num_processes 2` starts ONE process (its CPU launcher expects mpirun);
-    # torchrun starts two, and Accelerator(cpu=True) joins them over gloo.
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-        "-m", "acc_clip.eval", "--model", name, "--checkpoint", str(checkpoint), "--val-data", odd_val_csv,
-        "--zeroshot-data", str(zeroshot_root), "--zeroshot-templates", str(tmp_path / "templates.txt"),
-        "--batch-size", "2", "--workers", "0", "--device", "cpu", "--out", str(out),
-    ]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
-    run = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
-    assert run.returncode == 0, run.stderr[-3000:]
-    assert "on 2 process(es)" in run.stderr
-    two_processes = json.loads(out.read_text())
-
-    assert two_processes.keys() == one_process.keys()
-    for group in one_process:
-        assert two_processes[group].keys() == one_process[group].keys()
-        for key, value in one_process[group].items():
-            assert two_processes[group][key] == pytest.approx(value, abs=1e-6), (group, key)
-    assert two_processes["retrieval"]["num_samples"] == 10 and two_processes["zeroshot"]["zeroshot_num_samples"] == 9
-
-
 # --- checkpoints and the command -----------------------------------------------------------------
+# `acc-clip eval` runs fp32 as it always did before it took training's --precision (default amp); the
+# module's Accelerator is fp32 too.
 
 
 def test_load_weights_accepts_plain_state_dict_and_rejects_unknown_formats(tiny, tmp_path):
@@ -315,7 +272,8 @@ def test_acc_clip_eval_prints_metrics_for_an_open_clip_checkpoint(odd_val_csv, t
     torch.save({"epoch": 1, "name": "x", "state_dict": model.state_dict()}, tmp_path / "epoch_1.pt")
     out = tmp_path / "out.json"
     status = cli.main(["eval", "--model", name, "--checkpoint", str(tmp_path / "epoch_1.pt"), "--val-data", odd_val_csv,
-                       "--batch-size", "4", "--workers", "0", "--device", "cpu", "--out", str(out)])
+                       "--batch-size", "4", "--workers", "0", "--device", "cpu", "--precision", "fp32",
+                       "--out", str(out)])
     assert status == 0
     printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [line["eval"] for line in printed] == ["retrieval"]
@@ -328,8 +286,8 @@ def test_acc_clip_eval_rejects_a_checkpoint_of_another_architecture(odd_val_csv,
     other, _, _ = open_clip.create_model_and_transforms(write_model_dir(tmp_path / "other", embed_dim=24))
     torch.save({"epoch": 1, "name": "x", "state_dict": other.state_dict()}, tmp_path / "epoch_1.pt")
     status = cli.main(["eval", "--model", name, "--checkpoint", str(tmp_path / "epoch_1.pt"), "--val-data", odd_val_csv,
-                       "--device", "cpu", "--workers", "0"])
-    assert status == 2
+                       "--device", "cpu", "--precision", "fp32", "--workers", "0"])
+    assert status == CheckpointError.exit_status == 4  # a checkpoint of another model (was the one status 2)
     captured = capsys.readouterr()
     assert captured.out == ""
     lines = captured.err.strip().splitlines()
@@ -364,11 +322,15 @@ def val_shards(tmp_path_factory) -> dict[str, str]:
 
 
 def val_evaluator(tiny, accelerator, val_data: str, val_num_samples=None):
-    from acc_clip.config import TrainConfig
-    from acc_clip.evaluation.evaluator import Evaluator
+    from acc_clip.config.parsing import Config
+    from acc_clip.data import DataOptions
+    from acc_clip.data.csv import CsvOptions
+    from acc_clip.data.wds import ShardOptions
+    from acc_clip.evaluation.evaluator import EvaluationOptions, Evaluator
 
     _, _, preprocess, tokenizer = tiny
-    settings = TrainConfig(val_data=val_data, val_num_samples=val_num_samples, batch_size=4, workers=0)
+    settings = Config([EvaluationOptions(val_data=val_data, val_num_samples=val_num_samples),
+                       DataOptions(batch_size=4, workers=0), CsvOptions(), ShardOptions()])
     return Evaluator(settings, preprocess, tokenizer, accelerator)
 
 
@@ -420,16 +382,16 @@ def test_acc_clip_eval_takes_val_num_samples(val_shards, tiny, tmp_path, capsys)
     torch.save({"epoch": 1, "name": "x", "state_dict": model.state_dict()}, tmp_path / "epoch_1.pt")
     status = cli.main(["eval", "--model", name, "--checkpoint", str(tmp_path / "epoch_1.pt"), "--val-data",
                        val_shards["bare"], "--val-num-samples", str(VAL_SHARD_ROWS), "--batch-size", "4",
-                       "--workers", "0", "--device", "cpu"])
+                       "--workers", "0", "--device", "cpu", "--precision", "fp32"])
     assert status == 0
     printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert printed[0]["eval"] == "retrieval" and printed[0]["num_samples"] == VAL_SHARD_ROWS
 
 
 def test_val_num_samples_must_be_positive():
-    from acc_clip.config import parse_config
+    from acc_clip.train.config import parse_train_config as parse_config
 
-    with pytest.raises(AccClipError, match="--val-num-samples must be at least 1, got 0"):
+    with pytest.raises(AccClipError, match="--val-num-samples 0: must be at least 1"):
         parse_config(["--train-data", "x.csv", "--val-num-samples", "0"])
 
 
@@ -437,30 +399,8 @@ def test_acc_clip_eval_takes_imagenet_v2(tiny, tmp_path, capsys):
     name, model, _, _ = tiny
     torch.save({"epoch": 1, "name": "x", "state_dict": model.state_dict()}, tmp_path / "epoch_1.pt")
     status = cli.main(["eval", "--model", name, "--checkpoint", str(tmp_path / "epoch_1.pt"), "--imagenet-v2",
-                       str(tmp_path / "nowhere"), "--device", "cpu", "--workers", "0"])
-    assert status == 2  # the flag is taken (no 'nothing to evaluate') and its folder checked before evaluating
+                       str(tmp_path / "nowhere"), "--device", "cpu", "--precision", "fp32", "--workers", "0"])
+    # the flag is taken (no 'nothing to evaluate') and its folder checked before evaluating: a data error
+    assert status == DataError.exit_status == 3
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
     assert errors == [f"error: --imagenet-v2 {tmp_path / 'nowhere'}: folder not found"]
-
-
-def test_two_processes_evaluate_when_the_main_process_share_is_unreadable(tiny, tmp_path):
-    """Rank 0 reads rows 0, 2, ... : all missing here. The logit scale comes from a process that has rows,
-    and the readable half is evaluated (before, the main process stopped with an error and rank 1 lost
-    its peer)."""
-    name, model, _, _ = tiny
-    images = [write_image(tmp_path / f"img{i}.png", seed=i) for i in range(3)]
-    rows = [(str(tmp_path / "gone0.png"), "a"), (images[0], "b"), (str(tmp_path / "gone1.png"), "c"),
-            (images[1], "d"), (str(tmp_path / "gone2.png"), "e"), (images[2], "f")]
-    csv = tmp_path / "val.csv"
-    csv.write_text("filepath\ttitle\n" + "".join(f"{f}\t{c}\n" for f, c in rows))
-    checkpoint = tmp_path / "plain.pt"
-    torch.save(model.state_dict(), checkpoint)
-    out = tmp_path / "metrics.json"
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", "-m",
-               "acc_clip.eval", "--model", name, "--checkpoint", str(checkpoint), "--val-data", str(csv),
-               "--batch-size", "2", "--workers", "0", "--device", "cpu", "--out", str(out)]
-    run = subprocess.run(command, cwd=REPO, env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
-                         capture_output=True, text=True, timeout=240)
-    assert run.returncode == 0, run.stderr[-3000:]
-    retrieval = json.loads(out.read_text())["retrieval"]
-    assert (retrieval["num_samples"], retrieval["num_bad"]) == (3, 3)

@@ -347,9 +347,10 @@ class OneHotClip(torch.nn.Module):
 
 def test_imagenet_v2_zeroshot_runs_beside_imagenet_val_on_its_schedule_with_one_classifier(
         tiny, accelerator, tmp_path, monkeypatch):
-    from acc_clip.config import TrainConfig
+    from acc_clip.config.parsing import Config
+    from acc_clip.data import DataOptions
     from acc_clip.evaluation import zeroshot
-    from acc_clip.evaluation.evaluator import Evaluator
+    from acc_clip.evaluation.evaluator import EvaluationOptions, Evaluator
 
     templates = ["a photo of a {}.", "{} in the wild"]
     # 12 class names and 2 templates in place of ImageNet's 1000 and 80 (see FEW_CLASSNAMES).
@@ -366,7 +367,8 @@ def test_imagenet_v2_zeroshot_runs_beside_imagenet_val_on_its_schedule_with_one_
 
     tokenizer = tiny[2]
     to_tensor = lambda image: torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.float32)).permute(2, 0, 1)
-    settings = TrainConfig(imagenet_val=str(val), imagenet_v2=str(v2), zeroshot_frequency=2, batch_size=5, workers=0)
+    settings = Config([EvaluationOptions(imagenet_val=str(val), imagenet_v2=str(v2), zeroshot_frequency=2),
+                       DataOptions(batch_size=5, workers=0)])
     evaluator = Evaluator(settings, to_tensor, tokenizer, accelerator)
     model = OneHotClip(tokenizer, templates)
     assert evaluator.run(model, completed_epochs=1) == {}  # not due: --zeroshot-frequency 2

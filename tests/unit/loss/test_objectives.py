@@ -9,16 +9,20 @@ import pytest
 import torch
 from open_clip.loss import ClipLoss, CoCaLoss, DistillClipLoss, SigLipLoss
 
-from acc_clip.config import parse_config
 from acc_clip.errors import AccClipError
-from acc_clip.loss import OBJECTIVES, create_objective, objective_name, total_loss
+from acc_clip.loss import OBJECTIVES, chosen_objective, create_objective, model_overrides, total_loss
 from acc_clip.loss.coca import CoCaObjective
 from acc_clip.loss.distill import DistillObjective
-from conftest import TINY_COCA, TINY_RN, TINY_VIT
+from acc_clip.train.config import parse_train_config as parse_config
+from helpers import TINY_COCA, TINY_RN, TINY_VIT
 
 
 def config_of(*flags: str):
     return parse_config(["--train-data", "x.csv", *flags])[0]
+
+
+def objective_name(config) -> str:
+    return chosen_objective(config).name
 
 
 @pytest.mark.parametrize("flags, name", [
@@ -35,7 +39,7 @@ def test_the_config_selects_open_clip_train_s_loss(flags, name):
 def test_every_table_entry_is_selected_by_some_config():
     selected = {objective_name(config_of(*flags)) for flags in
                 ([], ["--siglip"], ["--model", "coca_ViT-B-32"], ["--distill-model", "RN50"])}
-    assert selected == set(OBJECTIVES)
+    assert selected == {objective.name for objective in OBJECTIVES}
 
 
 @pytest.mark.parametrize("flags, message", [
@@ -185,7 +189,11 @@ def test_the_coca_loss_goes_with_coca_models_only(tmp_path_factory):
     silently train without its caption loss: both are one line at model creation."""
     import shutil
 
-    from acc_clip.model.build import create_model
+    from acc_clip.model.build import create_model as create_model_from_options
+
+    def create_model(config):
+        return create_model_from_options(config.model, precision=config.runtime.precision, seed=config.runtime.seed,
+                                         **model_overrides(config))
 
     tmp_path = tmp_path_factory.mktemp("models")  # this test's own tmp_path would hold 'coca' (its name)
     clip_in_coca_folder = tmp_path / "coca-experiments" / "tiny-vit"

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 import re
-import subprocess
+import runpy
 import sys
 
 import open_clip
@@ -17,11 +17,10 @@ from PIL import Image
 from torchvision import transforms
 
 from acc_clip import cli
+from acc_clip.errors import AccClipError
 from acc_clip.prep.coco_csv import create_coco_csv
 from acc_clip.prep.demo_data import make_demo_data
-from acc_clip.errors import AccClipError
-
-REPO = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from helpers import REPO
 
 
 @pytest.fixture(scope="module")
@@ -144,13 +143,15 @@ def test_write_failure_leaves_no_temporary_file(handmade, tmp_path, monkeypatch)
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(pd.DataFrame, "to_csv", lambda self, *a, **k: fail(self, *a, **k))
-    with pytest.raises(AccClipError, match="No space left"):
+    # One line naming the file and its disk (io/atomic.save_failure; was "...: No space left on device").
+    with pytest.raises(AccClipError, match=rf"^{re.escape(str(out))} could not be saved: no space left on the disk "
+                                           rf"of {re.escape(str(tmp_path))} "):
         create_coco_csv(handmade["annotations"], handmade["images"], str(out))
     assert out.read_text() == "old\n"
     assert not [name for name in os.listdir(tmp_path) if name.endswith(".tmp")]
 
 
-def test_cli_and_tool_wrapper(handmade, tmp_path, capsys):
+def test_cli_and_tool_wrapper(handmade, tmp_path, capsys, monkeypatch):
     args = ["--annotations", handmade["annotations"], "--images-dir", handmade["images"]]
     assert cli.main(["coco-csv", *args, "--out", handmade["out"]]) == 0
     assert "2 rows for 1 images" in capsys.readouterr().out
@@ -158,9 +159,11 @@ def test_cli_and_tool_wrapper(handmade, tmp_path, capsys):
                      handmade["images"], "--out", handmade["out"]]) == 2
     assert "absent.json" in capsys.readouterr().err
 
+    # The tool script as `python tools/create_coco_csv.py ARGS` runs it, in this process.
     out = str(tmp_path / "via_tool.csv")
-    result = subprocess.run([sys.executable, os.path.join(REPO, "tools", "create_coco_csv.py"), *args, "--out", out],
-                            capture_output=True, text=True, timeout=60)
-    assert result.returncode == 0, result.stderr
+    monkeypatch.setattr(sys, "argv", [str(REPO / "tools" / "create_coco_csv.py"), *args, "--out", out])
+    with pytest.raises(SystemExit) as exited:
+        runpy.run_path(str(REPO / "tools" / "create_coco_csv.py"), run_name="__main__")
+    assert exited.value.code == 0, capsys.readouterr().err
     with open(out, "rb") as a, open(handmade["out"], "rb") as b:
         assert a.read() == b.read()

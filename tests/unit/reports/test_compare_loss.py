@@ -10,9 +10,9 @@ import matplotlib.image
 import pytest
 
 from acc_clip import cli
+from acc_clip.errors import AccClipError, ResourceError
 from acc_clip.reports.compare_loss import ALIGNED_BY_POSITION, ALIGNED_BY_STEP, compare_curves
 from acc_clip.reports.curves import LossCurve
-from acc_clip.errors import AccClipError
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -159,5 +159,7 @@ def test_cli_plot_writes_a_readable_png(tmp_path, capsys):
     assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
     assert image.std() > 0  # something was drawn
 
-    assert cli.main(["compare-loss", str(ref), str(new), "--plot", str(tmp_path / "no_dir" / "x.png")]) == 2
+    # A figure that cannot be written is a failed save (ResourceError, 5; was the one status 2 before error kinds).
+    assert cli.main(["compare-loss", str(ref), str(new), "--plot", str(tmp_path / "no_dir" / "x.png")]) == \
+        ResourceError.exit_status == 5
     assert "--plot" in capsys.readouterr().err

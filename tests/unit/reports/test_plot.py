@@ -9,8 +9,8 @@ import matplotlib.image
 import pytest
 
 from acc_clip import cli
-from acc_clip.reports.curves import ema_smooth
 from acc_clip.errors import AccClipError
+from acc_clip.reports.curves import ema_smooth
 from acc_clip.reports.plot import plot_runs
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

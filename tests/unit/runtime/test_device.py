@@ -1,4 +1,4 @@
-"""The device hook (acc_clip.device): what it decides for SDAA, CUDA-less machines and the CPU.
+"""The device hook (acc_clip.runtime.device): what it decides for SDAA, CUDA-less machines and the CPU.
 
 No SDAA card or SDAA software can exist where these tests run, so the SDAA tests use a stand-in
 `torch_sdaa` (tests/sdaa_stub, a mock) that installs a `torch.sdaa` namespace; the subprocess test
@@ -21,10 +21,15 @@ import torch
 from accelerate.state import AcceleratorState
 from accelerate.utils import is_sdaa_available
 
-from acc_clip.runtime.device import (check_bn_sync, grad_scaler, hide_gpus_from_cpu_processes, make_accelerator,
-                             peak_memory_bytes, plan_device)
-from acc_clip.errors import AccClipError
-from conftest import REPO
+from acc_clip.errors import AccClipError, ResourceError
+from acc_clip.runtime.device import (
+    check_bn_sync,
+    hide_gpus_from_cpu_processes,
+    make_accelerator,
+    peak_memory_bytes,
+    plan_device,
+)
+from helpers import REPO
 
 STUB = REPO / "tests" / "sdaa_stub"
 
@@ -49,9 +54,9 @@ def test_sdaa_plan_follows_accelerate(sdaa, monkeypatch):
     assert (plan.kind, plan.device, plan.backend, plan.distributed_type) == ("sdaa", "sdaa:1", "tccl", "MULTI_SDAA")
     assert (plan.mixed_precision, plan.autocast_dtype, plan.autocast_device_type) == ("fp16", torch.float16, "sdaa")
     assert plan.uses_grad_scaler and plan.pin_memory and plan.visible_devices_variable == "SDAA_VISIBLE_DEVICES"
-    assert isinstance(grad_scaler(plan), sdaa.GradScaler)
+    # (runtime.device.grad_scaler is gone: Accelerate's own scaler is checked in test_accelerate_places_sdaa_as_planned)
     assert plan_device("sdaa", "amp_bf16", local_rank=3).device == "sdaa:3"
-    assert grad_scaler(plan_device("sdaa", "amp_bf16")) is None
+    assert plan_device("sdaa", "amp_bf16").uses_grad_scaler is False
     assert peak_memory_bytes(plan) == 123 * 2**20
     check_bn_sync(plan, True)  # SyncBatchNorm runs on SDAA: no refusal
 
@@ -64,13 +69,18 @@ def test_sdaa_installed_without_a_card(sdaa, monkeypatch):
         plan_device("sdaa", "amp")
 
 
-def test_without_torch_sdaa_device_sdaa_fails_with_one_line():
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    result = subprocess.run([sys.executable, "-m", "acc_clip.cli", "train", "--device", "sdaa", "--train-data",
-                             "x.csv"], capture_output=True, text=True, timeout=120, cwd=REPO, env=env)
-    assert result.returncode == 2
-    assert result.stderr.strip().splitlines()[-1].startswith("error: --device sdaa needs the torch_sdaa package")
-    assert len([line for line in result.stderr.splitlines() if line.strip()]) == 1, result.stderr
+def test_without_torch_sdaa_device_sdaa_fails_with_one_line(in_process, capsys):
+    """`acc-clip train --device sdaa` where torch_sdaa is not installed, in this process (acc_clip.cli.main)."""
+    import importlib.util
+
+    from acc_clip.cli import main
+
+    assert importlib.util.find_spec("torch_sdaa") is None  # the stand-in is only importable under the fixture
+    # A missing device is the machine's (ResourceError, 5), no longer the one usage status 2 of before error kinds.
+    assert main(["train", "--device", "sdaa", "--train-data", "x.csv"]) == ResourceError.exit_status == 5
+    err = capsys.readouterr().err
+    assert err.strip().splitlines()[-1].startswith("error: --device sdaa needs the torch_sdaa package")
+    assert len([line for line in err.splitlines() if line.strip()]) == 1, err
 
 
 def test_accelerate_places_sdaa_as_planned():
@@ -120,7 +130,7 @@ def test_cpu_plan(precision, mixed, input_dtype):
     plan = plan_device("cpu", precision)
     assert (plan.device, plan.backend, plan.mixed_precision, plan.uses_grad_scaler) == ("cpu", "gloo", mixed, False)
     assert plan.input_dtype == input_dtype
-    assert grad_scaler(plan) is None and peak_memory_bytes(plan) is None
+    assert peak_memory_bytes(plan) is None
 
 
 def write_cpuinfo(path, flags: str):

@@ -10,7 +10,7 @@ import torch
 
 from acc_clip.errors import AccClipError
 from acc_clip.runtime import parallel
-from conftest import REPO, TINY_RN, TINY_VIT
+from helpers import REPO, TINY_RN, TINY_VIT
 
 
 def tiny(name: str, **kwargs) -> torch.nn.Module:

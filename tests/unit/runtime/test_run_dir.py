@@ -4,6 +4,7 @@ resume, written atomically, refused in one line when it is not an id."""
 from __future__ import annotations
 
 import os
+import re
 
 import pytest
 
@@ -44,6 +45,9 @@ def test_the_id_file_appears_whole_or_not_at_all(tmp_path, monkeypatch):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(run_dir_module.os, "replace", failing_rename)
-    with pytest.raises(AccClipError, match=f"^cannot write {tmp_path / WANDB_ID_FILE}: No space left on device$"):
+    # One line naming the file and the disk (io/atomic.save_failure), no longer "cannot write PATH: No space ...".
+    with pytest.raises(AccClipError, match=rf"^{re.escape(str(tmp_path / WANDB_ID_FILE))} could not be saved: no space "
+                                           rf"left on the disk of {re.escape(str(tmp_path))} \(") as raised:
         wandb_run_id(str(tmp_path))
+    assert "\n" not in str(raised.value)
     assert os.listdir(tmp_path) == []

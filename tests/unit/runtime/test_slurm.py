@@ -7,8 +7,13 @@ from __future__ import annotations
 import pytest
 
 from acc_clip.errors import AccClipError
-from acc_clip.runtime.slurm import (DEFAULT_MASTER_PORT, batch_script_warning, first_host, place_from_slurm,
-                                    slurm_placement)
+from acc_clip.runtime.slurm import (
+    DEFAULT_MASTER_PORT,
+    batch_script_warning,
+    first_host,
+    place_from_slurm,
+    slurm_placement,
+)
 
 
 def srun_task(rank: int, local_rank: int, tasks: int = 2, **extra: str) -> dict[str, str]:

@@ -1,31 +1,38 @@
-"""Config: open_clip_train's flags keep their names and meaning; unknown keys are errors naming the closest key."""
+"""The train command's config (acc_clip/train/config.py): open_clip_train's flags keep their names and meaning;
+unknown keys are errors naming the closest key. The generic parsing is tested in tests/unit/config/."""
 
 import re
 import shlex
 
 import pytest
 
-from acc_clip.config import TrainConfig, parse_config
+from acc_clip.data.csv import CsvOptions
 from acc_clip.errors import AccClipError
-
-from conftest import REPO, SEED_COMMAND
+from acc_clip.train.config import parse_train_config as parse_config
+from acc_clip.train.config import train_config
+from helpers import REPO, SEED_COMMAND
 
 
 def test_seed_default_command_parses_with_open_clip_meanings():
     config, notices = parse_config(shlex.split(SEED_COMMAND))
-    assert config.train_data == "/../COCO/train_data.csv"
-    assert config.csv_separator == "," and config.csv_img_key == "filepath" and config.csv_caption_key == "title"
-    assert (config.batch_size, config.epochs, config.workers, config.warmup) == (64, 32, 4, 10000)
-    assert (config.lr, config.wd, config.beta1, config.beta2, config.eps) == (5e-4, 0.2, 0.9, 0.999, 1e-8)
-    assert config.precision == "amp" and config.model == "RN50" and config.pretrained == ""
-    assert config.device == "sdaa" and config.report_to == "" and config.wandb_project_name == "open-clip"
+    assert config.data.train_data == "/../COCO/train_data.csv"
+    csv = config[CsvOptions]
+    assert csv.csv_separator == "," and csv.csv_img_key == "filepath" and csv.csv_caption_key == "title"
+    assert (config.data.batch_size, config.training.epochs, config.data.workers, config.optimizer.warmup) == \
+        (64, 32, 4, 10000)
+    optimizer = config.optimizer
+    assert (optimizer.lr, optimizer.wd, optimizer.beta1, optimizer.beta2, optimizer.eps) == \
+        (5e-4, 0.2, 0.9, 0.999, 1e-8)
+    assert config.runtime.precision == "amp" and config.model.model == "RN50" and config.model.pretrained == ""
+    assert config.runtime.device == "sdaa" and config.logging.report_to == "" and \
+        config.logging.wandb_project_name == "open-clip"
     # Flags without effect here are announced, not silently dropped.
     assert any("--coca-caption-loss-weight" in n for n in notices)
 
 
 def test_seed_command_with_explicit_empty_strings_parses_too():
     config, _ = parse_config(["--train-data", "x.csv", "--pretrained", "", "--report-to", "", "--wandb-notes", ""])
-    assert config.pretrained == "" and config.report_to == ""
+    assert config.model.pretrained == "" and config.logging.report_to == ""
 
 
 def test_unknown_flag_names_closest(capsys):
@@ -37,7 +44,7 @@ def test_yaml_then_cli_later_wins(tmp_path):
     path = tmp_path / "c.yaml"
     path.write_text("train_data: a.csv\nbatch-size: 8\nlr: 1\n")
     config, _ = parse_config(["--config", str(path), "--batch-size", "4"])
-    assert config.train_data == "a.csv" and config.batch_size == 4 and config.lr == 1.0
+    assert config.data.train_data == "a.csv" and config.data.batch_size == 4 and config.optimizer.lr == 1.0
 
 
 def test_unknown_yaml_key_names_file_and_closest(tmp_path):
@@ -48,7 +55,7 @@ def test_unknown_yaml_key_names_file_and_closest(tmp_path):
 
 
 def test_bad_values_are_errors():
-    with pytest.raises(AccClipError, match="--accum-freq must be at least 1"):
+    with pytest.raises(AccClipError, match="--accum-freq 0: must be at least 1"):
         parse_config(["--train-data", "x.csv", "--accum-freq", "0"])
     with pytest.raises(AccClipError, match="--local-loss needs --gather-with-grad"):
         parse_config(["--train-data", "x.csv", "--local-loss"])
@@ -57,12 +64,13 @@ def test_bad_values_are_errors():
 @pytest.mark.parametrize("name", ["rn50_coco.yaml", "demo.yaml"])
 def test_shipped_configs_parse(name):
     config, _ = parse_config(["--config", str(REPO / "configs" / name), "--train-data", "x.csv"])
-    assert config.train_data == "x.csv"
+    assert config.data.train_data == "x.csv"
 
 
 def test_rn50_config_holds_the_seed_defaults():
     config, _ = parse_config(["--config", str(REPO / "configs" / "rn50_coco.yaml"), "--train-data", "x.csv"])
-    assert (config.model, config.batch_size, config.epochs, config.lr, config.wd, config.warmup, config.precision) \
+    assert (config.model.model, config.data.batch_size, config.training.epochs, config.optimizer.lr,
+            config.optimizer.wd, config.optimizer.warmup, config.runtime.precision) \
         == ("RN50", 64, 32, 5e-4, 0.2, 10000, "amp")
 
 
@@ -70,10 +78,11 @@ def test_fast_path_switches_default_on_and_turn_off():
     """The GPU fast paths a benchmark measures on and off (benchmarks/gpu_seed_config.sh --input-paths,
     --fast-paths): cuDNN autotuning on unless --no-cudnn-benchmark; pinning left to the device unless said."""
     default, _ = parse_config(["--train-data", "x.csv"])
-    assert default.cudnn_benchmark is True and default.pin_memory is None and default.decode_on_device is False
+    assert default.runtime.cudnn_benchmark is True and default.data.pin_memory is None and \
+        default.data.decode_on_device is False
     off, _ = parse_config(["--train-data", "x.csv", "--no-cudnn-benchmark", "--no-pin-memory", "--decode-on-device"])
-    assert off.cudnn_benchmark is False and off.pin_memory is False and off.decode_on_device is True
-    assert parse_config(["--train-data", "x.csv", "--pin-memory"])[0].pin_memory is True
+    assert off.runtime.cudnn_benchmark is False and off.data.pin_memory is False and off.data.decode_on_device is True
+    assert parse_config(["--train-data", "x.csv", "--pin-memory"])[0].data.pin_memory is True
 
 
 def test_upsampling_factors_val_num_samples_and_imagenet_v2_parse_as_open_clip_train_parses_them():
@@ -83,17 +92,18 @@ def test_upsampling_factors_val_num_samples_and_imagenet_v2_parse_as_open_clip_t
              "1::0.5", "--val-num-samples", "1000", "--imagenet-v2", "/data/imagenetv2"]
     theirs, (ours, _) = vars(parse_args(flags)), parse_config(flags)
     keys = ["train_data_upsampling_factors", "val_num_samples", "imagenet_v2"]
-    assert {k: getattr(ours, k) for k in keys} == {k: theirs[k] for k in keys} == \
+    assert {k: ours.value(k) for k in keys} == {k: theirs[k] for k in keys} == \
         {"train_data_upsampling_factors": "1::0.5", "val_num_samples": 1000, "imagenet_v2": "/data/imagenetv2"}
     defaults = vars(parse_args([]))
-    assert {k: getattr(TrainConfig(), k) for k in keys} == {k: defaults[k] for k in keys} == dict.fromkeys(keys)
+    ours_by_default = train_config(dataset_type="synthetic")
+    assert {k: ours_by_default.value(k) for k in keys} == {k: defaults[k] for k in keys} == dict.fromkeys(keys)
 
 
 @pytest.mark.parametrize("flags, message", [
     (["--aug-cfg", "foo"], "--aug-cfg foo: expected key=value pairs"),
     (["--image-mean", "0.5", "0.5"], "--image-mean 0.5 0.5: one value, or one per channel"),
-    (["--image-std", "0", "1", "1"], "--image-std 0.0 1.0 1.0: must be positive"),
-    (["--force-image-size", "0"], "--force-image-size 0: one positive size"),
+    (["--image-std", "0", "1", "1"], "--image-std 0.0 1.0 1.0: must be a finite number above 0"),
+    (["--force-image-size", "0"], "--force-image-size 0: must be at least 1"),
     (["--force-image-size", "224", "224", "3"], "--force-image-size 224 224 3: one positive size, or height and width"),
     (["--force-context-length", "1"], "--force-context-length 1: at least 2 tokens"),
     (["--opt", "sgd"], "--opt sgd: expected adamw or a timm optimizer as timm/NAME"),
@@ -108,10 +118,12 @@ def test_open_clip_flags_with_values_that_cannot_work_are_one_line_errors(flags,
 
 
 def test_an_augmentation_option_open_clip_does_not_know_is_one_line_at_model_creation():
+    from acc_clip.loss import model_overrides
     from acc_clip.model.build import create_model
 
     config, _ = parse_config(["--train-data", "x.csv", "--model", f"local-dir:{REPO}/configs/models/tiny-vit",
                               "--aug-cfg", "bogus=1"])
     with pytest.raises(AccClipError, match="unexpected keyword argument 'bogus'") as error:
-        create_model(config)
+        create_model(config.model, precision=config.runtime.precision, seed=config.runtime.seed,
+                     **model_overrides(config))
     assert "\n" not in str(error.value)

@@ -1,4 +1,4 @@
-"""The training loop (acc_clip/train.py), run in-process on synthetic batches: how many optimizer
+"""The training loop (acc_clip/train/loop.py), run in-process on synthetic batches: how many optimizer
 steps it makes under --accum-freq and the learning rate of each; the trackers it starts (a stand-in
 Accelerator, since wandb is an optional extra that may be missing)."""
 
@@ -9,10 +9,11 @@ from types import SimpleNamespace
 
 import pytest
 
-from acc_clip.config import parse_config
 from acc_clip.runtime.run_dir import WANDB_ID_FILE
-from acc_clip.train.loop import start_trackers, train, wandb_init_kwargs
-from conftest import TINY_VIT, open_clip_cosine_lr, read_metrics
+from acc_clip.train.config import parse_train_config as parse_config
+from acc_clip.train.loop import train
+from acc_clip.train.metrics import start_trackers, wandb_init_kwargs
+from helpers import TINY_VIT, open_clip_cosine_lr, read_metrics
 
 MICRO_BATCHES_PER_EPOCH = 10  # --train-num-samples 40 at --batch-size 4, one process
 
@@ -49,11 +50,11 @@ def wandb_config(tmp_path, *extra: str):
 def test_wandb_continues_the_run_folders_wandb_run_on_resume(tmp_path):
     run_dir = str(tmp_path / "run")
     os.makedirs(run_dir)
-    first = wandb_init_kwargs(wandb_config(tmp_path), run_dir)
-    resumed = wandb_init_kwargs(wandb_config(tmp_path, "--resume", "latest"), run_dir)
+    first = wandb_init_kwargs(wandb_config(tmp_path).logging, run_dir)
+    resumed = wandb_init_kwargs(wandb_config(tmp_path, "--resume", "latest").logging, run_dir)
     assert first == resumed == {"name": "run", "notes": "note", "dir": run_dir, "id": first["id"], "resume": "allow"}
     os.makedirs(tmp_path / "other")
-    assert wandb_init_kwargs(wandb_config(tmp_path), str(tmp_path / "other"))["id"] != first["id"]
+    assert wandb_init_kwargs(wandb_config(tmp_path).logging, str(tmp_path / "other"))["id"] != first["id"]
 
 
 class RecordingAccelerator:
@@ -72,7 +73,8 @@ class RecordingAccelerator:
     ("wandb", True, True), ("all", True, True), ("wandb", False, False), ("tensorboard", True, False)])
 def test_start_trackers_hands_wandb_its_id_on_the_main_process_only(tmp_path, report_to, is_main_process, id_file):
     accelerator = RecordingAccelerator(is_main_process)
-    start_trackers(accelerator, wandb_config(tmp_path, "--report-to", report_to), str(tmp_path))
+    config = wandb_config(tmp_path, "--report-to", report_to)
+    start_trackers(accelerator, config.logging, str(tmp_path), config.flat())
     [(project, init_kwargs)] = accelerator.calls
     assert project == "open-clip"
     assert (tmp_path / WANDB_ID_FILE).exists() == id_file

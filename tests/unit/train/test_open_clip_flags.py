@@ -11,8 +11,10 @@ import argparse
 import pytest
 import torch
 
-from acc_clip.config import REFUSED_FLAGS, flag, parse_config
+from acc_clip.config.schema import flag
 from acc_clip.errors import AccClipError
+from acc_clip.runtime.device import REFUSED_FLAGS
+from acc_clip.train.config import parse_train_config as parse_config
 
 TRAIN = ["--train-data", "x.csv"]
 # A value of the flag's type for flags whose type alone does not give a valid one, and the flags they need
@@ -23,11 +25,14 @@ SAMPLE_VALUES = {
     "--resume": ["latest"], "--aug-cfg": ["scale=(0.9,1.0)", "re_prob=0.25"], "--image-mean": ["0.5", "0.4", "0.3"],
     "--image-std": ["0.2", "0.3", "0.25"], "--force-image-size": ["224"], "--train-data-upsampling-factors": ["1::2"],
     "--train-data": ["a/{0..3}.tar::b/{0..1}.tar"], "--use-bnb-linear": ["SwitchBackLinear"],
+    "--csv-separator": [","],  # one character (checked at start-up)
+    "--name": ["run"],  # one folder under --logs (checked at start-up)
 }
 COMPANIONS = {
     "--local-loss": ["--gather-with-grad"],  # acc_clip refuses --local-loss alone: the gradient would be wrong
     "--distill-pretrained": ["--distill-model", "RN50"],
     "--train-data-upsampling-factors": ["--dataset-resampled", "--train-data", "a/{0..3}.tar::b/{0..1}.tar"],
+    "--dataset-resampled": ["--train-data", "a/{0..3}.tar"],  # a flag of shards: refused on CSV data
 }
 
 
@@ -92,8 +97,8 @@ def test_every_flag_is_accepted_with_its_meaning_or_refused_in_one_line():
             continue
         if key in REFUSED_FLAGS:
             short.append(f"{option}: accepted although listed as refused")
-        elif getattr(ours, key) != theirs:
-            short.append(f"{option} {' '.join(argv)}: acc_clip resolves {getattr(ours, key)!r}, open_clip {theirs!r}")
+        elif ours.value(key) != theirs:
+            short.append(f"{option} {' '.join(argv)}: acc_clip resolves {ours.value(key)!r}, open_clip {theirs!r}")
     assert not short, "flags that fall short:\n" + "\n".join(short)
 
 
@@ -109,26 +114,34 @@ def test_optimisation_defaults_resolve_as_open_clip_train_resolves_them(argv):
     theirs = parse_args([*TRAIN, *argv])
     ours, _ = parse_config([*TRAIN, *argv])
     for key in ("lr", "beta1", "beta2", "eps", "wd", "momentum", "opt"):
-        assert getattr(ours, key) == getattr(theirs, key), key
+        assert ours.value(key) == getattr(theirs, key), key
 
 
-def test_every_shared_default_is_open_clip_train_s():
+def test_every_shared_default_is_open_clip_train_s(tmp_path):
     """Defaults of every shared flag, after each trainer's own resolution. --device is acc_clip's one
-    deliberate difference: unset, it takes SDAA, else CUDA, else the CPU (open_clip: cuda)."""
+    deliberate difference: unset, it takes SDAA, else CUDA, else the CPU (open_clip: cuda). --csv-separator
+    defaults to auto, which resolves to open_clip's tab unless the header holds a comma and no tab."""
     from open_clip_train.params import parse_args
+
+    from acc_clip.data.csv_file import detect_separator
 
     theirs = vars(parse_args(TRAIN))
     ours, _ = parse_config(TRAIN)
-    differing = {key: (getattr(ours, key), value) for key, value in theirs.items()
-                 if key != "device" and hasattr(ours, key) and getattr(ours, key) != value}
+    flat = ours.flat()
+    differing = {key: (flat[key], value) for key, value in theirs.items()
+                 if key not in ("device", "csv_separator") and key in flat and flat[key] != value}
     assert not differing
+    assert flat["csv_separator"] == "auto"
+    tab_file = tmp_path / "tab.csv"
+    tab_file.write_text("filepath\ttitle\na.jpg\ta, b\n")
+    assert detect_separator(str(tab_file)) == theirs["csv_separator"] == "\t"
 
 
 def built_optimizer_and_schedule(config, model: torch.nn.Module):
-    from acc_clip.model.build import create_lr_schedule, create_optimizer
+    from acc_clip.model.optim import create_lr_schedule, create_optimizer
 
-    optimizer = create_optimizer(model, config, "cpu")
-    schedule = create_lr_schedule(optimizer, config, steps_per_epoch=10)
+    optimizer = create_optimizer(model, config.optimizer, "cpu")
+    schedule = create_lr_schedule(optimizer, config.optimizer, epochs=config.training.epochs, steps_per_epoch=10)
     return optimizer, [schedule(step) for step in (0, 3, 9, 25, 60)]
 
 
@@ -144,7 +157,7 @@ def open_clip_built(args, model: torch.nn.Module):
         optimizer = create_optimizer_v2(model, args.opt.split("timm/")[-1], lr=args.lr, weight_decay=args.wd,
                                         eps=args.eps, **extra)
     else:
-        from acc_clip.model.build import is_gain_or_bias  # open_clip_train's rule, asserted against it in test_model.py
+        from acc_clip.model.optim import is_gain_or_bias  # open_clip_train's rule, asserted against it in test_optim.py
 
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
         optimizer = torch.optim.AdamW([{"params": [p for n, p in named if is_gain_or_bias(n, p)], "weight_decay": 0.},

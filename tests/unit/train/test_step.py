@@ -1,8 +1,8 @@
 """Contrastive-exact accumulation (acc_clip.train.step): k micro-batches of b make the same update as one
 batch of k*b, at the function level with a real Accelerator on the CPU, a real open_clip model and
 the real CSV pipeline (its EpochBatchSampler gives both runs the same samples); train_step's
-gradient clipping and logit-scale clamp against references computed here; and the trainer counts
-optimizer steps, not micro-batches."""
+gradient clipping and logit-scale clamp against references computed here. (That the trainer counts
+optimizer steps, not micro-batches, is tests/integration/test_train_accumulation.py.)"""
 
 from __future__ import annotations
 
@@ -13,14 +13,14 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState
 
-from dist_worker import accelerator_for_cpu, max_difference, run_steps, tiny_config, without_key_bias
 from acc_clip.data.common import Batch
 from acc_clip.errors import AccClipError
-from acc_clip.loss import create_objective, total_loss
+from acc_clip.loss import create_objective, model_overrides, total_loss
 from acc_clip.model.build import LOGIT_SCALE_MAX, create_model
 from acc_clip.runtime import parallel
 from acc_clip.train.step import agree_batch_sizes, train_step
-from conftest import TINY_COCA, TINY_RN, TINY_VIT, read_metrics, run_trainer, tiny_train_args
+from dist_worker import accelerator_for_cpu, run_steps, tiny_config, without_key_bias
+from helpers import TINY_COCA, TINY_RN, TINY_VIT, max_difference, tiny_train_args
 
 
 @pytest.fixture
@@ -132,7 +132,8 @@ def _model_and_batch(batch_size: int = 8):
     """TINY_VIT (no batch norm, no dropout: two forwards of a batch give the same gradient) at its
     seeded initial weights, its objective, and one batch of random images with distinct captions."""
     config = tiny_config("unused.csv", "--dataset-type", "synthetic", "--batch-size", str(batch_size))
-    bundle = create_model(config)
+    bundle = create_model(config.model, precision=config.runtime.precision, seed=config.runtime.seed,
+                          **model_overrides(config))
     generator = torch.Generator().manual_seed(0)
     images = torch.randn(batch_size, 3, 32, 32, generator=generator)
     texts = bundle.tokenizer([f"a photo of thing number {i}" for i in range(batch_size)])
@@ -212,26 +213,11 @@ def test_agree_batch_sizes_alone_keeps_batches_and_drops_empty_ones():
         agree_batch_sizes([_batch(0, bad=4), _batch(0, bad=4)], None)
 
 
-def test_trainer_counts_optimizer_steps_under_accumulation(train_csv, tmp_path):
-    """Three optimizer steps of 2 micro-batches of 16: three records, 32 samples each, and the
-    learning rate of optimizer steps 0, 1, 2 of the warm-up (lr * (step + 1) / warmup)."""
-    run_trainer(tiny_train_args(train_csv, tmp_path, "accum", "--model", TINY_VIT, "--accum-freq", "2",
-                                "--max-steps", "3", "--warmup", "10"))
-    records = read_metrics(tmp_path / "accum")
-    assert [r["step"] for r in records] == [0, 1, 2]
-    assert [r["samples_seen"] for r in records] == [32, 64, 96]
-    assert [r["lr"] for r in records] == pytest.approx([1e-3 * (s + 1) / 10 for s in range(3)])
-    for record in records:
-        assert record["samples_per_second"] * record["batch_time"] == pytest.approx(32)
-    log = (tmp_path / "accum" / "out.log").read_text()
-    assert "[ 32/320 (10%)]" in log  # 320 rows / 32 per step = 10 steps per epoch
-
-
 def test_accum_freq_zero_is_refused(capsys):
     from acc_clip.cli import main
 
     assert main(["train", "--train-data", "x.csv", "--accum-freq", "0"]) == 2
-    assert capsys.readouterr().err.strip() == "error: --accum-freq must be at least 1, got 0"
+    assert capsys.readouterr().err.strip() == "error: --accum-freq 0: must be at least 1"
 
 
 def test_more_micro_batches_than_the_data_holds_fails_with_one_line(train_csv, tmp_path, train_in_process):
