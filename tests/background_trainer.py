@@ -3,21 +3,41 @@ for the resume tests that stop, kill and restart runs."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 from typing import Callable, Optional
 
 from acc_clip.checkpoint.folders import complete_checkpoints
 from acc_clip.io.sealed import MANIFEST
-from conftest import REPO
+from helpers import REPO
 
-ACCELERATE = shutil.which("accelerate", path=os.path.dirname(sys.executable))
+
+def _accelerate_command() -> str:
+    """This Python's `accelerate` command: its console script, or, in a virtual environment that borrows
+    another's packages without their scripts (a git worktree's), the same entry point written as a script
+    for this Python (once, in the temporary folder)."""
+    found = shutil.which("accelerate", path=os.path.dirname(sys.executable))
+    if found:
+        return found
+    script = Path(tempfile.gettempdir()) / f"accelerate-{hashlib.sha1(sys.executable.encode()).hexdigest()[:12]}"
+    if not script.exists():
+        partial = script.with_name(f"{script.name}.{os.getpid()}")
+        partial.write_text(f"#!{sys.executable}\nimport sys\nfrom accelerate.commands.accelerate_cli import main\n"
+                           "sys.exit(main())\n")
+        partial.chmod(0o755)
+        os.replace(partial, script)
+    return str(script)
+
+
+ACCELERATE = _accelerate_command()
 
 
 def free_port() -> int:
@@ -26,16 +46,15 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def two_processes() -> list[str]:
-    """`accelerate launch` with launch/cpu_2proc.yaml (`--cpu --num_processes 2` would start one)."""
-    return [ACCELERATE, "launch", "--config_file", str(REPO / "launch" / "cpu_2proc.yaml"), "--main_process_port",
-            str(free_port())]
-
-
 def launch_with(config: str, *options: str) -> list[str]:
     """`accelerate launch` with launch/CONFIG and extra launcher options (e.g. --num_processes 1)."""
     return [ACCELERATE, "launch", "--config_file", str(REPO / "launch" / config), "--main_process_port",
             str(free_port()), *options]
+
+
+def two_processes() -> list[str]:
+    """`accelerate launch` with launch/cpu_2proc.yaml (`--cpu --num_processes 2` would start one)."""
+    return launch_with("cpu_2proc.yaml")
 
 
 class Trainer:

@@ -1,5 +1,6 @@
-"""Shared fixtures: a tiny COCO-shaped dataset, its CSV, tiny model configs, and a way to run the
-trainer as a user does (a subprocess, so each run gets a fresh Accelerate state)."""
+"""Shared fixtures only: a tiny COCO-shaped dataset and its CSVs, one CPU thread for a module's trainers,
+an Accelerator, the trainer in the test process, a tiny teacher. Plain helpers (model configs, the
+trainer as a subprocess, readers of what a run wrote, ...) are in helpers.py."""
 
 from __future__ import annotations
 
@@ -8,10 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from helpers import SMALL_CSV_ROWS, TINY_VIT, make_flat_colour_csv
+from helpers import SMALL_CSV_ROWS, TINY_VIT, coco_csv, make_flat_colour_csv
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
 
 @pytest.fixture(scope="session")
 def demo_dataset(tmp_path_factory) -> Path:
@@ -22,26 +24,16 @@ def demo_dataset(tmp_path_factory) -> Path:
     return root / "coco"
 
 
-def _coco_csv(demo_dataset: Path, split: str) -> Path:
-    from acc_clip.prep.coco_csv import create_coco_csv
-
-    out = demo_dataset / f"{split}_data.csv"
-    if not out.exists():
-        create_coco_csv(str(demo_dataset / "annotations" / f"captions_{split}2017.json"),
-                        str(demo_dataset / f"{split}2017"), str(out))
-    return out
-
-
 @pytest.fixture(scope="session")
 def train_csv(demo_dataset) -> Path:
     """64 images x 5 captions = 320 rows."""
-    return _coco_csv(demo_dataset, "train")
+    return coco_csv(demo_dataset, "train")
 
 
 @pytest.fixture(scope="session")
 def val_csv(demo_dataset) -> Path:
     """21 images x 5 captions = 105 rows."""
-    return _coco_csv(demo_dataset, "val")
+    return coco_csv(demo_dataset, "val")
 
 
 @pytest.fixture(scope="session")
@@ -57,6 +49,16 @@ def small_csv(train_csv, tmp_path_factory) -> Path:
     out = tmp_path_factory.mktemp("csv") / "train160.csv"
     out.write_text("".join(lines[:SMALL_CSV_ROWS + 1]))
     return out
+
+
+@pytest.fixture(scope="module")
+def one_cpu_thread():
+    """OMP_NUM_THREADS=1 for the trainers a module starts: one thread per process gives the same
+    reduction order, so the same losses to the last bit, in every run (and is kind to a shared CPU).
+    Use it with `pytestmark = pytest.mark.usefixtures("one_cpu_thread")`."""
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("OMP_NUM_THREADS", "1")
+        yield
 
 
 @pytest.fixture(scope="module")

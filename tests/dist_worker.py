@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import sys
-from pathlib import Path
 from typing import Optional
 
 import torch
@@ -28,10 +27,8 @@ from acc_clip.runtime.device import host_process_group, make_accelerator, plan_d
 from acc_clip.train.config import TrainConfig, parse_train_config
 from acc_clip.train.loop import to_device
 from acc_clip.train.step import agree_batch_sizes, train_step
+from helpers import TINY_COCA, TINY_VIT
 
-REPO = Path(__file__).resolve().parents[1]
-TINY_VIT = f"local-dir:{REPO / 'configs' / 'models' / 'tiny-vit'}"
-TINY_COCA = f"local-dir:{REPO / 'configs' / 'models' / 'tiny-coca'}"
 TEACHER = "{teacher}"  # stands for the distillation teacher's local-dir: name, given on the command line
 
 # AdamW is what the trainer uses; plain SGD (lr 1) applies the raw gradient, so a gradient counted twice
@@ -107,11 +104,6 @@ def without_key_bias(weights: dict) -> dict:
             value = torch.cat([query, value_bias])
         result[key] = value
     return result
-
-
-def max_difference(a: dict, b: dict) -> float:
-    assert a.keys() == b.keys()
-    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
 
 
 def accelerator_for_cpu():

@@ -16,8 +16,8 @@ import sys
 
 import torch
 
-from conftest import TINY_RN, TINY_VIT
 from dist_worker import accelerator_for_cpu, one_process_reference, run_steps, tiny_config
+from helpers import TINY_RN, TINY_VIT
 
 # name -> (model, per-process batch, flags). 20 steps of global batch 16 are one epoch of the 320-row CSV.
 # tiny-rn has batch norm: each process normalises its own rows, so it has no one-process reference.

@@ -1,18 +1,23 @@
 """What the tests share besides fixtures (conftest.py holds those): paths and model configs, data
-makers, the trainer as a subprocess, reading what a run wrote, and stand-ins for a full disk."""
+makers, the trainer as a subprocess, reading and comparing what runs wrote, stand-ins for a full disk,
+and a CheckpointManager on a tiny model in the test process. (The scripts tests launch as processes,
+and background_trainer.py's background runs, are their own modules in tests/.)"""
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
 import shutil
 import subprocess
 import sys
+from collections import Counter
 from pathlib import Path
 
 import pytest
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 TINY_RN = f"local-dir:{REPO / 'configs' / 'models' / 'tiny-rn'}"
@@ -32,6 +37,17 @@ SEED_COMMAND = (
     "--coca-caption-loss-weight 2.0 --coca-contrastive-loss-weight 1.0 --remote-sync-frequency 300 "
     "--remote-sync-protocol s3"
 )
+
+
+def coco_csv(demo_dataset: Path, split: str) -> Path:
+    """The `filepath,title` CSV of a demo dataset's split ("train", "val"), made once."""
+    from acc_clip.prep.coco_csv import create_coco_csv
+
+    out = demo_dataset / f"{split}_data.csv"
+    if not out.exists():
+        create_coco_csv(str(demo_dataset / "annotations" / f"captions_{split}2017.json"),
+                        str(demo_dataset / f"{split}2017"), str(out))
+    return out
 
 
 FLAT_IMAGES, FLAT_CAPTIONS = 64, 5
@@ -70,6 +86,12 @@ def make_flat_colour_csv(out: Path, images: int = FLAT_IMAGES, captions: int = F
 SMALL_CSV_ROWS = 160
 
 
+def without_csv_separator(args: list[str]) -> list[str]:
+    """`args` less `--csv-separator X` (tiny_train_args gives one; shards have no CSV separator)."""
+    at = args.index("--csv-separator")
+    return args[:at] + args[at + 2:]
+
+
 def tiny_train_args(train_csv: Path, logs: Path, name: str, *extra: str) -> list[str]:
     return ["--train-data", str(train_csv), "--csv-separator", ",", "--model", TINY_RN, "--batch-size", "16",
             "--epochs", "2", "--workers", "0", "--precision", "fp32", "--device", "cpu", "--lr", "1e-3",
@@ -89,6 +111,22 @@ def run_trainer(args: list[str], *, launcher: list[str] | None = None, timeout: 
     return result
 
 
+def acc_clip_eval(*args: str, env: dict[str, str] | None = None) -> dict:
+    """`acc-clip eval ARGS` in a subprocess (`env`: extra environment variables); its first JSON line (the
+    first evaluation's metrics)."""
+    result = subprocess.run([sys.executable, "-m", "acc_clip.cli", "eval", *args], capture_output=True, text=True,
+                            timeout=300, cwd=REPO, env={**os.environ, **(env or {})})
+    assert result.returncode == 0, result.stderr[-2000:]
+    return json.loads(result.stdout.strip().splitlines()[0])
+
+
+def zeroshot_flags(demo_dataset: Path) -> list[str]:
+    """The trainer's flags for the demo dataset's zero-shot set, evaluated every epoch."""
+    zeroshot = demo_dataset / "zeroshot"
+    return ["--zeroshot-data", str(zeroshot), "--zeroshot-classnames", str(zeroshot / "classnames.txt"),
+            "--zeroshot-templates", str(zeroshot / "templates.txt"), "--zeroshot-frequency", "1"]
+
+
 def open_clip_cosine_lr(step: int, base_lr: float, warmup: int, total_steps: int) -> float:
     """open_clip_train.scheduler.cosine_lr written out: linear warm-up to base_lr over `warmup`
     steps (step s gets base_lr * (s + 1) / warmup), then half a cosine from base_lr to 0 at total_steps."""
@@ -100,6 +138,59 @@ def open_clip_cosine_lr(step: int, base_lr: float, warmup: int, total_steps: int
 def read_metrics(run_dir: Path) -> list[dict]:
     with open(run_dir / "metrics.jsonl") as file:
         return [json.loads(line) for line in file]
+
+
+def read_samples(run_dir: Path) -> list[dict]:
+    """The run's samples.jsonl (trainer flag --log-samples): one record per step and process."""
+    with open(run_dir / "samples.jsonl") as file:
+        return [json.loads(line) for line in file]
+
+
+def assert_same_training(resumed: Path, reference: Path, *, rows: int, epochs: int, steps_per_epoch: int,
+                         loss_tolerance: float) -> float:
+    """A resumed run trained as its uninterrupted reference (both with --log-samples): every step once,
+    none missing, losses within `loss_tolerance`, the same learning rates and sample counts; no step of a
+    process recorded twice, each epoch saw each of the `rows` samples exactly once, and every process
+    trained on the reference's samples at every step, in the same order. Returns the largest loss
+    difference."""
+    got, want = read_metrics(resumed), read_metrics(reference)
+    assert [r["step"] for r in got] == list(range(epochs * steps_per_epoch))  # each step once, none missing
+    assert [r["step"] for r in want] == [r["step"] for r in got]
+    differences = [abs(a["loss"] - b["loss"]) for a, b in zip(got, want)]
+    worst = max(differences)
+    assert worst <= loss_tolerance, f"resumed losses differ from the uninterrupted run's: {differences}"
+    assert [r["lr"] for r in got] == [r["lr"] for r in want]
+    assert [r["samples_seen"] for r in got] == [r["samples_seen"] for r in want]
+
+    records, reference_records = read_samples(resumed), read_samples(reference)
+    assert len({(r["step"], r["rank"]) for r in records}) == len(records), "a step of a process was recorded twice"
+    for epoch in range(epochs):
+        seen = Counter(i for r in records if r["epoch"] == epoch for i in r["indices"])
+        twice, skipped = sorted(i for i, n in seen.items() if n > 1), sorted(set(range(rows)) - set(seen))
+        assert not twice, f"epoch {epoch}: samples seen twice: {twice}"
+        assert not skipped, f"epoch {epoch}: samples skipped: {skipped}"
+
+    def by_rank(samples: list[dict]) -> dict[int, list[tuple]]:  # each process's records in the order written
+        result: dict[int, list[tuple]] = {}
+        for r in samples:
+            result.setdefault(r["rank"], []).append((r["step"], r["epoch"], r["indices"]))
+        return result
+
+    assert by_rank(records) == by_rank(reference_records)  # the same samples, in the same order
+    return worst
+
+
+def max_difference(a: dict, b: dict) -> float:
+    """The largest |a[k] - b[k]| over two state dicts with the same keys."""
+    assert a.keys() == b.keys()
+    return max(float((a[k].float() - b[k].float()).abs().max()) for k in a)
+
+
+def flip_a_bit(path: Path, offset_from_end: int = 16) -> None:
+    """One bit of a tensor's bytes (the end of a safetensors file is tensor data), size unchanged."""
+    data = bytearray(path.read_bytes())
+    data[-offset_from_end] ^= 0x40
+    path.write_bytes(bytes(data))
 
 
 @contextlib.contextmanager
@@ -129,3 +220,57 @@ def fill_disk(folder: Path, leave_bytes: int = 0) -> Path:
     finally:
         os.close(descriptor)
     return filler
+
+
+# a CheckpointManager in the test process ---------------------------------------------------------
+
+class TinyNet(torch.nn.Module):
+    def __init__(self, outputs: int = 3):
+        super().__init__()
+        self.layer = torch.nn.Linear(4, outputs)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.layer(x)
+
+
+def make_manager_parts(run_dir: Path, *, grad_scaler: bool = False):
+    """A CPU Accelerator, a prepared TinyNet and AdamW, and `manager(**settings)`, which starts a
+    CheckpointManager on `run_dir` with the given settings: RunRecord fields (epochs, seed, batch_size,
+    accum_freq, ...) and CheckpointOptions fields (resume, keep_checkpoints, save_frequency, ...) by name.
+    Returns (accelerator, model, optimizer, manager); the caller resets Accelerate's state afterwards.
+
+    grad_scaler: put torch's CPU GradScaler where Accelerate puts its own fp16 scaler. Accelerator builds
+    one only for fp16 on a device other than the CPU (accelerator.py, `mixed_precision == "fp16" and
+    self.device.type != "cpu"`), and acc_clip plans fp16 on the CPU as bf16; torch's CPU GradScaler has the
+    same class and state_dict as on CUDA (scale, growth factor, backoff factor, growth interval, growth
+    tracker), set as `accelerator.scaler` before `prepare`, as Accelerate does. Everything else is the real
+    path: `accelerator.backward` scales the loss, the prepared optimizer steps and updates the scaler, and
+    the manager saves and restores through save_state / load_state (scaler.pt) and the epoch file."""
+    from accelerate import Accelerator
+
+    from acc_clip.checkpoint.manager import CheckpointManager, CheckpointOptions, RunRecord
+
+    accelerator = Accelerator(cpu=True)
+    if grad_scaler:
+        assert accelerator.scaler is None  # Accelerate makes none on the CPU, hence this one
+        accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=3)
+    net = TinyNet()
+    model, optimizer = accelerator.prepare(net, torch.optim.AdamW(net.parameters(), lr=0.1))
+    record_fields = {f.name for f in dataclasses.fields(RunRecord)}
+
+    def manager(**settings) -> CheckpointManager:
+        record = RunRecord(**{"name": "unit", "epochs": 32, "model": "tiny-net", "batch_size": 16, "seed": 0,
+                              "accum_freq": 1, "train_data": "unused.csv",
+                              **{k: v for k, v in settings.items() if k in record_fields}})
+        options = CheckpointOptions(**{k: v for k, v in settings.items() if k not in record_fields})
+        saver = CheckpointManager(str(run_dir), options, record, accelerator)
+        saver.steps_per_epoch = 10
+        return saver
+
+    return accelerator, model, optimizer, manager
+
+
+def train_a_step(model, optimizer) -> None:
+    model(torch.randn(2, 4)).sum().backward()
+    optimizer.step()
+    optimizer.zero_grad()

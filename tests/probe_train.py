@@ -8,7 +8,7 @@ that was ignored (equal losses alone cannot: a dropped --grad-checkpointing also
   first convolution weight is really laid out channels_last;
 - compiled: whether the model the loop steps is a torch.compile module.
 
-    python tests/probe_train.py [-m acc_clip.train] ARGS     (conftest.run_trainer's launcher form)
+    python tests/probe_train.py [-m acc_clip.train] ARGS     (helpers.run_trainer's launcher form)
 """
 
 from __future__ import annotations

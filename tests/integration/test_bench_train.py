@@ -10,11 +10,9 @@ from argparse import Namespace
 
 import pytest
 
-from conftest import REPO, TINY_RN
-
-
+from acc_clip.errors import AccClipError
 from benchmarks import bench_train
-from acc_clip.errors import AccClipError  # noqa: E402
+from helpers import REPO, TINY_RN
 
 
 def test_csv_and_shards_end_to_end(tmp_path, capsys):
@@ -150,7 +148,7 @@ def test_cpu_compute_threads_leave_a_core_per_loader_worker(monkeypatch, restore
     import torch
 
     from acc_clip.runtime.device import plan_device
-    from acc_clip.train.loop import limit_cpu_threads
+    from acc_clip.train.run import limit_cpu_threads
 
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(8)))
@@ -170,17 +168,21 @@ def test_cpu_compute_threads_leave_a_core_per_loader_worker(monkeypatch, restore
 def test_fused_adamw_on_cpu_and_cuda_only():
     import torch
 
-    from acc_clip.config import TrainConfig
-    from acc_clip.model.build import create_optimizer, fused_adamw_available
+    from acc_clip.model.optim import OptimizerOptions, create_optimizer, fused_adamw_available, resolve_defaults
+
+    def options(**values) -> OptimizerOptions:  # as the train command resolves them, for its default model
+        resolved = OptimizerOptions(**values)
+        resolve_defaults(resolved, "RN50")
+        return resolved
 
     assert fused_adamw_available("cuda") and not fused_adamw_available("sdaa")
     assert fused_adamw_available("cpu") == (tuple(int(p) for p in torch.__version__.split(".")[:2]) >= (2, 4))
     model = torch.nn.Linear(3, 2)
-    assert create_optimizer(model, TrainConfig(), "cpu").defaults["fused"] == (fused_adamw_available("cpu") or None)
-    assert create_optimizer(model, TrainConfig(), "sdaa").defaults["fused"] is None
+    assert create_optimizer(model, options(), "cpu").defaults["fused"] == (fused_adamw_available("cpu") or None)
+    assert create_optimizer(model, options(), "sdaa").defaults["fused"] is None
     # --no-fused-adamw: open_clip_train's unfused update (the parity tool's --open-clip-arithmetic uses it)
-    assert not create_optimizer(model, TrainConfig(fused_adamw=False), "cpu").defaults["fused"]
-    assert create_optimizer(model, TrainConfig(fused_adamw=True), "cpu").defaults["fused"]
+    assert not create_optimizer(model, options(fused_adamw=False), "cpu").defaults["fused"]
+    assert create_optimizer(model, options(fused_adamw=True), "cpu").defaults["fused"]
 
 
 # --- benchmarks/gpu_seed_config.sh --------------------------------------------------------------
@@ -241,7 +243,7 @@ def test_gpu_script_composes_what_the_benchmark_and_acc_clip_accept(tmp_path, mo
     """The GPU runs themselves (RN50, amp, 100 steps) are not run here; what they are made of is: the
     arguments the script gives bench_train parse, name known modes, fit the 8-minute budget, and every
     variant's flags are acc_clip flags (a renamed flag would otherwise fail on the GPU machine)."""
-    from acc_clip.config import parse_config
+    from acc_clip.train.config import parse_train_config
 
     returncode, argv, stderr = _gpu_script_arguments(tmp_path, *([mode] if mode else []))
     assert returncode == 0 and argv is not None, stderr
@@ -257,7 +259,7 @@ def test_gpu_script_composes_what_the_benchmark_and_acc_clip_accept(tmp_path, mo
     assert {name for name, _ in args.variant} == expected
     assert sum(c.trainer == "acc_clip" and bool(c.extra) for c in contenders) == len(expected) * len(modes)
     for _, flags in args.variant:
-        parse_config(["--train-data", "x.csv", *flags])  # raises on an unknown flag
+        parse_train_config(["--train-data", "x.csv", *flags])  # raises on an unknown flag
 
 
 def test_gpu_script_refuses_an_unknown_argument(tmp_path):

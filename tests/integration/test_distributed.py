@@ -19,11 +19,20 @@ import torch
 from accelerate.state import AcceleratorState
 from safetensors.torch import load_file
 
-from dist_worker import SCENARIOS, STEPS, TEACHER, accelerator_for_cpu, max_difference, optimizers_for, \
-    reference_of, run_steps, tiny_config, without_key_bias
 from acc_clip.data.csv import epoch_permutation
 from background_trainer import ACCELERATE, two_processes
-from conftest import PLAIN_SGD, REPO, TINY_VIT, read_metrics, run_trainer, tiny_train_args
+from dist_worker import (
+    SCENARIOS,
+    STEPS,
+    TEACHER,
+    accelerator_for_cpu,
+    optimizers_for,
+    reference_of,
+    run_steps,
+    tiny_config,
+    without_key_bias,
+)
+from helpers import PLAIN_SGD, REPO, TINY_VIT, max_difference, read_metrics, run_trainer, tiny_train_args
 
 # Measured on this CPU, 3 steps of TINY_VIT: losses within 2.4e-7; after plain SGD (lr 1, gradients ~1)
 # every weight within 1.3e-6, so 1e-5 fails a gradient off by any factor. AdamW divides each gradient
@@ -45,10 +54,7 @@ LAUNCH_CONFIGS = {"single_card": ("NO", 1), "multi_gpu": ("MULTI_GPU", 8), "mult
                   "sdaa_single": ("NO", 1), "sdaa_multi": ("MULTI_SDAA", 4), "cpu_2proc": ("MULTI_GPU", 2),
                   "fsdp": ("FSDP", 8), "cpu_2proc_fsdp": ("FSDP", 2)}
 
-
-@pytest.fixture(autouse=True)
-def one_thread_per_process(monkeypatch):
-    monkeypatch.setenv("OMP_NUM_THREADS", "1")  # two processes on a small shared CPU
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")  # two processes on a small shared CPU
 
 
 @pytest.fixture(scope="module")

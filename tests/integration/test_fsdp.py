@@ -8,21 +8,20 @@ factor shows), with --accum-freq 2 (one gradient reduce-scatter per update) and 
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
-
-import signal
 from pathlib import Path
 
 import pytest
 import torch
 
-from acc_clip.checkpoint.debug import KILL_BEFORE_COMMIT_ENV, SAMPLES_ENV
-from acc_clip.checkpoint.format import MANIFEST, TMP_PREFIX, complete_checkpoints, read_manifest
+from acc_clip.checkpoint.folders import TMP_PREFIX, complete_checkpoints, read_manifest
+from acc_clip.io.sealed import MANIFEST
+from acc_clip.runtime.faults import kill_at
 from background_trainer import ACCELERATE, Trainer, free_port, launch_with, metric_rows, newest_checkpoint, wait_until
-from conftest import REPO, TINY_VIT, read_metrics, tiny_train_args
-from dist_worker import max_difference
 from fsdp_worker import SCENARIOS, SHORT_SCENARIOS, SHORT_STEPS, STEPS
+from helpers import REPO, TINY_RN, TINY_VIT, max_difference, read_metrics, tiny_train_args
 
 # Measured on this CPU (fsdp_worker, 20 steps): FSDP and DDP agree bit for bit (0.0); against one process
 # losses within 2.4e-7 and weights within 1.2e-6 (fp32 summation order). A gradient off by a factor of 2,
@@ -30,11 +29,6 @@ from fsdp_worker import SCENARIOS, SHORT_SCENARIOS, SHORT_STEPS, STEPS
 TOLERANCE = 1e-5
 ALL = {**SCENARIOS, **SHORT_SCENARIOS}
 WITH_ONE_PROCESS_REFERENCE = [name for name, (model, _, _) in ALL.items() if "tiny-rn" not in model]
-
-
-def launch(config: str) -> list[str]:
-    return [ACCELERATE, "launch", "--config_file", str(REPO / "launch" / config), "--main_process_port",
-            str(free_port())]
 
 
 def run_worker(launcher: list[str], out, train_csv) -> None:
@@ -48,8 +42,8 @@ def run_worker(launcher: list[str], out, train_csv) -> None:
 def results(train_csv, tmp_path_factory) -> dict:
     """{"fsdp" | "ddp" | "one": folder of <scenario>.pt}."""
     folders = {kind: tmp_path_factory.mktemp(kind) for kind in ("fsdp", "ddp", "one")}
-    run_worker(launch("cpu_2proc_fsdp.yaml"), folders["fsdp"], train_csv)
-    run_worker(launch("cpu_2proc.yaml"), folders["ddp"], train_csv)
+    run_worker(launch_with("cpu_2proc_fsdp.yaml"), folders["fsdp"], train_csv)
+    run_worker(launch_with("cpu_2proc.yaml"), folders["ddp"], train_csv)
     run_worker([sys.executable], folders["one"], train_csv)
     return folders
 
@@ -123,7 +117,7 @@ def fsdp_reference(small_csv, tmp_path_factory):
     """Run A: FSDP on 2 processes straight through, in the background while the tests run theirs."""
     logs = tmp_path_factory.mktemp("fsdp_reference")
     trainer = fsdp_trainer(fsdp_args(small_csv, logs, "A"), logs / "A.log",
-                           env={"OMP_NUM_THREADS": "1", SAMPLES_ENV: "1"})
+                           env={"OMP_NUM_THREADS": "1"})
 
     def finished() -> Path:
         assert trainer.wait(timeout=600) == 0, trainer.tail()
@@ -154,7 +148,7 @@ def test_sigterm_then_kill9_while_saving_resume_exactly(small_csv, tmp_path, fsd
     """SIGTERM in epoch 0 (to the launcher; torchrun passes it on): a sharded checkpoint of the step.
     Resume, then kill -9 on rank 0 after the shards of step 16 are written and before its manifest.
     Resume to the end: every step's loss equals the uninterrupted run's."""
-    env = {"OMP_NUM_THREADS": "1", SAMPLES_ENV: "1"}
+    env = {"OMP_NUM_THREADS": "1"}
     args, run_dir = fsdp_args(small_csv, tmp_path, "B"), tmp_path / "B"
     trainer = fsdp_trainer(args, tmp_path / "B1.log", env=env)
     try:
@@ -165,7 +159,7 @@ def test_sigterm_then_kill9_while_saving_resume_exactly(small_csv, tmp_path, fsd
         assert progress["epoch"] == 0 and 0 < progress["step_in_epoch"] < FSDP_STEPS_PER_EPOCH, progress
 
         trainer = fsdp_trainer([*args, "--resume", "latest"], tmp_path / "B2.log",
-                               env={**env, KILL_BEFORE_COMMIT_ENV: "16"})
+                               env={**env, **kill_at("before_commit", 16)})
         assert trainer.wait(timeout=300) != 0, trainer.tail()
         partial = run_dir / "checkpoints" / f"{TMP_PREFIX}step_00000016"
         assert (partial / "pytorch_model_fsdp_0" / ".metadata").is_file() and not (partial / MANIFEST).exists()
@@ -217,7 +211,7 @@ def assert_open_clip_optimizer_layout(*run_dirs: Path) -> None:
     runs agree."""
     import open_clip
 
-    from acc_clip.model.build import parameter_groups
+    from acc_clip.model.optim import parameter_groups
 
     model = open_clip.create_model(TINY_VIT)
     shapes = [tuple(p.shape) for group in parameter_groups(model, 0.1) for p in group["params"]]
@@ -233,15 +227,14 @@ def assert_open_clip_optimizer_layout(*run_dirs: Path) -> None:
 
 
 def test_a_sharded_step_checkpoint_loads_whole_for_export_and_evaluation(fsdp_reference, tmp_path):
-    """format.load_weights (evaluation) and `acc-clip export` read a sharded folder in one process: the
+    """model.weights.load_weights (evaluation) and `acc-clip export` read a sharded folder in one process: the
     same weights as the epoch_N.pt gathered at the same step, logit_scale 0-d; another architecture is
     one line."""
     import open_clip
 
     from acc_clip.checkpoint.export import export_checkpoint, export_local_dir
-    from acc_clip.checkpoint.format import load_weights
     from acc_clip.errors import AccClipError
-    from conftest import TINY_RN
+    from acc_clip.model.weights import load_weights
 
     checkpoints = fsdp_reference() / "checkpoints"
     last = str(checkpoints / f"step_{FSDP_EPOCHS * FSDP_STEPS_PER_EPOCH:08d}")

@@ -13,7 +13,17 @@ import torch
 from safetensors.torch import load_file
 
 from background_trainer import two_processes
-from conftest import REPO, TINY_COCA, TINY_RN, TINY_VIT, read_metrics, run_trainer, tiny_train_args
+from helpers import (
+    REPO,
+    TINY_COCA,
+    TINY_RN,
+    TINY_VIT,
+    acc_clip_eval,
+    read_metrics,
+    run_trainer,
+    tiny_train_args,
+    zeroshot_flags,
+)
 
 OBJECTIVE_RUNS = {  # name -> (model, extra flags, named losses logged beside the total)
     "siglip": (TINY_VIT, ["--siglip"], set()),
@@ -30,12 +40,6 @@ def tensorboard_tags(run_dir) -> set[str]:
         events.Reload()
         tags |= set(events.Tags()["scalars"])
     return tags
-
-
-def zeroshot_flags(demo_dataset) -> list[str]:
-    zeroshot = demo_dataset / "zeroshot"
-    return ["--zeroshot-data", str(zeroshot), "--zeroshot-classnames", str(zeroshot / "classnames.txt"),
-            "--zeroshot-templates", str(zeroshot / "templates.txt"), "--zeroshot-frequency", "1"]
 
 
 @pytest.mark.parametrize("objective", sorted(OBJECTIVE_RUNS))
@@ -61,11 +65,9 @@ def test_objective_run_evaluates_and_exports_for_open_clip(objective, small_csv,
 
     checkpoint = tmp_path / "run" / "checkpoints" / "step_00000010"
     # `acc-clip eval` of the last checkpoint: the trainer's own last validation (the objective's loss included)
-    evaluated = subprocess.run([sys.executable, "-m", "acc_clip.cli", "eval", "--model", model_name, "--checkpoint",
-                                str(checkpoint), "--val-data", str(val_csv), "--csv-separator", ",", "--device", "cpu",
-                                *(["--siglip"] if "--siglip" in flags else [])],
-                               check=True, cwd=REPO, capture_output=True, text=True, timeout=120)
-    again = json.loads(evaluated.stdout.splitlines()[0])
+    again = acc_clip_eval("--model", model_name, "--checkpoint", str(checkpoint), "--val-data", str(val_csv),
+                          "--csv-separator", ",", "--device", "cpu", "--precision", "fp32",
+                          *(["--siglip"] if "--siglip" in flags else []))
     for key in ("val_loss", *(f"val_{p}" for p in parts), "image_to_text_R@1"):
         assert again[key] == pytest.approx(results[-1][key], rel=1e-5), key
     exported = tmp_path / "exported.pt"
@@ -158,10 +160,13 @@ def test_model_options_travel_into_the_local_dir_export(train_csv, tmp_path):
     assert model.visual.image_size == (48, 48)
     assert all(torch.equal(model.state_dict()[k], v) for k, v in trained.items())
     assert model.visual.preprocess_cfg["mean"] == [0.1, 0.2, 0.3]
-    from acc_clip.config import parse_config
+    from acc_clip.loss import model_overrides
     from acc_clip.model.build import create_model
+    from acc_clip.train.config import parse_train_config
 
-    ours = create_model(parse_config(["--train-data", "x.csv", "--model", TINY_VIT, *options])[0]).model
+    config, _ = parse_train_config(["--train-data", "x.csv", "--model", TINY_VIT, *options])
+    ours = create_model(config.model, precision=config.runtime.precision, seed=config.runtime.seed,
+                        **model_overrides(config)).model
     ours.load_state_dict(trained)
     images, texts = torch.rand(2, 3, 48, 48), open_clip.get_tokenizer(TINY_VIT)(["a", "b"])
     with torch.no_grad():

@@ -3,7 +3,7 @@ batch 10, 2 epochs, 64 steps, 2 loader workers, one compute thread in both train
 
 Each test checks, besides the loss curve, what the curve alone cannot:
 - the batches: every step's rows (image path, caption) in acc_clip's sample record
-  (ACC_CLIP_DEBUG_SAMPLES=1) equal open_clip_train's, in order, first batch included; open_clip_train's
+  (the trainer's --log-samples) equal open_clip_train's, in order, first batch included; open_clip_train's
   order is replayed in-process with its own `get_csv_dataset` DataLoader after its `random_seed`
   (`benchmarks/parity_open_clip.open_clip_batches`). On the flat-colour data the first losses agreeing
   to 1e-4 also ties that replay to the real open_clip_train run: other rows give another loss.
@@ -61,7 +61,7 @@ def test_flat_colour_images_give_identical_pixels_whatever_the_crop(flat_csv):
     import open_clip
 
     from acc_clip.data.pixels import load_pixels, split_transform
-    from conftest import TINY_RN
+    from helpers import TINY_RN
 
     _, preprocess, _ = open_clip.create_model_and_transforms(TINY_RN)
     split = split_transform(preprocess)

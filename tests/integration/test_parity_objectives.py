@@ -9,7 +9,6 @@ import pytest
 
 from parity_checks import FLAT_EMA_TOLERANCE, STEPS, assert_same_batches_and_learning_rates, parity
 
-
 # Each objective beyond CLIP, flat-colour images, open_clip_train's arithmetic, 64 steps (measured, seed 0:
 # EMA error siglip 9.9e-7, coca 5.7e-6, distill 1.5e-6; largest per-step difference relative to the loss
 # below 4e-5 for all three, the rounding of open_clip's 5 significant digits: CoCa's losses of ~10-25 log

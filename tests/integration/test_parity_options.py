@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import TINY_VIT
+from helpers import TINY_VIT
 from parity_checks import FLAT_EMA_TOLERANCE, STEPS, assert_same_batches_and_learning_rates, parity
 
 FOUNDATION_EMA_TOLERANCE = 0.05
@@ -43,11 +43,13 @@ def test_patch_dropout_follows_open_clip_train_by_the_parity_rule(flat_csv, tmp_
 def test_patch_dropout_trains_with_dropout_and_evaluates_without():
     import torch
 
-    from acc_clip.config import parse_config
+    from acc_clip.loss import model_overrides
     from acc_clip.model.build import create_model
+    from acc_clip.train.config import parse_train_config
 
-    config, _ = parse_config(["--train-data", "x.csv", "--model", TINY_VIT, "--force-patch-dropout", "0.5"])
-    model = create_model(config).model
+    config, _ = parse_train_config(["--train-data", "x.csv", "--model", TINY_VIT, "--force-patch-dropout", "0.5"])
+    model = create_model(config.model, precision=config.runtime.precision, seed=config.runtime.seed,
+                         **model_overrides(config)).model
     assert model.visual.patch_dropout.prob == 0.5
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from conftest import TINY_VIT, read_metrics, run_trainer, tiny_train_args
+from helpers import TINY_VIT, read_metrics, run_trainer, tiny_train_args
 
 
 @pytest.mark.parametrize("precision", ["fp16", "pure_bf16"])

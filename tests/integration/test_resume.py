@@ -3,25 +3,23 @@ written) and resumed with `--resume latest` makes the same per-step losses as a 
 stopped, and every epoch sees each sample exactly once.
 
 Runs use 160 rows of the 320-row fixture (10 steps of 16 per epoch, 2 epochs), one CPU thread per
-run so that losses are reproducible bit for bit, and the opt-in sample record
-(ACC_CLIP_DEBUG_SAMPLES=1) to observe which samples each step trained on.
+run so that losses are reproducible bit for bit, and the opt-in sample record (the trainer's
+--log-samples) to observe which samples each step trained on.
 """
 
 from __future__ import annotations
 
-import json
 import signal
-from collections import Counter
 from pathlib import Path
 
 import pytest
-from background_trainer import Trainer, metric_rows, newest_checkpoint, saved_at_or_after, wait_until
-from conftest import SMALL_CSV_ROWS, read_metrics, run_trainer, tiny_train_args
 
-from acc_clip.checkpoint.debug import KILL_BEFORE_COMMIT_ENV, SAMPLES_ENV
-from acc_clip.checkpoint.format import MANIFEST, TMP_PREFIX
-from acc_clip.runtime.run_dir import SAMPLES_FILE
+from acc_clip.checkpoint.folders import TMP_PREFIX
+from acc_clip.io.sealed import MANIFEST
+from acc_clip.runtime.faults import kill_at
 from acc_clip.runtime.signals import PREEMPTED_EXIT_CODE
+from background_trainer import Trainer, metric_rows, newest_checkpoint, saved_at_or_after, wait_until
+from helpers import SMALL_CSV_ROWS, assert_same_training, flip_a_bit, run_trainer, tiny_train_args
 
 ROWS = SMALL_CSV_ROWS
 STEPS_PER_EPOCH = ROWS // 16
@@ -30,18 +28,12 @@ SAVE_EVERY = 4
 LOSS_TOLERANCE = 1e-6
 WORKERS = (2,)
 
-
-@pytest.fixture(scope="module", autouse=True)
-def reproducible_env():
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("OMP_NUM_THREADS", "1")  # one thread: same reduction order in every run
-        patch.setenv(SAMPLES_ENV, "1")
-        yield
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")  # one thread: same reduction order in every run
 
 
 def run_args(csv: Path, logs: Path, name: str, workers: int, *extra: str) -> list[str]:
     return tiny_train_args(csv, logs, name, "--workers", str(workers), "--save-every-n-steps", str(SAVE_EVERY),
-                           *extra)
+                           "--log-samples", *extra)
 
 
 @pytest.fixture(scope="module")
@@ -62,29 +54,11 @@ def reference_runs(small_csv, tmp_path_factory):
         trainer.stop()
 
 
-def read_samples(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / SAMPLES_FILE).read_text().splitlines()]
-
-
-def assert_same_training(resumed: Path, reference: Path) -> float:
+def same_training(resumed: Path, reference: Path) -> float:
     """Same steps, same losses and learning rates, same samples per step; each epoch sees every row
     once. Returns the largest loss difference."""
-    got, want = read_metrics(resumed), read_metrics(reference)
-    assert [r["step"] for r in got] == list(range(EPOCHS * STEPS_PER_EPOCH))  # each step once, none missing
-    assert [r["step"] for r in want] == [r["step"] for r in got]
-    worst = max(abs(a["loss"] - b["loss"]) for a, b in zip(got, want))
-    assert worst <= LOSS_TOLERANCE, f"losses differ by up to {worst}"
-    assert [r["lr"] for r in got] == [r["lr"] for r in want]
-    assert [r["samples_seen"] for r in got] == [r["samples_seen"] for r in want]
-
-    got_samples, want_samples = read_samples(resumed), read_samples(reference)
-    assert [(s["step"], s["epoch"]) for s in got_samples] == [(s["step"], s["epoch"]) for s in want_samples]
-    for epoch in range(EPOCHS):
-        seen = Counter(i for s in got_samples if s["epoch"] == epoch for i in s["indices"])
-        assert max(seen.values()) == 1, f"epoch {epoch}: samples seen twice: {[i for i, n in seen.items() if n > 1]}"
-        assert set(seen) == set(range(ROWS)), f"epoch {epoch}: samples skipped: {set(range(ROWS)) - set(seen)}"
-    assert [s["indices"] for s in got_samples] == [s["indices"] for s in want_samples]  # and in the same order
-    return worst
+    return assert_same_training(resumed, reference, rows=ROWS, epochs=EPOCHS, steps_per_epoch=STEPS_PER_EPOCH,
+                                loss_tolerance=LOSS_TOLERANCE)
 
 
 # A kill -9 between steps (from outside, once a checkpoint is complete) is the resume matrix's shards
@@ -94,7 +68,7 @@ def assert_same_training(resumed: Path, reference: Path) -> float:
 def test_sigterm_then_kill9_mid_epoch_resume_exactly(small_csv, tmp_path, reference_runs, workers, kill):
     """SIGTERM in epoch 0, then kill -9 in epoch 1 after a step checkpoint: either between steps
     (from outside, once the checkpoint is complete) or in the middle of writing the next checkpoint
-    (the ACC_CLIP_TEST_KILL_BEFORE_COMMIT hook); each time `--resume latest` goes on."""
+    (the "before_commit" fault point, acc_clip/runtime/faults.py); each time `--resume latest` goes on."""
     args = run_args(small_csv, tmp_path, "B", workers)
     run_dir = tmp_path / "B"
 
@@ -118,7 +92,7 @@ def test_sigterm_then_kill9_mid_epoch_resume_exactly(small_csv, tmp_path, refere
         trainer.process.kill()
     else:
         trainer = Trainer([*args, "--resume", "latest"], log2,
-                          env={KILL_BEFORE_COMMIT_ENV: str(saved_before_kill + SAVE_EVERY)})
+                          env=kill_at("before_commit", saved_before_kill + SAVE_EVERY))
     assert trainer.wait(timeout=240) == -signal.SIGKILL, trainer.tail()
     assert f"resumed from {checkpoint}:" in log2.read_text()
     partial = run_dir / "checkpoints" / f"{TMP_PREFIX}step_{saved_before_kill + SAVE_EVERY:08d}"
@@ -132,7 +106,7 @@ def test_sigterm_then_kill9_mid_epoch_resume_exactly(small_csv, tmp_path, refere
     result = run_trainer([*args, "--resume", "latest"])
     assert f"resumed from {checkpoint}:" in result.stdout
     assert not [p for p in (run_dir / "checkpoints").iterdir() if p.name.startswith(TMP_PREFIX)]  # cleaned up
-    worst = assert_same_training(run_dir, reference_runs(workers))
+    worst = same_training(run_dir, reference_runs(workers))
     print(f"\nworkers={workers}, kill -9 {kill}: max |loss(B) - loss(A)| over the resumed run = {worst:.3g}")
 
 
@@ -143,16 +117,14 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before_and_resumes_ex
     workers = WORKERS[0]
     args = run_args(small_csv, tmp_path, "D", workers)
     run_dir = tmp_path / "D"
-    killed = run_trainer(args, check=False, env={KILL_BEFORE_COMMIT_ENV: str(3 * SAVE_EVERY)})
+    killed = run_trainer(args, check=False, env=kill_at("before_commit", 3 * SAVE_EVERY))
     assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
     newest, _ = newest_checkpoint(run_dir)
     assert newest.name == f"step_{2 * SAVE_EVERY:08d}"
-    weights = bytearray((newest / "model.safetensors").read_bytes())
-    weights[-8] ^= 0x40  # tensor data, size unchanged
-    (newest / "model.safetensors").write_bytes(bytes(weights))
+    flip_a_bit(newest / "model.safetensors", offset_from_end=8)  # tensor data, size unchanged
 
     result = run_trainer([*args, "--resume", "latest"])
     assert f"{newest}: damaged checkpoint, model.safetensors differs from what was saved" in result.stdout
     assert (f"resuming from {run_dir / 'checkpoints' / f'step_{SAVE_EVERY:08d}'}, the newest checkpoint that "
             "passes its check (1 newer one(s) failed") in result.stdout
-    assert_same_training(run_dir, reference_runs(workers))
+    same_training(run_dir, reference_runs(workers))

@@ -3,8 +3,8 @@
 import shlex
 import sys
 
-
-from conftest import REPO, SEED_COMMAND, TINY_RN, read_metrics, run_trainer, tiny_train_args
+from acc_clip.errors import DataError, DivergedError, UsageError
+from helpers import REPO, SEED_COMMAND, TINY_RN, read_metrics, run_trainer, tiny_train_args
 
 
 def test_seed_default_command_runs_on_the_cpu(train_csv, tmp_path):
@@ -34,9 +34,9 @@ def test_loss_falls_and_metrics_have_one_record_per_step(train_csv, tmp_path):
     assert (tmp_path / "fall" / "config.yaml").exists() and (tmp_path / "fall" / "out.log").exists()
 
 
-def _error_line(result):
+def _error_line(result, status: int):
     lines = [line for line in result.stderr.strip().splitlines() if line.startswith("error:")]
-    assert result.returncode == 2 and len(lines) == 1, result.stderr[-2000:]
+    assert result.returncode == status and len(lines) == 1, result.stderr[-2000:]
     return lines[0]
 
 
@@ -44,19 +44,21 @@ def test_csv_without_the_columns_lists_the_columns_found(tmp_path, train_in_proc
     path = tmp_path / "bad.csv"
     path.write_text("image,caption\na.jpg,a cat\n")
     status, errors = train_in_process(tiny_train_args(path, tmp_path, "x"))
-    assert status == 2 and len(errors) == 1 and "columns found: 'image', 'caption'" in errors[0], errors
+    assert status == DataError.exit_status and len(errors) == 1 and "columns found: 'image', 'caption'" in errors[0], \
+        errors
 
 
 def test_empty_csv(tmp_path, train_in_process):
     path = tmp_path / "empty.csv"
     path.write_text("")
     status, errors = train_in_process(tiny_train_args(path, tmp_path, "x"))
-    assert status == 2 and len(errors) == 1 and "the CSV is empty" in errors[0], errors
+    assert status == DataError.exit_status and len(errors) == 1 and "the CSV is empty" in errors[0], errors
 
 
 def test_unknown_key_on_the_command_line(train_csv, tmp_path, train_in_process):
     status, errors = train_in_process(tiny_train_args(train_csv, tmp_path, "x", "--lr-sheduler", "cosine"))
-    assert status == 2 and len(errors) == 1 and "did you mean '--lr-scheduler'" in errors[0], errors
+    assert status == UsageError.exit_status and len(errors) == 1 and "did you mean '--lr-scheduler'" in errors[0], \
+        errors
 
 
 def _csv_with_bad_rows(train_csv, tmp_path, num_bad):
@@ -80,14 +82,14 @@ def test_bad_images_are_skipped_counted_and_training_goes_on(train_csv, tmp_path
 def test_too_many_bad_images_stop_the_run(train_csv, tmp_path):
     path = _csv_with_bad_rows(train_csv, tmp_path, 40)
     result = run_trainer(tiny_train_args(path, tmp_path, "toobad", "--epochs", "1"), check=False)
-    assert "more than --max-bad-fraction 0.01" in _error_line(result)
+    assert "more than --max-bad-fraction 0.01" in _error_line(result, DataError.exit_status)
 
 
 def test_existing_run_is_not_overwritten(train_csv, tmp_path, train_in_process):
     run_trainer(tiny_train_args(train_csv, tmp_path, "once", "--epochs", "1", "--max-steps", "2"))
     before = {path: path.read_bytes() for path in (tmp_path / "once").rglob("*") if path.is_file()}
     status, errors = train_in_process(tiny_train_args(train_csv, tmp_path, "once", "--epochs", "1"))
-    assert status == 2 and len(errors) == 1 and "already holds a run" in errors[0], errors
+    assert status == UsageError.exit_status and len(errors) == 1 and "already holds a run" in errors[0], errors
     assert {path: path.read_bytes() for path in (tmp_path / "once").rglob("*") if path.is_file()} == before
 
 
@@ -97,8 +99,8 @@ def test_cli_entry_points_agree(train_csv, tmp_path):
     for name, command in [("cli", [sys.executable, "-m", "acc_clip.cli", "train"]),
                           ("launch", [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1",
                                       "--cpu", "-m", "acc_clip.train"])]:
-        result = subprocess.run(command + tiny_train_args(train_csv, tmp_path, name, "--epochs", "1", "--max-steps", "3"),
-                                capture_output=True, text=True, timeout=300)
+        args = tiny_train_args(train_csv, tmp_path, name, "--epochs", "1", "--max-steps", "3")
+        result = subprocess.run(command + args, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-2000:]
     assert [r["loss"] for r in read_metrics(tmp_path / "cli")] == [r["loss"] for r in read_metrics(tmp_path / "launch")]
 
@@ -108,7 +110,7 @@ def test_a_nan_loss_stops_with_its_step_and_the_workers_do_not_hang(train_csv, t
     # still be ended, or the interpreter's exit would wait on them forever.
     result = run_trainer(tiny_train_args(train_csv, tmp_path, "nan", "--workers", "2", "--lr", "1e9", "--warmup", "1"),
                          check=False, timeout=120)
-    assert "the loss is nan at step 1" in _error_line(result)
+    assert "the loss is nan at step 1" in _error_line(result, DivergedError.exit_status)
 
 
 def test_channels_last_trains_and_checkpoints(train_csv, tmp_path):
@@ -125,7 +127,8 @@ def test_open_clip_s_logging_flags(train_csv, tmp_path):
     run = tmp_path / "logs"
     assert (run / "out-0.log").is_file() and not (run / "out.log").exists()
     assert "Train Epoch: 0" in (run / "out-0.log").read_text()
-    assert (run / "code" / "acc_clip" / "train.py").read_text() == (REPO / "acc_clip" / "train.py").read_text()
+    assert (run / "code" / "acc_clip" / "train" / "loop.py").read_text() == \
+        (REPO / "acc_clip" / "train" / "loop.py").read_text()
     assert "| DEBUG |" in result.stdout
 
 

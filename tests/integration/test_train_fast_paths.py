@@ -25,7 +25,7 @@ import sys
 
 import pytest
 
-from conftest import REPO, TINY_VIT, read_metrics, run_trainer, tiny_train_args
+from helpers import REPO, TINY_VIT, read_metrics, run_trainer, tiny_train_args
 
 CHANNELS_LAST_MEAN_RELATIVE = 4e-3
 CHANNELS_LAST_MAX_DIFFERENCE = 0.03

@@ -5,26 +5,24 @@ mid-epoch resume from a step checkpoint.
 
 Shards come from the 320-row `train_csv` fixture: 8 shards of 40 rows; most runs read the first 4
 (160 samples, 10 steps of 16 per epoch, 2 loader workers, every sample seen once per epoch); one
-run reads the single shard the converter's default shard size makes of all 320 rows, on 4 workers. Runs use one CPU thread so that losses are reproducible bit for bit, and the
-opt-in sample record (ACC_CLIP_DEBUG_SAMPLES=1 -> samples.jsonl) to see what each step trained on.
+run reads the single shard the converter's default shard size makes of all 320 rows, on 4 workers.
+Runs use one CPU thread so that losses are reproducible bit for bit, and the opt-in sample record
+(the trainer's --log-samples -> samples.jsonl) to see what each step trained on.
 """
 
 from __future__ import annotations
 
-import json
 import sys
 from collections import defaultdict
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO, read_metrics, run_trainer, tiny_train_args
 
-from acc_clip.checkpoint.debug import SAMPLES_ENV
-from acc_clip.checkpoint.format import complete_checkpoints
-from acc_clip.runtime.run_dir import SAMPLES_FILE
+from acc_clip.checkpoint.folders import complete_checkpoints
 from acc_clip.data.wds import build_wds_loader
 from acc_clip.prep.shards.convert import convert_csv_to_shards
+from helpers import REPO, read_metrics, read_samples, run_trainer, tiny_train_args, without_csv_separator
 
 BATCH = 16
 FIRST_FOUR = "{00000..00003}.tar"  # 160 samples
@@ -32,13 +30,7 @@ STEPS_PER_EPOCH = 160 // BATCH
 EPOCHS = 2
 LOSS_TOLERANCE = 1e-6
 
-
-@pytest.fixture(scope="module", autouse=True)
-def reproducible_env():
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("OMP_NUM_THREADS", "1")  # one thread: the same reduction order in every run
-        patch.setenv(SAMPLES_ENV, "1")
-        yield
+pytestmark = pytest.mark.usefixtures("one_cpu_thread")  # one thread: the same reduction order in every run
 
 
 @pytest.fixture(scope="module")
@@ -58,14 +50,8 @@ def image_shard_dir(train_csv, tmp_path_factory) -> Path:
 
 
 def shard_args(train_data: str, logs: Path, name: str, *extra: str) -> list[str]:
-    args = tiny_train_args(Path(train_data), logs, name, "--batch-size", str(BATCH), "--epochs", str(EPOCHS),
-                           "--workers", "2", *extra)
-    at = args.index("--csv-separator")
-    return args[:at] + args[at + 2:]  # shards have no CSV separator
-
-
-def read_samples(run_dir: Path) -> list[dict]:
-    return [json.loads(line) for line in (run_dir / SAMPLES_FILE).read_text().splitlines()]
+    return without_csv_separator(tiny_train_args(Path(train_data), logs, name, "--batch-size", str(BATCH),
+                                                 "--epochs", str(EPOCHS), "--workers", "2", "--log-samples", *extra))
 
 
 def indices_by_epoch(run_dir: Path) -> dict[int, list[int]]:

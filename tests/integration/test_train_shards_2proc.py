@@ -3,20 +3,16 @@ once per epoch, across both processes, and both make the same number of steps.
 
 Launched with torch's own launcher (`python -m torch.distributed.run --standalone --nproc_per_node 2`);
 with `--device cpu`, Accelerate then runs 2 processes on gloo. The processes' samples are read from
-the opt-in record ACC_CLIP_DEBUG_SAMPLES=1 (samples.jsonl, one line per step and process).
+the opt-in record of the trainer's --log-samples (samples.jsonl, one line per step and process).
 """
 
 from __future__ import annotations
 
-import json
 import sys
 from collections import defaultdict
 
-from conftest import read_metrics, run_trainer, tiny_train_args
-
-from acc_clip.checkpoint.debug import SAMPLES_ENV
-from acc_clip.runtime.run_dir import SAMPLES_FILE
 from acc_clip.prep.shards.convert import convert_csv_to_shards
+from helpers import read_metrics, read_samples, run_trainer, tiny_train_args, without_csv_separator
 
 # `--` ends torchrun's options: it would otherwise take the trainer's --logs for its --logs-specs.
 TWO_PROCESSES = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
@@ -26,20 +22,18 @@ SAMPLES = 160  # shards 0-3 of 40
 EPOCHS = 2
 
 
-def test_two_processes_two_workers_see_every_sample_once_per_epoch(train_csv, tmp_path, monkeypatch):
-    monkeypatch.setenv(SAMPLES_ENV, "1")
+def test_two_processes_two_workers_see_every_sample_once_per_epoch(train_csv, tmp_path):
     shards = tmp_path / "shards"
     convert_csv_to_shards(str(train_csv), str(shards), samples_per_shard=40, workers=1, progress=False)
     args = tiny_train_args(shards / "{00000..00003}.tar", tmp_path / "logs", "two", "--batch-size", str(BATCH),
-                           "--epochs", str(EPOCHS), "--workers", "2")
-    at = args.index("--csv-separator")
-    result = run_trainer(args[:at] + args[at + 2:], launcher=TWO_PROCESSES)
+                           "--epochs", str(EPOCHS), "--workers", "2", "--log-samples")
+    result = run_trainer(without_csv_separator(args), launcher=TWO_PROCESSES)
     assert "2 process(es)" in result.stdout + result.stderr
 
     run_dir = tmp_path / "logs" / "two"
     steps_per_epoch = SAMPLES // (BATCH * 2)
     assert [r["step"] for r in read_metrics(run_dir)] == list(range(EPOCHS * steps_per_epoch))
-    records = [json.loads(line) for line in (run_dir / SAMPLES_FILE).read_text().splitlines()]
+    records = read_samples(run_dir)
     seen: dict[tuple[int, int], list[int]] = defaultdict(list)  # (epoch, rank) -> indices in order
     steps: dict[tuple[int, int], list[int]] = defaultdict(list)
     for record in records:
