@@ -21,6 +21,7 @@ from acc_clip.config.schema import REQUIRED, Section, option
 from acc_clip.data import DataOptions, source_options
 from acc_clip.errors import UsageError
 from acc_clip.evaluation.evaluator import EvaluationOptions, Evaluator
+from acc_clip.io.atomic import write_atomically
 from acc_clip.io.sealed import MANIFEST, read_sealed
 from acc_clip.loss import ObjectiveOptions, create_objective, model_overrides, objective_options
 from acc_clip.model.build import create_tokenizer, open_clip_model
@@ -84,6 +85,8 @@ def main(argv: list[str]) -> int:
         for name, metrics in results.items():
             print(json.dumps({"eval": name, **metrics}), flush=True)
         if options.out:
-            with open(options.out, "w") as file:
-                json.dump(results, file, indent=2)
+            write_atomically(options.out, json.dumps(results, indent=2))
+    # The process group ends here, on every process, not at interpreter exit: torch aborts a process that exits
+    # with a live process group while another still uses it ("terminate called without an active exception").
+    accelerator.end_training()
     return 0

@@ -7,7 +7,7 @@ The caption loss is the mean over the tokens of the whole global batch. open_cli
 takes each process's mean over its own tokens, so with several processes (or micro-batches) whose
 captions differ in length its update is not the one-batch update; here `rows` keeps each sample's
 summed token loss and token count, and the loss divides by the token count of the whole global
-batch (one all-reduce of a count). On one process the value is `CoCaLoss`'s (tests/unit/test_loss.py).
+batch (one all-reduce of a count). On one process the value is `CoCaLoss`'s (tests/unit/loss/test_objectives.py).
 
 A weight of 0 multiplies its loss by 0 instead of skipping it (open_clip skips the contrastive
 loss), so every parameter still takes part in every step, which DDP requires."""

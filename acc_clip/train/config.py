@@ -1,7 +1,7 @@
 """The training command's configuration: every component's section, composed, and the rules that span
 sections, kept here in one place.
 
-Every flag of open_clip_train's command line keeps its name and meaning (tests/unit/test_open_clip_flags.py),
+Every flag of open_clip_train's command line keeps its name and meaning (tests/unit/train/test_open_clip_flags.py),
 so the vendor's default command runs unchanged. Sources: the defaults (open_clip_train's), a YAML file
 (`--config FILE`), command-line flags; later wins. A flag set where it has no effect is announced at
 start-up, or refused where it could only be a mistake."""
