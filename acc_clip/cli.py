@@ -7,17 +7,21 @@ from __future__ import annotations
 
 import importlib
 import sys
-from typing import Optional
 
 from acc_clip.errors import UsageError, run_command
 
 # command -> (module whose main(argv) runs it, one-line help); modules are imported only when their command runs.
 COMMANDS = {
     "train": ("acc_clip.train.loop", "train a CLIP model (also: python -m acc_clip.train)"),
-    "launch": ("acc_clip.runtime.launcher", "run train or eval under Accelerate's launcher, passing its exit status "
-                                            "and one-line error through"),
+    "launch": (
+        "acc_clip.runtime.launcher",
+        "run train or eval under Accelerate's launcher, passing its exit status and one-line error through",
+    ),
     "eval": ("acc_clip.evaluation.command", "evaluate a checkpoint: retrieval and zero-shot"),
-    "export": ("acc_clip.checkpoint.export", "write an open_clip epoch_N.pt or local-dir folder from a step checkpoint"),
+    "export": (
+        "acc_clip.checkpoint.export",
+        "write an open_clip epoch_N.pt or local-dir folder from a step checkpoint",
+    ),
     "demo-data": ("acc_clip.prep.demo_data", "generate the small COCO-shaped demo dataset"),
     "coco-csv": ("acc_clip.prep.coco_csv", "COCO captions JSON -> filepath,title CSV"),
     "shards": ("acc_clip.prep.shards.command", "CSV -> webdataset shards; `shards verify DIR` checks them"),
@@ -33,7 +37,7 @@ def usage() -> str:
     return "\n".join(lines)
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(usage())

@@ -8,8 +8,10 @@ wrapper script can tell "fix the command" from "fix the data" from "retry later"
 | 2 | UsageError | the command line or a config file: a flag, a value, a combination |
 | 3 | DataError | the data: a CSV, an image folder, shards, a validation set |
 | 4 | CheckpointError | a checkpoint or weights file: missing, damaged, of another run or model |
-| 5 | ResourceError | the machine or its storage: a full disk, a run folder in use, remote storage; retrying later or elsewhere may succeed |
-| 6 | DivergedError | training diverged: a non-finite loss or weights (resume from the last checkpoint with other settings) |
+| 5 | ResourceError | the machine or its storage: a full disk, a run folder in use, remote storage |
+|   |               | (retrying later or elsewhere may succeed) |
+| 6 | DivergedError | training diverged: a non-finite loss or weights |
+|   |               | (resume from the last checkpoint with other settings) |
 | 75 | | preempted: stopped on a signal after saving; rerun with --resume latest (runtime/signals.py) |
 
 Every message names the file, row, key or flag at fault. `run_command` prints it as `error: ...` and
@@ -18,7 +20,7 @@ returns the status."""
 from __future__ import annotations
 
 import sys
-from typing import Callable, Optional
+from collections.abc import Callable
 
 
 class AccClipError(Exception):
@@ -68,8 +70,9 @@ def one_line(error: BaseException) -> str:
     return str(error) if isinstance(error, AccClipError) else describe_error(error)
 
 
-KINDS = {kind.__name__: kind for kind in (AccClipError, UsageError, DataError, CheckpointError, ResourceError,
-                                          DivergedError)}
+KINDS = {
+    kind.__name__: kind for kind in (AccClipError, UsageError, DataError, CheckpointError, ResourceError, DivergedError)
+}
 
 
 def kind_name(error: BaseException, otherwise: type[AccClipError]) -> str:
@@ -78,7 +81,7 @@ def kind_name(error: BaseException, otherwise: type[AccClipError]) -> str:
     return type(error).__name__ if type(error) in KINDS.values() else otherwise.__name__
 
 
-def attempt(function: Callable, *args) -> Optional[Exception]:
+def attempt(function: Callable, *args) -> Exception | None:
     """Run function(*args); the exception it raised, or None. For collective steps where every process
     must learn of one process's failure before any of them stops (see checkpoint/manager.py)."""
     try:
@@ -88,7 +91,7 @@ def attempt(function: Callable, *args) -> Optional[Exception]:
     return None
 
 
-def run_command(main: Callable[[list[str]], Optional[int]], argv: list[str]) -> int:
+def run_command(main: Callable[[list[str]], int | None], argv: list[str]) -> int:
     """A command's `main(argv)`, its AccClipError printed as one line and turned into its exit status."""
     try:
         return int(main(argv) or 0)

@@ -66,16 +66,25 @@ def main() -> int:
         loader.resume(model, optimizer, 1000)
         load_s, load_cpu_s = time.perf_counter() - started, time.process_time() - cpu_started
         config.checkpoint.resume = None
-        results.append({"save_s": round(save_s, 2), "save_cpu_s": round(save_cpu_s, 2), "load_s": round(load_s, 2),
-                        "load_cpu_s": round(load_cpu_s, 2), "bytes": folder_bytes(folder), "files": files})
+        results.append(
+            {
+                "save_s": round(save_s, 2),
+                "save_cpu_s": round(save_cpu_s, 2),
+                "load_s": round(load_s, 2),
+                "load_cpu_s": round(load_cpu_s, 2),
+                "bytes": folder_bytes(folder),
+                "files": files,
+            }
+        )
 
-    summary = {"model": args.model, "parameters": parameters, "torch_threads": torch.get_num_threads(),
-               "runs": results}
+    summary = {"model": args.model, "parameters": parameters, "torch_threads": torch.get_num_threads(), "runs": results}
     print(json.dumps(summary, indent=1))
     for result in results:
-        print(f"{args.model}: {parameters / 1e6:.1f} M parameters, checkpoint {result['bytes'] / 2**20:.0f} MiB, "
-              f"save {result['save_s']:.2f} s (CPU {result['save_cpu_s']:.2f} s), "
-              f"load {result['load_s']:.2f} s (CPU {result['load_cpu_s']:.2f} s)")
+        print(
+            f"{args.model}: {parameters / 1e6:.1f} M parameters, checkpoint {result['bytes'] / 2**20:.0f} MiB, "
+            f"save {result['save_s']:.2f} s (CPU {result['save_cpu_s']:.2f} s), "
+            f"load {result['load_s']:.2f} s (CPU {result['load_cpu_s']:.2f} s)"
+        )
     if args.dir is None:
         shutil.rmtree(root, ignore_errors=True)
     return 0

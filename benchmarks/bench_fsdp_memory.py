@@ -51,13 +51,27 @@ def measure(model_name: str) -> dict:
     from acc_clip.train.config import parse_train_config
 
     # the data is random tensors; --train-data is required
-    config, _ = parse_train_config(["--model", model_name, "--device", "cpu", "--precision", "fp32",
-                                    "--gather-with-grad", "--train-data", "unused.csv"])
+    config, _ = parse_train_config(
+        [
+            "--model",
+            model_name,
+            "--device",
+            "cpu",
+            "--precision",
+            "fp32",
+            "--gather-with-grad",
+            "--train-data",
+            "unused.csv",
+        ]
+    )
     accelerator = make_accelerator(plan_device("cpu", "fp32"))
-    bundle = create_model(config.model, precision=config.runtime.precision, seed=config.runtime.seed,
-                          **model_overrides(config))
+    bundle = create_model(
+        config.model, precision=config.runtime.precision, seed=config.runtime.seed, **model_overrides(config)
+    )
     optimizer = create_optimizer(bundle.model, config.optimizer, "cpu")
-    model, optimizer = parallel.prepare(accelerator, bundle.model, optimizer, sync_batch_norm=False, compile_model=False)
+    model, optimizer = parallel.prepare(
+        accelerator, bundle.model, optimizer, sync_batch_norm=False, compile_model=False
+    )
     size = bundle.model.visual.image_size
     images = torch.randn(2, 3, *(size if isinstance(size, tuple) else (size, size)))
     texts = bundle.tokenizer(["a photo of a cat", "a photo of a dog"])
@@ -71,8 +85,12 @@ def measure(model_name: str) -> dict:
     torch.distributed.all_reduce(largest, op=torch.distributed.ReduceOp.MAX)
     total = sum(p.numel() for p in bundle.model.parameters()) if not parallel.is_fsdp(accelerator) else None
     accelerator.end_training()
-    return {"processes": accelerator.num_processes, "fsdp": parallel.is_fsdp(accelerator), "parameter_count": total,
-            **dict(zip(PARTS, largest.tolist()))}
+    return {
+        "processes": accelerator.num_processes,
+        "fsdp": parallel.is_fsdp(accelerator),
+        "parameter_count": total,
+        **dict(zip(PARTS, largest.tolist())),
+    }
 
 
 def parameter_count(model_name: str) -> int:
@@ -89,12 +107,17 @@ def table(models: list[str], processes: list[int]) -> str:
     """Markdown: GiB per process of fp32 parameters (4 B each), gradients (4 B) and AdamW's two moments (8 B),
     under DDP (all of them on every process) and FSDP on N processes (a 1/N share; FSDP pads each tensor
     to a multiple of N, negligible here). Activations and the one unit FSDP gathers at a time come on top."""
-    header = "| model | parameters | DDP: params + grads + AdamW | " + " | ".join(f"FSDP on {n}" for n in processes) + " |"
+    header = (
+        "| model | parameters | DDP: params + grads + AdamW | " + " | ".join(f"FSDP on {n}" for n in processes) + " |"
+    )
     lines = [header, "|" + " --- |" * (3 + len(processes))]
     for name in models:
         count = parameter_count(name)
         per = [count * 4, count * 4, count * 8]
-        cell = lambda share: f"{sum(per) / share / 2**30:.2f} GiB ({' + '.join(f'{b / share / 2**30:.2f}' for b in per)})"
+
+        def cell(share, per=per):
+            return f"{sum(per) / share / 2**30:.2f} GiB ({' + '.join(f'{b / share / 2**30:.2f}' for b in per)})"
+
         lines.append(f"| {name} | {count / 1e6:,.1f}M | {cell(1)} | " + " | ".join(cell(n) for n in processes) + " |")
     return "\n".join(lines)
 
@@ -107,22 +130,43 @@ def launch(kind: str, model_name: str) -> dict:
         sock.bind(("127.0.0.1", 0))
         port = sock.getsockname()[1]
     accelerate = shutil.which("accelerate", path=os.path.dirname(sys.executable)) or "accelerate"
-    command = [accelerate, "launch", "--config_file", os.path.join(REPO, "launch", KINDS[kind]), "--main_process_port",
-               str(port), "-m", "benchmarks.bench_fsdp_memory", "--worker", "--model", model_name]
-    result = subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=1200,
-                            env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")})
+    command = [
+        accelerate,
+        "launch",
+        "--config_file",
+        os.path.join(REPO, "launch", KINDS[kind]),
+        "--main_process_port",
+        str(port),
+        "-m",
+        "benchmarks.bench_fsdp_memory",
+        "--worker",
+        "--model",
+        model_name,
+    ]
+    result = subprocess.run(
+        command,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=1200,
+        env={**os.environ, "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")},
+    )
     if result.returncode != 0:
         raise SystemExit(f"{kind} run failed:\n{result.stderr[-3000:]}")
     line = next(line for line in result.stdout.splitlines() if line.startswith("RESULT "))
-    return json.loads(line[len("RESULT "):])
+    return json.loads(line[len("RESULT ") :])
 
 
 def main(argv=None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default="ViT-S-32")
     parser.add_argument("--json", help="write the figures here too")
-    parser.add_argument("--table", action="store_true", help="print docs/fsdp.md's table computed from parameter "
-                        "counts (RN50 ... ViT-bigG-14 on 2, 8, 64 processes) instead of measuring")
+    parser.add_argument(
+        "--table",
+        action="store_true",
+        help="print docs/fsdp.md's table computed from parameter "
+        "counts (RN50 ... ViT-bigG-14 on 2, 8, 64 processes) instead of measuring",
+    )
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     if args.table:

@@ -14,7 +14,8 @@ Runs alternate (acc_clip, open_clip, acc_clip, ...) so a change in the machine's
 medians of --repeats runs are printed as images/s of wall time, and as CPU milliseconds per
 image (this process and its finished workers), which depend far less on other jobs sharing the
 machine; they include starting and stopping the workers, once per epoch on both sides (~0.45 s of
-CPU per worker on the 2-core development machine). `--stages` adds a one-process breakdown of where the time goes on each side.
+CPU per worker on the 2-core development machine). `--stages` adds a one-process breakdown of where the
+time goes on each side.
 
 Images come from benchmarks/bench_shards.py's generator (gradients, ellipses, noise: ~115 KB each, like
 photos); the CSV lists each of the --images files --samples / --images times (with its own caption),
@@ -36,15 +37,14 @@ import tarfile
 import tempfile
 import time
 from argparse import Namespace
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Callable, Iterable
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # Run from a checkout without installing: the package lives one folder up, bench_shards beside us.
 
-from benchmarks.bench_shards import make_images  # noqa: E402
-
 from acc_clip.prep.shards.convert import DEFAULT_QUALITY, convert_csv_to_shards  # noqa: E402
+from benchmarks.bench_shards import make_images  # noqa: E402
 
 RESIZE = 256
 
@@ -63,9 +63,13 @@ def prepare(work: str, images: int, samples: int) -> tuple[str, str]:
     csv_path = os.path.join(work, f"train_{images}x{samples}.csv")
     if not os.path.isfile(csv_path):
         with open(csv_path + ".tmp", "w", newline="") as file:
-            csv.writer(file).writerows([("filepath", "title")] + [
-                (paths[row % len(paths)], f"a synthetic photo, row {row} of file {row % len(paths)}")
-                for row in range(samples)])
+            csv.writer(file).writerows(
+                [("filepath", "title")]
+                + [
+                    (paths[row % len(paths)], f"a synthetic photo, row {row} of file {row % len(paths)}")
+                    for row in range(samples)
+                ]
+            )
         os.replace(csv_path + ".tmp", csv_path)
     shard_dir = os.path.join(work, f"shards{RESIZE}_q{DEFAULT_QUALITY}_{images}x{samples}")
     per_shard = max(1, samples // 16)  # 16 shards: 8 per worker with 2 workers
@@ -112,19 +116,22 @@ def timed_epoch(batches: Iterable) -> Epoch:
     return Epoch(images, time.perf_counter() - started, cpu_seconds() - cpu_before, *first)
 
 
-def acc_clip_epoch(shard_dir: str, preprocess: Callable, tokenizer: Callable, batch_size: int, workers: int,
-                   epoch: int):
+def acc_clip_epoch(
+    shard_dir: str, preprocess: Callable, tokenizer: Callable, batch_size: int, workers: int, epoch: int
+):
     """The trainer's input path: its loader, then its normalisation of the uint8 batches (on the CPU
     here, in this process: the part a GPU would take over is counted too)."""
     from acc_clip.data import build_train_data
     from acc_clip.data.pixels import model_input, train_transform
     from acc_clip.train.config import parse_train_config
 
-    config, _ = parse_train_config(["--train-data", shard_dir, "--batch-size", str(batch_size),
-                                    "--workers", str(workers)])
+    config, _ = parse_train_config(
+        ["--train-data", shard_dir, "--batch-size", str(batch_size), "--workers", str(workers)]
+    )
     transform = train_transform(preprocess, decode_on_device=False, device="cpu")
-    data = build_train_data(config, transform, tokenizer, seed=config.runtime.seed, rank=0, world_size=1,
-                            pin_memory=False)
+    data = build_train_data(
+        config, transform, tokenizer, seed=config.runtime.seed, rank=0, world_size=1, pin_memory=False
+    )
     for batch in data.batches(epoch):
         yield model_input(batch.images, transform, "cpu", channels_last=False), batch.texts
 
@@ -132,8 +139,15 @@ def acc_clip_epoch(shard_dir: str, preprocess: Callable, tokenizer: Callable, ba
 def open_clip_epoch(csv_path: str, preprocess: Callable, tokenizer: Callable, batch_size: int, workers: int):
     from open_clip_train.data import get_csv_dataset
 
-    args = Namespace(train_data=csv_path, csv_img_key="filepath", csv_caption_key="title", csv_separator=",",
-                     distributed=False, batch_size=batch_size, workers=workers)
+    args = Namespace(
+        train_data=csv_path,
+        csv_img_key="filepath",
+        csv_caption_key="title",
+        csv_separator=",",
+        distributed=False,
+        batch_size=batch_size,
+        workers=workers,
+    )
     return get_csv_dataset(args, preprocess, is_train=True, tokenizer=tokenizer).dataloader
 
 
@@ -154,7 +168,7 @@ def stage_breakdown(csv_path: str, shard_dir: str, preprocess: Callable, tokeniz
 
     from acc_clip.data.common import sample_seed, seeded_torch_rng
     from acc_clip.data.pixels import DECODER, decode_rgb, run_geometric, split_transform
-    from acc_clip.data.wds import read_raw_samples, expand_shard_urls
+    from acc_clip.data.wds import expand_shard_urls, read_raw_samples
 
     torch.set_num_threads(1)
     rows = pd.read_csv(csv_path).head(count)
@@ -183,21 +197,27 @@ def stage_breakdown(csv_path: str, shard_dir: str, preprocess: Callable, tokeniz
     small = per_image(f"decode to uint8 RGB ({DECODER})", lambda i: decode_rgb(raw[i]["jpg"]), count)
     images = small
     for step in split.geometric.transforms:
-        images = per_image(f"{type(step).__name__} on uint8",
-                           lambda i, step=step, images=images: run_geometric([step], images[i]), count)
+        images = per_image(
+            f"{type(step).__name__} on uint8",
+            lambda i, step=step, images=images: run_geometric([step], images[i]),
+            count,
+        )
     batch = torch.stack(images)
     started = time.process_time()
     split.to_model_input(batch, "cpu")
-    print(f"  {'to float + Normalize (the device part; one batch)':<52} "
-          f"{(time.process_time() - started) / count * 1e3:6.2f} ms")
+    print(
+        f"  {'to float + Normalize (the device part; one batch)':<52} "
+        f"{(time.process_time() - started) / count * 1e3:6.2f} ms"
+    )
 
     def seed_only(i: int) -> None:
         with seeded_torch_rng(sample_seed(0, 0, i)):
             pass
 
     per_image("per-sample seeding (seeded_torch_rng)", seed_only, count)
-    per_image("  the same, 20 frames deep as in a loader worker", lambda i: _called_deep(20, lambda: seed_only(i)),
-              count)
+    per_image(
+        "  the same, 20 frames deep as in a loader worker", lambda i: _called_deep(20, lambda: seed_only(i)), count
+    )
     per_image("tokenize", lambda i: tokenizer([raw[i]["txt"].decode()])[0], count)
 
 
@@ -226,33 +246,55 @@ def main() -> int:
     tokenizer = open_clip.get_tokenizer("RN50")
     with tarfile.open(os.path.join(shard_dir, "00000.tar")) as tar:
         shard_kb = statistics.mean(m.size for m in tar if m.name.endswith(".jpg")) / 1024
-    source_kb = statistics.mean(os.path.getsize(os.path.join(work, "images", n))
-                                for n in os.listdir(os.path.join(work, "images"))) / 1024
-    print(f"{args.samples} samples over {args.images} files: 640x480 {source_kb:.0f} KB each; --resize {RESIZE} "
-          f"shards {shard_kb:.0f} KB each; batch {args.batch_size}, {args.workers} workers; {os.cpu_count()} cores, "
-          f"load average {os.getloadavg()[0]:.1f}")
+    source_kb = (
+        statistics.mean(
+            os.path.getsize(os.path.join(work, "images", n)) for n in os.listdir(os.path.join(work, "images"))
+        )
+        / 1024
+    )
+    print(
+        f"{args.samples} samples over {args.images} files: 640x480 {source_kb:.0f} KB each; --resize {RESIZE} "
+        f"shards {shard_kb:.0f} KB each; batch {args.batch_size}, {args.workers} workers; {os.cpu_count()} cores, "
+        f"load average {os.getloadavg()[0]:.1f}"
+    )
 
     # The trainer's compute threads on the CPU: the cores left to this process beside its workers.
     torch.set_num_threads(max(1, (os.cpu_count() or 1) - args.workers))
     runs: dict[str, list[Epoch]] = {"acc_clip": [], "open_clip": []}
     for repeat in range(args.repeats):
-        runs["acc_clip"].append(timed_epoch(acc_clip_epoch(shard_dir, preprocess, tokenizer, args.batch_size,
-                                                           args.workers, epoch=repeat)))
-        runs["open_clip"].append(timed_epoch(open_clip_epoch(csv_path, preprocess, tokenizer, args.batch_size,
-                                                             args.workers)))
-        print(f"  run {repeat + 1}: " + "; ".join(
-            f"{name} {r[-1].rate:.0f} img/s (steady {r[-1].steady_rate:.0f}), {r[-1].cpu_ms_per_image:.2f} ms CPU/img"
-            for name, r in runs.items()))
-    median = {name: {key: statistics.median(getattr(epoch, key) for epoch in r)
-                     for key in ("rate", "steady_rate", "cpu_ms_per_image")} for name, r in runs.items()}
+        runs["acc_clip"].append(
+            timed_epoch(acc_clip_epoch(shard_dir, preprocess, tokenizer, args.batch_size, args.workers, epoch=repeat))
+        )
+        runs["open_clip"].append(
+            timed_epoch(open_clip_epoch(csv_path, preprocess, tokenizer, args.batch_size, args.workers))
+        )
+        print(
+            f"  run {repeat + 1}: "
+            + "; ".join(
+                f"{name} {r[-1].rate:.0f} img/s (steady {r[-1].steady_rate:.0f}), "
+                f"{r[-1].cpu_ms_per_image:.2f} ms CPU/img"
+                for name, r in runs.items()
+            )
+        )
+    median = {
+        name: {
+            key: statistics.median(getattr(epoch, key) for epoch in r)
+            for key in ("rate", "steady_rate", "cpu_ms_per_image")
+        }
+        for name, r in runs.items()
+    }
     for name, m in median.items():
-        print(f"{name:<10} median {m['rate']:5.0f} img/s, steady {m['steady_rate']:5.0f} img/s, "
-              f"{m['cpu_ms_per_image']:5.2f} ms CPU per image")
+        print(
+            f"{name:<10} median {m['rate']:5.0f} img/s, steady {m['steady_rate']:5.0f} img/s, "
+            f"{m['cpu_ms_per_image']:5.2f} ms CPU per image"
+        )
     acc, reference = median["acc_clip"], median["open_clip"]
-    print(f"acc_clip / open_clip (target >= 3x): {acc['rate'] / reference['rate']:.2f}x images/s, "
-          f"{acc['steady_rate'] / reference['steady_rate']:.2f}x steady, "
-          f"{reference['cpu_ms_per_image'] / acc['cpu_ms_per_image']:.2f}x less CPU per image; "
-          f"load average now {os.getloadavg()[0]:.1f}")
+    print(
+        f"acc_clip / open_clip (target >= 3x): {acc['rate'] / reference['rate']:.2f}x images/s, "
+        f"{acc['steady_rate'] / reference['steady_rate']:.2f}x steady, "
+        f"{reference['cpu_ms_per_image'] / acc['cpu_ms_per_image']:.2f}x less CPU per image; "
+        f"load average now {os.getloadavg()[0]:.1f}"
+    )
     if args.stages:
         stage_breakdown(csv_path, shard_dir, preprocess, tokenizer, min(args.samples, 100))
     if not args.work:

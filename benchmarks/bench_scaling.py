@@ -36,11 +36,13 @@ def demo_csv(folder: str) -> str:
     from acc_clip.prep.coco_csv import create_coco_csv
     from acc_clip.prep.demo_data import make_demo_data
 
-    make_demo_data(os.path.join(folder, "coco"), num_train=64, num_val=1, size=(160, 120), seed=0,
-                   zeroshot_per_class=1)
+    make_demo_data(os.path.join(folder, "coco"), num_train=64, num_val=1, size=(160, 120), seed=0, zeroshot_per_class=1)
     out = os.path.join(folder, "train.csv")
-    create_coco_csv(os.path.join(folder, "coco", "annotations", "captions_train2017.json"),
-                    os.path.join(folder, "coco", "train2017"), out)
+    create_coco_csv(
+        os.path.join(folder, "coco", "annotations", "captions_train2017.json"),
+        os.path.join(folder, "coco", "train2017"),
+        out,
+    )
     return out
 
 
@@ -55,26 +57,73 @@ def launcher(processes: int) -> list[str]:
     if processes == 1:
         return [accelerate, "launch", "--config_file", os.path.join(REPO, "launch", "single_card.yaml")]
     if processes == 2:
-        return [accelerate, "launch", "--config_file", os.path.join(REPO, "launch", "cpu_2proc.yaml"),
-                "--main_process_port", str(free_port())]
-    return [accelerate, "launch", "--multi_gpu", "--num_processes", str(processes), "--num_machines", "1",
-            "--mixed_precision", "no", "--dynamo_backend", "no", "--main_process_port", str(free_port())]
+        return [
+            accelerate,
+            "launch",
+            "--config_file",
+            os.path.join(REPO, "launch", "cpu_2proc.yaml"),
+            "--main_process_port",
+            str(free_port()),
+        ]
+    return [
+        accelerate,
+        "launch",
+        "--multi_gpu",
+        "--num_processes",
+        str(processes),
+        "--num_machines",
+        "1",
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+        "--main_process_port",
+        str(free_port()),
+    ]
 
 
 def run_once(args, processes: int, logs: str, name: str) -> float:
     batch = args.global_batch // processes
     command = launcher(processes) + [
-        "-m", "acc_clip.train", "--train-data", args.train_data, "--csv-separator", ",", "--model", args.model,
-        "--batch-size", str(batch), "--max-steps", str(args.steps), "--epochs", "100", "--workers", "0",
-        "--precision", "fp32", "--device", "cpu", "--gather-with-grad", "--warmup", "1", "--log-every-n-steps",
-        str(args.steps), "--save-frequency", "0", "--logs", logs, "--name", name]
+        "-m",
+        "acc_clip.train",
+        "--train-data",
+        args.train_data,
+        "--csv-separator",
+        ",",
+        "--model",
+        args.model,
+        "--batch-size",
+        str(batch),
+        "--max-steps",
+        str(args.steps),
+        "--epochs",
+        "100",
+        "--workers",
+        "0",
+        "--precision",
+        "fp32",
+        "--device",
+        "cpu",
+        "--gather-with-grad",
+        "--warmup",
+        "1",
+        "--log-every-n-steps",
+        str(args.steps),
+        "--save-frequency",
+        "0",
+        "--logs",
+        logs,
+        "--name",
+        name,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": str(args.threads_per_process), "HF_HUB_OFFLINE": "1"}
     result = subprocess.run(command, capture_output=True, text=True, env=env, cwd=REPO)
     if result.returncode != 0:
         sys.exit(f"run {name} failed:\n{result.stderr[-3000:]}")
     with open(os.path.join(logs, name, "metrics.jsonl")) as file:
         records = [json.loads(line) for line in file]
-    return statistics.median(r["samples_per_second"] for r in records[args.skip:])
+    return statistics.median(r["samples_per_second"] for r in records[args.skip :])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -101,27 +150,44 @@ def main(argv: list[str] | None = None) -> int:
         started = time.time()
         for repeat in range(args.repeats):
             for processes in runs:
-                runs[processes].append(run_once(args, processes, os.path.join(folder, "logs"),
-                                                f"p{processes}_r{repeat}"))
+                runs[processes].append(
+                    run_once(args, processes, os.path.join(folder, "logs"), f"p{processes}_r{repeat}")
+                )
                 print(f"repeat {repeat}: {processes} process(es): {runs[processes][-1]:.1f} samples/s", flush=True)
         load_after = os.getloadavg()
 
     one, many = statistics.median(runs[1]), statistics.median(runs[args.processes])
     efficiency = many / (args.processes * one)
     summary = {
-        "global_batch": args.global_batch, "steps": args.steps, "skip": args.skip, "repeats": args.repeats,
-        "threads_per_process": args.threads_per_process, "model": args.model, "cpu_count": os.cpu_count(),
-        "load_average_before": load_before, "load_average_after": load_after, "runs": runs,
-        "samples_per_second_1": one, f"samples_per_second_{args.processes}": many,
-        "speedup": many / one, "scaling_efficiency": efficiency, "wall_seconds": time.time() - started,
+        "global_batch": args.global_batch,
+        "steps": args.steps,
+        "skip": args.skip,
+        "repeats": args.repeats,
+        "threads_per_process": args.threads_per_process,
+        "model": args.model,
+        "cpu_count": os.cpu_count(),
+        "load_average_before": load_before,
+        "load_average_after": load_after,
+        "runs": runs,
+        "samples_per_second_1": one,
+        f"samples_per_second_{args.processes}": many,
+        "speedup": many / one,
+        "scaling_efficiency": efficiency,
+        "wall_seconds": time.time() - started,
     }
-    print(f"global batch {args.global_batch}, {os.cpu_count()} CPUs, load average (1/5/15 min) "
-          f"{' '.join(f'{x:.1f}' for x in load_before)} before, {' '.join(f'{x:.1f}' for x in load_after)} after")
+    print(
+        f"global batch {args.global_batch}, {os.cpu_count()} CPUs, load average (1/5/15 min) "
+        f"{' '.join(f'{x:.1f}' for x in load_before)} before, {' '.join(f'{x:.1f}' for x in load_after)} after"
+    )
     print(f"1 process x batch {args.global_batch}: {one:.1f} samples/s (median of {args.repeats})")
-    print(f"{args.processes} processes x batch {args.global_batch // args.processes}: {many:.1f} samples/s "
-          f"(median of {args.repeats})")
-    print(f"speed-up {many / one:.2f}x, scaling efficiency {efficiency:.0%} "
-          f"({args.threads_per_process} thread(s) per process)")
+    print(
+        f"{args.processes} processes x batch {args.global_batch // args.processes}: {many:.1f} samples/s "
+        f"(median of {args.repeats})"
+    )
+    print(
+        f"speed-up {many / one:.2f}x, scaling efficiency {efficiency:.0%} "
+        f"({args.threads_per_process} thread(s) per process)"
+    )
     if args.json:
         with open(args.json, "w") as file:
             json.dump(summary, file, indent=1)

@@ -28,7 +28,6 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 # Run from a checkout without installing: the package lives one folder up.
-
 from acc_clip.prep.shards.convert import convert_csv_to_shards  # noqa: E402
 
 
@@ -93,8 +92,10 @@ def main() -> int:
         with open(os.path.join(image_dir, name), "rb") as f:
             total_bytes += len(f.read())
     mb = total_bytes / 1e6
-    print(f"{len(paths)} images 640x480, {mb:.1f} MB, {total_bytes / len(paths) / 1024:.0f} KB each; "
-          f"{os.cpu_count()} cores; median of {args.repeats}")
+    print(
+        f"{len(paths)} images 640x480, {mb:.1f} MB, {total_bytes / len(paths) / 1024:.0f} KB each; "
+        f"{os.cpu_count()} cores; median of {args.repeats}"
+    )
 
     def fresh(name: str) -> str:
         path = os.path.join(work, name)
@@ -102,8 +103,10 @@ def main() -> int:
         return path
 
     def line(label: str, wall: float, cpu: float) -> str:
-        return (f"{label:<34} {wall:6.3f} s wall {len(paths) / wall:6.0f} img/s {mb / wall:5.0f} MB/s | "
-                f"{cpu:6.3f} s CPU {len(paths) / cpu:6.0f} img/s {mb / cpu:5.0f} MB/s per CPU second")
+        return (
+            f"{label:<34} {wall:6.3f} s wall {len(paths) / wall:6.0f} img/s {mb / wall:5.0f} MB/s | "
+            f"{cpu:6.3f} s CPU {len(paths) / cpu:6.0f} img/s {mb / cpu:5.0f} MB/s per CPU second"
+        )
 
     cp = median_seconds(lambda: subprocess.run(["cp", "-r", image_dir, fresh("cp_copy")], check=True), args.repeats)
     print(line("cp -r", *cp))
@@ -119,8 +122,12 @@ def main() -> int:
     print(f"  --resize 256: {len(paths) / resize[1]:.0f} img/s per core (CPU time; target >= 150)")
     cores = os.cpu_count() or 1
     if cores > 1:
-        print(line(f"shards, --resize 256, {cores} processes",
-                   *median_seconds(lambda: convert("resize_all", workers=cores, resize=256), args.repeats)))
+        print(
+            line(
+                f"shards, --resize 256, {cores} processes",
+                *median_seconds(lambda: convert("resize_all", workers=cores, resize=256), args.repeats),
+            )
+        )
     if not args.keep:
         shutil.rmtree(work)
     return 0

@@ -18,6 +18,7 @@ import statistics
 import tarfile
 import tempfile
 import time
+from pathlib import Path
 
 from acc_clip.prep.shards.tar import finish_tar, write_member
 
@@ -27,8 +28,11 @@ def members(samples: int, image_bytes: int) -> list[tuple[str, bytes]]:
     result = []
     for number in range(samples):
         key = f"{number:09d}"
-        result += [(key + ".jpg", payload), (key + ".txt", b"a red circle on a blue square"),
-                   (key + ".json", b'{"height": 256, "key": "%s", "row": %d, "width": 341}' % (key.encode(), number))]
+        result += [
+            (key + ".jpg", payload),
+            (key + ".txt", b"a red circle on a blue square"),
+            (key + ".json", b'{"height": 256, "key": "%s", "row": %d, "width": 341}' % (key.encode(), number)),
+        ]
     return result
 
 
@@ -43,7 +47,15 @@ def write_tarfile(path: str, items: list[tuple[str, bytes]]) -> None:
     with tarfile.open(path, "w", format=tarfile.USTAR_FORMAT) as tar:
         for name, data in items:
             info = tarfile.TarInfo(name)
-            info.size, info.mode, info.mtime, info.uid, info.gid, info.uname, info.gname = len(data), 0o644, 0, 0, 0, "", ""
+            info.size, info.mode, info.mtime, info.uid, info.gid, info.uname, info.gname = (
+                len(data),
+                0o644,
+                0,
+                0,
+                0,
+                "",
+                "",
+            )
             tar.addfile(info, io.BytesIO(data))
 
 
@@ -59,7 +71,7 @@ def main() -> None:
         paths = {name: os.path.join(folder, f"{name}.tar") for name in writers}
         for name, writer in writers.items():
             writer(paths[name], items)
-        contents = {name: open(path, "rb").read() for name, path in paths.items()}
+        contents = {name: Path(path).read_bytes() for name, path in paths.items()}
         print(f"same bytes: {contents['acc_clip'] == contents['tarfile']} ({len(contents['acc_clip'])} bytes)")
         seconds: dict[str, list[float]] = {name: [] for name in writers}
         for _ in range(args.rounds):
@@ -69,8 +81,10 @@ def main() -> None:
                 seconds[name].append(time.perf_counter() - started)
     median = {name: statistics.median(values) for name, values in seconds.items()}
     for name, value in median.items():
-        print(f"{name:>8}: {value:.3f} s median of {args.rounds} [{min(seconds[name]):.3f}-{max(seconds[name]):.3f}], "
-              f"{args.samples / value:.0f} samples/s")
+        print(
+            f"{name:>8}: {value:.3f} s median of {args.rounds} [{min(seconds[name]):.3f}-{max(seconds[name]):.3f}], "
+            f"{args.samples / value:.0f} samples/s"
+        )
     print(f"acc_clip's writer is {median['tarfile'] / median['acc_clip']:.2f}x tarfile's speed")
 
 

@@ -43,7 +43,6 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import datetime
 from pathlib import Path
-from typing import Optional
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -81,20 +80,27 @@ class StepTime:
     batch_time: float  # seconds of the whole step, data time included
 
 
-def trainer_env(extra: Optional[dict[str, str]] = None) -> dict[str, str]:
-    return {**os.environ, "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1", "TOKENIZERS_PARALLELISM": "false",
-            **(extra or {})}
+def trainer_env(extra: dict[str, str] | None = None) -> dict[str, str]:
+    return {
+        **os.environ,
+        "HF_HUB_OFFLINE": "1",
+        "PYTHONUNBUFFERED": "1",
+        "TOKENIZERS_PARALLELISM": "false",
+        **(extra or {}),
+    }
 
 
-def run_logged(command: list[str], log_path: Path, env: Optional[dict[str, str]] = None,
-               timeout: Optional[float] = None) -> float:
+def run_logged(
+    command: list[str], log_path: Path, env: dict[str, str] | None = None, timeout: float | None = None
+) -> float:
     """Run `command` from the repository root with stdout and stderr into `log_path` (`env`: extra
     variables); its wall seconds. A failed run stops everything: a benchmark or a parity check over
     a broken run means nothing. A run past `timeout` seconds is killed and counts as failed."""
     start = time.perf_counter()
     with open(log_path, "w") as log:
-        result = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=trainer_env(env), cwd=REPO,
-                                timeout=timeout)
+        result = subprocess.run(
+            command, stdout=log, stderr=subprocess.STDOUT, env=trainer_env(env), cwd=REPO, timeout=timeout
+        )
     if result.returncode != 0:
         tail = "".join(log_path.read_text(errors="replace").splitlines(keepends=True)[-15:])
         raise AccClipError(f"{' '.join(command[:4])}... exited {result.returncode}; see {log_path}:\n{tail}")
@@ -129,8 +135,8 @@ def steady_samples_per_second(steps: list[StepTime], batch_size: int, skip: int)
 
 @dataclass(frozen=True)
 class BenchData:
-    run_csv: Optional[Path]  # exactly steps x batch rows
-    shards: Optional[Path]
+    run_csv: Path | None  # exactly steps x batch rows
+    shards: Path | None
     num_samples: int  # steps x batch
 
 
@@ -167,8 +173,10 @@ def make_images(root: Path, images: int, size: tuple[int, int]) -> Path:
     full_csv = root / "train.csv"
     if full_csv.exists():
         return full_csv
-    jobs = [(root / f"part{k:03d}", min(PART_IMAGES, images - k * PART_IMAGES), size, k)
-            for k in range(math.ceil(images / PART_IMAGES))]
+    jobs = [
+        (root / f"part{k:03d}", min(PART_IMAGES, images - k * PART_IMAGES), size, k)
+        for k in range(math.ceil(images / PART_IMAGES))
+    ]
     with ProcessPoolExecutor(max_workers=min(len(jobs), os.cpu_count() or 1)) as pool:
         part_csvs = list(pool.map(_make_part, jobs))
     frame = pd.concat([pd.read_csv(p, dtype=str, keep_default_na=False) for p in part_csvs], ignore_index=True)
@@ -177,8 +185,17 @@ def make_images(root: Path, images: int, size: tuple[int, int]) -> Path:
     return full_csv
 
 
-def prepare_data(data_dir: Path, *, images: int, size: tuple[int, int], steps: int, batch_size: int,
-                 need_csv: bool, resize: Optional[int], samples_per_shard: int) -> BenchData:
+def prepare_data(
+    data_dir: Path,
+    *,
+    images: int,
+    size: tuple[int, int],
+    steps: int,
+    batch_size: int,
+    need_csv: bool,
+    resize: int | None,
+    samples_per_shard: int,
+) -> BenchData:
     """Make or reuse the demo images, their CSV, the run CSV of steps x batch rows and the shards."""
     import pandas as pd
 
@@ -191,8 +208,10 @@ def prepare_data(data_dir: Path, *, images: int, size: tuple[int, int], steps: i
     full_csv = make_images(root, images, size)
     rows = _csv_rows(full_csv)
     if rows < num_samples:
-        raise AccClipError(f"{full_csv}: {rows} rows, but {steps} steps of {batch_size} need {num_samples}; "
-                           f"raise --images to at least {math.ceil(num_samples / 5)} or lower --steps")
+        raise AccClipError(
+            f"{full_csv}: {rows} rows, but {steps} steps of {batch_size} need {num_samples}; "
+            f"raise --images to at least {math.ceil(num_samples / 5)} or lower --steps"
+        )
     run_csv = root / f"train_{num_samples}.csv"
     if not run_csv.exists():
         frame = pd.read_csv(full_csv, dtype=str, keep_default_na=False).head(num_samples)
@@ -202,8 +221,9 @@ def prepare_data(data_dir: Path, *, images: int, size: tuple[int, int], steps: i
     shards = None
     if resize is not None:
         shards = root / f"shards_r{resize}_q{DEFAULT_QUALITY}_n{samples_per_shard}"
-        convert_csv_to_shards(str(full_csv), str(shards), resize=resize, samples_per_shard=samples_per_shard,
-                              progress=False)
+        convert_csv_to_shards(
+            str(full_csv), str(shards), resize=resize, samples_per_shard=samples_per_shard, progress=False
+        )
         warm += sorted(shards.glob("*.tar"))
     _warm_page_cache(warm)
     return BenchData(run_csv, shards, num_samples)
@@ -241,8 +261,11 @@ def contenders_for(modes: list[str], variants: list[tuple[str, tuple[str, ...]]]
     chosen: list[Contender] = []
     for mode in modes:
         reference, candidate = MODE_SOURCES[mode]
-        for contender in [Contender("open_clip", reference), Contender("acc_clip", candidate),
-                          *(Contender("acc_clip", candidate, name, flags) for name, flags in variants)]:
+        for contender in [
+            Contender("open_clip", reference),
+            Contender("acc_clip", candidate),
+            *(Contender("acc_clip", candidate, name, flags) for name, flags in variants),
+        ]:
             if contender not in chosen:
                 chosen.append(contender)
     return chosen
@@ -255,10 +278,34 @@ def baseline_of(contender: Contender) -> Contender:
 
 def trainer_flags(args: argparse.Namespace) -> list[str]:
     """Flags both trainers take with the same meaning (the model, batch, precision, workers, schedule)."""
-    flags = ["--model", args.model, "--batch-size", str(args.batch_size), "--workers", str(args.workers),
-             "--precision", args.precision, "--lr", "5e-4", "--warmup", "10", "--wd", "0.2", "--seed", "0",
-             "--log-every-n-steps", "1", "--save-frequency", "0", "--zeroshot-frequency", "0",
-             "--val-frequency", "0", "--pretrained", ""]
+    flags = [
+        "--model",
+        args.model,
+        "--batch-size",
+        str(args.batch_size),
+        "--workers",
+        str(args.workers),
+        "--precision",
+        args.precision,
+        "--lr",
+        "5e-4",
+        "--warmup",
+        "10",
+        "--wd",
+        "0.2",
+        "--seed",
+        "0",
+        "--log-every-n-steps",
+        "1",
+        "--save-frequency",
+        "0",
+        "--zeroshot-frequency",
+        "0",
+        "--val-frequency",
+        "0",
+        "--pretrained",
+        "",
+    ]
     return flags + (["--device", args.device] if args.device else [])
 
 
@@ -266,11 +313,27 @@ def command_for(contender: Contender, args: argparse.Namespace, data: BenchData,
     module = "open_clip_train.main" if contender.trainer == "open_clip" else "acc_clip.train"
     flags = trainer_flags(args) + ["--logs", str(logs), "--name", name]
     if contender.source == "csv":
-        flags += ["--train-data", str(data.run_csv), "--dataset-type", "csv", "--csv-separator", ",",
-                  "--csv-img-key", "filepath", "--csv-caption-key", "title"]
+        flags += [
+            "--train-data",
+            str(data.run_csv),
+            "--dataset-type",
+            "csv",
+            "--csv-separator",
+            ",",
+            "--csv-img-key",
+            "filepath",
+            "--csv-caption-key",
+            "title",
+        ]
     elif contender.source == "shards":
-        flags += ["--train-data", str(data.shards), "--dataset-type", "webdataset",
-                  "--train-num-samples", str(data.num_samples)]
+        flags += [
+            "--train-data",
+            str(data.shards),
+            "--dataset-type",
+            "webdataset",
+            "--train-num-samples",
+            str(data.num_samples),
+        ]
     else:
         flags += ["--dataset-type", "synthetic", "--train-num-samples", str(data.num_samples)]
     if contender.trainer == "acc_clip":
@@ -298,8 +361,8 @@ class RunResult:
     wall_seconds: float  # the whole process, start-up included
     cpu_seconds: float  # user + system of the process and its loader workers, start-up included
     load_average: tuple[float, float]  # 1-minute load before and after the run
-    device_peak_bytes: Optional[int]
-    host_peak_rss_bytes: Optional[int]
+    device_peak_bytes: int | None
+    host_peak_rss_bytes: int | None
     device_name: str = ""
 
 
@@ -310,15 +373,16 @@ def _children_cpu_seconds() -> float:
 
 def _peak_report(stdout_log: Path) -> dict:
     lines = [line for line in stdout_log.read_text(errors="replace").splitlines() if line.startswith(PEAK_MARKER)]
-    return json.loads(lines[-1][len(PEAK_MARKER):]) if lines else {}
+    return json.loads(lines[-1][len(PEAK_MARKER) :]) if lines else {}
 
 
 def run_once(contender: Contender, round_: int, args: argparse.Namespace, data: BenchData, logs: Path) -> RunResult:
     name = f"r{round_}_{contender.slug}"
     command = command_for(contender, args, data, logs, name)
     load_before, cpu_before = os.getloadavg()[0], _children_cpu_seconds()
-    wall = run_logged(command, logs / f"{name}.stdout",
-                      {"OMP_NUM_THREADS": str(args.threads)} if args.threads else None)
+    wall = run_logged(
+        command, logs / f"{name}.stdout", {"OMP_NUM_THREADS": str(args.threads)} if args.threads else None
+    )
     cpu, load_after = _children_cpu_seconds() - cpu_before, os.getloadavg()[0]
     run_dir = logs / name
     if contender.trainer == "open_clip":
@@ -327,13 +391,25 @@ def run_once(contender: Contender, round_: int, args: argparse.Namespace, data: 
         steps = acc_clip_steps(run_dir / "metrics.jsonl")
     if len(steps) != args.steps:
         raise AccClipError(f"{run_dir}: {len(steps)} steps logged, expected {args.steps}")
-    steady = steps[args.skip:]
+    steady = steps[args.skip :]
     data_ms = 1000 * statistics.fmean(s.data_time for s in steady)
     step_ms = 1000 * statistics.fmean(s.batch_time for s in steady)
     peak = _peak_report(logs / f"{name}.stdout")
-    return RunResult(contender.name, round_, len(steps), steady_samples_per_second(steps, args.batch_size, args.skip),
-                     data_ms, step_ms - data_ms, step_ms, wall, cpu, (load_before, load_after),
-                     peak.get("device_peak_bytes"), peak.get("host_peak_rss_bytes"), peak.get("device_name", ""))
+    return RunResult(
+        contender.name,
+        round_,
+        len(steps),
+        steady_samples_per_second(steps, args.batch_size, args.skip),
+        data_ms,
+        step_ms - data_ms,
+        step_ms,
+        wall,
+        cpu,
+        (load_before, load_after),
+        peak.get("device_peak_bytes"),
+        peak.get("host_peak_rss_bytes"),
+        peak.get("device_name", ""),
+    )
 
 
 def summarise(results: list[RunResult], contenders: list[Contender]) -> dict:
@@ -361,13 +437,17 @@ def summarise(results: list[RunResult], contenders: list[Contender]) -> dict:
             continue
         base = baseline_of(contender).name
         by_round = {r.round: r.samples_per_second for r in results if r.contender == base}
-        paired = [r.samples_per_second / by_round[r.round] for r in results
-                  if r.contender == contender.name and r.round in by_round]
+        paired = [
+            r.samples_per_second / by_round[r.round]
+            for r in results
+            if r.contender == contender.name and r.round in by_round
+        ]
         medians = summary["contenders"]
         summary["ratios"][f"{contender.name} / {base}"] = {
             "of_medians": medians[contender.name]["samples_per_second"]["median"]
             / medians[base]["samples_per_second"]["median"],
-            "per_round_min": min(paired), "per_round_max": max(paired),
+            "per_round_min": min(paired),
+            "per_round_max": max(paired),
         }
     return summary
 
@@ -389,27 +469,49 @@ def report_lines(report: dict) -> list[str]:
     for name, row in report["summary"]["contenders"].items():
         speed = row["samples_per_second"]
         device = f"{row['device_peak_mib']:.0f}" if row["device_peak_mib"] is not None else "-"
-        lines.append(f"{name:<{width}} {speed['median']:>12.1f} [{speed['min']:>7.1f}-{speed['max']:>7.1f}] "
-                     f"{row['data_ms']:>8.1f} {row['compute_ms']:>11.1f} {device:>13} "
-                     f"{row['host_peak_rss_mib']:>13.0f} {row['cpu_seconds']:>10.1f}")
+        lines.append(
+            f"{name:<{width}} {speed['median']:>12.1f} [{speed['min']:>7.1f}-{speed['max']:>7.1f}] "
+            f"{row['data_ms']:>8.1f} {row['compute_ms']:>11.1f} {device:>13} "
+            f"{row['host_peak_rss_mib']:>13.0f} {row['cpu_seconds']:>10.1f}"
+        )
     for name, ratio in report["summary"]["ratios"].items():
-        lines.append(f"ratio {name}: {ratio['of_medians']:.2f}x (per round {ratio['per_round_min']:.2f}-"
-                     f"{ratio['per_round_max']:.2f}x)")
+        lines.append(
+            f"ratio {name}: {ratio['of_medians']:.2f}x (per round {ratio['per_round_min']:.2f}-"
+            f"{ratio['per_round_max']:.2f}x)"
+        )
     if report["stopped_early"]:
         lines.append(report["stopped_early"])
     return lines
 
 
-def build_report(args: argparse.Namespace, modes: list[str], contenders: list[Contender], results: list[RunResult],
-                 logs: Path, stopped_early: str = "") -> dict:
+def build_report(
+    args: argparse.Namespace,
+    modes: list[str],
+    contenders: list[Contender],
+    results: list[RunResult],
+    logs: Path,
+    stopped_early: str = "",
+) -> dict:
     loads = [load for r in results for load in r.load_average]
     ran = [c for c in contenders if any(r.contender == c.name for r in results)]
     return {
-        "setup": {"modes": modes, "model": args.model, "batch_size": args.batch_size, "precision": args.precision,
-                  "workers": args.workers, "threads": args.threads, "steps": args.steps, "skip": args.skip,
-                  "runs": args.runs, "images": args.images, "size": list(args.size), "resize": args.resize,
-                  "variants": {name: list(flags) for name, flags in args.variant}, "logs": str(logs),
-                  "command": [sys.executable, *sys.argv]},
+        "setup": {
+            "modes": modes,
+            "model": args.model,
+            "batch_size": args.batch_size,
+            "precision": args.precision,
+            "workers": args.workers,
+            "threads": args.threads,
+            "steps": args.steps,
+            "skip": args.skip,
+            "runs": args.runs,
+            "images": args.images,
+            "size": list(args.size),
+            "resize": args.resize,
+            "variants": {name: list(flags) for name, flags in args.variant},
+            "logs": str(logs),
+            "command": [sys.executable, *sys.argv],
+        },
         "device_name": next((r.device_name for r in results if r.device_name), "cpu"),
         "cpu_count": os.cpu_count(),
         "load_average": {"min": min(loads), "median": statistics.median(loads), "max": max(loads)},
@@ -420,7 +522,7 @@ def build_report(args: argparse.Namespace, modes: list[str], contenders: list[Co
     }
 
 
-def write_json(report: dict, path: Optional[str]) -> None:
+def write_json(report: dict, path: str | None) -> None:
     if path:
         Path(path).parent.mkdir(parents=True, exist_ok=True)
         Path(f"{path}.tmp").write_text(json.dumps(report, indent=1))
@@ -440,9 +542,16 @@ def run_bench(args: argparse.Namespace) -> dict:
         raise AccClipError(f"--skip {args.skip} leaves none of --steps {args.steps}")
     contenders = contenders_for(modes, args.variant)
     needs = {c.source for c in contenders}
-    data = prepare_data(Path(args.data_dir), images=args.images, size=args.size, steps=args.steps,
-                        batch_size=args.batch_size, need_csv="csv" in needs,
-                        resize=args.resize if "shards" in needs else None, samples_per_shard=args.samples_per_shard)
+    data = prepare_data(
+        Path(args.data_dir),
+        images=args.images,
+        size=args.size,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        need_csv="csv" in needs,
+        resize=args.resize if "shards" in needs else None,
+        samples_per_shard=args.samples_per_shard,
+    )
     print(f"data ready after {time.perf_counter() - started:.0f} s", flush=True)
     logs = Path(args.out or REPO / ".bench" / "runs" / datetime.now().strftime("%Y%m%d-%H%M%S"))
     logs.mkdir(parents=True, exist_ok=True)
@@ -451,19 +560,24 @@ def run_bench(args: argparse.Namespace) -> dict:
     for round_ in range(args.runs):
         round_started = time.perf_counter()
         # Each round starts one further along, so no contender always runs first after a rival.
-        order = contenders[round_ % len(contenders):] + contenders[:round_ % len(contenders)]
+        order = contenders[round_ % len(contenders) :] + contenders[: round_ % len(contenders)]
         for contender in order:
             result = run_once(contender, round_, args, data, logs)
             results.append(result)
-            print(f"round {round_} {contender.name}: {result.samples_per_second:.1f} samples/s, data "
-                  f"{result.data_ms:.1f} ms + compute {result.compute_ms:.1f} ms per step, "
-                  f"{result.wall_seconds:.0f} s in all, load {result.load_average[0]:.2f}->"
-                  f"{result.load_average[1]:.2f}", flush=True)
+            print(
+                f"round {round_} {contender.name}: {result.samples_per_second:.1f} samples/s, data "
+                f"{result.data_ms:.1f} ms + compute {result.compute_ms:.1f} ms per step, "
+                f"{result.wall_seconds:.0f} s in all, load {result.load_average[0]:.2f}->"
+                f"{result.load_average[1]:.2f}",
+                flush=True,
+            )
             write_json(build_report(args, modes, contenders, results, logs), args.json)
         elapsed, last_round = time.perf_counter() - started, time.perf_counter() - round_started
         if args.time_budget and round_ + 1 < args.runs and elapsed + last_round > args.time_budget:
-            stopped_early = (f"stopped after {round_ + 1} of {args.runs} rounds: another round of about "
-                             f"{last_round:.0f} s would pass --time-budget {args.time_budget:.0f} s")
+            stopped_early = (
+                f"stopped after {round_ + 1} of {args.runs} rounds: another round of about "
+                f"{last_round:.0f} s would pass --time-budget {args.time_budget:.0f} s"
+            )
             print(stopped_early, flush=True)
             break
     report = build_report(args, modes, contenders, results, logs, stopped_early)
@@ -474,18 +588,28 @@ def run_bench(args: argparse.Namespace) -> dict:
 def build_parser() -> argparse.ArgumentParser:
     from acc_clip.prep.demo_data import parse_size
 
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--mode", default="csv,shards", help="comma-separated: csv, shards, model")
-    parser.add_argument("--variant", action="append", type=parse_variant, default=[],
-                        help="NAME=FLAGS: also run acc_clip with these extra flags (repeatable)")
+    parser.add_argument(
+        "--variant",
+        action="append",
+        type=parse_variant,
+        default=[],
+        help="NAME=FLAGS: also run acc_clip with these extra flags (repeatable)",
+    )
     parser.add_argument("--model", default=f"local-dir:{REPO / 'configs/models/tiny-rn'}")
     parser.add_argument("--precision", default="fp32")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--device", default=None, help="passed to both trainers; default: their own choice")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="OMP_NUM_THREADS for both trainers (default: unset, each trainer's own choice)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="OMP_NUM_THREADS for both trainers (default: unset, each trainer's own choice)",
+    )
     parser.add_argument("--steps", type=int, default=40, help="optimizer steps per run")
     parser.add_argument("--skip", type=int, default=5, help="first steps of each run left out (warm-up)")
     parser.add_argument("--runs", type=int, default=3, help="runs per contender")
@@ -496,8 +620,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--data-dir", default=str(REPO / ".bench" / "data"), help="made once, then reused")
     parser.add_argument("--out", default=None, help="run folders (default: .bench/runs/<time>)")
     parser.add_argument("--json", default=None, help="also write the results here (rewritten after every run)")
-    parser.add_argument("--time-budget", type=float, default=None,
-                        help="seconds from the start: start no round that would end past it")
+    parser.add_argument(
+        "--time-budget", type=float, default=None, help="seconds from the start: start no round that would end past it"
+    )
     return parser
 
 

@@ -32,7 +32,6 @@ import re
 import shlex
 import sys
 from pathlib import Path
-from typing import Optional
 
 from acc_clip.errors import AccClipError
 from acc_clip.reports.compare_loss import compare_curves, two_sided_report_lines, vendor_report_lines
@@ -44,12 +43,48 @@ REPO = Path(__file__).resolve().parents[1]
 
 
 def common_flags(args: argparse.Namespace) -> list[str]:
-    return [*getattr(args, "objective_flags", []), *shlex.split(args.trainer_args), "--train-data", str(args.train_data), "--csv-separator", ",", "--csv-img-key", "filepath",
-            "--csv-caption-key", "title", "--model", args.model, "--batch-size", str(args.batch_size),
-            "--epochs", str(args.epochs), "--workers", str(args.workers), "--precision", args.precision,
-            "--lr", str(args.lr), "--warmup", str(args.warmup), "--seed", str(args.seed), "--wd", "0.2",
-            "--log-every-n-steps", "1", "--save-frequency", "0", "--zeroshot-frequency", "0",
-            "--val-frequency", "0", "--pretrained", "", "--device", "cpu"]
+    return [
+        *getattr(args, "objective_flags", []),
+        *shlex.split(args.trainer_args),
+        "--train-data",
+        str(args.train_data),
+        "--csv-separator",
+        ",",
+        "--csv-img-key",
+        "filepath",
+        "--csv-caption-key",
+        "title",
+        "--model",
+        args.model,
+        "--batch-size",
+        str(args.batch_size),
+        "--epochs",
+        str(args.epochs),
+        "--workers",
+        str(args.workers),
+        "--precision",
+        args.precision,
+        "--lr",
+        str(args.lr),
+        "--warmup",
+        str(args.warmup),
+        "--seed",
+        str(args.seed),
+        "--wd",
+        "0.2",
+        "--log-every-n-steps",
+        "1",
+        "--save-frequency",
+        "0",
+        "--zeroshot-frequency",
+        "0",
+        "--val-frequency",
+        "0",
+        "--pretrained",
+        "",
+        "--device",
+        "cpu",
+    ]
 
 
 Row = tuple[str, str]  # (image path, caption): a CSV row as a trainer reads it
@@ -108,7 +143,7 @@ def acc_clip_batches(run_dir: Path, train_csv: str) -> list[list[Row]]:
     return [[rows[i] for i in record["indices"]] for record in sorted(records, key=lambda r: r["step"])]
 
 
-def first_difference(ref: list[list[Row]], new: list[list[Row]]) -> Optional[int]:
+def first_difference(ref: list[list[Row]], new: list[list[Row]]) -> int | None:
     """The first step whose batch differs (None when all of `ref` equals the start of `new`)."""
     for step, batch in enumerate(ref):
         if step >= len(new) or new[step] != batch:
@@ -147,8 +182,13 @@ OPEN_CLIP_ARITHMETIC_FLAGS = ["--no-channels-last", "--no-fused-adamw"]
 
 def acc_clip_command(args: argparse.Namespace) -> list[str]:
     # --log-samples: the samples of every step, to compare with open_clip_train's batches
-    return [sys.executable, "-m", "acc_clip.train", "--log-samples",
-            *(OPEN_CLIP_ARITHMETIC_FLAGS if args.open_clip_arithmetic else [])]
+    return [
+        sys.executable,
+        "-m",
+        "acc_clip.train",
+        "--log-samples",
+        *(OPEN_CLIP_ARITHMETIC_FLAGS if args.open_clip_arithmetic else []),
+    ]
 
 
 MODELS = REPO / "configs" / "models"
@@ -177,8 +217,12 @@ def prepare_objective(args: argparse.Namespace, out: Path) -> None:
         teacher = seeded_folder(args.model, out / "teacher", args.seed + 1)
         # open_clip_train distils only when both flags are set; it takes a local-dir: teacher's weights from
         # its folder, acc_clip from --distill-pretrained: the same file.
-        args.objective_flags = ["--distill-model", teacher, "--distill-pretrained",
-                                str(out / "teacher" / "open_clip_model.safetensors")]
+        args.objective_flags = [
+            "--distill-model",
+            teacher,
+            "--distill-pretrained",
+            str(out / "teacher" / "open_clip_model.safetensors"),
+        ]
 
 
 def run_parity(args: argparse.Namespace) -> dict:
@@ -189,17 +233,28 @@ def run_parity(args: argparse.Namespace) -> dict:
     reference = out / "open_clip"
     candidate = out / "acc_clip"
     threads = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
-    seconds_ref = run_logged([sys.executable, "-m", "open_clip_train.main", *flags, "--logs", str(out),
-                              "--name", "open_clip"], out / "open_clip.stdout", threads)
-    seconds_new = run_logged([*acc_clip_command(args), *flags, "--logs", str(out),
-                              "--name", "acc_clip"], out / "acc_clip.stdout", threads)
-    result = compare_curves(read_loss_curve(reference / LOG_FILE), read_loss_curve(candidate / METRICS_FILE),
-                            ema=args.ema, tolerance=args.tolerance)
+    seconds_ref = run_logged(
+        [sys.executable, "-m", "open_clip_train.main", *flags, "--logs", str(out), "--name", "open_clip"],
+        out / "open_clip.stdout",
+        threads,
+    )
+    seconds_new = run_logged(
+        [*acc_clip_command(args), *flags, "--logs", str(out), "--name", "acc_clip"], out / "acc_clip.stdout", threads
+    )
+    result = compare_curves(
+        read_loss_curve(reference / LOG_FILE),
+        read_loss_curve(candidate / METRICS_FILE),
+        ema=args.ema,
+        tolerance=args.tolerance,
+    )
 
     ref_batches, batches_per_epoch = open_clip_batches(args)
     new_batches = acc_clip_batches(candidate, args.train_data)
-    acc_clip_lrs = {record["step"]: float(record["lr"]) for record in
-                    map(json.loads, (candidate / METRICS_FILE).read_text().splitlines()) if "lr" in record}
+    acc_clip_lrs = {
+        record["step"]: float(record["lr"])
+        for record in map(json.loads, (candidate / METRICS_FILE).read_text().splitlines())
+        if "lr" in record
+    }
     logged = open_clip_logged_lrs(reference / LOG_FILE)
     scheduled = open_clip_scheduled_lrs(args, batches_per_epoch)
     steps = sorted(acc_clip_lrs)
@@ -213,10 +268,18 @@ def run_parity(args: argparse.Namespace) -> dict:
     batch = args.batch_size
     speed_ref = steady_samples_per_second(open_clip_steps(reference / "out.log", batch), batch, skip)
     speed_new = steady_samples_per_second(acc_clip_steps(candidate / "metrics.jsonl"), batch, skip)
-    return {"result": result, "open_clip_samples_per_second": speed_ref, "acc_clip_samples_per_second": speed_new,
-            "speed_ratio": speed_new / speed_ref, "open_clip_seconds": seconds_ref, "acc_clip_seconds": seconds_new,
-            "open_clip_batches": ref_batches, "acc_clip_batches": new_batches,
-            "first_differing_step": first_difference(ref_batches, new_batches), "lr": lr}
+    return {
+        "result": result,
+        "open_clip_samples_per_second": speed_ref,
+        "acc_clip_samples_per_second": speed_new,
+        "speed_ratio": speed_new / speed_ref,
+        "open_clip_seconds": seconds_ref,
+        "acc_clip_seconds": seconds_new,
+        "open_clip_batches": ref_batches,
+        "acc_clip_batches": new_batches,
+        "first_differing_step": first_difference(ref_batches, new_batches),
+        "lr": lr,
+    }
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -224,8 +287,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--train-data", required=True)
     parser.add_argument("--objective", choices=OBJECTIVES, default="clip")
     parser.add_argument("--model", help="default: configs/models/tiny-coca for coca, else configs/models/tiny-rn")
-    parser.add_argument("--trainer-args", default="",
-                        help="more open_clip_train flags for both trainers, one string: '--force-patch-dropout 0.5'")
+    parser.add_argument(
+        "--trainer-args",
+        default="",
+        help="more open_clip_train flags for both trainers, one string: '--force-patch-dropout 0.5'",
+    )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2)
@@ -235,11 +301,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--ema", type=float, default=0.9)
     parser.add_argument("--tolerance", type=float, default=0.05)
-    parser.add_argument("--open-clip-arithmetic", action="store_true",
-                        help="run acc_clip without channels_last and with unfused AdamW, as open_clip_train computes: "
-                             "on flat-colour images the curves then agree to the 4 decimals open_clip logs")
-    parser.add_argument("--threads", type=int, default=None,
-                        help="OMP_NUM_THREADS for both trainers (default: unset, each trainer's own choice)")
+    parser.add_argument(
+        "--open-clip-arithmetic",
+        action="store_true",
+        help="run acc_clip without channels_last and with unfused AdamW, as open_clip_train computes: "
+        "on flat-colour images the curves then agree to the 4 decimals open_clip logs",
+    )
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="OMP_NUM_THREADS for both trainers (default: unset, each trainer's own choice)",
+    )
     parser.add_argument("--warm-steps", type=int, default=3, help="steps left out of the speed medians")
     parser.add_argument("--out", default="/tmp/acc_clip_parity")
     return parser
@@ -255,16 +328,24 @@ def main(argv: list[str] | None = None) -> int:
     result = report["result"]
     print("\n".join(vendor_report_lines(result) + two_sided_report_lines(result)))
     differing = report["first_differing_step"]
-    print(f"batches: {len(report['open_clip_batches'])} of open_clip_train's replayed, "
-          + ("all equal to acc_clip's" if differing is None else f"step {differing} differs from acc_clip's"))
+    print(
+        f"batches: {len(report['open_clip_batches'])} of open_clip_train's replayed, "
+        + ("all equal to acc_clip's" if differing is None else f"step {differing} differs from acc_clip's")
+    )
     lr = report["lr"]
     worst = max(abs(a - b) / b if b else abs(a) for a, b in zip(lr["acc_clip"], lr["open_clip_scheduled"]))
-    print(f"learning rate: largest relative difference from open_clip_train's schedule {worst:.3g} "
-          f"over {len(lr['steps'])} steps")
-    print(f"samples/s (steady steps): open_clip {report['open_clip_samples_per_second']:.1f}, "
-          f"acc_clip {report['acc_clip_samples_per_second']:.1f}, ratio {report['speed_ratio']:.3f}")
-    print(f"wall seconds incl. start-up: open_clip {report['open_clip_seconds']:.1f}, "
-          f"acc_clip {report['acc_clip_seconds']:.1f}")
+    print(
+        f"learning rate: largest relative difference from open_clip_train's schedule {worst:.3g} "
+        f"over {len(lr['steps'])} steps"
+    )
+    print(
+        f"samples/s (steady steps): open_clip {report['open_clip_samples_per_second']:.1f}, "
+        f"acc_clip {report['acc_clip_samples_per_second']:.1f}, ratio {report['speed_ratio']:.3f}"
+    )
+    print(
+        f"wall seconds incl. start-up: open_clip {report['open_clip_seconds']:.1f}, "
+        f"acc_clip {report['acc_clip_seconds']:.1f}"
+    )
     return 0 if result.passed and differing is None and worst <= 1e-12 else 1
 
 

@@ -12,8 +12,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable, Optional
 
 from acc_clip.checkpoint.folders import complete_checkpoints
 from acc_clip.io.sealed import MANIFEST
@@ -30,8 +30,9 @@ def _accelerate_command() -> str:
     script = Path(tempfile.gettempdir()) / f"accelerate-{hashlib.sha1(sys.executable.encode()).hexdigest()[:12]}"
     if not script.exists():
         partial = script.with_name(f"{script.name}.{os.getpid()}")
-        partial.write_text(f"#!{sys.executable}\nimport sys\nfrom accelerate.commands.accelerate_cli import main\n"
-                           "sys.exit(main())\n")
+        partial.write_text(
+            f"#!{sys.executable}\nimport sys\nfrom accelerate.commands.accelerate_cli import main\nsys.exit(main())\n"
+        )
         partial.chmod(0o755)
         os.replace(partial, script)
     return str(script)
@@ -48,8 +49,15 @@ def free_port() -> int:
 
 def launch_with(config: str, *options: str) -> list[str]:
     """`accelerate launch` with launch/CONFIG and extra launcher options (e.g. --num_processes 1)."""
-    return [ACCELERATE, "launch", "--config_file", str(REPO / "launch" / config), "--main_process_port",
-            str(free_port()), *options]
+    return [
+        ACCELERATE,
+        "launch",
+        "--config_file",
+        str(REPO / "launch" / config),
+        "--main_process_port",
+        str(free_port()),
+        *options,
+    ]
 
 
 def two_processes() -> list[str]:
@@ -60,16 +68,27 @@ def two_processes() -> list[str]:
 class Trainer:
     """`python -m acc_clip.train ARGS` in the background, or several processes under accelerate launch."""
 
-    def __init__(self, args: list[str], log_file: Path, *, processes: int = 1, env: Optional[dict[str, str]] = None,
-                 launcher: Optional[list[str]] = None):
+    def __init__(
+        self,
+        args: list[str],
+        log_file: Path,
+        *,
+        processes: int = 1,
+        env: dict[str, str] | None = None,
+        launcher: list[str] | None = None,
+    ):
         """`launcher`: another start than python or cpu_2proc.yaml's (e.g. `launch_with("cpu_2proc_fsdp.yaml")`)."""
         assert processes in (1, 2), processes
         launcher = launcher or ([sys.executable] if processes == 1 else two_processes())
         self.log_file = log_file
         with open(log_file, "w") as out:
-            self.process = subprocess.Popen(launcher + ["-m", "acc_clip.train", *args], stdout=out,
-                                            stderr=subprocess.STDOUT, cwd=REPO,
-                                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+            self.process = subprocess.Popen(
+                launcher + ["-m", "acc_clip.train", *args],
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                cwd=REPO,
+                env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+            )
 
     def tail(self) -> str:
         return self.log_file.read_text()[-3000:]
@@ -96,8 +115,9 @@ def wait_until(condition: Callable[[], bool], trainer: Trainer, timeout: float =
     deadline = time.monotonic() + timeout
     while not condition():
         if trainer.process.poll() is not None:
-            raise AssertionError(f"trainer exited {trainer.process.returncode} before the test could stop it:\n"
-                                 f"{trainer.tail()}")
+            raise AssertionError(
+                f"trainer exited {trainer.process.returncode} before the test could stop it:\n{trainer.tail()}"
+            )
         if time.monotonic() > deadline:
             trainer.stop()
             raise AssertionError(f"timed out waiting on the trainer:\n{trainer.tail()}")

@@ -47,7 +47,7 @@ def small_csv(train_csv, tmp_path_factory) -> Path:
     """The first 160 rows of `train_csv`: 10 steps per epoch at batch 16, for the many-run resume tests."""
     lines = train_csv.read_text().splitlines(keepends=True)
     out = tmp_path_factory.mktemp("csv") / "train160.csv"
-    out.write_text("".join(lines[:SMALL_CSV_ROWS + 1]))
+    out.write_text("".join(lines[: SMALL_CSV_ROWS + 1]))
     return out
 
 
@@ -120,5 +120,3 @@ def tiny_teacher(tmp_path_factory) -> str:
     from acc_clip.checkpoint.export import write_seeded_local_dir
 
     return write_seeded_local_dir(TINY_VIT, str(tmp_path_factory.mktemp("teacher") / "tiny-vit-teacher"), seed=1)
-
-

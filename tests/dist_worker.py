@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Optional
 
 import torch
 
@@ -42,8 +41,10 @@ SCENARIOS = {
     "gather": (8, ["--gather-with-grad"], BOTH),
     "gather_local": (8, ["--gather-with-grad", "--local-loss"], BOTH),
     "gather_accum2": (8, ["--gather-with-grad", "--accum-freq", "2"], BOTH),
-    **{f"siglip_{impl}": (8, ["--siglip", "--loss-dist-impl", impl], BOTH if impl == "bidir" else SGD)
-       for impl in SIGLIP_DIST_IMPLS},
+    **{
+        f"siglip_{impl}": (8, ["--siglip", "--loss-dist-impl", impl], BOTH if impl == "bidir" else SGD)
+        for impl in SIGLIP_DIST_IMPLS
+    },
     "siglip_accum2": (8, ["--siglip", "--accum-freq", "2"], SGD),
     # CoCa: captions differ in length between the ranks, so the caption loss must weigh by global tokens.
     "coca": (4, ["--model", TINY_COCA, "--gather-with-grad"], SGD),
@@ -86,9 +87,29 @@ def reference_of(scenario: str) -> tuple[int, tuple[str, ...]]:
 
 
 def tiny_config(train_csv, *extra: str, model: str = TINY_VIT) -> TrainConfig:
-    config, _ = parse_train_config(["--train-data", str(train_csv), "--csv-separator", ",", "--model", model,
-                              "--workers", "0", "--precision", "fp32", "--device", "cpu", "--lr", "1e-3",
-                              "--warmup", "0", "--wd", "0.1", *extra])
+    config, _ = parse_train_config(
+        [
+            "--train-data",
+            str(train_csv),
+            "--csv-separator",
+            ",",
+            "--model",
+            model,
+            "--workers",
+            "0",
+            "--precision",
+            "fp32",
+            "--device",
+            "cpu",
+            "--lr",
+            "1e-3",
+            "--warmup",
+            "0",
+            "--wd",
+            "0.1",
+            *extra,
+        ]
+    )
     return config
 
 
@@ -127,19 +148,35 @@ class AllReduceCounter:
         return allreduce_hook(state, bucket)
 
 
-def run_steps(config: TrainConfig, accelerator, steps: int, *, optimizer_name: str = "adamw",
-              counter: Optional[AllReduceCounter] = None, drop_on_rank: Optional[int] = None, after_prepare=None):
+def run_steps(
+    config: TrainConfig,
+    accelerator,
+    steps: int,
+    *,
+    optimizer_name: str = "adamw",
+    counter: AllReduceCounter | None = None,
+    drop_on_rank: int | None = None,
+    after_prepare=None,
+):
     """`steps` optimizer steps of `config` from the seeded initial weights, on the first micro-batches
     of epoch 0; returns (losses, weights, samples cut by agree_batch_sizes). `drop_on_rank` makes that
     rank lose its last sample of every micro-batch, as if it were corrupt. `after_prepare`: an object whose
     install(model) is called on the wrapped model and end_step() after each step (a communication counter)."""
     rank, world_size = accelerator.process_index, accelerator.num_processes
-    bundle = create_model(config.model, precision=config.runtime.precision, seed=config.runtime.seed,
-                          **model_overrides(config))
+    bundle = create_model(
+        config.model, precision=config.runtime.precision, seed=config.runtime.seed, **model_overrides(config)
+    )
     # The trainer's own image path: uint8 crops from the loader, normalised on the device.
     image_transform = train_transform(bundle.preprocess_train, decode_on_device=False, device=accelerator.device)
-    data = build_train_data(config, image_transform, bundle.tokenizer, seed=config.runtime.seed, rank=rank,
-                            world_size=world_size, pin_memory=False)
+    data = build_train_data(
+        config,
+        image_transform,
+        bundle.tokenizer,
+        seed=config.runtime.seed,
+        rank=rank,
+        world_size=world_size,
+        pin_memory=False,
+    )
     model = bundle.model
     channels_last = uses_channels_last(model, config.model.channels_last)
     if channels_last:
@@ -161,8 +198,10 @@ def run_steps(config: TrainConfig, accelerator, steps: int, *, optimizer_name: s
     for _ in range(steps):
         micro_batches = [next(batches) for _ in range(config.training.accum_freq)]
         if drop_on_rank == rank:
-            micro_batches = [b._replace(images=b.images[:-1], texts=b.texts[:-1], indices=b.indices[:-1],
-                                        num_bad=b.num_bad + 1) for b in micro_batches]
+            micro_batches = [
+                b._replace(images=b.images[:-1], texts=b.texts[:-1], indices=b.indices[:-1], num_bad=b.num_bad + 1)
+                for b in micro_batches
+            ]
         micro_batches, cut = agree_batch_sizes(micro_batches, host_group)
         trimmed += cut
         device_batches = [to_device(b, image_transform, accelerator.device, channels_last) for b in micro_batches]
@@ -184,8 +223,10 @@ def main(out_dir: str, train_csv: str, teacher: str) -> None:
             config = tiny_config(train_csv, "--batch-size", str(batch), *scenario_flags(name, teacher))
             losses, weights, _ = run_steps(config, accelerator, STEPS, optimizer_name=optimizer_name, counter=counter)
             if accelerator.is_main_process:
-                torch.save({"losses": losses, "weights": weights, "all_reduces": counter.per_step},
-                           os.path.join(out_dir, f"{name}-{optimizer_name}.pt"))
+                torch.save(
+                    {"losses": losses, "weights": weights, "all_reduces": counter.per_step},
+                    os.path.join(out_dir, f"{name}-{optimizer_name}.pt"),
+                )
     # A rank that skipped a corrupt sample: the ranks must agree on a batch size and go on.
     config = tiny_config(train_csv, "--batch-size", "8", "--gather-with-grad")
     losses, _, trimmed = run_steps(config, accelerator, 2, drop_on_rank=1)

@@ -31,9 +31,19 @@ SCENARIOS = {
 # Options that change what FSDP holds (frozen parameters, SigLIP's bias, recomputed blocks): fewer steps.
 SHORT_SCENARIOS = {
     "vit_siglip": (TINY_VIT, 8, ["--siglip"]),
-    "vit_lock_checkpointing": (TINY_VIT, 8, ["--gather-with-grad", "--lock-image", "--lock-text",
-                                             "--lock-text-unlocked-layers", "1", "--lock-text-freeze-layer-norm",
-                                             "--grad-checkpointing"]),
+    "vit_lock_checkpointing": (
+        TINY_VIT,
+        8,
+        [
+            "--gather-with-grad",
+            "--lock-image",
+            "--lock-text",
+            "--lock-text-unlocked-layers",
+            "1",
+            "--lock-text-freeze-layer-norm",
+            "--grad-checkpointing",
+        ],
+    ),
 }
 STEPS, SHORT_STEPS = 20, 3
 
@@ -75,9 +85,16 @@ def run(name: str, scenario: tuple, steps: int, accelerator, train_csv: str, out
     counter = ReduceScatterCounter() if getattr(accelerator, "is_fsdp2", False) else None
     losses, weights, _ = run_steps(config, accelerator, steps, optimizer_name="sgd", after_prepare=counter)
     if accelerator.is_main_process:
-        torch.save({"losses": losses, "weights": weights, "reduce_scatters": counter.per_step if counter else None,
-                    "fsdp": bool(getattr(accelerator, "is_fsdp2", False)), "processes": accelerator.num_processes},
-                   os.path.join(out_dir, f"{name}.pt"))
+        torch.save(
+            {
+                "losses": losses,
+                "weights": weights,
+                "reduce_scatters": counter.per_step if counter else None,
+                "fsdp": bool(getattr(accelerator, "is_fsdp2", False)),
+                "processes": accelerator.num_processes,
+            },
+            os.path.join(out_dir, f"{name}.pt"),
+        )
 
 
 def main(out_dir: str, train_csv: str, only: str = "") -> None:

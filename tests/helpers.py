@@ -45,16 +45,20 @@ def coco_csv(demo_dataset: Path, split: str) -> Path:
 
     out = demo_dataset / f"{split}_data.csv"
     if not out.exists():
-        create_coco_csv(str(demo_dataset / "annotations" / f"captions_{split}2017.json"),
-                        str(demo_dataset / f"{split}2017"), str(out))
+        create_coco_csv(
+            str(demo_dataset / "annotations" / f"captions_{split}2017.json"),
+            str(demo_dataset / f"{split}2017"),
+            str(out),
+        )
     return out
 
 
 FLAT_IMAGES, FLAT_CAPTIONS = 64, 5
 
 
-def make_flat_colour_csv(out: Path, images: int = FLAT_IMAGES, captions: int = FLAT_CAPTIONS,
-                         size: tuple[int, int] = (80, 60), seed: int = 0) -> Path:
+def make_flat_colour_csv(
+    out: Path, images: int = FLAT_IMAGES, captions: int = FLAT_CAPTIONS, size: tuple[int, int] = (80, 60), seed: int = 0
+) -> Path:
     """`images` PNGs, each one flat colour, and a `filepath,title` CSV of `captions` distinct captions
     per image (images x captions rows). Every crop of a flat image, resized, is the same flat image, so
     two trainers whose crop draws differ still see identical pixels (checked in
@@ -71,8 +75,10 @@ def make_flat_colour_csv(out: Path, images: int = FLAT_IMAGES, captions: int = F
         rgb = tuple(rng.randrange(256) for _ in range(3))
         path = out / f"flat_{image:04d}.png"
         Image.new("RGB", size, rgb).save(path)
-        words = ("dark" if sum(rgb) < 384 else "light", "reddish" if rgb[0] >= max(rgb[1:]) else
-                 "greenish" if rgb[1] >= rgb[2] else "bluish")
+        words = (
+            "dark" if sum(rgb) < 384 else "light",
+            "reddish" if rgb[0] >= max(rgb[1:]) else "greenish" if rgb[1] >= rgb[2] else "bluish",
+        )
         for k in range(captions):
             rows.append((str(path), f"a {words[0]} {words[1]} square, colour {rgb[0]} {rgb[1]} {rgb[2]}, view {k}"))
     csv_path = out / "flat.csv"
@@ -89,23 +95,62 @@ SMALL_CSV_ROWS = 160
 def without_csv_separator(args: list[str]) -> list[str]:
     """`args` less `--csv-separator X` (tiny_train_args gives one; shards have no CSV separator)."""
     at = args.index("--csv-separator")
-    return args[:at] + args[at + 2:]
+    return args[:at] + args[at + 2 :]
 
 
 def tiny_train_args(train_csv: Path, logs: Path, name: str, *extra: str) -> list[str]:
-    return ["--train-data", str(train_csv), "--csv-separator", ",", "--model", TINY_RN, "--batch-size", "16",
-            "--epochs", "2", "--workers", "0", "--precision", "fp32", "--device", "cpu", "--lr", "1e-3",
-            "--warmup", "5", "--log-every-n-steps", "1", "--logs", str(logs), "--name", name,
-            "--save-frequency", "0", *extra]
+    return [
+        "--train-data",
+        str(train_csv),
+        "--csv-separator",
+        ",",
+        "--model",
+        TINY_RN,
+        "--batch-size",
+        "16",
+        "--epochs",
+        "2",
+        "--workers",
+        "0",
+        "--precision",
+        "fp32",
+        "--device",
+        "cpu",
+        "--lr",
+        "1e-3",
+        "--warmup",
+        "5",
+        "--log-every-n-steps",
+        "1",
+        "--logs",
+        str(logs),
+        "--name",
+        name,
+        "--save-frequency",
+        "0",
+        *extra,
+    ]
 
 
-def run_trainer(args: list[str], *, launcher: list[str] | None = None, timeout: float = 300,
-                check: bool = True, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def run_trainer(
+    args: list[str],
+    *,
+    launcher: list[str] | None = None,
+    timeout: float = 300,
+    check: bool = True,
+    env: dict[str, str] | None = None,
+) -> subprocess.CompletedProcess:
     """`python -m acc_clip.train ARGS` (or under `launcher`, e.g. accelerate launch) in a subprocess;
     `env`: extra environment variables."""
     command = (launcher or [sys.executable]) + ["-m", "acc_clip.train", *args]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=timeout, cwd=REPO,
-                            env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    result = subprocess.run(
+        command,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPO,
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+    )
     if check and result.returncode != 0:
         raise AssertionError(f"trainer exited {result.returncode}\n{result.stdout[-3000:]}\n{result.stderr[-3000:]}")
     return result
@@ -114,8 +159,14 @@ def run_trainer(args: list[str], *, launcher: list[str] | None = None, timeout: 
 def acc_clip_eval(*args: str, env: dict[str, str] | None = None) -> dict:
     """`acc-clip eval ARGS` in a subprocess (`env`: extra environment variables); its first JSON line (the
     first evaluation's metrics)."""
-    result = subprocess.run([sys.executable, "-m", "acc_clip.cli", "eval", *args], capture_output=True, text=True,
-                            timeout=300, cwd=REPO, env={**os.environ, **(env or {})})
+    result = subprocess.run(
+        [sys.executable, "-m", "acc_clip.cli", "eval", *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=REPO,
+        env={**os.environ, **(env or {})},
+    )
     assert result.returncode == 0, result.stderr[-2000:]
     return json.loads(result.stdout.strip().splitlines()[0])
 
@@ -123,8 +174,16 @@ def acc_clip_eval(*args: str, env: dict[str, str] | None = None) -> dict:
 def zeroshot_flags(demo_dataset: Path) -> list[str]:
     """The trainer's flags for the demo dataset's zero-shot set, evaluated every epoch."""
     zeroshot = demo_dataset / "zeroshot"
-    return ["--zeroshot-data", str(zeroshot), "--zeroshot-classnames", str(zeroshot / "classnames.txt"),
-            "--zeroshot-templates", str(zeroshot / "templates.txt"), "--zeroshot-frequency", "1"]
+    return [
+        "--zeroshot-data",
+        str(zeroshot),
+        "--zeroshot-classnames",
+        str(zeroshot / "classnames.txt"),
+        "--zeroshot-templates",
+        str(zeroshot / "templates.txt"),
+        "--zeroshot-frequency",
+        "1",
+    ]
 
 
 def open_clip_cosine_lr(step: int, base_lr: float, warmup: int, total_steps: int) -> float:
@@ -146,8 +205,9 @@ def read_samples(run_dir: Path) -> list[dict]:
         return [json.loads(line) for line in file]
 
 
-def assert_same_training(resumed: Path, reference: Path, *, rows: int, epochs: int, steps_per_epoch: int,
-                         loss_tolerance: float) -> float:
+def assert_same_training(
+    resumed: Path, reference: Path, *, rows: int, epochs: int, steps_per_epoch: int, loss_tolerance: float
+) -> float:
     """A resumed run trained as its uninterrupted reference (both with --log-samples): every step once,
     none missing, losses within `loss_tolerance`, the same learning rates and sample counts; no step of a
     process recorded twice, each epoch saw each of the `rows` samples exactly once, and every process
@@ -198,8 +258,9 @@ def small_disk(folder: Path, size: str):
     """`folder` on a tmpfs of `size` bytes ('2m'): a real full disk, ENOSPC and all. Needs the right to
     mount (root here and in CI); where that is missing the test is skipped, saying why."""
     folder.mkdir(parents=True, exist_ok=True)
-    mounted = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)],
-                             capture_output=True, text=True)
+    mounted = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(folder)], capture_output=True, text=True
+    )
     if mounted.returncode != 0:
         pytest.skip(f"cannot mount a small tmpfs here for a full disk: {mounted.stderr.strip()}")
     try:
@@ -223,6 +284,7 @@ def fill_disk(folder: Path, leave_bytes: int = 0) -> Path:
 
 
 # a CheckpointManager in the test process ---------------------------------------------------------
+
 
 class TinyNet(torch.nn.Module):
     def __init__(self, outputs: int = 3):
@@ -253,15 +315,24 @@ def make_manager_parts(run_dir: Path, *, grad_scaler: bool = False):
     accelerator = Accelerator(cpu=True)
     if grad_scaler:
         assert accelerator.scaler is None  # Accelerate makes none on the CPU, hence this one
-        accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=3)
+        accelerator.scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10, growth_interval=3)
     net = TinyNet()
     model, optimizer = accelerator.prepare(net, torch.optim.AdamW(net.parameters(), lr=0.1))
     record_fields = {f.name for f in dataclasses.fields(RunRecord)}
 
     def manager(**settings) -> CheckpointManager:
-        record = RunRecord(**{"name": "unit", "epochs": 32, "model": "tiny-net", "batch_size": 16, "seed": 0,
-                              "accum_freq": 1, "train_data": "unused.csv",
-                              **{k: v for k, v in settings.items() if k in record_fields}})
+        record = RunRecord(
+            **{
+                "name": "unit",
+                "epochs": 32,
+                "model": "tiny-net",
+                "batch_size": 16,
+                "seed": 0,
+                "accum_freq": 1,
+                "train_data": "unused.csv",
+                **{k: v for k, v in settings.items() if k in record_fields},
+            }
+        )
         options = CheckpointOptions(**{k: v for k, v in settings.items() if k not in record_fields})
         saver = CheckpointManager(str(run_dir), options, record, accelerator)
         saver.steps_per_epoch = 10

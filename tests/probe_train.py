@@ -44,10 +44,12 @@ def _probing_prepare_model(*args, **kwargs):
     model, optimizer, channels_last = _prepare_model(*args, **kwargs)
     conv = next(m for m in parallel.unwrap(model).visual.modules() if isinstance(m, torch.nn.Conv2d))
     weight = conv.weight
-    record.update(channels_last=channels_last,
-                  image_weights_channels_last=weight.is_contiguous(memory_format=torch.channels_last)
-                  and not weight.is_contiguous(),
-                  compiled=isinstance(model, torch._dynamo.eval_frame.OptimizedModule))
+    record.update(
+        channels_last=channels_last,
+        image_weights_channels_last=weight.is_contiguous(memory_format=torch.channels_last)
+        and not weight.is_contiguous(),
+        compiled=isinstance(model, torch._dynamo.eval_frame.OptimizedModule),
+    )
     return model, optimizer, channels_last
 
 

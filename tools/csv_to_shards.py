@@ -1,8 +1,8 @@
 #!/usr/bin/env python3
 """Convert a CSV of image paths and captions into webdataset shards (same as `acc-clip shards`).
 
-    python tools/csv_to_shards.py --csv train_data.csv --out shards/ [--resize 256] [--workers 8]
-    python tools/csv_to_shards.py verify shards/
+python tools/csv_to_shards.py --csv train_data.csv --out shards/ [--resize 256] [--workers 8]
+python tools/csv_to_shards.py verify shards/
 """
 
 import sys

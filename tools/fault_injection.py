@@ -33,9 +33,9 @@ from PIL import Image  # noqa: E402
 from acc_clip.errors import CheckpointError, DataError, ResourceError, UsageError  # noqa: E402
 from acc_clip.runtime.faults import kill_at  # noqa: E402
 from acc_clip.runtime.signals import PREEMPTED_EXIT_CODE  # noqa: E402
+
 MODEL = f"local-dir:{REPO / 'configs' / 'models' / 'tiny-rn'}"
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1",
-       "PYTHONUNBUFFERED": "1"}
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
 
 
 class Outcome(NamedTuple):
@@ -45,10 +45,43 @@ class Outcome(NamedTuple):
 
 
 def train_args(data: Path, logs: Path, name: str, *extra: str) -> list[str]:
-    return [sys.executable, "-m", "acc_clip.train", "--train-data", str(data), "--csv-separator", ",", "--model", MODEL,
-            "--batch-size", "16", "--epochs", "2", "--workers", "0", "--precision", "fp32", "--device", "cpu",
-            "--lr", "1e-3", "--warmup", "5", "--log-every-n-steps", "1", "--logs", str(logs), "--name", name,
-            "--save-frequency", "0", "--save-every-n-steps", "3", "--log-samples", *extra]
+    return [
+        sys.executable,
+        "-m",
+        "acc_clip.train",
+        "--train-data",
+        str(data),
+        "--csv-separator",
+        ",",
+        "--model",
+        MODEL,
+        "--batch-size",
+        "16",
+        "--epochs",
+        "2",
+        "--workers",
+        "0",
+        "--precision",
+        "fp32",
+        "--device",
+        "cpu",
+        "--lr",
+        "1e-3",
+        "--warmup",
+        "5",
+        "--log-every-n-steps",
+        "1",
+        "--logs",
+        str(logs),
+        "--name",
+        name,
+        "--save-frequency",
+        "0",
+        "--save-every-n-steps",
+        "3",
+        "--log-samples",
+        *extra,
+    ]
 
 
 def run(command: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
@@ -67,6 +100,7 @@ def records(run_dir: Path, name: str) -> list[dict]:
 
 def data_lost(run_dir: Path, reference: Path) -> int:
     """Samples trained a different number of times than in the reference, plus steps whose loss differs."""
+
     def counts(folder: Path) -> Counter:
         return Counter((r["epoch"], i) for r in records(folder, "samples.jsonl") for i in r["indices"])
 
@@ -86,18 +120,22 @@ def wait_for_steps(run_dir: Path, steps: int, process: subprocess.Popen) -> None
 
 def interrupted_then_resumed(work: Path, data: Path, reference: Path, name: str, signum: int) -> Outcome:
     logs = work / name
-    process = subprocess.Popen(train_args(data, logs, "run"), cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        train_args(data, logs, "run"), cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     wait_for_steps(logs / "run", 7, process)
     process.send_signal(signum)
     process.wait(timeout=300)
     resumed = run(train_args(data, logs, "run", "--resume", "latest"))
-    seen = f"stopped (exit {process.returncode}); resumed: " + ("ok" if resumed.returncode == 0 else error_line(resumed))
+    seen = f"stopped (exit {process.returncode}); resumed: " + (
+        "ok" if resumed.returncode == 0 else error_line(resumed)
+    )
     stopped_mid_run = process.returncode in (-signal.SIGKILL, PREEMPTED_EXIT_CODE) and "resumed from" in resumed.stdout
     return Outcome(seen, data_lost(logs / "run", reference), stopped_mid_run and resumed.returncode == 0)
 
 
 # the faults: each returns an Outcome (None: not tried here) --------------------------------------
+
 
 def kill_9_mid_epoch(work, data, reference):
     return interrupted_then_resumed(work, data, reference, "kill9", signal.SIGKILL)
@@ -112,15 +150,19 @@ def kill_9_inside_a_save(work, data, reference):
     killed = run(train_args(data, logs, "run"), env=kill_at("before_commit", 6))
     resumed = run(train_args(data, logs, "run", "--resume", "latest"))
     partial = any(p.name.startswith(".tmp-") for p in (logs / "run" / "checkpoints").iterdir())
-    return Outcome(f"killed (exit {killed.returncode}); resumed: {'ok' if resumed.returncode == 0 else error_line(resumed)}"
-                   f"; partial save left: {partial}", data_lost(logs / "run", reference),
-                   killed.returncode == -signal.SIGKILL and resumed.returncode == 0 and not partial)
+    return Outcome(
+        f"killed (exit {killed.returncode}); resumed: {'ok' if resumed.returncode == 0 else error_line(resumed)}"
+        f"; partial save left: {partial}",
+        data_lost(logs / "run", reference),
+        killed.returncode == -signal.SIGKILL and resumed.returncode == 0 and not partial,
+    )
 
 
 def bit_flip_in_newest_checkpoint(work, data, reference):
     logs = work / "bitflip"
-    process = subprocess.Popen(train_args(data, logs, "run"), cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
-                               stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        train_args(data, logs, "run"), cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     wait_for_steps(logs / "run", 8, process)
     process.kill()
     process.wait()
@@ -131,7 +173,8 @@ def bit_flip_in_newest_checkpoint(work, data, reference):
     resumed = run(train_args(data, logs, "run", "--resume", "latest"))
     said = [line for line in resumed.stdout.splitlines() + resumed.stderr.splitlines() if "passes its check" in line]
     seen = (said[0].split("--resume latest: ")[-1][:160] if said else "no fallback said") + (
-        "" if resumed.returncode == 0 else "; " + error_line(resumed))
+        "" if resumed.returncode == 0 else "; " + error_line(resumed)
+    )
     return Outcome(seen, data_lost(logs / "run", reference), resumed.returncode == 0 and bool(said))
 
 
@@ -141,16 +184,22 @@ def full_disk_during_a_save(work, data, reference):
     room = int(folder_bytes(str(sorted((reference / "checkpoints").glob("step_*"))[-1])) * 1.5) + 2_000_000
     disk = work / "disk"
     disk.mkdir()
-    if subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={room}", "tmpfs", str(disk)], capture_output=True).returncode:
+    if subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", f"size={room}", "tmpfs", str(disk)], capture_output=True
+    ).returncode:
         return None  # room for one and a half checkpoints: the second save fails
     try:
         failed = run(train_args(data, disk, "run"))
         subprocess.run(["mount", "-o", f"remount,size={room * 10}", str(disk)], check=True)  # every save kept
         resumed = run(train_args(data, disk, "run", "--resume", "latest"))
         seen = f"{error_line(failed)[:150]}...; after freeing space, resumed: " + (
-            "ok" if resumed.returncode == 0 else error_line(resumed))
-        said_space = (failed.returncode == ResourceError.exit_status
-                      and "no space left on the disk" in error_line(failed) and "MB are free" in error_line(failed))
+            "ok" if resumed.returncode == 0 else error_line(resumed)
+        )
+        said_space = (
+            failed.returncode == ResourceError.exit_status
+            and "no space left on the disk" in error_line(failed)
+            and "MB are free" in error_line(failed)
+        )
         return Outcome(seen, data_lost(disk / "run", reference), said_space and resumed.returncode == 0)
     finally:
         subprocess.run(["umount", "-l", str(disk)])
@@ -158,16 +207,20 @@ def full_disk_during_a_save(work, data, reference):
 
 def second_run_with_the_same_name(work, data, reference):
     logs = work / "twice"
-    first = subprocess.Popen(train_args(data, logs, "run"), cwd=REPO, env=ENV, stdout=subprocess.DEVNULL,
-                             stderr=subprocess.PIPE, text=True)
+    first = subprocess.Popen(
+        train_args(data, logs, "run"), cwd=REPO, env=ENV, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+    )
     wait_for_steps(logs / "run", 2, first)
     first.send_signal(signal.SIGSTOP)  # still running (paused) however fast the tiny run would end
     second = run(train_args(data, logs, "run", "--resume", "latest"))
     first.send_signal(signal.SIGCONT)
     first.wait(timeout=600)
     refused = second.returncode == ResourceError.exit_status and "is in use by another run" in error_line(second)
-    return Outcome(f"second run: {error_line(second)[:140]}; first run exit {first.returncode}",
-                   data_lost(logs / "run", reference), refused and first.returncode == 0)
+    return Outcome(
+        f"second run: {error_line(second)[:140]}; first run exit {first.returncode}",
+        data_lost(logs / "run", reference),
+        refused and first.returncode == 0,
+    )
 
 
 def shifted_csv_row(work, data, reference):
@@ -179,8 +232,11 @@ def shifted_csv_row(work, data, reference):
     skipped = run(train_args(shifted, work / "shifted", "skip", "--skip-bad-rows", "--epochs", "1"))
     said = [line for line in skipped.stdout.splitlines() + skipped.stderr.splitlines() if "skipped 1 row" in line]
     named = refused.returncode == DataError.exit_status and "row 5 (line 6) has 3 fields" in error_line(refused)
-    return Outcome(f"{error_line(refused)[:120]}...; with --skip-bad-rows: {'1 row skipped, named' if said else 'not said'}",
-                   0, named and bool(said) and skipped.returncode == 0)
+    return Outcome(
+        f"{error_line(refused)[:120]}...; with --skip-bad-rows: {'1 row skipped, named' if said else 'not said'}",
+        0,
+        named and bool(said) and skipped.returncode == 0,
+    )
 
 
 def bad_images(work, data, reference):
@@ -202,10 +258,18 @@ def bad_images(work, data, reference):
     # PIL itself would take the EPS for an image (and hand it to Ghostscript where installed)
     eps_refused = Image.open(str(eps)).format == "EPS" and not _decodes(eps.read_bytes())
     # the 4 bad rows are lost by nature: counted, never replaced by other samples
-    seen_twice = sum(n - 1 for n in Counter(i for r in records(work / "bad_images" / "run", "samples.jsonl")
-                                            for i in r["indices"]).values() if n > 1)
-    return Outcome(counted[:120] + ("; the EPS refused by format" if eps_refused else "; the EPS NOT refused by format"),
-                   seen_twice, result.returncode == 0 and "4 samples skipped" in counted and eps_refused)
+    seen_twice = sum(
+        n - 1
+        for n in Counter(
+            i for r in records(work / "bad_images" / "run", "samples.jsonl") for i in r["indices"]
+        ).values()
+        if n > 1
+    )
+    return Outcome(
+        counted[:120] + ("; the EPS refused by format" if eps_refused else "; the EPS NOT refused by format"),
+        seen_twice,
+        result.returncode == 0 and "4 samples skipped" in counted and eps_refused,
+    )
 
 
 def _decodes(data: bytes) -> bool:
@@ -220,8 +284,21 @@ def _decodes(data: bytes) -> bool:
 
 def cut_shard(work, data, reference):
     shards = work / "shards"
-    converted = run([sys.executable, "-m", "acc_clip.cli", "shards", "--csv", str(data), "--out", str(shards),
-                     "--samples-per-shard", "40", "--no-progress"])
+    converted = run(
+        [
+            sys.executable,
+            "-m",
+            "acc_clip.cli",
+            "shards",
+            "--csv",
+            str(data),
+            "--out",
+            str(shards),
+            "--samples-per-shard",
+            "40",
+            "--no-progress",
+        ]
+    )
     if converted.returncode:
         return Outcome(f"conversion failed: {error_line(converted)}", 0, False)
     with tarfile.open(shards / "00001.tar") as tar:
@@ -234,14 +311,20 @@ def cut_shard(work, data, reference):
     said = [line for line in result.stdout.splitlines() if "samples skipped so far" in line]
     verified = "verify names it" if "cut short" in verify.stdout + verify.stderr else "verify silent"
     counted = said[-1].split(": ", 1)[-1] if said else error_line(result)
-    return Outcome(f"{verified}; training: {counted[:90]}", len(indices) - len(set(indices)),
-                   verified == "verify names it" and "37 samples skipped" in counted)
+    return Outcome(
+        f"{verified}; training: {counted[:90]}",
+        len(indices) - len(set(indices)),
+        verified == "verify names it" and "37 samples skipped" in counted,
+    )
 
 
 def refused(result: subprocess.CompletedProcess, status: int, *words: str) -> bool:
     """Refused with one line naming `words`, and the exit status of the error's kind (acc_clip/errors.py)."""
-    return result.returncode == status and len(result.stderr.strip().splitlines()) == 1 and all(
-        word in result.stderr for word in words)
+    return (
+        result.returncode == status
+        and len(result.stderr.strip().splitlines()) == 1
+        and all(word in result.stderr for word in words)
+    )
 
 
 def unreadable_random_state(work, data, reference):
@@ -256,19 +339,38 @@ def unreadable_random_state(work, data, reference):
     manifest["sha256"]["random_states_0.pkl"] = file_sha256(str(copy / "random_states_0.pkl"))
     (copy / MANIFEST).write_text(json.dumps(manifest))
     result = run(train_args(data, work / "rng", "run", "--resume", str(copy)))
-    return Outcome(error_line(result)[-120:], 0, refused(result, CheckpointError.exit_status, "random_states_0.pkl",
-                                                            "could not be restored"))
+    return Outcome(
+        error_line(result)[-120:],
+        0,
+        refused(result, CheckpointError.exit_status, "random_states_0.pkl", "could not be restored"),
+    )
 
 
 def same_name_and_remote_elsewhere(work, data, reference):
     remote = f"file://{work / 'remote'}"
-    first = run(train_args(data, work / "machine_a", "run", "--epochs", "1", "--remote-sync", remote,
-                           "--remote-sync-protocol", "fsspec"))
+    first = run(
+        train_args(
+            data,
+            work / "machine_a",
+            "run",
+            "--epochs",
+            "1",
+            "--remote-sync",
+            remote,
+            "--remote-sync-protocol",
+            "fsspec",
+        )
+    )
     metrics = (work / "remote" / "run" / "metrics.jsonl").read_text() if first.returncode == 0 else ""
-    second = run(train_args(data, work / "machine_b", "run", "--remote-sync", remote, "--remote-sync-protocol", "fsspec"))
+    second = run(
+        train_args(data, work / "machine_b", "run", "--remote-sync", remote, "--remote-sync-protocol", "fsspec")
+    )
     untouched = (work / "remote" / "run" / "metrics.jsonl").read_text() == metrics != ""
-    return Outcome(error_line(second)[:140], 0 if untouched else 1,
-                   refused(second, UsageError.exit_status, "holds another run's copy") and untouched)
+    return Outcome(
+        error_line(second)[:140],
+        0 if untouched else 1,
+        refused(second, UsageError.exit_status, "holds another run's copy") and untouched,
+    )
 
 
 def damaged_sizes_json(work, data, reference):
@@ -309,8 +411,9 @@ def make_data(work: Path) -> Path:
 
     make_demo_data(work / "coco", num_train=32, num_val=4, size=(160, 120), seed=0, zeroshot_per_class=1)
     full = work / "coco" / "train.csv"
-    create_coco_csv(str(work / "coco" / "annotations" / "captions_train2017.json"), str(work / "coco" / "train2017"),
-                    str(full))
+    create_coco_csv(
+        str(work / "coco" / "annotations" / "captions_train2017.json"), str(work / "coco" / "train2017"), str(full)
+    )
     return full
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import ClassVar
 
 from acc_clip.checkpoint.folders import OPTIMIZER_FILE, SCALER_FILE, Progress, load_if_present, read_manifest
 from acc_clip.checkpoint.manager import save_torch
@@ -27,14 +27,14 @@ def export_checkpoint(checkpoint: str, out: str) -> str:
     the middle of epoch e exports as epoch e, and open_clip_train would resume it at e's start."""
     manifest = read_manifest(checkpoint, source="export")
     weights = step_weights(checkpoint)  # a sharded (FSDP) checkpoint's without its optimizer state (docs/fsdp.md)
-    optimizer_state, scaler_state = (load_if_present(os.path.join(checkpoint, name))
-                                     for name in (OPTIMIZER_FILE, SCALER_FILE))
+    optimizer_state, scaler_state = (
+        load_if_present(os.path.join(checkpoint, name)) for name in (OPTIMIZER_FILE, SCALER_FILE)
+    )
     progress = Progress(**manifest["progress"])
     steps_per_epoch = manifest.get("data", {}).get("steps_per_epoch")
     completed = progress.epoch + int(steps_per_epoch is not None and progress.step_in_epoch == steps_per_epoch)
     save_torch(open_clip_checkpoint(weights, optimizer_state, scaler_state, completed, manifest["name"]), out)
-    return (f"wrote {out}: model {manifest['model']}, {completed} epoch(s) completed, global step "
-            f"{progress.global_step}")
+    return f"wrote {out}: model {manifest['model']}, {completed} epoch(s) completed, global step {progress.global_step}"
 
 
 LOCAL_DIR_CONFIG, LOCAL_DIR_WEIGHTS = "open_clip_config.json", "open_clip_model.safetensors"
@@ -54,14 +54,16 @@ def open_clip_config(model_name: str, state_dict: dict) -> dict:
         model_cfg = open_clip.get_model_config(model_name)
         if model_cfg is None:
             raise UsageError(f"export: open_clip has no model config named {model_name!r}")
-        config = {"model_cfg": model_cfg,
-                  "preprocess_cfg": open_clip.get_model_preprocess_cfg(open_clip.create_model(model_name))}
+        config = {
+            "model_cfg": model_cfg,
+            "preprocess_cfg": open_clip.get_model_preprocess_cfg(open_clip.create_model(model_name)),
+        }
     if "logit_bias" in state_dict and "init_logit_bias" not in config["model_cfg"]:
         config["model_cfg"] = {**config["model_cfg"], "init_logit_bias": float(state_dict["logit_bias"])}
     return config
 
 
-def write_local_dir(model_name: str, state_dict: dict, out: str, model_options: Optional[dict] = None) -> str:
+def write_local_dir(model_name: str, state_dict: dict, out: str, model_options: dict | None = None) -> str:
     """A local-dir: folder for open_clip at `out` (written in a temporary folder, then renamed into
     place, so a folder at `out` is whole); returns its local-dir: name. `out` must not exist."""
     from safetensors.torch import save_file
@@ -82,7 +84,9 @@ def export_local_dir(checkpoint: str, out: str) -> str:
     manifest = read_manifest(checkpoint, source="export")
     weights = step_weights(checkpoint)
     name = write_local_dir(manifest["model"], weights, out, manifest.get("model_options"))
-    return f"wrote {out}: model {manifest['model']}, global step {manifest['progress']['global_step']}; load it as {name}"
+    return (
+        f"wrote {out}: model {manifest['model']}, global step {manifest['progress']['global_step']}; load it as {name}"
+    )
 
 
 def write_seeded_local_dir(model_name: str, out: str, seed: int) -> str:
@@ -106,13 +110,18 @@ class ExportOptions(Section):
     title: ClassVar[str] = "export"
     checkpoint: str = option(REQUIRED, "a checkpoints/step_NNNNNNNN folder", positional=True)
     out: str = option(REQUIRED, "the .pt file (epoch) or the new folder (local-dir) to write")
-    format: str = option("epoch", "epoch: an open_clip epoch_N.pt; local-dir: open_clip_config.json and "
-                                  "open_clip_model.safetensors, loaded as local-dir:OUT", choices=tuple(sorted(FORMATS)))
+    format: str = option(
+        "epoch",
+        "epoch: an open_clip epoch_N.pt; local-dir: open_clip_config.json and "
+        "open_clip_model.safetensors, loaded as local-dir:OUT",
+        choices=tuple(sorted(FORMATS)),
+    )
 
 
 def main(argv: list[str]) -> int:
     """`acc-clip export CHECKPOINT --out OUT [--format epoch|local-dir]`: a step checkpoint for open_clip."""
-    options = parse(argv, [ExportOptions], prog="acc-clip export", description=main.__doc__ or "",
-                    train=False)[ExportOptions]
+    options = parse(argv, [ExportOptions], prog="acc-clip export", description=main.__doc__ or "", train=False)[
+        ExportOptions
+    ]
     print(FORMATS[options.format](options.checkpoint, options.out))
     return 0

@@ -14,7 +14,6 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 
@@ -28,7 +27,9 @@ log = logging.getLogger(__name__)
 FORMAT_VERSION = 1
 STEP_PREFIX = "step_"
 TMP_PREFIX = ".tmp-"
-DAMAGED_PREFIX = "damaged-"  # a checkpoint that failed its check, moved out of the step_ names (newest_intact_checkpoint)
+DAMAGED_PREFIX = (
+    "damaged-"  # a checkpoint that failed its check, moved out of the step_ names (newest_intact_checkpoint)
+)
 OLD_PREFIX = TMP_PREFIX + "old-"  # a committed checkpoint moved aside while a save of its step replaces it
 OPTIMIZER_FILE = "optimizer.bin"
 SCALER_FILE = "scaler.pt"
@@ -58,8 +59,11 @@ def complete_checkpoints(directory: str) -> list[str]:
     """Complete step checkpoints in `directory`, oldest first."""
     if not os.path.isdir(directory):
         return []
-    names = sorted(n for n in os.listdir(directory)
-                   if n.startswith(STEP_PREFIX) and os.path.isfile(os.path.join(directory, n, MANIFEST)))
+    names = sorted(
+        n
+        for n in os.listdir(directory)
+        if n.startswith(STEP_PREFIX) and os.path.isfile(os.path.join(directory, n, MANIFEST))
+    )
     return [os.path.join(directory, n) for n in names]
 
 
@@ -75,7 +79,7 @@ def read_manifest(path: str, source: str = "--resume") -> dict:
     return manifest
 
 
-def newest_intact_checkpoint(directory: str) -> tuple[Optional[str], Optional[dict]]:
+def newest_intact_checkpoint(directory: str) -> tuple[str | None, dict | None]:
     """(path, manifest) of the newest complete checkpoint in `directory` whose files pass their
     manifest; (None, None) when there is none at all. Each newer one that fails is named in a warning
     and renamed `damaged-step_N`: kept for inspection, but out of the way of --keep-checkpoints, which
@@ -94,12 +98,19 @@ def newest_intact_checkpoint(directory: str) -> tuple[Optional[str], Optional[di
             remove_path(aside)
             os.replace(damaged, aside)
         if failed:
-            log.warning("--resume latest: resuming from %s, the newest checkpoint that passes its check (%d newer "
-                        "one(s) failed, named above, and were renamed %s*)", path, len(failed), DAMAGED_PREFIX)
+            log.warning(
+                "--resume latest: resuming from %s, the newest checkpoint that passes its check (%d newer "
+                "one(s) failed, named above, and were renamed %s*)",
+                path,
+                len(failed),
+                DAMAGED_PREFIX,
+            )
         return path, manifest
     if found:
-        raise CheckpointError(f"--resume latest: none of the {len(found)} checkpoint(s) in {directory} passes its "
-                              f"manifest check (the newest, {os.path.basename(found[-1])}, is named above)")
+        raise CheckpointError(
+            f"--resume latest: none of the {len(found)} checkpoint(s) in {directory} passes its "
+            f"manifest check (the newest, {os.path.basename(found[-1])}, is named above)"
+        )
     return None, None
 
 
@@ -126,7 +137,7 @@ def restore_moved_aside(directory: str) -> list[str]:
     came after the second rename) or without a complete manifest is left to that removal."""
     restored = []
     for name in sorted(n for n in os.listdir(directory) if n.startswith(OLD_PREFIX)):
-        old, final = os.path.join(directory, name), os.path.join(directory, name[len(OLD_PREFIX):])
+        old, final = os.path.join(directory, name), os.path.join(directory, name[len(OLD_PREFIX) :])
         if os.path.exists(final):
             continue
         try:
@@ -140,7 +151,7 @@ def restore_moved_aside(directory: str) -> list[str]:
     return restored
 
 
-def load_if_present(path: str) -> Optional[dict]:
+def load_if_present(path: str) -> dict | None:
     """A checkpoint's optimizer or scaler state, None where the file is absent; a damaged one is one line."""
     if not os.path.isfile(path):
         return None

@@ -20,20 +20,44 @@ import os
 import re
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar
 
 import torch
 
+from acc_clip.checkpoint.folders import (
+    FORMAT_VERSION,
+    TMP_PREFIX,
+    Progress,
+    commit_folder,
+    complete_checkpoints,
+    newest_intact_checkpoint,
+    read_manifest,
+    restore_moved_aside,
+    step_name,
+)
 from acc_clip.checkpoint.remote_sync import RemoteSync
-from acc_clip.checkpoint.folders import (FORMAT_VERSION, TMP_PREFIX, Progress, commit_folder, complete_checkpoints,
-                                         newest_intact_checkpoint, read_manifest, restore_moved_aside, step_name)
 from acc_clip.config.schema import NON_NEGATIVE, POSITIVE, Section, option
-from acc_clip.errors import (KINDS, CheckpointError, DivergedError, ResourceError, UsageError, attempt, kind_name,
-                             one_line)
+from acc_clip.errors import (
+    KINDS,
+    CheckpointError,
+    DivergedError,
+    ResourceError,
+    UsageError,
+    attempt,
+    kind_name,
+    one_line,
+)
 from acc_clip.io.atomic import fsync_folder, remove_path, save_failure, write_atomically
 from acc_clip.io.sealed import folder_bytes, seal
-from acc_clip.model.weights import (WEIGHTS_FILE, is_sharded_checkpoint, load_safetensors_weights, load_weights,
-                                    open_clip_checkpoint, plain_key, tensor_bytes)
+from acc_clip.model.weights import (
+    WEIGHTS_FILE,
+    is_sharded_checkpoint,
+    load_safetensors_weights,
+    load_weights,
+    open_clip_checkpoint,
+    plain_key,
+    tensor_bytes,
+)
 from acc_clip.runtime import parallel
 from acc_clip.runtime.faults import fault_point
 from acc_clip.runtime.parallel import full_state_dict, unwrap
@@ -46,16 +70,18 @@ log = logging.getLogger(__name__)
 class CheckpointOptions(Section):
     title: ClassVar[str] = "checkpoint"
     save_frequency: int = option(1, "save every N epochs (0: never)", domain=NON_NEGATIVE, train_only=True)
-    save_every_n_steps: int = option(0, "also save every N optimizer steps (0: never)", domain=NON_NEGATIVE,
-                                     train_only=True)
-    keep_checkpoints: int = option(0, "keep only the newest K step checkpoints (0: keep all)", domain=NON_NEGATIVE,
-                                   train_only=True)
+    save_every_n_steps: int = option(
+        0, "also save every N optimizer steps (0: never)", domain=NON_NEGATIVE, train_only=True
+    )
+    keep_checkpoints: int = option(
+        0, "keep only the newest K step checkpoints (0: keep all)", domain=NON_NEGATIVE, train_only=True
+    )
     save_most_recent: bool = option(False, "also keep an epoch_latest.pt", train_only=True)
-    delete_previous_checkpoint: bool = option(False, "delete the previous epoch_N.pt after saving a new one",
-                                              train_only=True)
-    resume: Optional[str] = option(None, "'latest', a checkpoint folder, or an open_clip epoch_N.pt", train_only=True)
-    remote_sync: Optional[str] = option(None, "copy the run folder to this fsspec URL in the background",
-                                        train_only=True)
+    delete_previous_checkpoint: bool = option(
+        False, "delete the previous epoch_N.pt after saving a new one", train_only=True
+    )
+    resume: str | None = option(None, "'latest', a checkpoint folder, or an open_clip epoch_N.pt", train_only=True)
+    remote_sync: str | None = option(None, "copy the run folder to this fsspec URL in the background", train_only=True)
     remote_sync_frequency: int = option(300, "seconds between remote copies", domain=POSITIVE, train_only=True)
     remote_sync_protocol: str = option("s3", "s3 or fsspec", choices=("s3", "fsspec"), train_only=True)
 
@@ -74,7 +100,7 @@ class RunRecord:
     seed: int = 0
     batch_size: int = 1
     accum_freq: int = 1
-    train_data: Optional[str] = None
+    train_data: str | None = None
 
 
 class CheckpointManager:
@@ -86,8 +112,8 @@ class CheckpointManager:
         self.options, self.record = options, record
         self.accelerator = accelerator
         self.global_batch = record.batch_size * record.accum_freq * accelerator.num_processes
-        self.steps_per_epoch: Optional[int] = None  # known once `resume` is called
-        self.remote: Optional[RemoteSync] = None
+        self.steps_per_epoch: int | None = None  # known once `resume` is called
+        self.remote: RemoteSync | None = None
         self._raise_agreed(attempt(self._prepare_folder) if accelerator.is_main_process else None)
         # Weights are stored under their plain names, and loaded here with an architecture check.
         accelerator.register_save_state_pre_hook(_save_plain_weights)
@@ -104,8 +130,13 @@ class CheckpointManager:
                 remove_path(os.path.join(self.directory, name))
         options = self.options
         if options.remote_sync:
-            self.remote = RemoteSync(self.run_dir, options.remote_sync, options.remote_sync_protocol,
-                                     options.remote_sync_frequency, prune=options.keep_checkpoints > 0)
+            self.remote = RemoteSync(
+                self.run_dir,
+                options.remote_sync,
+                options.remote_sync_protocol,
+                options.remote_sync_frequency,
+                prune=options.keep_checkpoints > 0,
+            )
             self.remote.claim(may_adopt=options.resume == "latest" and not complete_checkpoints(self.directory))
 
     # resume -----------------------------------------------------------------------------------
@@ -159,11 +190,17 @@ class CheckpointManager:
         # training silently (the weights alone load either way).
         saved = manifest.get("objective")  # absent from checkpoints written before it was recorded
         if saved is not None and saved != self.record.objective:
-            raise UsageError(f"--resume {path}: saved by a run training {saved}, this run trains "
-                             f"{self.record.objective}; resume with the flags it was saved with")
+            raise UsageError(
+                f"--resume {path}: saved by a run training {saved}, this run trains "
+                f"{self.record.objective}; resume with the flags it was saved with"
+            )
         if manifest.get("model") != self.record.model:
-            log.warning("--resume %s: saved from model %r, this run names %r; loading as the weights' shapes agree",
-                        path, manifest.get("model"), self.record.model)
+            log.warning(
+                "--resume %s: saved from model %r, this run names %r; loading as the weights' shapes agree",
+                path,
+                manifest.get("model"),
+                self.record.model,
+            )
         self._warn_if_data_differs(path, manifest.get("data", {}))
         self._raise_agreed(attempt(self._check_random_states, path))
         try:
@@ -173,15 +210,26 @@ class CheckpointManager:
         except Exception as error:  # torch and pickle raise many types for damaged files
             raise CheckpointError(f"--resume {path}: cannot load: {one_line(error)}") from None
         progress = Progress(**manifest["progress"])
-        log.info("resumed from %s: epoch %d, step %d of the epoch, global step %d, %d samples seen", path,
-                 progress.epoch, progress.step_in_epoch, progress.global_step, progress.samples_seen)
+        log.info(
+            "resumed from %s: epoch %d, step %d of the epoch, global step %d, %d samples seen",
+            path,
+            progress.epoch,
+            progress.step_in_epoch,
+            progress.global_step,
+            progress.samples_seen,
+        )
         if self.accelerator.is_main_process and os.path.dirname(os.path.abspath(path)) == os.path.abspath(
-                self.directory):
+            self.directory
+        ):
             newer = [c for c in complete_checkpoints(self.directory) if os.path.basename(c) > os.path.basename(path)]
             if newer:
-                log.warning("--resume %s: %d newer checkpoint(s) of the earlier run remain (newest %s); "
-                            "--resume latest would pick them until this run passes them", path, len(newer),
-                            os.path.basename(newer[-1]))
+                log.warning(
+                    "--resume %s: %d newer checkpoint(s) of the earlier run remain (newest %s); "
+                    "--resume latest would pick them until this run passes them",
+                    path,
+                    len(newer),
+                    os.path.basename(newer[-1]),
+                )
         return progress
 
     def _check_random_states(self, path: str) -> None:
@@ -191,25 +239,38 @@ class CheckpointManager:
 
         rng_file = os.path.join(path, f"random_states_{self.accelerator.process_index}.pkl")
         if not os.path.isfile(rng_file):
-            log.warning("--resume %s: no random state saved for process %d (fewer processes then); "
-                        "its random streams start afresh", path, self.accelerator.process_index)
+            log.warning(
+                "--resume %s: no random state saved for process %d (fewer processes then); "
+                "its random streams start afresh",
+                path,
+                self.accelerator.process_index,
+            )
             return
         try:
             load(rng_file)
         except Exception as error:  # torch and pickle raise many types for a damaged or foreign file
-            raise CheckpointError(f"--resume {path}: cannot read {os.path.basename(rng_file)} ({type(error).__name__}); "
-                               "the run's random streams could not be restored exactly") from None
+            raise CheckpointError(
+                f"--resume {path}: cannot read {os.path.basename(rng_file)} ({type(error).__name__}); "
+                "the run's random streams could not be restored exactly"
+            ) from None
 
     def _warn_if_data_differs(self, path: str, saved: dict) -> None:
         # The order depends on the seed and the global micro-batch (per-process batch x processes),
         # not on how the processes share it: 2 x 8 resumes 1 x 16 exactly.
         now = self._data_settings()
-        changed = [key for key in ("seed", "global_micro_batch", "accum_freq", "steps_per_epoch")
-                   if key in saved and saved[key] != now[key]]
+        changed = [
+            key
+            for key in ("seed", "global_micro_batch", "accum_freq", "steps_per_epoch")
+            if key in saved and saved[key] != now[key]
+        ]
         if changed:
             what = ", ".join(f"{key} {saved[key]} -> {now[key]}" for key in changed)
-            log.warning("--resume %s: %s since the save: the epoch's sample order or position differs, so "
-                        "the rest of this epoch may repeat or skip samples", path, what)
+            log.warning(
+                "--resume %s: %s since the save: the epoch's sample order or position differs, so "
+                "the rest of this epoch may repeat or skip samples",
+                path,
+                what,
+            )
 
     def _load_weights(self, models: list, input_dir: str) -> None:
         """Accelerate's load pre-hook: load the plain-named weights into the unwrapped model, checking
@@ -227,19 +288,24 @@ class CheckpointManager:
         sharded are refused in one line. Returns whether Accelerate loads the weights."""
         sharded_run, sharded_save = parallel.is_fsdp(self.accelerator), is_sharded_checkpoint(input_dir)
         if sharded_save and not sharded_run:
-            raise UsageError(f"--resume {input_dir}: a sharded (FSDP) checkpoint; resume it under an FSDP launch "
-                               "config (launch/fsdp.yaml, any number of processes)")
+            raise UsageError(
+                f"--resume {input_dir}: a sharded (FSDP) checkpoint; resume it under an FSDP launch "
+                "config (launch/fsdp.yaml, any number of processes)"
+            )
         if sharded_run and not sharded_save:
-            raise UsageError(f"--resume {input_dir}: a DDP or one-process checkpoint; resume it without the FSDP "
-                               "launch config")
+            raise UsageError(
+                f"--resume {input_dir}: a DDP or one-process checkpoint; resume it without the FSDP launch config"
+            )
         return sharded_run
 
     def _start_from_open_clip(self, path: str, model, optimizer, steps_per_epoch: int) -> Progress:
         """An open_clip epoch_N.pt (or a bare state dict): weights, plus optimizer and scaler when
         present; training goes on with epoch N, the learning rate where open_clip's would be."""
         if parallel.is_fsdp(self.accelerator):
-            raise UsageError(f"--resume {path}: an open_clip checkpoint cannot be resumed under the FSDP launch "
-                               "config yet; resume a step checkpoint folder, or start from it without FSDP")
+            raise UsageError(
+                f"--resume {path}: an open_clip checkpoint cannot be resumed under the FSDP launch "
+                "config yet; resume a step checkpoint folder, or start from it without FSDP"
+            )
         saved = load_weights(unwrap(model), path, "--resume") or {}
         try:
             if "optimizer" in saved:
@@ -247,8 +313,10 @@ class CheckpointManager:
             if "scaler" in saved and self.accelerator.scaler is not None:
                 self.accelerator.scaler.load_state_dict(saved["scaler"])
         except (ValueError, KeyError, RuntimeError) as error:
-            raise CheckpointError(f"--resume {path}: its optimizer state does not fit this model's parameter "
-                               f"groups ({str(error).splitlines()[0]})") from None
+            raise CheckpointError(
+                f"--resume {path}: its optimizer state does not fit this model's parameter "
+                f"groups ({str(error).splitlines()[0]})"
+            ) from None
         epoch = int(saved.get("epoch", 0))
         global_step = epoch * steps_per_epoch
         log.info("started from open_clip checkpoint %s: epoch %d, global step %d", path, epoch, global_step)
@@ -279,11 +347,13 @@ class CheckpointManager:
         if failure is not None:
             if self.accelerator.is_main_process:
                 remove_path(partial)
-            raise ResourceError(save_failure(f"checkpoint {name}", self.directory, failure[1],
-                                             state_bytes(model, optimizer)))
+            raise ResourceError(
+                save_failure(f"checkpoint {name}", self.directory, failure[1], state_bytes(model, optimizer))
+            )
         if self.accelerator.is_main_process:
-            log.info("saved checkpoint %s (%.1f MB, %.2f s)", final, folder_bytes(final) / 1e6,
-                     time.perf_counter() - started)
+            log.info(
+                "saved checkpoint %s (%.1f MB, %.2f s)", final, folder_bytes(final) / 1e6, time.perf_counter() - started
+            )
         return final
 
     def _commit(self, partial: str, final: str, progress: Progress) -> None:
@@ -292,7 +362,7 @@ class CheckpointManager:
         commit_folder(partial, final, progress.global_step)
         self._prune(keep=final)
 
-    def _agreed_failure(self, failure: Optional[BaseException]) -> Optional[tuple[str, str]]:
+    def _agreed_failure(self, failure: BaseException | None) -> tuple[str, str] | None:
         """The first process's failure as (its kind, one line), the same on every process; None when all
         succeeded. Every process must call it: a process that stopped alone would hang the others."""
         from accelerate.utils import gather_object
@@ -302,7 +372,7 @@ class CheckpointManager:
             return described
         return next((each for each in gather_object([described]) if each is not None), None)
 
-    def _raise_agreed(self, failure: Optional[BaseException]) -> None:
+    def _raise_agreed(self, failure: BaseException | None) -> None:
         """After a step some processes took alone: every process raises the first failure, of its kind, or
         none does."""
         agreed = self._agreed_failure(failure)
@@ -312,32 +382,46 @@ class CheckpointManager:
     def _refuse_non_finite(self, model, progress: Progress) -> None:
         # The processes vote (under FSDP each holds another shard), so all of them stop here together.
         if not parallel.weights_are_finite(model, self.accelerator):
-            raise DivergedError(f"the weights are not finite after step {progress.global_step} (epoch "
-                               f"{progress.epoch}): not saving them; the last checkpoint saved before is kept "
-                               "(resume with --resume latest, perhaps with a lower --lr or --grad-clip-norm)")
+            raise DivergedError(
+                f"the weights are not finite after step {progress.global_step} (epoch "
+                f"{progress.epoch}): not saving them; the last checkpoint saved before is kept "
+                "(resume with --resume latest, perhaps with a lower --lr or --grad-clip-norm)"
+            )
 
     def _data_settings(self) -> dict:
         world_size, record = self.accelerator.num_processes, self.record
-        return {"seed": record.seed, "batch_size": record.batch_size, "world_size": world_size,
-                "global_micro_batch": record.batch_size * world_size, "accum_freq": record.accum_freq,
-                "steps_per_epoch": self.steps_per_epoch, "train_data": record.train_data}
+        return {
+            "seed": record.seed,
+            "batch_size": record.batch_size,
+            "world_size": world_size,
+            "global_micro_batch": record.batch_size * world_size,
+            "accum_freq": record.accum_freq,
+            "steps_per_epoch": self.steps_per_epoch,
+            "train_data": record.train_data,
+        }
 
     def _write_manifest(self, folder: str, progress: Progress) -> None:
         record = self.record
-        seal(folder, {
-            "format": FORMAT_VERSION,
-            "model": record.model,
-            "objective": record.objective,
-            # what changes the architecture or preprocessing beyond the model's config (export writes them in)
-            "model_options": record.model_options,
-            "name": record.name,
-            "run_id": run_id(self.run_dir),  # which run saved it: remote sync prunes and fetches only its own
-            "progress": asdict(progress),
-            # the position in the epoch's rebuilt order: micro-batches each process has consumed
-            "data": {"epoch": progress.epoch, "next_micro_batch": progress.step_in_epoch * record.accum_freq,
-                     **self._data_settings()},
-            "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-        })
+        seal(
+            folder,
+            {
+                "format": FORMAT_VERSION,
+                "model": record.model,
+                "objective": record.objective,
+                # what changes the architecture or preprocessing beyond the model's config (export writes them in)
+                "model_options": record.model_options,
+                "name": record.name,
+                "run_id": run_id(self.run_dir),  # which run saved it: remote sync prunes and fetches only its own
+                "progress": asdict(progress),
+                # the position in the epoch's rebuilt order: micro-batches each process has consumed
+                "data": {
+                    "epoch": progress.epoch,
+                    "next_micro_batch": progress.step_in_epoch * record.accum_freq,
+                    **self._data_settings(),
+                },
+                "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            },
+        )
 
     def _prune(self, keep: str) -> None:
         """--keep-checkpoints K: remove all but the K newest, never `keep` (the checkpoint just saved, which
@@ -352,7 +436,9 @@ class CheckpointManager:
         """Epoch saves as open_clip makes them (`epoch_N.pt`), then a full step checkpoint. The export
         comes first: a crash between the two resumes from before the epoch's end and exports again."""
         completed, options = progress.epoch, self.options
-        due = completed == self.record.epochs or (options.save_frequency > 0 and completed % options.save_frequency == 0)
+        due = completed == self.record.epochs or (
+            options.save_frequency > 0 and completed % options.save_frequency == 0
+        )
         if not (due or options.save_most_recent):
             return
         self._refuse_non_finite(model, progress)
@@ -362,11 +448,12 @@ class CheckpointManager:
         self._raise_agreed(attempt(self._write_epoch_files, weights, optimizer_state, completed, due) if main else None)
         self.save(model, optimizer, progress)
 
-    def _write_epoch_files(self, weights: dict, optimizer_state: Optional[dict], completed: int, due: bool) -> None:
+    def _write_epoch_files(self, weights: dict, optimizer_state: dict | None, completed: int, due: bool) -> None:
         """Main process: `epoch_N.pt` when due, `epoch_latest.pt` with --save-most-recent."""
         options, scaler = self.options, self.accelerator.scaler
-        exported = open_clip_checkpoint(weights, optimizer_state, scaler.state_dict() if scaler is not None else None,
-                                        completed, self.record.name)
+        exported = open_clip_checkpoint(
+            weights, optimizer_state, scaler.state_dict() if scaler is not None else None, completed, self.record.name
+        )
         if due:
             save_torch(exported, os.path.join(self.directory, f"epoch_{completed}.pt"))
             if options.delete_previous_checkpoint:
@@ -392,13 +479,11 @@ def _epoch_files(directory: str, before: int) -> list[str]:
     return [os.path.join(directory, m.group(0)) for m in matches if m and int(m.group(1)) < before]
 
 
-
 def _save_plain_weights(models: list, weights: list[dict], output_dir: str) -> None:
     """Accelerate's save pre-hook: store the weights under their plain names (see `plain_key`),
     contiguous (safetensors refuses channels_last convolution weights)."""
     for index, state in enumerate(weights):
         weights[index] = {plain_key(key): value.contiguous() for key, value in state.items()}
-
 
 
 def rewind_jsonl(path: str, global_step: int) -> None:
@@ -411,8 +496,12 @@ def rewind_jsonl(path: str, global_step: int) -> None:
     kept = [line for line in lines if _record_step(line) < global_step]
     if len(kept) != len(lines):
         write_atomically(path, "".join(kept))
-        log.info("%s: dropped %d record(s) of steps from %d on, which are trained again", os.path.basename(path),
-                 len(lines) - len(kept), global_step)
+        log.info(
+            "%s: dropped %d record(s) of steps from %d on, which are trained again",
+            os.path.basename(path),
+            len(lines) - len(kept),
+            global_step,
+        )
 
 
 def _record_step(line: str) -> float:
@@ -421,4 +510,3 @@ def _record_step(line: str) -> float:
         return json.loads(line)["step"]
     except (json.JSONDecodeError, KeyError, TypeError):
         return float("inf")
-

@@ -28,7 +28,6 @@ import json
 import logging
 import os
 import threading
-from typing import Optional
 
 from acc_clip.checkpoint.folders import STEP_PREFIX, TMP_PREFIX, complete_checkpoints
 from acc_clip.errors import ResourceError, UsageError, describe_error
@@ -44,8 +43,10 @@ def open_remote(url: str, protocol: str):
 
     if protocol == "s3":
         if not url.startswith("s3://"):
-            raise UsageError(f"--remote-sync {url}: --remote-sync-protocol s3 needs an s3:// URL "
-                               "(use --remote-sync-protocol fsspec for other storage)")
+            raise UsageError(
+                f"--remote-sync {url}: --remote-sync-protocol s3 needs an s3:// URL "
+                "(use --remote-sync-protocol fsspec for other storage)"
+            )
         if importlib.util.find_spec("s3fs") is None:
             raise ResourceError("--remote-sync-protocol s3 needs the s3fs package, which is not installed")
     elif protocol != "fsspec":
@@ -65,17 +66,17 @@ class RemoteSync:
         self.every_seconds = every_seconds
         self.prune = prune
         self.run_id = run_id(run_dir)
-        self._foreign: Optional[str] = None  # the id of another run that claimed the remote folder meanwhile
+        self._foreign: str | None = None  # the id of another run that claimed the remote folder meanwhile
         # Checkpoints copied before run ids existed carry none: this run's own when it found the remote
         # folder without an owner (an older acc_clip wrote it under this name), nobody's otherwise.
         self._owns_unmarked = False
         self._copied: dict[str, tuple[int, int]] = {}  # local file -> (size, mtime_ns) when last copied
         self._lock = threading.Lock()  # one copy at a time: the thread's and the final one
         self._stop = threading.Event()
-        self._thread: Optional[threading.Thread] = None
+        self._thread: threading.Thread | None = None
 
     # ownership --------------------------------------------------------------------------------
-    def _remote_owner(self) -> Optional[str]:
+    def _remote_owner(self) -> str | None:
         path = f"{self.remote_dir}/{RUN_ID_FILE}"
         return self.fs.cat_file(path).decode().strip() if self.fs.exists(path) else None
 
@@ -87,16 +88,19 @@ class RemoteSync:
             self._owns_unmarked = owner is None
             self._claim_if_free(owner)
         elif may_adopt:
-            log.warning("--remote-sync: continuing the run copied at %s (run id %s) in %s", self.remote_dir, owner,
-                        self.run_dir)
+            log.warning(
+                "--remote-sync: continuing the run copied at %s (run id %s) in %s", self.remote_dir, owner, self.run_dir
+            )
             adopt_run_id(self.run_dir, owner)
             self.run_id = owner
         else:
-            raise UsageError(f"--remote-sync: {self.remote_dir} holds another run's copy (run id {owner}; this "
-                               f"run's is {self.run_id}, in {os.path.join(self.run_dir, RUN_ID_FILE)}): pick "
-                               "another --name, or continue that run with --resume latest from a new run folder")
+            raise UsageError(
+                f"--remote-sync: {self.remote_dir} holds another run's copy (run id {owner}; this "
+                f"run's is {self.run_id}, in {os.path.join(self.run_dir, RUN_ID_FILE)}): pick "
+                "another --name, or continue that run with --resume latest from a new run folder"
+            )
 
-    def _claim_if_free(self, owner: Optional[str]) -> None:
+    def _claim_if_free(self, owner: str | None) -> None:
         if owner is None:
             self.fs.makedirs(self.remote_dir, exist_ok=True)
             self.fs.pipe_file(f"{self.remote_dir}/{RUN_ID_FILE}", (self.run_id + "\n").encode())
@@ -107,13 +111,17 @@ class RemoteSync:
             owner = self._remote_owner()
             if owner not in (None, self.run_id):
                 self._foreign = owner
-                log.warning("remote sync: %s now belongs to run %s, not this run (%s); no longer copying there",
-                            self.remote_dir, owner, self.run_id)
+                log.warning(
+                    "remote sync: %s now belongs to run %s, not this run (%s); no longer copying there",
+                    self.remote_dir,
+                    owner,
+                    self.run_id,
+                )
             else:
                 self._claim_if_free(owner)
         return self._foreign is None
 
-    def _manifest_run_id(self, name: str) -> Optional[str]:
+    def _manifest_run_id(self, name: str) -> str | None:
         try:
             manifest = json.loads(self.fs.cat_file(f"{self.remote_dir}/{CHECKPOINTS_DIR}/{name}/{MANIFEST}"))
         except (ValueError, OSError):
@@ -148,8 +156,13 @@ class RemoteSync:
             if copied:
                 log.info("remote sync: %d file(s) copied to %s", copied, self.remote_dir)
         except Exception as error:  # fsspec backends raise their own types
-            log.warning("remote sync to %s failed (%s: %s); retrying in %s s", self.remote_dir,
-                        type(error).__name__, error, self.every_seconds)
+            log.warning(
+                "remote sync to %s failed (%s: %s); retrying in %s s",
+                self.remote_dir,
+                type(error).__name__,
+                error,
+                self.every_seconds,
+            )
 
     # one copy ---------------------------------------------------------------------------------
     def sync_once(self) -> int:
@@ -212,7 +225,7 @@ class RemoteSync:
                 self.fs.rm(f"{self.remote_dir}/checkpoints/{name}", recursive=True)
 
     # the way back -----------------------------------------------------------------------------
-    def fetch_newest_checkpoint(self) -> Optional[str]:
+    def fetch_newest_checkpoint(self) -> str | None:
         """Copy the newest complete remote checkpoint into the local checkpoints folder when it is
         newer than every local one (and metrics.jsonl, when there is none locally); returns the
         local folder, or None when nothing was fetched."""
@@ -221,13 +234,18 @@ class RemoteSync:
             with self._lock:
                 remote = self._remote_complete()
         except Exception as error:  # fsspec backends raise their own types
-            raise ResourceError(f"--resume latest: cannot list the remote copy {self.remote_dir} "
-                               f"({describe_error(error)})") from None
+            raise ResourceError(
+                f"--resume latest: cannot list the remote copy {self.remote_dir} ({describe_error(error)})"
+            ) from None
         ours = [name for name in remote if self._manifest_run_id(name) == self.run_id]
         if len(ours) < len(remote):
-            log.warning("--resume latest: %d checkpoint(s) in %s were not saved by this run (%s), not fetched: %s",
-                        len(remote) - len(ours), self.remote_dir, self.run_id,
-                        ", ".join(sorted(set(remote) - set(ours))))
+            log.warning(
+                "--resume latest: %d checkpoint(s) in %s were not saved by this run (%s), not fetched: %s",
+                len(remote) - len(ours),
+                self.remote_dir,
+                self.run_id,
+                ", ".join(sorted(set(remote) - set(ours))),
+            )
         local = [os.path.basename(f) for f in complete_checkpoints(local_dir)]
         if not ours or (local and local[-1] >= ours[-1]):
             return None
@@ -236,7 +254,7 @@ class RemoteSync:
         os.makedirs(partial, exist_ok=True)
         remote_folder = f"{self.remote_dir}/checkpoints/{name}"
         prefix = remote_folder + "/"  # fsspec lists paths as remote_dir holds them: without the protocol
-        files = sorted(path[len(prefix):] for path in self.fs.find(remote_folder) if path.startswith(prefix))
+        files = sorted(path[len(prefix) :] for path in self.fs.find(remote_folder) if path.startswith(prefix))
         for file_name in [n for n in files if n != MANIFEST] + [MANIFEST]:
             target = os.path.join(partial, *file_name.split("/"))
             os.makedirs(os.path.dirname(target), exist_ok=True)

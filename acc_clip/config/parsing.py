@@ -10,7 +10,7 @@ import argparse
 import difflib
 import os
 from collections.abc import Iterable, Sequence
-from typing import Any, Optional
+from typing import Any
 
 import yaml
 
@@ -40,8 +40,11 @@ class Config:
 
     def flat(self) -> dict[str, Any]:
         """Every option by its flat name, section by section."""
-        return {option.name: getattr(section, option.name)
-                for section in self._sections.values() for option in options_of(type(section))}
+        return {
+            option.name: getattr(section, option.name)
+            for section in self._sections.values()
+            for option in options_of(type(section))
+        }
 
     def value(self, name: str) -> Any:
         """An option's value by its flat name."""
@@ -71,8 +74,9 @@ def _key_values_action() -> type:
             try:
                 super().__call__(parser, namespace, values, option_string)
             except ValueError:
-                raise UsageError(f"{option_string} {' '.join(values)}: expected key=value pairs, e.g. "
-                                 "scale=(0.9,1.0) re_prob=0.25") from None
+                raise UsageError(
+                    f"{option_string} {' '.join(values)}: expected key=value pairs, e.g. scale=(0.9,1.0) re_prob=0.25"
+                ) from None
 
     return KeyValues
 
@@ -126,8 +130,7 @@ def build_parser(prog: str, description: str, sections: Sequence[type], *, train
 
 
 def closest(name: str, options: Sequence[Option]) -> str:
-    matches = difflib.get_close_matches(name.replace("-", "_").lstrip("_"), [o.name for o in options], n=1,
-                                        cutoff=0.0)
+    matches = difflib.get_close_matches(name.replace("-", "_").lstrip("_"), [o.name for o in options], n=1, cutoff=0.0)
     return flag(matches[0]) if matches else ""
 
 
@@ -202,8 +205,9 @@ def build_sections(sections: Sequence[type], values: dict[str, Any], options: Se
             if option.name in values:
                 own[option.name] = coerce(by_name.get(option.name, option), values[option.name])
             elif option.required and option.name in by_name:
-                raise UsageError(f"--{option.flag} is required" if not option.positional else
-                                 f"{option.name.upper()} is required")
+                raise UsageError(
+                    f"--{option.flag} is required" if not option.positional else f"{option.name.upper()} is required"
+                )
             if option.name in own or not option.required:
                 option.check(own.get(option.name, option.default))
         instance = section(**own)
@@ -212,8 +216,15 @@ def build_sections(sections: Sequence[type], values: dict[str, Any], options: Se
     return built
 
 
-def parse(argv: Sequence[str], sections: Sequence[type], *, prog: str, description: str, train: bool,
-          defaults: Optional[dict[str, Any]] = None) -> Config:
+def parse(
+    argv: Sequence[str],
+    sections: Sequence[type],
+    *,
+    prog: str,
+    description: str,
+    train: bool,
+    defaults: dict[str, Any] | None = None,
+) -> Config:
     """The command's Config from its command line (and the YAML file --config names). `defaults` are
     values that stand in for the sections' own defaults (below YAML and flags), e.g. those a checkpoint
     recorded."""

@@ -14,9 +14,10 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
-from dataclasses import dataclass, field
 import types
-from typing import Any, Callable, ClassVar, Optional, TypeVar, Union, get_args, get_origin, get_type_hints
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, TypeVar, Union, get_args, get_origin, get_type_hints
 
 from acc_clip.errors import UsageError
 
@@ -43,13 +44,22 @@ UNIT_INTERVAL = Domain("within [0, 1]", lambda v: _finite(v) and 0 <= v <= 1)
 OPEN_UNIT_INTERVAL = Domain("within (0, 1)", lambda v: _finite(v) and 0 < v < 1)
 NON_EMPTY = Domain("not empty", lambda v: bool(v))
 # A run's name is one folder under --logs: no separators, not '.' or '..', not empty.
-PLAIN_NAME = Domain("a plain folder name (no '/', not empty, '.' or '..')",
-                    lambda v: bool(v) and v not in (".", "..") and os.sep not in v and "/" not in v
-                    and "\0" not in v)
+PLAIN_NAME = Domain(
+    "a plain folder name (no '/', not empty, '.' or '..')",
+    lambda v: bool(v) and v not in (".", "..") and os.sep not in v and "/" not in v and "\0" not in v,
+)
 
 
-def option(default: Any, help: str, *, choices: Optional[tuple] = None, domain: Optional[Domain] = None,
-           tristate: bool = False, train_only: bool = False, positional: bool = False) -> Any:
+def option(
+    default: Any,
+    help: str,
+    *,
+    choices: tuple | None = None,
+    domain: Domain | None = None,
+    tristate: bool = False,
+    train_only: bool = False,
+    positional: bool = False,
+) -> Any:
     """A dataclass field that is also a command-line flag and a YAML key.
 
     - choices: the accepted values (for str options);
@@ -58,8 +68,14 @@ def option(default: Any, help: str, *, choices: Optional[tuple] = None, domain: 
     - tristate: a bool with --X and --no-X, whose default None lets the run decide;
     - train_only: a training option: commands that only read a model (eval) do not take it;
     - positional: given without its flag name (export's CHECKPOINT)."""
-    metadata = {"help": help, "choices": choices, "domain": domain, "tristate": tristate, "train_only": train_only,
-                "positional": positional}
+    metadata = {
+        "help": help,
+        "choices": choices,
+        "domain": domain,
+        "tristate": tristate,
+        "train_only": train_only,
+        "positional": positional,
+    }
     if isinstance(default, (dict, list)):
         value = default
         return field(default_factory=lambda: type(value)(value), metadata=metadata)
@@ -92,8 +108,8 @@ class Option:
     optional: bool  # None is a valid value
     default: Any
     help: str
-    choices: Optional[tuple]
-    domain: Optional[Domain]
+    choices: tuple | None
+    domain: Domain | None
     tristate: bool
     train_only: bool
     positional: bool
@@ -142,6 +158,20 @@ def options_of(section: type) -> list[Option]:
         element = get_args(kind)[0] if origin is list else None
         default = f.default if f.default_factory is dataclasses.MISSING else f.default_factory()
         meta = f.metadata
-        result.append(Option(f.name, section, origin, element, optional, default, meta["help"], meta["choices"],
-                             meta["domain"], meta["tristate"], meta["train_only"], meta["positional"]))
+        result.append(
+            Option(
+                f.name,
+                section,
+                origin,
+                element,
+                optional,
+                default,
+                meta["help"],
+                meta["choices"],
+                meta["domain"],
+                meta["tristate"],
+                meta["train_only"],
+                meta["positional"],
+            )
+        )
     return result

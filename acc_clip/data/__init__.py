@@ -6,7 +6,8 @@ options section, if it has flags), and one entry in SOURCES."""
 
 from __future__ import annotations
 
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any
 
 from acc_clip.config.parsing import Config
 from acc_clip.config.schema import Section, options_of
@@ -16,8 +17,17 @@ from acc_clip.data.synthetic import SYNTHETIC
 from acc_clip.data.wds import WEBDATASET
 from acc_clip.errors import UsageError
 
-__all__ = ["SOURCES", "DataOptions", "TrainData", "build_eval_loader", "build_train_data", "check_bad_fraction",
-           "check_train_source", "source_for", "source_options"]
+__all__ = [
+    "SOURCES",
+    "DataOptions",
+    "TrainData",
+    "build_eval_loader",
+    "build_train_data",
+    "check_bad_fraction",
+    "check_train_source",
+    "source_for",
+    "source_options",
+]
 
 # --dataset-type -> source; `auto` tries them in this order.
 SOURCES: dict[str, Source] = {source.name: source for source in (CSV, WEBDATASET, SYNTHETIC)}
@@ -28,7 +38,7 @@ def source_options() -> list[type[Section]]:
     return [source.options for source in SOURCES.values() if source.options is not None]
 
 
-def source_for(path: Optional[str], dataset_type: str) -> Source:
+def source_for(path: str | None, dataset_type: str) -> Source:
     """The source that reads `path`: the one --dataset-type names, or the first that detects it."""
     if dataset_type != "auto":
         if dataset_type not in SOURCES:
@@ -36,8 +46,10 @@ def source_for(path: Optional[str], dataset_type: str) -> Source:
         return SOURCES[dataset_type]
     found = next((source for source in SOURCES.values() if path and source.detect(path)), None)
     if found is None:
-        raise UsageError(f"{path}: cannot tell the dataset type from the name; pass --dataset-type "
-                         f"{' or '.join(name for name in SOURCES if name != 'synthetic')}")
+        raise UsageError(
+            f"{path}: cannot tell the dataset type from the name; pass --dataset-type "
+            f"{' or '.join(name for name in SOURCES if name != 'synthetic')}"
+        )
     return found
 
 
@@ -61,15 +73,33 @@ def check_train_source(config: Config) -> list[str]:
     return notices + chosen.check(config)
 
 
-def build_train_data(config: Config, preprocess: Callable, tokenizer: Callable, *, seed: int, rank: int,
-                     world_size: int, pin_memory: bool) -> TrainData:
+def build_train_data(
+    config: Config,
+    preprocess: Callable,
+    tokenizer: Callable,
+    *,
+    seed: int,
+    rank: int,
+    world_size: int,
+    pin_memory: bool,
+) -> TrainData:
     data = config[DataOptions]
     return source_for(data.train_data, data.dataset_type).train_data(
-        config, preprocess, tokenizer, seed=seed, rank=rank, world_size=world_size, pin_memory=pin_memory)
+        config, preprocess, tokenizer, seed=seed, rank=rank, world_size=world_size, pin_memory=pin_memory
+    )
 
 
-def build_eval_loader(config: Config, path: str, preprocess: Callable, tokenizer: Callable, *, rank: int,
-                      world_size: int, expected_samples: Optional[int] = None) -> Any:
+def build_eval_loader(
+    config: Config,
+    path: str,
+    preprocess: Callable,
+    tokenizer: Callable,
+    *,
+    rank: int,
+    world_size: int,
+    expected_samples: int | None = None,
+) -> Any:
     """A validation set's loader: every sample once across processes, in order."""
     return source_for(path, config[DataOptions].dataset_type).eval_loader(
-        config, path, preprocess, tokenizer, rank=rank, world_size=world_size, expected_samples=expected_samples)
+        config, path, preprocess, tokenizer, rank=rank, world_size=world_size, expected_samples=expected_samples
+    )

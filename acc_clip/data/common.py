@@ -8,8 +8,9 @@ draws it would have made, and gives the same draws under any number of workers o
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator, NamedTuple, Optional
+from typing import Any, NamedTuple
 
 import torch
 from torch.utils.data import default_collate
@@ -51,7 +52,7 @@ def seeded_torch_rng(seed: int) -> Iterator[None]:
         generator.set_state(state)
 
 
-def collate_skipping_bad(samples: list[Optional[Sample]], collate_images: Callable = default_collate) -> Batch:
+def collate_skipping_bad(samples: list[Sample | None], collate_images: Callable = default_collate) -> Batch:
     """Stack the good samples; a `None` stands for a skipped one and is counted. `collate_images`
     puts the images together (`pixels.collate_images` of the dataset's transform)."""
     good = [s for s in samples if s is not None]

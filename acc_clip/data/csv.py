@@ -17,9 +17,9 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Callable, Iterable, Iterator, Sized
 from dataclasses import dataclass
-from collections.abc import Sized
-from typing import Any, Callable, ClassVar, Iterable, Iterator, Optional, cast
+from typing import Any, ClassVar, cast
 
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
@@ -59,8 +59,9 @@ class CsvDataset(Dataset):
         skip_bad_rows: bool = False,
     ):
         self.path = path
-        self.filepaths, self.captions = read_csv_columns(path, img_key=img_key, caption_key=caption_key, sep=sep,
-                                                         skip_bad_rows=skip_bad_rows)
+        self.filepaths, self.captions = read_csv_columns(
+            path, img_key=img_key, caption_key=caption_key, sep=sep, skip_bad_rows=skip_bad_rows
+        )
         self.max_image_bytes = max_image_bytes
         self.transform = transform
         self.tokenizer = tokenizer
@@ -70,7 +71,7 @@ class CsvDataset(Dataset):
     def __len__(self) -> int:
         return len(self.filepaths)
 
-    def __getitem__(self, key) -> Optional[Sample]:
+    def __getitem__(self, key) -> Sample | None:
         epoch, index = key if isinstance(key, tuple) else (0, key)
         caption = self.captions[index].strip()
         if not caption:
@@ -78,12 +79,14 @@ class CsvDataset(Dataset):
             return None
         try:
             data = read_image_file(self.filepaths[index], self.max_image_bytes)
-            pixels = load_pixels(data, self.transform,
-                                 sample_seed(self.seed, epoch, index) if self.augment_seeded else None)
+            pixels = load_pixels(
+                data, self.transform, sample_seed(self.seed, epoch, index) if self.augment_seeded else None
+            )
         except IMAGE_ERRORS as error:
             why = str(error) if isinstance(error, ImageFileError) else type(error).__name__
-            log.warning("%s row %d: cannot read image %s (%s), sample skipped", self.path, index,
-                        self.filepaths[index], why)
+            log.warning(
+                "%s row %d: cannot read image %s (%s), sample skipped", self.path, index, self.filepaths[index], why
+            )
             return None
         return Sample(pixels, self.tokenizer([caption])[0], index)
 
@@ -125,7 +128,7 @@ class EpochBatchSampler(Sampler):
         permutation = epoch_permutation(self.num_samples, self.seed, self.epoch).tolist()
         for batch in range(self.start_batch, self.batches_per_epoch):
             first = batch * self.global_batch_size + self.rank * self.batch_size
-            yield [(self.epoch, index) for index in permutation[first:first + self.batch_size]]
+            yield [(self.epoch, index) for index in permutation[first : first + self.batch_size]]
 
 
 class EvalSampler(Sampler):
@@ -177,26 +180,42 @@ class CsvOptions(Section):
     """The CSV source's own flags (training, validation and `acc-clip shards` read CSVs alike)."""
 
     title: ClassVar[str] = "csv"
-    csv_separator: str = option(AUTO_SEPARATOR, "column separator: auto (a tab, open_clip's default, unless the "
-                                                "header line holds a comma and no tab), or one character ('\\t' "
-                                                "for a tab)", domain=NON_EMPTY)
+    csv_separator: str = option(
+        AUTO_SEPARATOR,
+        "column separator: auto (a tab, open_clip's default, unless the "
+        "header line holds a comma and no tab), or one character ('\\t' "
+        "for a tab)",
+        domain=NON_EMPTY,
+    )
     csv_img_key: str = option("filepath", "CSV column with image paths", domain=NON_EMPTY)
     csv_caption_key: str = option("title", "CSV column with captions", domain=NON_EMPTY)
-    skip_bad_rows: bool = option(False, "skip CSV rows whose field count differs from the header's (counted and "
-                                        "named in a warning) instead of stopping at the first")
+    skip_bad_rows: bool = option(
+        False,
+        "skip CSV rows whose field count differs from the header's (counted and "
+        "named in a warning) instead of stopping at the first",
+    )
 
     def check(self) -> None:
         if self.csv_separator != AUTO_SEPARATOR:
             parse_separator(self.csv_separator, "--csv-separator")
 
 
-def csv_dataset(config: Config, path: str, transform: Callable, tokenizer: Callable, *, seed: int = 0,
-                augment_seeded: bool) -> CsvDataset:
+def csv_dataset(
+    config: Config, path: str, transform: Callable, tokenizer: Callable, *, seed: int = 0, augment_seeded: bool
+) -> CsvDataset:
     csv, data = config[CsvOptions], config[DataOptions]
-    return CsvDataset(path, transform=transform, tokenizer=tokenizer, img_key=csv.csv_img_key,
-                      caption_key=csv.csv_caption_key, sep=csv.csv_separator, seed=seed,
-                      augment_seeded=augment_seeded, max_image_bytes=data.max_image_bytes,
-                      skip_bad_rows=csv.skip_bad_rows)
+    return CsvDataset(
+        path,
+        transform=transform,
+        tokenizer=tokenizer,
+        img_key=csv.csv_img_key,
+        caption_key=csv.csv_caption_key,
+        sep=csv.csv_separator,
+        seed=seed,
+        augment_seeded=augment_seeded,
+        max_image_bytes=data.max_image_bytes,
+        skip_bad_rows=csv.skip_bad_rows,
+    )
 
 
 class CsvSource(Source):
@@ -211,16 +230,34 @@ class CsvSource(Source):
     def check(self, config: Config) -> list[str]:
         data = config[DataOptions]
         if data.train_num_samples is not None:
-            return [f"--train-num-samples {data.train_num_samples} has no effect on CSV data: an epoch is every "
-                    "row once (it sets the epoch length of shards and synthetic data)"]
+            return [
+                f"--train-num-samples {data.train_num_samples} has no effect on CSV data: an epoch is every "
+                "row once (it sets the epoch length of shards and synthetic data)"
+            ]
         return []
 
-    def train_data(self, config: Config, preprocess: Callable, tokenizer: Callable, *, seed: int, rank: int,
-                   world_size: int, pin_memory: bool) -> TrainData:
+    def train_data(
+        self,
+        config: Config,
+        preprocess: Callable,
+        tokenizer: Callable,
+        *,
+        seed: int,
+        rank: int,
+        world_size: int,
+        pin_memory: bool,
+    ) -> TrainData:
         data = config[DataOptions]
         dataset = csv_dataset(config, str(data.train_data), preprocess, tokenizer, seed=seed, augment_seeded=True)
-        loader = build_train_loader(dataset, batch_size=data.batch_size, workers=data.workers, seed=seed,
-                                    rank=rank, world_size=world_size, pin_memory=pin_memory)
+        loader = build_train_loader(
+            dataset,
+            batch_size=data.batch_size,
+            workers=data.workers,
+            seed=seed,
+            rank=rank,
+            world_size=world_size,
+            pin_memory=pin_memory,
+        )
         sampler: EpochBatchSampler = loader.batch_sampler  # type: ignore[assignment]
 
         def batches(epoch: int, start_batch: int) -> Iterable[Batch]:
@@ -229,12 +266,22 @@ class CsvSource(Source):
 
         return TrainData(len(dataset), sampler.batches_per_epoch, batches)
 
-    def eval_loader(self, config: Config, path: str, preprocess: Callable, tokenizer: Callable, *, rank: int,
-                    world_size: int, expected_samples: Optional[int]) -> Any:
+    def eval_loader(
+        self,
+        config: Config,
+        path: str,
+        preprocess: Callable,
+        tokenizer: Callable,
+        *,
+        rank: int,
+        world_size: int,
+        expected_samples: int | None,
+    ) -> Any:
         data = config[DataOptions]
         dataset = csv_dataset(config, path, preprocess, tokenizer, augment_seeded=False)
-        return build_eval_loader(dataset, batch_size=data.batch_size, workers=data.workers, rank=rank,
-                                 world_size=world_size)
+        return build_eval_loader(
+            dataset, batch_size=data.batch_size, workers=data.workers, rank=rank, world_size=world_size
+        )
 
 
 CSV = CsvSource()

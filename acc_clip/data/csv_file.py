@@ -53,21 +53,30 @@ def _rows(path: str, sep: str, skip_bad_rows: bool) -> tuple[list[str], list[lis
                 if len(row) != len(header):
                     where = f"row {len(rows) + len(skipped) + 1} (line {reader.line_num}) has {len(row)} fields"
                     if not skip_bad_rows:
-                        raise DataError(f"{path}: {where}, the header {len(header)} (separator {sep!r}); quote a "
-                                           "field that holds the separator, or pass --skip-bad-rows to skip such rows")
+                        raise DataError(
+                            f"{path}: {where}, the header {len(header)} (separator {sep!r}); quote a "
+                            "field that holds the separator, or pass --skip-bad-rows to skip such rows"
+                        )
                     skipped.append(where)
                     continue
                 rows.append(row)
     except (csv.Error, UnicodeDecodeError) as error:
         raise DataError(f"{path}: cannot parse the CSV with separator {sep!r}: {error}") from None
     if skipped:
-        log.warning("%s: skipped %d row(s) whose field count differs from the header's %d (--skip-bad-rows): %s%s",
-                    path, len(skipped), len(header), "; ".join(skipped[:5]), "; ..." if len(skipped) > 5 else "")
+        log.warning(
+            "%s: skipped %d row(s) whose field count differs from the header's %d (--skip-bad-rows): %s%s",
+            path,
+            len(skipped),
+            len(header),
+            "; ".join(skipped[:5]),
+            "; ..." if len(skipped) > 5 else "",
+        )
     return header, rows
 
 
-def read_csv_columns(path: str, *, img_key: str, caption_key: str, sep: str,
-                     skip_bad_rows: bool = False) -> tuple[list[str], list[str]]:
+def read_csv_columns(
+    path: str, *, img_key: str, caption_key: str, sep: str, skip_bad_rows: bool = False
+) -> tuple[list[str], list[str]]:
     """The image paths and captions of a CSV, or one clear error naming the file (and the row)."""
     if not os.path.exists(path):
         raise DataError(f"{path}: CSV file not found")

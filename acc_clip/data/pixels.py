@@ -32,8 +32,9 @@ import functools
 import io
 import logging
 import warnings
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, NamedTuple, Optional, Sequence, Union, cast
+from typing import NamedTuple, cast
 
 import torch
 from PIL import Image
@@ -41,9 +42,8 @@ from torchvision import transforms as T
 from torchvision.transforms.v2 import functional as F
 
 from acc_clip.data.common import Batch, seeded_torch_rng
-from acc_clip.io.files import PIL_FORMATS
-
 from acc_clip.io import jpeg
+from acc_clip.io.files import PIL_FORMATS
 
 try:  # torchcodec supersedes torchvision.io's image decoders (deprecated in torchvision 0.29)
     from torchcodec.decoders import decode_jpeg as _decode_jpeg
@@ -51,7 +51,8 @@ try:  # torchcodec supersedes torchvision.io's image decoders (deprecated in tor
     DECODER = "torchcodec"
     _RGB = "RGB"
 except ImportError:
-    from torchvision.io import ImageReadMode, decode_jpeg as _decode_jpeg
+    from torchvision.io import ImageReadMode
+    from torchvision.io import decode_jpeg as _decode_jpeg
 
     DECODER = "torchvision"
     _RGB = ImageReadMode.RGB
@@ -106,11 +107,13 @@ def run_geometric(steps: Sequence, image: torch.Tensor) -> torch.Tensor:
     for step in steps:
         if type(step) is T.RandomResizedCrop:
             box = step.get_params(image, step.scale, step.ratio)
-            image = F.resized_crop(image, *box, list(step.size), interpolation=step.interpolation,
-                                   antialias=step.antialias)
+            image = F.resized_crop(
+                image, *box, list(step.size), interpolation=step.interpolation, antialias=step.antialias
+            )
         elif type(step) is T.Resize:
-            image = F.resize(image, step.size, interpolation=step.interpolation, max_size=step.max_size,
-                             antialias=step.antialias)
+            image = F.resize(
+                image, step.size, interpolation=step.interpolation, max_size=step.max_size, antialias=step.antialias
+            )
         else:
             image = F.center_crop(image, list(step.size))
     return image
@@ -120,6 +123,7 @@ class EncodedImages(NamedTuple):
     """A batch of undecoded images: `data[offsets[i]:offsets[i + 1]]` is image i, to be cropped to
     `boxes[i]` (top, left, height, width) and resized to `size`; `on_device[i]` says whether the
     device's JPEG decoder may take it (a whole 3-component JPEG), else the host decodes it."""
+
     data: torch.Tensor  # uint8, all images back to back
     offsets: torch.Tensor  # long [B + 1]
     boxes: torch.Tensor  # long [B, 4]
@@ -137,7 +141,7 @@ class SplitTransform:
     std: tuple[float, ...]
     decode_on_device: bool = False
 
-    def __call__(self, data: bytes) -> Union[torch.Tensor, tuple[torch.Tensor, torch.Tensor]]:
+    def __call__(self, data: bytes) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
         if not self.decode_on_device:
             return run_geometric(self.geometric.transforms, decode_rgb(data))
         header = jpeg.read_header(data) if jpeg.is_jpeg(data) else None
@@ -155,14 +159,15 @@ class SplitTransform:
         on_device = header is not None and header.components == 3
         return torch.frombuffer(bytearray(data), dtype=torch.uint8), torch.tensor([*box, on_device], dtype=torch.long)
 
-    def collate(self, pixels: list) -> Union[torch.Tensor, EncodedImages]:
+    def collate(self, pixels: list) -> torch.Tensor | EncodedImages:
         if not self.decode_on_device:
             return torch.utils.data.default_collate(pixels)
         lengths = torch.tensor([0] + [len(data) for data, _ in pixels], dtype=torch.long)
         size = tuple(self.geometric.transforms[0].size)
         boxes = torch.stack([box for _, box in pixels])
-        return EncodedImages(torch.cat([data for data, _ in pixels]), lengths.cumsum(0), boxes[:, :4],
-                             boxes[:, 4].bool(), size)
+        return EncodedImages(
+            torch.cat([data for data, _ in pixels]), lengths.cumsum(0), boxes[:, :4], boxes[:, 4].bool(), size
+        )
 
     def to_model_input(self, images: torch.Tensor, device, channels_last: bool = False) -> torch.Tensor:
         """uint8 [B, 3, H, W] -> float32 on `device`, with ToTensor's and Normalize's arithmetic
@@ -175,16 +180,16 @@ class SplitTransform:
         # On the CPU one image at a time stays in cache (~30% faster); an accelerator takes the batch.
         step = 1 if images.device.type == "cpu" else max(1, len(images))
         for first in range(0, len(images), step):
-            chunk = out[first:first + step]
-            chunk.copy_(images[first:first + step]).div_(255).sub_(mean).div_(std)
+            chunk = out[first : first + step]
+            chunk.copy_(images[first : first + step]).div_(255).sub_(mean).div_(std)
         return out
 
     def decode_batch(self, encoded: EncodedImages, device) -> tuple[torch.Tensor, list[int]]:
         """Decode, crop and resize an `EncodedImages` batch on `device`: uint8 [b, 3, H, W] there,
         and the positions of the images that failed to decode (left out of the b)."""
         crop = self.geometric.transforms[0]
-        pieces = [encoded.data[int(a):int(b)] for a, b in zip(encoded.offsets[:-1], encoded.offsets[1:])]
-        decoded: list[Optional[torch.Tensor]] = [None] * len(pieces)
+        pieces = [encoded.data[int(a) : int(b)] for a, b in zip(encoded.offsets[:-1], encoded.offsets[1:])]
+        decoded: list[torch.Tensor | None] = [None] * len(pieces)
         jpegs = encoded.on_device.nonzero().flatten().tolist()
         if jpegs and torch.device(device).type == "cuda":
             # nvJPEG's hardware decoder (A100, H100) writes its output without waiting for the work
@@ -200,26 +205,32 @@ class SplitTransform:
                 decoded[i] = _decode_one_jpeg(pieces[i], device)
         for i, piece in enumerate(pieces):
             if decoded[i] is None:  # not for the device's decoder, or refused by it: on the host
-                try:
+                with contextlib.suppress(ImageDecodeError):
                     decoded[i] = decode_rgb(piece.numpy().tobytes()).to(device)
-                except ImageDecodeError:
-                    pass
         failed = [i for i, image in enumerate(decoded) if image is None]
-        out = [F.resized_crop(image, *encoded.boxes[i].tolist(), list(encoded.size),
-                              interpolation=crop.interpolation, antialias=crop.antialias)
-               for i, image in enumerate(decoded) if image is not None]
+        out = [
+            F.resized_crop(
+                image,
+                *encoded.boxes[i].tolist(),
+                list(encoded.size),
+                interpolation=crop.interpolation,
+                antialias=crop.antialias,
+            )
+            for i, image in enumerate(decoded)
+            if image is not None
+        ]
         empty = torch.empty(0, 3, *encoded.size, dtype=torch.uint8, device=device)
         return (torch.stack(out) if out else empty), failed
 
 
-def _decode_one_jpeg(piece: torch.Tensor, device) -> Optional[torch.Tensor]:
+def _decode_one_jpeg(piece: torch.Tensor, device) -> torch.Tensor | None:
     try:
         return _decode_jpeg(piece, mode=_RGB, device=device)
     except DECODER_ERRORS:
         return None
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def device_can_decode_jpeg(device: torch.device) -> bool:
     """Whether JPEGs decode on `device` here: a CUDA device whose decoder (nvJPEG, through torchcodec
     or torchvision) decodes a small probe image. The CPU always could, but there it would only move
@@ -242,7 +253,7 @@ def _is_convert_to_rgb(step: Callable) -> bool:
     return getattr(step, "__name__", None) == "_convert_to_rgb"
 
 
-def split_transform(preprocess: Callable, *, decode_on_device: bool = False) -> Optional[SplitTransform]:
+def split_transform(preprocess: Callable, *, decode_on_device: bool = False) -> SplitTransform | None:
     """`preprocess` as a `SplitTransform` when it is [geometric steps..., convert to RGB, to-tensor,
     Normalize] (open_clip's train and val transforms), else None: run it whole on PIL images.
     Device decoding needs the geometric part to be one RandomResizedCrop; otherwise it is off."""
@@ -250,17 +261,25 @@ def split_transform(preprocess: Callable, *, decode_on_device: bool = False) -> 
     if not isinstance(preprocess, T.Compose) or len(steps) < 4:
         return None
     *geometric, convert, to_tensor, normalize = steps
-    if not (_is_convert_to_rgb(convert) and type(normalize) is T.Normalize
-            and (type(to_tensor) is T.ToTensor or type(to_tensor).__name__ == "MaybeToTensor")
-            and all(type(step) in GEOMETRIC_STEPS for step in geometric)
-            and len(normalize.mean) == 3 and 0 not in list(normalize.std)):
+    if not (
+        _is_convert_to_rgb(convert)
+        and type(normalize) is T.Normalize
+        and (type(to_tensor) is T.ToTensor or type(to_tensor).__name__ == "MaybeToTensor")
+        and all(type(step) in GEOMETRIC_STEPS for step in geometric)
+        and len(normalize.mean) == 3
+        and 0 not in list(normalize.std)
+    ):
         return None
     device_ok = len(geometric) == 1 and type(geometric[0]) is T.RandomResizedCrop
-    return SplitTransform(T.Compose(geometric), tuple(map(float, normalize.mean)), tuple(map(float, normalize.std)),
-                          decode_on_device=decode_on_device and device_ok)
+    return SplitTransform(
+        T.Compose(geometric),
+        tuple(map(float, normalize.mean)),
+        tuple(map(float, normalize.std)),
+        decode_on_device=decode_on_device and device_ok,
+    )
 
 
-def load_pixels(data: bytes, transform: Callable, seed: Optional[int] = None):
+def load_pixels(data: bytes, transform: Callable, seed: int | None = None):
     """What a dataset stores for one image: `transform` on the bytes when it is a `SplitTransform`,
     else on the decoded image as an RGB PIL image (custom transforms); with `seed`, its random draws
     come from torch's CPU generator seeded with it (`seeded_torch_rng`). Undecodable bytes raise
@@ -281,8 +300,11 @@ def train_transform(preprocess: Callable, *, decode_on_device: bool, device) -> 
     the device), device decoding where asked for and possible, else `preprocess` whole."""
     split = split_transform(preprocess, decode_on_device=decode_on_device and device_can_decode_jpeg(device))
     if decode_on_device and (split is None or not split.decode_on_device):
-        why = (f"{torch.device(device).type} has no JPEG decoder here" if not device_can_decode_jpeg(device)
-               else "the train transform is not a single RandomResizedCrop")
+        why = (
+            f"{torch.device(device).type} has no JPEG decoder here"
+            if not device_can_decode_jpeg(device)
+            else "the train transform is not a single RandomResizedCrop"
+        )
         log.warning("--decode-on-device: %s; decoding in the loader workers instead", why)
     if split is None:
         log.info("images: the train transform is not open_clip's shape; it runs whole on PIL images in the workers")

@@ -24,8 +24,9 @@ never silently."""
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, Iterable, Optional
+from typing import Any, ClassVar
 
 from acc_clip.config.parsing import Config
 from acc_clip.config.schema import NON_NEGATIVE, POSITIVE, UNIT_INTERVAL, Domain, Section, option
@@ -47,24 +48,39 @@ class DataOptions(Section):
     """How any data set is read, training or validation, and the training data itself."""
 
     title: ClassVar[str] = "data"
-    train_data: Optional[str] = option(None, "training CSV, shard pattern 'DIR/{00000..00031}.tar', or a shard "
-                                             "folder", train_only=True)
-    dataset_type: str = option("auto", "auto (from the path), or one of the sources: csv, webdataset, synthetic",
-                               domain=DATASET_TYPE)
+    train_data: str | None = option(
+        None, "training CSV, shard pattern 'DIR/{00000..00031}.tar', or a shard folder", train_only=True
+    )
+    dataset_type: str = option(
+        "auto", "auto (from the path), or one of the sources: csv, webdataset, synthetic", domain=DATASET_TYPE
+    )
     batch_size: int = option(64, "samples per process per micro-batch", domain=POSITIVE)
     workers: int = option(4, "data loader worker processes per rank", domain=NON_NEGATIVE)
-    train_num_samples: Optional[int] = option(None, "samples per epoch, for shards and synthetic data (default: "
-                                                    "sizes.json)", domain=POSITIVE, train_only=True)
-    pin_memory: Optional[bool] = option(None, "page-locked loader batches for non-blocking copies to the device "
-                                              "(default: on for CUDA and SDAA; --no-pin-memory turns it off)",
-                                        tristate=True, train_only=True)
-    decode_on_device: bool = option(False, "decode JPEGs on the accelerator (nvjpeg on CUDA) instead of in the "
-                                           "loader workers; falls back to the workers where the device cannot",
-                                    train_only=True)
-    max_bad_fraction: float = option(0.01, "stop when more than this fraction of samples read is missing or corrupt",
-                                     domain=UNIT_INTERVAL, train_only=True)
-    max_image_bytes: int = option(MAX_IMAGE_BYTES, "image files larger than this are skipped and counted as bad",
-                                  domain=POSITIVE)
+    train_num_samples: int | None = option(
+        None, "samples per epoch, for shards and synthetic data (default: sizes.json)", domain=POSITIVE, train_only=True
+    )
+    pin_memory: bool | None = option(
+        None,
+        "page-locked loader batches for non-blocking copies to the device "
+        "(default: on for CUDA and SDAA; --no-pin-memory turns it off)",
+        tristate=True,
+        train_only=True,
+    )
+    decode_on_device: bool = option(
+        False,
+        "decode JPEGs on the accelerator (nvjpeg on CUDA) instead of in the "
+        "loader workers; falls back to the workers where the device cannot",
+        train_only=True,
+    )
+    max_bad_fraction: float = option(
+        0.01,
+        "stop when more than this fraction of samples read is missing or corrupt",
+        domain=UNIT_INTERVAL,
+        train_only=True,
+    )
+    max_image_bytes: int = option(
+        MAX_IMAGE_BYTES, "image files larger than this are skipped and counted as bad", domain=POSITIVE
+    )
 
 
 @dataclass
@@ -81,7 +97,7 @@ class Source:
     """One kind of data; see the module docstring for the contract."""
 
     name: ClassVar[str] = ""
-    options: ClassVar[Optional[type[Section]]] = None
+    options: ClassVar[type[Section] | None] = None
     # Its flags given while another source is read: announced as having no effect, or refused where they
     # could only be a mistake.
     refuse_elsewhere: ClassVar[bool] = False
@@ -92,23 +108,45 @@ class Source:
     def check(self, config: Config) -> list[str]:
         return []
 
-    def train_data(self, config: Config, preprocess: Callable, tokenizer: Callable, *, seed: int, rank: int,
-                   world_size: int, pin_memory: bool) -> TrainData:
+    def train_data(
+        self,
+        config: Config,
+        preprocess: Callable,
+        tokenizer: Callable,
+        *,
+        seed: int,
+        rank: int,
+        world_size: int,
+        pin_memory: bool,
+    ) -> TrainData:
         raise NotImplementedError
 
-    def eval_loader(self, config: Config, path: str, preprocess: Callable, tokenizer: Callable, *, rank: int,
-                    world_size: int, expected_samples: Optional[int]) -> Any:
+    def eval_loader(
+        self,
+        config: Config,
+        path: str,
+        preprocess: Callable,
+        tokenizer: Callable,
+        *,
+        rank: int,
+        world_size: int,
+        expected_samples: int | None,
+    ) -> Any:
         raise NotImplementedError
 
 
-def check_bad_fraction(bad: int, read: int, max_fraction: float, minimum_read: int = 100) -> Optional[str]:
+def check_bad_fraction(bad: int, read: int, max_fraction: float, minimum_read: int = 100) -> str | None:
     """The error to stop with when too many samples were missing or corrupt, else None."""
     if read >= minimum_read and bad > max_fraction * read:
-        return (f"{bad} of {read} samples read so far were missing or corrupt ({bad / read:.1%}), "
-                f"more than --max-bad-fraction {max_fraction}; see the warnings above for the files")
+        return (
+            f"{bad} of {read} samples read so far were missing or corrupt ({bad / read:.1%}), "
+            f"more than --max-bad-fraction {max_fraction}; see the warnings above for the files"
+        )
     return None
 
 
 def too_few_samples(num_samples: int, batch_size: int, world_size: int) -> DataError:
-    return DataError(f"{num_samples} samples cannot fill one global batch of {batch_size * world_size} "
-                     f"({batch_size} per process x {world_size} processes): lower --batch-size or add data")
+    return DataError(
+        f"{num_samples} samples cannot fill one global batch of {batch_size * world_size} "
+        f"({batch_size} per process x {world_size} processes): lower --batch-size or add data"
+    )

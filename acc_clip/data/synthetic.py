@@ -3,7 +3,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterator, Optional
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import torch
 
@@ -14,7 +15,9 @@ from acc_clip.errors import UsageError
 
 
 def _image_size(preprocess: Callable) -> int:
-    steps = getattr(getattr(preprocess, "geometric", preprocess), "transforms", [])  # a pixels.SplitTransform or a Compose
+    steps = getattr(
+        getattr(preprocess, "geometric", preprocess), "transforms", []
+    )  # a pixels.SplitTransform or a Compose
     for transform in steps:
         size = getattr(transform, "size", None)
         if size is not None:
@@ -37,16 +40,37 @@ class SyntheticSource(Source):
 
     name = "synthetic"
 
-    def train_data(self, config: Config, preprocess: Callable, tokenizer: Callable, *, seed: int, rank: int,
-                   world_size: int, pin_memory: bool) -> TrainData:
+    def train_data(
+        self,
+        config: Config,
+        preprocess: Callable,
+        tokenizer: Callable,
+        *,
+        seed: int,
+        rank: int,
+        world_size: int,
+        pin_memory: bool,
+    ) -> TrainData:
         data = config[DataOptions]
         num_samples = data.train_num_samples or 100 * data.batch_size * world_size
         per_epoch = num_samples // (data.batch_size * world_size)
-        return TrainData(num_samples, per_epoch,
-                         lambda epoch, start: synthetic_batches(preprocess, tokenizer, data.batch_size, per_epoch - start))
+        return TrainData(
+            num_samples,
+            per_epoch,
+            lambda epoch, start: synthetic_batches(preprocess, tokenizer, data.batch_size, per_epoch - start),
+        )
 
-    def eval_loader(self, config: Config, path: str, preprocess: Callable, tokenizer: Callable, *, rank: int,
-                    world_size: int, expected_samples: Optional[int]) -> Any:
+    def eval_loader(
+        self,
+        config: Config,
+        path: str,
+        preprocess: Callable,
+        tokenizer: Callable,
+        *,
+        rank: int,
+        world_size: int,
+        expected_samples: int | None,
+    ) -> Any:
         raise UsageError(f"{path}: synthetic data cannot be a validation set; give a CSV or shards")
 
 

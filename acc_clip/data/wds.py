@@ -84,9 +84,10 @@ import logging
 import math
 import os
 import random
+from collections.abc import Callable, Generator, Iterable, Iterator
 from dataclasses import dataclass
 from itertools import accumulate, islice
-from typing import Any, Callable, ClassVar, Generator, Iterable, Iterator, Optional, cast
+from typing import Any, ClassVar, cast
 
 import torch
 import webdataset as wds
@@ -106,8 +107,10 @@ log = logging.getLogger(__name__)
 SHUFFLE_BUFFER = 2000  # raw samples per worker; at ~100 KB per JPEG about 200 MB of memory
 SHUFFLE_INITIAL = 100  # samples read before the buffer yields its first
 IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
-NEEDS_RESAMPLED = ("--train-data-upsampling-factors weighs shard draws with replacement: it needs "
-                   "--dataset-resampled (as in open_clip_train)")
+NEEDS_RESAMPLED = (
+    "--train-data-upsampling-factors weighs shard draws with replacement: it needs "
+    "--dataset-resampled (as in open_clip_train)"
+)
 # A resampled worker gives up after this many empty shards in a row rather than spin forever.
 MAX_EMPTY_DRAWS = 1000
 
@@ -145,8 +148,10 @@ def source_factors(urls: str, factors: str) -> list[float]:
     num_sources = len(urls.split("::"))
     parts = factors.split("::")
     if len(parts) != num_sources:
-        raise UsageError(f"--train-data-upsampling-factors {factors!r} gives {len(parts)} factors for "
-                           f"{num_sources} sources in --train-data (one per '::'-joined source)")
+        raise UsageError(
+            f"--train-data-upsampling-factors {factors!r} gives {len(parts)} factors for "
+            f"{num_sources} sources in --train-data (one per '::'-joined source)"
+        )
     values = []
     for part in parts:
         try:
@@ -161,14 +166,14 @@ def source_factors(urls: str, factors: str) -> list[float]:
     return values
 
 
-def shard_weights(urls: str, factors: Optional[str]) -> Optional[list[float]]:
+def shard_weights(urls: str, factors: str | None) -> list[float] | None:
     """The draw weight of each shard of `expand_shard_urls(urls)`: its source's factor; None without factors."""
     if factors is None:
         return None
     return [factor for source, factor in zip(expand_sources(urls), source_factors(urls, factors)) for _ in source]
 
 
-def read_shard_sizes(shards: list[str]) -> Optional[list[int]]:
+def read_shard_sizes(shards: list[str]) -> list[int] | None:
     """Sample count of each shard from the sizes.json beside it (open_clip's format), or None when
     a shard has no such entry."""
     by_folder: dict[str, dict] = {}
@@ -194,9 +199,10 @@ def _read_sizes_json(path: str) -> dict[str, int]:
         return {}
     except (OSError, ValueError) as error:  # unreadable, not UTF-8, not JSON
         raise DataError(f"{path}: not a readable sizes.json ({describe_error(error)})") from None
-    if not isinstance(sizes, dict) or not all(isinstance(n, int) and not isinstance(n, bool) and n >= 0
-                                               for n in sizes.values()):
-        raise DataError(f"{path}: expected {{\"shard.tar\": sample count, ...}} with counts >= 0")
+    if not isinstance(sizes, dict) or not all(
+        isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in sizes.values()
+    ):
+        raise DataError(f'{path}: expected {{"shard.tar": sample count, ...}} with counts >= 0')
     return sizes
 
 
@@ -205,7 +211,7 @@ def _rng(*parts) -> random.Random:
     return random.Random("acc_clip.wds:" + ":".join(map(str, parts)))
 
 
-def draw_shards(shards: list[str], weights: Optional[list[float]], rng: random.Random) -> Iterator[str]:
+def draw_shards(shards: list[str], weights: list[float] | None, rng: random.Random) -> Iterator[str]:
     """Shards drawn with replacement for ever, uniformly or with these weights. Shards of weight 0 are
     left out of the population, so they are never drawn (not even by a rounding of the cumulative sums)."""
     if weights is None:
@@ -305,11 +311,27 @@ class ShardEpoch(IterableDataset):
     """The batches of one rank for one epoch; see the module docstring for the order. Training reads the
     spans of `sequence` (`epoch_sequence`), or draws from `all_shards` when resampled; eval reads `eval_shards`."""
 
-    def __init__(self, *, all_shards: list[str], preprocess: Callable, tokenizer: Callable, batch_size: int,
-                 num_workers: int, num_batches: Optional[int], seed: int, epoch: int, rank: int, is_train: bool,
-                 resampled: bool, start_batch: int, shuffle_buffer: int, weights: Optional[list[float]] = None,
-                 num_samples: Optional[int] = None, sequence: Optional[list[tuple[str, int]]] = None,
-                 eval_shards: Optional[list[str]] = None):
+    def __init__(
+        self,
+        *,
+        all_shards: list[str],
+        preprocess: Callable,
+        tokenizer: Callable,
+        batch_size: int,
+        num_workers: int,
+        num_batches: int | None,
+        seed: int,
+        epoch: int,
+        rank: int,
+        is_train: bool,
+        resampled: bool,
+        start_batch: int,
+        shuffle_buffer: int,
+        weights: list[float] | None = None,
+        num_samples: int | None = None,
+        sequence: list[tuple[str, int]] | None = None,
+        eval_shards: list[str] | None = None,
+    ):
         self.all_shards, self.weights, self.sequence, self.eval_shards = all_shards, weights, sequence, eval_shards
         # Of the epoch (training), or of the whole set as given or in sizes.json (eval: the loader reads
         # every sample there is whatever this says; the evaluator compares it with what was read).
@@ -330,7 +352,7 @@ class ShardEpoch(IterableDataset):
         loader_worker = info.id if info is not None else 0
         raw: Iterator[dict]
         if not self.is_train:
-            raw = read_raw_samples(cast(list[str], self.eval_shards)[loader_worker::self.num_workers])
+            raw = read_raw_samples(cast(list[str], self.eval_shards)[loader_worker :: self.num_workers])
         else:
             # Rotated roles: the loader starts with its worker 0, which must make batch start_batch.
             worker = (loader_worker + self.start_batch) % self.num_workers
@@ -350,8 +372,13 @@ class ShardEpoch(IterableDataset):
             shards = draw_shards(self.all_shards, self.weights, _rng("resample", *place))
             return buffer_shuffle(self._non_empty(shards), self.shuffle_buffer, _rng("buffer", *place))
         # Training without resampling always has its batch count and its sequence (_train_epoch).
-        span = worker_span(self.rank, worker, num_batches=cast(int, self.num_batches), num_workers=self.num_workers,
-                           batch_size=self.batch_size)
+        span = worker_span(
+            self.rank,
+            worker,
+            num_batches=cast(int, self.num_batches),
+            num_workers=self.num_workers,
+            batch_size=self.batch_size,
+        )
         sequence = cast(list[tuple[str, int]], self.sequence)
         samples = (sample for part in span_parts(sequence, span) for sample in self._read_part(*part))
         return buffer_shuffle(samples, self.shuffle_buffer, _rng("buffer", *place))
@@ -373,8 +400,13 @@ class ShardEpoch(IterableDataset):
                 break  # the rest of the shard is another worker's
         samples.close()
         if found < stop:
-            log.warning("%s: holds %d samples, sizes.json says %d: a cut or damaged shard; the %d missing count "
-                        "as bad samples", shard, found, size, size - found)
+            log.warning(
+                "%s: holds %d samples, sizes.json says %d: a cut or damaged shard; the %d missing count as bad samples",
+                shard,
+                found,
+                size,
+                size - found,
+            )
             yield from ({MISSING_SAMPLE: shard} for _ in range(max(first, found), stop))
 
     def _non_empty(self, shards: Iterator[str]) -> Iterator[dict]:
@@ -398,7 +430,7 @@ class ShardEpoch(IterableDataset):
                 return str(random.Random(sample_seed(self.seed, self.epoch, index)).choice(captions))
         return raw.get("txt", b"").decode("utf-8", errors="replace")
 
-    def _decode(self, raw: dict) -> Optional[Sample]:
+    def _decode(self, raw: dict) -> Sample | None:
         if MISSING_SAMPLE in raw:  # said once per shard in _read_accounted
             return None
         index = sample_index(raw["__key__"])
@@ -409,8 +441,9 @@ class ShardEpoch(IterableDataset):
             log.warning("%s: %s, sample skipped", where, "no image" if image_bytes is None else "empty caption")
             return None
         try:
-            pixels = load_pixels(image_bytes, self.preprocess,
-                                 sample_seed(self.seed, self.epoch, index) if self.is_train else None)
+            pixels = load_pixels(
+                image_bytes, self.preprocess, sample_seed(self.seed, self.epoch, index) if self.is_train else None
+            )
         except ImageDecodeError as error:
             log.warning("%s: image does not decode (%s), sample skipped", where, error)
             return None
@@ -437,12 +470,12 @@ def build_wds_loader(
     rank: int,
     world_size: int,
     is_train: bool = True,
-    num_samples: Optional[int] = None,
+    num_samples: int | None = None,
     resampled: bool = False,
-    upsampling_factors: Optional[str] = None,
+    upsampling_factors: str | None = None,
     start_batch: int = 0,
     shuffle_buffer: int = SHUFFLE_BUFFER,
-    pin_memory: Optional[bool] = None,
+    pin_memory: bool | None = None,
 ) -> tuple[DataLoader, int]:
     """A DataLoader of this rank's `Batch`es for one epoch, and the number of batches per epoch of
     this rank (the whole epoch, including the `start_batch` skipped ones). Call once per epoch.
@@ -453,10 +486,10 @@ def build_wds_loader(
 
     Epoch length: `num_samples`, else the sum of the shards' sizes.json entries (of every source,
     whatever its factor, as open_clip_train counts). Training without `resampled` needs sizes.json
-    for every shard whatever `num_samples` says: it splits the samples by those counts. Eval reads every sample of the shards, whatever
-    `num_samples` says (--val-num-samples: the count the evaluator expects, needed without sizes.json);
-    without sizes.json the returned batch count is an estimate from it, and the loader has no len()
-    (how the set splits among processes depends on the sizes of the shards)."""
+    for every shard whatever `num_samples` says: it splits the samples by those counts. Eval reads every
+    sample of the shards, whatever `num_samples` says (--val-num-samples: the count the evaluator expects,
+    needed without sizes.json); without sizes.json the returned batch count is an estimate from it, and the
+    loader has no len() (how the set splits among processes depends on the sizes of the shards)."""
     if batch_size < 1:
         raise UsageError(f"batch size must be at least 1, got {batch_size}")
     if workers < 0 or world_size < 1 or not 0 <= rank < world_size:
@@ -467,20 +500,34 @@ def build_wds_loader(
     weights = shard_weights(urls, upsampling_factors)
     sizes = read_shard_sizes(shards)
     if is_train and not resampled and sizes is None:
-        raise DataError(f"{urls}: no sizes.json entry for every shard; training without --dataset-resampled "
-                           f"splits the samples among processes and workers by those counts: write sizes.json "
-                           f"({{\"00000.tar\": samples, ...}}) beside the shards, or pass --dataset-resampled")
+        raise DataError(
+            f"{urls}: no sizes.json entry for every shard; training without --dataset-resampled "
+            f"splits the samples among processes and workers by those counts: write sizes.json "
+            f'({{"00000.tar": samples, ...}}) beside the shards, or pass --dataset-resampled'
+        )
     if num_samples is None:
         if sizes is None:
-            raise DataError(f"{urls}: no sizes.json entry for every shard; give the number of samples "
-                               f"({'--train-num-samples' if is_train else '--val-num-samples'})")
+            raise DataError(
+                f"{urls}: no sizes.json entry for every shard; give the number of samples "
+                f"({'--train-num-samples' if is_train else '--val-num-samples'})"
+            )
         num_samples = sum(sizes)
-    common = dict(all_shards=shards, preprocess=preprocess, tokenizer=tokenizer, batch_size=batch_size, seed=seed,
-                  epoch=epoch, rank=rank, is_train=is_train, resampled=resampled and is_train,
-                  shuffle_buffer=shuffle_buffer, weights=weights, num_samples=num_samples)
+    common = dict(
+        all_shards=shards,
+        preprocess=preprocess,
+        tokenizer=tokenizer,
+        batch_size=batch_size,
+        seed=seed,
+        epoch=epoch,
+        rank=rank,
+        is_train=is_train,
+        resampled=resampled and is_train,
+        shuffle_buffer=shuffle_buffer,
+        weights=weights,
+        num_samples=num_samples,
+    )
     if is_train:
-        dataset = _train_epoch(shards, sizes, world_size=world_size, workers=workers, start_batch=start_batch,
-                               **common)
+        dataset = _train_epoch(shards, sizes, world_size=world_size, workers=workers, start_batch=start_batch, **common)
         num_batches = cast(int, dataset.num_batches)  # a training epoch always knows it
         workers = train_workers(workers, num_batches)
     else:
@@ -488,39 +535,55 @@ def build_wds_loader(
             raise UsageError("start_batch is for training; an eval pass always starts at its beginning")
         dataset, num_batches = _eval_pass(shards, sizes, world_size=world_size, workers=workers, **common)
         workers = min(workers, dataset.num_workers)  # a worker without shards would add nothing
-    loader = DataLoader(dataset, batch_size=None, num_workers=workers, collate_fn=_as_is,
-                        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
-                        worker_init_fn=ignore_stop_signals)  # the main process saves on SIGTERM first
+    loader = DataLoader(
+        dataset,
+        batch_size=None,
+        num_workers=workers,
+        collate_fn=_as_is,
+        pin_memory=torch.cuda.is_available() if pin_memory is None else pin_memory,
+        worker_init_fn=ignore_stop_signals,
+    )  # the main process saves on SIGTERM first
     return loader, num_batches
 
 
-def _train_epoch(shards: list[str], sizes: Optional[list[int]], *, world_size: int, workers: int, start_batch: int,
-                 **common) -> ShardEpoch:
+def _train_epoch(
+    shards: list[str], sizes: list[int] | None, *, world_size: int, workers: int, start_batch: int, **common
+) -> ShardEpoch:
     """The dataset of one training epoch: its batch count, and the epoch's sequence unless resampled."""
     num_samples, batch_size, epoch = common["num_samples"], common["batch_size"], common["epoch"]
     num_batches = num_samples // (batch_size * world_size)
     if num_batches == 0:
         raise too_few_samples(num_samples, batch_size, world_size)
     if not 0 <= start_batch <= num_batches:
-        raise UsageError(f"cannot start epoch {epoch} at batch {start_batch}: it has {num_batches} batches per "
-                           f"process (a resume after the batch size, processes or epoch length changed?)")
+        raise UsageError(
+            f"cannot start epoch {epoch} at batch {start_batch}: it has {num_batches} batches per "
+            f"process (a resume after the batch size, processes or epoch length changed?)"
+        )
     sequence = None
     if not common["resampled"]:
         # build_wds_loader refused training without resampling and without sizes.json
-        sequence = epoch_sequence(shards, cast(list[int], sizes), common["seed"], epoch,
-                                  num_batches * batch_size * world_size)
+        sequence = epoch_sequence(
+            shards, cast(list[int], sizes), common["seed"], epoch, num_batches * batch_size * world_size
+        )
     # The order is laid out for the workers started (workers=0: one role, read in the calling process).
-    return ShardEpoch(num_workers=max(1, train_workers(workers, num_batches)), num_batches=num_batches,
-                      start_batch=start_batch, sequence=sequence, **common)
+    return ShardEpoch(
+        num_workers=max(1, train_workers(workers, num_batches)),
+        num_batches=num_batches,
+        start_batch=start_batch,
+        sequence=sequence,
+        **common,
+    )
 
 
-def _eval_pass(shards: list[str], sizes: Optional[list[int]], *, world_size: int, workers: int,
-               **common) -> tuple[ShardEpoch, int]:
+def _eval_pass(
+    shards: list[str], sizes: list[int] | None, *, world_size: int, workers: int, **common
+) -> tuple[ShardEpoch, int]:
     """The dataset of one eval pass and its batch count (an estimate without sizes.json)."""
     rank, batch_size = common["rank"], common["batch_size"]
     if len(shards) < world_size:
-        raise DataError(f"{len(shards)} eval shards cannot be split among {world_size} ranks: "
-                           f"make more, smaller shards")
+        raise DataError(
+            f"{len(shards)} eval shards cannot be split among {world_size} ranks: make more, smaller shards"
+        )
     rank_shards = shards[rank::world_size]
     num_workers = min(max(1, workers), len(rank_shards))
     if sizes is not None:
@@ -528,8 +591,13 @@ def _eval_pass(shards: list[str], sizes: Optional[list[int]], *, world_size: int
         num_batches = sum(math.ceil(sum(rank_sizes[w::num_workers]) / batch_size) for w in range(num_workers))
     else:
         num_batches = math.ceil(common["num_samples"] / (batch_size * world_size))
-    dataset = ShardEpoch(eval_shards=rank_shards, num_workers=num_workers,
-                         num_batches=num_batches if sizes is not None else None, start_batch=0, **common)
+    dataset = ShardEpoch(
+        eval_shards=rank_shards,
+        num_workers=num_workers,
+        num_batches=num_batches if sizes is not None else None,
+        start_batch=0,
+        **common,
+    )
     return dataset, num_batches
 
 
@@ -543,9 +611,11 @@ class ShardOptions(Section):
 
     title: ClassVar[str] = "webdataset"
     dataset_resampled: bool = option(False, "sample shards with replacement", train_only=True)
-    train_data_upsampling_factors: Optional[str] = option(None, "with --dataset-resampled: 'F1::F2::...', one draw "
-                                                                "weight per '::'-joined source of --train-data",
-                                                          train_only=True)
+    train_data_upsampling_factors: str | None = option(
+        None,
+        "with --dataset-resampled: 'F1::F2::...', one draw weight per '::'-joined source of --train-data",
+        train_only=True,
+    )
 
 
 class WebdatasetSource(Source):
@@ -566,31 +636,75 @@ class WebdatasetSource(Source):
             source_factors(str(data.train_data), shards.train_data_upsampling_factors)
         return []
 
-    def train_data(self, config: Config, preprocess: Callable, tokenizer: Callable, *, seed: int, rank: int,
-                   world_size: int, pin_memory: bool) -> TrainData:
+    def train_data(
+        self,
+        config: Config,
+        preprocess: Callable,
+        tokenizer: Callable,
+        *,
+        seed: int,
+        rank: int,
+        world_size: int,
+        pin_memory: bool,
+    ) -> TrainData:
         data, shards = config[DataOptions], config[ShardOptions]
 
         def loader(epoch: int, start_batch: int = 0) -> tuple[DataLoader, int]:
-            return build_wds_loader(str(data.train_data), preprocess=preprocess, tokenizer=tokenizer,
-                                    batch_size=data.batch_size, workers=data.workers, seed=seed, epoch=epoch,
-                                    rank=rank, world_size=world_size, is_train=True,
-                                    num_samples=data.train_num_samples, resampled=shards.dataset_resampled,
-                                    upsampling_factors=shards.train_data_upsampling_factors,
-                                    start_batch=start_batch, pin_memory=pin_memory)
+            return build_wds_loader(
+                str(data.train_data),
+                preprocess=preprocess,
+                tokenizer=tokenizer,
+                batch_size=data.batch_size,
+                workers=data.workers,
+                seed=seed,
+                epoch=epoch,
+                rank=rank,
+                world_size=world_size,
+                is_train=True,
+                num_samples=data.train_num_samples,
+                resampled=shards.dataset_resampled,
+                upsampling_factors=shards.train_data_upsampling_factors,
+                start_batch=start_batch,
+                pin_memory=pin_memory,
+            )
 
         _, batches_per_epoch = loader(0)
         if train_workers(data.workers, batches_per_epoch) < data.workers:
-            log.info("%d batches per process per epoch: starting %d loader workers, not --workers %d (each makes "
-                     "whole batches)", batches_per_epoch, batches_per_epoch, data.workers)
+            log.info(
+                "%d batches per process per epoch: starting %d loader workers, not --workers %d (each makes "
+                "whole batches)",
+                batches_per_epoch,
+                batches_per_epoch,
+                data.workers,
+            )
         num_samples = data.train_num_samples or batches_per_epoch * data.batch_size * world_size
         return TrainData(num_samples, batches_per_epoch, lambda epoch, start: loader(epoch, start)[0])
 
-    def eval_loader(self, config: Config, path: str, preprocess: Callable, tokenizer: Callable, *, rank: int,
-                    world_size: int, expected_samples: Optional[int]) -> Any:
+    def eval_loader(
+        self,
+        config: Config,
+        path: str,
+        preprocess: Callable,
+        tokenizer: Callable,
+        *,
+        rank: int,
+        world_size: int,
+        expected_samples: int | None,
+    ) -> Any:
         data = config[DataOptions]
-        loader, _ = build_wds_loader(path, preprocess=preprocess, tokenizer=tokenizer, batch_size=data.batch_size,
-                                     workers=data.workers, seed=0, epoch=0, rank=rank, world_size=world_size,
-                                     is_train=False, num_samples=expected_samples)
+        loader, _ = build_wds_loader(
+            path,
+            preprocess=preprocess,
+            tokenizer=tokenizer,
+            batch_size=data.batch_size,
+            workers=data.workers,
+            seed=0,
+            epoch=0,
+            rank=rank,
+            world_size=world_size,
+            is_train=False,
+            num_samples=expected_samples,
+        )
         return loader
 
 

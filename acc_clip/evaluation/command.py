@@ -14,7 +14,7 @@ import json
 import os
 import sys
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar
 
 from acc_clip.config.parsing import Config, parse
 from acc_clip.config.schema import REQUIRED, Section, option
@@ -33,14 +33,25 @@ from acc_clip.runtime.device import RuntimeOptions, make_accelerator, plan_devic
 @dataclass
 class EvalOptions(Section):
     title: ClassVar[str] = "eval"
-    checkpoint: str = option(REQUIRED, "open_clip epoch_N.pt, a plain state dict, or an acc_clip "
-                                       "checkpoints/step_N folder (which brings its model and model options)")
-    out: Optional[str] = option(None, "also write all metrics to this JSON file")
+    checkpoint: str = option(
+        REQUIRED,
+        "open_clip epoch_N.pt, a plain state dict, or an acc_clip "
+        "checkpoints/step_N folder (which brings its model and model options)",
+    )
+    out: str | None = option(None, "also write all metrics to this JSON file")
 
 
 def sections() -> list[type]:
-    return [EvalOptions, ModelOptions, ObjectiveOptions, *objective_options(), EvaluationOptions, DataOptions,
-            *source_options(), RuntimeOptions]
+    return [
+        EvalOptions,
+        ModelOptions,
+        ObjectiveOptions,
+        *objective_options(),
+        EvaluationOptions,
+        DataOptions,
+        *source_options(),
+        RuntimeOptions,
+    ]
 
 
 def recorded_defaults(checkpoint: str) -> dict[str, Any]:
@@ -58,8 +69,7 @@ def parse_eval_config(argv: list[str]) -> Config:
     config = parse(argv, sections(), prog="acc-clip eval", description=description, train=False)
     defaults = recorded_defaults(config[EvalOptions].checkpoint)
     if defaults:
-        config = parse(argv, sections(), prog="acc-clip eval", description=description, train=False,
-                       defaults=defaults)
+        config = parse(argv, sections(), prog="acc-clip eval", description=description, train=False, defaults=defaults)
     if not config[EvaluationOptions].any_set:
         raise UsageError("nothing to evaluate: give --val-data, --zeroshot-data, --imagenet-val and/or --imagenet-v2")
     return config
@@ -69,14 +79,21 @@ def main(argv: list[str]) -> int:
     config = parse_eval_config(argv)
     options, model_options, runtime = config[EvalOptions], config[ModelOptions], config[RuntimeOptions]
     accelerator = make_accelerator(plan_device(runtime.device, runtime.precision))
-    model, _, preprocess_val = open_clip_model(model_options.model, "", "--model", "--checkpoint",
-                                               **{**create_kwargs(model_options, runtime.precision),
-                                                  **model_overrides(config)})
+    model, _, preprocess_val = open_clip_model(
+        model_options.model,
+        "",
+        "--model",
+        "--checkpoint",
+        **{**create_kwargs(model_options, runtime.precision), **model_overrides(config)},
+    )
     load_weights(model, options.checkpoint, "--checkpoint")
     model.to(accelerator.device)
     if accelerator.is_main_process:
-        print(f"acc-clip eval: {options.checkpoint} ({model_options.model}) on {accelerator.num_processes} "
-              f"process(es), device {accelerator.device}", file=sys.stderr)
+        print(
+            f"acc-clip eval: {options.checkpoint} ({model_options.model}) on {accelerator.num_processes} "
+            f"process(es), device {accelerator.device}",
+            file=sys.stderr,
+        )
     # The validation loss is that of the objective the model and --siglip select (CoCa, SigLIP or CLIP).
     objective = create_objective(config, 0, 1, accelerator.device)
     evaluator = Evaluator(config, preprocess_val, create_tokenizer(model_options), accelerator, objective)

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, ContextManager, Optional
+from typing import Any, ClassVar
 
 import torch
 from accelerate import Accelerator
@@ -35,22 +37,29 @@ log = logging.getLogger(__name__)
 @dataclass
 class EvaluationOptions(Section):
     title: ClassVar[str] = "evaluation"
-    val_data: Optional[str] = option(None, "validation CSV or shards")
-    val_num_samples: Optional[int] = option(None, "samples the validation set holds (default: sizes.json; needed for "
-                                                  "shards without it); every sample is evaluated, whatever it says",
-                                            domain=POSITIVE)
+    val_data: str | None = option(None, "validation CSV or shards")
+    val_num_samples: int | None = option(
+        None,
+        "samples the validation set holds (default: sizes.json; needed for "
+        "shards without it); every sample is evaluated, whatever it says",
+        domain=POSITIVE,
+    )
     val_frequency: int = option(1, "evaluate every N epochs", domain=NON_NEGATIVE, train_only=True)
     zeroshot_frequency: int = option(2, "zero-shot every N epochs", domain=NON_NEGATIVE, train_only=True)
-    zeroshot_data: Optional[str] = option(None, "zero-shot set: a folder per class, or a filepath,label CSV")
-    zeroshot_classnames: Optional[str] = option(None, "class names file, one per line")
-    zeroshot_templates: Optional[str] = option(None, "prompt templates file, one per line with {}")
-    imagenet_val: Optional[str] = option(None, "ImageNet validation folder for zero-shot")
-    imagenet_v2: Optional[str] = option(None, "ImageNetV2 matched-frequency folder (sub-folders 0..999 by class "
-                                              "index) for zero-shot, on --imagenet-val's schedule")
+    zeroshot_data: str | None = option(None, "zero-shot set: a folder per class, or a filepath,label CSV")
+    zeroshot_classnames: str | None = option(None, "class names file, one per line")
+    zeroshot_templates: str | None = option(None, "prompt templates file, one per line with {}")
+    imagenet_val: str | None = option(None, "ImageNet validation folder for zero-shot")
+    imagenet_v2: str | None = option(
+        None,
+        "ImageNetV2 matched-frequency folder (sub-folders 0..999 by class "
+        "index) for zero-shot, on --imagenet-val's schedule",
+    )
 
     @property
     def any_set(self) -> bool:
         return bool(self.val_data or self.zeroshot_data or self.imagenet_val or self.imagenet_v2)
+
 
 def gather_rows_by_index(
     accelerator: Accelerator, indices: torch.Tensor, *row_tensors: torch.Tensor
@@ -69,7 +78,6 @@ def gather_rows_by_index(
     first_of_index[1:] = sorted_indices[1:] != sorted_indices[:-1]
     keep = order[first_of_index]
     return (sorted_indices[first_of_index], *(rows[real][keep] for rows in all_rows))
-
 
 
 def _sum_over_processes(accelerator: Accelerator, value: int) -> int:
@@ -99,16 +107,18 @@ def encode_rows(clip, objective, loader, accelerator: Accelerator, autocast) -> 
                     if key in PER_MODEL_OUTPUTS:
                         per_model[key] = value.float().cpu()
                     else:
-                        parts.setdefault(key, []).append(value.float().cpu() if value.is_floating_point()
-                                                         else value.cpu())
+                        parts.setdefault(key, []).append(
+                            value.float().cpu() if value.is_floating_point() else value.cpu()
+                        )
                 parts["indices"].append(batch.indices)
     finally:
         clip.train(was_training)
     return {key: torch.cat(values) for key, values in parts.items() if values}, per_model, bad
 
 
-def _rows_over_processes(accelerator: Accelerator, local: dict[str, torch.Tensor],
-                         per_model: dict[str, torch.Tensor]) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def _rows_over_processes(
+    accelerator: Accelerator, local: dict[str, torch.Tensor], per_model: dict[str, torch.Tensor]
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """Every process's rows, by row index (see gather_rows_by_index), and the per-model rows; row names,
     widths and per-model values are taken from whichever process has rows, as a process may have had
     none (its share unreadable, or no share at all)."""
@@ -119,8 +129,11 @@ def _rows_over_processes(accelerator: Accelerator, local: dict[str, torch.Tensor
         layout, per_model = next(((s, p) for s, p in shares if s), ({}, {}))
     names = sorted(layout)
     empty = {key: torch.empty((0, *shape), dtype=dtype) for key, (shape, dtype) in layout.items()}
-    gathered = gather_rows_by_index(accelerator, local.get("indices", torch.empty(0, dtype=torch.long)),
-                                    *(local.get(key, empty[key]) for key in names))
+    gathered = gather_rows_by_index(
+        accelerator,
+        local.get("indices", torch.empty(0, dtype=torch.long)),
+        *(local.get(key, empty[key]) for key in names),
+    )
     return {"indices": gathered[0], **dict(zip(names, gathered[1:]))}, per_model
 
 
@@ -128,9 +141,9 @@ def evaluate_retrieval(
     model: torch.nn.Module,
     loader: torch.utils.data.DataLoader,
     accelerator: Accelerator,
-    objective: Optional[Objective] = None,
+    objective: Objective | None = None,
     *,
-    precision_autocast: Optional[Callable[[], ContextManager]] = None,
+    precision_autocast: Callable[[], AbstractContextManager] | None = None,
 ) -> dict[str, float]:
     """Encode the validation set (`Batch`es from `acc_clip.data.csv.build_eval_loader`, each row on one
     process) and return, on every process:
@@ -147,14 +160,15 @@ def evaluate_retrieval(
     """
     clip = parallel.unwrap(model)
     one_process = (objective or ClipObjective(Config([ObjectiveOptions()]), 0, 1, accelerator.device)).on_one_process()
-    local, per_model, local_bad = encode_rows(clip, one_process, loader, accelerator,
-                                              precision_autocast or contextlib.nullcontext)
+    local, per_model, local_bad = encode_rows(
+        clip, one_process, loader, accelerator, precision_autocast or contextlib.nullcontext
+    )
     rows, per_model = _rows_over_processes(accelerator, local, per_model)
     num_bad = _sum_over_processes(accelerator, local_bad)
     if len(rows["indices"]) == 0:
         raise DataError(f"validation set: no readable samples ({num_bad} skipped as unreadable)")
 
-    result: list[Optional[dict[str, float]]] = [None]
+    result: list[dict[str, float] | None] = [None]
     if accelerator.is_main_process:
         indices = rows.pop("indices").tolist()
         filepaths = getattr(loader.dataset, "filepaths", None)
@@ -185,7 +199,7 @@ def validation_losses(objective: Objective, rows: dict, per_model: dict) -> dict
     return metrics
 
 
-def expected_val_samples(options: EvaluationOptions, loader) -> tuple[Optional[int], str]:
+def expected_val_samples(options: EvaluationOptions, loader) -> tuple[int | None, str]:
     """How many samples the validation set should hold, and who says so: --val-num-samples, else the
     shards' sizes.json; (None, "") for a CSV without the flag (its rows are the count)."""
     if options.val_num_samples is not None:
@@ -194,15 +208,17 @@ def expected_val_samples(options: EvaluationOptions, loader) -> tuple[Optional[i
     return (from_sizes, "sizes.json") if from_sizes is not None else (None, "")
 
 
-def val_count_warning(expected: Optional[int], said_by: str, metrics: dict) -> Optional[str]:
+def val_count_warning(expected: int | None, said_by: str, metrics: dict) -> str | None:
     """The warning to give when the samples read (evaluated or unreadable) are not the count expected.
     The count never cuts or pads the set: evaluation reads every sample once, so only this line differs."""
     read = metrics["num_samples"] + metrics["num_bad"]
     if expected is None or read == expected:
         return None
-    return (f"{said_by} says the validation set holds {expected} samples but {read} were read "
-            f"({metrics['num_bad']} unreadable); the metrics are over every sample read, once each"
-            + ("" if said_by == "--val-num-samples" else " (a shard missing or cut short?)"))
+    return (
+        f"{said_by} says the validation set holds {expected} samples but {read} were read "
+        f"({metrics['num_bad']} unreadable); the metrics are over every sample read, once each"
+        + ("" if said_by == "--val-num-samples" else " (a shard missing or cut short?)")
+    )
 
 
 def zeroshot_sets(options: EvaluationOptions, preprocess_val: Callable) -> list[tuple]:
@@ -211,7 +227,8 @@ def zeroshot_sets(options: EvaluationOptions, preprocess_val: Callable) -> list[
     sets: list[tuple] = []
     if options.zeroshot_data:
         dataset, classnames = zeroshot.load_zeroshot_dataset(
-            options.zeroshot_data, transform=preprocess_val, classnames_file=options.zeroshot_classnames)
+            options.zeroshot_data, transform=preprocess_val, classnames_file=options.zeroshot_classnames
+        )
         sets.append(("zeroshot", dataset, classnames, zeroshot.load_templates(options.zeroshot_templates)))
     if options.imagenet_val:
         dataset, classnames = zeroshot.load_imagenet_val(options.imagenet_val, transform=preprocess_val)
@@ -226,18 +243,31 @@ class Evaluator:
     """Validation retrieval and zero-shot sets, built once from the evaluation options (and the data
     options for reading them), run on open_clip_train's schedule."""
 
-    def __init__(self, config: Config, preprocess_val: Callable, tokenizer: Callable, accelerator: Accelerator,
-                 objective: Optional[Objective] = None):
+    def __init__(
+        self,
+        config: Config,
+        preprocess_val: Callable,
+        tokenizer: Callable,
+        accelerator: Accelerator,
+        objective: Objective | None = None,
+    ):
         self.options, self.data = config[EvaluationOptions], config[DataOptions]
         self.tokenizer, self.accelerator = tokenizer, accelerator
         self.objective = objective  # the validation loss's; CLIP's when None
         self.val_loader: Any = None
         if self.options.val_data:
-            self.val_loader = build_eval_loader(config, self.options.val_data, preprocess_val, tokenizer,
-                                                rank=accelerator.process_index, world_size=accelerator.num_processes,
-                                                expected_samples=self.options.val_num_samples)
-        self.val_expected = (expected_val_samples(self.options, self.val_loader) if self.val_loader is not None
-                             else (None, ""))
+            self.val_loader = build_eval_loader(
+                config,
+                self.options.val_data,
+                preprocess_val,
+                tokenizer,
+                rank=accelerator.process_index,
+                world_size=accelerator.num_processes,
+                expected_samples=self.options.val_num_samples,
+            )
+        self.val_expected = (
+            expected_val_samples(self.options, self.val_loader) if self.val_loader is not None else (None, "")
+        )
         self._val_counts_warned: set[int] = set()
         self.zeroshot_sets = zeroshot_sets(self.options, preprocess_val)
 
@@ -249,20 +279,29 @@ class Evaluator:
         """Metrics per evaluation: "retrieval", and each zero-shot set by name."""
         results: dict[str, dict] = {}
         if retrieval and self.val_loader is not None:
-            results["retrieval"] = evaluate_retrieval(model, self.val_loader, self.accelerator, self.objective,
-                                                      precision_autocast=self.accelerator.autocast)
+            results["retrieval"] = evaluate_retrieval(
+                model, self.val_loader, self.accelerator, self.objective, precision_autocast=self.accelerator.autocast
+            )
             self._check_val_count(results["retrieval"])
         classifiers: dict[tuple, torch.Tensor] = {}  # ImageNet val and V2 share one: 1000 classes x 80 prompts
         for name, dataset, classnames, templates in self.zeroshot_sets if classification else ():
             key = (tuple(classnames), tuple(templates))
             if key not in classifiers:
-                classifiers[key] = zeroshot.zeroshot_classifier(model, self.tokenizer, classnames, templates,
-                                                                self.accelerator, self.accelerator.autocast)
-            results[name] = zeroshot.zeroshot_eval(model, self.tokenizer, dataset, classnames, templates,
-                                                   self.accelerator, batch_size=self.data.batch_size,
-                                                   workers=self.data.workers,
-                                                   precision_autocast=self.accelerator.autocast,
-                                                   classifier=classifiers[key])
+                classifiers[key] = zeroshot.zeroshot_classifier(
+                    model, self.tokenizer, classnames, templates, self.accelerator, self.accelerator.autocast
+                )
+            results[name] = zeroshot.zeroshot_eval(
+                model,
+                self.tokenizer,
+                dataset,
+                classnames,
+                templates,
+                self.accelerator,
+                batch_size=self.data.batch_size,
+                workers=self.data.workers,
+                precision_autocast=self.accelerator.autocast,
+                classifier=classifiers[key],
+            )
         return results
 
     def _check_val_count(self, metrics: dict) -> None:
@@ -280,8 +319,11 @@ class Evaluator:
         """The metrics due after `completed_epochs` (all of them with `force`), one flat dict: retrieval
         keys as they are, zero-shot keys prefixed with the set's name."""
         options = self.options
-        results = self.evaluate(model, retrieval=force or self._due(options.val_frequency, completed_epochs, last),
-                                classification=force or self._due(options.zeroshot_frequency, completed_epochs, last))
+        results = self.evaluate(
+            model,
+            retrieval=force or self._due(options.val_frequency, completed_epochs, last),
+            classification=force or self._due(options.zeroshot_frequency, completed_epochs, last),
+        )
         metrics = dict(results.pop("retrieval", {}))
         for name, result in results.items():
             metrics.update({k.replace("zeroshot", name, 1): v for k, v in result.items()})

@@ -8,7 +8,7 @@ keys prefixed `coco_`, over unique images.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -107,4 +107,3 @@ def same_key_same_features(features: torch.Tensor, keys: Sequence[str]) -> torch
     first_row_of_key: dict[str, int] = {}
     first_rows = [first_row_of_key.setdefault(key, row) for row, key in enumerate(keys)]
     return features[first_rows]
-

@@ -17,7 +17,9 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from typing import Any, Callable, ContextManager, Optional, Sequence, Union, cast
+from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager
+from typing import Any, cast
 
 import torch
 from accelerate import Accelerator
@@ -28,15 +30,15 @@ from torchvision.datasets.folder import IMG_EXTENSIONS
 from acc_clip.data.common import Sample
 from acc_clip.data.csv import IMAGE_ERRORS, build_eval_loader
 from acc_clip.data.csv_file import read_csv_columns
-from acc_clip.io.files import read_image_file
 from acc_clip.data.pixels import load_pixels
 from acc_clip.errors import DataError, describe_error
-from acc_clip.runtime import parallel
+from acc_clip.io.files import read_image_file
 from acc_clip.model.build import image_input_dtype
+from acc_clip.runtime import parallel
 
 log = logging.getLogger(__name__)
 
-Template = Union[str, Callable[[str], str]]
+Template = str | Callable[[str], str]
 TOP_K = 5
 
 
@@ -51,7 +53,7 @@ class ZeroShotDataset(Dataset):
     def __len__(self) -> int:
         return len(self.filepaths)
 
-    def __getitem__(self, index: int) -> Optional[Sample]:
+    def __getitem__(self, index: int) -> Sample | None:
         try:
             pixels = load_pixels(read_image_file(self.filepaths[index]), self.transform)
         except IMAGE_ERRORS as error:
@@ -97,7 +99,7 @@ def _images_of_classes(root: str, folders: list[str]) -> tuple[list[str], list[i
     return filepaths, labels
 
 
-def _labelled_csv(path: str, num_named_classes: Optional[int]) -> tuple[Optional[list[str]], list[str], list[int]]:
+def _labelled_csv(path: str, num_named_classes: int | None) -> tuple[list[str] | None, list[str], list[int]]:
     """(class names in the CSV or None for integer labels, image paths, labels) of a filepath,label CSV."""
     filepaths, raw_labels = read_csv_columns(path, img_key="filepath", caption_key="label", sep=",")
     raw_labels = [label.strip() for label in raw_labels]
@@ -140,8 +142,11 @@ def _check_classnames(class_ids: list[str], classnames: list[str], names_source:
     if len(classnames) == len(class_ids):
         return
     defaults = [class_id.replace("_", " ") for class_id in class_ids]
-    first = next(i for i in range(max(len(classnames), len(defaults)))
-                 if i >= len(classnames) or i >= len(defaults) or classnames[i] != defaults[i])
+    first = next(
+        i
+        for i in range(max(len(classnames), len(defaults)))
+        if i >= len(classnames) or i >= len(defaults) or classnames[i] != defaults[i]
+    )
     named = repr(classnames[first]) if first < len(classnames) else "nothing"
     found = repr(class_ids[first]) if first < len(class_ids) else "no class"
     raise DataError(
@@ -156,11 +161,11 @@ def _check_class_count(count: int, data: str) -> None:
 
 
 def load_zeroshot_dataset(
-    path: str, *, transform: Callable, classnames_file: Optional[str] = None
+    path: str, *, transform: Callable, classnames_file: str | None = None
 ) -> tuple[ZeroShotDataset, list[str]]:
     """A class-per-sub-folder folder or a filepath,label CSV -> (dataset, class names by label)."""
     file_names = _read_lines(classnames_file, "class names") if classnames_file else None
-    class_ids: Optional[list[str]]
+    class_ids: list[str] | None
     if os.path.isdir(path):
         class_ids, filepaths, labels = _image_folder(path)
     elif os.path.isfile(path):
@@ -203,8 +208,9 @@ def imagenet_v2_root(path: str) -> str:
     return path
 
 
-def load_imagenet_v2(path: str, *, transform: Callable,
-                     classnames: Optional[Sequence[str]] = None) -> tuple[ZeroShotDataset, list[str]]:
+def load_imagenet_v2(
+    path: str, *, transform: Callable, classnames: Sequence[str] | None = None
+) -> tuple[ZeroShotDataset, list[str]]:
     """ImageNetV2 matched-frequency: class folders named 0..999, each name the class index into
     `classnames` (default open_clip's IMAGENET_CLASSNAMES, looked up at call time). The label is
     int(name), not the folder's place in sorted order, where '10' comes before '2'."""
@@ -216,13 +222,15 @@ def load_imagenet_v2(path: str, *, transform: Callable,
     if missing or unexpected:
         problems = [f"{len(missing)} missing, e.g. {missing[0]!r}"] if missing else []
         problems += [f"{len(unexpected)} unexpected, e.g. {unexpected[0]!r}"] if unexpected else []
-        raise DataError(f"--imagenet-v2 {root}: not ImageNetV2's layout (sub-folders 0..{len(classnames) - 1}, "
-                           f"one per class index): {'; '.join(problems)}")
+        raise DataError(
+            f"--imagenet-v2 {root}: not ImageNetV2's layout (sub-folders 0..{len(classnames) - 1}, "
+            f"one per class index): {'; '.join(problems)}"
+        )
     filepaths, labels = _images_of_classes(root, by_index)  # folder i of by_index is class i
     return ZeroShotDataset(filepaths, labels, transform=transform), classnames
 
 
-def load_templates(path: Optional[str] = None) -> Sequence[Template]:
+def load_templates(path: str | None = None) -> Sequence[Template]:
     """Prompt templates, one per line with `{}` for the class name; None -> OPENAI_IMAGENET_TEMPLATES."""
     if path is None:
         return OPENAI_IMAGENET_TEMPLATES
@@ -233,8 +241,9 @@ def load_templates(path: Optional[str] = None) -> Sequence[Template]:
         except (IndexError, KeyError, ValueError):  # other braces in the line
             formats = False
         if not formats:
-            raise DataError(f"{path} line {line}: template {template!r} must hold '{{}}' (the class name) "
-                               f"and no other braces")
+            raise DataError(
+                f"{path} line {line}: template {template!r} must hold '{{}}' (the class name) and no other braces"
+            )
     return templates
 
 
@@ -259,14 +268,20 @@ def zeroshot_classifier(
     classnames: Sequence[str],
     templates: Sequence[Template],
     accelerator: Accelerator,
-    precision_autocast: Optional[Callable[[], ContextManager]] = None,
+    precision_autocast: Callable[[], AbstractContextManager] | None = None,
 ) -> torch.Tensor:
     """[embed_dim, classes] float32: each class's prompts encoded, averaged and normalised (open_clip's
     build_zero_shot_classifier), the same on every process."""
     clip: Any = parallel.unwrap(model)  # open_clip's model: encode_image, encode_text
     with _eval_mode(clip), (precision_autocast or contextlib.nullcontext)():
-        return build_zero_shot_classifier(clip, tokenizer=tokenizer, classnames=classnames, templates=templates,
-                                          num_classes_per_batch=10, device=accelerator.device).float()
+        return build_zero_shot_classifier(
+            clip,
+            tokenizer=tokenizer,
+            classnames=classnames,
+            templates=templates,
+            num_classes_per_batch=10,
+            device=accelerator.device,
+        ).float()
 
 
 def zeroshot_eval(
@@ -279,8 +294,8 @@ def zeroshot_eval(
     *,
     batch_size: int,
     workers: int,
-    precision_autocast: Optional[Callable[[], ContextManager]] = None,
-    classifier: Optional[torch.Tensor] = None,
+    precision_autocast: Callable[[], AbstractContextManager] | None = None,
+    classifier: torch.Tensor | None = None,
 ) -> dict[str, float]:
     """Top-1 / top-5 accuracy (fractions; top-5 is top-min(5, classes)), identical on every process.
     Keys: zeroshot_top1, zeroshot_top5, zeroshot_num_samples (images classified), zeroshot_num_bad
@@ -291,8 +306,11 @@ def zeroshot_eval(
     device = accelerator.device
     input_dtype = image_input_dtype(clip)
     loader = build_eval_loader(
-        dataset, batch_size=batch_size, workers=workers,
-        rank=accelerator.process_index, world_size=accelerator.num_processes,
+        dataset,
+        batch_size=batch_size,
+        workers=workers,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
     )
     top_k = min(TOP_K, len(classnames))
     if classifier is None:

@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import os
 import shutil
-from typing import Callable, Union
+from collections.abc import Callable
 
 from acc_clip.errors import ResourceError, describe_error
 
-Content = Union[str, bytes, Callable[[str], None]]  # text, bytes, or a function that writes the file at a path
+Content = str | bytes | Callable[[str], None]  # text, bytes, or a function that writes the file at a path
 TEMPORARY_SUFFIX = ".tmp"
 # How a full disk shows up in the words of Python, torch ("PytorchStreamWriter failed writing file") and
 # safetensors ("IoError ... StorageFull").
@@ -36,8 +36,9 @@ def write_atomically(path: str, content: Content, *, needed_bytes: int = 0) -> N
     except Exception as error:  # torch reports a full disk as RuntimeError "[enforce fail at inline_container.cc...]"
         remove_path(partial)
         size = needed_bytes or (len(content) if not callable(content) else 0)
-        raise ResourceError(save_failure(path, os.path.dirname(os.path.abspath(path)), describe_error(error),
-                                         size)) from None
+        raise ResourceError(
+            save_failure(path, os.path.dirname(os.path.abspath(path)), describe_error(error), size)
+        ) from None
 
 
 def save_failure(what: str, directory: str, failure: str, needed_bytes: int) -> str:
@@ -48,8 +49,10 @@ def save_failure(what: str, directory: str, failure: str, needed_bytes: int) -> 
     except OSError:  # the folder itself is gone or unreadable: the failure says enough
         free = needed_bytes
     if free < needed_bytes or any(sign in failure for sign in DISK_FULL_SIGNS):
-        failure = (f"no space left on the disk of {directory} (the save needs about {needed_bytes / 1e6:.1f} MB, "
-                   f"{free / 1e6:.1f} MB are free)")
+        failure = (
+            f"no space left on the disk of {directory} (the save needs about {needed_bytes / 1e6:.1f} MB, "
+            f"{free / 1e6:.1f} MB are free)"
+        )
     return f"{what} could not be saved: {failure}; the partial save was removed, what was saved before is kept"
 
 

@@ -10,7 +10,7 @@ complete file with a trailer appended (camera makers do that) passes.
 
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 from PIL import Image
 
@@ -22,8 +22,8 @@ SOF_MARKERS = frozenset(range(0xC0, 0xD0)) - {0xC4, 0xC8, 0xCC}
 
 class JpegHeader(NamedTuple):
     complete: bool
-    size: Optional[tuple[int, int]]  # (width, height); None when not in the header (a DNL marker gives it later)
-    components: Optional[int]  # 1 grey, 3 YCbCr/RGB, 4 CMYK/YCCK
+    size: tuple[int, int] | None  # (width, height); None when not in the header (a DNL marker gives it later)
+    components: int | None  # 1 grey, 3 YCbCr/RGB, 4 CMYK/YCCK
 
 
 def is_jpeg(data: bytes) -> bool:
@@ -47,15 +47,15 @@ def read_header(data: bytes) -> JpegHeader:
             position += 2
         else:
             if marker in SOF_MARKERS and components is None and position + 10 <= len(data):
-                height = int.from_bytes(data[position + 5:position + 7], "big")
-                width = int.from_bytes(data[position + 7:position + 9], "big")
+                height = int.from_bytes(data[position + 5 : position + 7], "big")
+                width = int.from_bytes(data[position + 7 : position + 9], "big")
                 size = (width, height) if width and height else None
                 components = data[position + 9]
-            position += 2 + int.from_bytes(data[position + 2:position + 4], "big")
+            position += 2 + int.from_bytes(data[position + 2 : position + 4], "big")
     return JpegHeader(False, size, components)
 
 
-def too_many_pixels(size: Optional[tuple[int, int]]) -> Optional[str]:
+def too_many_pixels(size: tuple[int, int] | None) -> str | None:
     """Why an image of `size` is refused, by PIL's own decompression-bomb limit (twice
     Image.MAX_IMAGE_PIXELS, where PIL raises), else None. Decoders other than PIL have no limit."""
     limit = Image.MAX_IMAGE_PIXELS

@@ -11,7 +11,7 @@ from __future__ import annotations
 import glob
 import json
 import os
-from typing import Any, Optional
+from typing import Any
 
 from acc_clip.errors import CheckpointError
 from acc_clip.io.files import file_sha256
@@ -75,8 +75,10 @@ def read_sealed(path: str, source: str) -> dict[str, Any]:
         if not os.path.isfile(file_path):
             raise CheckpointError(f"{source} {path}: damaged checkpoint, {name} is missing")
         if os.path.getsize(file_path) != size:
-            raise CheckpointError(f"{source} {path}: damaged checkpoint, {name} has {os.path.getsize(file_path)} "
-                                  f"bytes, the manifest says {size}")
+            raise CheckpointError(
+                f"{source} {path}: damaged checkpoint, {name} has {os.path.getsize(file_path)} "
+                f"bytes, the manifest says {size}"
+            )
     check_hashes(path, manifest.get("sha256", {}), source)
     return manifest
 
@@ -94,7 +96,7 @@ def _load(path: str, manifest_path: str, source: str) -> dict[str, Any]:
     return manifest
 
 
-def check_hashes(path: str, hashes: Optional[dict], source: str) -> None:
+def check_hashes(path: str, hashes: dict | None, source: str) -> None:
     """Refuse, naming the file, a folder whose content is not what was sealed: sizes catch a cut file,
     only a hash catches a bit flipped in place (a weight of 3.0 read back as 5.9e-39)."""
     if not isinstance(hashes, dict):
@@ -107,5 +109,6 @@ def check_hashes(path: str, hashes: Optional[dict], source: str) -> None:
         except OSError as error:
             raise CheckpointError(f"{source} {path}: cannot read {name} ({error.strerror or error})") from None
         if actual != expected:
-            raise CheckpointError(f"{source} {path}: damaged checkpoint, {name} differs from what was saved "
-                                  f"(SHA-256 mismatch)")
+            raise CheckpointError(
+                f"{source} {path}: damaged checkpoint, {name} differs from what was saved (SHA-256 mismatch)"
+            )

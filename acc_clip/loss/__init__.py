@@ -7,21 +7,32 @@ model's name, then SigLIP, else CLIP)."""
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-from typing import Any, Callable, ContextManager
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any
 
 from acc_clip.config.parsing import Config
 from acc_clip.config.schema import Section
 from acc_clip.loss.clip import ClipObjective
 from acc_clip.loss.coca import CoCaObjective
 from acc_clip.loss.distill import DistillObjective
-from acc_clip.loss.objective import (PER_MODEL_OUTPUTS, Objective, ObjectiveOptions, model_rows,
-                                     total_loss)
+from acc_clip.loss.objective import PER_MODEL_OUTPUTS, Objective, ObjectiveOptions, model_rows, total_loss
 from acc_clip.loss.siglip import SigLipObjective
 
-__all__ = ["OBJECTIVES", "PER_MODEL_OUTPUTS", "Objective", "ObjectiveOptions", "check_objective", "chosen_objective",
-           "create_objective", "model_overrides", "model_rows", "objective_identity", "objective_options",
-           "total_loss"]
+__all__ = [
+    "OBJECTIVES",
+    "PER_MODEL_OUTPUTS",
+    "Objective",
+    "ObjectiveOptions",
+    "check_objective",
+    "chosen_objective",
+    "create_objective",
+    "model_overrides",
+    "model_rows",
+    "objective_identity",
+    "objective_options",
+    "total_loss",
+]
 
 OBJECTIVES: tuple[type[Objective], ...] = (DistillObjective, CoCaObjective, SigLipObjective, ClipObjective)
 
@@ -56,6 +67,11 @@ def model_overrides(config: Config) -> dict[str, Any]:
     return {key: value for objective in OBJECTIVES for key, value in objective.model_options(config).items()}
 
 
-def create_objective(config: Config, rank: int, world_size: int, device: Any = "cpu",
-                     autocast: Callable[[], ContextManager] = nullcontext) -> Objective:
+def create_objective(
+    config: Config,
+    rank: int,
+    world_size: int,
+    device: Any = "cpu",
+    autocast: Callable[[], AbstractContextManager] = nullcontext,
+) -> Objective:
     return chosen_objective(config)(config, rank, world_size, device, autocast)

@@ -17,8 +17,13 @@ class ClipObjective(Objective):
     def __init__(self, config: Config, rank: int, world_size: int, *placement):
         super().__init__(config, rank, world_size, *placement)
         options = config[ObjectiveOptions]
-        self.loss = ClipLoss(local_loss=options.local_loss, gather_with_grad=options.gather_with_grad,
-                             cache_labels=True, rank=rank, world_size=world_size)
+        self.loss = ClipLoss(
+            local_loss=options.local_loss,
+            gather_with_grad=options.gather_with_grad,
+            cache_labels=True,
+            rank=rank,
+            world_size=world_size,
+        )
         # Under --local-loss each process's loss covers its own rows only.
         self.mean_over_processes = options.local_loss and world_size > 1
 
@@ -31,5 +36,11 @@ class ClipObjective(Objective):
         # run in full precision whatever the autocast dtype.
         # A model with a logit_bias (a SigLIP architecture trained with this loss) adds it to the logits,
         # as open_clip's ClipLoss does since its issue #1076: left out, it would get no gradient.
-        return {"contrastive_loss": self.loss(rows["image_features"].float(), rows["text_features"].float(),
-                                              rows["logit_scale"], logit_bias=rows.get("logit_bias"))}
+        return {
+            "contrastive_loss": self.loss(
+                rows["image_features"].float(),
+                rows["text_features"].float(),
+                rows["logit_scale"],
+                logit_bias=rows.get("logit_bias"),
+            )
+        }

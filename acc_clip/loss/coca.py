@@ -33,8 +33,9 @@ PAD_TOKEN = 0  # open_clip's tokenizers pad with 0, and CoCaLoss ignores it
 class CocaOptions(Section):
     title: ClassVar[str] = "coca"
     coca_caption_loss_weight: float = option(2.0, "CoCa models: weight of the caption loss", domain=NON_NEGATIVE)
-    coca_contrastive_loss_weight: float = option(1.0, "CoCa models: weight of the contrastive loss",
-                                                 domain=NON_NEGATIVE)
+    coca_contrastive_loss_weight: float = option(
+        1.0, "CoCa models: weight of the contrastive loss", domain=NON_NEGATIVE
+    )
 
 
 class CoCaObjective(Objective):
@@ -45,8 +46,13 @@ class CoCaObjective(Objective):
         super().__init__(config, rank, world_size, *placement)
         options = config[ObjectiveOptions]
         self.weights = config[CocaOptions]
-        self.contrastive = ClipLoss(local_loss=options.local_loss, gather_with_grad=options.gather_with_grad,
-                                    cache_labels=True, rank=rank, world_size=world_size)
+        self.contrastive = ClipLoss(
+            local_loss=options.local_loss,
+            gather_with_grad=options.gather_with_grad,
+            cache_labels=True,
+            rank=rank,
+            world_size=world_size,
+        )
         self.mean_over_processes = world_size > 1
 
     @classmethod
@@ -61,13 +67,18 @@ class CoCaObjective(Objective):
         model = config[ModelOptions]
         if model.is_coca:
             return []
-        return [f"--{option.flag} has no effect: {model.model} is not a CoCa model (open_clip_train's rule: the "
-                "name holds 'coca')" for option in options_of(CocaOptions) if option.name in config.given]
+        return [
+            f"--{option.flag} has no effect: {model.model} is not a CoCa model (open_clip_train's rule: the "
+            "name holds 'coca')"
+            for option in options_of(CocaOptions)
+            if option.name in config.given
+        ]
 
     def rows(self, outputs: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         labels = outputs["labels"]
-        token_losses = F.cross_entropy(outputs["logits"].float().transpose(1, 2), labels, ignore_index=PAD_TOKEN,
-                                       reduction="none")
+        token_losses = F.cross_entropy(
+            outputs["logits"].float().transpose(1, 2), labels, ignore_index=PAD_TOKEN, reduction="none"
+        )
         rows = {key: value for key, value in outputs.items() if key not in ("logits", "labels")}
         rows["caption_loss_sum"] = token_losses.sum(dim=1)
         rows["caption_tokens"] = (labels != PAD_TOKEN).sum(dim=1)
@@ -80,10 +91,16 @@ class CoCaObjective(Objective):
         return tokens.clamp(min=1)
 
     def __call__(self, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        contrastive = self.contrastive(rows["image_features"].float(), rows["text_features"].float(),
-                                       rows["logit_scale"], logit_bias=rows.get("logit_bias"))
+        contrastive = self.contrastive(
+            rows["image_features"].float(),
+            rows["text_features"].float(),
+            rows["logit_scale"],
+            logit_bias=rows.get("logit_bias"),
+        )
         # Each process holds its share of the token sum; x world size because the processes' values (and
         # DDP's gradients) are averaged, which makes the mean over all tokens.
         caption = rows["caption_loss_sum"].sum() * self.world_size / self.global_tokens(rows)
-        return {"contrastive_loss": self.weights.coca_contrastive_loss_weight * contrastive,
-                "caption_loss": self.weights.coca_caption_loss_weight * caption}
+        return {
+            "contrastive_loss": self.weights.coca_contrastive_loss_weight * contrastive,
+            "caption_loss": self.weights.coca_caption_loss_weight * caption,
+        }

@@ -26,9 +26,10 @@ whole-batch rows assembled from micro-batches, and the evaluator on the whole va
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Any, Callable, ClassVar, ContextManager, Optional, cast
+from typing import Any, ClassVar, cast
 
 import torch
 
@@ -42,8 +43,9 @@ class ObjectiveOptions(Section):
     """How the contrastive loss spans several processes (CLIP, CoCa and distillation)."""
 
     title: ClassVar[str] = "objective"
-    gather_with_grad: bool = option(False, "all-gather features with gradient (exact multi-process gradients)",
-                                    train_only=True)
+    gather_with_grad: bool = option(
+        False, "all-gather features with gradient (exact multi-process gradients)", train_only=True
+    )
     local_loss: bool = option(False, "compute only the local rows of the logit matrix", train_only=True)
 
     def check(self) -> None:
@@ -51,18 +53,25 @@ class ObjectiveOptions(Section):
             # Without gathered gradients each rank would only see its own rows' gradient: wrong.
             raise UsageError("--local-loss needs --gather-with-grad")
 
+
 # Outputs that belong to a model, not to a sample (open_clip_train's accumulation names the first two).
 PER_MODEL_OUTPUTS = ("logit_scale", "logit_bias", "dist_logit_scale")
 
 
 class Objective:
     name: ClassVar[str] = ""
-    options: ClassVar[Optional[type[Section]]] = None
+    options: ClassVar[type[Section] | None] = None
     identity: ClassVar[tuple[str, ...]] = ()
     mean_over_processes = False
 
-    def __init__(self, config: Config, rank: int, world_size: int, device: Any = "cpu",
-                 autocast: Callable[[], ContextManager] = nullcontext):
+    def __init__(
+        self,
+        config: Config,
+        rank: int,
+        world_size: int,
+        device: Any = "cpu",
+        autocast: Callable[[], AbstractContextManager] = nullcontext,
+    ):
         self.config, self.rank, self.world_size = config, rank, world_size
         self.device, self.autocast = device, autocast  # where and in which precision any extra model runs
 
@@ -71,14 +80,16 @@ class Objective:
         raise NotImplementedError
 
     @classmethod
-    def check(cls, config: Config, chosen: type["Objective"]) -> list[str]:
+    def check(cls, config: Config, chosen: type[Objective]) -> list[str]:
         """Rules against the whole configuration, given the objective that trains (`chosen`); returns the
         notices. By default: each of its own flags given while another objective trains has no effect."""
         if cls is chosen or cls.options is None:
             return []
-        return [f"--{option.flag} has no effect: this run trains the {chosen.name} objective, not {cls.name}"
-                for option in options_of(cls.options)
-                if option.name in config.given and getattr(config[cls.options], option.name) != option.default]
+        return [
+            f"--{option.flag} has no effect: this run trains the {chosen.name} objective, not {cls.name}"
+            for option in options_of(cls.options)
+            if option.name in config.given and getattr(config[cls.options], option.name) != option.default
+        ]
 
     @classmethod
     def model_options(cls, config: Config) -> dict[str, Any]:
@@ -93,7 +104,7 @@ class Objective:
     def __call__(self, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         raise NotImplementedError
 
-    def on_one_process(self) -> "Objective":
+    def on_one_process(self) -> Objective:
         return type(self)(self.config, 0, 1, self.device, self.autocast)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar
 
 import torch
 from open_clip.loss import SigLipLoss
@@ -24,11 +24,18 @@ DIST_IMPLS = ("bidir", "shift", "reduce", "gather")  # open_clip SigLipLoss's ex
 @dataclass
 class SigLipOptions(Section):
     title: ClassVar[str] = "siglip"
-    siglip: bool = option(False, "train with the sigmoid loss (SigLIP); the model starts at logit scale ln 10, logit "
-                                 "bias -10, as open_clip_train sets it")
-    loss_dist_impl: Optional[str] = option(None, "SigLIP's exchange of text features across processes: bidir (the "
-                                                 "default), shift, reduce or gather; the same loss either way",
-                                           choices=DIST_IMPLS, train_only=True)
+    siglip: bool = option(
+        False,
+        "train with the sigmoid loss (SigLIP); the model starts at logit scale ln 10, logit "
+        "bias -10, as open_clip_train sets it",
+    )
+    loss_dist_impl: str | None = option(
+        None,
+        "SigLIP's exchange of text features across processes: bidir (the "
+        "default), shift, reduce or gather; the same loss either way",
+        choices=DIST_IMPLS,
+        train_only=True,
+    )
 
 
 class SigLipObjective(Objective):
@@ -50,11 +57,15 @@ class SigLipObjective(Objective):
         options = config[SigLipOptions]
         notices = []
         if options.siglip and chosen is not cls:
-            notices.append(f"--siglip: the {chosen.name} loss trains (open_clip_train's order: distillation, CoCa, "
-                           "SigLIP); only the SigLIP initialisation (logit scale ln 10, bias -10) applies")
+            notices.append(
+                f"--siglip: the {chosen.name} loss trains (open_clip_train's order: distillation, CoCa, "
+                "SigLIP); only the SigLIP initialisation (logit scale ln 10, bias -10) applies"
+            )
         if options.loss_dist_impl is not None and chosen is not cls:
-            notices.append(f"--loss-dist-impl {options.loss_dist_impl} has no effect: this run does not train with "
-                           "the SigLIP loss (as in open_clip)")
+            notices.append(
+                f"--loss-dist-impl {options.loss_dist_impl} has no effect: this run does not train with "
+                "the SigLIP loss (as in open_clip)"
+            )
         return notices
 
     @classmethod
@@ -63,5 +74,11 @@ class SigLipObjective(Objective):
         return {"init_logit_scale": math.log(10), "init_logit_bias": -10} if config[SigLipOptions].siglip else {}
 
     def __call__(self, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        return {"contrastive_loss": self.loss(rows["image_features"].float(), rows["text_features"].float(),
-                                              rows["logit_scale"], rows.get("logit_bias"))}
+        return {
+            "contrastive_loss": self.loss(
+                rows["image_features"].float(),
+                rows["text_features"].float(),
+                rows["logit_scale"],
+                rows.get("logit_bias"),
+            )
+        }

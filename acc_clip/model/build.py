@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import math
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 from open_clip import create_model_and_transforms, get_model_config, get_tokenizer
@@ -29,11 +30,11 @@ class ModelBundle:
 WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pth")  # what open_clip looks for in a local-dir: folder
 
 
-def local_dir_folder(name: str, flag: str) -> Optional[str]:
+def local_dir_folder(name: str, flag: str) -> str | None:
     """The folder of a local-dir: model name (None for other names); a folder that is not there is one line."""
     if not name.startswith(LOCAL_DIR):
         return None
-    folder = name[len(LOCAL_DIR):]
+    folder = name[len(LOCAL_DIR) :]
     if not os.path.isdir(folder):
         raise UsageError(f"{flag} {name}: no such folder")
     return folder
@@ -56,7 +57,8 @@ def open_clip_model(name: str, pretrained: str, model_flag: str, weights_flag: s
     kwargs = {"precision": "fp32", **kwargs}
     try:
         model, preprocess_train, preprocess_val = create_model_and_transforms(
-            name, None if local else pretrained or None, device="cpu", output_dict=True, **kwargs)
+            name, None if local else pretrained or None, device="cpu", output_dict=True, **kwargs
+        )
     except (RuntimeError, ValueError, FileNotFoundError) as error:  # open_clip's ways of saying bad name/weights
         # open_clip's unknown-name message lists every model it has (kilobytes): keep its start.
         message = str(error) if len(str(error)) <= 300 else f"{str(error)[:300]}... (see open_clip.list_models())"
@@ -83,8 +85,12 @@ def create_model(options: ModelOptions, *, precision: str, seed: int, **override
 
     set_seed(seed)
     model, preprocess_train, preprocess_val = open_clip_model(
-        options.model, options.pretrained, "--model", "--pretrained", **{**create_kwargs(options, precision),
-                                                                         **overrides})
+        options.model,
+        options.pretrained,
+        "--model",
+        "--pretrained",
+        **{**create_kwargs(options, precision), **overrides},
+    )
     check_coca(model, options.model, precision)
     if not has_weights(options.model, options.pretrained, "--model"):
         initialise_coca_decoder_projection(model)
@@ -96,36 +102,47 @@ def create_model(options: ModelOptions, *, precision: str, seed: int, **override
 
 def create_tokenizer(options: ModelOptions) -> Callable:
     """open_clip_train's: with --force-context-length the texts are tokenised to that length."""
-    return get_tokenizer(options.model, **({"context_length": options.force_context_length}
-                                           if options.force_context_length else {}))
+    return get_tokenizer(
+        options.model, **({"context_length": options.force_context_length} if options.force_context_length else {})
+    )
 
 
 def lock_towers(model: Any, options: ModelOptions) -> None:
     """--lock-image and --lock-text, as open_clip_train applies them."""
     if options.lock_image:
         try:
-            model.lock_image_tower(unlocked_groups=options.lock_image_unlocked_groups,
-                                   freeze_bn_stats=options.lock_image_freeze_bn_stats)
+            model.lock_image_tower(
+                unlocked_groups=options.lock_image_unlocked_groups, freeze_bn_stats=options.lock_image_freeze_bn_stats
+            )
         except AssertionError as error:  # open_clip's way of saying "not for this tower"
-            raise UsageError(f"--lock-image-unlocked-groups {options.lock_image_unlocked_groups} with --model "
-                             f"{options.model}: {error}") from None
+            raise UsageError(
+                f"--lock-image-unlocked-groups {options.lock_image_unlocked_groups} with --model "
+                f"{options.model}: {error}"
+            ) from None
     if options.lock_text:
-        model.lock_text_tower(unlocked_layers=options.lock_text_unlocked_layers,
-                              freeze_layer_norm=options.lock_text_freeze_layer_norm)
+        model.lock_text_tower(
+            unlocked_layers=options.lock_text_unlocked_layers, freeze_layer_norm=options.lock_text_freeze_layer_norm
+        )
 
 
-def create_teacher(name: str, pretrained: Optional[str], *, precision: str, device: Any) -> torch.nn.Module:
+def create_teacher(name: str, pretrained: str | None, *, precision: str, device: Any) -> torch.nn.Module:
     """A distillation teacher (--distill-model, --distill-pretrained): frozen, in eval mode, on `device`, in the
     run's precision, as open_clip_train creates it (under fp16/bf16 it reads the student's cast inputs). It is
     not part of the trained model, so it is never wrapped, optimised or saved."""
-    if local_dir_folder(name, "--distill-model") is None and not name.startswith("hf-hub:") and \
-            get_model_config(name) is None:
+    if (
+        local_dir_folder(name, "--distill-model") is None
+        and not name.startswith("hf-hub:")
+        and get_model_config(name) is None
+    ):
         raise UsageError(f"--distill-model {name}: open_clip has no model of that name (open_clip.list_models())")
     if not has_weights(name, pretrained or "", "--distill-model"):
-        raise UsageError(f"--distill-model {name}: the teacher has no weights; give "
-                         "--distill-pretrained (a tag or a local file) or a local-dir: folder that holds them")
-    teacher, _, _ = open_clip_model(name, pretrained or "", "--distill-model", "--distill-pretrained",
-                                    precision=precision)
+        raise UsageError(
+            f"--distill-model {name}: the teacher has no weights; give "
+            "--distill-pretrained (a tag or a local file) or a local-dir: folder that holds them"
+        )
+    teacher, _, _ = open_clip_model(
+        name, pretrained or "", "--distill-model", "--distill-pretrained", precision=precision
+    )
     return teacher.requires_grad_(False).eval().to(device)
 
 
@@ -138,14 +155,21 @@ def check_coca(model: torch.nn.Module, name: str, precision: str) -> None:
 
     is_coca_name = "coca" in name.lower()
     if isinstance(model, CoCa) != is_coca_name:
-        raise UsageError(f"--model {name}: " + (
-            "a CoCa model whose name lacks 'coca', so open_clip_train's rule would train it without its caption "
-            "loss; name its folder with coca" if isinstance(model, CoCa) else
-            "the name holds 'coca', which selects the CoCa loss (open_clip_train's rule), but the model has no "
-            "caption decoder; rename its folder"))
+        raise UsageError(
+            f"--model {name}: "
+            + (
+                "a CoCa model whose name lacks 'coca', so open_clip_train's rule would train it without its caption "
+                "loss; name its folder with coca"
+                if isinstance(model, CoCa)
+                else "the name holds 'coca', which selects the CoCa loss (open_clip_train's rule), but the model has "
+                "no caption decoder; rename its folder"
+            )
+        )
     if isinstance(model, CoCa) and precision in ("fp16", "bf16"):
-        raise UsageError(f"--precision {precision} with a CoCa model: open_clip's CoCa fails on weights cast "
-                         "this way; use amp, amp_bf16 or pure_" + precision)
+        raise UsageError(
+            f"--precision {precision} with a CoCa model: open_clip's CoCa fails on weights cast "
+            "this way; use amp, amp_bf16 or pure_" + precision
+        )
 
 
 def initialise_coca_decoder_projection(model: torch.nn.Module) -> None:
@@ -158,7 +182,7 @@ def initialise_coca_decoder_projection(model: torch.nn.Module) -> None:
     decoder = getattr(model, "text_decoder", None)
     if decoder is not None and getattr(decoder, "text_projection", None) is not None:
         with torch.no_grad():
-            decoder.text_projection.normal_(std=decoder.width ** -0.5)
+            decoder.text_projection.normal_(std=decoder.width**-0.5)
 
 
 def image_input_dtype(model: torch.nn.Module) -> torch.dtype:
@@ -171,7 +195,7 @@ def image_input_dtype(model: torch.nn.Module) -> torch.dtype:
     return dtype or next((p.dtype for p in model.parameters() if p.is_floating_point()), torch.float32)
 
 
-def uses_channels_last(model: torch.nn.Module, requested: Optional[bool]) -> bool:
+def uses_channels_last(model: torch.nn.Module, requested: bool | None) -> bool:
     """`--channels-last` as asked, else on for ResNet image towers: their convolutions run faster
     in that layout on GPUs and CPUs alike (docs/performance.md); a ViT has one convolution only."""
     from open_clip.modified_resnet import ModifiedResNet

@@ -4,8 +4,9 @@ a schedule that is a function of the global step."""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, ClassVar, Optional, cast
+from typing import ClassVar, cast
 
 import torch
 from open_clip_train.scheduler import const_lr, const_lr_cooldown, cosine_lr
@@ -23,26 +24,30 @@ class OptimizerOptions(Section):
     opt: str = option("adamw", "optimizer: adamw, or any timm optimizer as timm/NAME (e.g. timm/sgd, timm/lamb)")
     # None: open_clip_train's defaults for the model (get_default_params: beta2 0.98, eps 1e-6 for a model whose
     # name holds "vit", else 0.999, 1e-8; lr 5e-4), filled in by train/config.py, or the timm optimizer's own.
-    lr: Optional[float] = option(None, "peak learning rate (default 5e-4)", domain=POSITIVE_FINITE)
-    beta1: Optional[float] = option(None, "AdamW beta1 (default 0.9)", domain=BETA)
-    beta2: Optional[float] = option(None, "AdamW beta2 (default 0.98 for ViT models, else 0.999, as open_clip_train)",
-                                    domain=BETA)
-    eps: Optional[float] = option(None, "AdamW epsilon (default 1e-6 for ViT models, else 1e-8, as open_clip_train)",
-                                  domain=POSITIVE_FINITE)
-    momentum: Optional[float] = option(None, "momentum, for timm optimizers", domain=NON_NEGATIVE)
+    lr: float | None = option(None, "peak learning rate (default 5e-4)", domain=POSITIVE_FINITE)
+    beta1: float | None = option(None, "AdamW beta1 (default 0.9)", domain=BETA)
+    beta2: float | None = option(
+        None, "AdamW beta2 (default 0.98 for ViT models, else 0.999, as open_clip_train)", domain=BETA
+    )
+    eps: float | None = option(
+        None, "AdamW epsilon (default 1e-6 for ViT models, else 1e-8, as open_clip_train)", domain=POSITIVE_FINITE
+    )
+    momentum: float | None = option(None, "momentum, for timm optimizers", domain=NON_NEGATIVE)
     wd: float = option(0.2, "weight decay (not applied to gains, biases, logit_scale)", domain=NON_NEGATIVE)
-    fused_adamw: Optional[bool] = option(None, "AdamW's fused kernel (default: on where torch has one, CUDA and the "
-                                               "CPU from torch 2.4; --no-fused-adamw: open_clip_train's unfused "
-                                               "update, the same values up to rounding)", tristate=True)
+    fused_adamw: bool | None = option(
+        None,
+        "AdamW's fused kernel (default: on where torch has one, CUDA and the "
+        "CPU from torch 2.4; --no-fused-adamw: open_clip_train's unfused "
+        "update, the same values up to rounding)",
+        tristate=True,
+    )
     warmup: int = option(10000, "linear warm-up optimizer steps", domain=NON_NEGATIVE)
     lr_scheduler: str = option("cosine", "cosine, const or const-cooldown", choices=SCHEDULERS)
     skip_scheduler: bool = option(False, "no schedule: the learning rate stays at --lr")
-    epochs_cooldown: Optional[int] = option(None, "cool-down epochs at the end, for const-cooldown",
-                                            domain=NON_NEGATIVE)
+    epochs_cooldown: int | None = option(None, "cool-down epochs at the end, for const-cooldown", domain=NON_NEGATIVE)
     lr_cooldown_end: float = option(0.0, "learning rate at the end of the cool-down", domain=NON_NEGATIVE)
     lr_cooldown_power: float = option(1.0, "cool-down curve power (1 = linear)", domain=POSITIVE_FINITE)
-    grad_clip_norm: Optional[float] = option(None, "clip the global gradient norm to this value",
-                                             domain=POSITIVE_FINITE)
+    grad_clip_norm: float | None = option(None, "clip the global gradient norm to this value", domain=POSITIVE_FINITE)
 
     @property
     def uses_timm_optimizer(self) -> bool:
@@ -61,10 +66,18 @@ class OptimizerOptions(Section):
 
     def describe(self) -> str:
         """The optimizer settings in force, open_clip's model-derived defaults included."""
-        given = {"lr": self.lr, "betas": (self.beta1, self.beta2) if self.beta1 is not None else None,
-                 "eps": self.eps, "weight decay": self.wd, "momentum": self.momentum}
-        return (f"{self.opt}: " + ", ".join(f"{k} {v}" for k, v in given.items() if v is not None) +
-                (" (timm's defaults for the rest)" if self.uses_timm_optimizer else ""))
+        given = {
+            "lr": self.lr,
+            "betas": (self.beta1, self.beta2) if self.beta1 is not None else None,
+            "eps": self.eps,
+            "weight decay": self.wd,
+            "momentum": self.momentum,
+        }
+        return (
+            f"{self.opt}: "
+            + ", ".join(f"{k} {v}" for k, v in given.items() if v is not None)
+            + (" (timm's defaults for the rest)" if self.uses_timm_optimizer else "")
+        )
 
     def notices(self) -> list[str]:
         if self.momentum is not None and not self.uses_timm_optimizer:
@@ -100,7 +113,7 @@ def parameter_groups(model: torch.nn.Module, weight_decay: float) -> list[dict]:
 def fused_adamw_available(device_type: str) -> bool:
     """torch has fused AdamW kernels for CUDA, and for the CPU from torch 2.4; other devices get the default."""
     major, minor = (int(part) for part in torch.__version__.split("+")[0].split(".")[:2])
-    return device_type == "cuda" or device_type == "cpu" and (major, minor) >= (2, 4)
+    return device_type == "cuda" or (device_type == "cpu" and (major, minor) >= (2, 4))
 
 
 def create_timm_optimizer(model: torch.nn.Module, options: OptimizerOptions) -> torch.optim.Optimizer:
@@ -116,8 +129,7 @@ def create_timm_optimizer(model: torch.nn.Module, options: OptimizerOptions) -> 
     if options.eps is not None:
         extra["eps"] = options.eps
     try:
-        return create_optimizer_v2(model, options.opt.split("/", 1)[1], lr=options.lr, weight_decay=options.wd,
-                                   **extra)
+        return create_optimizer_v2(model, options.opt.split("/", 1)[1], lr=options.lr, weight_decay=options.wd, **extra)
     except (AssertionError, TypeError, ValueError) as error:  # timm's ways of saying "no such optimizer / option"
         raise UsageError(f"--opt {options.opt}: {error}") from None
 
@@ -130,12 +142,14 @@ def create_optimizer(model: torch.nn.Module, options: OptimizerOptions, device_t
     fused = fused_adamw_available(device_type) if options.fused_adamw is None else options.fused_adamw
     # lr, betas and eps are set by now: resolve_defaults fills what the user left out.
     lr, beta1, beta2, eps = (cast(float, value) for value in (options.lr, options.beta1, options.beta2, options.eps))
-    return torch.optim.AdamW(parameter_groups(model, options.wd), lr=lr, betas=(beta1, beta2), eps=eps,
-                             fused=fused or None)
+    return torch.optim.AdamW(
+        parameter_groups(model, options.wd), lr=lr, betas=(beta1, beta2), eps=eps, fused=fused or None
+    )
 
 
-def create_lr_schedule(optimizer: torch.optim.Optimizer, options: OptimizerOptions, *, epochs: int,
-                       steps_per_epoch: int) -> Callable[[int], float]:
+def create_lr_schedule(
+    optimizer: torch.optim.Optimizer, options: OptimizerOptions, *, epochs: int, steps_per_epoch: int
+) -> Callable[[int], float]:
     """A function of the global optimizer step that sets the learning rate: stateless, so resuming is
     only a matter of knowing the step."""
     total_steps = steps_per_epoch * epochs
@@ -147,5 +161,6 @@ def create_lr_schedule(optimizer: torch.optim.Optimizer, options: OptimizerOptio
     if options.lr_scheduler == "const":
         return const_lr(optimizer, lr, options.warmup, total_steps)
     cooldown_steps = steps_per_epoch * int(options.epochs_cooldown or 0)
-    return const_lr_cooldown(optimizer, lr, options.warmup, total_steps, cooldown_steps, options.lr_cooldown_power,
-                             options.lr_cooldown_end)
+    return const_lr_cooldown(
+        optimizer, lr, options.warmup, total_steps, cooldown_steps, options.lr_cooldown_power, options.lr_cooldown_end
+    )

@@ -10,7 +10,7 @@ wrapping."""
 from __future__ import annotations
 
 import os
-from typing import Any, Optional
+from typing import Any
 
 import torch
 
@@ -27,7 +27,7 @@ def plain_key(key: str) -> str:
     so checkpoints load whatever the number of processes or compilation."""
     for prefix in ("module.", "_orig_mod."):
         while key.startswith(prefix):
-            key = key[len(prefix):]
+            key = key[len(prefix) :]
     return key
 
 
@@ -45,20 +45,29 @@ def check_architecture(model: torch.nn.Module, shapes: dict[str, tuple[int, ...]
     wrong = [key for key in shapes if key in own and tuple(shapes[key]) != own[key]]
     if wrong:
         key = wrong[0]
-        raise CheckpointError(f"{source}: weights of another architecture ({key!r} has shape {tuple(shapes[key])}, "
-                              f"this model's is {own[key]}; {len(wrong)} such key(s))")
+        raise CheckpointError(
+            f"{source}: weights of another architecture ({key!r} has shape {tuple(shapes[key])}, "
+            f"this model's is {own[key]}; {len(wrong)} such key(s))"
+        )
     if unexpected or missing:
         what = f"unexpected key {unexpected[0]!r}" if unexpected else f"missing key {missing[0]!r}"
         # A SigLIP model differs from its CLIP twin by the bias alone: name the flag that makes it.
-        hint = ("; the weights have a logit_bias: trained with --siglip? pass --siglip" if unexpected == ["logit_bias"]
-                and not missing else "; these weights have no logit_bias: drop --siglip" if missing == ["logit_bias"]
-                and not unexpected else "")
-        raise CheckpointError(f"{source}: weights of another architecture ({what}; {len(unexpected)} unexpected, "
-                              f"{len(missing)} missing){hint}")
+        hint = (
+            "; the weights have a logit_bias: trained with --siglip? pass --siglip"
+            if unexpected == ["logit_bias"] and not missing
+            else "; these weights have no logit_bias: drop --siglip"
+            if missing == ["logit_bias"] and not unexpected
+            else ""
+        )
+        raise CheckpointError(
+            f"{source}: weights of another architecture ({what}; {len(unexpected)} unexpected, "
+            f"{len(missing)} missing){hint}"
+        )
 
 
-def open_clip_checkpoint(state_dict: dict, optimizer_state: Optional[dict], scaler_state: Optional[dict],
-                         epoch: int, name: Optional[str]) -> dict:
+def open_clip_checkpoint(
+    state_dict: dict, optimizer_state: dict | None, scaler_state: dict | None, epoch: int, name: str | None
+) -> dict:
     """The dict open_clip_train writes as `epoch_N.pt` and `create_model_and_transforms(pretrained=path)` loads."""
     exported: dict[str, Any] = {"epoch": epoch, "name": name, "state_dict": state_dict}
     if optimizer_state is not None:
@@ -82,8 +91,11 @@ def tensor_bytes(obj: Any) -> int:
 def state_dict_of(saved: Any, path: str, source: str) -> dict[str, torch.Tensor]:
     """The plain-named state dict of an open_clip `epoch_N.pt` (under 'state_dict') or of a bare state dict."""
     state_dict = saved.get("state_dict", saved) if isinstance(saved, dict) else None
-    if not isinstance(state_dict, dict) or not state_dict or not all(
-            isinstance(v, torch.Tensor) for v in state_dict.values()):
+    if (
+        not isinstance(state_dict, dict)
+        or not state_dict
+        or not all(isinstance(v, torch.Tensor) for v in state_dict.values())
+    ):
         raise CheckpointError(f"{source} {path}: not an open_clip checkpoint (no state_dict of tensors)")
     return {plain_key(key): value for key, value in state_dict.items()}
 
@@ -93,8 +105,9 @@ def read_torch_checkpoint(path: str, source: str) -> Any:
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as error:  # torch raises many types for a file that is not a checkpoint
-        raise CheckpointError(f"{source} {path}: not an open_clip checkpoint torch can read "
-                              f"({type(error).__name__})") from None
+        raise CheckpointError(
+            f"{source} {path}: not an open_clip checkpoint torch can read ({type(error).__name__})"
+        ) from None
 
 
 def load_safetensors_weights(model: torch.nn.Module, path: str, source: str) -> None:
@@ -104,7 +117,8 @@ def load_safetensors_weights(model: torch.nn.Module, path: str, source: str) -> 
     from safetensors.torch import load_file
 
     with safe_open(path, framework="pt") as file:
-        shapes = {plain_key(key): tuple(file.get_slice(key).get_shape()) for key in file.keys()}
+        names = list(file.keys())  # noqa: SIM118 - safe_open is not a dict: iterating it fails
+        shapes = {plain_key(key): tuple(file.get_slice(key).get_shape()) for key in names}
     check_architecture(model, shapes, source)
     model.load_state_dict({plain_key(k): v for k, v in load_file(path).items()})
 
@@ -118,11 +132,16 @@ def read_sharded_weights(folder: str) -> dict[str, torch.Tensor]:
 
     path = os.path.join(folder, SHARDED_WEIGHTS_DIR)
     metadata = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
-    state = {key[len("model."):]: torch.empty(meta.size, dtype=meta.properties.dtype)
-             for key, meta in metadata.items() if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)}
+    state = {
+        key[len("model.") :]: torch.empty(meta.size, dtype=meta.properties.dtype)
+        for key, meta in metadata.items()
+        if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)
+    }
     dcp.load({"model": state}, checkpoint_id=path)
-    return {key: value.reshape(()) if key in SCALAR_PARAMETERS and value.shape == (1,) else value
-            for key, value in state.items()}
+    return {
+        key: value.reshape(()) if key in SCALAR_PARAMETERS and value.shape == (1,) else value
+        for key, value in state.items()
+    }
 
 
 def step_weights(folder: str) -> dict[str, torch.Tensor]:
@@ -134,7 +153,7 @@ def step_weights(folder: str) -> dict[str, torch.Tensor]:
     return {plain_key(k): v for k, v in load_file(os.path.join(folder, WEIGHTS_FILE)).items()}
 
 
-def load_weights(model: torch.nn.Module, path: str, source: str) -> Optional[dict]:
+def load_weights(model: torch.nn.Module, path: str, source: str) -> dict | None:
     """Load a step checkpoint folder (checked against its manifest first), a .safetensors file, an open_clip
     `epoch_N.pt` or a bare state dict into the plain `model`. Returns what a file held besides the weights
     (optimizer, scaler, epoch), None for a folder. Every failure is one line naming `source` and `path`."""

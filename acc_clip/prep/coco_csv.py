@@ -34,7 +34,8 @@ def load_annotations(path: str) -> dict[str, Any]:
             document = json.load(f)
     except json.JSONDecodeError as error:
         raise DataError(
-            f"coco-csv: {path}: malformed JSON at line {error.lineno} column {error.colno}: {error.msg}") from None
+            f"coco-csv: {path}: malformed JSON at line {error.lineno} column {error.colno}: {error.msg}"
+        ) from None
     except UnicodeDecodeError as error:
         raise DataError(f"coco-csv: {path}: not UTF-8 text at byte {error.start}") from None
     if not isinstance(document, dict):
@@ -83,8 +84,14 @@ def create_coco_csv(annotations: str, images_dir: str, out_csv: str, sep: str = 
         raise UsageError(f"coco-csv: images folder not found: {images_dir}")
     grouped = captions_by_image(document, annotations)
     images_root = os.path.abspath(images_dir)
-    counts = {"rows": 0, "images": 0, "images_missing": 0, "images_without_captions": 0,
-              "empty_captions": 0, "captions_of_unknown_images": 0}
+    counts = {
+        "rows": 0,
+        "images": 0,
+        "images_missing": 0,
+        "images_without_captions": 0,
+        "empty_captions": 0,
+        "captions_of_unknown_images": 0,
+    }
     filepaths: list[str] = []
     titles: list[str] = []
     known_ids = set()
@@ -111,7 +118,8 @@ def create_coco_csv(annotations: str, images_dir: str, out_csv: str, sep: str = 
             titles.append(title)
         counts["images"] += len(titles) > rows_before
     counts["captions_of_unknown_images"] = sum(
-        len(captions) for image_id, captions in grouped.items() if image_id not in known_ids)
+        len(captions) for image_id, captions in grouped.items() if image_id not in known_ids
+    )
     counts["rows"] = len(titles)
     if not titles:
         raise DataError(f"coco-csv: {annotations}: no rows to write ({summary(counts)}); {out_csv} left as it was")
@@ -120,11 +128,13 @@ def create_coco_csv(annotations: str, images_dir: str, out_csv: str, sep: str = 
 
 
 def summary(counts: dict[str, int]) -> str:
-    return (f"{counts['rows']} rows for {counts['images']} images; skipped: "
-            f"{counts['images_missing']} images missing on disk, "
-            f"{counts['images_without_captions']} images without captions, "
-            f"{counts['empty_captions']} empty captions, "
-            f"{counts['captions_of_unknown_images']} captions of images not listed")
+    return (
+        f"{counts['rows']} rows for {counts['images']} images; skipped: "
+        f"{counts['images_missing']} images missing on disk, "
+        f"{counts['images_without_captions']} images without captions, "
+        f"{counts['empty_captions']} empty captions, "
+        f"{counts['captions_of_unknown_images']} captions of images not listed"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -123,8 +123,15 @@ def star_points(cx: float, cy: float, radius: float, rotation: float) -> list[tu
     return points
 
 
-def draw_shape(draw: ImageDraw.ImageDraw, shape: str, cx: float, cy: float, r: float,
-               fill: tuple[int, int, int], rng: random.Random) -> None:
+def draw_shape(
+    draw: ImageDraw.ImageDraw,
+    shape: str,
+    cx: float,
+    cy: float,
+    r: float,
+    fill: tuple[int, int, int],
+    rng: random.Random,
+) -> None:
     if shape == "circle":
         draw.ellipse((cx - r, cy - r, cx + r, cy + r), fill=fill)
     elif shape == "square":
@@ -163,8 +170,13 @@ def render_scene(scene: Scene, size: tuple[int, int], rng: random.Random) -> Ima
     # Mild noise, vectorised: a low-resolution field upscaled, so it costs little per image.
     noise_rng = np.random.default_rng(rng.getrandbits(64))
     field = noise_rng.normal(0.0, 6.0, (max(1, height // 4), max(1, width // 4), 3)).astype(np.float32)
-    noise = np.asarray(Image.fromarray(np.clip(field + 128, 0, 255).astype(np.uint8)).resize(size, Image.Resampling.BILINEAR),
-                       dtype=np.int16) - 128
+    noise = (
+        np.asarray(
+            Image.fromarray(np.clip(field + 128, 0, 255).astype(np.uint8)).resize(size, Image.Resampling.BILINEAR),
+            dtype=np.int16,
+        )
+        - 128
+    )
     pixels = np.asarray(image, dtype=np.int16) + noise
     return Image.fromarray(np.clip(pixels, 0, 255).astype(np.uint8))
 
@@ -189,17 +201,29 @@ def write_split(out_dir: str, split: str, first_id: int, count: int, size: tuple
         image_id = first_id + index
         file_name = f"{image_id:012d}.jpg"
         save_jpeg(render_scene(scene, size, rng), os.path.join(image_dir, file_name), rng)
-        images.append({
-            "license": 1, "file_name": file_name, "coco_url": "", "height": size[1], "width": size[0],
-            "date_captured": "2017-01-01 00:00:00", "flickr_url": "", "id": image_id,
-        })
+        images.append(
+            {
+                "license": 1,
+                "file_name": file_name,
+                "coco_url": "",
+                "height": size[1],
+                "width": size[0],
+                "date_captured": "2017-01-01 00:00:00",
+                "flickr_url": "",
+                "id": image_id,
+            }
+        )
         for number, caption in enumerate(scene_captions(scene, rng)):
             # Derived from the image id, so annotation ids are unique across splits, as in COCO.
             annotations.append({"image_id": image_id, "id": image_id * 10 + number, "caption": caption})
     document = {
         "info": {
-            "description": "acc_clip demo dataset (synthetic shapes)", "url": "", "version": str(FORMAT_VERSION),
-            "year": 2017, "contributor": "acc_clip", "date_created": "2017/01/01",
+            "description": "acc_clip demo dataset (synthetic shapes)",
+            "url": "",
+            "version": str(FORMAT_VERSION),
+            "year": 2017,
+            "contributor": "acc_clip",
+            "date_created": "2017/01/01",
         },
         "licenses": [{"url": "", "id": 1, "name": "synthetic, no restrictions"}],
         "images": images,
@@ -255,8 +279,14 @@ def read_dataset_record(path: str) -> dict | None:
         return None
 
 
-def make_demo_data(out_dir: str, num_train: int = 1000, num_val: int = 200, size: tuple[int, int] = (640, 480),
-                   seed: int = 0, zeroshot_per_class: int = 20) -> dict[str, str]:
+def make_demo_data(
+    out_dir: str,
+    num_train: int = 1000,
+    num_val: int = 200,
+    size: tuple[int, int] = (640, 480),
+    seed: int = 0,
+    zeroshot_per_class: int = 20,
+) -> dict[str, str]:
     """Write the demo dataset under `out_dir` and return its paths.
 
     An existing complete dataset made with the same parameters is reused as is; any other
@@ -268,8 +298,12 @@ def make_demo_data(out_dir: str, num_train: int = 1000, num_val: int = 200, size
     out_dir = os.path.abspath(out_dir)
     paths = dataset_paths(out_dir)
     parameters = {
-        "format_version": FORMAT_VERSION, "num_train": num_train, "num_val": num_val,
-        "size": [size[0], size[1]], "seed": seed, "zeroshot_per_class": zeroshot_per_class,
+        "format_version": FORMAT_VERSION,
+        "num_train": num_train,
+        "num_val": num_val,
+        "size": [size[0], size[1]],
+        "seed": seed,
+        "zeroshot_per_class": zeroshot_per_class,
     }
     if os.path.exists(out_dir):
         if not os.path.isdir(out_dir):
@@ -278,8 +312,11 @@ def make_demo_data(out_dir: str, num_train: int = 1000, num_val: int = 200, size
             manifest = read_dataset_record(paths["manifest"])
             if manifest == parameters:
                 return paths
-            reason = ("holds a demo dataset made with other parameters" if manifest is not None
-                      else "is not empty and holds no complete demo dataset")
+            reason = (
+                "holds a demo dataset made with other parameters"
+                if manifest is not None
+                else "is not empty and holds no complete demo dataset"
+            )
             raise UsageError(f"demo-data: {out_dir} {reason}; remove it or choose another folder")
     os.makedirs(out_dir, exist_ok=True)
     write_split(out_dir, "train2017", 1, num_train, size, seed)
@@ -307,6 +344,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--zeroshot-per-class", type=int, default=20)
     args = parser.parse_args(argv)
     paths = make_demo_data(args.out, args.num_train, args.num_val, args.size, args.seed, args.zeroshot_per_class)
-    print(f"demo dataset in {paths['root']}: {args.num_train} train and {args.num_val} val images, "
-          f"{len(zeroshot_classes())} zero-shot classes x {args.zeroshot_per_class}")
+    print(
+        f"demo dataset in {paths['root']}: {args.num_train} train and {args.num_val} val images, "
+        f"{len(zeroshot_classes())} zero-shot classes x {args.zeroshot_per_class}"
+    )
     return 0

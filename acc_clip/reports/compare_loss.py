@@ -15,10 +15,9 @@ import argparse
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
 
-from acc_clip.reports.curves import LossCurve, ema_smooth, read_loss_curve
 from acc_clip.errors import DataError, UsageError
+from acc_clip.reports.curves import LossCurve, ema_smooth, read_loss_curve
 from acc_clip.reports.plot import save_figure
 
 VENDOR_RELATIVE_LIMIT = 0.05
@@ -182,10 +181,12 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     """Exit status 0 when the comparison passes, 1 when it fails (bad input raises an AccClipError)."""
     args = build_parser().parse_args(argv)
-    result = compare_curves(read_loss_curve(args.ref), read_loss_curve(args.new), ema=args.ema, tolerance=args.tolerance)
+    result = compare_curves(
+        read_loss_curve(args.ref), read_loss_curve(args.new), ema=args.ema, tolerance=args.tolerance
+    )
     for line in vendor_report_lines(result) + two_sided_report_lines(result):
         print(line)
     if args.plot:

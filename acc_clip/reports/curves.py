@@ -15,15 +15,15 @@ otherwise the curve has no steps.
 
 from __future__ import annotations
 
+import itertools
 import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, cast
+from typing import cast
 
 from acc_clip.errors import DataError, UsageError
 from acc_clip.runtime.run_dir import LOG_FILE, METRICS_FILE
-
 
 FORMAT_METRICS = "acc_clip metrics.jsonl"
 FORMAT_OPEN_CLIP = "open_clip out.log"
@@ -49,7 +49,7 @@ _VENDOR_ITERATION = re.compile(r"(?<![\w.])(?:iteration|iter)\s*:\s*(\d+)", re.I
 
 @dataclass
 class LossCurve:
-    steps: Optional[list[int]]  # global optimizer step of each loss, ascending; None: only the order is known
+    steps: list[int] | None  # global optimizer step of each loss, ascending; None: only the order is known
     losses: list[float]
     source_format: str
 
@@ -126,7 +126,7 @@ def read_metrics(path: str | Path) -> list[dict]:
             raise DataError(f"{path}:{number}: 'step' is {record['step']!r}, expected an integer")
         by_step[record["step"]] = record
     if not by_step:
-        raise DataError(f"{path}: no train records; expected lines like {{\"step\": 0, \"loss\": 4.1, ...}}")
+        raise DataError(f'{path}: no train records; expected lines like {{"step": 0, "loss": 4.1, ...}}')
     return [by_step[step] for step in sorted(by_step)]
 
 
@@ -152,7 +152,9 @@ def _parse_open_clip_log(path: Path, lines: list[str]) -> LossCurve:
         loss = _OPEN_CLIP_LOSS.search(line)
         if not loss:
             raise DataError(f"{path}:{number}: open_clip train line has no 'Loss: <value> (<avg>)'")
-        entries.append((number, int(progress.group(1)), int(progress.group(2)), progress.group(4), float(loss.group(1))))
+        entries.append(
+            (number, int(progress.group(1)), int(progress.group(2)), progress.group(4), float(loss.group(1)))
+        )
 
     # A new epoch begins at the first line and wherever the epoch number changes (a resumed log may repeat one).
     starts = [k for k in range(len(entries)) if k == 0 or entries[k][1] != entries[k - 1][1]]
@@ -197,8 +199,8 @@ def _parse_open_clip_log(path: Path, lines: list[str]) -> LossCurve:
 
 def _parse_vendor_log(lines: list[str]) -> LossCurve:
     losses: list[float] = []
-    explicit_steps: list[Optional[int]] = []
-    iterations: list[Optional[int]] = []
+    explicit_steps: list[int | None] = []
+    iterations: list[int | None] = []
     for line in lines:
         loss = _VENDOR_LOSS.search(line)
         if not loss:
@@ -214,12 +216,12 @@ def _parse_vendor_log(lines: list[str]) -> LossCurve:
         return LossCurve(steps=steps, losses=losses, source_format=FORMAT_VENDOR)
     if None not in iterations:
         counters = cast(list[int], iterations)
-        if all(a < b for a, b in zip(counters, counters[1:])):  # a global counter
+        if all(a < b for a, b in itertools.pairwise(counters)):  # a global counter
             return LossCurve(steps=counters, losses=losses, source_format=FORMAT_VENDOR)
     return LossCurve(steps=None, losses=losses, source_format=FORMAT_VENDOR)
 
 
-def _parse_plain_floats(lines: list[str]) -> Optional[LossCurve]:
+def _parse_plain_floats(lines: list[str]) -> LossCurve | None:
     losses = []
     for line in lines:
         if not line.strip():

@@ -8,15 +8,15 @@ the smoothed line carries the run's name, so every panel's legend has one entry 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Optional, Sequence
 
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
+from acc_clip.errors import DataError, ResourceError, UsageError
 from acc_clip.reports.curves import ema_smooth, read_metrics
 from acc_clip.runtime.run_dir import METRICS_FILE
-from acc_clip.errors import DataError, ResourceError, UsageError
 
 
 def run_names(run_dirs: Sequence[str | Path]) -> list[str]:
@@ -91,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     plot_runs(args.run_dirs, args.out, ema=args.ema)
     print(f"wrote {args.out}")

@@ -17,7 +17,7 @@ from __future__ import annotations
 import importlib.util
 import os
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import ClassVar
 
 import torch
 
@@ -27,16 +27,36 @@ from acc_clip.errors import ResourceError, UsageError
 # open_clip_train's --precision -> Accelerate's mixed_precision (autocast, and a grad scaler for fp16). The amp
 # modes autocast; fp16/bf16 cast the weights (open_clip's convert_weights_to_lp) and pure_* the whole model, with
 # inputs in that dtype and neither autocast nor scaler: open_clip_train's meaning of each.
-MIXED_PRECISION = {"amp": "fp16", "amp_bf16": "bf16", "amp_bfloat16": "bf16", "fp32": "no",
-                   "fp16": "no", "bf16": "no", "pure_fp16": "no", "pure_bf16": "no"}
+MIXED_PRECISION = {
+    "amp": "fp16",
+    "amp_bf16": "bf16",
+    "amp_bfloat16": "bf16",
+    "fp32": "no",
+    "fp16": "no",
+    "bf16": "no",
+    "pure_fp16": "no",
+    "pure_bf16": "no",
+}
 INPUT_DTYPE = {"fp16": torch.float16, "pure_fp16": torch.float16, "bf16": torch.bfloat16, "pure_bf16": torch.bfloat16}
 AUTOCAST_DTYPE = {"fp16": torch.float16, "bf16": torch.bfloat16, "no": None}
 # What Accelerate's PartialState picks for each device when LOCAL_RANK is set (it has no public table).
 BACKEND = {"sdaa": "tccl", "cuda": "nccl", "npu": "hccl", "xpu": "xccl", "mps": "gloo", "cpu": "gloo"}
-DISTRIBUTED_TYPE = {"sdaa": "MULTI_SDAA", "cuda": "MULTI_GPU", "npu": "MULTI_NPU", "xpu": "MULTI_XPU",
-                    "mps": "NO", "cpu": "MULTI_CPU"}
-VISIBLE_DEVICES = {"sdaa": "SDAA_VISIBLE_DEVICES", "cuda": "CUDA_VISIBLE_DEVICES", "npu": "ASCEND_RT_VISIBLE_DEVICES",
-                   "xpu": "ZE_AFFINITY_MASK", "mps": None, "cpu": None}
+DISTRIBUTED_TYPE = {
+    "sdaa": "MULTI_SDAA",
+    "cuda": "MULTI_GPU",
+    "npu": "MULTI_NPU",
+    "xpu": "MULTI_XPU",
+    "mps": "NO",
+    "cpu": "MULTI_CPU",
+}
+VISIBLE_DEVICES = {
+    "sdaa": "SDAA_VISIBLE_DEVICES",
+    "cuda": "CUDA_VISIBLE_DEVICES",
+    "npu": "ASCEND_RT_VISIBLE_DEVICES",
+    "xpu": "ZE_AFFINITY_MASK",
+    "mps": None,
+    "cpu": None,
+}
 # Devices Accelerate supports besides SDAA, CUDA and the CPU: its own availability test for each.
 OTHER_DEVICES = {"npu": "is_npu_available", "xpu": "is_xpu_available", "mps": "is_mps_available"}
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of CPUs with native bf16 arithmetic
@@ -48,11 +68,11 @@ DIST_BACKENDS = ("nccl", "gloo", "mpi", "ucc", "xccl", "tccl", "hccl")
 REFUSED_FLAGS = {
     "horovod": "acc_clip runs on Accelerate, not Horovod: start processes with `accelerate launch` (launch/README.md)",
     "torchscript": "a TorchScript model cannot be trained here; export (acc-clip export) and script the open_clip "
-                   "model for inference",
+    "model for inference",
     "trace": "open_clip_train cannot train a traced model either; trace the exported model for inference",
     "use_bnb_linear": "bitsandbytes int8 linear layers are not supported; train in a --precision of torch's",
     "no_set_device_rank": "Accelerate places each process on its local device; choose devices with "
-                          "CUDA_VISIBLE_DEVICES or SDAA_VISIBLE_DEVICES",
+    "CUDA_VISIBLE_DEVICES or SDAA_VISIBLE_DEVICES",
 }
 
 
@@ -62,30 +82,47 @@ class RuntimeOptions(Section):
     wrapping; and open_clip_train's flags that have no meaning here (refused in one line)."""
 
     title: ClassVar[str] = "runtime"
-    device: Optional[str] = option(None, "sdaa, cuda, npu, xpu, mps or cpu; default: sdaa if torch_sdaa is "
-                                         "installed, else cuda, else cpu", domain=DEVICE)
-    precision: str = option("amp", "open_clip's: amp (fp16 autocast + grad scaler), amp_bf16 = amp_bfloat16 (bf16 "
-                                   "autocast), fp16 / bf16 (weights cast, no autocast), pure_fp16 / pure_bf16 (the "
-                                   "whole model cast), fp32", choices=PRECISIONS)
+    device: str | None = option(
+        None,
+        "sdaa, cuda, npu, xpu, mps or cpu; default: sdaa if torch_sdaa is installed, else cuda, else cpu",
+        domain=DEVICE,
+    )
+    precision: str = option(
+        "amp",
+        "open_clip's: amp (fp16 autocast + grad scaler), amp_bf16 = amp_bfloat16 (bf16 "
+        "autocast), fp16 / bf16 (weights cast, no autocast), pure_fp16 / pure_bf16 (the "
+        "whole model cast), fp32",
+        choices=PRECISIONS,
+    )
     seed: int = option(0, "seed for weights, sample order and augmentation", train_only=True)
     torchcompile: bool = option(False, "torch.compile the model", train_only=True)
-    cudnn_benchmark: bool = option(True, "cuDNN picks the fastest convolution algorithms on CUDA, as open_clip_train "
-                                         "does (--no-cudnn-benchmark: the same algorithms every run)", tristate=True,
-                                   train_only=True)
+    cudnn_benchmark: bool = option(
+        True,
+        "cuDNN picks the fastest convolution algorithms on CUDA, as open_clip_train "
+        "does (--no-cudnn-benchmark: the same algorithms every run)",
+        tristate=True,
+        train_only=True,
+    )
     use_bn_sync: bool = option(False, "synchronise batch-norm statistics across processes", train_only=True)
-    ddp_static_graph: bool = option(False, "DDP's static_graph (the same parameters take part in every step)",
-                                    train_only=True)
-    dist_backend: Optional[str] = option(None, "process-group backend (default: nccl on CUDA, tccl on SDAA, gloo on "
-                                               "the CPU)", choices=DIST_BACKENDS, train_only=True)
-    dist_url: Optional[str] = option(None, "env:// only: addresses come from the launcher (accelerate launch, srun)",
-                                     train_only=True)
+    ddp_static_graph: bool = option(
+        False, "DDP's static_graph (the same parameters take part in every step)", train_only=True
+    )
+    dist_backend: str | None = option(
+        None,
+        "process-group backend (default: nccl on CUDA, tccl on SDAA, gloo on the CPU)",
+        choices=DIST_BACKENDS,
+        train_only=True,
+    )
+    dist_url: str | None = option(
+        None, "env:// only: addresses come from the launcher (accelerate launch, srun)", train_only=True
+    )
     horovod: bool = option(False, "refused: acc_clip runs on Accelerate", train_only=True)
-    no_set_device_rank: bool = option(False, "refused: Accelerate places each process on its local device",
-                                      train_only=True)
+    no_set_device_rank: bool = option(
+        False, "refused: Accelerate places each process on its local device", train_only=True
+    )
     torchscript: bool = option(False, "refused: a TorchScript model cannot be trained", train_only=True)
     trace: bool = option(False, "refused: a traced model cannot be trained", train_only=True)
-    use_bnb_linear: Optional[str] = option(None, "refused: bitsandbytes linear layers are not supported",
-                                           train_only=True)
+    use_bnb_linear: str | None = option(None, "refused: bitsandbytes linear layers are not supported", train_only=True)
 
     def check(self) -> None:
         """open_clip_train flags that cannot mean anything here, or only in part: one line each."""
@@ -93,9 +130,11 @@ class RuntimeOptions(Section):
             if getattr(self, key):
                 raise UsageError(f"--{key.replace('_', '-')}: {why}")
         if self.dist_url not in (None, "env://"):
-            raise UsageError(f"--dist-url {self.dist_url}: acc_clip's processes take their addresses from the "
-                             "launcher: accelerate launch --main_process_ip/--main_process_port, or srun with "
-                             "MASTER_ADDR/MASTER_PORT (launch/README.md)")
+            raise UsageError(
+                f"--dist-url {self.dist_url}: acc_clip's processes take their addresses from the "
+                "launcher: accelerate launch --main_process_ip/--main_process_port, or srun with "
+                "MASTER_ADDR/MASTER_PORT (launch/README.md)"
+            )
 
 
 def torch_sdaa_installed() -> bool:
@@ -116,11 +155,11 @@ class DevicePlan:
     backend: str  # process-group backend when several processes run
     distributed_type: str  # Accelerate's DistributedType when several processes run
     mixed_precision: str  # Accelerate's name: "no", "fp16", "bf16"
-    autocast_dtype: Optional[torch.dtype]
-    input_dtype: Optional[torch.dtype]  # the weights' and inputs' dtype when --precision casts them, else None
+    autocast_dtype: torch.dtype | None
+    input_dtype: torch.dtype | None  # the weights' and inputs' dtype when --precision casts them, else None
     uses_grad_scaler: bool
     pin_memory: bool
-    visible_devices_variable: Optional[str]
+    visible_devices_variable: str | None
     note: str = ""  # a deviation from what --precision asked, said at start-up
 
     @property
@@ -128,9 +167,11 @@ class DevicePlan:
         return self.kind
 
     def describe(self) -> str:
-        return (f"device {self.device} ({self.kind}), backend {self.backend} when distributed "
-                f"({self.distributed_type}), mixed precision {self.mixed_precision}"
-                f"{', grad scaler' if self.uses_grad_scaler else ''}{'; ' + self.note if self.note else ''}")
+        return (
+            f"device {self.device} ({self.kind}), backend {self.backend} when distributed "
+            f"({self.distributed_type}), mixed precision {self.mixed_precision}"
+            f"{', grad scaler' if self.uses_grad_scaler else ''}{'; ' + self.note if self.note else ''}"
+        )
 
 
 def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
@@ -148,8 +189,10 @@ def check_other_device(kind: str, requested: str) -> None:
     import accelerate.utils
 
     if not getattr(accelerate.utils, OTHER_DEVICES[kind])():
-        raise ResourceError(f"--device {requested}: torch sees no {kind} device here (its backend package or the "
-                           "device is missing); drop --device to use the best available")
+        raise ResourceError(
+            f"--device {requested}: torch sees no {kind} device here (its backend package or the "
+            "device is missing); drop --device to use the best available"
+        )
 
 
 def cpu_mixed_precision(precision: str, mixed: str, native_bf16: bool) -> tuple[str, str]:
@@ -157,17 +200,23 @@ def cpu_mixed_precision(precision: str, mixed: str, native_bf16: bool) -> tuple[
     but without native bf16 that is emulated: measured 20x slower than fp32 for RN50's forward and
     backward on an AVX2 CPU (49.4 s against 2.5 s for 2 images, one thread). There `amp` runs fp32."""
     if mixed != "fp16":
-        note = "" if mixed == "no" or native_bf16 else f"--precision {precision}: this CPU has no native bf16, so " \
-            "bf16 autocast is emulated and slow"
+        note = (
+            ""
+            if mixed == "no" or native_bf16
+            else f"--precision {precision}: this CPU has no native bf16, so bf16 autocast is emulated and slow"
+        )
         return mixed, note
     if native_bf16:
         return "bf16", f"--precision {precision} on the CPU runs as bf16 autocast"
-    return "no", (f"--precision {precision} on the CPU runs fp32: this CPU has no native bf16, and bf16 autocast "
-                  "measured 20x slower than fp32 on such a CPU (--precision amp_bf16 forces it)")
+    return "no", (
+        f"--precision {precision} on the CPU runs fp32: this CPU has no native bf16, and bf16 autocast "
+        "measured 20x slower than fp32 on such a CPU (--precision amp_bf16 forces it)"
+    )
 
 
-def plan_device(requested: Optional[str], precision: str, local_rank: Optional[int] = None,
-                backend: Optional[str] = None) -> DevicePlan:
+def plan_device(
+    requested: str | None, precision: str, local_rank: int | None = None, backend: str | None = None
+) -> DevicePlan:
     """What this process will run on. `requested` is `--device` (None: the best available); `backend`
     is `--dist-backend` (None: the device's own)."""
     local_rank = int(os.environ.get("LOCAL_RANK", 0)) if local_rank is None else local_rank
@@ -182,16 +231,22 @@ def plan_device(requested: Optional[str], precision: str, local_rank: Optional[i
     kind = kind or ("sdaa" if sdaa else "cuda" if cuda else "cpu")
     if kind == "sdaa" and not sdaa:
         if not torch_sdaa_installed():
-            raise ResourceError("--device sdaa needs the torch_sdaa package (Tecorigin's SDAA software stack), "
-                               "which is not installed; drop --device to train on CUDA or the CPU")
-        raise ResourceError("--device sdaa: torch_sdaa is installed but torch.sdaa sees no card; "
-                           "check SDAA_VISIBLE_DEVICES and the driver")
+            raise ResourceError(
+                "--device sdaa needs the torch_sdaa package (Tecorigin's SDAA software stack), "
+                "which is not installed; drop --device to train on CUDA or the CPU"
+            )
+        raise ResourceError(
+            "--device sdaa: torch_sdaa is installed but torch.sdaa sees no card; "
+            "check SDAA_VISIBLE_DEVICES and the driver"
+        )
     if kind == "cuda" and not cuda:
         raise ResourceError("--device cuda: no CUDA device is available to torch; drop --device to use the CPU")
     if kind == "cuda" and sdaa:
         # Accelerate prefers SDAA whenever a card is visible; say so rather than surprise.
-        raise UsageError("--device cuda while torch_sdaa sees an SDAA card: Accelerate would place the run on "
-                           "SDAA; hide the cards with SDAA_VISIBLE_DEVICES= to use CUDA")
+        raise UsageError(
+            "--device cuda while torch_sdaa sees an SDAA card: Accelerate would place the run on "
+            "SDAA; hide the cards with SDAA_VISIBLE_DEVICES= to use CUDA"
+        )
     if precision not in MIXED_PRECISION:
         raise UsageError(f"--precision {precision!r}: expected one of {', '.join(MIXED_PRECISION)}")
     mixed, note = MIXED_PRECISION[precision], ""
@@ -230,8 +285,14 @@ def hide_gpus_from_cpu_processes(plan: DevicePlan, environ=os.environ) -> bool:
     return True
 
 
-def make_accelerator(plan: DevicePlan, *, find_unused_parameters: bool = False, cudnn_benchmark: bool = True,
-                     static_graph: bool = False, **accelerator_kwargs):
+def make_accelerator(
+    plan: DevicePlan,
+    *,
+    find_unused_parameters: bool = False,
+    cudnn_benchmark: bool = True,
+    static_graph: bool = False,
+    **accelerator_kwargs,
+):
     """The Accelerator for `plan` (extra keywords, e.g. trackers, go to Accelerator); checks that
     Accelerate agrees with the plan."""
     from accelerate import Accelerator
@@ -246,9 +307,16 @@ def make_accelerator(plan: DevicePlan, *, find_unused_parameters: bool = False, 
         torch.backends.cudnn.benchmark = cudnn_benchmark
         torch.backends.cudnn.deterministic = False
     backend = plan.backend if plan.backend != BACKEND[plan.kind] else None  # --dist-backend, where it differs
-    handlers = kwargs_handlers(find_unused_parameters=find_unused_parameters, static_graph=static_graph, backend=backend)
-    accelerator = Accelerator(cpu=plan.kind == "cpu", mixed_precision=plan.mixed_precision,
-                              kwargs_handlers=handlers, fsdp_plugin=plugin, **accelerator_kwargs)
+    handlers = kwargs_handlers(
+        find_unused_parameters=find_unused_parameters, static_graph=static_graph, backend=backend
+    )
+    accelerator = Accelerator(
+        cpu=plan.kind == "cpu",
+        mixed_precision=plan.mixed_precision,
+        kwargs_handlers=handlers,
+        fsdp_plugin=plugin,
+        **accelerator_kwargs,
+    )
     enable_fsdp_on_cpu(accelerator, plugin)
     where = plan.visible_devices_variable or "the launch configuration"
     if accelerator.device.type != plan.kind:
@@ -256,8 +324,10 @@ def make_accelerator(plan: DevicePlan, *, find_unused_parameters: bool = False, 
     if accelerator.num_processes > 1:
         chosen = (accelerator.state.backend, accelerator.distributed_type.value)
         if chosen != (plan.backend, "FSDP" if plugin is not None else plan.distributed_type):
-            raise ResourceError(f"planned backend {plan.backend} ({plan.distributed_type}) but Accelerate started "
-                               f"{chosen[0]} ({chosen[1]}); check {where}")
+            raise ResourceError(
+                f"planned backend {plan.backend} ({plan.distributed_type}) but Accelerate started "
+                f"{chosen[0]} ({chosen[1]}); check {where}"
+            )
     return accelerator
 
 
@@ -271,7 +341,7 @@ def host_process_group(accelerator):
     return torch.distributed.new_group(backend="gloo")
 
 
-def peak_memory_bytes(plan: DevicePlan) -> Optional[int]:
+def peak_memory_bytes(plan: DevicePlan) -> int | None:
     if plan.kind == "cuda":
         return torch.cuda.max_memory_allocated()
     if plan.kind == "sdaa":

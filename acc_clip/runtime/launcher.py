@@ -27,6 +27,7 @@ else is printed but at most one line naming the rank when ranks failed different
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import signal
@@ -102,10 +103,8 @@ class StopForwarder:
             # all gone): unwind the launch; torch's agent closes whatever it had begun.
             raise StoppedBeforeStart
         for child in children:
-            try:
+            with contextlib.suppress(psutil.NoSuchProcess):  # exited meanwhile: its status still reaches Accelerate
                 child.send_signal(forward)
-            except psutil.NoSuchProcess:
-                pass  # exited meanwhile; its status still reaches Accelerate's launcher
 
 
 def keep_torch_off_stop_signals() -> None:

@@ -22,8 +22,9 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Iterator
 from contextlib import AbstractContextManager, contextmanager
-from typing import Any, Iterator, Optional, cast
+from typing import Any, cast
 
 import torch
 
@@ -36,7 +37,7 @@ SCALAR_PARAMETERS = ("logit_scale", "logit_bias")
 FSDP_VARIABLE = "ACCELERATE_USE_FSDP"
 
 
-def kwargs_handlers(*, find_unused_parameters: bool, static_graph: bool = False, backend: Optional[str] = None) -> list:
+def kwargs_handlers(*, find_unused_parameters: bool, static_graph: bool = False, backend: str | None = None) -> list:
     """Accelerate's settings for the wrapping it will do (DDP's, under several processes: --ddp-static-graph)
     and for the process group it starts (--dist-backend; None: Accelerate's choice for the device)."""
     from accelerate.utils import DistributedDataParallelKwargs, InitProcessGroupKwargs
@@ -49,6 +50,7 @@ def kwargs_handlers(*, find_unused_parameters: bool, static_graph: bool = False,
 
 # FSDP2 -----------------------------------------------------------------------------------------
 
+
 def fsdp_plugin(environ=os.environ):
     """Accelerate's FSDP plugin, read from the launch config's fsdp section (accelerate launch hands it
     over as FSDP_* variables); None when the run is not launched for FSDP. Only FSDP2 is supported."""
@@ -58,13 +60,17 @@ def fsdp_plugin(environ=os.environ):
         return None
     plugin = FullyShardedDataParallelPlugin()
     if plugin.fsdp_version != 2:
-        raise UsageError(f"the launch config's fsdp_config has fsdp_version {plugin.fsdp_version}: acc_clip "
-                           "supports FSDP2 only; set fsdp_version: 2 (see launch/fsdp.yaml)")
+        raise UsageError(
+            f"the launch config's fsdp_config has fsdp_version {plugin.fsdp_version}: acc_clip "
+            "supports FSDP2 only; set fsdp_version: 2 (see launch/fsdp.yaml)"
+        )
     kind = getattr(plugin.state_dict_type, "name", str(plugin.state_dict_type))
     if kind != "SHARDED_STATE_DICT":
         # A full state dict is written by rank 0 alone (step checkpoints then cannot reshard on resume).
-        raise UsageError(f"the launch config's fsdp_config has fsdp_state_dict_type {kind}: acc_clip's step "
-                           "checkpoints are sharded; set fsdp_state_dict_type: SHARDED_STATE_DICT (see launch/fsdp.yaml)")
+        raise UsageError(
+            f"the launch config's fsdp_config has fsdp_state_dict_type {kind}: acc_clip's step "
+            "checkpoints are sharded; set fsdp_state_dict_type: SHARDED_STATE_DICT (see launch/fsdp.yaml)"
+        )
     return plugin
 
 
@@ -112,12 +118,16 @@ def fully_shard_kwargs(plugin) -> dict:
     """fully_shard's settings from the plugin: those Accelerate gives the root, so all units agree."""
     from torch.distributed.fsdp import MixedPrecisionPolicy
 
-    return {"reshard_after_forward": plugin.reshard_after_forward, "offload_policy": plugin.cpu_offload,
-            "mp_policy": plugin.mixed_precision_policy or MixedPrecisionPolicy()}
+    return {
+        "reshard_after_forward": plugin.reshard_after_forward,
+        "offload_policy": plugin.cpu_offload,
+        "mp_policy": plugin.mixed_precision_policy or MixedPrecisionPolicy(),
+    }
 
 
-def switch_optimizer_parameters(optimizer: torch.optim.Optimizer, before: dict[int, str],
-                                after: dict[str, torch.nn.Parameter]) -> None:
+def switch_optimizer_parameters(
+    optimizer: torch.optim.Optimizer, before: dict[int, str], after: dict[str, torch.nn.Parameter]
+) -> None:
     """fully_shard replaces each parameter by a new (DTensor) one: point the optimizer at the new ones,
     matched by name (`before`: id of the old parameter -> its name)."""
     for group in optimizer.param_groups:
@@ -131,8 +141,9 @@ def scalars_as_vectors(model: torch.nn.Module) -> None:
     for name in SCALAR_PARAMETERS:
         parameter = getattr(model, name, None)
         if isinstance(parameter, torch.nn.Parameter) and parameter.ndim == 0:
-            setattr(model, name, torch.nn.Parameter(parameter.detach().reshape(1),
-                                                    requires_grad=parameter.requires_grad))
+            setattr(
+                model, name, torch.nn.Parameter(parameter.detach().reshape(1), requires_grad=parameter.requires_grad)
+            )
 
 
 def contiguous_parameters(model: torch.nn.Module) -> None:
@@ -155,8 +166,11 @@ def shard_blocks(accelerator, model: torch.nn.Module, optimizer: torch.optim.Opt
     units = shard_units(model)
     for unit in units:
         fully_shard(unit, **kwargs)
-    log.info("FSDP2: %d units (transformer blocks, ResNet stages, towers) and the root, sharded over %d "
-             "process(es)", len(units), accelerator.num_processes)
+    log.info(
+        "FSDP2: %d units (transformer blocks, ResNet stages, towers) and the root, sharded over %d process(es)",
+        len(units),
+        accelerator.num_processes,
+    )
     switch_optimizer_parameters(optimizer, names, dict(model.named_parameters()))
 
 
@@ -168,14 +182,18 @@ def check_fsdp_options(accelerator, *, sync_batch_norm: bool, compile_model: boo
         raise UsageError("--torchcompile with the FSDP launch config: not supported yet; drop --torchcompile")
     dtypes = {parameter.dtype for parameter in model.parameters()}
     if dtypes != {torch.float32}:
-        raise UsageError("--precision fp16/bf16/pure_*: the FSDP launch config keeps fp32 weights and computes in "
-                           "the launch's mixed precision; use --precision amp, amp_bf16 or fp32")
+        raise UsageError(
+            "--precision fp16/bf16/pure_*: the FSDP launch config keeps fp32 weights and computes in "
+            "the launch's mixed precision; use --precision amp, amp_bf16 or fp32"
+        )
 
 
 # the owner's functions -------------------------------------------------------------------------
 
-def prepare(accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, sync_batch_norm: bool,
-            compile_model: bool) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+
+def prepare(
+    accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, sync_batch_norm: bool, compile_model: bool
+) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     if is_fsdp(accelerator):
         check_fsdp_options(accelerator, sync_batch_norm=sync_batch_norm, compile_model=compile_model, model=model)
         shard_blocks(accelerator, model, optimizer)
@@ -269,8 +287,9 @@ def is_fsdp_model(model: torch.nn.Module) -> bool:
 def weights_are_finite(model: torch.nn.Module, accelerator) -> bool:
     """Whether every weight is finite, the same answer on every process (under FSDP each holds another
     shard, so they vote: a process alone stopping would leave the others waiting)."""
-    flags = [torch.isfinite(local_tensor(t)).all() for t in unwrap(model).state_dict().values()
-             if t.is_floating_point()]
+    flags = [
+        torch.isfinite(local_tensor(t)).all() for t in unwrap(model).state_dict().values() if t.is_floating_point()
+    ]
     finite = torch.stack(flags).all() if flags else torch.tensor(True, device=accelerator.device)
     if is_fsdp_model(model):
         finite = finite.to(torch.int32)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import re
@@ -29,8 +30,16 @@ WANDB_ID = re.compile(r"[A-Za-z0-9_.\-]+")
 
 def default_run_name(stamp: str, *, model: str, lr, batch_size: int, workers: int, precision: str) -> str:
     """open_clip_train's run name: date, model, lr, batch, workers, precision."""
-    return "-".join([stamp, f"model_{model.replace('/', '-').replace(':', '-')}", f"lr_{lr}", f"b_{batch_size}",
-                     f"j_{workers}", f"p_{precision}"])
+    return "-".join(
+        [
+            stamp,
+            f"model_{model.replace('/', '-').replace(':', '-')}",
+            f"lr_{lr}",
+            f"b_{batch_size}",
+            f"j_{workers}",
+            f"p_{precision}",
+        ]
+    )
 
 
 def agreed_stamp(accelerator) -> str:
@@ -51,8 +60,9 @@ def run_folder(logs: str, name: str, *, resuming: bool, accelerator) -> str:
         try:
             os.makedirs(path, exist_ok=True)
         except OSError as error:  # --logs is a file, or not writable
-            raise UsageError(f"--logs {logs} --name {name}: cannot make the run folder {path} "
-                             f"({error.strerror or error})") from None
+            raise UsageError(
+                f"--logs {logs} --name {name}: cannot make the run folder {path} ({error.strerror or error})"
+            ) from None
         take_run_lock(path)
     accelerator.wait_for_everyone()
     return path
@@ -92,8 +102,10 @@ def take_run_lock(path: str) -> None:
                 logging.getLogger(__name__).warning("%s: taking over the lock of process %s, which is gone", path, pid)
                 _remove_if_held_by(lock, holder)
                 continue
-            raise ResourceError(f"{path} is in use by another run (process {pid or '?'} on {host or '?'}, per {lock}): "
-                               "wait for it to end or pick another --name; if that process is gone, delete the lock")
+            raise ResourceError(
+                f"{path} is in use by another run (process {pid or '?'} on {host or '?'}, per {lock}): "
+                "wait for it to end or pick another --name; if that process is gone, delete the lock"
+            ) from None
         with os.fdopen(descriptor, "w") as file:
             file.write(me)
         break
@@ -110,10 +122,8 @@ def _read_holder(lock: str) -> str:
 
 def _remove_if_held_by(lock: str, holder: str) -> None:
     if _read_holder(lock) == holder:
-        try:
+        with contextlib.suppress(FileNotFoundError):
             os.remove(lock)
-        except FileNotFoundError:
-            pass
 
 
 def release_run_lock(path: str) -> None:
@@ -133,8 +143,10 @@ def wandb_run_id(run_dir: str) -> str:
         write_atomically(path, run_id + "\n")
         return run_id
     if not WANDB_ID.fullmatch(run_id):
-        raise UsageError(f"{path} holds {run_id!r}, not a wandb run id (letters, digits, '_', '-', '.'): "
-                           "fix it, or delete it to start a new wandb run")
+        raise UsageError(
+            f"{path} holds {run_id!r}, not a wandb run id (letters, digits, '_', '-', '.'): "
+            "fix it, or delete it to start a new wandb run"
+        )
     return run_id
 
 

@@ -4,7 +4,6 @@ same step; loader workers ignore them so that the main process can finish first.
 from __future__ import annotations
 
 import signal
-from typing import Optional
 
 import torch
 
@@ -16,14 +15,14 @@ class StopSignal:
     PREEMPTED_EXIT_CODE. A second SIGINT interrupts at once."""
 
     def __init__(self) -> None:
-        self.signal_name: Optional[str] = None
+        self.signal_name: str | None = None
 
     @property
     def requested(self) -> bool:
         return self.signal_name is not None
 
     @classmethod
-    def install(cls) -> "StopSignal":
+    def install(cls) -> StopSignal:
         stop = cls()
 
         def handler(signum, frame):
@@ -56,4 +55,3 @@ def ignore_stop_signals(worker_id: int) -> None:
     Workers ignore both signals: the main process shuts them down, and they exit if it dies."""
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping, MutableMapping
 from dataclasses import dataclass
-from typing import Mapping, MutableMapping, Optional
 
 from acc_clip.errors import ResourceError
 
@@ -41,15 +41,22 @@ class SlurmPlacement:
     master_port: int
 
     def variables(self) -> dict[str, str]:
-        return {"RANK": str(self.rank), "LOCAL_RANK": str(self.local_rank), "WORLD_SIZE": str(self.world_size),
-                "MASTER_ADDR": self.master_addr, "MASTER_PORT": str(self.master_port)}
+        return {
+            "RANK": str(self.rank),
+            "LOCAL_RANK": str(self.local_rank),
+            "WORLD_SIZE": str(self.world_size),
+            "MASTER_ADDR": self.master_addr,
+            "MASTER_PORT": str(self.master_port),
+        }
 
     def describe(self) -> str:
-        return (f"placed by SLURM (srun): rank {self.rank} of {self.world_size}, local rank {self.local_rank}, "
-                f"process group at {self.master_addr}:{self.master_port}")
+        return (
+            f"placed by SLURM (srun): rank {self.rank} of {self.world_size}, local rank {self.local_rank}, "
+            f"process group at {self.master_addr}:{self.master_port}"
+        )
 
 
-def read_int(environ: Mapping[str, str], name: str, *, minimum: int, below: Optional[int] = None) -> int:
+def read_int(environ: Mapping[str, str], name: str, *, minimum: int, below: int | None = None) -> int:
     value = environ.get(name)
     if value is None:
         raise ResourceError(f"{name} is not set, but SLURM started this process as one of several srun tasks")
@@ -67,10 +74,11 @@ def first_host(nodelist: str, variable: str) -> str:
     """The first host of a SLURM hostlist (`node[01-03,07],gpu5` -> `node01`); digits keep their padding."""
     match = HOSTLIST_ITEM.match(nodelist)
     item = match.group(0) if match else ""
-    rest = nodelist[len(item):]
+    rest = nodelist[len(item) :]
     if not item or (rest and not rest.startswith(",")):
-        raise ResourceError(f"{variable}={nodelist!r} is not a SLURM host list; set MASTER_ADDR to the first "
-                           "task's host")
+        raise ResourceError(
+            f"{variable}={nodelist!r} is not a SLURM host list; set MASTER_ADDR to the first task's host"
+        )
     return re.sub(r"\[([0-9]+)[^\]]*\]", r"\1", item)
 
 
@@ -80,11 +88,12 @@ def master_address(environ: Mapping[str, str]) -> str:
     for variable in NODELIST_VARIABLES:
         if environ.get(variable):
             return first_host(environ[variable], variable)
-    raise ResourceError(f"none of MASTER_ADDR, {', '.join(NODELIST_VARIABLES)} is set: set MASTER_ADDR to the "
-                       "host of SLURM task 0")
+    raise ResourceError(
+        f"none of MASTER_ADDR, {', '.join(NODELIST_VARIABLES)} is set: set MASTER_ADDR to the host of SLURM task 0"
+    )
 
 
-def slurm_placement(environ: Mapping[str, str]) -> Optional[SlurmPlacement]:
+def slurm_placement(environ: Mapping[str, str]) -> SlurmPlacement | None:
     """Where srun placed this process, or None when it is not one of several srun tasks or a launcher
     already placed it. Bad or inconsistent variables raise a one-line ResourceError naming them."""
     if any(name in environ for name in LAUNCHER_VARIABLES):
@@ -96,17 +105,20 @@ def slurm_placement(environ: Mapping[str, str]) -> Optional[SlurmPlacement]:
         return None
     step_tasks = read_int(environ, "SLURM_STEP_NUM_TASKS", minimum=1)
     if step_tasks != world_size:  # srun --preserve-env keeps the allocation's SLURM_NTASKS
-        raise ResourceError(f"SLURM_NTASKS={world_size} but SLURM_STEP_NUM_TASKS={step_tasks}: start the trainer "
-                           "with srun, one task per device, without --preserve-env")
+        raise ResourceError(
+            f"SLURM_NTASKS={world_size} but SLURM_STEP_NUM_TASKS={step_tasks}: start the trainer "
+            "with srun, one task per device, without --preserve-env"
+        )
     rank = read_int(environ, "SLURM_PROCID", minimum=0, below=world_size)
     # A node's local ids count its tasks in order of their global ids, so none exceeds its task's rank.
     local_rank = read_int(environ, "SLURM_LOCALID", minimum=0, below=rank + 1)
-    port = read_int(environ, "MASTER_PORT", minimum=1, below=65536) if environ.get("MASTER_PORT") \
-        else DEFAULT_MASTER_PORT
+    port = (
+        read_int(environ, "MASTER_PORT", minimum=1, below=65536) if environ.get("MASTER_PORT") else DEFAULT_MASTER_PORT
+    )
     return SlurmPlacement(rank, local_rank, world_size, master_address(environ), port)
 
 
-def batch_script_warning(environ: Mapping[str, str]) -> Optional[str]:
+def batch_script_warning(environ: Mapping[str, str]) -> str | None:
     """A line to log when the trainer runs in a SLURM allocation of several tasks without srun or a
     launcher: it then trains as one process, which is rarely what the allocation was for."""
     if any(name in environ for name in LAUNCHER_VARIABLES) or "SLURM_STEP_NUM_TASKS" in environ:
@@ -114,11 +126,13 @@ def batch_script_warning(environ: Mapping[str, str]) -> Optional[str]:
     tasks = environ.get("SLURM_NTASKS", "1")
     if not tasks.isdigit() or int(tasks) < 2:
         return None
-    return (f"SLURM_NTASKS={tasks}, but this process was not started by srun or accelerate launch: training as "
-            "one process (see launch/slurm/README.md)")
+    return (
+        f"SLURM_NTASKS={tasks}, but this process was not started by srun or accelerate launch: training as "
+        "one process (see launch/slurm/README.md)"
+    )
 
 
-def place_from_slurm(environ: MutableMapping[str, str] = os.environ) -> Optional[SlurmPlacement]:
+def place_from_slurm(environ: MutableMapping[str, str] = os.environ) -> SlurmPlacement | None:
     """Write RANK, LOCAL_RANK, WORLD_SIZE, MASTER_ADDR and MASTER_PORT from srun's variables, so that the
     Accelerator, built next, starts the process group from env://. Returns the placement (None: left alone)."""
     placement = slurm_placement(environ)

@@ -9,7 +9,7 @@ start-up, or refused where it could only be a mistake."""
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar
 
 from acc_clip.checkpoint.manager import CheckpointOptions
 from acc_clip.config.parsing import Config, from_values, parse
@@ -29,10 +29,10 @@ class TrainingOptions(Section):
 
     title: ClassVar[str] = "training"
     epochs: int = option(32, "training epochs", domain=POSITIVE, train_only=True)
-    max_steps: Optional[int] = option(None, "stop after this many optimizer steps (benchmarks, smoke tests)",
-                                      domain=POSITIVE, train_only=True)
-    accum_freq: int = option(1, "micro-batches per optimizer step, contrastive-exact", domain=POSITIVE,
-                             train_only=True)
+    max_steps: int | None = option(
+        None, "stop after this many optimizer steps (benchmarks, smoke tests)", domain=POSITIVE, train_only=True
+    )
+    accum_freq: int = option(1, "micro-batches per optimizer step, contrastive-exact", domain=POSITIVE, train_only=True)
 
 
 class TrainConfig(Config):
@@ -73,8 +73,19 @@ class TrainConfig(Config):
 
 def sections() -> list[type]:
     """Every section the training command takes, the registries' own included."""
-    return [DataOptions, *source_options(), ModelOptions, OptimizerOptions, TrainingOptions, ObjectiveOptions,
-            *objective_options(), CheckpointOptions, EvaluationOptions, LoggingOptions, RuntimeOptions]
+    return [
+        DataOptions,
+        *source_options(),
+        ModelOptions,
+        OptimizerOptions,
+        TrainingOptions,
+        ObjectiveOptions,
+        *objective_options(),
+        CheckpointOptions,
+        EvaluationOptions,
+        LoggingOptions,
+        RuntimeOptions,
+    ]
 
 
 def resolve(config: Config) -> tuple[TrainConfig, list[str]]:
@@ -88,8 +99,15 @@ def resolve(config: Config) -> tuple[TrainConfig, list[str]]:
 
 def parse_train_config(argv: list[str]) -> tuple[TrainConfig, list[str]]:
     """The checked config of `acc-clip train ARGV` and the notices to give at start-up."""
-    return resolve(parse(argv, sections(), prog="acc-clip train", train=True,
-                         description="Train a CLIP model with open_clip_train's flags, on Accelerate."))
+    return resolve(
+        parse(
+            argv,
+            sections(),
+            prog="acc-clip train",
+            train=True,
+            description="Train a CLIP model with open_clip_train's flags, on Accelerate.",
+        )
+    )
 
 
 def train_config(**values: Any) -> TrainConfig:

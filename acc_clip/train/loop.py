@@ -70,17 +70,29 @@ def prepare_model(config: TrainConfig, model: torch.nn.Module, accelerator, plan
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = create_optimizer(model, config.optimizer, plan.kind)
-    model, optimizer = parallel.prepare(accelerator, model, optimizer, sync_batch_norm=config.runtime.use_bn_sync,
-                                        compile_model=config.runtime.torchcompile)
+    model, optimizer = parallel.prepare(
+        accelerator,
+        model,
+        optimizer,
+        sync_batch_norm=config.runtime.use_bn_sync,
+        compile_model=config.runtime.torchcompile,
+    )
     return model, optimizer, channels_last
 
 
 def run_record(config: TrainConfig) -> RunRecord:
     """What the checkpoints record of this run besides its progress."""
-    return RunRecord(name=str(config.logging.name), epochs=config.training.epochs, model=config.model.model,
-                     model_options=recorded(config.model), objective=objective_identity(config),
-                     seed=config.runtime.seed, batch_size=config.data.batch_size,
-                     accum_freq=config.training.accum_freq, train_data=config.data.train_data)
+    return RunRecord(
+        name=str(config.logging.name),
+        epochs=config.training.epochs,
+        model=config.model.model,
+        model_options=recorded(config.model),
+        objective=objective_identity(config),
+        seed=config.runtime.seed,
+        batch_size=config.data.batch_size,
+        accum_freq=config.training.accum_freq,
+        train_data=config.data.train_data,
+    )
 
 
 def train(config: TrainConfig, notices: Sequence[str] = ()) -> int:  # noqa: PLR0915 - the loop, on one screen
@@ -93,29 +105,42 @@ def train(config: TrainConfig, notices: Sequence[str] = ()) -> int:  # noqa: PLR
     bundle = create_model(config.model, precision=config.runtime.precision, seed=seed, **model_overrides(config))
     torch.manual_seed(seed + rank)  # create_model seeded the RNGs with `seed` first, as open_clip_train does
     # uint8 crops from the workers, normalised on the device (or decoded there): acc_clip/data/pixels.py
-    image_transform = train_transform(bundle.preprocess_train, decode_on_device=config.data.decode_on_device,
-                                      device=accelerator.device)
+    image_transform = train_transform(
+        bundle.preprocess_train, decode_on_device=config.data.decode_on_device, device=accelerator.device
+    )
     pin_memory = plan.pin_memory if config.data.pin_memory is None else config.data.pin_memory
-    data = build_train_data(config, image_transform, bundle.tokenizer, seed=seed, rank=rank, world_size=world_size,
-                            pin_memory=pin_memory)
+    data = build_train_data(
+        config, image_transform, bundle.tokenizer, seed=seed, rank=rank, world_size=world_size, pin_memory=pin_memory
+    )
     if data.batches_per_epoch < accum_freq:
-        raise UsageError(f"{data.batches_per_epoch} micro-batches per epoch cannot make one step of "
-                         f"--accum-freq {accum_freq}")
+        raise UsageError(
+            f"{data.batches_per_epoch} micro-batches per epoch cannot make one step of --accum-freq {accum_freq}"
+        )
     steps_per_epoch = data.batches_per_epoch // accum_freq
     model, optimizer, channels_last = prepare_model(config, bundle.model, accelerator, plan)
-    schedule = create_lr_schedule(optimizer, config.optimizer, epochs=config.training.epochs,
-                                  steps_per_epoch=steps_per_epoch)
+    schedule = create_lr_schedule(
+        optimizer, config.optimizer, epochs=config.training.epochs, steps_per_epoch=steps_per_epoch
+    )
     objective = create_objective(config, rank, world_size, accelerator.device, accelerator.autocast)
     global_batch = config.data.batch_size * accum_freq * world_size
-    metrics = MetricsLogger(run_dir if accelerator.is_main_process else None, config.logging.log_every_n_steps,
-                            steps_per_epoch, global_batch, data.num_samples, world_size,
-                            accelerator=accelerator, show_progress=sys.stderr.isatty())
+    metrics = MetricsLogger(
+        run_dir if accelerator.is_main_process else None,
+        config.logging.log_every_n_steps,
+        steps_per_epoch,
+        global_batch,
+        data.num_samples,
+        world_size,
+        accelerator=accelerator,
+        show_progress=sys.stderr.isatty(),
+    )
     saver = CheckpointManager(run_dir, config.checkpoint, run_record(config), accelerator)
     progress = saver.resume(model, optimizer, steps_per_epoch)
     if progress.step_in_epoch > steps_per_epoch:
-        raise UsageError(f"the checkpoint stopped after step {progress.step_in_epoch} of epoch {progress.epoch}, "
-                         f"but this run has {steps_per_epoch} steps per epoch: resume with the data, batch size "
-                         "and number of processes it was saved with")
+        raise UsageError(
+            f"the checkpoint stopped after step {progress.step_in_epoch} of epoch {progress.epoch}, "
+            f"but this run has {steps_per_epoch} steps per epoch: resume with the data, batch size "
+            "and number of processes it was saved with"
+        )
     evaluator = Evaluator(config, bundle.preprocess_val, bundle.tokenizer, accelerator, objective)
     if evaluator.enabled and progress.global_step == 0:
         report_evaluation(evaluate(evaluator, model, 0, force=True), metrics, epoch=0, step=0, when="before training")
@@ -133,27 +158,45 @@ def train(config: TrainConfig, notices: Sequence[str] = ()) -> int:  # noqa: PLR
         for step_in_epoch in range(progress.step_in_epoch, steps_per_epoch):
             if progress.global_step >= max_steps:
                 break
-            micro_batches = [decode_encoded_batch(next(batches), image_transform, accelerator.device)
-                             for _ in range(accum_freq)]
+            micro_batches = [
+                decode_encoded_batch(next(batches), image_transform, accelerator.device) for _ in range(accum_freq)
+            ]
             samples_read += sum(len(b.indices) + b.num_bad for b in micro_batches)
             samples_bad += sum(b.num_bad for b in micro_batches)
             if (error := check_bad_fraction(samples_bad, samples_read, config.data.max_bad_fraction)) is not None:
                 raise DataError(error)
             micro_batches, trimmed = agree_batch_sizes(micro_batches, host_group)
             samples_trimmed += trimmed
-            log.debug("step %d: micro-batches of %s samples, %d cut", progress.global_step,
-                      [len(b.indices) for b in micro_batches], trimmed)
-            device_batches = [to_device(b, image_transform, accelerator.device, channels_last, plan.input_dtype)
-                              for b in micro_batches]
+            log.debug(
+                "step %d: micro-batches of %s samples, %d cut",
+                progress.global_step,
+                [len(b.indices) for b in micro_batches],
+                trimmed,
+            )
+            device_batches = [
+                to_device(b, image_transform, accelerator.device, channels_last, plan.input_dtype)
+                for b in micro_batches
+            ]
             data_time = time.perf_counter() - start
             lr = schedule(progress.global_step)
-            losses = train_step(model, device_batches, objective, accelerator, optimizer,
-                                config.optimizer.grad_clip_norm)
+            losses = train_step(
+                model, device_batches, objective, accelerator, optimizer, config.optimizer.grad_clip_norm
+            )
             progress.advance(step_in_epoch + 1, global_batch)
             end = time.perf_counter()
-            metrics.record(StepRecord(progress.global_step - 1, epoch, step_in_epoch + 1, losses,
-                                      parallel.logit_scale(model), lr, data_time,
-                                      end - start, progress.samples_seen))
+            metrics.record(
+                StepRecord(
+                    progress.global_step - 1,
+                    epoch,
+                    step_in_epoch + 1,
+                    losses,
+                    parallel.logit_scale(model),
+                    lr,
+                    data_time,
+                    end - start,
+                    progress.samples_seen,
+                )
+            )
             start = end
             if sample_log is not None:
                 sample_log.record(progress.global_step - 1, epoch, micro_batches)
@@ -162,23 +205,33 @@ def train(config: TrainConfig, notices: Sequence[str] = ()) -> int:  # noqa: PLR
                 metrics.flush()
                 saver.save(model, optimizer, progress)
             if stopping:
-                log.warning("stopping on %s after step %d; resume with --resume latest", stop.signal_name,
-                            progress.global_step)
+                log.warning(
+                    "stopping on %s after step %d; resume with --resume latest", stop.signal_name, progress.global_step
+                )
                 return PREEMPTED_EXIT_CODE
         metrics.end_epoch()
         if progress.step_in_epoch == steps_per_epoch:
             progress.finish_epoch(epoch)
-            log.info("epoch %d done: %d steps, %d samples skipped so far as missing or corrupt, %d cut on this "
-                     "process to keep the processes' batches equal", epoch, progress.global_step, samples_bad,
-                     samples_trimmed)
+            log.info(
+                "epoch %d done: %d steps, %d samples skipped so far as missing or corrupt, %d cut on this "
+                "process to keep the processes' batches equal",
+                epoch,
+                progress.global_step,
+                samples_bad,
+                samples_trimmed,
+            )
             saver.end_of_epoch(model, optimizer, progress)
-            report_evaluation(evaluate(evaluator, model, epoch + 1, last=epoch + 1 == config.training.epochs),
-                              metrics, epoch=epoch + 1, step=progress.global_step, when=f"after epoch {epoch}")
+            report_evaluation(
+                evaluate(evaluator, model, epoch + 1, last=epoch + 1 == config.training.epochs),
+                metrics,
+                epoch=epoch + 1,
+                step=progress.global_step,
+                when=f"after epoch {epoch}",
+            )
         if progress.global_step >= max_steps:
             break
     peak = peak_memory_bytes(plan)
-    log.info("training done: %d steps%s", progress.global_step,
-             f", peak memory {peak / 2**30:.2f} GiB" if peak else "")
+    log.info("training done: %d steps%s", progress.global_step, f", peak memory {peak / 2**30:.2f} GiB" if peak else "")
     accelerator.end_training()
     return 0
 

@@ -13,7 +13,7 @@ import math
 import os
 import sys
 from dataclasses import dataclass, field
-from typing import Any, ClassVar, Optional
+from typing import Any, ClassVar
 
 import torch
 
@@ -31,17 +31,27 @@ class LoggingOptions(Section):
 
     title: ClassVar[str] = "logging"
     logs: str = option("./logs/", "folder holding one sub-folder per run", train_only=True)
-    name: Optional[str] = option(None, "run name, a folder under --logs (default: date, model, lr, batch size, "
-                                       "workers, precision)", domain=PLAIN_NAME, train_only=True)
+    name: str | None = option(
+        None,
+        "run name, a folder under --logs (default: date, model, lr, batch size, workers, precision)",
+        domain=PLAIN_NAME,
+        train_only=True,
+    )
     log_every_n_steps: int = option(100, "log a line every N optimizer steps", domain=POSITIVE, train_only=True)
-    log_local: bool = option(False, "every process writes its own log, out-RANK.log (default: the main process, "
-                                    "out.log)", train_only=True)
-    log_samples: bool = option(False, "record which samples every optimizer step trained on, in "
-                                      "<run>/samples.jsonl (step, epoch, rank, sample ids): for debugging a loss "
-                                      "spike, or checking what a resumed run saw", train_only=True)
+    log_local: bool = option(
+        False, "every process writes its own log, out-RANK.log (default: the main process, out.log)", train_only=True
+    )
+    log_samples: bool = option(
+        False,
+        "record which samples every optimizer step trained on, in "
+        "<run>/samples.jsonl (step, epoch, rank, sample ids): for debugging a loss "
+        "spike, or checking what a resumed run saw",
+        train_only=True,
+    )
     debug: bool = option(False, "debug-level logging", train_only=True)
-    copy_codebase: bool = option(False, "copy the acc_clip package into the run folder (code/), to rerun it as it "
-                                        "was", train_only=True)
+    copy_codebase: bool = option(
+        False, "copy the acc_clip package into the run folder (code/), to rerun it as it was", train_only=True
+    )
     report_to: str = option("", "trackers: tensorboard, wandb, all, or empty", train_only=True)
     wandb_notes: str = option("", "wandb run notes", train_only=True)
     wandb_project_name: str = option("open-clip", "wandb project", train_only=True)
@@ -62,8 +72,9 @@ def trackers(report_to: str) -> list[str]:
         names = (names - {"all"}) | set(TRACKERS)
     unknown = names - set(TRACKERS)
     if unknown:
-        raise UsageError(f"--report-to {report_to!r}: unknown tracker {sorted(unknown)[0]!r}; "
-                         "expected tensorboard, wandb or all")
+        raise UsageError(
+            f"--report-to {report_to!r}: unknown tracker {sorted(unknown)[0]!r}; expected tensorboard, wandb or all"
+        )
     return sorted(names)
 
 
@@ -71,8 +82,13 @@ def wandb_init_kwargs(options: LoggingOptions, run_dir: str) -> dict:
     """wandb.init's arguments: one wandb run per run folder, continued by every resume of it, as
     open_clip_train's `wandb.init(id=..., resume='auto')`. "allow" resumes the run when wandb knows the id
     and starts it under that id when not (the first start, or a run wandb never received)."""
-    return {"name": options.name, "notes": options.wandb_notes, "dir": run_dir, "id": wandb_run_id(run_dir),
-            "resume": "allow"}
+    return {
+        "name": options.name,
+        "notes": options.wandb_notes,
+        "dir": run_dir,
+        "id": wandb_run_id(run_dir),
+        "resume": "allow",
+    }
 
 
 def start_trackers(accelerator, options: LoggingOptions, run_dir: str, hyperparameters: dict) -> None:
@@ -83,11 +99,14 @@ def start_trackers(accelerator, options: LoggingOptions, run_dir: str, hyperpara
     accelerator.project_configuration.logging_dir = os.path.join(run_dir, TENSORBOARD_DIR)
     # Accelerate starts trackers on the main process only: the wandb id file is read or made there alone.
     wandb = "wandb" in trackers(options.report_to) and accelerator.is_main_process
-    accelerator.init_trackers(options.wandb_project_name, config=hyperparameters,
-                              init_kwargs={"wandb": wandb_init_kwargs(options, run_dir)} if wandb else {})
+    accelerator.init_trackers(
+        options.wandb_project_name,
+        config=hyperparameters,
+        init_kwargs={"wandb": wandb_init_kwargs(options, run_dir)} if wandb else {},
+    )
 
 
-def setup_logging(log_file: Optional[str], is_main: bool, debug: bool = False) -> None:
+def setup_logging(log_file: str | None, is_main: bool, debug: bool = False) -> None:
     handlers: list[logging.Handler] = [logging.StreamHandler(sys.stdout)]
     if log_file:
         handlers.append(logging.FileHandler(log_file))
@@ -114,7 +133,7 @@ class StepRecord:
 
 @dataclass
 class MetricsLogger:
-    run_dir: Optional[str]  # None on non-main processes: they record nothing
+    run_dir: str | None  # None on non-main processes: they record nothing
     log_every_n_steps: int
     steps_per_epoch: int
     global_batch_size: int  # samples per optimizer step, all processes and micro-batches
@@ -132,8 +151,14 @@ class MetricsLogger:
         if self.show_progress and self.run_dir is not None:
             from tqdm import tqdm
 
-            self._progress = tqdm(total=self.steps_per_epoch, initial=first_step, desc=f"epoch {epoch}",
-                                  unit="step", dynamic_ncols=True, leave=False)
+            self._progress = tqdm(
+                total=self.steps_per_epoch,
+                initial=first_step,
+                desc=f"epoch {epoch}",
+                unit="step",
+                dynamic_ncols=True,
+                leave=False,
+            )
 
     def record(self, record: StepRecord) -> None:
         if self.run_dir is None:
@@ -150,20 +175,35 @@ class MetricsLogger:
             return
         names = list(self._pending[0].losses)
         # One device-to-host copy for every pending value.
-        values = torch.stack([torch.stack([r.losses[n].float() for n in names] + [r.logit_scale.float()])
-                              for r in self._pending]).cpu().tolist()
+        values = (
+            torch.stack(
+                [torch.stack([r.losses[n].float() for n in names] + [r.logit_scale.float()]) for r in self._pending]
+            )
+            .cpu()
+            .tolist()
+        )
         rows = []
         for record, (loss, *parts, scale) in zip(self._pending, values):
             if not math.isfinite(loss):
                 self._pending.clear()
-                raise DivergedError(f"the loss is {loss} at step {record.step} (epoch {record.epoch}): stopping; "
-                                   "the last checkpoint saved before it is kept (resume with --resume latest, "
-                                   "perhaps with a lower --lr or --grad-clip-norm)")
-            rows.append({
-                "step": record.step, "epoch": record.epoch, "loss": loss, "lr": record.lr, "logit_scale": scale,
-                "samples_per_second": self.global_batch_size / max(record.batch_time, 1e-9),
-                "data_time": record.data_time, "batch_time": record.batch_time, "samples_seen": record.samples_seen,
-            })
+                raise DivergedError(
+                    f"the loss is {loss} at step {record.step} (epoch {record.epoch}): stopping; "
+                    "the last checkpoint saved before it is kept (resume with --resume latest, "
+                    "perhaps with a lower --lr or --grad-clip-norm)"
+                )
+            rows.append(
+                {
+                    "step": record.step,
+                    "epoch": record.epoch,
+                    "loss": loss,
+                    "lr": record.lr,
+                    "logit_scale": scale,
+                    "samples_per_second": self.global_batch_size / max(record.batch_time, 1e-9),
+                    "data_time": record.data_time,
+                    "batch_time": record.batch_time,
+                    "samples_seen": record.samples_seen,
+                }
+            )
             if len(parts) > 1:  # an objective of several parts logs each beside the total
                 rows[-1].update(zip(names[1:], parts))
             self._loss_sum += loss
@@ -175,8 +215,9 @@ class MetricsLogger:
         self._log_line(last, record.step_in_epoch)
         if self.accelerator is not None and self.accelerator.trackers:
             for row in rows:
-                self.accelerator.log({f"train/{k}": v for k, v in row.items() if k not in ("step", "epoch")},
-                                     step=row["step"])
+                self.accelerator.log(
+                    {f"train/{k}": v for k, v in row.items() if k not in ("step", "epoch")}, step=row["step"]
+                )
 
     def _log_line(self, row: dict, step_in_epoch: int) -> None:
         digits = math.ceil(math.log10(self.samples_per_epoch + 1))
@@ -208,6 +249,11 @@ class MetricsLogger:
         with open(os.path.join(self.run_dir, RESULTS_FILE), "a") as file:
             file.write(json.dumps(record) + "\n")
         if self.accelerator is not None and self.accelerator.trackers:
-            self.accelerator.log({f"val/{k}": v for k, v in record.items()
-                                  if isinstance(v, (int, float)) and k not in ("epoch", "step")},
-                                 step=record.get("step"))
+            self.accelerator.log(
+                {
+                    f"val/{k}": v
+                    for k, v in record.items()
+                    if isinstance(v, (int, float)) and k not in ("epoch", "step")
+                },
+                step=record.get("step"),
+            )

@@ -31,8 +31,12 @@ class Run:
 
 def copy_codebase(run_dir: str) -> None:
     """--copy-codebase: the acc_clip package as it ran, in <run>/code/acc_clip (open_clip_train copies its own)."""
-    shutil.copytree(os.path.dirname(acc_clip.__file__), os.path.join(run_dir, "code", "acc_clip"),
-                    ignore=shutil.ignore_patterns("__pycache__"), dirs_exist_ok=True)
+    shutil.copytree(
+        os.path.dirname(acc_clip.__file__),
+        os.path.join(run_dir, "code", "acc_clip"),
+        ignore=shutil.ignore_patterns("__pycache__"),
+        dirs_exist_ok=True,
+    )
 
 
 def limit_cpu_threads(plan: DevicePlan, workers: int, world_size: int) -> None:
@@ -43,16 +47,27 @@ def limit_cpu_threads(plan: DevicePlan, workers: int, world_size: int) -> None:
         return
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
     torch.set_num_threads(max(1, cores // world_size - workers))
-    log.info("CPU: %d compute thread(s) per process (%d cores, %d process(es), %d loader workers each; "
-             "OMP_NUM_THREADS overrides)", torch.get_num_threads(), cores, world_size, workers)
+    log.info(
+        "CPU: %d compute thread(s) per process (%d cores, %d process(es), %d loader workers each; "
+        "OMP_NUM_THREADS overrides)",
+        torch.get_num_threads(),
+        cores,
+        world_size,
+        workers,
+    )
 
 
 def name_run(config: TrainConfig, accelerator) -> str:
     """--name, or open_clip_train's default name from the start time (the main process's, on every process)."""
     if config.logging.name is None:
         config.logging.name = default_run_name(
-            agreed_stamp(accelerator), model=config.model.model, lr=config.optimizer.lr,
-            batch_size=config.data.batch_size, workers=config.data.workers, precision=config.runtime.precision)
+            agreed_stamp(accelerator),
+            model=config.model.model,
+            lr=config.optimizer.lr,
+            batch_size=config.data.batch_size,
+            workers=config.data.workers,
+            precision=config.runtime.precision,
+        )
     return config.logging.name
 
 
@@ -62,18 +77,34 @@ def start_run(config: TrainConfig, notices: list[str]) -> Run:
     plan = plan_device(runtime.device, runtime.precision, backend=runtime.dist_backend)
     check_bn_sync(plan, runtime.use_bn_sync)
     # project_dir is refined to the run folder once the run is named (start_trackers).
-    accelerator = make_accelerator(plan, cudnn_benchmark=runtime.cudnn_benchmark, static_graph=runtime.ddp_static_graph,
-                                   log_with=trackers(logging_options.report_to) or None, project_dir=logging_options.logs)
+    accelerator = make_accelerator(
+        plan,
+        cudnn_benchmark=runtime.cudnn_benchmark,
+        static_graph=runtime.ddp_static_graph,
+        log_with=trackers(logging_options.report_to) or None,
+        project_dir=logging_options.logs,
+    )
     name = name_run(config, accelerator)
-    run_dir = run_folder(logging_options.logs, name, resuming=config.checkpoint.resume is not None,
-                         accelerator=accelerator)
+    run_dir = run_folder(
+        logging_options.logs, name, resuming=config.checkpoint.resume is not None, accelerator=accelerator
+    )
     # --log-local: every process keeps its own log (open_clip_train's out-RANK.log); else the main process, out.log.
     rank = accelerator.process_index
-    log_file = (os.path.join(run_dir, f"out-{rank}.log") if logging_options.log_local else
-                os.path.join(run_dir, LOG_FILE) if accelerator.is_main_process else None)
+    log_file = (
+        os.path.join(run_dir, f"out-{rank}.log")
+        if logging_options.log_local
+        else os.path.join(run_dir, LOG_FILE)
+        if accelerator.is_main_process
+        else None
+    )
     setup_logging(log_file, accelerator.is_main_process or logging_options.log_local, debug=logging_options.debug)
-    log.info("acc_clip run %s: %s, %d process(es), precision %s", name, plan.describe(),
-             accelerator.num_processes, runtime.precision)
+    log.info(
+        "acc_clip run %s: %s, %d process(es), precision %s",
+        name,
+        plan.describe(),
+        accelerator.num_processes,
+        runtime.precision,
+    )
     if slurm is not None:
         log.info("%s", slurm.describe())
     limit_cpu_threads(plan, config.data.workers, accelerator.num_processes)

@@ -20,7 +20,6 @@ agreed over a CPU process group so the device is not synchronised.
 from __future__ import annotations
 
 from contextlib import nullcontext
-from typing import Optional
 
 import torch
 
@@ -43,7 +42,7 @@ def assemble(cached: list[dict], j: int, fresh: dict, last: bool) -> dict:
         if key in PER_MODEL_OUTPUTS:
             outputs[key] = value if last else value.detach()
         else:
-            outputs[key] = torch.cat([c[key] for c in cached[:j]] + [value] + [c[key] for c in cached[j + 1:]])
+            outputs[key] = torch.cat([c[key] for c in cached[:j]] + [value] + [c[key] for c in cached[j + 1 :]])
     return outputs
 
 
@@ -59,8 +58,14 @@ def _accumulate(model, micro_batches: list[MicroBatch], objective: Objective, ac
     return losses
 
 
-def train_step(model, micro_batches: list[MicroBatch], objective: Objective, accelerator, optimizer,
-               grad_clip_norm: Optional[float] = None) -> dict[str, torch.Tensor]:
+def train_step(
+    model,
+    micro_batches: list[MicroBatch],
+    objective: Objective,
+    accelerator,
+    optimizer,
+    grad_clip_norm: float | None = None,
+) -> dict[str, torch.Tensor]:
     """Runs forward, backward and the optimizer update; returns the step's named losses and their
     total under "loss" (detached, on the device). Where each process's loss covers only its own
     rows (`objective.mean_over_processes`), they are averaged over the processes, which gives the
@@ -100,6 +105,8 @@ def agree_batch_sizes(micro_batches: list[Batch], group) -> tuple[list[Batch], i
     kept = [_trim(batch, size) for batch, size in zip(micro_batches, sizes.tolist()) if size > 0]
     if not kept:
         read = sum(len(batch.indices) + batch.num_bad for batch in micro_batches)
-        raise DataError(f"no usable sample in this optimizer step on some process ({read} read here): "
-                           "every sample of a micro-batch was missing or corrupt; see the warnings above")
+        raise DataError(
+            f"no usable sample in this optimizer step on some process ({read} read here): "
+            "every sample of a micro-batch was missing or corrupt; see the warnings above"
+        )
     return kept, held - int(sizes.sum())

@@ -17,10 +17,36 @@ from helpers import REPO, TINY_RN
 
 def test_csv_and_shards_end_to_end(tmp_path, capsys):
     results = tmp_path / "bench.json"
-    argv = ["--mode", "csv,shards", "--model", TINY_RN, "--batch-size", "8", "--workers", "0", "--steps", "4",
-            "--skip", "1", "--runs", "2", "--time-budget", "1", "--images", "40", "--size", "160x120",
-            "--samples-per-shard", "16", "--data-dir", str(tmp_path / "data"), "--out", str(tmp_path / "runs"),
-            "--json", str(results)]
+    argv = [
+        "--mode",
+        "csv,shards",
+        "--model",
+        TINY_RN,
+        "--batch-size",
+        "8",
+        "--workers",
+        "0",
+        "--steps",
+        "4",
+        "--skip",
+        "1",
+        "--runs",
+        "2",
+        "--time-budget",
+        "1",
+        "--images",
+        "40",
+        "--size",
+        "160x120",
+        "--samples-per-shard",
+        "16",
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--out",
+        str(tmp_path / "runs"),
+        "--json",
+        str(results),
+    ]
     assert bench_train.main(argv) == 0
     printed = capsys.readouterr().out
     report = json.loads(results.read_text())
@@ -46,15 +72,23 @@ def test_csv_and_shards_end_to_end(tmp_path, capsys):
     from acc_clip.prep.shards.convert import DEFAULT_QUALITY
 
     assert list((tmp_path / "data").glob(f"coco_40_160x120/shards_r256_q{DEFAULT_QUALITY}_n16/*.tar"))
-    for name in ("ratio acc_clip/csv / open_clip/csv:", "ratio acc_clip/shards / open_clip/csv:", "load average",
-                 "samples/s median [min-max]", "data ms", "compute ms", "peak RSS MiB"):
+    for name in (
+        "ratio acc_clip/csv / open_clip/csv:",
+        "ratio acc_clip/shards / open_clip/csv:",
+        "load average",
+        "samples/s median [min-max]",
+        "data ms",
+        "compute ms",
+        "peak RSS MiB",
+    ):
         assert name in printed
 
 
 def test_too_little_data_names_the_flag_to_raise(tmp_path):
     with pytest.raises(AccClipError, match="raise --images to at least 7"):
-        bench_train.prepare_data(tmp_path, images=2, size=(32, 32), steps=4, batch_size=8, need_csv=True,
-                                 resize=None, samples_per_shard=16)
+        bench_train.prepare_data(
+            tmp_path, images=2, size=(32, 32), steps=4, batch_size=8, need_csv=True, resize=None, samples_per_shard=16
+        )
 
 
 def test_step_times_from_both_logs(tmp_path):
@@ -64,14 +98,19 @@ def test_step_times_from_both_logs(tmp_path):
         "32.0740/s, 32.0740/s/gpu LR: 0.000050 Logit Scale: 14.286 Loss: 4.0077 (4.0077)\n"
         "2026-11-26,18:46:15 | INFO | Start epoch 0\n"
         "2026-11-26,18:46:16 | INFO | Train Epoch: 0 [ 64/1280 (5%)] Data (t): 0.009 Batch (t): 0.319, "
-        "100.229/s, 100.229/s/gpu LR: 0.000100 Logit Scale: 14.285 Loss: 3.8675 (3.9376)\n")
+        "100.229/s, 100.229/s/gpu LR: 0.000100 Logit Scale: 14.285 Loss: 3.8675 (3.9376)\n"
+    )
     steps = bench_train.open_clip_steps(out_log, batch_size=32)
     assert [s.data_time for s in steps] == [0.251, 0.009]
     assert steps[1].batch_time == pytest.approx(32 / 100.229)  # from samples/s, finer than Batch (t)
 
     metrics = tmp_path / "metrics.jsonl"
-    metrics.write_text("".join(json.dumps({"step": i, "data_time": d, "batch_time": b}) + "\n"
-                               for i, (d, b) in enumerate([(0.5, 2.0), (0.1, 1.0), (0.3, 3.0)])))
+    metrics.write_text(
+        "".join(
+            json.dumps({"step": i, "data_time": d, "batch_time": b}) + "\n"
+            for i, (d, b) in enumerate([(0.5, 2.0), (0.1, 1.0), (0.3, 3.0)])
+        )
+    )
     steps = bench_train.acc_clip_steps(metrics)
     # Samples over time of the steady steps, not a mean of per-step rates: 2 x 8 / (1 + 3) = 4.
     assert bench_train.steady_samples_per_second(steps, batch_size=8, skip=1) == pytest.approx(4.0)
@@ -82,8 +121,15 @@ def test_step_times_from_both_logs(tmp_path):
 def test_contenders_share_the_baseline_and_variants_reach_only_acc_clip(tmp_path):
     contenders = bench_train.contenders_for(["csv", "shards", "model"], [("cl", ("--channels-last",))])
     assert [c.name for c in contenders] == [
-        "open_clip/csv", "acc_clip/csv", "acc_clip/csv+cl", "acc_clip/shards", "acc_clip/shards+cl",
-        "open_clip/synthetic", "acc_clip/synthetic", "acc_clip/synthetic+cl"]
+        "open_clip/csv",
+        "acc_clip/csv",
+        "acc_clip/csv+cl",
+        "acc_clip/shards",
+        "acc_clip/shards+cl",
+        "open_clip/synthetic",
+        "acc_clip/synthetic",
+        "acc_clip/synthetic+cl",
+    ]
     args = Namespace(model=TINY_RN, batch_size=8, workers=1, precision="fp32", device=None, steps=5)
     data = bench_train.BenchData(tmp_path / "run.csv", tmp_path / "shards", 40)
     open_clip = bench_train.command_for(contenders[5], args, data, tmp_path, "a")
@@ -107,9 +153,14 @@ def _run(contender: str, round_: int, speed: float) -> bench_train.RunResult:
 
 def test_summary_pairs_ratios_by_round():
     contenders = bench_train.contenders_for(["csv"], [])
-    results = [_run("open_clip/csv", 0, 100.0), _run("acc_clip/csv", 0, 150.0),
-               _run("open_clip/csv", 1, 50.0), _run("acc_clip/csv", 1, 100.0),
-               _run("open_clip/csv", 2, 80.0), _run("acc_clip/csv", 2, 60.0)]
+    results = [
+        _run("open_clip/csv", 0, 100.0),
+        _run("acc_clip/csv", 0, 150.0),
+        _run("open_clip/csv", 1, 50.0),
+        _run("acc_clip/csv", 1, 100.0),
+        _run("open_clip/csv", 2, 80.0),
+        _run("acc_clip/csv", 2, 60.0),
+    ]
     summary = bench_train.summarise(results, contenders)
     assert summary["contenders"]["acc_clip/csv"]["samples_per_second"] == {"median": 100.0, "min": 60.0, "max": 150.0}
     ratio = summary["ratios"]["acc_clip/csv / open_clip/csv"]
@@ -119,7 +170,9 @@ def test_summary_pairs_ratios_by_round():
 
 def test_variant_syntax():
     assert bench_train.parse_variant("both=--channels-last --torchcompile") == (
-        "both", ("--channels-last", "--torchcompile"))
+        "both",
+        ("--channels-last", "--torchcompile"),
+    )
     with pytest.raises(Exception, match="NAME=FLAGS"):
         bench_train.parse_variant("--channels-last")
 
@@ -127,8 +180,9 @@ def test_variant_syntax():
 def test_gpu_script_is_valid_bash():
     import subprocess
 
-    result = subprocess.run(["bash", "-n", str(REPO / "benchmarks" / "gpu_seed_config.sh")], capture_output=True,
-                            text=True, timeout=30)
+    result = subprocess.run(
+        ["bash", "-n", str(REPO / "benchmarks" / "gpu_seed_config.sh")], capture_output=True, text=True, timeout=30
+    )
     assert result.returncode == 0, result.stderr
 
 
@@ -197,14 +251,22 @@ def test_gpu_script_dry_run_end_to_end(tmp_path):
 
     out = tmp_path / "out"
     out.mkdir()
-    result = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_seed_config.sh"), "--dry-run"],
-                            capture_output=True, text=True, timeout=240,
-                            env={**os.environ, "PYTHON": sys.executable, "TMPDIR": str(tmp_path), "OUT": str(out)})
+    result = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "gpu_seed_config.sh"), "--dry-run"],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        env={**os.environ, "PYTHON": sys.executable, "TMPDIR": str(tmp_path), "OUT": str(out)},
+    )
     assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
     report = json.loads((out / "bench_train_seed.json").read_text())
     assert list(report["summary"]["contenders"]) == [
-        "open_clip/csv", "acc_clip/csv", "acc_clip/csv+decode_on_device", "acc_clip/shards",
-        "acc_clip/shards+decode_on_device"]
+        "open_clip/csv",
+        "acc_clip/csv",
+        "acc_clip/csv+decode_on_device",
+        "acc_clip/shards",
+        "acc_clip/shards+decode_on_device",
+    ]
     assert report["rounds_done"] == 1 and all(run["steps"] == 6 for run in report["runs"])
     assert (out / "bench_train_seed_tails.txt").read_text().count("== ") == 5
     assert "results JSON:" in result.stdout and "total " in result.stdout
@@ -230,10 +292,19 @@ def _gpu_script_arguments(tmp_path, *flags: str) -> tuple[int, list[str] | None,
     stub.write_text(STUB_PYTHON)
     stub.chmod(0o755)
     recorded = tmp_path / "argv.json"
-    result = subprocess.run(["bash", str(REPO / "benchmarks" / "gpu_seed_config.sh"), *flags],
-                            capture_output=True, text=True, timeout=60,
-                            env={**os.environ, "PYTHON": str(stub), "REAL_PYTHON": sys.executable,
-                                 "STUB_ARGV": str(recorded), "TMPDIR": str(tmp_path)})
+    result = subprocess.run(
+        ["bash", str(REPO / "benchmarks" / "gpu_seed_config.sh"), *flags],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={
+            **os.environ,
+            "PYTHON": str(stub),
+            "REAL_PYTHON": sys.executable,
+            "STUB_ARGV": str(recorded),
+            "TMPDIR": str(tmp_path),
+        },
+    )
     argv = json.loads(recorded.read_text()) if recorded.exists() else None
     return result.returncode, argv, result.stderr
 
@@ -253,9 +324,11 @@ def test_gpu_script_composes_what_the_benchmark_and_acc_clip_accept(tmp_path, mo
     modes = args.mode.split(",")
     assert set(modes) <= set(bench_train.MODE_SOURCES)
     contenders = bench_train.contenders_for(modes, args.variant)
-    expected = {"": {"decode_on_device"}, "--fast-paths": {"no_channels_last", "compile", "grad_checkpointing",
-                                                           "no_cudnn_benchmark"},
-                "--input-paths": {"no_pin_memory", "decode_on_device"}}[mode]
+    expected = {
+        "": {"decode_on_device"},
+        "--fast-paths": {"no_channels_last", "compile", "grad_checkpointing", "no_cudnn_benchmark"},
+        "--input-paths": {"no_pin_memory", "decode_on_device"},
+    }[mode]
     assert {name for name, _ in args.variant} == expected
     assert sum(c.trainer == "acc_clip" and bool(c.extra) for c in contenders) == len(expected) * len(modes)
     for _, flags in args.variant:

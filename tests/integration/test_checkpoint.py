@@ -44,8 +44,19 @@ def trained(small_csv, tmp_path_factory) -> dict:
     """Run R: 2 epochs, epoch_N.pt every epoch, copied to a file:// remote every second."""
     root = tmp_path_factory.mktemp("trained")
     remote = f"file://{root / 'remote'}"
-    args = tiny_train_args(small_csv, root / "logs", "R", "--save-frequency", "1", "--remote-sync", remote,
-                           "--remote-sync-protocol", "fsspec", "--remote-sync-frequency", "1")
+    args = tiny_train_args(
+        small_csv,
+        root / "logs",
+        "R",
+        "--save-frequency",
+        "1",
+        "--remote-sync",
+        remote,
+        "--remote-sync-protocol",
+        "fsspec",
+        "--remote-sync-frequency",
+        "1",
+    )
     run_trainer(args)
     return {"run": root / "logs" / "R", "remote": remote, "remote_run": root / "remote" / "R", "csv": small_csv}
 
@@ -55,6 +66,7 @@ def step_folder(run: Path, global_step: int) -> Path:
 
 
 # the open_clip export -----------------------------------------------------------------------------
+
 
 def open_clip_features(model_name: str, pretrained: str) -> tuple[torch.Tensor, torch.Tensor]:
     import open_clip
@@ -83,8 +95,9 @@ def tiny_rn_registered(tmp_path_factory) -> str:
     return path.stem
 
 
-def test_exported_epoch_and_step_checkpoints_load_in_open_clip_with_the_trained_features(trained, tiny_rn_registered,
-                                                                                          tmp_path):
+def test_exported_epoch_and_step_checkpoints_load_in_open_clip_with_the_trained_features(
+    trained, tiny_rn_registered, tmp_path
+):
     import open_clip
     from safetensors.torch import load_file
 
@@ -131,7 +144,7 @@ def test_local_dir_export_loads_in_open_clip_with_the_trained_features(trained, 
     out = tmp_path / "hub"
     assert export.main([str(step), "--format", "local-dir", "--out", str(out)]) == 0
     assert sorted(p.name for p in out.iterdir()) == ["open_clip_config.json", "open_clip_model.safetensors"]
-    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{out}")
+    model, _, _preprocess = open_clip.create_model_and_transforms(f"local-dir:{out}")
     got_image, got_text = features(model, open_clip.get_tokenizer(f"local-dir:{out}"))
     assert torch.allclose(got_image, want_image, rtol=0, atol=1e-5)
     assert torch.allclose(got_text, want_text, rtol=0, atol=1e-5)
@@ -187,34 +200,51 @@ def test_an_open_clip_epoch_file_is_a_starting_point(trained, tmp_path):
 
 # the remote copy ----------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("processes", [1, 2])
 def test_a_second_run_with_the_same_name_and_remote_is_refused_in_one_line(trained, tmp_path, processes):
     """With 2 processes the refusal comes on the main process alone and the run still ends with it, within
     the timeout. (On one machine torchrun would also end the other process; the agreement in
     CheckpointManager is what ends it on other machines, which this test cannot show.)"""
-    args = tiny_train_args(trained["csv"], tmp_path, "R", "--remote-sync", trained["remote"],
-                           "--remote-sync-protocol", "fsspec")
+    args = tiny_train_args(
+        trained["csv"], tmp_path, "R", "--remote-sync", trained["remote"], "--remote-sync-protocol", "fsspec"
+    )
     result = run_trainer(args, check=False, launcher=two_processes() if processes == 2 else None, timeout=240)
     said = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
     assert result.returncode != 0 and said, result.stderr[-3000:]
     assert " holds another run's copy (run id " in said[0], result.stderr[-3000:]
     if processes == 1:
-        assert result.returncode == UsageError.exit_status and len(result.stderr.strip().splitlines()) == 1, \
+        assert result.returncode == UsageError.exit_status and len(result.stderr.strip().splitlines()) == 1, (
             result.stderr[-3000:]
+        )
 
 
 def test_the_run_is_copied_to_the_remote_and_resume_latest_fetches_it_back(trained, tmp_path):
     remote_run = trained["remote_run"]
     assert (remote_run / "metrics.jsonl").read_text() == (trained["run"] / "metrics.jsonl").read_text()
     assert (remote_run / "checkpoints" / "epoch_2.pt").is_file()
-    assert [p.name for p in sorted((remote_run / "checkpoints").glob("step_*"))] == \
-        [p.name for p in sorted((trained["run"] / "checkpoints").glob("step_*"))]
+    assert [p.name for p in sorted((remote_run / "checkpoints").glob("step_*"))] == [
+        p.name for p in sorted((trained["run"] / "checkpoints").glob("step_*"))
+    ]
     assert not list(remote_run.rglob(f"{TMP_PREFIX}*"))
 
     # A machine without the local run folder: --resume latest takes the newest checkpoint (and
     # metrics.jsonl) from the remote and trains a third epoch; the exit copies it back.
-    args = tiny_train_args(trained["csv"], tmp_path, "R", "--epochs", "3", "--resume", "latest", "--remote-sync",
-                           trained["remote"], "--remote-sync-protocol", "fsspec", "--remote-sync-frequency", "60")
+    args = tiny_train_args(
+        trained["csv"],
+        tmp_path,
+        "R",
+        "--epochs",
+        "3",
+        "--resume",
+        "latest",
+        "--remote-sync",
+        trained["remote"],
+        "--remote-sync-protocol",
+        "fsspec",
+        "--remote-sync-frequency",
+        "60",
+    )
     result = run_trainer(args)
     assert "fetched step_00000020" in result.stdout
     assert "resumed from" in result.stdout and "global step 20" in result.stdout
@@ -223,6 +253,7 @@ def test_the_run_is_copied_to_the_remote_and_resume_latest_fetches_it_back(train
 
 
 # bad input ---------------------------------------------------------------------------------------
+
 
 def test_resume_of_another_architecture_gives_one_line_and_the_checkpoint_exit_status(trained, tmp_path):
     step10 = step_folder(trained["run"], STEPS_PER_EPOCH)
@@ -239,13 +270,13 @@ def test_resume_rejects_damaged_and_interrupted_folders_and_points_into_run_fold
     shutil.copytree(step_folder(trained["run"], STEPS_PER_EPOCH), damaged)
     with open(damaged / "optimizer.bin", "r+b") as file:
         file.truncate(100)
-    with pytest.raises(AccClipError, match="damaged checkpoint, optimizer.bin has 100 bytes"):
+    with pytest.raises(AccClipError, match=r"damaged checkpoint, optimizer.bin has 100 bytes"):
         read_manifest(str(damaged))
     interrupted = tmp_path / f"{TMP_PREFIX}step_00000012"
     interrupted.mkdir()
     with pytest.raises(AccClipError, match="an interrupted save"):
         read_manifest(str(interrupted))
-    with pytest.raises(AccClipError, match="it holds checkpoints, e.g. .*step_00000020"):
+    with pytest.raises(AccClipError, match=r"it holds checkpoints, e.g. .*step_00000020"):
         read_manifest(str(trained["run"]))
 
 
@@ -258,7 +289,8 @@ def test_a_trainer_that_fills_the_disk_stops_with_one_line_and_resumes_from_the_
         assert result.returncode == ResourceError.exit_status, result.stderr[-3000:]
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and lines[0].startswith(
-            "error: checkpoint step_00000006 could not be saved: no space left on the disk of "), result.stderr[-3000:]
+            "error: checkpoint step_00000006 could not be saved: no space left on the disk of "
+        ), result.stderr[-3000:]
         assert "the partial save was removed, what was saved before is kept" in lines[0]
         checkpoints = disk / "F" / "checkpoints"
         assert sorted(p.name for p in checkpoints.iterdir()) == ["step_00000003"]
@@ -269,8 +301,19 @@ def test_a_trainer_that_fills_the_disk_stops_with_one_line_and_resumes_from_the_
 def test_a_non_finite_loss_stops_the_run_naming_the_step_and_saves_nothing_after_it(small_csv, tmp_path):
     # lr 1e30 makes step 1's loss NaN. Its loss is not logged by itself (log every 10 steps), so
     # it is the flush before the save due after step 2 that must catch it.
-    args = tiny_train_args(small_csv, tmp_path, "N", "--lr", "1e30", "--warmup", "1", "--log-every-n-steps", "10",
-                           "--save-every-n-steps", "1")
+    args = tiny_train_args(
+        small_csv,
+        tmp_path,
+        "N",
+        "--lr",
+        "1e30",
+        "--warmup",
+        "1",
+        "--log-every-n-steps",
+        "10",
+        "--save-every-n-steps",
+        "1",
+    )
     result = run_trainer(args, check=False)
     assert result.returncode == DivergedError.exit_status, result.stderr[-3000:]
     lines = result.stderr.strip().splitlines()

@@ -49,10 +49,18 @@ VENDOR_COMMAND = (  # run_demo.py's default command line
     "title --logs ./logs/ --workers 4 --batch-size 64 --epochs 32 --lr 0.0005 --beta1 0.9 --beta2 0.999 --eps 1e-08 "
     "--wd 0.2 --warmup 10000 --opt adamw --lr-scheduler cosine --lr-cooldown-end 0.0 --lr-cooldown-power 1.0 "
     "--save-frequency 1 --zeroshot-frequency 2 --val-frequency 1 --precision amp --model RN50 --pretrained '' "
-    "--lock-image-unlocked-groups 0 --accum-freq 1 --seed 0 --lock-text-unlocked-layers 0 --log-every-n-steps 100")
-LAUNCH_CONFIGS = {"single_card": ("NO", 1), "multi_gpu": ("MULTI_GPU", 8), "multi_node": ("MULTI_GPU", 16),
-                  "sdaa_single": ("NO", 1), "sdaa_multi": ("MULTI_SDAA", 4), "cpu_2proc": ("MULTI_GPU", 2),
-                  "fsdp": ("FSDP", 8), "cpu_2proc_fsdp": ("FSDP", 2)}
+    "--lock-image-unlocked-groups 0 --accum-freq 1 --seed 0 --lock-text-unlocked-layers 0 --log-every-n-steps 100"
+)
+LAUNCH_CONFIGS = {
+    "single_card": ("NO", 1),
+    "multi_gpu": ("MULTI_GPU", 8),
+    "multi_node": ("MULTI_GPU", 16),
+    "sdaa_single": ("NO", 1),
+    "sdaa_multi": ("MULTI_SDAA", 4),
+    "cpu_2proc": ("MULTI_GPU", 2),
+    "fsdp": ("FSDP", 8),
+    "cpu_2proc_fsdp": ("FSDP", 2),
+}
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")  # two processes on a small shared CPU
 
@@ -60,8 +68,13 @@ pytestmark = pytest.mark.usefixtures("one_cpu_thread")  # two processes on a sma
 @pytest.fixture(scope="module")
 def worker_results(train_csv, tiny_teacher, tmp_path_factory):
     out = tmp_path_factory.mktemp("dist")
-    result = subprocess.run(two_processes() + [str(REPO / "tests" / "dist_worker.py"), str(out), str(train_csv),
-                                               tiny_teacher], timeout=600, cwd=REPO, capture_output=True, text=True)
+    result = subprocess.run(
+        two_processes() + [str(REPO / "tests" / "dist_worker.py"), str(out), str(train_csv), tiny_teacher],
+        timeout=600,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     return out
 
@@ -80,8 +93,10 @@ def references(train_csv, tiny_teacher):
     return results
 
 
-@pytest.mark.parametrize("scenario, optimizer_name",
-                         [(name, optimizer_name) for name in SCENARIOS for optimizer_name in optimizers_for(name)])
+@pytest.mark.parametrize(
+    "scenario, optimizer_name",
+    [(name, optimizer_name) for name in SCENARIOS for optimizer_name in optimizers_for(name)],
+)
 def test_two_processes_match_one_process(worker_results, references, scenario, optimizer_name):
     saved = torch.load(worker_results / f"{scenario}-{optimizer_name}.pt")
     losses, weights, _ = references[reference_of(scenario), optimizer_name]
@@ -113,18 +128,29 @@ def test_trainer_two_processes_accumulating_local_loss_match_one_process(train_c
     against 1 process x batch 32, 3 steps of plain SGD (PLAIN_SGD): metrics.jsonl losses and the saved weights."""
     common = ["--model", TINY_VIT, "--max-steps", "3", "--save-every-n-steps", "3", "--gather-with-grad", *PLAIN_SGD]
     # The one-process run goes through launch/run_demo.sh (single_card.yaml): the flags here override its defaults.
-    demo = subprocess.run([str(REPO / "launch" / "run_demo.sh"), str(train_csv),
-                           *tiny_train_args(train_csv, tmp_path, "one", *common, "--batch-size", "32")],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path,
-                          env={**os.environ, "ACCELERATE": ACCELERATE})
+    demo = subprocess.run(
+        [
+            str(REPO / "launch" / "run_demo.sh"),
+            str(train_csv),
+            *tiny_train_args(train_csv, tmp_path, "one", *common, "--batch-size", "32"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env={**os.environ, "ACCELERATE": ACCELERATE},
+    )
     assert demo.returncode == 0, demo.stderr[-3000:]
-    run_trainer(tiny_train_args(train_csv, tmp_path, "two", *common, "--batch-size", "8", "--accum-freq", "2",
-                                "--local-loss"), launcher=two_processes())
+    run_trainer(
+        tiny_train_args(train_csv, tmp_path, "two", *common, "--batch-size", "8", "--accum-freq", "2", "--local-loss"),
+        launcher=two_processes(),
+    )
     one, two = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert [r["loss"] for r in two] == pytest.approx([r["loss"] for r in one], abs=TOLERANCE)
     assert [r["samples_seen"] for r in two] == [r["samples_seen"] for r in one] == [32, 64, 96]
-    weights = [load_file(tmp_path / run / "checkpoints" / "step_00000003" / "model.safetensors")
-               for run in ("one", "two")]
+    weights = [
+        load_file(tmp_path / run / "checkpoints" / "step_00000003" / "model.safetensors") for run in ("one", "two")
+    ]
     assert max_difference(*weights) <= TOLERANCE
     log = (tmp_path / "two" / "out.log").read_text()
     assert "2 process(es)" in log and "backend gloo" in log
@@ -140,8 +166,12 @@ def test_trainer_cuts_batches_when_a_rank_skips_a_corrupt_image(train_csv, tmp_p
     body[first_of_rank_1] = f"{corrupt},{body[first_of_rank_1].split(',', 1)[1]}"
     csv = tmp_path / "train.csv"
     csv.write_text("\n".join([header, *body]) + "\n")
-    run_trainer(tiny_train_args(csv, tmp_path, "cut", "--model", TINY_VIT, "--batch-size", "8", "--epochs", "1",
-                                "--gather-with-grad"), launcher=two_processes())
+    run_trainer(
+        tiny_train_args(
+            csv, tmp_path, "cut", "--model", TINY_VIT, "--batch-size", "8", "--epochs", "1", "--gather-with-grad"
+        ),
+        launcher=two_processes(),
+    )
     assert len(read_metrics(tmp_path / "cut")) == 2
     log = (tmp_path / "cut" / "out.log").read_text()
     assert "epoch 0 done: 2 steps, 0 samples skipped so far as missing or corrupt, 1 cut on this process" in log
@@ -151,8 +181,12 @@ def test_more_processes_than_samples_fails_clearly_without_hanging(train_csv, tm
     rows = train_csv.read_text().splitlines()
     csv = tmp_path / "one_row.csv"
     csv.write_text("\n".join(rows[:2]) + "\n")
-    result = run_trainer(tiny_train_args(csv, tmp_path, "tiny", "--model", TINY_VIT, "--batch-size", "1"),
-                         launcher=two_processes(), timeout=120, check=False)
+    result = run_trainer(
+        tiny_train_args(csv, tmp_path, "tiny", "--model", TINY_VIT, "--batch-size", "1"),
+        launcher=two_processes(),
+        timeout=120,
+        check=False,
+    )
     assert result.returncode != 0
     assert "error: 1 samples cannot fill one global batch of 2 (1 per process x 2 processes)" in result.stderr
 
@@ -170,13 +204,21 @@ def test_launch_configs_load_in_accelerate():
 def test_run_demo_is_the_vendor_command_under_single_card(monkeypatch):
     monkeypatch.setenv("DRY_RUN", "1")
     monkeypatch.delenv("TRAIN_DATA", raising=False)
-    printed = subprocess.run([str(REPO / "launch" / "run_demo.sh")], capture_output=True, text=True, check=True,
-                             timeout=30).stdout
+    printed = subprocess.run(
+        [str(REPO / "launch" / "run_demo.sh")], capture_output=True, text=True, check=True, timeout=30
+    ).stdout
     words = shlex.split(printed)
     assert words[1:4] == ["launch", "--config_file", str(REPO / "launch" / "single_card.yaml")]
     assert words[4:6] == ["-m", "acc_clip.train"]
     assert words[6:] == shlex.split(VENDOR_COMMAND)
     monkeypatch.setenv("TRAIN_DATA", "/data/coco.csv")
-    from_env = shlex.split(subprocess.run([str(REPO / "launch" / "run_demo.sh"), "--epochs", "1"],
-                                          capture_output=True, text=True, check=True, timeout=30).stdout)
+    from_env = shlex.split(
+        subprocess.run(
+            [str(REPO / "launch" / "run_demo.sh"), "--epochs", "1"],
+            capture_output=True,
+            text=True,
+            check=True,
+            timeout=30,
+        ).stdout
+    )
     assert from_env[from_env.index("--train-data") + 1] == "/data/coco.csv" and from_env[-2:] == ["--epochs", "1"]

@@ -32,9 +32,14 @@ WITH_ONE_PROCESS_REFERENCE = [name for name, (model, _, _) in ALL.items() if "ti
 
 
 def run_worker(launcher: list[str], out, train_csv) -> None:
-    result = subprocess.run(launcher + [str(REPO / "tests" / "fsdp_worker.py"), str(out), str(train_csv)],
-                            timeout=600, cwd=REPO, capture_output=True, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(
+        launcher + [str(REPO / "tests" / "fsdp_worker.py"), str(out), str(train_csv)],
+        timeout=600,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert result.returncode == 0, result.stderr[-3000:]
 
 
@@ -61,8 +66,10 @@ def test_fsdp_matches_ddp(results, scenario):
     fsdp, ddp = load(results, "fsdp", scenario), load(results, "ddp", scenario)
     assert (fsdp["fsdp"], fsdp["processes"], ddp["fsdp"], ddp["processes"]) == (True, 2, False, 2)
     assert len(fsdp["losses"]) == steps_of(scenario)
-    print(f"\n{scenario}: FSDP-DDP losses {max(abs(a - b) for a, b in zip(fsdp['losses'], ddp['losses'])):.3g}, "
-          f"weights {max_difference(fsdp['weights'], ddp['weights']):.3g}")
+    print(
+        f"\n{scenario}: FSDP-DDP losses {max(abs(a - b) for a, b in zip(fsdp['losses'], ddp['losses'])):.3g}, "
+        f"weights {max_difference(fsdp['weights'], ddp['weights']):.3g}"
+    )
     assert fsdp["losses"] == pytest.approx(ddp["losses"], abs=TOLERANCE)
     assert max_difference(fsdp["weights"], ddp["weights"]) <= TOLERANCE
 
@@ -70,8 +77,10 @@ def test_fsdp_matches_ddp(results, scenario):
 @pytest.mark.parametrize("scenario", WITH_ONE_PROCESS_REFERENCE)
 def test_fsdp_matches_one_process_with_twice_the_batch(results, scenario):
     fsdp, one = load(results, "fsdp", scenario), load(results, "one", scenario)
-    print(f"\n{scenario}: FSDP-one losses {max(abs(a - b) for a, b in zip(fsdp['losses'], one['losses'])):.3g}, "
-          f"weights {max_difference(fsdp['weights'], one['weights']):.3g}")
+    print(
+        f"\n{scenario}: FSDP-one losses {max(abs(a - b) for a, b in zip(fsdp['losses'], one['losses'])):.3g}, "
+        f"weights {max_difference(fsdp['weights'], one['weights']):.3g}"
+    )
     assert fsdp["losses"] == pytest.approx(one["losses"], abs=TOLERANCE)
     assert max_difference(fsdp["weights"], one["weights"]) <= TOLERANCE
 
@@ -104,8 +113,21 @@ def fsdp_args(csv, logs, name: str, *extra: str) -> list[str]:
     """tiny-vit (no batch norm, so 1 process x 16 is 2 x 8), AdamW (its moments are sharded state), 2 x 8
     per step: 10 steps per epoch of the 160-row CSV, 2 epochs, a step checkpoint every 4 steps and
     epoch_N.pt at each epoch's end."""
-    return tiny_train_args(csv, logs, name, "--model", TINY_VIT, "--batch-size", "8", "--gather-with-grad",
-                           "--save-every-n-steps", str(FSDP_SAVE_EVERY), "--save-frequency", "1", *extra)
+    return tiny_train_args(
+        csv,
+        logs,
+        name,
+        "--model",
+        TINY_VIT,
+        "--batch-size",
+        "8",
+        "--gather-with-grad",
+        "--save-every-n-steps",
+        str(FSDP_SAVE_EVERY),
+        "--save-frequency",
+        "1",
+        *extra,
+    )
 
 
 def fsdp_trainer(args: list[str], log_file, *options: str, env=None) -> Trainer:
@@ -116,8 +138,7 @@ def fsdp_trainer(args: list[str], log_file, *options: str, env=None) -> Trainer:
 def fsdp_reference(small_csv, tmp_path_factory):
     """Run A: FSDP on 2 processes straight through, in the background while the tests run theirs."""
     logs = tmp_path_factory.mktemp("fsdp_reference")
-    trainer = fsdp_trainer(fsdp_args(small_csv, logs, "A"), logs / "A.log",
-                           env={"OMP_NUM_THREADS": "1"})
+    trainer = fsdp_trainer(fsdp_args(small_csv, logs, "A"), logs / "A.log", env={"OMP_NUM_THREADS": "1"})
 
     def finished() -> Path:
         assert trainer.wait(timeout=600) == 0, trainer.tail()
@@ -155,11 +176,12 @@ def test_sigterm_then_kill9_while_saving_resume_exactly(small_csv, tmp_path, fsd
         wait_until(lambda: metric_rows(run_dir) >= 2, trainer)
         trainer.process.send_signal(signal.SIGTERM)
         trainer.wait(timeout=120)
-        first, progress = newest_checkpoint(run_dir)
+        _first, progress = newest_checkpoint(run_dir)
         assert progress["epoch"] == 0 and 0 < progress["step_in_epoch"] < FSDP_STEPS_PER_EPOCH, progress
 
-        trainer = fsdp_trainer([*args, "--resume", "latest"], tmp_path / "B2.log",
-                               env={**env, **kill_at("before_commit", 16)})
+        trainer = fsdp_trainer(
+            [*args, "--resume", "latest"], tmp_path / "B2.log", env={**env, **kill_at("before_commit", 16)}
+        )
         assert trainer.wait(timeout=300) != 0, trainer.tail()
         partial = run_dir / "checkpoints" / f"{TMP_PREFIX}step_00000016"
         assert (partial / "pytorch_model_fsdp_0" / ".metadata").is_file() and not (partial / MANIFEST).exists()
@@ -184,16 +206,25 @@ def test_a_two_process_sharded_checkpoint_resumes_on_one_and_on_two(small_csv, t
     losses as run A."""
     step12 = str(fsdp_reference() / "checkpoints" / "step_00000012")
     env = {"OMP_NUM_THREADS": "1"}
-    one = fsdp_trainer([*fsdp_args(small_csv, tmp_path, "one", "--resume", step12), "--batch-size", "16"],
-                       tmp_path / "one.log", "--num_processes", "1", env=env)
+    one = fsdp_trainer(
+        [*fsdp_args(small_csv, tmp_path, "one", "--resume", step12), "--batch-size", "16"],
+        tmp_path / "one.log",
+        "--num_processes",
+        "1",
+        env=env,
+    )
     assert one.wait(timeout=300) == 0, one.tail()
     two = fsdp_trainer(fsdp_args(small_csv, tmp_path, "two", "--resume", step12), tmp_path / "two.log", env=env)
     assert two.wait(timeout=300) == 0, two.tail()
     assert "1 process(es)" in (tmp_path / "one" / "out.log").read_text()
-    final = {run: torch.load(path / "checkpoints" / f"epoch_{FSDP_EPOCHS}.pt")["state_dict"]
-             for run, path in (("one", tmp_path / "one"), ("two", tmp_path / "two"), ("A", fsdp_reference()))}
-    print(f"\nFSDP reshard: weights one-two {max_difference(final['one'], final['two']):.3g}, "
-          f"two-A {max_difference(final['two'], final['A']):.3g}")
+    final = {
+        run: torch.load(path / "checkpoints" / f"epoch_{FSDP_EPOCHS}.pt")["state_dict"]
+        for run, path in (("one", tmp_path / "one"), ("two", tmp_path / "two"), ("A", fsdp_reference()))
+    }
+    print(
+        f"\nFSDP reshard: weights one-two {max_difference(final['one'], final['two']):.3g}, "
+        f"two-A {max_difference(final['two'], final['A']):.3g}"
+    )
     assert max_difference(final["one"], final["two"]) <= TOLERANCE
     assert max_difference(final["two"], final["A"]) <= TOLERANCE
     assert_open_clip_optimizer_layout(tmp_path / "one", tmp_path / "two")
@@ -255,13 +286,25 @@ def test_two_machines_on_localhost_train_as_one_machine_with_two_processes(small
     and 1, the main machine at 127.0.0.1), as launch/multi_node.yaml starts real ones: the first 4 steps
     equal the one-machine run's."""
     port = str(free_port())
-    machine = ["--num_machines", "2", "--num_processes", "2", "--main_process_ip", "127.0.0.1",
-               "--main_process_port", port]
+    machine = [
+        "--num_machines",
+        "2",
+        "--num_processes",
+        "2",
+        "--main_process_ip",
+        "127.0.0.1",
+        "--main_process_port",
+        port,
+    ]
     args = [*fsdp_args(small_csv, tmp_path, "M"), "--max-steps", "4"]
     env = {"OMP_NUM_THREADS": "1"}
     base = [ACCELERATE, "launch", "--config_file", str(REPO / "launch" / "cpu_2proc_fsdp.yaml"), *machine]
-    machines = [Trainer(args, tmp_path / f"machine{rank}.log", processes=2, env=env,
-                        launcher=[*base, "--machine_rank", str(rank)]) for rank in (0, 1)]
+    machines = [
+        Trainer(
+            args, tmp_path / f"machine{rank}.log", processes=2, env=env, launcher=[*base, "--machine_rank", str(rank)]
+        )
+        for rank in (0, 1)
+    ]
     try:
         assert [m.wait(timeout=300) for m in machines] == [0, 0], machines[0].tail() + machines[1].tail()
     finally:
@@ -273,10 +316,13 @@ def test_two_machines_on_localhost_train_as_one_machine_with_two_processes(small
     assert "2 process(es)" in (tmp_path / "M" / "out.log").read_text()
 
 
-def test_a_sharded_checkpoint_resumed_without_the_fsdp_launch_config_is_one_line(small_csv, tmp_path, fsdp_reference,
-                                                                                 train_in_process):
+def test_a_sharded_checkpoint_resumed_without_the_fsdp_launch_config_is_one_line(
+    small_csv, tmp_path, fsdp_reference, train_in_process
+):
     step4 = fsdp_reference() / "checkpoints" / "step_00000004"
     status, errors = train_in_process(fsdp_args(small_csv, tmp_path, "plain", "--resume", str(step4)))
     assert status == 2
-    assert errors == [f"error: --resume {step4}: a sharded (FSDP) checkpoint; resume it under an FSDP launch config "
-                      "(launch/fsdp.yaml, any number of processes)"]
+    assert errors == [
+        f"error: --resume {step4}: a sharded (FSDP) checkpoint; resume it under an FSDP launch config "
+        "(launch/fsdp.yaml, any number of processes)"
+    ]

@@ -7,6 +7,7 @@ traceback and status 1 (several processes) or death by SIGTERM (one) on a stop.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -52,9 +53,15 @@ def assert_no_launcher_noise(*outputs: str) -> None:
 
 @pytest.mark.parametrize("processes", [1, 2])
 def test_trainer_error_is_one_line_and_its_status(train_csv, tmp_path, processes):
-    result = subprocess.run(launch_train(processes) + tiny_train_args(train_csv, tmp_path, "bad", "--batch-size", "0"),
-                            check=False, capture_output=True, text=True, timeout=180, cwd=REPO,
-                            env=environment())
+    result = subprocess.run(
+        launch_train(processes) + tiny_train_args(train_csv, tmp_path, "bad", "--batch-size", "0"),
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=180,
+        cwd=REPO,
+        env=environment(),
+    )
     assert result.returncode == 2, result.stderr[-3000:]
     assert_no_launcher_noise(result.stdout, result.stderr)
     # Each rank prints the error; torch's agent may end the second rank before it does.
@@ -65,22 +72,35 @@ def test_trainer_error_is_one_line_and_its_status(train_csv, tmp_path, processes
 def test_a_data_error_keeps_its_own_status(train_csv, tmp_path):
     """Not only usage errors: a missing training CSV is a data error, status 3, through the launcher."""
     args = tiny_train_args(tmp_path / "no_such.csv", tmp_path, "missing")
-    result = subprocess.run(launch_train(1) + args, check=False, capture_output=True, text=True, timeout=180,
-                            cwd=REPO, env=environment())
+    result = subprocess.run(
+        launch_train(1) + args, check=False, capture_output=True, text=True, timeout=180, cwd=REPO, env=environment()
+    )
     assert result.returncode == 3, result.stderr[-3000:]
     assert_no_launcher_noise(result.stdout, result.stderr)
     assert [line for line in result.stderr.splitlines() if line.strip()] == [
-        f"error: {tmp_path / 'no_such.csv'}: CSV file not found"]
+        f"error: {tmp_path / 'no_such.csv'}: CSV file not found"
+    ]
 
 
-@pytest.mark.parametrize("options, message", [
-    (["--config_file", "launch/no_such.yaml"], "launch/no_such.yaml"),
-    (["--num_processes", "two"], "--num_processes"),
-], ids=["missing-config", "bad-option"])
+@pytest.mark.parametrize(
+    "options, message",
+    [
+        (["--config_file", "launch/no_such.yaml"], "launch/no_such.yaml"),
+        (["--num_processes", "two"], "--num_processes"),
+    ],
+    ids=["missing-config", "bad-option"],
+)
 def test_launcher_error_is_one_line_status_2(train_csv, tmp_path, options, message):
     command = [sys.executable, "-m", "acc_clip.cli", "launch", *options, "train"]
-    result = subprocess.run(command + tiny_train_args(train_csv, tmp_path, "bad"), check=False, capture_output=True,
-                            text=True, timeout=120, cwd=REPO, env=environment())
+    result = subprocess.run(
+        command + tiny_train_args(train_csv, tmp_path, "bad"),
+        check=False,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=REPO,
+        env=environment(),
+    )
     assert result.returncode == 2, result.stderr[-3000:]
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and message in lines[0], result.stderr[-3000:]
@@ -92,8 +112,9 @@ def stop_mid_run(command: list[str], run_dir: Path, tmp_path: Path, *, whole_gro
     the trainer has logged two steps; (exit status, stdout, stderr). Whatever it leaves is killed."""
     out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
     with open(out, "w") as stdout, open(err, "w") as stderr:
-        process = subprocess.Popen(command, stdout=stdout, stderr=stderr, cwd=REPO, env=environment(),
-                                   start_new_session=True)
+        process = subprocess.Popen(
+            command, stdout=stdout, stderr=stderr, cwd=REPO, env=environment(), start_new_session=True
+        )
     launched = psutil.Process(process.pid)
     tree = [launched]  # with the trainers, found before the signal: the workers run in sessions of their own
     try:
@@ -110,16 +131,17 @@ def stop_mid_run(command: list[str], run_dir: Path, tmp_path: Path, *, whole_gro
         status = process.wait(timeout=120)
     finally:
         for leftover in tree:  # plain `accelerate launch` would leave a trainer running
-            try:
+            with contextlib.suppress(psutil.NoSuchProcess):
                 leftover.kill()
-            except psutil.NoSuchProcess:
-                pass
         process.wait(timeout=30)
     return status, out.read_text(), err.read_text()
 
 
-@pytest.mark.parametrize("processes, whole_group", [(1, True), (2, True), (1, False)],
-                         ids=["1proc-group", "2proc-group", "1proc-launcher-alone"])
+@pytest.mark.parametrize(
+    "processes, whole_group",
+    [(1, True), (2, True), (1, False)],
+    ids=["1proc-group", "2proc-group", "1proc-launcher-alone"],
+)
 def test_sigterm_saves_and_exits_75(train_csv, tmp_path, processes, whole_group):
     run_dir = tmp_path / "run"
     command = launch_train(processes) + tiny_train_args(train_csv, tmp_path, "run", "--epochs", "20")

@@ -97,4 +97,3 @@ def test_replayed_first_batch_needs_no_workers(train_csv):
     assert per_epoch == 32 and len(with_workers) == STEPS and len(without) == 1
     assert without[0] == with_workers[0]
     assert len(set(with_workers[0])) == 10
-

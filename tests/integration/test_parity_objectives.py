@@ -21,8 +21,9 @@ OBJECTIVE_RUNS = {"siglip": (10, 2), "coca": (5, 1), "distill": (10, 2)}
 @pytest.mark.parametrize("objective", sorted(OBJECTIVE_RUNS))
 def test_flat_colour_curve_matches_open_clip_train_per_objective(objective, flat_csv, tmp_path):
     batch_size, epochs = OBJECTIVE_RUNS[objective]
-    report = parity(flat_csv, tmp_path, "--open-clip-arithmetic", "--objective", objective, batch_size=batch_size,
-                    epochs=epochs)
+    report = parity(
+        flat_csv, tmp_path, "--open-clip-arithmetic", "--objective", objective, batch_size=batch_size, epochs=epochs
+    )
     result = report["result"]
     assert result.num_points == STEPS and result.aligned_by == "step"
     assert_same_batches_and_learning_rates(report)

@@ -19,8 +19,9 @@ from parity_checks import FLAT_EMA_TOLERANCE, STEPS, assert_same_batches_and_lea
 FOUNDATION_EMA_TOLERANCE = 0.05
 
 
-@pytest.mark.parametrize("trainer_args", ["", "--lock-image --lock-image-unlocked-groups 1"],
-                         ids=["vit-defaults", "lock-image"])
+@pytest.mark.parametrize(
+    "trainer_args", ["", "--lock-image --lock-image-unlocked-groups 1"], ids=["vit-defaults", "lock-image"]
+)
 def test_vit_options_follow_open_clip_train_to_log_precision(trainer_args, flat_csv, tmp_path):
     report = parity(flat_csv, tmp_path, "--open-clip-arithmetic", "--model", TINY_VIT, "--trainer-args", trainer_args)
     result = report["result"]
@@ -32,8 +33,9 @@ def test_vit_options_follow_open_clip_train_to_log_precision(trainer_args, flat_
 
 
 def test_patch_dropout_follows_open_clip_train_by_the_parity_rule(flat_csv, tmp_path):
-    report = parity(flat_csv, tmp_path, "--open-clip-arithmetic", "--model", TINY_VIT, "--trainer-args",
-                    "--force-patch-dropout 0.5")
+    report = parity(
+        flat_csv, tmp_path, "--open-clip-arithmetic", "--model", TINY_VIT, "--trainer-args", "--force-patch-dropout 0.5"
+    )
     result = report["result"]
     assert result.num_points == STEPS
     assert_same_batches_and_learning_rates(report)
@@ -48,8 +50,9 @@ def test_patch_dropout_trains_with_dropout_and_evaluates_without():
     from acc_clip.train.config import parse_train_config
 
     config, _ = parse_train_config(["--train-data", "x.csv", "--model", TINY_VIT, "--force-patch-dropout", "0.5"])
-    model = create_model(config.model, precision=config.runtime.precision, seed=config.runtime.seed,
-                         **model_overrides(config)).model
+    model = create_model(
+        config.model, precision=config.runtime.precision, seed=config.runtime.seed, **model_overrides(config)
+    ).model
     assert model.visual.patch_dropout.prob == 0.5
     images = torch.randn(2, 3, 32, 32)
     with torch.no_grad():

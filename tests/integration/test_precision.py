@@ -18,9 +18,25 @@ def test_cast_precisions_train_with_open_clip_s_weight_dtypes(precision, train_c
 
     import open_clip
 
-    result = run_trainer(tiny_train_args(train_csv, tmp_path, precision, "--model", TINY_VIT, "--precision", precision,
-                                         "--batch-size", "8", "--max-steps", "2", "--save-every-n-steps", "2",
-                                         "--val-data", str(val_csv)))
+    result = run_trainer(
+        tiny_train_args(
+            train_csv,
+            tmp_path,
+            precision,
+            "--model",
+            TINY_VIT,
+            "--precision",
+            precision,
+            "--batch-size",
+            "8",
+            "--max-steps",
+            "2",
+            "--save-every-n-steps",
+            "2",
+            "--val-data",
+            str(val_csv),
+        )
+    )
     # evaluation feeds images in the cast tower's dtype (its norms and embeddings stay fp32 under fp16)
     evaluated = json.loads((tmp_path / precision / "results.jsonl").read_text().splitlines()[0])
     assert torch.isfinite(torch.tensor(evaluated["val_loss"]))

@@ -32,8 +32,9 @@ pytestmark = pytest.mark.usefixtures("one_cpu_thread")  # one thread: same reduc
 
 
 def run_args(csv: Path, logs: Path, name: str, workers: int, *extra: str) -> list[str]:
-    return tiny_train_args(csv, logs, name, "--workers", str(workers), "--save-every-n-steps", str(SAVE_EVERY),
-                           "--log-samples", *extra)
+    return tiny_train_args(
+        csv, logs, name, "--workers", str(workers), "--save-every-n-steps", str(SAVE_EVERY), "--log-samples", *extra
+    )
 
 
 @pytest.fixture(scope="module")
@@ -41,8 +42,9 @@ def reference_runs(small_csv, tmp_path_factory):
     """Run A for each worker count, trained straight through, in the background, overlapping the
     stopped-and-resumed runs instead of adding to the test's time; `reference(w)` waits for one."""
     logs = tmp_path_factory.mktemp("reference")
-    running = {count: Trainer(run_args(small_csv, logs, f"A{count}", count), logs / f"A{count}.log")
-               for count in WORKERS}
+    running = {
+        count: Trainer(run_args(small_csv, logs, f"A{count}", count), logs / f"A{count}.log") for count in WORKERS
+    }
 
     def reference(workers: int) -> Path:
         if running[workers].wait(timeout=600) != 0:
@@ -57,8 +59,9 @@ def reference_runs(small_csv, tmp_path_factory):
 def same_training(resumed: Path, reference: Path) -> float:
     """Same steps, same losses and learning rates, same samples per step; each epoch sees every row
     once. Returns the largest loss difference."""
-    return assert_same_training(resumed, reference, rows=ROWS, epochs=EPOCHS, steps_per_epoch=STEPS_PER_EPOCH,
-                                loss_tolerance=LOSS_TOLERANCE)
+    return assert_same_training(
+        resumed, reference, rows=ROWS, epochs=EPOCHS, steps_per_epoch=STEPS_PER_EPOCH, loss_tolerance=LOSS_TOLERANCE
+    )
 
 
 # A kill -9 between steps (from outside, once a checkpoint is complete) is the resume matrix's shards
@@ -91,8 +94,9 @@ def test_sigterm_then_kill9_mid_epoch_resume_exactly(small_csv, tmp_path, refere
         wait_until(lambda: saved_at_or_after(run_dir, saved_before_kill), trainer)
         trainer.process.kill()
     else:
-        trainer = Trainer([*args, "--resume", "latest"], log2,
-                          env=kill_at("before_commit", saved_before_kill + SAVE_EVERY))
+        trainer = Trainer(
+            [*args, "--resume", "latest"], log2, env=kill_at("before_commit", saved_before_kill + SAVE_EVERY)
+        )
     assert trainer.wait(timeout=240) == -signal.SIGKILL, trainer.tail()
     assert f"resumed from {checkpoint}:" in log2.read_text()
     partial = run_dir / "checkpoints" / f"{TMP_PREFIX}step_{saved_before_kill + SAVE_EVERY:08d}"
@@ -110,8 +114,9 @@ def test_sigterm_then_kill9_mid_epoch_resume_exactly(small_csv, tmp_path, refere
     print(f"\nworkers={workers}, kill -9 {kill}: max |loss(B) - loss(A)| over the resumed run = {worst:.3g}")
 
 
-def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before_and_resumes_exactly(small_csv, tmp_path,
-                                                                                      reference_runs):
+def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before_and_resumes_exactly(
+    small_csv, tmp_path, reference_runs
+):
     """One bit flipped in the newest checkpoint's weights: `--resume latest` names it, resumes from the
     checkpoint before, trains the steps after that again, and ends as the run that never stopped."""
     workers = WORKERS[0]
@@ -125,6 +130,8 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before_and_resumes_ex
 
     result = run_trainer([*args, "--resume", "latest"])
     assert f"{newest}: damaged checkpoint, model.safetensors differs from what was saved" in result.stdout
-    assert (f"resuming from {run_dir / 'checkpoints' / f'step_{SAVE_EVERY:08d}'}, the newest checkpoint that "
-            "passes its check (1 newer one(s) failed") in result.stdout
+    assert (
+        f"resuming from {run_dir / 'checkpoints' / f'step_{SAVE_EVERY:08d}'}, the newest checkpoint that "
+        "passes its check (1 newer one(s) failed"
+    ) in result.stdout
     same_training(run_dir, reference_runs(workers))

@@ -70,15 +70,28 @@ def train_data(small_csv, tmp_path_factory) -> dict[str, str]:
     process and loader, each holding exactly its batches)."""
     root = tmp_path_factory.mktemp("matrix")
     lines = small_csv.read_text().splitlines(keepends=True)
-    (root / "train48.csv").write_text("".join(lines[:ROWS + 1]))
-    convert_csv_to_shards(str(root / "train48.csv"), str(root / "shards"), samples_per_shard=ROWS // 4, workers=1,
-                          progress=False)
+    (root / "train48.csv").write_text("".join(lines[: ROWS + 1]))
+    convert_csv_to_shards(
+        str(root / "train48.csv"), str(root / "shards"), samples_per_shard=ROWS // 4, workers=1, progress=False
+    )
     return {"csv": str(root / "train48.csv"), "shards": str(root / "shards" / "{00000..00003}.tar")}
 
 
 def cell_args(cell: Cell, train_data: dict[str, str], logs: Path, name: str) -> list[str]:
-    args = tiny_train_args(Path(train_data[cell.data]), logs, name, "--batch-size", str(cell.batch), "--accum-freq",
-                           str(ACCUM), "--epochs", str(EPOCHS), "--workers", "0", "--log-samples")
+    args = tiny_train_args(
+        Path(train_data[cell.data]),
+        logs,
+        name,
+        "--batch-size",
+        str(cell.batch),
+        "--accum-freq",
+        str(ACCUM),
+        "--epochs",
+        str(EPOCHS),
+        "--workers",
+        "0",
+        "--log-samples",
+    )
     if cell == CSV_1:  # a step save at each epoch's end, then the epoch-end save replacing it
         args += ["--save-every-n-steps", str(STEPS_PER_EPOCH), "--save-frequency", "1"]
     if cell == SHARDS_1:
@@ -92,15 +105,19 @@ def start(cell: Cell, args: list[str], log_file: Path, env: dict[str, str] | Non
 
 def resume_lines(trainer: Trainer) -> list[str]:
     """What a start said about its checkpoints: restored, removed, resumed from."""
-    return [line.split(" | ")[-1] for line in trainer.log_file.read_text().splitlines()
-            if any(word in line for word in ("restored ", "removing ", "resumed from ", "--resume latest:"))]
+    return [
+        line.split(" | ")[-1]
+        for line in trainer.log_file.read_text().splitlines()
+        if any(word in line for word in ("restored ", "removing ", "resumed from ", "--resume latest:"))
+    ]
 
 
 def same_training(resumed: Path, reference: Path) -> None:
     """Each epoch saw every row once; every process trained on the reference's samples at every step;
     every step once, with the reference's loss to the last bit, its learning rate and sample count."""
-    assert_same_training(resumed, reference, rows=ROWS, epochs=EPOCHS, steps_per_epoch=STEPS_PER_EPOCH,
-                         loss_tolerance=0)
+    assert_same_training(
+        resumed, reference, rows=ROWS, epochs=EPOCHS, steps_per_epoch=STEPS_PER_EPOCH, loss_tolerance=0
+    )
 
 
 @pytest.mark.parametrize("cell", [CSV_1, SHARDS_1, CSV_2, SHARDS_2], ids=str)
@@ -127,8 +144,14 @@ def test_an_accumulated_run_stopped_mid_epoch_resumes_exactly(cell, train_data, 
             # 2. Resume; the epoch-end save of step 6 replaces the step save of step 6 and is killed
             # after moving that one aside, before renaming itself into place.
             step6 = checkpoints / f"step_{STEPS_PER_EPOCH:08d}"
-            started.append(start(cell, [*args, "--resume", "latest"], tmp_path / "B2.log",
-                                   env=kill_at("between_renames", STEPS_PER_EPOCH)))
+            started.append(
+                start(
+                    cell,
+                    [*args, "--resume", "latest"],
+                    tmp_path / "B2.log",
+                    env=kill_at("between_renames", STEPS_PER_EPOCH),
+                )
+            )
             assert started[-1].wait() == -signal.SIGKILL, started[-1].tail()
             assert f"resumed from {resume_from}:" in started[-1].log_file.read_text(), resume_lines(started[-1])
             moved_aside = checkpoints / f"{OLD_PREFIX}{step6.name}"

@@ -45,18 +45,56 @@ def test_open_clip_trainer_runs_an_epoch_on_the_shards(tmp_path, dataset_csv):
     convert(dataset_csv, tmp_path / "out")
     model_dir = tmp_path / "tiny"
     model_dir.mkdir()
-    (model_dir / "open_clip_config.json").write_text(json.dumps({
-        "model_cfg": {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 16},
-                      "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2,
-                                   "layers": 1}},
-        "preprocess_cfg": {}}))
+    (model_dir / "open_clip_config.json").write_text(
+        json.dumps(
+            {
+                "model_cfg": {
+                    "embed_dim": 32,
+                    "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 16},
+                    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+                },
+                "preprocess_cfg": {},
+            }
+        )
+    )
     run = subprocess.run(
-        [sys.executable, "-m", "open_clip_train.main", "--train-data", str(tmp_path / "out" / "{00000..00003}.tar"),
-         "--dataset-type", "webdataset", "--train-num-samples", "32", "--model", f"local-dir:{model_dir}",
-         "--batch-size", "8", "--epochs", "1", "--workers", "1", "--precision", "fp32", "--device", "cpu",
-         "--logs", str(tmp_path / "logs"), "--name", "x", "--pretrained", "", "--save-frequency", "0"],
-        capture_output=True, text=True, timeout=300, cwd=tmp_path,
-        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"})
+        [
+            sys.executable,
+            "-m",
+            "open_clip_train.main",
+            "--train-data",
+            str(tmp_path / "out" / "{00000..00003}.tar"),
+            "--dataset-type",
+            "webdataset",
+            "--train-num-samples",
+            "32",
+            "--model",
+            f"local-dir:{model_dir}",
+            "--batch-size",
+            "8",
+            "--epochs",
+            "1",
+            "--workers",
+            "1",
+            "--precision",
+            "fp32",
+            "--device",
+            "cpu",
+            "--logs",
+            str(tmp_path / "logs"),
+            "--name",
+            "x",
+            "--pretrained",
+            "",
+            "--save-frequency",
+            "0",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+        env={**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"},
+    )
     assert run.returncode == 0, run.stderr[-3000:]
     log = (tmp_path / "logs" / "x" / "out.log").read_text()
     assert "Train Epoch: 0 [32/32 (100%)]" in log

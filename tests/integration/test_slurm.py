@@ -31,11 +31,28 @@ def srun_tasks(args: list[str], tasks: int, timeout: float = 300) -> list[subpro
     port = str(free_port())  # the default 29500 may be held by another test run on this machine
     processes = []
     for rank in range(tasks):
-        env = {**without_launcher_or_slurm(), "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1", "SLURM_JOB_ID": "1",
-               "SLURM_PROCID": str(rank), "SLURM_LOCALID": str(rank), "SLURM_NTASKS": str(tasks),
-               "SLURM_STEP_NUM_TASKS": str(tasks), "SLURM_JOB_NODELIST": "localhost", "MASTER_PORT": port}
-        processes.append(subprocess.Popen([sys.executable, "-m", "acc_clip.train", *args], cwd=REPO, env=env,
-                                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        env = {
+            **without_launcher_or_slurm(),
+            "PYTHONUNBUFFERED": "1",
+            "OMP_NUM_THREADS": "1",
+            "SLURM_JOB_ID": "1",
+            "SLURM_PROCID": str(rank),
+            "SLURM_LOCALID": str(rank),
+            "SLURM_NTASKS": str(tasks),
+            "SLURM_STEP_NUM_TASKS": str(tasks),
+            "SLURM_JOB_NODELIST": "localhost",
+            "MASTER_PORT": port,
+        }
+        processes.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "acc_clip.train", *args],
+                cwd=REPO,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     results = []
     try:
         for process in processes:
@@ -51,10 +68,19 @@ def srun_tasks(args: list[str], tasks: int, timeout: float = 300) -> list[subpro
 
 def test_two_srun_tasks_train_like_one_process_with_twice_the_batch(train_csv, tmp_path):
     common = ["--model", TINY_VIT, "--max-steps", "3", "--save-every-n-steps", "3", "--gather-with-grad", *PLAIN_SGD]
-    one = subprocess.run([sys.executable, "-m", "acc_clip.train",
-                          *tiny_train_args(train_csv, tmp_path, "one", *common, "--batch-size", "16")],
-                         cwd=REPO, env={**without_launcher_or_slurm(), "OMP_NUM_THREADS": "1"}, capture_output=True,
-                         text=True, timeout=300)
+    one = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "acc_clip.train",
+            *tiny_train_args(train_csv, tmp_path, "one", *common, "--batch-size", "16"),
+        ],
+        cwd=REPO,
+        env={**without_launcher_or_slurm(), "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert one.returncode == 0, one.stderr[-3000:]
     tasks = srun_tasks(tiny_train_args(train_csv, tmp_path, "two", *common, "--batch-size", "8"), 2)
     for rank, task in enumerate(tasks):
@@ -62,8 +88,9 @@ def test_two_srun_tasks_train_like_one_process_with_twice_the_batch(train_csv, t
     one_rows, two_rows = read_metrics(tmp_path / "one"), read_metrics(tmp_path / "two")
     assert [r["samples_seen"] for r in two_rows] == [r["samples_seen"] for r in one_rows] == [16, 32, 48]
     assert [r["loss"] for r in two_rows] == pytest.approx([r["loss"] for r in one_rows], abs=TOLERANCE)
-    weights = [load_file(tmp_path / run / "checkpoints" / "step_00000003" / "model.safetensors")
-               for run in ("one", "two")]
+    weights = [
+        load_file(tmp_path / run / "checkpoints" / "step_00000003" / "model.safetensors") for run in ("one", "two")
+    ]
     assert max_difference(*weights) <= TOLERANCE
     log = (tmp_path / "two" / "out.log").read_text()
     assert "2 process(es)" in log and "backend gloo" in log
@@ -72,11 +99,17 @@ def test_two_srun_tasks_train_like_one_process_with_twice_the_batch(train_csv, t
 
 def sbatch(args: list[str], tmp_path, **env: str) -> subprocess.CompletedProcess:
     """launch/slurm/train.sbatch ARGS as the batch script of a 3-node job with 4 GPUs a node."""
-    environ = {**without_launcher_or_slurm(), "PYTHONPATH": str(REPO), "SLURM_JOB_NODELIST": "gpu[07-09]",
-               "SLURM_JOB_NUM_NODES": "3", "SLURM_GPUS_ON_NODE": "4", "SLURM_SUBMIT_DIR": str(REPO),
-               "PATH": f"{tmp_path}:{os.environ['PATH']}", **env}
-    return subprocess.run([str(SBATCH), *args], capture_output=True, text=True, timeout=60, cwd=tmp_path,
-                          env=environ)
+    environ = {
+        **without_launcher_or_slurm(),
+        "PYTHONPATH": str(REPO),
+        "SLURM_JOB_NODELIST": "gpu[07-09]",
+        "SLURM_JOB_NUM_NODES": "3",
+        "SLURM_GPUS_ON_NODE": "4",
+        "SLURM_SUBMIT_DIR": str(REPO),
+        "PATH": f"{tmp_path}:{os.environ['PATH']}",
+        **env,
+    }
+    return subprocess.run([str(SBATCH), *args], capture_output=True, text=True, timeout=60, cwd=tmp_path, env=environ)
 
 
 def test_sbatch_template_is_valid_bash():
@@ -102,10 +135,16 @@ def test_sbatch_dry_run_prints_one_accelerate_launch_per_node(tmp_path):
 
 
 def test_sbatch_keeps_master_address_and_port_and_needs_the_gpu_count(tmp_path):
-    words = shlex.split(sbatch([], tmp_path, DRY_RUN="1", MASTER_ADDR="10.1.2.3", MASTER_PORT="31000",
-                               GPUS_PER_NODE="2").stdout.splitlines()[0])
-    assert words[words.index("--main_process_ip") + 1:words.index("--main_process_port") + 2] == [
-        "10.1.2.3", "--main_process_port", "31000"]
+    words = shlex.split(
+        sbatch(
+            [], tmp_path, DRY_RUN="1", MASTER_ADDR="10.1.2.3", MASTER_PORT="31000", GPUS_PER_NODE="2"
+        ).stdout.splitlines()[0]
+    )
+    assert words[words.index("--main_process_ip") + 1 : words.index("--main_process_port") + 2] == [
+        "10.1.2.3",
+        "--main_process_port",
+        "31000",
+    ]
     assert words[words.index("--num_processes") + 1] == "6"
     result = sbatch([], tmp_path, DRY_RUN="1", SLURM_GPUS_ON_NODE="")
     assert result.returncode == 2 and result.stderr.strip().startswith("error: GPUS_PER_NODE=''")
@@ -115,8 +154,9 @@ def test_sbatch_runs_on_each_node_what_the_dry_run_prints(tmp_path):
     """Under a stand-in srun that runs its command once per node with that node's SLURM_NODEID, and a
     stand-in accelerate that prints its arguments: each node runs exactly its dry-run line."""
     (tmp_path / "srun").write_text(
-        '#!/usr/bin/env bash\nwhile [[ $1 == --* ]]; do shift; done\n'
-        'for node in 0 1 2; do SLURM_NODEID=$node "$@" || exit; done\n')
+        "#!/usr/bin/env bash\nwhile [[ $1 == --* ]]; do shift; done\n"
+        'for node in 0 1 2; do SLURM_NODEID=$node "$@" || exit; done\n'
+    )
     (tmp_path / "accelerate").write_text('#!/usr/bin/env bash\nprintf "%q " "$(basename "$0")" "$@"\necho\n')
     for stand_in in ("srun", "accelerate"):
         (tmp_path / stand_in).chmod(0o755)
@@ -124,16 +164,22 @@ def test_sbatch_runs_on_each_node_what_the_dry_run_prints(tmp_path):
     ran = sbatch(train, tmp_path, ACCELERATE=str(tmp_path / "accelerate"))
     printed = sbatch(train, tmp_path, ACCELERATE=str(tmp_path / "accelerate"), DRY_RUN="1")
     assert ran.returncode == 0 and printed.returncode == 0, ran.stderr + printed.stderr
-    assert [shlex.split(line)[1:] for line in ran.stdout.splitlines()] == \
-        [shlex.split(line)[1:] for line in printed.stdout.splitlines()]
+    assert [shlex.split(line)[1:] for line in ran.stdout.splitlines()] == [
+        shlex.split(line)[1:] for line in printed.stdout.splitlines()
+    ]
     assert [shlex.split(line)[3] for line in ran.stdout.splitlines()] == ["0", "1", "2"]
 
 
 def test_a_bad_slurm_variable_stops_the_trainer_in_one_line(train_csv, tmp_path, train_in_process, monkeypatch):
     for name in PLACEMENT:
         monkeypatch.delenv(name, raising=False)
-    for name, value in {"SLURM_PROCID": "2", "SLURM_LOCALID": "0", "SLURM_NTASKS": "2", "SLURM_STEP_NUM_TASKS": "2",
-                        "SLURM_JOB_NODELIST": "localhost"}.items():
+    for name, value in {
+        "SLURM_PROCID": "2",
+        "SLURM_LOCALID": "0",
+        "SLURM_NTASKS": "2",
+        "SLURM_STEP_NUM_TASKS": "2",
+        "SLURM_JOB_NODELIST": "localhost",
+    }.items():
         monkeypatch.setenv(name, value)
     status, errors = train_in_process(tiny_train_args(train_csv, tmp_path, "bad"))
     # the job's placement, not the command line: the machine's kind of error (acc_clip/errors.py)

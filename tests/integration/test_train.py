@@ -44,8 +44,9 @@ def test_csv_without_the_columns_lists_the_columns_found(tmp_path, train_in_proc
     path = tmp_path / "bad.csv"
     path.write_text("image,caption\na.jpg,a cat\n")
     status, errors = train_in_process(tiny_train_args(path, tmp_path, "x"))
-    assert status == DataError.exit_status and len(errors) == 1 and "columns found: 'image', 'caption'" in errors[0], \
+    assert status == DataError.exit_status and len(errors) == 1 and "columns found: 'image', 'caption'" in errors[0], (
         errors
+    )
 
 
 def test_empty_csv(tmp_path, train_in_process):
@@ -57,8 +58,9 @@ def test_empty_csv(tmp_path, train_in_process):
 
 def test_unknown_key_on_the_command_line(train_csv, tmp_path, train_in_process):
     status, errors = train_in_process(tiny_train_args(train_csv, tmp_path, "x", "--lr-sheduler", "cosine"))
-    assert status == UsageError.exit_status and len(errors) == 1 and "did you mean '--lr-scheduler'" in errors[0], \
+    assert status == UsageError.exit_status and len(errors) == 1 and "did you mean '--lr-scheduler'" in errors[0], (
         errors
+    )
 
 
 def _csv_with_bad_rows(train_csv, tmp_path, num_bad):
@@ -96,9 +98,22 @@ def test_existing_run_is_not_overwritten(train_csv, tmp_path, train_in_process):
 def test_cli_entry_points_agree(train_csv, tmp_path):
     import subprocess
 
-    for name, command in [("cli", [sys.executable, "-m", "acc_clip.cli", "train"]),
-                          ("launch", [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1",
-                                      "--cpu", "-m", "acc_clip.train"])]:
+    for name, command in [
+        ("cli", [sys.executable, "-m", "acc_clip.cli", "train"]),
+        (
+            "launch",
+            [
+                sys.executable,
+                "-m",
+                "accelerate.commands.launch",
+                "--num_processes",
+                "1",
+                "--cpu",
+                "-m",
+                "acc_clip.train",
+            ],
+        ),
+    ]:
         args = tiny_train_args(train_csv, tmp_path, name, "--epochs", "1", "--max-steps", "3")
         result = subprocess.run(command + args, capture_output=True, text=True, timeout=300)
         assert result.returncode == 0, result.stderr[-2000:]
@@ -108,27 +123,33 @@ def test_cli_entry_points_agree(train_csv, tmp_path):
 def test_a_nan_loss_stops_with_its_step_and_the_workers_do_not_hang(train_csv, tmp_path):
     # Loader workers ignore SIGTERM so the trainer can save on preemption; after an error they must
     # still be ended, or the interpreter's exit would wait on them forever.
-    result = run_trainer(tiny_train_args(train_csv, tmp_path, "nan", "--workers", "2", "--lr", "1e9", "--warmup", "1"),
-                         check=False, timeout=120)
+    result = run_trainer(
+        tiny_train_args(train_csv, tmp_path, "nan", "--workers", "2", "--lr", "1e9", "--warmup", "1"),
+        check=False,
+        timeout=120,
+    )
     assert "the loss is nan at step 1" in _error_line(result, DivergedError.exit_status)
 
 
 def test_channels_last_trains_and_checkpoints(train_csv, tmp_path):
-    run_trainer(tiny_train_args(train_csv, tmp_path, "cl", "--channels-last", "--save-every-n-steps", "2",
-                                "--max-steps", "2"))
+    run_trainer(
+        tiny_train_args(train_csv, tmp_path, "cl", "--channels-last", "--save-every-n-steps", "2", "--max-steps", "2")
+    )
     assert (tmp_path / "cl" / "checkpoints" / "step_00000002" / "complete.json").exists()
 
 
 def test_open_clip_s_logging_flags(train_csv, tmp_path):
     """--log-local: each process writes out-RANK.log (open_clip_train's name) instead of the main process's
     out.log; --copy-codebase: the package as it ran, in code/; --debug: debug-level lines."""
-    result = run_trainer(tiny_train_args(train_csv, tmp_path, "logs", "--max-steps", "1", "--log-local",
-                                         "--copy-codebase", "--debug"))
+    result = run_trainer(
+        tiny_train_args(train_csv, tmp_path, "logs", "--max-steps", "1", "--log-local", "--copy-codebase", "--debug")
+    )
     run = tmp_path / "logs"
     assert (run / "out-0.log").is_file() and not (run / "out.log").exists()
     assert "Train Epoch: 0" in (run / "out-0.log").read_text()
-    assert (run / "code" / "acc_clip" / "train" / "loop.py").read_text() == \
-        (REPO / "acc_clip" / "train" / "loop.py").read_text()
+    assert (run / "code" / "acc_clip" / "train" / "loop.py").read_text() == (
+        REPO / "acc_clip" / "train" / "loop.py"
+    ).read_text()
     assert "| DEBUG |" in result.stdout
 
 

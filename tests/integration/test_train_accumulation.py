@@ -12,8 +12,11 @@ from helpers import TINY_VIT, read_metrics, run_trainer, tiny_train_args
 def test_trainer_counts_optimizer_steps_under_accumulation(train_csv, tmp_path):
     """Three optimizer steps of 2 micro-batches of 16: three records, 32 samples each, and the
     learning rate of optimizer steps 0, 1, 2 of the warm-up (lr * (step + 1) / warmup)."""
-    run_trainer(tiny_train_args(train_csv, tmp_path, "accum", "--model", TINY_VIT, "--accum-freq", "2",
-                                "--max-steps", "3", "--warmup", "10"))
+    run_trainer(
+        tiny_train_args(
+            train_csv, tmp_path, "accum", "--model", TINY_VIT, "--accum-freq", "2", "--max-steps", "3", "--warmup", "10"
+        )
+    )
     records = read_metrics(tmp_path / "accum")
     assert [r["step"] for r in records] == [0, 1, 2]
     assert [r["samples_seen"] for r in records] == [32, 64, 96]

@@ -13,9 +13,24 @@ from helpers import TINY_RN, acc_clip_eval, read_metrics, run_trainer, tiny_trai
 @pytest.fixture(scope="module")
 def evaluated_run(train_csv, val_csv, demo_dataset, tmp_path_factory):
     logs = tmp_path_factory.mktemp("logs")
-    result = run_trainer(tiny_train_args(
-        train_csv, logs, "ev", "--epochs", "2", "--max-steps", "24", "--val-data", str(val_csv),
-        *zeroshot_flags(demo_dataset), "--report-to", "tensorboard", "--save-frequency", "1"))
+    result = run_trainer(
+        tiny_train_args(
+            train_csv,
+            logs,
+            "ev",
+            "--epochs",
+            "2",
+            "--max-steps",
+            "24",
+            "--val-data",
+            str(val_csv),
+            *zeroshot_flags(demo_dataset),
+            "--report-to",
+            "tensorboard",
+            "--save-frequency",
+            "1",
+        )
+    )
     return logs / "ev", result
 
 
@@ -50,8 +65,9 @@ def test_tensorboard_events_hold_train_and_val_scalars(evaluated_run):
 def test_wandb_offline_run_folder(train_csv, tmp_path, monkeypatch):
     pytest.importorskip("wandb", reason="wandb is an optional extra (pip install -e '.[wandb]'); not installed here")
     monkeypatch.setenv("WANDB_MODE", "offline")  # no network: wandb writes the run folder locally
-    args = tiny_train_args(train_csv, tmp_path, "wb", "--epochs", "1", "--report-to", "wandb",
-                           "--save-every-n-steps", "2")
+    args = tiny_train_args(
+        train_csv, tmp_path, "wb", "--epochs", "1", "--report-to", "wandb", "--save-every-n-steps", "2"
+    )
     run_trainer([*args, "--max-steps", "2"])
     run_trainer([*args, "--max-steps", "3", "--resume", "latest"])
     # Both starts wrote under the one id of the run folder (offline-run-<time>-<id>): one wandb run, continued.
@@ -63,9 +79,25 @@ def test_wandb_offline_run_folder(train_csv, tmp_path, monkeypatch):
 def test_acc_clip_eval_reads_step_checkpoints_and_epoch_files(evaluated_run, val_csv):
     run_dir, _ = evaluated_run
     # --precision fp32: the training run's (eval's default is amp)
-    outputs = [acc_clip_eval("--model", TINY_RN, "--checkpoint", str(checkpoint), "--val-data", str(val_csv),
-                             "--csv-separator", ",", "--device", "cpu", "--workers", "0", "--precision", "fp32")
-               for checkpoint in (run_dir / "checkpoints" / "step_00000020", run_dir / "checkpoints" / "epoch_1.pt")]
+    outputs = [
+        acc_clip_eval(
+            "--model",
+            TINY_RN,
+            "--checkpoint",
+            str(checkpoint),
+            "--val-data",
+            str(val_csv),
+            "--csv-separator",
+            ",",
+            "--device",
+            "cpu",
+            "--workers",
+            "0",
+            "--precision",
+            "fp32",
+        )
+        for checkpoint in (run_dir / "checkpoints" / "step_00000020", run_dir / "checkpoints" / "epoch_1.pt")
+    ]
     # Same weights in both files, and the same numbers as the trainer's own evaluation after epoch 1.
     trainer = json.loads((run_dir / "results.jsonl").read_text().splitlines()[-1])
     for key in ("image_to_text_R@1", "text_to_image_R@5", "coco_image_to_text_R@1"):
@@ -77,9 +109,12 @@ def test_acc_clip_eval_reads_step_checkpoints_and_epoch_files(evaluated_run, val
 # (measured: an eval on 2 threads gave the 1-thread val_loss 4.671459674835205 as 4.671460151672363).
 ONE_THREAD = {"OMP_NUM_THREADS": "1"}
 MODEL_OPTIONS = ["--force-quick-gelu", "--image-mean", "0.5", "0.5", "0.5", "--image-std", "0.25", "0.25", "0.25"]
-RETRIEVAL = {f"{prefix}{direction}_{metric}" for direction in ("image_to_text", "text_to_image")
-             for prefix, metrics in (("", ("mean_rank", "median_rank", "R@1", "R@5", "R@10")),
-                                     ("coco_", ("R@1", "R@5", "R@10"))) for metric in metrics}
+RETRIEVAL = {
+    f"{prefix}{direction}_{metric}"
+    for direction in ("image_to_text", "text_to_image")
+    for prefix, metrics in (("", ("mean_rank", "median_rank", "R@1", "R@5", "R@10")), ("coco_", ("R@1", "R@5", "R@10")))
+    for metric in metrics
+}
 
 
 @pytest.fixture(scope="module")
@@ -88,8 +123,21 @@ def run_with_model_options(small_csv, val_csv, tmp_path_factory):
     on the validation set at the epoch's end, which saves epoch_1.pt and the step checkpoint of the same
     weights. One compute thread, as in the evaluations below."""
     logs = tmp_path_factory.mktemp("logs")
-    run_trainer(tiny_train_args(small_csv, logs, "opts", "--epochs", "1", "--val-data", str(val_csv),
-                                "--save-frequency", "1", *MODEL_OPTIONS), env=ONE_THREAD)
+    run_trainer(
+        tiny_train_args(
+            small_csv,
+            logs,
+            "opts",
+            "--epochs",
+            "1",
+            "--val-data",
+            str(val_csv),
+            "--save-frequency",
+            "1",
+            *MODEL_OPTIONS,
+        ),
+        env=ONE_THREAD,
+    )
     return logs / "opts"
 
 
@@ -103,8 +151,18 @@ def test_acc_clip_eval_of_a_step_checkpoint_builds_the_model_its_manifest_record
     run_dir = run_with_model_options
     trainer = json.loads((run_dir / "results.jsonl").read_text().splitlines()[-1])
     assert (trainer["epoch"], trainer["step"]) == (1, 10)
-    data = ["--val-data", str(val_csv), "--batch-size", "16", "--device", "cpu", "--workers", "0",
-            "--precision", "fp32"]  # the run's batch (the loss is averaged per batch) and precision
+    data = [
+        "--val-data",
+        str(val_csv),
+        "--batch-size",
+        "16",
+        "--device",
+        "cpu",
+        "--workers",
+        "0",
+        "--precision",
+        "fp32",
+    ]  # the run's batch (the loss is averaged per batch) and precision
 
     recorded = acc_clip_eval("--checkpoint", str(run_dir / "checkpoints" / "step_00000010"), *data, env=ONE_THREAD)
     metrics = set(recorded) - {"eval"}
@@ -114,14 +172,15 @@ def test_acc_clip_eval_of_a_step_checkpoint_builds_the_model_its_manifest_record
     epoch_file = str(run_dir / "checkpoints" / "epoch_1.pt")
     plain = acc_clip_eval("--checkpoint", epoch_file, "--model", TINY_RN, *data, env=ONE_THREAD)
     assert plain["val_loss"] != trainer["val_loss"], "the model options made no difference: the test shows nothing"
-    assert acc_clip_eval("--checkpoint", epoch_file, "--model", TINY_RN, *MODEL_OPTIONS, *data,
-                         env=ONE_THREAD)["val_loss"] == trainer["val_loss"]
+    assert (
+        acc_clip_eval("--checkpoint", epoch_file, "--model", TINY_RN, *MODEL_OPTIONS, *data, env=ONE_THREAD)["val_loss"]
+        == trainer["val_loss"]
+    )
 
 
 def test_unknown_tracker_is_an_error(train_csv, tmp_path, train_in_process):
     status, errors = train_in_process(tiny_train_args(train_csv, tmp_path, "x", "--report-to", "tensorbord"))
-    assert status == UsageError.exit_status and len(errors) == 1 and "unknown tracker 'tensorbord'" in errors[0], \
-        errors
+    assert status == UsageError.exit_status and len(errors) == 1 and "unknown tracker 'tensorbord'" in errors[0], errors
 
 
 def test_an_imagenet_v2_folder_without_its_layout_stops_the_run_at_start(train_csv, tmp_path, train_in_process):

@@ -35,9 +35,12 @@ STEPS = 40
 def probed_run(train_csv, logs, name: str, *extra: str) -> tuple[list[float], dict]:
     """The losses of a 40-step tiny run and its probe record."""
     probe = logs / f"{name}.probe.json"
-    run_trainer(tiny_train_args(train_csv, logs, name, *extra),
-                launcher=[sys.executable, str(REPO / "tests" / "probe_train.py")], timeout=240,
-                env={"OMP_NUM_THREADS": "1", "ACC_CLIP_PROBE": str(probe)})
+    run_trainer(
+        tiny_train_args(train_csv, logs, name, *extra),
+        launcher=[sys.executable, str(REPO / "tests" / "probe_train.py")],
+        timeout=240,
+        env={"OMP_NUM_THREADS": "1", "ACC_CLIP_PROBE": str(probe)},
+    )
     losses = [record["loss"] for record in read_metrics(logs / name)]
     assert len(losses) == STEPS
     return losses, json.loads(probe.read_text())
@@ -69,8 +72,9 @@ def test_no_channels_last_keeps_the_loss_within_the_measured_agreement(resnet_ba
 
 def test_grad_checkpointing_gives_the_same_losses(train_csv, tmp_path):
     reference, plain = probed_run(train_csv, tmp_path, "vit", "--model", TINY_VIT)
-    losses, probe = probed_run(train_csv, tmp_path, "vit_grad_checkpointing", "--model", TINY_VIT,
-                               "--grad-checkpointing")
+    losses, probe = probed_run(
+        train_csv, tmp_path, "vit_grad_checkpointing", "--model", TINY_VIT, "--grad-checkpointing"
+    )
     assert plain["checkpoint_calls"] == 0
     assert probe["checkpoint_calls"] >= STEPS * 2  # both towers, every step
     assert losses == reference

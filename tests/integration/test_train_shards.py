@@ -44,14 +44,26 @@ def shard_dir(train_csv, tmp_path_factory) -> Path:
 def image_shard_dir(train_csv, tmp_path_factory) -> Path:
     """--group-by-image: 64 samples (one per image, its 5 captions in the .json), 8 shards of 8."""
     out = tmp_path_factory.mktemp("shards") / "images"
-    convert_csv_to_shards(str(train_csv), str(out), samples_per_shard=8, workers=1, group_by_image=True,
-                          progress=False)
+    convert_csv_to_shards(str(train_csv), str(out), samples_per_shard=8, workers=1, group_by_image=True, progress=False)
     return out
 
 
 def shard_args(train_data: str, logs: Path, name: str, *extra: str) -> list[str]:
-    return without_csv_separator(tiny_train_args(Path(train_data), logs, name, "--batch-size", str(BATCH),
-                                                 "--epochs", str(EPOCHS), "--workers", "2", "--log-samples", *extra))
+    return without_csv_separator(
+        tiny_train_args(
+            Path(train_data),
+            logs,
+            name,
+            "--batch-size",
+            str(BATCH),
+            "--epochs",
+            str(EPOCHS),
+            "--workers",
+            "2",
+            "--log-samples",
+            *extra,
+        )
+    )
 
 
 def indices_by_epoch(run_dir: Path) -> dict[int, list[int]]:
@@ -63,9 +75,18 @@ def indices_by_epoch(run_dir: Path) -> dict[int, list[int]]:
 
 def loader_indices(train_data: str, *, epoch: int, batch_size: int, workers: int, **kwargs) -> list[int]:
     """The sample indices the loader yields for one epoch, without the trainer (cheap transforms)."""
-    loader, _ = build_wds_loader(train_data, preprocess=lambda image: torch.zeros(1),
-                                 tokenizer=lambda texts: torch.zeros(1, 1, dtype=torch.long), batch_size=batch_size,
-                                 workers=workers, seed=0, epoch=epoch, rank=0, world_size=1, **kwargs)
+    loader, _ = build_wds_loader(
+        train_data,
+        preprocess=lambda image: torch.zeros(1),
+        tokenizer=lambda texts: torch.zeros(1, 1, dtype=torch.long),
+        batch_size=batch_size,
+        workers=workers,
+        seed=0,
+        epoch=epoch,
+        rank=0,
+        world_size=1,
+        **kwargs,
+    )
     return [i for batch in loader for i in batch.indices.tolist()]
 
 
@@ -111,8 +132,22 @@ def test_mid_epoch_resume_from_shards_repeats_the_uninterrupted_run(shard_dir, r
 
 def test_a_folder_of_group_by_image_shards_resampled_with_train_num_samples(image_shard_dir, tmp_path):
     # 48 samples per epoch: 6 steps of 8, not the 8 steps sizes.json (64 images) would give.
-    run_trainer(shard_args(str(image_shard_dir), tmp_path, "C", "--dataset-type", "webdataset",
-                           "--train-num-samples", "48", "--batch-size", "8", "--epochs", "1", "--dataset-resampled"))
+    run_trainer(
+        shard_args(
+            str(image_shard_dir),
+            tmp_path,
+            "C",
+            "--dataset-type",
+            "webdataset",
+            "--train-num-samples",
+            "48",
+            "--batch-size",
+            "8",
+            "--epochs",
+            "1",
+            "--dataset-resampled",
+        )
+    )
     assert [r["epoch"] for r in read_metrics(tmp_path / "C")] == [0] * 6
     trained = indices_by_epoch(tmp_path / "C")[0]
     assert len(trained) == 48 and set(trained) <= set(range(64))  # keys of grouped shards are image numbers
@@ -140,12 +175,22 @@ def test_a_one_shard_set_trains_every_sample_once_on_four_workers(one_shard_dir,
 def test_a_resampled_run_with_upsampling_factors_resumes_on_the_same_samples(shard_dir, tmp_path):
     """--train-data-upsampling-factors: three sources (rows 0-79, 80-159 and 160-319) weighted 1, 3 and 0.
     A run stopped at step 7 and resumed trains on the samples of the run left alone, step for step."""
-    sources = "::".join(str(shard_dir / pattern) for pattern in ("{00000..00001}.tar", "{00002..00003}.tar",
-                                                                 "{00004..00007}.tar"))
+    sources = "::".join(
+        str(shard_dir / pattern) for pattern in ("{00000..00001}.tar", "{00002..00003}.tar", "{00004..00007}.tar")
+    )
 
     def args(name: str, *extra: str) -> list[str]:
-        return shard_args(sources, tmp_path, name, "--dataset-resampled", "--train-data-upsampling-factors",
-                          "1::3::0", "--train-num-samples", "160", *extra)
+        return shard_args(
+            sources,
+            tmp_path,
+            name,
+            "--dataset-resampled",
+            "--train-data-upsampling-factors",
+            "1::3::0",
+            "--train-num-samples",
+            "160",
+            *extra,
+        )
 
     run_trainer(args("A"))
     interrupted = args("B", "--save-every-n-steps", "7")
@@ -179,6 +224,8 @@ def test_decoding_on_the_device_trains_on_the_same_pixels(shard_dir, reference_r
 def test_decode_on_device_falls_back_to_the_workers_on_the_cpu(shard_dir, tmp_path):
     args = shard_args(str(shard_dir / FIRST_FOUR), tmp_path, "F", "--decode-on-device", "--max-steps", "2")
     result = run_trainer(args)
-    assert "--decode-on-device: cpu has no JPEG decoder here; decoding in the loader workers instead" in \
-        result.stdout + result.stderr
+    assert (
+        "--decode-on-device: cpu has no JPEG decoder here; decoding in the loader workers instead"
+        in result.stdout + result.stderr
+    )
     assert len(read_metrics(tmp_path / "F")) == 2

@@ -15,8 +15,17 @@ from acc_clip.prep.shards.convert import convert_csv_to_shards
 from helpers import read_metrics, read_samples, run_trainer, tiny_train_args, without_csv_separator
 
 # `--` ends torchrun's options: it would otherwise take the trainer's --logs for its --logs-specs.
-TWO_PROCESSES = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-                 "--no-python", "--", sys.executable]
+TWO_PROCESSES = [
+    sys.executable,
+    "-m",
+    "torch.distributed.run",
+    "--standalone",
+    "--nproc_per_node",
+    "2",
+    "--no-python",
+    "--",
+    sys.executable,
+]
 BATCH = 8  # per process
 SAMPLES = 160  # shards 0-3 of 40
 EPOCHS = 2
@@ -25,8 +34,18 @@ EPOCHS = 2
 def test_two_processes_two_workers_see_every_sample_once_per_epoch(train_csv, tmp_path):
     shards = tmp_path / "shards"
     convert_csv_to_shards(str(train_csv), str(shards), samples_per_shard=40, workers=1, progress=False)
-    args = tiny_train_args(shards / "{00000..00003}.tar", tmp_path / "logs", "two", "--batch-size", str(BATCH),
-                           "--epochs", str(EPOCHS), "--workers", "2", "--log-samples")
+    args = tiny_train_args(
+        shards / "{00000..00003}.tar",
+        tmp_path / "logs",
+        "two",
+        "--batch-size",
+        str(BATCH),
+        "--epochs",
+        str(EPOCHS),
+        "--workers",
+        "2",
+        "--log-samples",
+    )
     result = run_trainer(without_csv_separator(args), launcher=TWO_PROCESSES)
     assert "2 process(es)" in result.stdout + result.stderr
 

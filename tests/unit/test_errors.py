@@ -51,6 +51,7 @@ def test_run_command_returns_main_s_status_and_0_for_none(capsys):
 
 def test_an_unexpected_exception_is_not_turned_into_a_line():
     """A bug keeps its traceback (status 1 from the interpreter)."""
+
     def main(argv):
         raise KeyError("bug")
 

@@ -15,8 +15,11 @@ from helpers import REPO
 importlinter = pytest.importorskip("importlinter")
 
 
-CONTRACTS = ("Layers: commands and the loop on top, errors at the bottom",
-             "Data, losses and evaluation never import checkpointing", "No import cycles, at any depth")
+CONTRACTS = (
+    "Layers: commands and the loop on top, errors at the bottom",
+    "Data, losses and evaluation never import checkpointing",
+    "No import cycles, at any depth",
+)
 
 
 def check_contracts(package_parent: Path, capsys) -> dict[str, bool]:
@@ -83,7 +86,10 @@ def test_no_module_imports_a_module_that_imports_it_back():
         graph = grimp.build_graph("acc_clip", cache_dir=None)
     finally:
         sys.path.remove(str(REPO))
-    cycles = [(importer, imported) for importer in graph.modules
-              for imported in graph.find_modules_directly_imported_by(importer)
-              if graph.find_shortest_chain(importer=imported, imported=importer) is not None]
+    cycles = [
+        (importer, imported)
+        for importer in graph.modules
+        for imported in graph.find_modules_directly_imported_by(importer)
+        if graph.find_shortest_chain(importer=imported, imported=importer) is not None
+    ]
     assert cycles == []

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
-from typing import ClassVar, Optional
+from typing import ClassVar
 
 from acc_clip.config.parsing import parse
 from acc_clip.config.schema import NON_NEGATIVE, POSITIVE, REQUIRED, Domain, Section, option
@@ -19,13 +19,13 @@ class ConvertOptions(Section):
     title: ClassVar[str] = "shards"
     csv: str = option(REQUIRED, "CSV with an image path and a caption column")
     out: str = option(REQUIRED, "output folder: new, empty, or a previous run to resume")
-    samples_per_shard: Optional[int] = option(None, "samples per shard (default: about 256 MB per shard)",
-                                              domain=POSITIVE)
+    samples_per_shard: int | None = option(None, "samples per shard (default: about 256 MB per shard)", domain=POSITIVE)
     # Conversion processes, not loader workers: this command's own quantity, under its historical name.
-    workers: Optional[int] = option(None, "conversion processes (default: all cores)", domain=NON_NEGATIVE)
-    resize: Optional[int] = option(None, "scale the shorter side to this many pixels", domain=POSITIVE)
-    quality: int = option(DEFAULT_QUALITY, "JPEG quality when re-encoding",
-                          domain=Domain("within 1..100", lambda v: 1 <= v <= 100))
+    workers: int | None = option(None, "conversion processes (default: all cores)", domain=NON_NEGATIVE)
+    resize: int | None = option(None, "scale the shorter side to this many pixels", domain=POSITIVE)
+    quality: int = option(
+        DEFAULT_QUALITY, "JPEG quality when re-encoding", domain=Domain("within 1..100", lambda v: 1 <= v <= 100)
+    )
     group_by_image: bool = option(False, "one sample per image, all its captions")
     no_progress: bool = option(False, "no progress bar")
 
@@ -34,29 +34,49 @@ class ConvertOptions(Section):
 class VerifyOptions(Section):
     title: ClassVar[str] = "verify"
     dir: str = option(REQUIRED, "the shard folder", positional=True)
-    workers: Optional[int] = option(None, "processes (default: all cores)", domain=POSITIVE)
+    workers: int | None = option(None, "processes (default: all cores)", domain=POSITIVE)
 
 
 def _convert_main(argv: list[str]) -> int:
-    config = parse(argv, [ConvertOptions, CsvOptions], prog="acc-clip shards", train=False,
-                   description="CSV -> webdataset shards (`acc-clip shards verify DIR` checks them)")
+    config = parse(
+        argv,
+        [ConvertOptions, CsvOptions],
+        prog="acc-clip shards",
+        train=False,
+        description="CSV -> webdataset shards (`acc-clip shards verify DIR` checks them)",
+    )
     options, csv = config[ConvertOptions], config[CsvOptions]
     result = convert_csv_to_shards(
-        options.csv, options.out, img_key=csv.csv_img_key, caption_key=csv.csv_caption_key, sep=csv.csv_separator,
-        samples_per_shard=options.samples_per_shard, workers=options.workers, resize=options.resize,
-        quality=options.quality, group_by_image=options.group_by_image, progress=not options.no_progress,
+        options.csv,
+        options.out,
+        img_key=csv.csv_img_key,
+        caption_key=csv.csv_caption_key,
+        sep=csv.csv_separator,
+        samples_per_shard=options.samples_per_shard,
+        workers=options.workers,
+        resize=options.resize,
+        quality=options.quality,
+        group_by_image=options.group_by_image,
+        progress=not options.no_progress,
         skip_bad_rows=csv.skip_bad_rows,
     )
     skipped = ", ".join(f"{count} {reason}" for reason, count in result["skipped"].items() if count) or "none"
-    print(f"{result['out_dir']}: {result['samples']} samples in {result['shards']} shards "
-          f"({result['shards_reused']} reused), {result['bytes'] / 2**20:.1f} MB, skipped: {skipped}, "
-          f"{result['seconds']:.1f} s")
+    print(
+        f"{result['out_dir']}: {result['samples']} samples in {result['shards']} shards "
+        f"({result['shards_reused']} reused), {result['bytes'] / 2**20:.1f} MB, skipped: {skipped}, "
+        f"{result['seconds']:.1f} s"
+    )
     return 0
 
 
 def _verify_main(argv: list[str]) -> int:
-    options = parse(argv, [VerifyOptions], prog="acc-clip shards verify", train=False,
-                    description="decode every sample of every shard, check counts")[VerifyOptions]
+    options = parse(
+        argv,
+        [VerifyOptions],
+        prog="acc-clip shards verify",
+        train=False,
+        description="decode every sample of every shard, check counts",
+    )[VerifyOptions]
     result = verify_shards(options.dir, workers=options.workers or os.cpu_count() or 1)
     for problem in result["problems"]:
         print(problem)

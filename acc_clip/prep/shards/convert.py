@@ -23,15 +23,14 @@ the marker segments must walk from start-of-image to the first scan, the start-o
 size, and an end-of-image marker must follow the first scan. That catches truncated and garbage
 files in microseconds instead of the ~2.5 ms a decode costs (entropy-data corruption inside a
 complete file is left to `shards verify`, which decodes everything); files the walk cannot size go
-through PIL. Non-JPEG sources are decoded and re-encoded as JPEG at --quality. --resize S scales the shorter side to S (bicubic, with
-libjpeg's DCT downscaling first when the image is at least twice too large) and re-encodes at
+through PIL. Non-JPEG sources are decoded and re-encoded as JPEG at --quality. --resize S scales the shorter
+side to S (bicubic, with libjpeg's DCT downscaling first when the image is at least twice too large) and re-encodes at
 --quality. EXIF orientation is not applied, as open_clip's loader does not apply it either.
 
 Shard size. --samples-per-shard defaults to what makes a shard about 256 MB, from the encoded size
 of the first few usable images (clamped to 100..100000); the value is stored in _conversion.json
 and reused on rerun.
 """
-
 
 from __future__ import annotations
 
@@ -41,8 +40,9 @@ import multiprocessing
 import os
 import re
 import time
+from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import BinaryIO, Iterable, Optional, cast
+from typing import BinaryIO, cast
 
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
@@ -68,7 +68,9 @@ DEFAULT_QUALITY = 90
 # not_read: not a regular file (a FIFO, a device), or above --max-image-bytes
 SKIP_REASONS = ("missing_file", "unreadable_file", "not_read", "corrupt_image", "empty_caption")
 # Every file this module writes; anything else in OUT means the folder belongs to someone else.
-OWN_FILE = re.compile(r"^(\d{5,}\.tar(\.tmp)?|\d{5,}_stats\.json(\.tmp)?|sizes\.json(\.tmp)?|_conversion\.json(\.tmp)?)$")
+OWN_FILE = re.compile(
+    r"^(\d{5,}\.tar(\.tmp)?|\d{5,}_stats\.json(\.tmp)?|sizes\.json(\.tmp)?|_conversion\.json(\.tmp)?)$"
+)
 
 
 class BadImage(Exception):
@@ -94,7 +96,7 @@ class ShardJob:
     out_dir: str
     shard: int
     items: tuple[Item, ...]
-    resize: Optional[int]
+    resize: int | None
     quality: int
     grouped: bool
 
@@ -115,10 +117,12 @@ def sample_key(number: int) -> str:
 # Reading the CSV
 
 
-def read_items(csv_path: str, *, img_key: str, caption_key: str, sep: str, group_by_image: bool,
-               skip_bad_rows: bool = False) -> list[Item]:
-    paths, captions = read_csv_columns(csv_path, img_key=img_key, caption_key=caption_key, sep=sep,
-                                       skip_bad_rows=skip_bad_rows)
+def read_items(
+    csv_path: str, *, img_key: str, caption_key: str, sep: str, group_by_image: bool, skip_bad_rows: bool = False
+) -> list[Item]:
+    paths, captions = read_csv_columns(
+        csv_path, img_key=img_key, caption_key=caption_key, sep=sep, skip_bad_rows=skip_bad_rows
+    )
     if not group_by_image:
         return [Item(row, path, (row,), (caption,)) for row, (path, caption) in enumerate(zip(paths, captions))]
     rows_of: dict[str, list[int]] = {}
@@ -156,7 +160,7 @@ def _resized(size: tuple[int, int], shorter_side: int) -> tuple[int, int]:
     return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
 
 
-def prepare_image(path: str, resize: Optional[int], quality: int) -> tuple[bytes, int, int, int, int]:
+def prepare_image(path: str, resize: int | None, quality: int) -> tuple[bytes, int, int, int, int]:
     """(JPEG bytes to store, width, height, source width, source height), or BadImage."""
     data = _read_source(path, MAX_IMAGE_BYTES)
     header = jpeg.read_header(data)
@@ -205,8 +209,9 @@ def write_samples(tar: BinaryIO, job: ShardJob, skipped_rows: list[dict]) -> int
                 raise BadImage("empty_caption", "empty caption")
             image, width, height, source_width, source_height = prepare_image(item.source, job.resize, job.quality)
         except BadImage as bad:
-            skipped_rows.append({"rows": list(item.rows), "source": item.source, "reason": bad.reason,
-                                 "detail": bad.detail})
+            skipped_rows.append(
+                {"rows": list(item.rows), "source": item.source, "reason": bad.reason, "detail": bad.detail}
+            )
             continue
         key = sample_key(item.number)
         meta = {"source": item.source, "row": item.rows[0], "width": width, "height": height, "key": key}
@@ -246,7 +251,7 @@ def write_shard(job: ShardJob) -> dict:
     return stats
 
 
-def read_complete_stats(out_dir: str, shard: int) -> Optional[dict]:
+def read_complete_stats(out_dir: str, shard: int) -> dict | None:
     """The stats of a shard that was finished, or None when it must be (re)written."""
     stats_path = os.path.join(out_dir, stats_name(shard))
     tar_path = os.path.join(out_dir, shard_name(shard))
@@ -262,7 +267,7 @@ def read_complete_stats(out_dir: str, shard: int) -> Optional[dict]:
 # The output folder
 
 
-def _check_out_dir(out_dir: str) -> Optional[dict]:
+def _check_out_dir(out_dir: str) -> dict | None:
     """Make sure OUT is new, empty or one of our conversions; returns its _conversion.json if any."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UsageError(f"{out_dir}: output path exists and is not a folder")
@@ -270,8 +275,10 @@ def _check_out_dir(out_dir: str) -> Optional[dict]:
     foreign = [name for name in names if not OWN_FILE.match(name)]
     if names and (foreign or CONVERSION_NAME not in names):
         example = (foreign or names)[0]
-        raise UsageError(f"{out_dir}: output folder holds other files (e.g. {example!r}); "
-                           f"choose a new or empty folder (nothing was written)")
+        raise UsageError(
+            f"{out_dir}: output folder holds other files (e.g. {example!r}); "
+            f"choose a new or empty folder (nothing was written)"
+        )
     if CONVERSION_NAME not in names:
         return None
     try:
@@ -281,7 +288,7 @@ def _check_out_dir(out_dir: str) -> Optional[dict]:
         raise DataError(f"{os.path.join(out_dir, CONVERSION_NAME)}: unreadable ({error})") from None
 
 
-def _auto_samples_per_shard(items: list[Item], resize: Optional[int], quality: int) -> int:
+def _auto_samples_per_shard(items: list[Item], resize: int | None, quality: int) -> int:
     sizes: list[int] = []
     for item in items:
         if len(sizes) == SIZE_PROBE_IMAGES:
@@ -307,9 +314,9 @@ def convert_csv_to_shards(
     img_key: str = "filepath",
     caption_key: str = "title",
     sep: str = AUTO_SEPARATOR,
-    samples_per_shard: Optional[int] = None,
-    workers: Optional[int] = None,
-    resize: Optional[int] = None,
+    samples_per_shard: int | None = None,
+    workers: int | None = None,
+    resize: int | None = None,
     quality: int = DEFAULT_QUALITY,
     group_by_image: bool = False,
     progress: bool = True,
@@ -330,37 +337,64 @@ def convert_csv_to_shards(
     previous = _check_out_dir(out_dir)
     # Recorded as the character the file used, so an `auto` conversion resumes one given the separator.
     sep = detect_separator(csv_path) if sep == AUTO_SEPARATOR else parse_separator(sep, "--csv-separator")
-    items = read_items(csv_path, img_key=img_key, caption_key=caption_key, sep=sep, group_by_image=group_by_image,
-                       skip_bad_rows=skip_bad_rows)
+    items = read_items(
+        csv_path,
+        img_key=img_key,
+        caption_key=caption_key,
+        sep=sep,
+        group_by_image=group_by_image,
+        skip_bad_rows=skip_bad_rows,
+    )
     parameters = {
-        "format_version": FORMAT_VERSION, "csv": os.path.abspath(csv_path), "csv_sha256": file_sha256(csv_path),
-        "img_key": img_key, "caption_key": caption_key, "sep": sep, "samples_per_shard": samples_per_shard,
-        "resize": resize, "quality": quality, "group_by_image": group_by_image,
+        "format_version": FORMAT_VERSION,
+        "csv": os.path.abspath(csv_path),
+        "csv_sha256": file_sha256(csv_path),
+        "img_key": img_key,
+        "caption_key": caption_key,
+        "sep": sep,
+        "samples_per_shard": samples_per_shard,
+        "resize": resize,
+        "quality": quality,
+        "group_by_image": group_by_image,
         **({"skip_bad_rows": True} if skip_bad_rows else {}),  # absent when off: earlier conversions still resume
     }
     if previous is not None:
         if previous.get("parameters") != parameters:
             changed = sorted(k for k in parameters if previous.get("parameters", {}).get(k) != parameters[k])
-            raise UsageError(f"{out_dir} holds a conversion with other parameters ({', '.join(changed)} differ); "
-                               f"use a new folder or the same parameters")
+            raise UsageError(
+                f"{out_dir} holds a conversion with other parameters ({', '.join(changed)} differ); "
+                f"use a new folder or the same parameters"
+            )
         per_shard = int(previous["resolved_samples_per_shard"])
     else:
         per_shard = samples_per_shard or _auto_samples_per_shard(items, resize, quality)
         os.makedirs(out_dir, exist_ok=True)
-        write_json_atomically(os.path.join(out_dir, CONVERSION_NAME), {
-            "parameters": parameters, "resolved_samples_per_shard": per_shard, "num_items": len(items),
-        })
+        write_json_atomically(
+            os.path.join(out_dir, CONVERSION_NAME),
+            {
+                "parameters": parameters,
+                "resolved_samples_per_shard": per_shard,
+                "num_items": len(items),
+            },
+        )
 
     num_shards = -(-len(items) // per_shard)
     stats_by_shard = {shard: read_complete_stats(out_dir, shard) for shard in range(num_shards)}
     reused = [shard for shard, stats in stats_by_shard.items() if stats is not None]
     jobs = [
-        ShardJob(out_dir, shard, tuple(items[shard * per_shard:(shard + 1) * per_shard]), resize, quality,
-                 group_by_image)
-        for shard, stats in stats_by_shard.items() if stats is None
+        ShardJob(
+            out_dir, shard, tuple(items[shard * per_shard : (shard + 1) * per_shard]), resize, quality, group_by_image
+        )
+        for shard, stats in stats_by_shard.items()
+        if stats is None
     ]
-    with tqdm(total=len(items), initial=sum(min(per_shard, len(items) - s * per_shard) for s in reused),
-              unit="img", desc="shards", disable=not progress) as bar:
+    with tqdm(
+        total=len(items),
+        initial=sum(min(per_shard, len(items) - s * per_shard) for s in reused),
+        unit="img",
+        desc="shards",
+        disable=not progress,
+    ) as bar:
         for stats in run_jobs(jobs, workers):
             stats_by_shard[int(stats["shard"].split(".")[0])] = stats
             bar.update(stats["count"] + len(stats["skipped_rows"]))
@@ -381,7 +415,7 @@ def convert_csv_to_shards(
     }
 
 
-def run_jobs(jobs: list, workers: Optional[int], function=write_shard) -> Iterable[dict]:
+def run_jobs(jobs: list, workers: int | None, function=write_shard) -> Iterable[dict]:
     """Results of `function` over whole shards, in completion order, over `workers` processes."""
     workers = min(workers or os.cpu_count() or 1, len(jobs))
     if workers <= 1:

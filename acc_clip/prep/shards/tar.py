@@ -23,7 +23,7 @@ def ustar_header(name: str, size: int) -> bytes:
     if len(encoded) > 100 or size >= 8**11:  # the ustar fields: 100 bytes of name, 11 octal digits of size
         raise ValueError(f"tar member {name!r} of {size} bytes does not fit a ustar header")
     header = bytearray(TAR_BLOCK)
-    header[0:len(encoded)] = encoded
+    header[0 : len(encoded)] = encoded
     header[100:108] = _octal(0o644, 8)  # mode
     header[108:116] = header[116:124] = _octal(0, 8)  # uid, gid
     header[124:136] = _octal(size, 12)
@@ -45,4 +45,3 @@ def finish_tar(tar) -> None:
     """Two zero blocks end the archive; zeros then fill the last record, as tar and tarfile do."""
     tar.write(bytes(2 * TAR_BLOCK))
     tar.write(bytes(-tar.tell() % TAR_RECORD))
-

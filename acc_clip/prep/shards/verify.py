@@ -8,7 +8,6 @@ import os
 import re
 import tarfile
 from dataclasses import dataclass
-from typing import Optional
 
 from PIL import Image, UnidentifiedImageError
 
@@ -19,7 +18,7 @@ from acc_clip.prep.shards.convert import SIZES_NAME, run_jobs
 @dataclass(frozen=True)
 class VerifyJob:
     path: str
-    expected: Optional[int]
+    expected: int | None
 
 
 def verify_shard(job: VerifyJob) -> dict:
@@ -102,6 +101,9 @@ def verify_shards(out_dir: str, *, workers: int = 1) -> dict:
     results = sorted(run_jobs(jobs, workers, verify_shard), key=lambda r: r["shard"])
     for result in results:
         problems += result["problems"]
-    return {"ok": not problems, "shards": len(shards), "samples": sum(r["count"] for r in results),
-            "problems": problems}
-
+    return {
+        "ok": not problems,
+        "shards": len(shards),
+        "samples": sum(r["count"] for r in results),
+        "problems": problems,
+    }

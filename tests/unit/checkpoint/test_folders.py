@@ -47,5 +47,6 @@ def test_restore_moved_aside_puts_back_what_a_kill_between_the_renames_left(tmp_
     (tmp_path / (OLD_PREFIX + step_name(7))).mkdir()  # no manifest: not a checkpoint
     assert restore_moved_aside(str(tmp_path)) == ["step_00000003"]
     assert (tmp_path / step_name(3) / "model.safetensors").read_bytes() == b"old"
-    assert sorted(os.listdir(tmp_path)) == sorted([step_name(3), step_name(5), OLD_PREFIX + step_name(5),
-                                                   OLD_PREFIX + step_name(7)])
+    assert sorted(os.listdir(tmp_path)) == sorted(
+        [step_name(3), step_name(5), OLD_PREFIX + step_name(5), OLD_PREFIX + step_name(7)]
+    )

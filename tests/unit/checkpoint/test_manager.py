@@ -49,8 +49,9 @@ def scaled_manager_parts(tmp_path):
 
 # saves and resumes ---------------------------------------------------------------------------------
 
+
 def test_save_and_resume_restore_weights_optimizer_rng_and_progress(manager_parts):
-    accelerator, model, optimizer, manager = manager_parts
+    _accelerator, model, optimizer, manager = manager_parts
     saver = manager()
     train_a_step(model, optimizer)
     saved = saver.save(model, optimizer, Progress(epoch=1, step_in_epoch=3, global_step=13, samples_seen=208))
@@ -69,7 +70,7 @@ def test_save_and_resume_restore_weights_optimizer_rng_and_progress(manager_part
 
 
 def test_keep_checkpoints_keeps_the_newest_and_a_crashed_partial_is_removed(manager_parts, tmp_path):
-    accelerator, model, optimizer, manager = manager_parts
+    _accelerator, model, optimizer, manager = manager_parts
     saver = manager(keep_checkpoints=2)
     for step in (1, 2, 3):
         saver.save(model, optimizer, Progress(global_step=step))
@@ -87,7 +88,7 @@ def test_keep_checkpoints_keeps_the_newest_and_a_crashed_partial_is_removed(mana
 
 
 def test_epoch_saves_follow_save_frequency_most_recent_and_delete_previous(manager_parts):
-    accelerator, model, optimizer, manager = manager_parts
+    _accelerator, model, optimizer, manager = manager_parts
     saver = manager(epochs=5, save_frequency=2, save_most_recent=True, delete_previous_checkpoint=True)
     folder = Path(saver.directory)
 
@@ -102,12 +103,16 @@ def test_epoch_saves_follow_save_frequency_most_recent_and_delete_previous(manag
     assert epoch_files() == {"epoch_2.pt": 2, "epoch_latest.pt": 3}  # nothing deleted before a new one exists
     saver.end_of_epoch(model, optimizer, Progress(epoch=5, global_step=50))  # the last epoch is always saved
     assert epoch_files() == {"epoch_5.pt": 5, "epoch_latest.pt": 5}
-    assert [os.path.basename(c) for c in complete_checkpoints(saver.directory)] == \
-        ["step_00000010", "step_00000020", "step_00000030", "step_00000050"]
+    assert [os.path.basename(c) for c in complete_checkpoints(saver.directory)] == [
+        "step_00000010",
+        "step_00000020",
+        "step_00000030",
+        "step_00000050",
+    ]
 
 
 def test_non_finite_weights_are_never_saved(manager_parts):
-    accelerator, model, optimizer, manager = manager_parts
+    _accelerator, model, optimizer, manager = manager_parts
     saver = manager()
     with torch.no_grad():
         parallel.unwrap(model).layer.weight[0, 0] = float("inf")
@@ -124,7 +129,7 @@ def test_rewind_drops_the_records_made_after_the_resumed_checkpoint_and_a_torn_l
 
 
 def test_resume_latest_falls_back_to_the_newest_checkpoint_that_passes(manager_parts, caplog):
-    accelerator, model, optimizer, manager = manager_parts
+    _accelerator, model, optimizer, manager = manager_parts
     saver = manager()
     train_a_step(model, optimizer)
     saver.save(model, optimizer, Progress(global_step=1))
@@ -134,8 +139,9 @@ def test_resume_latest_falls_back_to_the_newest_checkpoint_that_passes(manager_p
         saver.save(model, optimizer, Progress(global_step=step))
     folder = Path(saver.directory)
     flip_a_bit(folder / "step_00000003" / "model.safetensors", offset_from_end=4)
-    (folder / "step_00000002" / "optimizer.bin").write_bytes(b"x" * (folder / "step_00000002" / "optimizer.bin")
-                                                            .stat().st_size)
+    (folder / "step_00000002" / "optimizer.bin").write_bytes(
+        b"x" * (folder / "step_00000002" / "optimizer.bin").stat().st_size
+    )
     with caplog.at_level("WARNING"):
         resumed = manager(resume="latest").resume(model, optimizer, 10)
     assert resumed.global_step == 1
@@ -145,22 +151,28 @@ def test_resume_latest_falls_back_to_the_newest_checkpoint_that_passes(manager_p
     assert "step_00000002: damaged checkpoint, optimizer.bin differs" in said
     assert "resuming from " in said and "step_00000001, the newest checkpoint that passes" in said
     # kept for inspection, out of the step_ names: --keep-checkpoints would count them among the newest
-    assert sorted(p.name for p in folder.iterdir()) == ["damaged-step_00000002", "damaged-step_00000003",
-                                                        "step_00000001"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "damaged-step_00000002",
+        "damaged-step_00000003",
+        "step_00000001",
+    ]
     saver = manager(keep_checkpoints=1)
     saver.save(model, optimizer, Progress(global_step=2))
     assert [os.path.basename(c) for c in complete_checkpoints(saver.directory)] == ["step_00000002"]
 
     flip_a_bit(folder / "step_00000002" / "model.safetensors", offset_from_end=4)
-    with pytest.raises(CheckpointError, match=r"none of the 1 checkpoint\(s\) in .* passes its manifest check "
-                                           r"\(the newest, step_00000002"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"none of the 1 checkpoint\(s\) in .* passes its manifest check "
+        r"\(the newest, step_00000002",
+    ):
         manager(resume="latest").resume(model, optimizer, 10)
     assert (folder / "step_00000002").is_dir()  # nothing renamed when there is nothing to resume from instead
 
 
 @pytest.mark.parametrize("damage", [b"\xff\xfe not utf-8", b'{"files": [], "progress": {}}', b'{"files": {"a": 1}}'])
 def test_a_damaged_manifest_is_named_and_skipped_never_a_traceback(manager_parts, damage):
-    accelerator, model, optimizer, manager = manager_parts
+    _accelerator, model, optimizer, manager = manager_parts
     saver = manager()
     saver.save(model, optimizer, Progress(global_step=1))
     (Path(saver.save(model, optimizer, Progress(global_step=2))) / MANIFEST).write_bytes(damage)
@@ -169,7 +181,7 @@ def test_a_damaged_manifest_is_named_and_skipped_never_a_traceback(manager_parts
 
 def test_a_random_state_file_that_cannot_be_read_is_an_error_not_a_log_line(manager_parts):
     """Accelerate logs "Could not load random states" at INFO and goes on; the resume would not be exact."""
-    accelerator, model, optimizer, manager = manager_parts
+    _accelerator, model, optimizer, manager = manager_parts
     saver = manager()
     saved = Path(saver.save(model, optimizer, Progress(global_step=4)))
     (saved / "random_states_0.pkl").write_bytes(b"not a pickle at all")
@@ -177,13 +189,16 @@ def test_a_random_state_file_that_cannot_be_read_is_an_error_not_a_log_line(mana
     manifest["files"]["random_states_0.pkl"] = (saved / "random_states_0.pkl").stat().st_size
     manifest["sha256"]["random_states_0.pkl"] = file_sha256(str(saved / "random_states_0.pkl"))
     (saved / MANIFEST).write_text(json.dumps(manifest))
-    with pytest.raises(CheckpointError, match=r"step_00000004: cannot read random_states_0\.pkl \(\w+\); the run's "
-                                           "random streams could not be restored exactly$"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"step_00000004: cannot read random_states_0\.pkl \(\w+\); the run's "
+        "random streams could not be restored exactly$",
+    ):
         manager(resume="latest").resume(model, optimizer, 10)
 
 
 def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_checkpoint_before(manager_parts, tmp_path):
-    accelerator, model, optimizer, manager = manager_parts
+    _accelerator, model, optimizer, manager = manager_parts
     with small_disk(tmp_path / "run", "1m") as run:
         saver = manager()
         train_a_step(model, optimizer)
@@ -194,13 +209,18 @@ def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_checkpoint_before(m
         with pytest.raises(ResourceError) as raised:
             saver.save(model, optimizer, Progress(global_step=2))
         said = str(raised.value)
-        assert "\n" not in said and said.startswith("checkpoint step_00000002 could not be saved: no space left on "
-                                                     f"the disk of {run / 'checkpoints'} (the save needs about ")
+        assert "\n" not in said and said.startswith(
+            "checkpoint step_00000002 could not be saved: no space left on "
+            f"the disk of {run / 'checkpoints'} (the save needs about "
+        )
         assert said.endswith("MB are free); the partial save was removed, what was saved before is kept"), said
         assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000001"]
 
-        with pytest.raises(ResourceError, match=r"epoch_1\.pt could not be saved: no space left on the disk of .*"
-                                               r"the partial save was removed"):
+        with pytest.raises(
+            ResourceError,
+            match=r"epoch_1\.pt could not be saved: no space left on the disk of .*"
+            r"the partial save was removed",
+        ):
             save_torch({"weights": torch.zeros(10_000)}, str(run / "checkpoints" / "epoch_1.pt"))
         assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step_00000001"]
 
@@ -210,7 +230,7 @@ def test_a_full_disk_during_a_save_is_one_line_and_keeps_the_checkpoint_before(m
 
 
 def test_bad_resume_input_in_this_process(manager_parts, tmp_path):
-    accelerator, model, optimizer, manager = manager_parts
+    _accelerator, model, optimizer, manager = manager_parts
     with pytest.raises(CheckpointError, match=r"^--resume .*nope: no such file or folder$"):
         manager(resume=str(tmp_path / "nope")).resume(model, optimizer, 10)
     (tmp_path / "notes").mkdir()
@@ -227,6 +247,7 @@ def test_bad_resume_input_in_this_process(manager_parts, tmp_path):
 
 # the fp16 grad scaler, changed settings, a commit killed between its renames ---------------------
 
+
 def scaled_step(accelerator, model, optimizer, overflow: bool = False) -> None:
     loss = model(torch.randn(2, 4)).sum()
     accelerator.backward(loss * float("inf") if overflow else loss)  # inf: the scaler skips the step, backs off
@@ -238,7 +259,7 @@ def scaled_step(accelerator, model, optimizer, overflow: bool = False) -> None:
 def scaler_moved_on(scaled_manager_parts):
     """A scaler whose state differs from a fresh one's in scale and growth tracker: 1024 backed off
     to 512 by an overflow, then 2 of the 3 good steps it needs to grow again."""
-    accelerator, model, optimizer, manager = scaled_manager_parts
+    accelerator, model, optimizer, _manager = scaled_manager_parts
     scaled_step(accelerator, model, optimizer, overflow=True)
     scaled_step(accelerator, model, optimizer)
     scaled_step(accelerator, model, optimizer)
@@ -275,35 +296,43 @@ def test_the_grad_scaler_state_round_trips_through_an_open_clip_epoch_file(scale
 SAVED = {"batch_size": 16, "seed": 0, "accum_freq": 1}  # 160 rows: 10 steps per epoch
 
 
-@pytest.mark.parametrize("changed, named", [
-    ({}, None),
-    ({"seed": 1}, "seed 0 -> 1"),
-    ({"batch_size": 8}, "global_micro_batch 16 -> 8, steps_per_epoch 10 -> 20"),
-    ({"accum_freq": 2}, "accum_freq 1 -> 2, steps_per_epoch 10 -> 5"),
-    ({"seed": 3, "batch_size": 32, "accum_freq": 5},
-     "seed 0 -> 3, global_micro_batch 16 -> 32, accum_freq 1 -> 5, steps_per_epoch 10 -> 1"),
-], ids=["unchanged", "seed", "batch_size", "accum_freq", "all"])
+@pytest.mark.parametrize(
+    "changed, named",
+    [
+        ({}, None),
+        ({"seed": 1}, "seed 0 -> 1"),
+        ({"batch_size": 8}, "global_micro_batch 16 -> 8, steps_per_epoch 10 -> 20"),
+        ({"accum_freq": 2}, "accum_freq 1 -> 2, steps_per_epoch 10 -> 5"),
+        (
+            {"seed": 3, "batch_size": 32, "accum_freq": 5},
+            "seed 0 -> 3, global_micro_batch 16 -> 32, accum_freq 1 -> 5, steps_per_epoch 10 -> 1",
+        ),
+    ],
+    ids=["unchanged", "seed", "batch_size", "accum_freq", "all"],
+)
 def test_a_resume_with_other_data_settings_names_them_in_a_warning(scaled_manager_parts, caplog, changed, named):
-    accelerator, model, optimizer, manager = scaled_manager_parts
-    saved = manager(**SAVED).save(model, optimizer, Progress(epoch=0, step_in_epoch=1, global_step=1,
-                                                             samples_seen=16))
+    _accelerator, model, optimizer, manager = scaled_manager_parts
+    saved = manager(**SAVED).save(model, optimizer, Progress(epoch=0, step_in_epoch=1, global_step=1, samples_seen=16))
     settings = {**SAVED, **changed}
     with caplog.at_level(logging.WARNING, logger="acc_clip"):
-        manager(resume="latest", **settings).resume(model, optimizer,
-                                                     160 // (settings["batch_size"] * settings["accum_freq"]))
+        manager(resume="latest", **settings).resume(
+            model, optimizer, 160 // (settings["batch_size"] * settings["accum_freq"])
+        )
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     if named is None:
         assert warnings == []
     else:
-        assert warnings == [f"--resume {saved}: {named} since the save: the epoch's sample order or position "
-                            "differs, so the rest of this epoch may repeat or skip samples"]
+        assert warnings == [
+            f"--resume {saved}: {named} since the save: the epoch's sample order or position "
+            "differs, so the rest of this epoch may repeat or skip samples"
+        ]
 
 
 def test_a_start_puts_back_a_checkpoint_moved_aside_by_a_commit_killed_between_its_renames(scaled_manager_parts):
     """The states a kill inside commit_folder can leave, next to complete checkpoints: step 6 moved
     aside and its replacement not yet renamed (restored); step 3 moved aside after its replacement was
     renamed in (the old copy is stale: removed); an old copy without its manifest (removed)."""
-    accelerator, model, optimizer, manager = scaled_manager_parts
+    _accelerator, model, optimizer, manager = scaled_manager_parts
     saver = manager()
     for step in (3, 6):
         saver.save(model, optimizer, Progress(epoch=0, step_in_epoch=step, global_step=step, samples_seen=2 * step))
@@ -315,11 +344,13 @@ def test_a_start_puts_back_a_checkpoint_moved_aside_by_a_commit_killed_between_i
 
     manager()  # a new start
     assert sorted(os.listdir(folder)) == ["step_00000003", "step_00000006"]
-    assert manager(resume="latest").resume(model, optimizer, 10) == Progress(epoch=0, step_in_epoch=6,
-                                                                            global_step=6, samples_seen=12)
+    assert manager(resume="latest").resume(model, optimizer, 10) == Progress(
+        epoch=0, step_in_epoch=6, global_step=6, samples_seen=12
+    )
 
 
 # the remote copy ---------------------------------------------------------------------------------
+
 
 def fake_checkpoint(folder: Path, payload: bytes = b"weights", run_id: str | None = None) -> Path:
     folder.mkdir(parents=True)
@@ -357,8 +388,11 @@ def test_remote_sync_copies_complete_checkpoints_manifest_last_and_never_partial
     fake_checkpoint(remote / "checkpoints" / "step_00000099", run_id=sync.run_id)
     fake_checkpoint(remote / "checkpoints" / "step_00000002", run_id="another-run")
     sync.sync_once()
-    assert sorted(p.name for p in (remote / "checkpoints").glob("step_*")) == \
-        ["step_00000002", "step_00000012", "step_00000099"]
+    assert sorted(p.name for p in (remote / "checkpoints").glob("step_*")) == [
+        "step_00000002",
+        "step_00000012",
+        "step_00000099",
+    ]
 
 
 def test_an_interrupted_remote_copy_is_not_fetched(tmp_path):
@@ -390,7 +424,7 @@ def test_a_sharded_checkpoint_goes_to_the_remote_and_back_with_its_sub_folders(t
     remote = tmp_path / "remote" / "run" / "checkpoints" / "step_00000004"
     assert (remote / "pytorch_model_fsdp_0" / "__0_0.distcp").read_bytes() == b"shard 0"
 
-    elsewhere, fetcher = local_run_with_sync(tmp_path, "machine_b")
+    _elsewhere, fetcher = local_run_with_sync(tmp_path, "machine_b")
     fetcher.claim(may_adopt=True)
     fetched = Path(fetcher.fetch_newest_checkpoint())
     assert (fetched / "pytorch_model_fsdp_0" / "__0_0.distcp").read_bytes() == b"shard 0"
@@ -406,9 +440,12 @@ def test_one_run_never_overwrites_prunes_or_fetches_another_runs_remote_files(tm
     assert (remote / "run_id").read_text().strip() == sync.run_id
 
     # the same --name on another machine (or a repeated command): refused before anything is copied
-    second, other = local_run_with_sync(tmp_path, "machine_b")
-    with pytest.raises(UsageError, match=rf"^--remote-sync: {re.escape(str(remote))} holds another run's copy "
-                                           rf"\(run id {sync.run_id}; this run's is {other.run_id}, in "):
+    _second, other = local_run_with_sync(tmp_path, "machine_b")
+    with pytest.raises(
+        UsageError,
+        match=rf"^--remote-sync: {re.escape(str(remote))} holds another run's copy "
+        rf"\(run id {sync.run_id}; this run's is {other.run_id}, in ",
+    ):
         other.claim(may_adopt=False)
     assert (remote / "metrics.jsonl").read_text() == '{"step": 0, "run": "a"}\n'
 

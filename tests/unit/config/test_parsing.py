@@ -82,30 +82,39 @@ def test_yaml_scientific_notation_without_a_dot_is_a_float(tmp_path):
     assert run(["--config", yaml_file(tmp_path, "lr: 5e-4\n")])[Training].lr == 5e-4
 
 
-@pytest.mark.parametrize("flags, yaml_text, message", [
-    (["--batch-size", "0"], "batch_size: 0\n", "--batch-size 0: must be at least 1"),
-    (["--max-bad-fraction", "2.0"], "max-bad-fraction: 2.0\n", "--max-bad-fraction 2.0: must be within [0, 1]"),
-    (["--lr", "-1"], "lr: -1\n", "--lr -1.0: must be a finite number above 0"),
-    (["--epochs", "0"], "epochs: 0\n", "--epochs 0: must be at least 1"),
-])
+@pytest.mark.parametrize(
+    "flags, yaml_text, message",
+    [
+        (["--batch-size", "0"], "batch_size: 0\n", "--batch-size 0: must be at least 1"),
+        (["--max-bad-fraction", "2.0"], "max-bad-fraction: 2.0\n", "--max-bad-fraction 2.0: must be within [0, 1]"),
+        (["--lr", "-1"], "lr: -1\n", "--lr -1.0: must be a finite number above 0"),
+        (["--epochs", "0"], "epochs: 0\n", "--epochs 0: must be at least 1"),
+    ],
+)
 def test_a_domain_violation_is_one_line_naming_flag_value_and_domain_from_flags_and_yaml(
-        tmp_path, flags, yaml_text, message):
+    tmp_path, flags, yaml_text, message
+):
     assert one_line_error(flags) == message
     assert one_line_error(["--config", yaml_file(tmp_path, yaml_text)]) == message
 
 
 def test_a_value_outside_the_choices_or_of_the_wrong_type_is_one_line_from_either_source(tmp_path):
     assert one_line_error(["--mode", "medium"]).startswith("argument --mode: invalid choice: 'medium' (choose from ")
-    assert one_line_error(["--config", yaml_file(tmp_path, "mode: medium\n")]) == \
-        "--mode 'medium': expected one of fast, slow"
+    assert (
+        one_line_error(["--config", yaml_file(tmp_path, "mode: medium\n")])
+        == "--mode 'medium': expected one of fast, slow"
+    )
     assert one_line_error(["--batch-size", "two"]) == "argument --batch-size: invalid int value: 'two'"
-    assert one_line_error(["--config", yaml_file(tmp_path, "batch_size: two\n")]) == \
-        "option 'batch_size': expected int, got 'two'"
+    assert (
+        one_line_error(["--config", yaml_file(tmp_path, "batch_size: two\n")])
+        == "option 'batch_size': expected int, got 'two'"
+    )
     # YAML's yes/no and 0/1 are not taken for each other: a bool option wants a bool, a number a number.
-    assert one_line_error(["--config", yaml_file(tmp_path, "verbose: 1\n")]) == \
-        "option 'verbose': expected bool, got 1"
-    assert one_line_error(["--config", yaml_file(tmp_path, "batch_size: yes\n")]) == \
-        "option 'batch_size': expected int, got True"
+    assert one_line_error(["--config", yaml_file(tmp_path, "verbose: 1\n")]) == "option 'verbose': expected bool, got 1"
+    assert (
+        one_line_error(["--config", yaml_file(tmp_path, "batch_size: yes\n")])
+        == "option 'batch_size': expected int, got True"
+    )
 
 
 def test_a_section_s_own_rule_is_checked_whatever_the_source(tmp_path):
@@ -123,8 +132,10 @@ def test_an_unknown_flag_names_the_closest(tmp_path):
 
 def test_an_unknown_yaml_key_names_the_file_and_the_closest(tmp_path):
     path = yaml_file(tmp_path, "batch_size: 8\nmax_bad_fractoin: 0.1\n")
-    assert one_line_error(["--config", path]) == \
-        f"{path}: unknown key 'max_bad_fractoin'; did you mean 'max-bad-fraction'?"
+    assert (
+        one_line_error(["--config", path])
+        == f"{path}: unknown key 'max_bad_fractoin'; did you mean 'max-bad-fraction'?"
+    )
 
 
 def test_a_yaml_file_that_is_missing_broken_or_not_a_mapping_is_named(tmp_path):
@@ -143,8 +154,10 @@ def test_a_command_built_with_train_false_refuses_training_options(tmp_path):
     assert "--epochs" not in build_parser("toy", "", SECTIONS, train=False).format_help()
     # A YAML key of one (a training run's config.yaml given to an evaluation, say) says what it is.
     path = yaml_file(tmp_path, "batch_size: 8\nepochs: 5\n")
-    assert one_line_error(["--config", path], train=False) == \
-        f"{path}: 'epochs' is a training option, which this command does not take"
+    assert (
+        one_line_error(["--config", path], train=False)
+        == f"{path}: 'epochs' is a training option, which this command does not take"
+    )
     # The section is still there, at its defaults.
     config = run(["--batch-size", "8"], train=False)
     assert config[Reading].batch_size == 8 and config[Training].epochs == 3
@@ -162,8 +175,9 @@ def test_given_records_flags_and_yaml_keys_not_defaults(tmp_path):
 
 
 def test_flag_kinds_store_true_tristate_list_and_key_values():
-    config = run(["--verbose", "--pin", "--image-mean", "0.5", "0.4", "0.3", "--aug", "scale=(0.9,1.0)",
-                  "re_prob=0.25"])
+    config = run(
+        ["--verbose", "--pin", "--image-mean", "0.5", "0.4", "0.3", "--aug", "scale=(0.9,1.0)", "re_prob=0.25"]
+    )
     reading = config[Reading]
     assert reading.verbose is True and reading.pin is True and reading.image_mean == [0.5, 0.4, 0.3]
     assert reading.aug == {"scale": (0.9, 1.0), "re_prob": 0.25}
@@ -210,8 +224,17 @@ def test_config_reaches_sections_by_class_and_options_by_flat_name():
     assert config.value("lr") == 0.5 and config.value("batch_size") == 4
     with pytest.raises(KeyError):
         config.value("nothing")
-    assert list(config.flat()) == ["batch_size", "max_bad_fraction", "image_mean", "mode", "verbose", "pin", "aug",
-                                   "epochs", "lr"]
+    assert list(config.flat()) == [
+        "batch_size",
+        "max_bad_fraction",
+        "image_mean",
+        "mode",
+        "verbose",
+        "pin",
+        "aug",
+        "epochs",
+        "lr",
+    ]
 
 
 def test_to_yaml_writes_what_parsing_it_reads_back(tmp_path):

@@ -68,35 +68,52 @@ def test_flag_is_the_name_with_dashes():
     assert by_name()["count"].flag == "count"
 
 
-@pytest.mark.parametrize("name, value, message", [
-    ("count", 0, "--count 0: must be at least 1"),
-    ("ratio", 1.5, "--ratio 1.5: must be within [0, 1]"),
-    ("ratio", math.nan, "--ratio nan: must be within [0, 1]"),
-    ("sizes", [224, 0], "--sizes 224 0: must be at least 1"),  # a list: every element, shown as typed
-    ("label", "", "--label '': must be not empty"),  # a string: shown quoted, so an empty one shows
-    ("mode", "medium", "--mode 'medium': expected one of fast, slow"),
-])
+@pytest.mark.parametrize(
+    "name, value, message",
+    [
+        ("count", 0, "--count 0: must be at least 1"),
+        ("ratio", 1.5, "--ratio 1.5: must be within [0, 1]"),
+        ("ratio", math.nan, "--ratio nan: must be within [0, 1]"),
+        ("sizes", [224, 0], "--sizes 224 0: must be at least 1"),  # a list: every element, shown as typed
+        ("label", "", "--label '': must be not empty"),  # a string: shown quoted, so an empty one shows
+        ("mode", "medium", "--mode 'medium': expected one of fast, slow"),
+    ],
+)
 def test_a_value_outside_its_domain_or_choices_is_one_line_naming_flag_value_and_domain(name, value, message):
     with pytest.raises(UsageError) as error:
         by_name()[name].check(value)
     assert str(error.value) == message
 
 
-@pytest.mark.parametrize("name, value", [("count", 1), ("ratio", 0.0), ("ratio", 1), ("sizes", None),
-                                         ("sizes", [1, 2]), ("mode", "slow"), ("label", "y"), ("pinned", None)])
+@pytest.mark.parametrize(
+    "name, value",
+    [
+        ("count", 1),
+        ("ratio", 0.0),
+        ("ratio", 1),
+        ("sizes", None),
+        ("sizes", [1, 2]),
+        ("mode", "slow"),
+        ("label", "y"),
+        ("pinned", None),
+    ],
+)
 def test_values_within_the_domain_and_none_for_an_optional_option_pass(name, value):
     by_name()[name].check(value)
 
 
-@pytest.mark.parametrize("domain, accepted, refused", [
-    (POSITIVE, [1, 7, 1.0], [0, -1, 0.5]),
-    (NON_NEGATIVE, [0, 0.0, 3], [-1, math.nan, math.inf]),
-    (FINITE, [-3.5, 0], [math.nan, math.inf, -math.inf]),
-    (POSITIVE_FINITE, [1e-9, 2], [0, -1, math.inf, math.nan]),
-    (UNIT_INTERVAL, [0, 1, 0.5], [-0.1, 1.01, math.nan]),
-    (OPEN_UNIT_INTERVAL, [0.5, 1e-9], [0, 1, math.nan]),
-    (PLAIN_NAME, ["run", "run-1.2", "..x"], ["", ".", "..", "a/b", "a\0b"]),
-])
+@pytest.mark.parametrize(
+    "domain, accepted, refused",
+    [
+        (POSITIVE, [1, 7, 1.0], [0, -1, 0.5]),
+        (NON_NEGATIVE, [0, 0.0, 3], [-1, math.nan, math.inf]),
+        (FINITE, [-3.5, 0], [math.nan, math.inf, -math.inf]),
+        (POSITIVE_FINITE, [1e-9, 2], [0, -1, math.inf, math.nan]),
+        (UNIT_INTERVAL, [0, 1, 0.5], [-0.1, 1.01, math.nan]),
+        (OPEN_UNIT_INTERVAL, [0.5, 1e-9], [0, 1, math.nan]),
+        (PLAIN_NAME, ["run", "run-1.2", "..x"], ["", ".", "..", "a/b", "a\0b"]),
+    ],
+)
 def test_each_domain_accepts_what_its_text_says(domain, accepted, refused):
     assert all(domain.accepts(value) for value in accepted), domain.text
     assert not any(domain.accepts(value) for value in refused), domain.text

@@ -36,26 +36,32 @@ def test_empty_csv_is_an_error(tmp_path, bundle):
     empty, header_only = tmp_path / "empty.csv", tmp_path / "header.csv"
     empty.write_text("")
     header_only.write_text("filepath,title\n")
-    with pytest.raises(AccClipError, match="empty.csv: the CSV is empty"):
+    with pytest.raises(AccClipError, match=r"empty.csv: the CSV is empty"):
         dataset(empty, bundle)
-    with pytest.raises(AccClipError, match="header.csv: the CSV has a header but no rows"):
+    with pytest.raises(AccClipError, match=r"header.csv: the CSV has a header but no rows"):
         dataset(header_only, bundle)
 
 
-@pytest.mark.parametrize("body, row, line, fields", [
-    # an unquoted comma in the first caption: pandas took column 1 as the index, shifting every value
-    ("a.jpg,a cat, sitting\nb.jpg,a dog\n", 1, 2, 3),
-    ("a.jpg,a cat\nb.jpg\n", 2, 3, 1),  # a cut line
-    ('a.jpg,"a cat, quoted"\n\nb.jpg,a dog\nc.jpg,x,y\n', 3, 5, 3),  # quotes and blank lines counted right
-])
+@pytest.mark.parametrize(
+    "body, row, line, fields",
+    [
+        # an unquoted comma in the first caption: pandas took column 1 as the index, shifting every value
+        ("a.jpg,a cat, sitting\nb.jpg,a dog\n", 1, 2, 3),
+        ("a.jpg,a cat\nb.jpg\n", 2, 3, 1),  # a cut line
+        ('a.jpg,"a cat, quoted"\n\nb.jpg,a dog\nc.jpg,x,y\n', 3, 5, 3),  # quotes and blank lines counted right
+    ],
+)
 def test_a_row_with_another_field_count_than_the_header_names_file_row_and_line(tmp_path, body, row, line, fields):
     """One reader serves the trainer, the converter and evaluation (acc_clip/data/csv_file.py)."""
     from acc_clip.data.csv_file import read_csv_columns
 
     path = tmp_path / "shifted.csv"
     path.write_text("filepath,title\n" + body)
-    with pytest.raises(AccClipError, match=rf"shifted\.csv: row {row} \(line {line}\) has {fields} fields, the "
-                                           r"header 2") as error:
+    with pytest.raises(
+        AccClipError,
+        match=rf"shifted\.csv: row {row} \(line {line}\) has {fields} fields, the "
+        r"header 2",
+    ) as error:
         read_csv_columns(str(path), img_key="filepath", caption_key="title", sep=",")
     assert "\n" not in str(error.value)
 
@@ -81,7 +87,9 @@ def test_quoted_fields_and_a_bom_read_as_pandas_reads_them(tmp_path):
     path.write_bytes('\ufefffilepath,title\n"a,b.jpg","say ""hi"", twice"\nc.jpg,\n'.encode("utf-8"))
     frame = pd.read_csv(path, sep=",", dtype=str, keep_default_na=False)
     ours = read_csv_columns(str(path), img_key="filepath", caption_key="title", sep=",")
-    assert ours == (frame["filepath"].tolist(), frame["title"].tolist()) == (["a,b.jpg", "c.jpg"], ['say "hi", twice', ""])
+    assert (
+        ours == (frame["filepath"].tolist(), frame["title"].tolist()) == (["a,b.jpg", "c.jpg"], ['say "hi", twice', ""])
+    )
 
 
 def test_missing_corrupt_and_empty_rows_are_skipped_and_counted(tmp_path, train_csv, bundle):
@@ -89,8 +97,12 @@ def test_missing_corrupt_and_empty_rows_are_skipped_and_counted(tmp_path, train_
     corrupt = tmp_path / "corrupt.jpg"
     corrupt.write_bytes(b"\xff\xd8\xff\xe0 not really a jpeg")
     path = tmp_path / "mixed.csv"
-    path.write_text("\n".join(["filepath,title", good, f"{tmp_path}/missing.jpg,a cat", f"{corrupt},a dog",
-                               f"{good.split(',')[0]},  "]) + "\n")
+    path.write_text(
+        "\n".join(
+            ["filepath,title", good, f"{tmp_path}/missing.jpg,a cat", f"{corrupt},a dog", f"{good.split(',')[0]},  "]
+        )
+        + "\n"
+    )
     data = dataset(path, bundle)
     loader = DataLoader(data, batch_size=4, collate_fn=collate_skipping_bad)
     batch = next(iter(loader))
@@ -102,27 +114,33 @@ def test_skip_bad_rows_skips_counts_and_names_them_in_the_trainer_converter_and_
 
     path = tmp_path / "shifted.csv"
     path.write_text("filepath,title\na.jpg,a cat, sitting\nb.jpg,a dog\nc.jpg\nd.jpg,a bird\n")
-    with pytest.raises(AccClipError, match="or pass --skip-bad-rows to skip such rows$"):
+    with pytest.raises(AccClipError, match=r"or pass --skip-bad-rows to skip such rows$"):
         read_csv_columns(str(path), img_key="filepath", caption_key="title", sep=",")
     with caplog.at_level("WARNING"):
-        paths, captions = read_csv_columns(str(path), img_key="filepath", caption_key="title", sep=",",
-                                           skip_bad_rows=True)
+        paths, captions = read_csv_columns(
+            str(path), img_key="filepath", caption_key="title", sep=",", skip_bad_rows=True
+        )
     assert (paths, captions) == (["b.jpg", "d.jpg"], ["a dog", "a bird"])  # nothing shifted
-    assert ("shifted.csv: skipped 2 row(s) whose field count differs from the header's 2 (--skip-bad-rows): "
-            "row 1 (line 2) has 3 fields; row 3 (line 4) has 1 fields") in caplog.text
+    assert (
+        "shifted.csv: skipped 2 row(s) whose field count differs from the header's 2 (--skip-bad-rows): "
+        "row 1 (line 2) has 3 fields; row 3 (line 4) has 1 fields"
+    ) in caplog.text
     assert dataset(path, bundle, skip_bad_rows=True).filepaths == ["b.jpg", "d.jpg"]  # the trainer's reader
 
 
-def test_an_image_path_that_is_a_fifo_or_too_large_is_skipped_and_counted_not_read(tmp_path, train_csv, bundle,
-                                                                                    caplog):
+def test_an_image_path_that_is_a_fifo_or_too_large_is_skipped_and_counted_not_read(tmp_path, train_csv, bundle, caplog):
     import os
 
     good_path, caption = train_csv.read_text().splitlines()[1].split(",", 1)
     fifo = tmp_path / "pipe.jpg"
     os.mkfifo(fifo)  # opening it for reading would block until a writer came
     path = tmp_path / "bounded.csv"
-    path.write_text("\n".join(["filepath,title", f"{good_path},{caption}", f"{fifo},a pipe", "/dev/zero,endless",
-                               f"{good_path},again"]) + "\n")
+    path.write_text(
+        "\n".join(
+            ["filepath,title", f"{good_path},{caption}", f"{fifo},a pipe", "/dev/zero,endless", f"{good_path},again"]
+        )
+        + "\n"
+    )
     size = os.path.getsize(good_path)
     with caplog.at_level("WARNING"):
         batch = collate_skipping_bad([dataset(path, bundle, max_image_bytes=size)[i] for i in range(4)])
@@ -168,7 +186,7 @@ def test_epoch_order_matches_open_clip_single_process_loader():
     loader = DataLoader(list(range(50)), batch_size=8, shuffle=True, drop_last=True, num_workers=1)
     for epoch in range(3):
         theirs = torch.cat(list(loader)).tolist()
-        assert epoch_permutation(50, 7, epoch).tolist()[:len(theirs)] == theirs
+        assert epoch_permutation(50, 7, epoch).tolist()[: len(theirs)] == theirs
 
 
 def test_rank_slices_make_up_the_single_process_batches():

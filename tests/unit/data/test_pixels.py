@@ -149,7 +149,7 @@ def test_transforms_of_another_shape_run_whole():
 
 
 def corrupt(data: bytes, at: int) -> bytes:
-    return data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1:]
+    return data[:at] + bytes([data[at] ^ 0xFF]) + data[at + 1 :]
 
 
 def damaged_versions(data: bytes) -> list[bytes]:
@@ -189,13 +189,13 @@ print("refused", refused)
 
 
 def test_16_bit_and_huge_images(tmp_path):
-    deep = Image.fromarray((np.arange(64 * 48, dtype=np.uint16).reshape(48, 64) * 21))  # mode I;16
+    deep = Image.fromarray(np.arange(64 * 48, dtype=np.uint16).reshape(48, 64) * 21)  # mode I;16
     data = encoded(deep, "PNG")
     assert decode_rgb(data).dtype == torch.uint8 and torch.equal(decode_rgb(data), pil_rgb(data))
     # A JPEG whose header claims more pixels than PIL allows is refused before any decoding.
     good = images()[0]
     at = good.find(b"\xff\xc0")
-    huge = good[:at + 5] + (60000).to_bytes(2, "big") + (60000).to_bytes(2, "big") + good[at + 9:]
+    huge = good[: at + 5] + (60000).to_bytes(2, "big") + (60000).to_bytes(2, "big") + good[at + 9 :]
     with pytest.raises(ImageDecodeError, match="PIL's limit"):
         decode_rgb(huge)
 
@@ -255,7 +255,7 @@ def test_device_decoding_gives_the_worker_decoded_batch(rn50_transforms):
 def bogus_huffman_table(data: bytes) -> bytes:
     """A JPEG that looks whole from its markers but whose Huffman table cannot be decoded."""
     at = data.find(b"\xff\xc4")
-    return data[:at + 5] + b"\xff" * 16 + data[at + 21:]
+    return data[: at + 5] + b"\xff" * 16 + data[at + 21 :]
 
 
 def test_images_failing_on_the_device_are_dropped_and_counted(rn50_transforms, caplog):

@@ -21,10 +21,16 @@ def test_the_sources_and_their_detection_order():
     assert all(source.name == name for name, source in SOURCES.items())
 
 
-@pytest.mark.parametrize("path, name", [
-    ("train.csv", "csv"), ("a/b/train.tsv", "csv"), (SHARDS, "webdataset"), ("a/0.tar", "webdataset"),
-    ("a/{0..3}.tar::b/{0..1}.tar", "webdataset"),
-])
+@pytest.mark.parametrize(
+    "path, name",
+    [
+        ("train.csv", "csv"),
+        ("a/b/train.tsv", "csv"),
+        (SHARDS, "webdataset"),
+        ("a/0.tar", "webdataset"),
+        ("a/{0..3}.tar::b/{0..1}.tar", "webdataset"),
+    ],
+)
 def test_auto_detects_the_source_from_the_path(path, name):
     assert source_for(path, "auto").name == name
 
@@ -54,15 +60,19 @@ def test_the_first_source_that_detects_a_path_reads_it(monkeypatch):
 def test_a_path_no_source_detects_asks_for_the_dataset_type():
     with pytest.raises(UsageError) as error:
         source_for("train.parquet", "auto")
-    assert str(error.value) == ("train.parquet: cannot tell the dataset type from the name; pass --dataset-type csv "
-                                "or webdataset")  # synthetic is never detected, so never suggested
+    assert str(error.value) == (
+        "train.parquet: cannot tell the dataset type from the name; pass --dataset-type csv or webdataset"
+    )  # synthetic is never detected, so never suggested
 
 
 def test_an_unknown_dataset_type_is_one_line_naming_the_sources():
     with pytest.raises(UsageError, match=r"^--dataset-type 'parquet': expected auto, csv, webdataset, synthetic$"):
         source_for("x", "parquet")
-    with pytest.raises(UsageError, match=r"^--dataset-type 'parquet': must be auto or a source: csv, webdataset, "
-                                         r"synthetic$"):
+    with pytest.raises(
+        UsageError,
+        match=r"^--dataset-type 'parquet': must be auto or a source: csv, webdataset, "
+        r"synthetic$",
+    ):
         parse_train_config(["--train-data", "x.csv", "--dataset-type", "parquet"])
     assert source_for(None, "synthetic").name == "synthetic"
 
@@ -83,10 +93,13 @@ def test_csv_flags_on_shards_are_announced_as_having_no_effect():
     assert not [n for n in notices if "--csv-img-key" in n]
 
 
-@pytest.mark.parametrize("argv, what", [
-    (["--train-data", "train.csv"], "--train-data train.csv is csv data"),
-    (["--dataset-type", "synthetic"], "--dataset-type synthetic is synthetic data"),
-])
+@pytest.mark.parametrize(
+    "argv, what",
+    [
+        (["--train-data", "train.csv"], "--train-data train.csv is csv data"),
+        (["--dataset-type", "synthetic"], "--dataset-type synthetic is synthetic data"),
+    ],
+)
 def test_shard_flags_on_other_data_are_refused(argv, what):
     with pytest.raises(UsageError) as error:
         parse_train_config([*argv, "--dataset-resampled"])
@@ -97,8 +110,11 @@ def test_refuse_elsewhere_decides_between_a_notice_and_a_refusal(monkeypatch):
     csv_source, shard_source = type(SOURCES["csv"]), type(SOURCES["webdataset"])
     monkeypatch.setattr(csv_source, "refuse_elsewhere", True)
     monkeypatch.setattr(shard_source, "refuse_elsewhere", False)
-    with pytest.raises(UsageError, match=rf"^--csv-separator applies to csv data; --train-data {SHARDS} is "
-                                         "webdataset data$"):
+    with pytest.raises(
+        UsageError,
+        match=rf"^--csv-separator applies to csv data; --train-data {SHARDS} is "
+        "webdataset data$",
+    ):
         parse_train_config(["--train-data", SHARDS, "--csv-separator", ";"])
     _, notices = parse_train_config(["--train-data", "train.csv", "--dataset-resampled"])
     assert "--dataset-resampled has no effect: --train-data train.csv is csv data" in notices

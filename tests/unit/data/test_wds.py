@@ -8,6 +8,7 @@ import io
 import json
 import os
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -49,8 +50,14 @@ def make_shards(root, *, count=40, per_shard=10, captions_per_image=1) -> str:
     with open(root / "data.csv", "w", newline="") as f:
         csv.writer(f).writerows([("filepath", "title"), *rows])
     out = root / "shards"
-    convert_csv_to_shards(str(root / "data.csv"), str(out), samples_per_shard=per_shard, workers=1,
-                          group_by_image=captions_per_image > 1, progress=False)
+    convert_csv_to_shards(
+        str(root / "data.csv"),
+        str(out),
+        samples_per_shard=per_shard,
+        workers=1,
+        group_by_image=captions_per_image > 1,
+        progress=False,
+    )
     return str(out)
 
 
@@ -61,8 +68,17 @@ def shard_dir(tmp_path_factory):
 
 def load(urls, **kwargs):
     """All batches of one loader, and the batch count it announced."""
-    arguments = dict(preprocess=AUGMENT, tokenizer=tokenize, batch_size=5, workers=2, seed=7, epoch=0, rank=0,
-                     world_size=1, shuffle_buffer=100)
+    arguments = dict(
+        preprocess=AUGMENT,
+        tokenizer=tokenize,
+        batch_size=5,
+        workers=2,
+        seed=7,
+        epoch=0,
+        rank=0,
+        world_size=1,
+        shuffle_buffer=100,
+    )
     arguments.update(kwargs)
     loader, num_batches = build_wds_loader(urls, **arguments)
     return list(loader), num_batches
@@ -170,10 +186,11 @@ def test_training_without_resampling_needs_sizes_json(tmp_path, shard_dir):
     bare.mkdir()
     for name in sorted(os.listdir(shard_dir)):
         if name.endswith(".tar"):
-            (bare / name).write_bytes(open(os.path.join(shard_dir, name), "rb").read())
+            (bare / name).write_bytes((Path(shard_dir) / name).read_bytes())
     for num_samples in (None, 20):
-        with pytest.raises(AccClipError, match="no sizes.json entry for every shard; training without "
-                                               "--dataset-resampled splits") as error:
+        with pytest.raises(
+            AccClipError, match=r"no sizes.json entry for every shard; training without --dataset-resampled splits"
+        ) as error:
             load(str(bare), num_samples=num_samples)
         assert "\n" not in str(error.value)
     with pytest.raises(AccClipError, match=r"give the number of samples \(--train-num-samples\)"):
@@ -185,16 +202,14 @@ def test_training_without_resampling_needs_sizes_json(tmp_path, shard_dir):
 def test_eval_sees_every_sample_once_in_order_without_dropping(shard_dir):
     seen = []
     for rank in (0, 1):
-        batches, num_batches = load(shard_dir, is_train=False, preprocess=PLAIN, batch_size=3, rank=rank,
-                                    world_size=2)
+        batches, num_batches = load(shard_dir, is_train=False, preprocess=PLAIN, batch_size=3, rank=rank, world_size=2)
         assert len(batches) == num_batches == 2 * 4  # each worker: one shard of 10 -> batches of 3,3,3,1
         assert sorted(len(b.indices) for b in batches) == [1, 1, 3, 3, 3, 3, 3, 3]
         seen += indices_of(batches)
     assert sorted(seen) == list(range(40))
     again = []
     for rank in (0, 1):
-        again += indices_of(load(shard_dir, is_train=False, preprocess=PLAIN, batch_size=3, rank=rank,
-                                 world_size=2)[0])
+        again += indices_of(load(shard_dir, is_train=False, preprocess=PLAIN, batch_size=3, rank=rank, world_size=2)[0])
     assert again == seen
 
 
@@ -227,14 +242,17 @@ def test_bad_samples_become_counted_gaps(tmp_path, caplog):
     buffer = io.BytesIO()
     Image.new("RGB", (20, 20), (1, 2, 3)).save(buffer, "JPEG")
     good = buffer.getvalue()
-    write_tar(tmp_path / "00000.tar", {
-        "000000000": {"jpg": good, "txt": b"fine"},
-        "000000001": {"jpg": b"not a jpeg at all", "txt": b"broken image"},
-        "000000002": {"jpg": good, "txt": b"  "},
-        "000000003": {"txt": b"no image"},
-        "000000004": {"jpg": good, "txt": b"fine too", "json": json.dumps({"row": 4}).encode()},
-        "000000005": {"jpg": good[:100], "txt": b"truncated"},
-    })
+    write_tar(
+        tmp_path / "00000.tar",
+        {
+            "000000000": {"jpg": good, "txt": b"fine"},
+            "000000001": {"jpg": b"not a jpeg at all", "txt": b"broken image"},
+            "000000002": {"jpg": good, "txt": b"  "},
+            "000000003": {"txt": b"no image"},
+            "000000004": {"jpg": good, "txt": b"fine too", "json": json.dumps({"row": 4}).encode()},
+            "000000005": {"jpg": good[:100], "txt": b"truncated"},
+        },
+    )
     (tmp_path / "sizes.json").write_text(json.dumps({"00000.tar": 6}))
     batches, num_batches = load(str(tmp_path / "00000.tar"), workers=0, batch_size=6, preprocess=PLAIN)
     assert num_batches == len(batches) == 1
@@ -276,6 +294,7 @@ def test_the_shuffle_buffer_starts_early_and_loses_nothing():
 
 # --- --train-data-upsampling-factors ---------------------------------------------------------------
 
+
 def sigma_bound(count: int, draws: int, p: float, sigmas: float = 5.0) -> bool:
     """Whether `count` successes in `draws` Bernoulli(p) trials are within `sigmas` standard deviations of
     the mean. The draws are seeded, so a test either always passes or always fails; 5 sigmas means a correct
@@ -301,8 +320,9 @@ def test_upsampling_factors_weigh_each_shard_by_its_source(shard_dir):
         assert sigma_bound(drawn[name], draws, p), (name, drawn[name], draws * p)
     # Without factors the draw is uniform and unchanged (runs saved before factors existed resume the same).
     uniform = random.Random(5)
-    assert islice_draws(wds_data.draw_shards(names, None, random.Random(5)), 20) == \
-        [uniform.choice(names) for _ in range(20)]
+    assert islice_draws(wds_data.draw_shards(names, None, random.Random(5)), 20) == [
+        uniform.choice(names) for _ in range(20)
+    ]
 
 
 def islice_draws(draws, n: int) -> list[str]:
@@ -325,8 +345,10 @@ def three_sources(tmp_path_factory) -> list[str]:
         folder = tmp_path_factory.mktemp(f"source{source}")
         for shard in range(SOURCE_SHARDS):
             first = 1000 * source + shard * SOURCE_SHARD_SIZE
-            write_tar(folder / f"{shard:05d}.tar", {f"{first + n:09d}": {"jpg": buffer.getvalue(), "txt": b"a caption"}
-                                                    for n in range(SOURCE_SHARD_SIZE)})
+            write_tar(
+                folder / f"{shard:05d}.tar",
+                {f"{first + n:09d}": {"jpg": buffer.getvalue(), "txt": b"a caption"} for n in range(SOURCE_SHARD_SIZE)},
+            )
         folders.append(str(folder))
     return folders
 
@@ -342,8 +364,16 @@ def test_an_epoch_takes_its_samples_from_the_sources_by_their_factors(three_sour
 
     monkeypatch.setattr(wds_data, "read_raw_samples", recording_read)  # workers=0: read in this process
     num_samples = 1200
-    batches, num_batches = load("::".join(three_sources), upsampling_factors="1::3::0", resampled=True, workers=0,
-                                batch_size=20, num_samples=num_samples, shuffle_buffer=10, preprocess=PLAIN)
+    batches, num_batches = load(
+        "::".join(three_sources),
+        upsampling_factors="1::3::0",
+        resampled=True,
+        workers=0,
+        batch_size=20,
+        num_samples=num_samples,
+        shuffle_buffer=10,
+        preprocess=PLAIN,
+    )
     assert len(batches) == num_batches == num_samples // 20
     by_source = [sum(1 for i in indices_of(batches) if i // 1000 == source) for source in range(3)]
     assert sum(by_source) == num_samples
@@ -372,31 +402,59 @@ def test_upsampling_factors_keep_the_exact_resume(shard_dir):
             assert torch.equal(resumed.images, original.images)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--train-data", "a/{0..3}.tar::b/{0..3}.tar", "--dataset-resampled", "--train-data-upsampling-factors", "1"],
-     "--train-data-upsampling-factors '1' gives 1 factors for 2 sources in --train-data"),
-    (["--train-data", "a.tar::b.tar", "--dataset-resampled", "--train-data-upsampling-factors", "1::2::3"],
-     "gives 3 factors for 2 sources"),
-    (["--train-data", "a.tar::b.tar", "--dataset-resampled", "--train-data-upsampling-factors", "1::-2"],
-     "--train-data-upsampling-factors '1::-2': '-2' is not a number >= 0"),
-    (["--train-data", "a.tar::b.tar", "--dataset-resampled", "--train-data-upsampling-factors", "1::two"],
-     "'two' is not a number >= 0"),
-    (["--train-data", "a.tar::b.tar", "--dataset-resampled", "--train-data-upsampling-factors", "nan::1"],
-     "'nan' is not a number >= 0"),
-    (["--train-data", "a.tar::b.tar", "--dataset-resampled", "--train-data-upsampling-factors", "0::0.0"],
-     "all factors are 0"),
-    (["--train-data", "a.tar::b.tar", "--train-data-upsampling-factors", "1::2"],
-     "it needs --dataset-resampled"),
-    # Flags of shards on other data are refused, the first given (in the section's order) named.
-    (["--train-data", "train.csv", "--train-data-upsampling-factors", "1"],
-     "--train-data-upsampling-factors applies to webdataset data; --train-data train.csv is csv data"),
-    (["--train-data", "train.csv", "--dataset-resampled", "--train-data-upsampling-factors", "1"],
-     "--dataset-resampled applies to webdataset data; --train-data train.csv is csv data"),
-    (["--dataset-type", "synthetic", "--train-data-upsampling-factors", "1"],
-     "--train-data-upsampling-factors applies to webdataset data; --dataset-type synthetic is synthetic data"),
-    (["--dataset-type", "synthetic", "--dataset-resampled", "--train-data-upsampling-factors", "1"],
-     "--dataset-resampled applies to webdataset data; --dataset-type synthetic is synthetic data"),
-])
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (
+            [
+                "--train-data",
+                "a/{0..3}.tar::b/{0..3}.tar",
+                "--dataset-resampled",
+                "--train-data-upsampling-factors",
+                "1",
+            ],
+            "--train-data-upsampling-factors '1' gives 1 factors for 2 sources in --train-data",
+        ),
+        (
+            ["--train-data", "a.tar::b.tar", "--dataset-resampled", "--train-data-upsampling-factors", "1::2::3"],
+            "gives 3 factors for 2 sources",
+        ),
+        (
+            ["--train-data", "a.tar::b.tar", "--dataset-resampled", "--train-data-upsampling-factors", "1::-2"],
+            "--train-data-upsampling-factors '1::-2': '-2' is not a number >= 0",
+        ),
+        (
+            ["--train-data", "a.tar::b.tar", "--dataset-resampled", "--train-data-upsampling-factors", "1::two"],
+            "'two' is not a number >= 0",
+        ),
+        (
+            ["--train-data", "a.tar::b.tar", "--dataset-resampled", "--train-data-upsampling-factors", "nan::1"],
+            "'nan' is not a number >= 0",
+        ),
+        (
+            ["--train-data", "a.tar::b.tar", "--dataset-resampled", "--train-data-upsampling-factors", "0::0.0"],
+            "all factors are 0",
+        ),
+        (["--train-data", "a.tar::b.tar", "--train-data-upsampling-factors", "1::2"], "it needs --dataset-resampled"),
+        # Flags of shards on other data are refused, the first given (in the section's order) named.
+        (
+            ["--train-data", "train.csv", "--train-data-upsampling-factors", "1"],
+            "--train-data-upsampling-factors applies to webdataset data; --train-data train.csv is csv data",
+        ),
+        (
+            ["--train-data", "train.csv", "--dataset-resampled", "--train-data-upsampling-factors", "1"],
+            "--dataset-resampled applies to webdataset data; --train-data train.csv is csv data",
+        ),
+        (
+            ["--dataset-type", "synthetic", "--train-data-upsampling-factors", "1"],
+            "--train-data-upsampling-factors applies to webdataset data; --dataset-type synthetic is synthetic data",
+        ),
+        (
+            ["--dataset-type", "synthetic", "--dataset-resampled", "--train-data-upsampling-factors", "1"],
+            "--dataset-resampled applies to webdataset data; --dataset-type synthetic is synthetic data",
+        ),
+    ],
+)
 def test_bad_upsampling_factors_are_one_line_errors_at_start(args, message):
     from acc_clip.train.config import parse_train_config as parse_config
 
@@ -408,20 +466,30 @@ def test_bad_upsampling_factors_are_one_line_errors_at_start(args, message):
 def test_upsampling_factors_are_accepted_for_resampled_shard_folders(three_sources, shard_dir):
     from acc_clip.train.config import parse_train_config as parse_config
 
-    config, _ = parse_config(["--train-data", "::".join(three_sources), "--dataset-resampled",
-                              "--train-data-upsampling-factors", "1::2.5::0"])
+    config, _ = parse_config(
+        [
+            "--train-data",
+            "::".join(three_sources),
+            "--dataset-resampled",
+            "--train-data-upsampling-factors",
+            "1::2.5::0",
+        ]
+    )
     assert config[ShardOptions].train_data_upsampling_factors == "1::2.5::0"
     with pytest.raises(AccClipError, match="it needs --dataset-resampled"):  # the loader checks it too
         load(shard_dir, upsampling_factors="1")
 
 
-@pytest.mark.parametrize("content, says", [
-    (b'{"00000.tar": 6', "not a readable sizes.json (JSONDecodeError"),
-    (b'["00000.tar", 6]', "expected {\"shard.tar\": sample count"),
-    (b'{"00000.tar": -1}', "counts >= 0"),
-    (b'{"00000.tar": "6"}', "counts >= 0"),
-    (b'\xff\xfe{}', "not a readable sizes.json (UnicodeDecodeError"),
-])
+@pytest.mark.parametrize(
+    "content, says",
+    [
+        (b'{"00000.tar": 6', "not a readable sizes.json (JSONDecodeError"),
+        (b'["00000.tar", 6]', 'expected {"shard.tar": sample count'),
+        (b'{"00000.tar": -1}', "counts >= 0"),
+        (b'{"00000.tar": "6"}', "counts >= 0"),
+        (b"\xff\xfe{}", "not a readable sizes.json (UnicodeDecodeError"),
+    ],
+)
 def test_a_damaged_sizes_json_is_one_line_not_taken_as_absent(tmp_path, content, says):
     """Taken as absent, a damaged sizes.json sent the user after --train-num-samples; not a dict, it was
     a traceback."""
@@ -429,7 +497,7 @@ def test_a_damaged_sizes_json_is_one_line_not_taken_as_absent(tmp_path, content,
     from acc_clip.errors import AccClipError
 
     (tmp_path / "sizes.json").write_bytes(content)
-    with pytest.raises(AccClipError, match="sizes.json: ") as error:
+    with pytest.raises(AccClipError, match=r"sizes.json: ") as error:
         read_shard_sizes([str(tmp_path / "00000.tar")])
     assert says in str(error.value) and "\n" not in str(error.value)
     (tmp_path / "sizes.json").unlink()
@@ -508,13 +576,17 @@ def epoch_positions(urls: str, *, seed: int, epoch: int, length: int) -> list[in
     """The keys at positions 0 .. length-1 of the epoch's sequence (the shuffled shards end to end)."""
     shards = expand_shard_urls(urls)
     sequence = wds_data.epoch_sequence(shards, SPAN_SIZES, seed, epoch, length)
-    keys = [key for shard, size in sequence for key in range(FIRST_KEY[shards.index(shard)],
-                                                              FIRST_KEY[shards.index(shard)] + size)]
+    keys = [
+        key
+        for shard, size in sequence
+        for key in range(FIRST_KEY[shards.index(shard)], FIRST_KEY[shards.index(shard)] + size)
+    ]
     return keys[:length]
 
 
-def read_every_worker(urls: str, monkeypatch, *, world_size: int, workers: int, batch_size: int,
-                      num_samples=None) -> tuple[list[int], int]:
+def read_every_worker(
+    urls: str, monkeypatch, *, world_size: int, workers: int, batch_size: int, num_samples=None
+) -> tuple[list[int], int]:
     """The raw keys every (rank, worker) of one epoch reads, undecoded, in this process; checks on the way
     that each worker makes its number of batches and opens only shards its keys come from."""
     opened: list[str] = []
@@ -522,9 +594,19 @@ def read_every_worker(urls: str, monkeypatch, *, world_size: int, workers: int, 
     monkeypatch.setattr(wds_data, "read_raw_samples", lambda shards: real_read(opened.extend(shards) or shards))
     seen = []
     for rank in range(world_size):
-        loader, num_batches = build_wds_loader(urls, preprocess=PLAIN, tokenizer=tokenize, batch_size=batch_size,
-                                               workers=workers, seed=7, epoch=1, rank=rank, world_size=world_size,
-                                               num_samples=num_samples, shuffle_buffer=4)
+        loader, num_batches = build_wds_loader(
+            urls,
+            preprocess=PLAIN,
+            tokenizer=tokenize,
+            batch_size=batch_size,
+            workers=workers,
+            seed=7,
+            epoch=1,
+            rank=rank,
+            world_size=world_size,
+            num_samples=num_samples,
+            shuffle_buffer=4,
+        )
         dataset = loader.dataset
         assert loader.num_workers == min(workers, num_batches)  # none started that would have no batch
         for worker in range(dataset.num_workers):
@@ -539,10 +621,10 @@ def read_every_worker(urls: str, monkeypatch, *, world_size: int, workers: int, 
 @pytest.mark.parametrize("batch_size", [2, 3])
 @pytest.mark.parametrize("workers", [1, 2, 4, 5])
 @pytest.mark.parametrize("world_size", [1, 2, 3])
-def test_every_position_of_the_epoch_is_read_exactly_once(uneven_shards, monkeypatch, world_size, workers,
-                                                          batch_size):
-    seen, num_batches = read_every_worker(uneven_shards, monkeypatch, world_size=world_size, workers=workers,
-                                          batch_size=batch_size)
+def test_every_position_of_the_epoch_is_read_exactly_once(uneven_shards, monkeypatch, world_size, workers, batch_size):
+    seen, num_batches = read_every_worker(
+        uneven_shards, monkeypatch, world_size=world_size, workers=workers, batch_size=batch_size
+    )
     assert num_batches == 27 // (batch_size * world_size)
     trained = num_batches * batch_size * world_size
     assert len(seen) == len(set(seen)) == trained  # no sample twice
@@ -552,8 +634,9 @@ def test_every_position_of_the_epoch_is_read_exactly_once(uneven_shards, monkeyp
 
 def test_an_epoch_longer_than_the_shards_goes_on_with_another_pass(uneven_shards, monkeypatch):
     # 60 positions of 27 samples: every sample 2 or 3 times, every position of the sequence once.
-    seen, num_batches = read_every_worker(uneven_shards, monkeypatch, world_size=2, workers=4, batch_size=3,
-                                          num_samples=60)
+    seen, num_batches = read_every_worker(
+        uneven_shards, monkeypatch, world_size=2, workers=4, batch_size=3, num_samples=60
+    )
     assert num_batches == 10
     assert sorted(seen) == sorted(epoch_positions(uneven_shards, seed=7, epoch=1, length=60))
     assert {seen.count(key) for key in range(27)} == {2, 3}
@@ -564,8 +647,11 @@ def test_an_epoch_longer_than_the_shards_goes_on_with_another_pass(uneven_shards
 
 def test_spans_of_a_sequence_with_empty_shards_tile_it():
     sequence = [("a", 0), ("b", 4), ("c", 0), ("d", 2), ("e", 3)]
-    spans = [wds_data.worker_span(rank, worker, num_batches=2, num_workers=2, batch_size=2)
-             for rank in range(2) for worker in range(2)]
+    spans = [
+        wds_data.worker_span(rank, worker, num_batches=2, num_workers=2, batch_size=2)
+        for rank in range(2)
+        for worker in range(2)
+    ]
     assert spans == [range(0, 2), range(2, 4), range(4, 6), range(6, 8)]
     parts = [wds_data.span_parts(sequence, span) for span in spans]
     assert parts == [[("b", 4, 0, 2)], [("b", 4, 2, 4)], [("d", 2, 0, 2)], [("e", 3, 0, 2)]]  # empty ones not opened
@@ -575,8 +661,9 @@ def test_workers_decode_only_their_own_span(uneven_shards, monkeypatch):
     # One worker per rank, 3 ranks, batches of 2: rank 1 and 2 start in the middle of a shard.
     decoded = []
     real_decode = wds_data.ShardEpoch._decode
-    monkeypatch.setattr(wds_data.ShardEpoch, "_decode", lambda self, raw: decoded.append(raw["__key__"]) or
-                        real_decode(self, raw))
+    monkeypatch.setattr(
+        wds_data.ShardEpoch, "_decode", lambda self, raw: decoded.append(raw["__key__"]) or real_decode(self, raw)
+    )
     seen = []
     for rank in range(3):
         decoded.clear()
@@ -609,9 +696,18 @@ def test_one_shard_feeds_every_worker(tmp_path, world_size, workers, batch_size,
     assert len(expand_shard_urls(one)) == 1
     seen = []
     for rank in range(world_size):
-        loader, num_batches = build_wds_loader(one, preprocess=AUGMENT, tokenizer=tokenize, batch_size=batch_size,
-                                               workers=workers, seed=7, epoch=0, rank=rank, world_size=world_size,
-                                               shuffle_buffer=100)
+        loader, num_batches = build_wds_loader(
+            one,
+            preprocess=AUGMENT,
+            tokenizer=tokenize,
+            batch_size=batch_size,
+            workers=workers,
+            seed=7,
+            epoch=0,
+            rank=rank,
+            world_size=world_size,
+            shuffle_buffer=100,
+        )
         assert loader.num_workers == started
         batches = list(loader)
         assert len(batches) == num_batches == 40 // (batch_size * world_size)
@@ -627,7 +723,8 @@ def test_the_trainer_says_when_it_starts_fewer_workers_than_asked(shard_dir, cap
 
     config, _ = parse_config(["--train-data", shard_dir, "--batch-size", "5", "--workers", "12"])
     with caplog.at_level(logging.INFO, logger="acc_clip.data"):
-        data = build_train_data(config, AUGMENT, tokenize, seed=config.runtime.seed, rank=0, world_size=1,
-                                pin_memory=False)
+        data = build_train_data(
+            config, AUGMENT, tokenize, seed=config.runtime.seed, rank=0, world_size=1, pin_memory=False
+        )
     assert data.batches_per_epoch == 8
     assert "8 batches per process per epoch: starting 8 loader workers, not --workers 12" in caplog.text

@@ -94,7 +94,7 @@ def test_retrieval_metrics_equal_open_clip_on_paired_features(num_rows, noise):
     images = normalized(torch.randn(num_rows, 32, generator=generator))
     texts = normalized(images + noise * torch.randn(num_rows, 32, generator=generator) / 32**0.5)
     metrics = retrieval_metrics(images, texts, torch.tensor(14.3))
-    assert 0 < metrics["image_to_text_R@1"] and metrics["image_to_text_R@10"] <= 1
+    assert metrics["image_to_text_R@1"] > 0 and metrics["image_to_text_R@10"] <= 1
     assert_same_as_open_clip(images, texts, torch.tensor(14.3))
 
 
@@ -148,8 +148,9 @@ def test_coco_image_to_text_misses_when_no_caption_is_in_top_k():
 def loader_for(odd_val_csv, tiny, accelerator, batch_size):
     _, _, preprocess, tokenizer = tiny
     dataset = CsvDataset(odd_val_csv, transform=preprocess, tokenizer=tokenizer, augment_seeded=False)
-    return build_eval_loader(dataset, batch_size=batch_size, workers=0,
-                             rank=accelerator.process_index, world_size=accelerator.num_processes)
+    return build_eval_loader(
+        dataset, batch_size=batch_size, workers=0, rank=accelerator.process_index, world_size=accelerator.num_processes
+    )
 
 
 def test_evaluate_retrieval_matches_features_encoded_by_hand(odd_val_csv, tiny, accelerator):
@@ -172,8 +173,9 @@ def test_evaluate_retrieval_matches_features_encoded_by_hand(odd_val_csv, tiny, 
     images = images[[files.index(f) for f in files]]
     logits = scale * images @ texts.t()
     labels = torch.arange(len(good))
-    loss = (torch.nn.functional.cross_entropy(logits, labels)
-            + torch.nn.functional.cross_entropy(logits.t(), labels)) / 2
+    loss = (
+        torch.nn.functional.cross_entropy(logits, labels) + torch.nn.functional.cross_entropy(logits.t(), labels)
+    ) / 2
     assert metrics["val_loss"] == pytest.approx(loss.item(), abs=1e-5)
     expected = {**retrieval_metrics(images, texts, scale), **coco_retrieval_metrics(images, texts, files)}
     for key, value in expected.items():
@@ -207,8 +209,13 @@ def test_siglip_validation_loss_is_the_sigmoid_loss_of_the_whole_set(odd_val_csv
     # the shared image's rows get its first row's features before scoring (same_key_same_features):
     # a difference of float noise at most
     assert metrics["val_loss"] == pytest.approx(loss.item(), abs=1e-4)
-    assert abs(metrics["val_loss"] - evaluate_retrieval(model, loader_for(odd_val_csv, tiny, accelerator, 4),
-                                                         accelerator)["val_loss"]) > 0.1
+    assert (
+        abs(
+            metrics["val_loss"]
+            - evaluate_retrieval(model, loader_for(odd_val_csv, tiny, accelerator, 4), accelerator)["val_loss"]
+        )
+        > 0.1
+    )
 
 
 def test_coca_validation_has_the_caption_loss_of_every_token(odd_val_csv, accelerator):
@@ -263,7 +270,7 @@ def test_load_weights_accepts_plain_state_dict_and_rejects_unknown_formats(tiny,
         with pytest.raises(AccClipError, match="not an open_clip checkpoint"):
             load_weights(fresh, str(path), "--checkpoint")
     # A folder is read as an acc_clip step checkpoint, and refused without its completion manifest.
-    with pytest.raises(AccClipError, match="--checkpoint .*: not an acc_clip checkpoint"):
+    with pytest.raises(AccClipError, match=r"--checkpoint .*: not an acc_clip checkpoint"):
         load_weights(fresh, str(tmp_path), "--checkpoint")
 
 
@@ -271,9 +278,27 @@ def test_acc_clip_eval_prints_metrics_for_an_open_clip_checkpoint(odd_val_csv, t
     name, model, _, _ = tiny
     torch.save({"epoch": 1, "name": "x", "state_dict": model.state_dict()}, tmp_path / "epoch_1.pt")
     out = tmp_path / "out.json"
-    status = cli.main(["eval", "--model", name, "--checkpoint", str(tmp_path / "epoch_1.pt"), "--val-data", odd_val_csv,
-                       "--batch-size", "4", "--workers", "0", "--device", "cpu", "--precision", "fp32",
-                       "--out", str(out)])
+    status = cli.main(
+        [
+            "eval",
+            "--model",
+            name,
+            "--checkpoint",
+            str(tmp_path / "epoch_1.pt"),
+            "--val-data",
+            odd_val_csv,
+            "--batch-size",
+            "4",
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+            "--precision",
+            "fp32",
+            "--out",
+            str(out),
+        ]
+    )
     assert status == 0
     printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [line["eval"] for line in printed] == ["retrieval"]
@@ -285,15 +310,31 @@ def test_acc_clip_eval_rejects_a_checkpoint_of_another_architecture(odd_val_csv,
     name, model, _, _ = tiny
     other, _, _ = open_clip.create_model_and_transforms(write_model_dir(tmp_path / "other", embed_dim=24))
     torch.save({"epoch": 1, "name": "x", "state_dict": other.state_dict()}, tmp_path / "epoch_1.pt")
-    status = cli.main(["eval", "--model", name, "--checkpoint", str(tmp_path / "epoch_1.pt"), "--val-data", odd_val_csv,
-                       "--device", "cpu", "--precision", "fp32", "--workers", "0"])
+    status = cli.main(
+        [
+            "eval",
+            "--model",
+            name,
+            "--checkpoint",
+            str(tmp_path / "epoch_1.pt"),
+            "--val-data",
+            odd_val_csv,
+            "--device",
+            "cpu",
+            "--precision",
+            "fp32",
+            "--workers",
+            "0",
+        ]
+    )
     assert status == CheckpointError.exit_status == 4  # a checkpoint of another model (was the one status 2)
     captured = capsys.readouterr()
     assert captured.out == ""
     lines = captured.err.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ")
-    first_mismatch = next(key for key, value in model.state_dict().items()
-                          if value.shape != other.state_dict()[key].shape)
+    first_mismatch = next(
+        key for key, value in model.state_dict().items() if value.shape != other.state_dict()[key].shape
+    )
     assert f"'{first_mismatch}'" in lines[0]
 
 
@@ -329,8 +370,14 @@ def val_evaluator(tiny, accelerator, val_data: str, val_num_samples=None):
     from acc_clip.evaluation.evaluator import EvaluationOptions, Evaluator
 
     _, _, preprocess, tokenizer = tiny
-    settings = Config([EvaluationOptions(val_data=val_data, val_num_samples=val_num_samples),
-                       DataOptions(batch_size=4, workers=0), CsvOptions(), ShardOptions()])
+    settings = Config(
+        [
+            EvaluationOptions(val_data=val_data, val_num_samples=val_num_samples),
+            DataOptions(batch_size=4, workers=0),
+            CsvOptions(),
+            ShardOptions(),
+        ]
+    )
     return Evaluator(settings, preprocess, tokenizer, accelerator)
 
 
@@ -356,8 +403,10 @@ def test_a_wrong_val_num_samples_changes_nothing_but_a_warning(val_shards, tiny,
         if count == VAL_SHARD_ROWS:
             assert warnings == []
         else:
-            assert warnings == [f"--val-num-samples says the validation set holds {count} samples but 9 were read "
-                                f"(0 unreadable); the metrics are over every sample read, once each"]
+            assert warnings == [
+                f"--val-num-samples says the validation set holds {count} samples but 9 were read "
+                f"(0 unreadable); the metrics are over every sample read, once each"
+            ]
     # With sizes.json too, the flag is the count expected (as in open_clip_train, it wins over sizes.json).
     caplog.clear()
     assert val_evaluator(tiny, accelerator, val_shards["sized"], 7).evaluate(model)["retrieval"] == reference
@@ -373,16 +422,36 @@ def test_a_sizes_json_that_overstates_the_set_is_said(val_shards, tiny, accelera
     (folder / "sizes.json").write_text(json.dumps({**sizes, "00002.tar": sizes["00002.tar"] + 3}))
     metrics = val_evaluator(tiny, accelerator, str(folder)).evaluate(tiny[1])["retrieval"]
     assert metrics["num_samples"] == VAL_SHARD_ROWS
-    assert "sizes.json says the validation set holds 12 samples but 9 were read (0 unreadable); the metrics are " \
-           "over every sample read, once each (a shard missing or cut short?)" in caplog.text
+    assert (
+        "sizes.json says the validation set holds 12 samples but 9 were read (0 unreadable); the metrics are "
+        "over every sample read, once each (a shard missing or cut short?)" in caplog.text
+    )
 
 
 def test_acc_clip_eval_takes_val_num_samples(val_shards, tiny, tmp_path, capsys):
     name, model, _, _ = tiny
     torch.save({"epoch": 1, "name": "x", "state_dict": model.state_dict()}, tmp_path / "epoch_1.pt")
-    status = cli.main(["eval", "--model", name, "--checkpoint", str(tmp_path / "epoch_1.pt"), "--val-data",
-                       val_shards["bare"], "--val-num-samples", str(VAL_SHARD_ROWS), "--batch-size", "4",
-                       "--workers", "0", "--device", "cpu", "--precision", "fp32"])
+    status = cli.main(
+        [
+            "eval",
+            "--model",
+            name,
+            "--checkpoint",
+            str(tmp_path / "epoch_1.pt"),
+            "--val-data",
+            val_shards["bare"],
+            "--val-num-samples",
+            str(VAL_SHARD_ROWS),
+            "--batch-size",
+            "4",
+            "--workers",
+            "0",
+            "--device",
+            "cpu",
+            "--precision",
+            "fp32",
+        ]
+    )
     assert status == 0
     printed = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert printed[0]["eval"] == "retrieval" and printed[0]["num_samples"] == VAL_SHARD_ROWS
@@ -398,8 +467,23 @@ def test_val_num_samples_must_be_positive():
 def test_acc_clip_eval_takes_imagenet_v2(tiny, tmp_path, capsys):
     name, model, _, _ = tiny
     torch.save({"epoch": 1, "name": "x", "state_dict": model.state_dict()}, tmp_path / "epoch_1.pt")
-    status = cli.main(["eval", "--model", name, "--checkpoint", str(tmp_path / "epoch_1.pt"), "--imagenet-v2",
-                       str(tmp_path / "nowhere"), "--device", "cpu", "--precision", "fp32", "--workers", "0"])
+    status = cli.main(
+        [
+            "eval",
+            "--model",
+            name,
+            "--checkpoint",
+            str(tmp_path / "epoch_1.pt"),
+            "--imagenet-v2",
+            str(tmp_path / "nowhere"),
+            "--device",
+            "cpu",
+            "--precision",
+            "fp32",
+            "--workers",
+            "0",
+        ]
+    )
     # the flag is taken (no 'nothing to evaluate') and its folder checked before evaluating: a data error
     assert status == DataError.exit_status == 3
     errors = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]

@@ -77,18 +77,23 @@ def test_a_new_file_that_fails_leaves_nothing(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
-@pytest.mark.parametrize("failure", [
-    "OSError: [Errno 28] No space left on device",
-    "RuntimeError: [enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file data/3: "
-    "file write failed",
-    "SafetensorError: Error while serializing: IoError(Os { code: 28, kind: StorageFull })",
-    "OSError: [Errno 122] Disk quota exceeded",
-])
+@pytest.mark.parametrize(
+    "failure",
+    [
+        "OSError: [Errno 28] No space left on device",
+        "RuntimeError: [enforce fail at inline_container.cc:603] . PytorchStreamWriter failed writing file data/3: "
+        "file write failed",
+        "SafetensorError: Error while serializing: IoError(Os { code: 28, kind: StorageFull })",
+        "OSError: [Errno 122] Disk quota exceeded",
+    ],
+)
 def test_save_failure_names_the_disk_when_the_writer_says_it_is_full(tmp_path, failure):
     line = save_failure("checkpoint step_00000010", str(tmp_path), failure, 2_500_000)
     assert any(sign in failure for sign in DISK_FULL_SIGNS)
-    assert line.startswith(f"checkpoint step_00000010 could not be saved: no space left on the disk of {tmp_path} "
-                           "(the save needs about 2.5 MB, ")
+    assert line.startswith(
+        f"checkpoint step_00000010 could not be saved: no space left on the disk of {tmp_path} "
+        "(the save needs about 2.5 MB, "
+    )
     assert " MB are free); the partial save was removed, what was saved before is kept" in line
 
 
@@ -100,9 +105,11 @@ def test_save_failure_names_the_disk_when_the_save_needs_more_than_is_free(tmp_p
 
 
 def test_save_failure_keeps_the_writer_s_words_for_any_other_failure(tmp_path):
-    assert save_failure("x.pt", str(tmp_path), "PermissionError: [Errno 13] Permission denied", 10) == \
-        "x.pt could not be saved: PermissionError: [Errno 13] Permission denied; the partial save was removed, " \
+    assert (
+        save_failure("x.pt", str(tmp_path), "PermissionError: [Errno 13] Permission denied", 10)
+        == "x.pt could not be saved: PermissionError: [Errno 13] Permission denied; the partial save was removed, "
         "what was saved before is kept"
+    )
     # A folder that is gone: the failure says enough (no disk usage to measure).
     gone = save_failure("x.pt", str(tmp_path / "gone"), "FileNotFoundError: x", 10)
     assert gone.startswith("x.pt could not be saved: FileNotFoundError: x")

@@ -43,22 +43,29 @@ def test_a_flipped_byte_is_named(sealed):
     (sealed / "model.safetensors").write_bytes(bytes(data))
     with pytest.raises(CheckpointError) as error:
         read_sealed(str(sealed), SOURCE)
-    assert str(error.value) == (f"{SOURCE} {sealed}: damaged checkpoint, model.safetensors differs from what was "
-                                "saved (SHA-256 mismatch)")
+    assert str(error.value) == (
+        f"{SOURCE} {sealed}: damaged checkpoint, model.safetensors differs from what was saved (SHA-256 mismatch)"
+    )
 
 
 def test_a_missing_file_is_named(sealed):
     (sealed / "shards" / "__0_0.distcp").unlink()
-    with pytest.raises(CheckpointError, match=rf"^{SOURCE} .*step_00000004: damaged checkpoint, "
-                                              r"shards/__0_0\.distcp is missing$"):
+    with pytest.raises(
+        CheckpointError,
+        match=rf"^{SOURCE} .*step_00000004: damaged checkpoint, "
+        r"shards/__0_0\.distcp is missing$",
+    ):
         read_sealed(str(sealed), SOURCE)
 
 
 def test_a_cut_file_is_named_with_both_sizes(sealed):
     with open(sealed / "model.safetensors", "r+b") as file:
         file.truncate(120)
-    with pytest.raises(CheckpointError, match=r"damaged checkpoint, model\.safetensors has 120 bytes, the manifest "
-                                              r"says 200$"):
+    with pytest.raises(
+        CheckpointError,
+        match=r"damaged checkpoint, model\.safetensors has 120 bytes, the manifest "
+        r"says 200$",
+    ):
         read_sealed(str(sealed), SOURCE)
 
 
@@ -76,16 +83,19 @@ def test_a_folder_without_a_manifest_is_not_read_and_points_at_those_inside(tmp_
     sealed.rename(run / "checkpoints" / sealed.name)
     with pytest.raises(CheckpointError) as error:
         read_sealed(str(run), SOURCE)
-    assert str(error.value) == (f"{SOURCE} {run}: not an acc_clip checkpoint (no {MANIFEST}); it holds checkpoints, "
-                                f"e.g. {run / 'checkpoints' / sealed.name}")
+    assert str(error.value) == (
+        f"{SOURCE} {run}: not an acc_clip checkpoint (no {MANIFEST}); it holds checkpoints, "
+        f"e.g. {run / 'checkpoints' / sealed.name}"
+    )
     partial = tmp_path / ".tmp-step_00000008"
     partial.mkdir()
     with pytest.raises(CheckpointError, match=rf"an interrupted save \(no {MANIFEST}\), not a checkpoint$"):
         read_sealed(str(partial), SOURCE)
 
 
-@pytest.mark.parametrize("content", ["{not json", '{"files": {}}', "[1, 2]",
-                                     '{"files": {"model.safetensors": 200}, "sha256": [1]}'])
+@pytest.mark.parametrize(
+    "content", ["{not json", '{"files": {}}', "[1, 2]", '{"files": {"model.safetensors": 200}, "sha256": [1]}']
+)
 def test_a_damaged_manifest_is_named(sealed, content):
     (sealed / MANIFEST).write_text(content)
     with pytest.raises(CheckpointError, match=rf"^{SOURCE} .*step_00000004: {MANIFEST} is damaged"):

@@ -25,28 +25,36 @@ def objective_name(config) -> str:
     return chosen_objective(config).name
 
 
-@pytest.mark.parametrize("flags, name", [
-    ([], "clip"),
-    (["--siglip"], "siglip"),
-    (["--model", "coca_ViT-B-32"], "coca"),
-    (["--model", "coca_ViT-B-32", "--siglip"], "coca"),  # open_clip_train: CoCa before SigLIP
-    (["--distill-model", "RN50", "--distill-pretrained", "openai"], "distill"),  # and distillation first of all
-])
+@pytest.mark.parametrize(
+    "flags, name",
+    [
+        ([], "clip"),
+        (["--siglip"], "siglip"),
+        (["--model", "coca_ViT-B-32"], "coca"),
+        (["--model", "coca_ViT-B-32", "--siglip"], "coca"),  # open_clip_train: CoCa before SigLIP
+        (["--distill-model", "RN50", "--distill-pretrained", "openai"], "distill"),  # and distillation first of all
+    ],
+)
 def test_the_config_selects_open_clip_train_s_loss(flags, name):
     assert objective_name(config_of(*flags)) == name
 
 
 def test_every_table_entry_is_selected_by_some_config():
-    selected = {objective_name(config_of(*flags)) for flags in
-                ([], ["--siglip"], ["--model", "coca_ViT-B-32"], ["--distill-model", "RN50"])}
+    selected = {
+        objective_name(config_of(*flags))
+        for flags in ([], ["--siglip"], ["--model", "coca_ViT-B-32"], ["--distill-model", "RN50"])
+    }
     assert selected == {objective.name for objective in OBJECTIVES}
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--distill-pretrained", "teacher.pt"], "--distill-pretrained needs --distill-model"),
-    (["--distill-model", "RN50", "--siglip"], "cannot be combined with --siglip"),
-    (["--distill-model", "RN50", "--model", "coca_ViT-B-32"], "cannot be combined with a CoCa model"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--distill-pretrained", "teacher.pt"], "--distill-pretrained needs --distill-model"),
+        (["--distill-model", "RN50", "--siglip"], "cannot be combined with --siglip"),
+        (["--distill-model", "RN50", "--model", "coca_ViT-B-32"], "cannot be combined with a CoCa model"),
+    ],
+)
 def test_distillation_flags_that_cannot_work_are_refused_in_one_line(flags, message):
     with pytest.raises(AccClipError, match=message) as error:
         config_of(*flags)
@@ -75,9 +83,13 @@ def coca_outputs(batch: int, lengths: list[int], vocab: int = 11, seed: int = 0)
     labels = torch.zeros(batch, context, dtype=torch.long)
     for row, length in enumerate(lengths):
         labels[row, :length] = torch.randint(1, vocab, (length,), generator=generator)
-    return {"image_features": features(batch, seed=seed), "text_features": features(batch, seed=seed + 1),
-            "logits": torch.randn(batch, context, vocab, generator=generator).requires_grad_(),
-            "labels": labels, "logit_scale": torch.tensor(10.0)}
+    return {
+        "image_features": features(batch, seed=seed),
+        "text_features": features(batch, seed=seed + 1),
+        "logits": torch.randn(batch, context, vocab, generator=generator).requires_grad_(),
+        "labels": labels,
+        "logit_scale": torch.tensor(10.0),
+    }
 
 
 def test_coca_objective_is_open_clip_s_coca_loss_on_one_process():
@@ -85,12 +97,17 @@ def test_coca_objective_is_open_clip_s_coca_loss_on_one_process():
     ours = CoCaObjective(config_of("--model", "coca_ViT-B-32", "--coca-caption-loss-weight", "1.5"), 0, 1)
     losses = ours(ours.rows(outputs))
     reference = CoCaLoss(caption_loss_weight=1.5, clip_loss_weight=1.0)(
-        outputs["image_features"], outputs["text_features"], outputs["logits"], outputs["labels"],
-        outputs["logit_scale"], output_dict=True)
+        outputs["image_features"],
+        outputs["text_features"],
+        outputs["logits"],
+        outputs["labels"],
+        outputs["logit_scale"],
+        output_dict=True,
+    )
     for name in ("contrastive_loss", "caption_loss"):
         assert losses[name].item() == pytest.approx(reference[name].item(), rel=1e-6), name
-    ours_grad, = torch.autograd.grad(total_loss(losses), outputs["logits"])
-    reference_grad, = torch.autograd.grad(sum(reference.values()), outputs["logits"])
+    (ours_grad,) = torch.autograd.grad(total_loss(losses), outputs["logits"])
+    (reference_grad,) = torch.autograd.grad(sum(reference.values()), outputs["logits"])
     assert torch.allclose(ours_grad, reference_grad, atol=1e-7)
 
 
@@ -100,8 +117,10 @@ def test_coca_caption_loss_of_two_halves_is_the_whole_batch_s_where_open_clip_s_
     accumulation concatenates them, give the whole batch's loss exactly."""
     outputs = coca_outputs(6, [2, 2, 2, 12, 12, 12])
     objective = CoCaObjective(config_of("--model", "coca_ViT-B-32"), 0, 1)
-    halves = [{k: v[:3] if v.ndim else v for k, v in outputs.items()},
-              {k: v[3:] if v.ndim else v for k, v in outputs.items()}]
+    halves = [
+        {k: v[:3] if v.ndim else v for k, v in outputs.items()},
+        {k: v[3:] if v.ndim else v for k, v in outputs.items()},
+    ]
     whole = objective(objective.rows(outputs))["caption_loss"]
     rows = [objective.rows(half) for half in halves]
     joined = {k: torch.cat([r[k] for r in rows]) if rows[0][k].ndim else rows[0][k] for k in rows[0]}
@@ -139,11 +158,22 @@ def test_distillation_is_open_clip_s_distill_loss_with_a_frozen_teacher(tiny_tea
     with torch.no_grad():
         out = teacher(images, texts)
     assert torch.equal(targets["dist_image_features"], out["image_features"])
-    rows = {"image_features": features(4, dim=32, seed=3), "text_features": features(4, dim=32, seed=4),
-            "logit_scale": torch.tensor(12.0), **targets}
+    rows = {
+        "image_features": features(4, dim=32, seed=3),
+        "text_features": features(4, dim=32, seed=4),
+        "logit_scale": torch.tensor(12.0),
+        **targets,
+    }
     losses = objective(rows)
-    reference = DistillClipLoss()(rows["image_features"], rows["text_features"], rows["logit_scale"],
-                                  out["image_features"], out["text_features"], out["logit_scale"], output_dict=True)
+    reference = DistillClipLoss()(
+        rows["image_features"],
+        rows["text_features"],
+        rows["logit_scale"],
+        out["image_features"],
+        out["text_features"],
+        out["logit_scale"],
+        output_dict=True,
+    )
     assert set(losses) == {"contrastive_loss", "distill_loss"}
     for name in losses:
         assert losses[name].item() == pytest.approx(reference[name].item(), rel=1e-6)
@@ -151,11 +181,12 @@ def test_distillation_is_open_clip_s_distill_loss_with_a_frozen_teacher(tiny_tea
 
 
 def test_a_teacher_without_weights_is_refused(tmp_path):
-    with pytest.raises(AccClipError, match="--distill-model .* the teacher has no weights"):
+    with pytest.raises(AccClipError, match=r"--distill-model .* the teacher has no weights"):
         create_objective(config_of("--distill-model", TINY_VIT), 0, 1)
-    with pytest.raises(AccClipError, match="--distill-pretrained .*missing.pt: no such file"):
-        create_objective(config_of("--distill-model", TINY_VIT, "--distill-pretrained", str(tmp_path / "missing.pt")),
-                         0, 1)
+    with pytest.raises(AccClipError, match=r"--distill-pretrained .*missing.pt: no such file"):
+        create_objective(
+            config_of("--distill-model", TINY_VIT, "--distill-pretrained", str(tmp_path / "missing.pt")), 0, 1
+        )
 
 
 def test_a_local_weights_file_is_loaded_for_the_teacher(tiny_teacher, tmp_path):
@@ -166,8 +197,9 @@ def test_a_local_weights_file_is_loaded_for_the_teacher(tiny_teacher, tmp_path):
     source = open_clip.create_model(tiny_teacher)
     path = tmp_path / "teacher.pt"
     torch.save({"state_dict": source.state_dict()}, path)
-    objective = create_objective(config_of("--model", TINY_RN, "--distill-model", TINY_VIT,
-                                           "--distill-pretrained", str(path)), 0, 1)
+    objective = create_objective(
+        config_of("--model", TINY_RN, "--distill-model", TINY_VIT, "--distill-pretrained", str(path)), 0, 1
+    )
     teacher = objective.teacher.state_dict()
     assert all(torch.equal(teacher[k], v) for k, v in source.state_dict().items())
 
@@ -176,10 +208,14 @@ def test_distilling_into_a_model_with_a_logit_bias_is_refused(tiny_teacher):
     """open_clip's distillation loss has no bias term: a student's bias would never train (and DDP would
     fail on the unused parameter), so it is said in one line."""
     objective = create_objective(config_of("--model", TINY_VIT, "--distill-model", tiny_teacher), 0, 1)
-    rows = {"image_features": features(2, dim=32), "text_features": features(2, dim=32, seed=1),
-            "logit_scale": torch.tensor(10.0), "logit_bias": torch.tensor(-10.0),
-            **objective.targets(torch.randn(2, 3, 32, 32), torch.zeros(2, 32, dtype=torch.long))}
-    with pytest.raises(AccClipError, match="has a logit_bias .* distil into a model without one"):
+    rows = {
+        "image_features": features(2, dim=32),
+        "text_features": features(2, dim=32, seed=1),
+        "logit_scale": torch.tensor(10.0),
+        "logit_bias": torch.tensor(-10.0),
+        **objective.targets(torch.randn(2, 3, 32, 32), torch.zeros(2, 32, dtype=torch.long)),
+    }
+    with pytest.raises(AccClipError, match=r"has a logit_bias .* distil into a model without one"):
         objective(rows)
 
 
@@ -192,16 +228,17 @@ def test_the_coca_loss_goes_with_coca_models_only(tmp_path_factory):
     from acc_clip.model.build import create_model as create_model_from_options
 
     def create_model(config):
-        return create_model_from_options(config.model, precision=config.runtime.precision, seed=config.runtime.seed,
-                                         **model_overrides(config))
+        return create_model_from_options(
+            config.model, precision=config.runtime.precision, seed=config.runtime.seed, **model_overrides(config)
+        )
 
     tmp_path = tmp_path_factory.mktemp("models")  # this test's own tmp_path would hold 'coca' (its name)
     clip_in_coca_folder = tmp_path / "coca-experiments" / "tiny-vit"
-    shutil.copytree(TINY_VIT[len("local-dir:"):], clip_in_coca_folder)
+    shutil.copytree(TINY_VIT[len("local-dir:") :], clip_in_coca_folder)
     with pytest.raises(AccClipError, match="has no caption decoder"):
         create_model(config_of("--model", f"local-dir:{clip_in_coca_folder}"))
     coca_elsewhere = tmp_path / "exported"
-    shutil.copytree(TINY_COCA[len("local-dir:"):], coca_elsewhere)
+    shutil.copytree(TINY_COCA[len("local-dir:") :], coca_elsewhere)
     with pytest.raises(AccClipError, match="a CoCa model whose name lacks 'coca'"):
         create_model(config_of("--model", f"local-dir:{coca_elsewhere}"))
     with pytest.raises(AccClipError, match="--precision bf16 with a CoCa model"):
@@ -210,8 +247,9 @@ def test_the_coca_loss_goes_with_coca_models_only(tmp_path_factory):
 
 def test_the_teacher_is_built_in_the_run_s_precision_and_its_folder_must_exist(tiny_teacher, tmp_path):
     """open_clip_train creates the teacher with --precision: under bf16 it reads the student's bf16 images."""
-    objective = create_objective(config_of("--model", TINY_VIT, "--distill-model", tiny_teacher,
-                                           "--precision", "pure_bf16"), 0, 1)
+    objective = create_objective(
+        config_of("--model", TINY_VIT, "--distill-model", tiny_teacher, "--precision", "pure_bf16"), 0, 1
+    )
     assert {p.dtype for p in objective.teacher.parameters()} == {torch.bfloat16}
-    with pytest.raises(AccClipError, match="--distill-model local-dir:.*nowhere: no such folder"):
+    with pytest.raises(AccClipError, match=r"--distill-model local-dir:.*nowhere: no such folder"):
         create_objective(config_of("--distill-model", f"local-dir:{tmp_path / 'nowhere'}"), 0, 1)

@@ -22,8 +22,16 @@ ORDER = ("distill", "coca", "siglip", "clip")
 def config_of(distill: bool = False, coca: bool = False, siglip: bool = False, **values):
     """The train command's sections from option values, without the rules across sections (some of these
     combinations are refused there, after the objective is chosen)."""
-    return from_values(sections(), {"train_data": "x.csv", "model": COCA_MODEL if coca else "RN50", "siglip": siglip,
-                                    **({"distill_model": "ViT-B-32"} if distill else {}), **values})
+    return from_values(
+        sections(),
+        {
+            "train_data": "x.csv",
+            "model": COCA_MODEL if coca else "RN50",
+            "siglip": siglip,
+            **({"distill_model": "ViT-B-32"} if distill else {}),
+            **values,
+        },
+    )
 
 
 def test_the_registry_s_order_is_open_clip_train_s():
@@ -49,8 +57,11 @@ def test_objective_identity_is_the_dict_older_manifests_hold(distill, coca, sigl
     """Before the registry a checkpoint recorded {"name": objective_name(config), "siglip": config.siglip,
     "distill_model": config.distill_model}; a resume compares that dict for equality."""
     config = config_of(distill, coca, siglip)
-    assert objective_identity(config) == {"name": chosen_objective(config).name, "siglip": siglip,
-                                          "distill_model": "ViT-B-32" if distill else None}
+    assert objective_identity(config) == {
+        "name": chosen_objective(config).name,
+        "siglip": siglip,
+        "distill_model": "ViT-B-32" if distill else None,
+    }
 
 
 def test_model_overrides_start_a_siglip_model_as_open_clip_train_does():
@@ -63,9 +74,13 @@ def test_model_overrides_start_a_siglip_model_as_open_clip_train_does():
 def test_flags_of_an_objective_that_does_not_train_are_announced():
     notices = check_objective(config_of(coca=True, siglip=True, loss_dist_impl="shift"))
     assert any(n.startswith("--siglip: the coca loss trains (open_clip_train's order") for n in notices)
-    assert "--loss-dist-impl shift has no effect: this run does not train with the SigLIP loss (as in open_clip)" \
+    assert (
+        "--loss-dist-impl shift has no effect: this run does not train with the SigLIP loss (as in open_clip)"
         in notices
+    )
     notices = check_objective(config_of(coca_caption_loss_weight=3.0))
-    assert notices == ["--coca-caption-loss-weight has no effect: RN50 is not a CoCa model (open_clip_train's rule: "
-                       "the name holds 'coca')"]
+    assert notices == [
+        "--coca-caption-loss-weight has no effect: RN50 is not a CoCa model (open_clip_train's rule: "
+        "the name holds 'coca')"
+    ]
     assert check_objective(config_of()) == []

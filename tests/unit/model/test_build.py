@@ -2,7 +2,6 @@
 locking, the channels_last default, CoCa's decoder projection, the tokenizer's context length, one-line
 errors for unknown models. The optimizer and schedule are tests/unit/model/test_optim.py."""
 
-
 import open_clip
 import pytest
 import torch
@@ -21,18 +20,20 @@ def config_for(model, *extra):
 
 def create_model(config):
     """The model of a train command's config, as the trainer creates it."""
-    return create_model_from_options(config.model, precision=config.runtime.precision, seed=config.runtime.seed,
-                                     **model_overrides(config))
+    return create_model_from_options(
+        config.model, precision=config.runtime.precision, seed=config.runtime.seed, **model_overrides(config)
+    )
 
 
 def test_same_seed_gives_open_clip_train_initial_weights():
     # open_clip_train: random_seed(seed, 0) (torch, numpy, random), then create_model_and_transforms.
     torch.manual_seed(3)
-    theirs, _, _ = open_clip.create_model_and_transforms(TINY_RN, None, precision="fp32", device="cpu",
-                                                         output_dict=True)
+    theirs, _, _ = open_clip.create_model_and_transforms(
+        TINY_RN, None, precision="fp32", device="cpu", output_dict=True
+    )
     ours = create_model(config_for(TINY_RN, "--seed", "3")).model
     other = create_model(config_for(TINY_RN, "--seed", "4")).model
-    for (name, a), b, c in zip(theirs.state_dict().items(), ours.state_dict().values(), other.state_dict().values()):
+    for (name, a), b in zip(theirs.state_dict().items(), ours.state_dict().values()):
         assert torch.equal(a, b), name
     assert not torch.equal(theirs.visual.conv1.weight, other.visual.conv1.weight)
 
@@ -42,12 +43,15 @@ def test_lock_image_tower_freezes_it():
     assert not any(p.requires_grad for p in model.visual.parameters())
     assert all(p.requires_grad for p in model.transformer.parameters())
     assert all(p["params"] for p in parameter_groups(model, 0.1))
-    assert not any(p is q for group in parameter_groups(model, 0.1) for p in group["params"]
-                   for q in model.visual.parameters())
+    assert not any(
+        p is q for group in parameter_groups(model, 0.1) for p in group["params"] for q in model.visual.parameters()
+    )
 
 
-@pytest.mark.parametrize("name, requested, expected", [
-    (TINY_RN, None, True), (TINY_VIT, None, False), (TINY_RN, False, False), (TINY_VIT, True, True)])
+@pytest.mark.parametrize(
+    "name, requested, expected",
+    [(TINY_RN, None, True), (TINY_VIT, None, False), (TINY_RN, False, False), (TINY_VIT, True, True)],
+)
 def test_channels_last_default_is_on_for_resnet_towers_only(name, requested, expected):
     model = open_clip.create_model(name)
     assert uses_channels_last(model, requested) is expected
@@ -74,7 +78,9 @@ def test_a_fresh_coca_model_depends_on_the_seed_only():
 def test_force_context_length_reaches_the_tokenizer_too():
     """open_clip_train tokenises to --force-context-length; with the tokenizer's own length the text tower
     would fail on the first batch."""
-    bundle = create_model(parse_config(["--train-data", "x.csv", "--model", TINY_VIT, "--force-context-length", "16"])[0])
+    bundle = create_model(
+        parse_config(["--train-data", "x.csv", "--model", TINY_VIT, "--force-context-length", "16"])[0]
+    )
     texts = bundle.tokenizer(["a red square", "a blue circle"])
     assert texts.shape == (2, 16)
     with torch.no_grad():

@@ -17,8 +17,9 @@ def config_for(model, *extra):
 
 def test_weight_decay_groups_follow_open_clip_train():
     config = config_for(TINY_RN)
-    model = create_model(config.model, precision=config.runtime.precision, seed=config.runtime.seed,
-                         **model_overrides(config)).model
+    model = create_model(
+        config.model, precision=config.runtime.precision, seed=config.runtime.seed, **model_overrides(config)
+    ).model
     no_decay, decay = parameter_groups(model, 0.2)
     names = {id(p): n for n, p in model.named_parameters()}
     no_decay_names = {names[id(p)] for p in no_decay["params"]}
@@ -37,8 +38,9 @@ def test_cosine_schedule_is_open_clip_train_s_over_every_step_of_every_epoch(ste
     whose total is steps_per_epoch * epochs."""
     config = config_for(TINY_RN, "--lr", "0.002", "--epochs", str(epochs), "--warmup", str(warmup))
     optimizer = torch.optim.SGD([{"params": [torch.zeros(1)]}, {"params": [torch.zeros(1)]}], lr=1.0)
-    schedule = create_lr_schedule(optimizer, config.optimizer, epochs=config.training.epochs,
-                                  steps_per_epoch=steps_per_epoch)
+    schedule = create_lr_schedule(
+        optimizer, config.optimizer, epochs=config.training.epochs, steps_per_epoch=steps_per_epoch
+    )
     total = steps_per_epoch * epochs
     last_warmup, end_of_warmup, mid, last = warmup - 1, warmup, warmup + (total - warmup) // 2, total - 1
     for step in (0, last_warmup, end_of_warmup, mid, last):

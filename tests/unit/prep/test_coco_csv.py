@@ -7,6 +7,7 @@ import os
 import re
 import runpy
 import sys
+from pathlib import Path
 
 import open_clip
 import pandas as pd
@@ -25,8 +26,9 @@ from helpers import REPO
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory) -> dict:
-    return make_demo_data(str(tmp_path_factory.mktemp("demo") / "out"), num_train=8, num_val=2, size=(64, 48),
-                          zeroshot_per_class=0)
+    return make_demo_data(
+        str(tmp_path_factory.mktemp("demo") / "out"), num_train=8, num_val=2, size=(64, 48), zeroshot_per_class=0
+    )
 
 
 @pytest.fixture
@@ -65,15 +67,25 @@ def test_demo_data_gives_five_rows_per_image_with_absolute_existing_paths(demo, 
     assert all(os.path.isabs(p) and os.path.isfile(p) for p in frame["filepath"])
     with open(demo["train_annotations"], encoding="utf-8") as f:
         document = json.load(f)
-    expected = [(os.path.join(demo["train_images"], image["file_name"]), a["caption"])
-                for image in document["images"] for a in document["annotations"] if a["image_id"] == image["id"]]
+    expected = [
+        (os.path.join(demo["train_images"], image["file_name"]), a["caption"])
+        for image in document["images"]
+        for a in document["annotations"]
+        if a["image_id"] == image["id"]
+    ]
     assert list(zip(frame["filepath"], frame["title"])) == expected
 
 
 def test_cleaning_skipping_and_counts(handmade):
     counts = create_coco_csv(handmade["annotations"], handmade["images"], handmade["out"])
-    assert counts == {"rows": 2, "images": 1, "images_missing": 1, "images_without_captions": 1,
-                      "empty_captions": 1, "captions_of_unknown_images": 1}
+    assert counts == {
+        "rows": 2,
+        "images": 1,
+        "images_missing": 1,
+        "images_without_captions": 1,
+        "empty_captions": 1,
+        "captions_of_unknown_images": 1,
+    }
     frame = pd.read_csv(handmade["out"])
     assert frame["title"].tolist() == ["a dog on grass", 'a cat, "quoted" and more']
     assert frame["filepath"].tolist() == [os.path.join(handmade["images"], "a.jpg")] * 2
@@ -81,8 +93,14 @@ def test_cleaning_skipping_and_counts(handmade):
 
 def test_round_trips_through_open_clip_csv_dataset(handmade):
     create_coco_csv(handmade["annotations"], handmade["images"], handmade["out"])
-    dataset = CsvDataset(handmade["out"], transforms.ToTensor(), img_key="filepath", caption_key="title", sep=",",
-                         tokenizer=open_clip.tokenize)
+    dataset = CsvDataset(
+        handmade["out"],
+        transforms.ToTensor(),
+        img_key="filepath",
+        caption_key="title",
+        sep=",",
+        tokenizer=open_clip.tokenize,
+    )
     assert len(dataset) == 2
     image, text = dataset[1]
     assert image.shape == (3, 8, 8)
@@ -105,8 +123,17 @@ def test_malformed_json_names_file_and_position(handmade, tmp_path):
         create_coco_csv(str(bad), handmade["images"], handmade["out"])
 
 
-@pytest.mark.parametrize("key, where", [("images", None), ("annotations", None), ("file_name", "images"),
-                                        ("id", "images"), ("image_id", "annotations"), ("caption", "annotations")])
+@pytest.mark.parametrize(
+    "key, where",
+    [
+        ("images", None),
+        ("annotations", None),
+        ("file_name", "images"),
+        ("id", "images"),
+        ("image_id", "annotations"),
+        ("caption", "annotations"),
+    ],
+)
 def test_missing_key_names_key_and_file(handmade, tmp_path, key, where):
     document = json.loads(json.dumps(handmade["doc"]))
     if where is None:
@@ -127,9 +154,9 @@ def test_bad_input_never_clobbers_existing_csv(handmade, tmp_path):
         (handmade["annotations"], str(tmp_path / "no_such_images")),
         (write_json(tmp_path / "empty.json", {"images": [], "annotations": []}), handmade["images"]),
     ]
-    for annotations, images in bad_inputs:
+    for annotations_file, images in bad_inputs:
         with pytest.raises(AccClipError):
-            create_coco_csv(annotations, images, str(out))
+            create_coco_csv(annotations_file, images, str(out))
         assert out.read_text() == "filepath,title\nprecious,row\n"
     assert sorted(os.listdir(tmp_path)) == sorted(["out.csv", "images", "captions.json", "nokey.json", "empty.json"])
 
@@ -139,13 +166,16 @@ def test_write_failure_leaves_no_temporary_file(handmade, tmp_path, monkeypatch)
     out.write_text("old\n")
 
     def fail(*args, **kwargs):
-        open(args[1], "w").write("half a")  # the temporary file, partly written
+        Path(args[1]).write_text("half a")  # the temporary file, partly written
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(pd.DataFrame, "to_csv", lambda self, *a, **k: fail(self, *a, **k))
     # One line naming the file and its disk (io/atomic.save_failure; was "...: No space left on device").
-    with pytest.raises(AccClipError, match=rf"^{re.escape(str(out))} could not be saved: no space left on the disk "
-                                           rf"of {re.escape(str(tmp_path))} "):
+    with pytest.raises(
+        AccClipError,
+        match=rf"^{re.escape(str(out))} could not be saved: no space left on the disk "
+        rf"of {re.escape(str(tmp_path))} ",
+    ):
         create_coco_csv(handmade["annotations"], handmade["images"], str(out))
     assert out.read_text() == "old\n"
     assert not [name for name in os.listdir(tmp_path) if name.endswith(".tmp")]
@@ -155,8 +185,20 @@ def test_cli_and_tool_wrapper(handmade, tmp_path, capsys, monkeypatch):
     args = ["--annotations", handmade["annotations"], "--images-dir", handmade["images"]]
     assert cli.main(["coco-csv", *args, "--out", handmade["out"]]) == 0
     assert "2 rows for 1 images" in capsys.readouterr().out
-    assert cli.main(["coco-csv", "--annotations", str(tmp_path / "absent.json"), "--images-dir",
-                     handmade["images"], "--out", handmade["out"]]) == 2
+    assert (
+        cli.main(
+            [
+                "coco-csv",
+                "--annotations",
+                str(tmp_path / "absent.json"),
+                "--images-dir",
+                handmade["images"],
+                "--out",
+                handmade["out"],
+            ]
+        )
+        == 2
+    )
     assert "absent.json" in capsys.readouterr().err
 
     # The tool script as `python tools/create_coco_csv.py ARGS` runs it, in this process.

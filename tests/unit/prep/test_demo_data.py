@@ -113,11 +113,15 @@ def test_captions_describe_the_drawn_attributes(demo):
         for annotation in document["annotations"]:
             captions.setdefault(annotation["image_id"], []).append(annotation["caption"])
         for image in document["images"]:
-            said = [(mentioned(c, {k: v[1] for k, v in SHAPE_COLOURS.items()}),
-                     mentioned(c, {k: v[1] for k, v in BACKGROUNDS.items()}),
-                     mentioned(c, {k: [w for pair in v for w in pair] for k, v in SHAPES.items()}),
-                     bool(mentioned(c, {"plural": [plural for _, plural in PLURALS]})))
-                    for c in captions[image["id"]]]
+            said = [
+                (
+                    mentioned(c, {k: v[1] for k, v in SHAPE_COLOURS.items()}),
+                    mentioned(c, {k: v[1] for k, v in BACKGROUNDS.items()}),
+                    mentioned(c, {k: [w for pair in v for w in pair] for k, v in SHAPES.items()}),
+                    bool(mentioned(c, {"plural": [plural for _, plural in PLURALS]})),
+                )
+                for c in captions[image["id"]]
+            ]
             colour, background, shape, plural = said[0]
             assert len(colour) == len(background) == len(shape) == 1, captions[image["id"]]
             assert all(s == said[0] for s in said), f"five captions disagree: {captions[image['id']]}"

@@ -160,6 +160,9 @@ def test_cli_plot_writes_a_readable_png(tmp_path, capsys):
     assert image.std() > 0  # something was drawn
 
     # A figure that cannot be written is a failed save (ResourceError, 5; was the one status 2 before error kinds).
-    assert cli.main(["compare-loss", str(ref), str(new), "--plot", str(tmp_path / "no_dir" / "x.png")]) == \
-        ResourceError.exit_status == 5
+    assert (
+        cli.main(["compare-loss", str(ref), str(new), "--plot", str(tmp_path / "no_dir" / "x.png")])
+        == ResourceError.exit_status
+        == 5
+    )
     assert "--plot" in capsys.readouterr().err

@@ -134,7 +134,9 @@ def test_vendor_log_with_global_iterations_or_steps_keeps_them(tmp_path):
     assert read_loss_curve(by_iteration).steps == [10, 20, 30]
 
     by_step = tmp_path / "step.log"
-    by_step.write_text("TCAPPDLL step : 4 train.loss : 2.0\nTCAPPDLL step : 2 train.loss:3.0\nstep: 4 train.loss: 1.0\n")
+    by_step.write_text(
+        "TCAPPDLL step : 4 train.loss : 2.0\nTCAPPDLL step : 2 train.loss:3.0\nstep: 4 train.loss: 1.0\n"
+    )
     curve = read_loss_curve(by_step)
     assert (curve.steps, curve.losses) == ([2, 4], [3.0, 1.0])
 
@@ -165,5 +167,5 @@ def test_ema_smooth_follows_the_recurrence():
     assert ema_smooth([1.0, 2.0, 4.0], 0.5) == [1.0, 1.5, 2.75]
     assert ema_smooth([1.0, 2.0], 0.0) == [1.0, 2.0]  # no smoothing
     assert ema_smooth([], 0.9) == []
-    with pytest.raises(AccClipError, match="--ema 1.0"):
+    with pytest.raises(AccClipError, match=r"--ema 1.0"):
         ema_smooth([1.0], 1.0)

@@ -65,7 +65,7 @@ def test_sdaa_installed_without_a_card(sdaa, monkeypatch):
     monkeypatch.setenv("SDAA_STUB_DEVICES", "0")
     is_sdaa_available.cache_clear()
     assert plan_device(None, "amp").kind == "cpu"
-    with pytest.raises(AccClipError, match="torch_sdaa is installed but torch.sdaa sees no card"):
+    with pytest.raises(AccClipError, match=r"torch_sdaa is installed but torch.sdaa sees no card"):
         plan_device("sdaa", "amp")
 
 
@@ -99,10 +99,19 @@ def test_accelerate_places_sdaa_as_planned():
                           "scaler": type(accelerator.scaler).__module__ + "." + type(accelerator.scaler).__name__,
                           "autocast": autocast, "set_device": [str(d) for d in torch_sdaa.set_devices]}))
     """)
-    env = {**os.environ, "PYTHONPATH": str(STUB), "SDAA_STUB_DEVICES": "2", "LOCAL_RANK": "1", "RANK": "0",
-           "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(_free_port())}
-    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=REPO,
-                            env=env)
+    env = {
+        **os.environ,
+        "PYTHONPATH": str(STUB),
+        "SDAA_STUB_DEVICES": "2",
+        "LOCAL_RANK": "1",
+        "RANK": "0",
+        "WORLD_SIZE": "1",
+        "MASTER_ADDR": "127.0.0.1",
+        "MASTER_PORT": str(_free_port()),
+    }
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, timeout=120, cwd=REPO, env=env
+    )
     assert result.returncode == 0, result.stderr[-3000:]
     seen = json.loads(result.stdout.strip().splitlines()[-1])
     assert seen["plan"] == ["sdaa:1", "tccl", "MULTI_SDAA"]
@@ -120,12 +129,19 @@ def _free_port() -> int:
         return sock.getsockname()[1]
 
 
-@pytest.mark.parametrize("precision, mixed, input_dtype", [
-    ("amp_bf16", "bf16", None), ("amp_bfloat16", "bf16", None), ("fp32", "no", None),
-    # open_clip's meaning: fp16/bf16 cast the weights, pure_* the whole model; no autocast, no scaler
-    ("fp16", "no", torch.float16), ("bf16", "no", torch.bfloat16),
-    ("pure_fp16", "no", torch.float16), ("pure_bf16", "no", torch.bfloat16),
-])
+@pytest.mark.parametrize(
+    "precision, mixed, input_dtype",
+    [
+        ("amp_bf16", "bf16", None),
+        ("amp_bfloat16", "bf16", None),
+        ("fp32", "no", None),
+        # open_clip's meaning: fp16/bf16 cast the weights, pure_* the whole model; no autocast, no scaler
+        ("fp16", "no", torch.float16),
+        ("bf16", "no", torch.bfloat16),
+        ("pure_fp16", "no", torch.float16),
+        ("pure_bf16", "no", torch.bfloat16),
+    ],
+)
 def test_cpu_plan(precision, mixed, input_dtype):
     plan = plan_device("cpu", precision)
     assert (plan.device, plan.backend, plan.mixed_precision, plan.uses_grad_scaler) == ("cpu", "gloo", mixed, False)
@@ -148,13 +164,16 @@ def test_native_bf16_is_read_from_the_cpu_flags(tmp_path):
     assert not cpu_has_native_bf16(str(tmp_path / "missing"))
 
 
-@pytest.mark.parametrize("precision, native, mixed, says", [
-    ("amp", True, "bf16", "runs as bf16 autocast"),
-    ("amp", False, "no", "runs fp32: this CPU has no native bf16"),  # open_clip would autocast: 20x slower there
-    ("amp_bf16", False, "bf16", "emulated and slow"),  # asked for by name: kept, with a warning
-    ("amp_bf16", True, "bf16", None),
-    ("fp32", False, "no", None),
-])
+@pytest.mark.parametrize(
+    "precision, native, mixed, says",
+    [
+        ("amp", True, "bf16", "runs as bf16 autocast"),
+        ("amp", False, "no", "runs fp32: this CPU has no native bf16"),  # open_clip would autocast: 20x slower there
+        ("amp_bf16", False, "bf16", "emulated and slow"),  # asked for by name: kept, with a warning
+        ("amp_bf16", True, "bf16", None),
+        ("fp32", False, "no", None),
+    ],
+)
 def test_cpu_amp_runs_fp32_where_bf16_is_emulated(precision, native, mixed, says):
     from acc_clip.runtime.device import MIXED_PRECISION, cpu_mixed_precision
 
@@ -201,6 +220,7 @@ def test_cpu_processes_do_not_touch_the_gpus(monkeypatch):
     """Several CPU processes on a GPU machine: Accelerate's barrier would run gloo on cuda:LOCAL_RANK and
     fail with fewer GPUs than processes (seen on a one-GPU H100 machine). So --device cpu must not
     query CUDA, and the hook hides the GPUs from such processes before the Accelerator exists."""
+
     def no_cuda_queries():
         raise AssertionError("--device cpu asked CUDA")
 

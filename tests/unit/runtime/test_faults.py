@@ -39,8 +39,9 @@ def test_fault_point_does_nothing_without_the_environment(kills):
     assert kills == []
 
 
-@pytest.mark.parametrize("value", ["before_commit:8", "between_renames:7", "before_commit", "before_commit:07",
-                                   "before_commit: 7", "", "7"])
+@pytest.mark.parametrize(
+    "value", ["before_commit:8", "between_renames:7", "before_commit", "before_commit:07", "before_commit: 7", "", "7"]
+)
 def test_fault_point_does_nothing_unless_the_environment_names_that_point_and_step(kills, monkeypatch, value):
     monkeypatch.setenv(KILL_AT_ENV, value)
     fault_point("before_commit", 7)
@@ -59,6 +60,10 @@ def test_fault_point_kills_this_process_at_its_point_and_step(kills, monkeypatch
 def test_production_code_calls_each_point():
     """Each point is placed in the code once (a renamed point would silently never fire)."""
     package = Path(faults.__file__).resolve().parents[1]
-    calls = [m.group(1) for path in package.rglob("*.py") if path.name != "faults.py"
-             for m in re.finditer(r'fault_point\("(\w+)"', path.read_text())]
+    calls = [
+        m.group(1)
+        for path in package.rglob("*.py")
+        if path.name != "faults.py"
+        for m in re.finditer(r'fault_point\("(\w+)"', path.read_text())
+    ]
     assert sorted(calls) == sorted(POINTS)

@@ -39,7 +39,7 @@ def test_units_come_before_the_modules_that_hold_them():
     units = parallel.shard_units(tiny(TINY_VIT))
     for index, unit in enumerate(units):
         inside = set(unit.modules())
-        assert not any(later in inside for later in units[index + 1:]), index
+        assert not any(later in inside for later in units[index + 1 :]), index
 
 
 def test_scalars_become_one_element_vectors_with_value_and_grad_flag():

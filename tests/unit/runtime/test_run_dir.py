@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import re
+from pathlib import Path
 
 import pytest
 
@@ -40,14 +41,18 @@ def test_a_file_that_holds_no_id_is_named_in_one_line(tmp_path, content):
 
 def test_the_id_file_appears_whole_or_not_at_all(tmp_path, monkeypatch):
     """Written to a temporary file and renamed: a failure before the rename leaves neither file."""
+
     def failing_rename(source, target):
-        assert open(source).read().strip(), "the temporary file holds the id before the rename"
+        assert Path(source).read_text().strip(), "the temporary file holds the id before the rename"
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(run_dir_module.os, "replace", failing_rename)
     # One line naming the file and the disk (io/atomic.save_failure), no longer "cannot write PATH: No space ...".
-    with pytest.raises(AccClipError, match=rf"^{re.escape(str(tmp_path / WANDB_ID_FILE))} could not be saved: no space "
-                                           rf"left on the disk of {re.escape(str(tmp_path))} \(") as raised:
+    with pytest.raises(
+        AccClipError,
+        match=rf"^{re.escape(str(tmp_path / WANDB_ID_FILE))} could not be saved: no space "
+        rf"left on the disk of {re.escape(str(tmp_path))} \(",
+    ) as raised:
         wandb_run_id(str(tmp_path))
     assert "\n" not in str(raised.value)
     assert os.listdir(tmp_path) == []

@@ -35,8 +35,9 @@ class WorkerPids(torch.utils.data.Dataset):
 
 
 def test_data_workers_survive_a_sigterm_sent_to_the_whole_process_group():
-    loader = torch.utils.data.DataLoader(WorkerPids(), batch_size=1, num_workers=1, prefetch_factor=1,
-                                         worker_init_fn=signals.ignore_stop_signals)
+    loader = torch.utils.data.DataLoader(
+        WorkerPids(), batch_size=1, num_workers=1, prefetch_factor=1, worker_init_fn=signals.ignore_stop_signals
+    )
     batches = iter(loader)
     worker = int(next(batches))
     os.kill(worker, signal.SIGTERM)  # what a scheduler's group signal does to the worker

@@ -18,14 +18,26 @@ def test_seed_default_command_parses_with_open_clip_meanings():
     assert config.data.train_data == "/../COCO/train_data.csv"
     csv = config[CsvOptions]
     assert csv.csv_separator == "," and csv.csv_img_key == "filepath" and csv.csv_caption_key == "title"
-    assert (config.data.batch_size, config.training.epochs, config.data.workers, config.optimizer.warmup) == \
-        (64, 32, 4, 10000)
+    assert (config.data.batch_size, config.training.epochs, config.data.workers, config.optimizer.warmup) == (
+        64,
+        32,
+        4,
+        10000,
+    )
     optimizer = config.optimizer
-    assert (optimizer.lr, optimizer.wd, optimizer.beta1, optimizer.beta2, optimizer.eps) == \
-        (5e-4, 0.2, 0.9, 0.999, 1e-8)
+    assert (optimizer.lr, optimizer.wd, optimizer.beta1, optimizer.beta2, optimizer.eps) == (
+        5e-4,
+        0.2,
+        0.9,
+        0.999,
+        1e-8,
+    )
     assert config.runtime.precision == "amp" and config.model.model == "RN50" and config.model.pretrained == ""
-    assert config.runtime.device == "sdaa" and config.logging.report_to == "" and \
-        config.logging.wandb_project_name == "open-clip"
+    assert (
+        config.runtime.device == "sdaa"
+        and config.logging.report_to == ""
+        and config.logging.wandb_project_name == "open-clip"
+    )
     # Flags without effect here are announced, not silently dropped.
     assert any("--coca-caption-loss-weight" in n for n in notices)
 
@@ -69,17 +81,26 @@ def test_shipped_configs_parse(name):
 
 def test_rn50_config_holds_the_seed_defaults():
     config, _ = parse_config(["--config", str(REPO / "configs" / "rn50_coco.yaml"), "--train-data", "x.csv"])
-    assert (config.model.model, config.data.batch_size, config.training.epochs, config.optimizer.lr,
-            config.optimizer.wd, config.optimizer.warmup, config.runtime.precision) \
-        == ("RN50", 64, 32, 5e-4, 0.2, 10000, "amp")
+    assert (
+        config.model.model,
+        config.data.batch_size,
+        config.training.epochs,
+        config.optimizer.lr,
+        config.optimizer.wd,
+        config.optimizer.warmup,
+        config.runtime.precision,
+    ) == ("RN50", 64, 32, 5e-4, 0.2, 10000, "amp")
 
 
 def test_fast_path_switches_default_on_and_turn_off():
     """The GPU fast paths a benchmark measures on and off (benchmarks/gpu_seed_config.sh --input-paths,
     --fast-paths): cuDNN autotuning on unless --no-cudnn-benchmark; pinning left to the device unless said."""
     default, _ = parse_config(["--train-data", "x.csv"])
-    assert default.runtime.cudnn_benchmark is True and default.data.pin_memory is None and \
-        default.data.decode_on_device is False
+    assert (
+        default.runtime.cudnn_benchmark is True
+        and default.data.pin_memory is None
+        and default.data.decode_on_device is False
+    )
     off, _ = parse_config(["--train-data", "x.csv", "--no-cudnn-benchmark", "--no-pin-memory", "--decode-on-device"])
     assert off.runtime.cudnn_benchmark is False and off.data.pin_memory is False and off.data.decode_on_device is True
     assert parse_config(["--train-data", "x.csv", "--pin-memory"])[0].data.pin_memory is True
@@ -88,28 +109,46 @@ def test_fast_path_switches_default_on_and_turn_off():
 def test_upsampling_factors_val_num_samples_and_imagenet_v2_parse_as_open_clip_train_parses_them():
     from open_clip_train.params import parse_args
 
-    flags = ["--train-data", "a/{0..1}.tar::b/{0..1}.tar", "--dataset-resampled", "--train-data-upsampling-factors",
-             "1::0.5", "--val-num-samples", "1000", "--imagenet-v2", "/data/imagenetv2"]
+    flags = [
+        "--train-data",
+        "a/{0..1}.tar::b/{0..1}.tar",
+        "--dataset-resampled",
+        "--train-data-upsampling-factors",
+        "1::0.5",
+        "--val-num-samples",
+        "1000",
+        "--imagenet-v2",
+        "/data/imagenetv2",
+    ]
     theirs, (ours, _) = vars(parse_args(flags)), parse_config(flags)
     keys = ["train_data_upsampling_factors", "val_num_samples", "imagenet_v2"]
-    assert {k: ours.value(k) for k in keys} == {k: theirs[k] for k in keys} == \
-        {"train_data_upsampling_factors": "1::0.5", "val_num_samples": 1000, "imagenet_v2": "/data/imagenetv2"}
+    assert (
+        {k: ours.value(k) for k in keys}
+        == {k: theirs[k] for k in keys}
+        == {"train_data_upsampling_factors": "1::0.5", "val_num_samples": 1000, "imagenet_v2": "/data/imagenetv2"}
+    )
     defaults = vars(parse_args([]))
     ours_by_default = train_config(dataset_type="synthetic")
     assert {k: ours_by_default.value(k) for k in keys} == {k: defaults[k] for k in keys} == dict.fromkeys(keys)
 
 
-@pytest.mark.parametrize("flags, message", [
-    (["--aug-cfg", "foo"], "--aug-cfg foo: expected key=value pairs"),
-    (["--image-mean", "0.5", "0.5"], "--image-mean 0.5 0.5: one value, or one per channel"),
-    (["--image-std", "0", "1", "1"], "--image-std 0.0 1.0 1.0: must be a finite number above 0"),
-    (["--force-image-size", "0"], "--force-image-size 0: must be at least 1"),
-    (["--force-image-size", "224", "224", "3"], "--force-image-size 224 224 3: one positive size, or height and width"),
-    (["--force-context-length", "1"], "--force-context-length 1: at least 2 tokens"),
-    (["--opt", "sgd"], "--opt sgd: expected adamw or a timm optimizer as timm/NAME"),
-    (["--opt", "timm/sgd"], "--opt timm/sgd needs --lr"),
-    (["--dist-url", "tcp://10.0.0.1:23456"], "--dist-url tcp://10.0.0.1:23456: acc_clip's processes take their"),
-])
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--aug-cfg", "foo"], "--aug-cfg foo: expected key=value pairs"),
+        (["--image-mean", "0.5", "0.5"], "--image-mean 0.5 0.5: one value, or one per channel"),
+        (["--image-std", "0", "1", "1"], "--image-std 0.0 1.0 1.0: must be a finite number above 0"),
+        (["--force-image-size", "0"], "--force-image-size 0: must be at least 1"),
+        (
+            ["--force-image-size", "224", "224", "3"],
+            "--force-image-size 224 224 3: one positive size, or height and width",
+        ),
+        (["--force-context-length", "1"], "--force-context-length 1: at least 2 tokens"),
+        (["--opt", "sgd"], "--opt sgd: expected adamw or a timm optimizer as timm/NAME"),
+        (["--opt", "timm/sgd"], "--opt timm/sgd needs --lr"),
+        (["--dist-url", "tcp://10.0.0.1:23456"], "--dist-url tcp://10.0.0.1:23456: acc_clip's processes take their"),
+    ],
+)
 def test_open_clip_flags_with_values_that_cannot_work_are_one_line_errors(flags, message):
     """open_clip_train accepts these and fails later with a traceback (or, for --dist-url, starts differently)."""
     with pytest.raises(AccClipError, match=re.escape(message)) as error:
@@ -121,9 +160,11 @@ def test_an_augmentation_option_open_clip_does_not_know_is_one_line_at_model_cre
     from acc_clip.loss import model_overrides
     from acc_clip.model.build import create_model
 
-    config, _ = parse_config(["--train-data", "x.csv", "--model", f"local-dir:{REPO}/configs/models/tiny-vit",
-                              "--aug-cfg", "bogus=1"])
+    config, _ = parse_config(
+        ["--train-data", "x.csv", "--model", f"local-dir:{REPO}/configs/models/tiny-vit", "--aug-cfg", "bogus=1"]
+    )
     with pytest.raises(AccClipError, match="unexpected keyword argument 'bogus'") as error:
-        create_model(config.model, precision=config.runtime.precision, seed=config.runtime.seed,
-                     **model_overrides(config))
+        create_model(
+            config.model, precision=config.runtime.precision, seed=config.runtime.seed, **model_overrides(config)
+        )
     assert "\n" not in str(error.value)

@@ -24,11 +24,40 @@ def test_steps_and_learning_rate_under_accumulation(in_process, tmp_path, accum_
     so 3 epochs make 15 or 6 steps, and the cosine runs over those steps, not over micro-batches:
     the lr at warm-up end, mid-way and the last step is open_clip_train's formula for that total."""
     epochs, warmup, lr = 3, 2, 1e-3
-    config, _ = parse_config([
-        "--dataset-type", "synthetic", "--train-num-samples", str(4 * MICRO_BATCHES_PER_EPOCH), "--batch-size", "4",
-        "--accum-freq", str(accum_freq), "--epochs", str(epochs), "--warmup", str(warmup), "--lr", str(lr),
-        "--model", TINY_VIT, "--device", "cpu", "--precision", "fp32", "--workers", "0",
-        "--log-every-n-steps", "1", "--save-frequency", "0", "--logs", str(tmp_path), "--name", "run"])
+    config, _ = parse_config(
+        [
+            "--dataset-type",
+            "synthetic",
+            "--train-num-samples",
+            str(4 * MICRO_BATCHES_PER_EPOCH),
+            "--batch-size",
+            "4",
+            "--accum-freq",
+            str(accum_freq),
+            "--epochs",
+            str(epochs),
+            "--warmup",
+            str(warmup),
+            "--lr",
+            str(lr),
+            "--model",
+            TINY_VIT,
+            "--device",
+            "cpu",
+            "--precision",
+            "fp32",
+            "--workers",
+            "0",
+            "--log-every-n-steps",
+            "1",
+            "--save-frequency",
+            "0",
+            "--logs",
+            str(tmp_path),
+            "--name",
+            "run",
+        ]
+    )
     assert train(config) == 0
     total = epochs * (MICRO_BATCHES_PER_EPOCH // accum_freq)
     records = read_metrics(tmp_path / "run")
@@ -42,8 +71,21 @@ def test_steps_and_learning_rate_under_accumulation(in_process, tmp_path, accum_
 
 
 def wandb_config(tmp_path, *extra: str):
-    config, _ = parse_config(["--train-data", "x.csv", "--report-to", "wandb", "--name", "run", "--logs", str(tmp_path),
-                              "--wandb-notes", "note", *extra])
+    config, _ = parse_config(
+        [
+            "--train-data",
+            "x.csv",
+            "--report-to",
+            "wandb",
+            "--name",
+            "run",
+            "--logs",
+            str(tmp_path),
+            "--wandb-notes",
+            "note",
+            *extra,
+        ]
+    )
     return config
 
 
@@ -69,8 +111,10 @@ class RecordingAccelerator:
         self.calls.append((project_name, init_kwargs))
 
 
-@pytest.mark.parametrize("report_to, is_main_process, id_file", [
-    ("wandb", True, True), ("all", True, True), ("wandb", False, False), ("tensorboard", True, False)])
+@pytest.mark.parametrize(
+    "report_to, is_main_process, id_file",
+    [("wandb", True, True), ("all", True, True), ("wandb", False, False), ("tensorboard", True, False)],
+)
 def test_start_trackers_hands_wandb_its_id_on_the_main_process_only(tmp_path, report_to, is_main_process, id_file):
     accelerator = RecordingAccelerator(is_main_process)
     config = wandb_config(tmp_path, "--report-to", report_to)

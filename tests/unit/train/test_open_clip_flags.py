@@ -20,11 +20,22 @@ TRAIN = ["--train-data", "x.csv"]
 # A value of the flag's type for flags whose type alone does not give a valid one, and the flags they need
 # beside them in both trainers.
 SAMPLE_VALUES = {
-    "--model": ["ViT-B-32"], "--device": ["cpu"], "--opt": ["adamw"], "--lr-scheduler": ["const"],
-    "--loss-dist-impl": ["shift"], "--dist-url": ["env://"], "--dist-backend": ["gloo"], "--report-to": ["tensorboard"],
-    "--resume": ["latest"], "--aug-cfg": ["scale=(0.9,1.0)", "re_prob=0.25"], "--image-mean": ["0.5", "0.4", "0.3"],
-    "--image-std": ["0.2", "0.3", "0.25"], "--force-image-size": ["224"], "--train-data-upsampling-factors": ["1::2"],
-    "--train-data": ["a/{0..3}.tar::b/{0..1}.tar"], "--use-bnb-linear": ["SwitchBackLinear"],
+    "--model": ["ViT-B-32"],
+    "--device": ["cpu"],
+    "--opt": ["adamw"],
+    "--lr-scheduler": ["const"],
+    "--loss-dist-impl": ["shift"],
+    "--dist-url": ["env://"],
+    "--dist-backend": ["gloo"],
+    "--report-to": ["tensorboard"],
+    "--resume": ["latest"],
+    "--aug-cfg": ["scale=(0.9,1.0)", "re_prob=0.25"],
+    "--image-mean": ["0.5", "0.4", "0.3"],
+    "--image-std": ["0.2", "0.3", "0.25"],
+    "--force-image-size": ["224"],
+    "--train-data-upsampling-factors": ["1::2"],
+    "--train-data": ["a/{0..3}.tar::b/{0..1}.tar"],
+    "--use-bnb-linear": ["SwitchBackLinear"],
     "--csv-separator": [","],  # one character (checked at start-up)
     "--name": ["run"],  # one folder under --logs (checked at start-up)
 }
@@ -102,10 +113,18 @@ def test_every_flag_is_accepted_with_its_meaning_or_refused_in_one_line():
     assert not short, "flags that fall short:\n" + "\n".join(short)
 
 
-@pytest.mark.parametrize("argv", [[], ["--model", "ViT-B-32"], ["--model", "local-dir:/models/tiny-vit"],
-                                  ["--model", "ViT-B-16", "--beta2", "0.95"], ["--model", "RN50", "--eps", "1e-5"],
-                                  ["--opt", "timm/sgd", "--lr", "0.1"], ["--opt", "timm/lamb", "--lr", "1e-3",
-                                                                          "--beta1", "0.9", "--beta2", "0.99"]])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        [],
+        ["--model", "ViT-B-32"],
+        ["--model", "local-dir:/models/tiny-vit"],
+        ["--model", "ViT-B-16", "--beta2", "0.95"],
+        ["--model", "RN50", "--eps", "1e-5"],
+        ["--opt", "timm/sgd", "--lr", "0.1"],
+        ["--opt", "timm/lamb", "--lr", "1e-3", "--beta1", "0.9", "--beta2", "0.99"],
+    ],
+)
 def test_optimisation_defaults_resolve_as_open_clip_train_resolves_them(argv):
     """The model's name decides AdamW's beta2 and eps (0.98 and 1e-6 when it holds "vit", as open_clip_train's
     get_default_params), unless given; a timm optimizer keeps its own defaults (None here)."""
@@ -128,8 +147,11 @@ def test_every_shared_default_is_open_clip_train_s(tmp_path):
     theirs = vars(parse_args(TRAIN))
     ours, _ = parse_config(TRAIN)
     flat = ours.flat()
-    differing = {key: (flat[key], value) for key, value in theirs.items()
-                 if key not in ("device", "csv_separator") and key in flat and flat[key] != value}
+    differing = {
+        key: (flat[key], value)
+        for key, value in theirs.items()
+        if key not in ("device", "csv_separator") and key in flat and flat[key] != value
+    }
     assert not differing
     assert flat["csv_separator"] == "auto"
     tab_file = tmp_path / "tab.csv"
@@ -154,16 +176,22 @@ def open_clip_built(args, model: torch.nn.Module):
         from timm.optim import create_optimizer_v2
 
         extra = {"momentum": args.momentum} if args.momentum is not None else {}
-        optimizer = create_optimizer_v2(model, args.opt.split("timm/")[-1], lr=args.lr, weight_decay=args.wd,
-                                        eps=args.eps, **extra)
+        optimizer = create_optimizer_v2(
+            model, args.opt.split("timm/")[-1], lr=args.lr, weight_decay=args.wd, eps=args.eps, **extra
+        )
     else:
         from acc_clip.model.optim import is_gain_or_bias  # open_clip_train's rule, asserted against it in test_optim.py
 
         named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-        optimizer = torch.optim.AdamW([{"params": [p for n, p in named if is_gain_or_bias(n, p)], "weight_decay": 0.},
-                                       {"params": [p for n, p in named if not is_gain_or_bias(n, p)],
-                                        "weight_decay": args.wd}], lr=args.lr, betas=(args.beta1, args.beta2),
-                                      eps=args.eps)
+        optimizer = torch.optim.AdamW(
+            [
+                {"params": [p for n, p in named if is_gain_or_bias(n, p)], "weight_decay": 0.0},
+                {"params": [p for n, p in named if not is_gain_or_bias(n, p)], "weight_decay": args.wd},
+            ],
+            lr=args.lr,
+            betas=(args.beta1, args.beta2),
+            eps=args.eps,
+        )
     total = 10 * args.epochs
     if args.skip_scheduler:
         return optimizer, [args.lr] * 5
@@ -173,16 +201,27 @@ def open_clip_built(args, model: torch.nn.Module):
 
 
 def hyperparameters(optimizer: torch.optim.Optimizer) -> list[dict]:
-    return [{k: v for k, v in group.items() if k not in ("params", "fused", "foreach", "capturable",
-                                                           "differentiable", "maximize", "decoupled_weight_decay")}
-            for group in optimizer.param_groups]
+    return [
+        {
+            k: v
+            for k, v in group.items()
+            if k
+            not in ("params", "fused", "foreach", "capturable", "differentiable", "maximize", "decoupled_weight_decay")
+        }
+        for group in optimizer.param_groups
+    ]
 
 
-@pytest.mark.parametrize("argv", [
-    ["--model", "ViT-B-32-tiny"], ["--model", "RN50-tiny", "--warmup", "5", "--epochs", "7"],
-    ["--model", "ViT-B-32-tiny", "--skip-scheduler", "--lr", "1e-3"], ["--lr-scheduler", "const", "--warmup", "4"],
-    ["--opt", "timm/sgd", "--lr", "0.1", "--momentum", "0.9", "--wd", "0.01"],
-])
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--model", "ViT-B-32-tiny"],
+        ["--model", "RN50-tiny", "--warmup", "5", "--epochs", "7"],
+        ["--model", "ViT-B-32-tiny", "--skip-scheduler", "--lr", "1e-3"],
+        ["--lr-scheduler", "const", "--warmup", "4"],
+        ["--opt", "timm/sgd", "--lr", "0.1", "--momentum", "0.9", "--wd", "0.01"],
+    ],
+)
 def test_each_trainer_builds_the_same_optimizer_and_schedule(argv):
     """The optimizer (type, every group's hyperparameters) and the learning rate at several steps, built by
     each from the same command line. The model is small; the names only pick the defaults."""

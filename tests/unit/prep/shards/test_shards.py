@@ -8,6 +8,7 @@ import io
 import json
 import os
 import tarfile
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -88,7 +89,12 @@ def test_copy_mode_keeps_original_bytes_and_writes_open_clip_sizes(tmp_path, ima
             assert members[key + ".jpg"] == f.read()
         assert members[key + ".txt"].decode() == f"caption number {number}"
         assert json.loads(members[key + ".json"]) == {
-            "source": images[number], "row": number, "width": 48, "height": 36, "key": key}
+            "source": images[number],
+            "row": number,
+            "width": 48,
+            "height": 36,
+            "key": key,
+        }
     with tarfile.open(tmp_path / "out" / "00001.tar") as tar:
         assert {(m.mtime, m.uid, m.gid, m.uname, m.gname, m.mode) for m in tar} == {(0, 0, 0, "", "", 0o644)}
 
@@ -122,14 +128,22 @@ def test_bad_rows_are_skipped_and_counted_per_shard(tmp_path, images):
     ]
     result = convert(write_csv(tmp_path / "bad.csv", rows), tmp_path / "out", samples_per_shard=4)
     assert result["samples"] == 2
-    assert result["skipped"] == {"missing_file": 1, "unreadable_file": 0, "not_read": 1, "corrupt_image": 2,
-                                 "empty_caption": 1}
+    assert result["skipped"] == {
+        "missing_file": 1,
+        "unreadable_file": 0,
+        "not_read": 1,
+        "corrupt_image": 2,
+        "empty_caption": 1,
+    }
 
     with open(tmp_path / "out" / "00000_stats.json") as f:
         first = json.load(f)
     assert first["count"] == 1
     assert [(r["rows"], r["reason"]) for r in first["skipped_rows"]] == [
-        ([1], "corrupt_image"), ([2], "missing_file"), ([3], "empty_caption")]
+        ([1], "corrupt_image"),
+        ([2], "missing_file"),
+        ([3], "empty_caption"),
+    ]
     with open(tmp_path / "out" / "00001_stats.json") as f:
         second = json.load(f)
     assert (second["count"], second["skipped"]["corrupt_image"]) == (1, 1)
@@ -175,12 +189,22 @@ def test_resize_sets_the_shorter_side(tmp_path, images):
         assert (image.format, image.size) == ("JPEG", (width, height))
         meta = json.loads(members[key + ".json"])
         assert (meta["width"], meta["height"], meta["source_width"], meta["source_height"]) == (
-            width, height, source_width, source_height)
+            width,
+            height,
+            source_width,
+            source_height,
+        )
 
 
 def test_group_by_image_puts_all_captions_in_one_sample(tmp_path, images):
-    rows = [(images[0], "a0"), (images[1], "b0"), (images[0], "a1"), (images[0], ""), (images[1], "b1"),
-            (images[2], "c0")]
+    rows = [
+        (images[0], "a0"),
+        (images[1], "b0"),
+        (images[0], "a1"),
+        (images[0], ""),
+        (images[1], "b1"),
+        (images[2], "c0"),
+    ]
     result = convert(write_csv(tmp_path / "g.csv", rows), tmp_path / "out", group_by_image=True)
     assert result["samples"] == 3
     members = read_shard(tmp_path / "out" / "00000.tar")
@@ -240,8 +264,20 @@ def test_bad_input_is_refused_without_touching_anything(tmp_path, dataset_csv, c
     foreign.mkdir()
     (foreign / "notes.txt").write_text("mine")
     (foreign / "00000.tar").write_text("not a shard of ours")
-    status = cli_main(["shards", "--csv", dataset_csv, "--out", str(foreign), "--samples-per-shard", "10",
-                       "--workers", "1", "--no-progress"])
+    status = cli_main(
+        [
+            "shards",
+            "--csv",
+            dataset_csv,
+            "--out",
+            str(foreign),
+            "--samples-per-shard",
+            "10",
+            "--workers",
+            "1",
+            "--no-progress",
+        ]
+    )
     assert status == 2 and "holds other files" in capsys.readouterr().err
     assert sorted(os.listdir(foreign)) == ["00000.tar", "notes.txt"]
     assert (foreign / "00000.tar").read_text() == "not a shard of ours"
@@ -300,12 +336,15 @@ def test_verify_reports_a_shard_cut_at_a_member_boundary(tmp_path, dataset_csv):
         f.truncate(cut)
     result = verify_shards(str(out))
     assert not result["ok"]
-    assert result["problems"] == [f"00001.tar: cut short (no end-of-archive marker after its last member, at byte {cut})",
-                                  "00001.tar: 1 samples, sizes.json says 10"]
+    assert result["problems"] == [
+        f"00001.tar: cut short (no end-of-archive marker after its last member, at byte {cut})",
+        "00001.tar: 1 samples, sizes.json says 10",
+    ]
 
     (out / "sizes.json").write_text(json.dumps({**json.loads((out / "sizes.json").read_text()), "00001.tar": 1}))
     assert verify_shards(str(out))["problems"] == [  # sizes.json fixed to match: the tar's own end still tells
-        f"00001.tar: cut short (no end-of-archive marker after its last member, at byte {cut})"]
+        f"00001.tar: cut short (no end-of-archive marker after its last member, at byte {cut})"
+    ]
 
 
 def test_tar_headers_are_those_python_tarfile_writes(tmp_path):
@@ -313,8 +352,13 @@ def test_tar_headers_are_those_python_tarfile_writes(tmp_path):
     what tarfile writes for the same members with the same fixed metadata."""
     from acc_clip.prep.shards.tar import finish_tar, write_member
 
-    members = [("000000000.jpg", bytes(range(256)) * 41), ("000000000.txt", "a café".encode()),
-               ("000000001.json", b"{}"), ("000000002.txt", b""), ("000000003.txt", b"x" * 512)]
+    members = [
+        ("000000000.jpg", bytes(range(256)) * 41),
+        ("000000000.txt", "a café".encode()),
+        ("000000001.json", b"{}"),
+        ("000000002.txt", b""),
+        ("000000003.txt", b"x" * 512),
+    ]
     ours, theirs = tmp_path / "ours.tar", tmp_path / "theirs.tar"
     with open(ours, "wb") as tar:
         for name, data in members:
@@ -323,7 +367,15 @@ def test_tar_headers_are_those_python_tarfile_writes(tmp_path):
     with tarfile.open(theirs, "w", format=tarfile.USTAR_FORMAT) as tar:
         for name, data in members:
             info = tarfile.TarInfo(name)
-            info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = len(data), 0, 0o644, 0, 0, "", ""
+            info.size, info.mtime, info.mode, info.uid, info.gid, info.uname, info.gname = (
+                len(data),
+                0,
+                0o644,
+                0,
+                0,
+                "",
+                "",
+            )
             tar.addfile(info, io.BytesIO(data))
     assert ours.read_bytes() == theirs.read_bytes()
     with tarfile.open(ours) as tar:
@@ -361,10 +413,10 @@ def test_oversized_images_and_members_are_refused(tmp_path, images):
     from acc_clip.prep.shards.convert import BadImage, prepare_image
     from acc_clip.prep.shards.tar import ustar_header
 
-    good = open(images[0], "rb").read()
+    good = Path(images[0]).read_bytes()
     at = good.find(b"\xff\xc0")
     huge = tmp_path / "huge.jpg"
-    huge.write_bytes(good[:at + 5] + (60000).to_bytes(2, "big") + (60000).to_bytes(2, "big") + good[at + 9:])
+    huge.write_bytes(good[: at + 5] + (60000).to_bytes(2, "big") + (60000).to_bytes(2, "big") + good[at + 9 :])
     with pytest.raises(BadImage, match="PIL's limit") as refused:
         prepare_image(str(huge), None, 90)
     assert refused.value.reason == "corrupt_image"
