@@ -34,7 +34,21 @@ def export_checkpoint(checkpoint: str, out: str) -> str:
     steps_per_epoch = manifest.get("data", {}).get("steps_per_epoch")
     completed = progress.epoch + int(steps_per_epoch is not None and progress.step_in_epoch == steps_per_epoch)
     save_torch(open_clip_checkpoint(weights, optimizer_state, scaler_state, completed, manifest["name"]), out)
-    return f"wrote {out}: model {manifest['model']}, {completed} epoch(s) completed, global step {progress.global_step}"
+    return (
+        f"wrote {out}: model {manifest['model']}, {completed} epoch(s) completed, global step "
+        f"{progress.global_step}; {how_to_load(manifest['model'], out)}"
+    )
+
+
+def how_to_load(model: str, out: str) -> str:
+    """How open_clip loads an exported epoch file. open_clip ignores `pretrained=` beside a local-dir: name (it
+    loads that folder's own weights, or none), so for such a model say what does work."""
+    if model.startswith(LOCAL_DIR):
+        return (
+            f"open_clip ignores pretrained= for a local-dir: model: export with --format local-dir for open_clip, "
+            f"or start acc-clip from it with --model {model} --pretrained {out}"
+        )
+    return f"load it with open_clip.create_model_and_transforms({model!r}, pretrained={out!r})"
 
 
 LOCAL_DIR_CONFIG, LOCAL_DIR_WEIGHTS = "open_clip_config.json", "open_clip_model.safetensors"

@@ -9,6 +9,7 @@ wrapping."""
 
 from __future__ import annotations
 
+import logging
 import os
 from typing import Any
 
@@ -17,6 +18,8 @@ import torch
 from acc_clip.errors import CheckpointError
 from acc_clip.io.sealed import read_sealed
 from acc_clip.runtime.parallel import SCALAR_PARAMETERS
+
+log = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "model.safetensors"  # Accelerate's name for the first model's weights
 SHARDED_WEIGHTS_DIR = "pytorch_model_fsdp_0"  # Accelerate's folder for FSDP's sharded weights (FSDP_MODEL_NAME)
@@ -51,9 +54,14 @@ def check_architecture(model: torch.nn.Module, shapes: dict[str, tuple[int, ...]
         )
     if unexpected or missing:
         what = f"unexpected key {unexpected[0]!r}" if unexpected else f"missing key {missing[0]!r}"
-        # A SigLIP model differs from its CLIP twin by the bias alone: name the flag that makes it.
+        # A SigLIP model differs from its CLIP twin by the bias alone: name the flag that makes it (a distillation
+        # teacher has none: open_clip's distillation loss has no bias term, so a SigLIP teacher is not supported).
+        teacher = source.startswith("--distill")
         hint = (
-            "; the weights have a logit_bias: trained with --siglip? pass --siglip"
+            "; a SigLIP-trained teacher (its weights have a logit_bias): distilling from a SigLIP model is not "
+            "supported, open_clip's distillation loss has no bias term"
+            if unexpected == ["logit_bias"] and not missing and teacher
+            else "; the weights have a logit_bias: trained with --siglip? pass --siglip"
             if unexpected == ["logit_bias"] and not missing
             else "; these weights have no logit_bias: drop --siglip"
             if missing == ["logit_bias"] and not unexpected
@@ -155,8 +163,15 @@ def step_weights(folder: str) -> dict[str, torch.Tensor]:
 
 def load_weights(model: torch.nn.Module, path: str, source: str) -> dict | None:
     """Load a step checkpoint folder (checked against its manifest first), a .safetensors file, an open_clip
-    `epoch_N.pt` or a bare state dict into the plain `model`. Returns what a file held besides the weights
-    (optimizer, scaler, epoch), None for a folder. Every failure is one line naming `source` and `path`."""
+    `epoch_N.pt` or a bare state dict into the plain `model`, and say so in the log (after open_clip's own
+    lines, which may have said the model starts from random weights). Returns what a file held besides the
+    weights (optimizer, scaler, epoch), None for a folder. Every failure is one line naming `source` and `path`."""
+    extra = _load_weights(model, path, source)
+    log.info("%s %s: loaded %d weight tensors into %s", source, path, len(model.state_dict()), type(model).__name__)
+    return extra
+
+
+def _load_weights(model: torch.nn.Module, path: str, source: str) -> dict | None:
     if os.path.isdir(path):
         read_sealed(path, source)  # refuses a partial, damaged or foreign folder in one line
         if is_sharded_checkpoint(path):

@@ -116,7 +116,7 @@ def _read_holder(lock: str) -> str:
     try:
         with open(lock) as file:
             return file.read().strip()
-    except FileNotFoundError:
+    except (FileNotFoundError, NotADirectoryError):  # no lock; or the run folder's name is a file, refused earlier
         return ""
 
 
