@@ -36,7 +36,7 @@ from acc_clip.checkpoint.folders import (
     step_name,
 )
 from acc_clip.checkpoint.remote_sync import RemoteSync
-from acc_clip.config.schema import NON_NEGATIVE, POSITIVE, Section, option
+from acc_clip.config.schema import NON_NEGATIVE, POSITIVE, Needs, Section, option
 from acc_clip.errors import (
     KINDS,
     CheckpointError,
@@ -66,6 +66,11 @@ from acc_clip.runtime.run_dir import CHECKPOINTS_DIR, METRICS_FILE, SAMPLES_FILE
 log = logging.getLogger(__name__)
 
 
+REMOTE = Needs("--remote-sync", lambda s: bool(s.remote_sync))
+RESUMING = Needs("--resume", lambda s: s.resume is not None)
+EPOCH_FILES = Needs("epoch files (--save-frequency above 0)", lambda s: s.save_frequency > 0)
+
+
 @dataclass
 class CheckpointOptions(Section):
     title: ClassVar[str] = "checkpoint"
@@ -78,12 +83,22 @@ class CheckpointOptions(Section):
     )
     save_most_recent: bool = option(False, "also keep an epoch_latest.pt", train_only=True)
     delete_previous_checkpoint: bool = option(
-        False, "delete the previous epoch_N.pt after saving a new one", train_only=True
+        False, "delete the previous epoch_N.pt after saving a new one", needs=EPOCH_FILES, train_only=True
     )
     resume: str | None = option(None, "'latest', a checkpoint folder, or an open_clip epoch_N.pt", train_only=True)
+    resume_changed_data: bool = option(
+        False,
+        "resume in the middle of an epoch although the data or what its order depends on changed since the save "
+        "(processes, batch size, --workers for shards, --accum-freq): the rest of that epoch may then train some "
+        "samples twice and others never; without it such a resume is refused",
+        needs=RESUMING,
+        train_only=True,
+    )
     remote_sync: str | None = option(None, "copy the run folder to this fsspec URL in the background", train_only=True)
-    remote_sync_frequency: int = option(300, "seconds between remote copies", domain=POSITIVE, train_only=True)
-    remote_sync_protocol: str = option("s3", "s3 or fsspec", choices=("s3", "fsspec"), train_only=True)
+    remote_sync_frequency: int = option(
+        300, "seconds between remote copies", domain=POSITIVE, needs=REMOTE, train_only=True
+    )
+    remote_sync_protocol: str = option("s3", "s3 or fsspec", choices=("s3", "fsspec"), needs=REMOTE, train_only=True)
 
 
 @dataclass
@@ -101,6 +116,7 @@ class RunRecord:
     batch_size: int = 1
     accum_freq: int = 1
     train_data: str | None = None
+    order: dict[str, Any] = field(default_factory=dict)  # what the data source's sample order depends on
 
 
 class CheckpointManager:
@@ -201,7 +217,8 @@ class CheckpointManager:
                 manifest.get("model"),
                 self.record.model,
             )
-        self._warn_if_data_differs(path, manifest.get("data", {}))
+        progress = Progress(**manifest["progress"])
+        self._check_order(path, manifest.get("data", {}), progress)
         self._raise_agreed(attempt(self._check_random_states, path))
         try:
             self.accelerator.load_state(path)
@@ -209,7 +226,6 @@ class CheckpointManager:
             raise
         except Exception as error:  # torch and pickle raise many types for damaged files
             raise CheckpointError(f"--resume {path}: cannot load: {one_line(error)}") from None
-        progress = Progress(**manifest["progress"])
         log.info(
             "resumed from %s: epoch %d, step %d of the epoch, global step %d, %d samples seen",
             path,
@@ -254,23 +270,29 @@ class CheckpointManager:
                 "the run's random streams could not be restored exactly"
             ) from None
 
-    def _warn_if_data_differs(self, path: str, saved: dict) -> None:
-        # The order depends on the seed and the global micro-batch (per-process batch x processes),
-        # not on how the processes share it: 2 x 8 resumes 1 x 16 exactly.
+    def _check_order(self, path: str, saved: dict, progress: Progress) -> None:
+        """A resume in the middle of an epoch continues its sample order: the seed, the position (steps per
+        epoch, --accum-freq) and what the data source says the order depends on (the data's fingerprint, the
+        batch layout) must be those of the save. Anything else would train some samples of the epoch twice
+        and others never: refused in one line naming what changed, unless --resume-changed-data (a warning).
+        At an epoch's end nothing of the epoch remains, and the next epochs simply follow the new settings."""
         now = self._data_settings()
-        changed = [
-            key
-            for key in ("seed", "global_micro_batch", "accum_freq", "steps_per_epoch")
-            if key in saved and saved[key] != now[key]
-        ]
-        if changed:
-            what = ", ".join(f"{key} {saved[key]} -> {now[key]}" for key in changed)
-            log.warning(
-                "--resume %s: %s since the save: the epoch's sample order or position differs, so "
-                "the rest of this epoch may repeat or skip samples",
-                path,
-                what,
+        keys = ("seed", "accum_freq", "steps_per_epoch", "order")
+        if "order" not in saved:  # a checkpoint from before the order was recorded: what it recorded then
+            keys = ("seed", "global_micro_batch", "accum_freq", "steps_per_epoch")
+        changed = describe_changes({key: saved[key] for key in keys if key in saved}, now)
+        if not changed:
+            return
+        if progress.step_in_epoch in (0, saved.get("steps_per_epoch")):  # the epoch was done
+            log.info("--resume %s: %s since the save; the next epochs follow the new settings", path, changed)
+            return
+        consequence = f"the rest of epoch {progress.epoch} would train some samples twice and others never"
+        if not self.options.resume_changed_data:
+            raise UsageError(
+                f"--resume {path}: {changed} since the save: {consequence}; resume with the settings "
+                "and data it was saved with, or pass --resume-changed-data to go on anyway"
             )
+        log.warning("--resume %s: %s since the save (--resume-changed-data): %s", path, changed, consequence)
 
     def _load_weights(self, models: list, input_dir: str) -> None:
         """Accelerate's load pre-hook: load the plain-named weights into the unwrapped model, checking
@@ -398,6 +420,7 @@ class CheckpointManager:
             "accum_freq": record.accum_freq,
             "steps_per_epoch": self.steps_per_epoch,
             "train_data": record.train_data,
+            "order": record.order,
         }
 
     def _write_manifest(self, folder: str, progress: Progress) -> None:
@@ -463,6 +486,19 @@ class CheckpointManager:
                     os.remove(older)
         if options.save_most_recent:
             save_torch(exported, os.path.join(self.directory, "epoch_latest.pt"))
+
+
+def describe_changes(saved: dict, now: dict, prefix: str = "") -> str:
+    """'key saved -> now, ...' for each key of `saved` whose value differs in `now`, nested dicts by their leaves."""
+    parts = []
+    for key, before in saved.items():
+        after = now.get(key)
+        if isinstance(before, dict) and isinstance(after, dict):
+            inner = describe_changes(before, after, f"{prefix}{key}.")
+            parts += [inner] if inner else []
+        elif before != after:
+            parts.append(f"{prefix}{key} {before} -> {after}")
+    return ", ".join(parts)
 
 
 def save_torch(obj: dict, path: str) -> None:

@@ -253,6 +253,20 @@ def from_values(sections: Sequence[type], values: dict[str, Any], *, train: bool
     return Config(build_sections(sections, values, options), values)
 
 
+def unmet_needs(config: Config) -> list[str]:
+    """One line for each option given (at another value than its default) whose section lacks what the option
+    needs to have an effect (schema.Needs): such a flag is announced, never silently dropped."""
+    lines = []
+    for section in config.sections():
+        for option in options_of(type(section)):
+            value = getattr(section, option.name)
+            if option.needs is None or option.name not in config.given or value == option.default:
+                continue
+            if not option.needs.holds(section):
+                lines.append(f"--{option.flag} has no effect without {option.needs.text}")
+    return lines
+
+
 def to_yaml(config: Config, path: str) -> None:
     """config.yaml: every option with the value the run used."""
     from acc_clip.io.atomic import write_atomically

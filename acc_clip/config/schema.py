@@ -26,28 +26,52 @@ REQUIRED: Any = dataclasses.MISSING  # an option without a default: the command 
 
 @dataclass(frozen=True)
 class Domain:
-    """The values an option accepts besides its type: `accepts(value)`, described as `text`."""
+    """The values an option accepts besides its type: `accepts(value)`, described as `text`. `outside` holds
+    values it refuses (as the command line would give them): what the generated tests try for every option."""
 
     text: str
     accepts: Callable[[Any], bool]
+    outside: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class Needs:
+    """The setting without which an option has no effect, e.g. --lock-image for --lock-image-unlocked-groups:
+    `holds(section)` on the option's own section, described as `text`. An option given (at another value than
+    its default) where its need does not hold is announced at start-up, never silently dropped."""
+
+    text: str
+    holds: Callable[[Any], bool]
 
 
 def _finite(value: Any) -> bool:
     return isinstance(value, (int, float)) and math.isfinite(value)
 
 
-POSITIVE = Domain("at least 1", lambda v: v >= 1)
-NON_NEGATIVE = Domain("0 or more", lambda v: _finite(v) and v >= 0)
-FINITE = Domain("a finite number", _finite)
-POSITIVE_FINITE = Domain("a finite number above 0", lambda v: _finite(v) and v > 0)
-UNIT_INTERVAL = Domain("within [0, 1]", lambda v: _finite(v) and 0 <= v <= 1)
-OPEN_UNIT_INTERVAL = Domain("within (0, 1)", lambda v: _finite(v) and 0 < v < 1)
-NON_EMPTY = Domain("not empty", lambda v: bool(v))
+POSITIVE = Domain("at least 1", lambda v: v >= 1, ("0", "-1"))
+NON_NEGATIVE = Domain("0 or more", lambda v: _finite(v) and v >= 0, ("-1",))
+FINITE = Domain("a finite number", _finite, ("nan", "inf"))
+POSITIVE_FINITE = Domain("a finite number above 0", lambda v: _finite(v) and v > 0, ("0", "-1", "inf", "nan"))
+UNIT_INTERVAL = Domain("within [0, 1]", lambda v: _finite(v) and 0 <= v <= 1, ("-0.5", "1.5", "nan"))
+OPEN_UNIT_INTERVAL = Domain("within (0, 1)", lambda v: _finite(v) and 0 < v < 1, ("0", "1"))
+NON_EMPTY = Domain("not empty", lambda v: bool(v), ("",))
 # A run's name is one folder under --logs: no separators, not '.' or '..', not empty.
 PLAIN_NAME = Domain(
     "a plain folder name (no '/', not empty, '.' or '..')",
     lambda v: bool(v) and v not in (".", "..") and os.sep not in v and "/" not in v and "\0" not in v,
+    ("../escaped", "/absolute", "", "."),
 )
+
+
+def _writable_folder(path: str) -> bool:
+    """A folder that is there and writable, or could be made: its nearest existing ancestor is a writable folder."""
+    path = os.path.abspath(path)
+    while not os.path.lexists(path):
+        path = os.path.dirname(path)
+    return os.path.isdir(path) and os.access(path, os.W_OK | os.X_OK)
+
+
+WRITABLE_FOLDER = Domain("a folder this process can write, or make", _writable_folder, ("/dev/null/runs",))
 
 
 def option(
@@ -59,6 +83,7 @@ def option(
     tristate: bool = False,
     train_only: bool = False,
     positional: bool = False,
+    needs: Needs | None = None,
 ) -> Any:
     """A dataclass field that is also a command-line flag and a YAML key.
 
@@ -67,8 +92,10 @@ def option(
       are always accepted for Optional options);
     - tristate: a bool with --X and --no-X, whose default None lets the run decide;
     - train_only: a training option: commands that only read a model (eval) do not take it;
-    - positional: given without its flag name (export's CHECKPOINT)."""
+    - positional: given without its flag name (export's CHECKPOINT);
+    - needs: the setting of its section without which it has no effect (announced when missing)."""
     metadata = {
+        "needs": needs,
         "help": help,
         "choices": choices,
         "domain": domain,
@@ -113,6 +140,7 @@ class Option:
     tristate: bool
     train_only: bool
     positional: bool
+    needs: Needs | None
 
     @property
     def flag(self) -> str:
@@ -121,6 +149,13 @@ class Option:
     @property
     def required(self) -> bool:
         return self.default is dataclasses.MISSING
+
+    def refused_values(self) -> list[str]:
+        """Values this option refuses, as the command line gives them: its domain's examples, or a choice
+        it does not offer. Empty when it declares neither."""
+        if self.choices is not None:
+            return ["not-a-choice"]
+        return list(self.domain.outside) if self.domain is not None else []
 
     def check(self, value: Any) -> None:
         """One line naming the flag, the value and what it accepts, for a value outside the domain or choices."""
@@ -172,6 +207,7 @@ def options_of(section: type) -> list[Option]:
                 meta["tristate"],
                 meta["train_only"],
                 meta["positional"],
+                meta["needs"],
             )
         )
     return result

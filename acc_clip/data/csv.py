@@ -29,7 +29,7 @@ from acc_clip.config.schema import NON_EMPTY, Section, option
 from acc_clip.data.common import Batch, Sample, collate_skipping_bad, sample_seed
 from acc_clip.data.csv_file import AUTO_SEPARATOR, parse_separator, read_csv_columns
 from acc_clip.data.pixels import ImageDecodeError, collate_images, load_pixels
-from acc_clip.data.source import DataOptions, Source, TrainData, too_few_samples
+from acc_clip.data.source import DataOptions, Source, TrainData, file_fingerprint, too_few_samples
 from acc_clip.io.files import MAX_IMAGE_BYTES, ImageFileError, read_image_file
 from acc_clip.runtime.signals import ignore_stop_signals
 
@@ -264,7 +264,15 @@ class CsvSource(Source):
             sampler.set_epoch(epoch, start_batch)
             return loader
 
-        return TrainData(len(dataset), sampler.batches_per_epoch, batches)
+        # The order is a permutation of the rows by the seed, cut into global micro-batches: it does not depend on
+        # how many processes share a global micro-batch, nor on the loader workers.
+        order = {
+            "source": self.name,
+            "samples": len(dataset),
+            "global_micro_batch": data.batch_size * world_size,
+            "data": file_fingerprint(str(data.train_data)),
+        }
+        return TrainData(len(dataset), sampler.batches_per_epoch, batches, order)
 
     def eval_loader(
         self,

@@ -14,7 +14,9 @@ The contract:
   `batches(epoch, start_batch)` yields this rank's micro-batches of `epoch` from `start_batch` on, the
   same batches (samples, indices, pixels) an uninterrupted epoch yields from there, so a run resumes
   exactly from a batch count; within an epoch no sample is trained twice across ranks and workers, and
-  every rank gets `batches_per_epoch` batches;
+  every rank gets `batches_per_epoch` batches; `order` names everything that order depends on besides the
+  seed (the data's fingerprint, the layout of batches over processes and workers), so a resume can tell
+  whether it continues the same order;
 - `eval_loader(config, path, preprocess, tokenizer, rank, world_size, expected_samples)`: every sample of
   the set exactly once across processes, in `Batch`es carrying each sample's index; its dataset may
   expose `filepaths` and `captions` by index (the evaluator then gives samples of one image, or one
@@ -24,8 +26,10 @@ never silently."""
 
 from __future__ import annotations
 
+import hashlib
+import os
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from acc_clip.config.parsing import Config
@@ -40,7 +44,9 @@ def source_names() -> list[str]:
     return [source.name for source in Source.__subclasses__()]
 
 
-DATASET_TYPE = Domain("auto or a source: csv, webdataset, synthetic", lambda v: v == "auto" or v in source_names())
+DATASET_TYPE = Domain(
+    "auto or a source: csv, webdataset, synthetic", lambda v: v == "auto" or v in source_names(), ("parquetx",)
+)
 
 
 @dataclass
@@ -88,6 +94,9 @@ class TrainData:
     num_samples: int
     batches_per_epoch: int  # micro-batches per rank
     _batches: Callable[[int, int], Iterable[Batch]]
+    # What the epoch's sample order depends on besides the seed and the position (the data's identity, the batch
+    # layout): a checkpoint records it, and a resume in the middle of an epoch compares it.
+    order: dict[str, Any] = field(default_factory=dict)
 
     def batches(self, epoch: int, start_batch: int = 0) -> Iterable[Batch]:
         return self._batches(epoch, start_batch)
@@ -143,6 +152,18 @@ def check_bad_fraction(bad: int, read: int, max_fraction: float, minimum_read: i
             f"more than --max-bad-fraction {max_fraction}; see the warnings above for the files"
         )
     return None
+
+
+def file_fingerprint(path: str, span: int = 1 << 16) -> dict[str, Any]:
+    """A cheap identity of a data file: its path, size and a hash of its first and last `span` bytes (the same
+    rows shuffled, or another file of the same name, differ there)."""
+    digest = hashlib.sha256()
+    size = os.path.getsize(path)
+    with open(path, "rb") as file:
+        digest.update(file.read(span))
+        file.seek(max(0, size - span))
+        digest.update(file.read(span))
+    return {"path": os.path.abspath(path), "bytes": size, "ends_sha256": digest.hexdigest()}
 
 
 def too_few_samples(num_samples: int, batch_size: int, world_size: int) -> DataError:

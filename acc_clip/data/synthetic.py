@@ -54,10 +54,12 @@ class SyntheticSource(Source):
         data = config[DataOptions]
         num_samples = data.train_num_samples or 100 * data.batch_size * world_size
         per_epoch = num_samples // (data.batch_size * world_size)
+        order = {"source": self.name, "samples": num_samples, "global_micro_batch": data.batch_size * world_size}
         return TrainData(
             num_samples,
             per_epoch,
             lambda epoch, start: synthetic_batches(preprocess, tokenizer, data.batch_size, per_epoch - start),
+            order,
         )
 
     def eval_loader(

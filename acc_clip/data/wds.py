@@ -678,7 +678,23 @@ class WebdatasetSource(Source):
                 data.workers,
             )
         num_samples = data.train_num_samples or batches_per_epoch * data.batch_size * world_size
-        return TrainData(num_samples, batches_per_epoch, lambda epoch, start: loader(epoch, start)[0])
+        # Each (process, worker) reads a span of the epoch's shard sequence: the layout is part of the order.
+        shards_list = expand_shard_urls(str(data.train_data))
+        order = {
+            "source": self.name,
+            "samples": num_samples,
+            "batch_size": data.batch_size,
+            "world_size": world_size,
+            "workers": max(1, train_workers(data.workers, batches_per_epoch)),
+            "resampled": shards.dataset_resampled,
+            "upsampling_factors": shards.train_data_upsampling_factors,
+            "data": {
+                "path": str(data.train_data),
+                "shards": len(shards_list),
+                "names_sha256": hashlib.sha256("\n".join(shards_list).encode()).hexdigest(),
+            },
+        }
+        return TrainData(num_samples, batches_per_epoch, lambda epoch, start: loader(epoch, start)[0], order)
 
     def eval_loader(
         self,

@@ -21,7 +21,7 @@ from accelerate import Accelerator
 from accelerate.utils import broadcast_object_list
 
 from acc_clip.config.parsing import Config
-from acc_clip.config.schema import NON_NEGATIVE, POSITIVE, Section, option
+from acc_clip.config.schema import NON_NEGATIVE, POSITIVE, Needs, Section, option
 from acc_clip.data import DataOptions, build_eval_loader
 from acc_clip.errors import DataError
 from acc_clip.evaluation import zeroshot
@@ -34,6 +34,11 @@ from acc_clip.runtime import parallel
 log = logging.getLogger(__name__)
 
 
+VAL_DATA = Needs("--val-data", lambda s: bool(s.val_data))
+ZEROSHOT_DATA = Needs("--zeroshot-data", lambda s: bool(s.zeroshot_data))
+ZEROSHOT = Needs("a zero-shot set", lambda s: bool(s.zeroshot_data or s.imagenet_val or s.imagenet_v2))
+
+
 @dataclass
 class EvaluationOptions(Section):
     title: ClassVar[str] = "evaluation"
@@ -43,12 +48,15 @@ class EvaluationOptions(Section):
         "samples the validation set holds (default: sizes.json; needed for "
         "shards without it); every sample is evaluated, whatever it says",
         domain=POSITIVE,
+        needs=VAL_DATA,
     )
-    val_frequency: int = option(1, "evaluate every N epochs", domain=NON_NEGATIVE, train_only=True)
-    zeroshot_frequency: int = option(2, "zero-shot every N epochs", domain=NON_NEGATIVE, train_only=True)
+    val_frequency: int = option(1, "evaluate every N epochs", domain=NON_NEGATIVE, needs=VAL_DATA, train_only=True)
+    zeroshot_frequency: int = option(
+        2, "zero-shot every N epochs", domain=NON_NEGATIVE, needs=ZEROSHOT, train_only=True
+    )
     zeroshot_data: str | None = option(None, "zero-shot set: a folder per class, or a filepath,label CSV")
-    zeroshot_classnames: str | None = option(None, "class names file, one per line")
-    zeroshot_templates: str | None = option(None, "prompt templates file, one per line with {}")
+    zeroshot_classnames: str | None = option(None, "class names file, one per line", needs=ZEROSHOT_DATA)
+    zeroshot_templates: str | None = option(None, "prompt templates file, one per line with {}", needs=ZEROSHOT_DATA)
     imagenet_val: str | None = option(None, "ImageNet validation folder for zero-shot")
     imagenet_v2: str | None = option(
         None,

@@ -11,11 +11,15 @@ from typing import ClassVar, cast
 import torch
 from open_clip_train.scheduler import const_lr, const_lr_cooldown, cosine_lr
 
-from acc_clip.config.schema import NON_NEGATIVE, POSITIVE_FINITE, Domain, Section, option
+from acc_clip.config.schema import NON_NEGATIVE, POSITIVE_FINITE, Domain, Needs, Section, option
 from acc_clip.errors import UsageError
 
-BETA = Domain("within [0, 1)", lambda v: 0 <= v < 1)
+BETA = Domain("within [0, 1)", lambda v: 0 <= v < 1, ("1.0", "1.5", "-0.1"))
 SCHEDULERS = ("cosine", "const", "const-cooldown")
+TIMM = Needs("a timm optimizer (--opt timm/NAME), as in open_clip", lambda s: s.uses_timm_optimizer)
+ADAMW = Needs("--opt adamw", lambda s: not s.uses_timm_optimizer)
+SCHEDULE = Needs("a schedule (it is off under --skip-scheduler)", lambda s: not s.skip_scheduler)
+COOLDOWN = Needs("--lr-scheduler const-cooldown", lambda s: s.lr_scheduler == "const-cooldown" and not s.skip_scheduler)
 
 
 @dataclass
@@ -32,7 +36,7 @@ class OptimizerOptions(Section):
     eps: float | None = option(
         None, "AdamW epsilon (default 1e-6 for ViT models, else 1e-8, as open_clip_train)", domain=POSITIVE_FINITE
     )
-    momentum: float | None = option(None, "momentum, for timm optimizers", domain=NON_NEGATIVE)
+    momentum: float | None = option(None, "momentum, for timm optimizers", domain=NON_NEGATIVE, needs=TIMM)
     wd: float = option(0.2, "weight decay (not applied to gains, biases, logit_scale)", domain=NON_NEGATIVE)
     fused_adamw: bool | None = option(
         None,
@@ -40,13 +44,18 @@ class OptimizerOptions(Section):
         "CPU from torch 2.4; --no-fused-adamw: open_clip_train's unfused "
         "update, the same values up to rounding)",
         tristate=True,
+        needs=ADAMW,
     )
-    warmup: int = option(10000, "linear warm-up optimizer steps", domain=NON_NEGATIVE)
-    lr_scheduler: str = option("cosine", "cosine, const or const-cooldown", choices=SCHEDULERS)
+    warmup: int = option(10000, "linear warm-up optimizer steps", domain=NON_NEGATIVE, needs=SCHEDULE)
+    lr_scheduler: str = option("cosine", "cosine, const or const-cooldown", choices=SCHEDULERS, needs=SCHEDULE)
     skip_scheduler: bool = option(False, "no schedule: the learning rate stays at --lr")
-    epochs_cooldown: int | None = option(None, "cool-down epochs at the end, for const-cooldown", domain=NON_NEGATIVE)
-    lr_cooldown_end: float = option(0.0, "learning rate at the end of the cool-down", domain=NON_NEGATIVE)
-    lr_cooldown_power: float = option(1.0, "cool-down curve power (1 = linear)", domain=POSITIVE_FINITE)
+    epochs_cooldown: int | None = option(
+        None, "cool-down epochs at the end, for const-cooldown", domain=NON_NEGATIVE, needs=COOLDOWN
+    )
+    lr_cooldown_end: float = option(
+        0.0, "learning rate at the end of the cool-down", domain=NON_NEGATIVE, needs=COOLDOWN
+    )
+    lr_cooldown_power: float = option(1.0, "cool-down curve power (1 = linear)", domain=POSITIVE_FINITE, needs=COOLDOWN)
     grad_clip_norm: float | None = option(None, "clip the global gradient norm to this value", domain=POSITIVE_FINITE)
 
     @property
@@ -78,11 +87,6 @@ class OptimizerOptions(Section):
             + ", ".join(f"{k} {v}" for k, v in given.items() if v is not None)
             + (" (timm's defaults for the rest)" if self.uses_timm_optimizer else "")
         )
-
-    def notices(self) -> list[str]:
-        if self.momentum is not None and not self.uses_timm_optimizer:
-            return [f"--momentum {self.momentum} has no effect with --opt {self.opt} (as in open_clip)"]
-        return []
 
 
 def resolve_defaults(options: OptimizerOptions, model_name: str) -> None:

@@ -6,20 +6,34 @@ layout). Those that change the architecture or the preprocessing are recorded in
 from __future__ import annotations
 
 import json
-import math
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from acc_clip.config.schema import NON_NEGATIVE, POSITIVE, POSITIVE_FINITE, UNIT_INTERVAL, Section, option
+from acc_clip.config.schema import (
+    FINITE,
+    NON_EMPTY,
+    NON_NEGATIVE,
+    POSITIVE,
+    POSITIVE_FINITE,
+    UNIT_INTERVAL,
+    Domain,
+    Needs,
+    Section,
+    option,
+)
 from acc_clip.errors import UsageError
 
 LOCAL_DIR = "local-dir:"
+LOCK_IMAGE = Needs("--lock-image", lambda s: s.lock_image)
+LOCK_TEXT = Needs("--lock-text", lambda s: s.lock_text)
 
 
 @dataclass
 class ModelOptions(Section):
     title: ClassVar[str] = "model"
-    model: str = option("RN50", "open_clip model name, or local-dir:PATH holding open_clip_config.json")
+    model: str = option(
+        "RN50", "open_clip model name, or local-dir:PATH holding open_clip_config.json", domain=NON_EMPTY
+    )
     pretrained: str = option("", "pretrained tag or local weights file; empty for random init", train_only=True)
     pretrained_image: bool = option(
         False, "load ImageNet weights into the image tower (timm towers), as open_clip", train_only=True
@@ -29,14 +43,18 @@ class ModelOptions(Section):
         None, "override the model's image size (one value, or height width)", domain=POSITIVE
     )
     force_context_length: int | None = option(
-        None, "override the text tower's context length (at least 2: start, end)", domain=POSITIVE
+        None,
+        "override the text tower's context length",
+        domain=Domain("at least 2 tokens (start, end)", lambda v: v >= 2, ("1", "0")),
     )
     force_quick_gelu: bool = option(False, "use QuickGELU (as OpenAI's weights expect)")
     force_patch_dropout: float | None = option(
         None, "override the ViT patch dropout in training (evaluation runs without it)", domain=UNIT_INTERVAL
     )
     force_custom_text: bool = option(False, "build the text tower as a separate module (CustomTextCLIP)")
-    image_mean: list[float] | None = option(None, "override the normalisation mean (one value per channel)")
+    image_mean: list[float] | None = option(
+        None, "override the normalisation mean (one value per channel)", domain=FINITE
+    )
     image_std: list[float] | None = option(
         None, "override the normalisation std (one value per channel)", domain=POSITIVE_FINITE
     )
@@ -54,17 +72,17 @@ class ModelOptions(Section):
     )
     lock_image: bool = option(False, "freeze the image tower", train_only=True)
     lock_image_unlocked_groups: int = option(
-        0, "leave the last N image layer groups trainable", domain=NON_NEGATIVE, train_only=True
+        0, "leave the last N image layer groups trainable", domain=NON_NEGATIVE, needs=LOCK_IMAGE, train_only=True
     )
     lock_image_freeze_bn_stats: bool = option(
-        False, "freeze batch-norm statistics of locked image layers", train_only=True
+        False, "freeze batch-norm statistics of locked image layers", needs=LOCK_IMAGE, train_only=True
     )
     lock_text: bool = option(False, "freeze the text tower", train_only=True)
     lock_text_unlocked_layers: int = option(
-        0, "leave the last N text layers trainable", domain=NON_NEGATIVE, train_only=True
+        0, "leave the last N text layers trainable", domain=NON_NEGATIVE, needs=LOCK_TEXT, train_only=True
     )
     lock_text_freeze_layer_norm: bool = option(
-        False, "freeze layer-norm parameters of locked text layers", train_only=True
+        False, "freeze layer-norm parameters of locked text layers", needs=LOCK_TEXT, train_only=True
     )
     grad_checkpointing: bool = option(False, "activation checkpointing (less memory, more compute)", train_only=True)
     channels_last: bool | None = option(
@@ -85,10 +103,6 @@ class ModelOptions(Section):
                 raise UsageError(
                     f"--{key.replace('_', '-')} {' '.join(map(str, values))}: one value, or one per channel (3)"
                 )
-        if self.force_context_length is not None and self.force_context_length < 2:
-            raise UsageError(f"--force-context-length {self.force_context_length}: at least 2 tokens (start, end)")
-        if self.image_mean is not None and not all(math.isfinite(v) for v in self.image_mean):
-            raise UsageError(f"--image-mean {' '.join(map(str, self.image_mean))}: must be finite numbers")
 
     @property
     def is_coca(self) -> bool:

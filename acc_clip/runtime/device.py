@@ -61,7 +61,11 @@ VISIBLE_DEVICES = {
 OTHER_DEVICES = {"npu": "is_npu_available", "xpu": "is_xpu_available", "mps": "is_mps_available"}
 CPU_BF16_FLAGS = ("avx512_bf16", "amx_bf16")  # /proc/cpuinfo flags of CPUs with native bf16 arithmetic
 PRECISIONS = ("amp", "amp_bf16", "amp_bfloat16", "bf16", "fp16", "pure_bf16", "pure_fp16", "fp32")  # open_clip's
-DEVICE = Domain("sdaa, cuda, npu, xpu, mps or cpu (optionally :INDEX)", lambda v: v.split(":")[0] in BACKEND)
+DEVICE = Domain(
+    "sdaa, cuda, npu, xpu, mps or cpu (optionally :INDEX)", lambda v: v.split(":")[0] in BACKEND, ("tpu", "auto")
+)
+# The seed reaches numpy's generator, which takes 0 .. 2**32-1 (Accelerate's set_seed seeds them all).
+SEED = Domain("within 0 .. 2**32-1", lambda v: 0 <= v < 2**32, ("-1", str(2**32)))
 # torch's process-group backends, and those vendor packages register (SDAA's tccl, Ascend's hccl).
 DIST_BACKENDS = ("nccl", "gloo", "mpi", "ucc", "xccl", "tccl", "hccl")
 # open_clip_train flags that cannot mean anything under acc_clip: flag -> why, and what to use instead.
@@ -94,7 +98,7 @@ class RuntimeOptions(Section):
         "whole model cast), fp32",
         choices=PRECISIONS,
     )
-    seed: int = option(0, "seed for weights, sample order and augmentation", train_only=True)
+    seed: int = option(0, "seed for weights, sample order and augmentation", domain=SEED, train_only=True)
     torchcompile: bool = option(False, "torch.compile the model", train_only=True)
     cudnn_benchmark: bool = option(
         True,

@@ -12,8 +12,8 @@ from dataclasses import dataclass
 from typing import Any, ClassVar
 
 from acc_clip.checkpoint.manager import CheckpointOptions
-from acc_clip.config.parsing import Config, from_values, parse
-from acc_clip.config.schema import POSITIVE, Section, option
+from acc_clip.config.parsing import Config, from_values, parse, unmet_needs
+from acc_clip.config.schema import POSITIVE, Domain, Section, option
 from acc_clip.data import DataOptions, check_train_source, source_options
 from acc_clip.evaluation.evaluator import EvaluationOptions
 from acc_clip.loss import ObjectiveOptions, check_objective, objective_options
@@ -30,7 +30,10 @@ class TrainingOptions(Section):
     title: ClassVar[str] = "training"
     epochs: int = option(32, "training epochs", domain=POSITIVE, train_only=True)
     max_steps: int | None = option(
-        None, "stop after this many optimizer steps (benchmarks, smoke tests)", domain=POSITIVE, train_only=True
+        None,
+        "stop after this many optimizer steps (benchmarks, smoke tests); leave it out for no limit",
+        domain=Domain("at least 1 (leave it out for no limit)", lambda v: v >= 1, ("0", "-1")),
+        train_only=True,
     )
     accum_freq: int = option(1, "micro-batches per optimizer step, contrastive-exact", domain=POSITIVE, train_only=True)
 
@@ -93,7 +96,7 @@ def resolve(config: Config) -> tuple[TrainConfig, list[str]]:
     notices (flags given that have no effect in this run)."""
     config = TrainConfig(config.sections(), config.given)
     resolve_defaults(config.optimizer, config.model.model)
-    notices = [*check_train_source(config), *check_objective(config), *config.optimizer.notices()]
+    notices = [*check_train_source(config), *check_objective(config), *unmet_needs(config)]
     return config, notices
 
 

@@ -80,7 +80,7 @@ def prepare_model(config: TrainConfig, model: torch.nn.Module, accelerator, plan
     return model, optimizer, channels_last
 
 
-def run_record(config: TrainConfig) -> RunRecord:
+def run_record(config: TrainConfig, order: dict | None = None) -> RunRecord:
     """What the checkpoints record of this run besides its progress."""
     return RunRecord(
         name=str(config.logging.name),
@@ -92,6 +92,7 @@ def run_record(config: TrainConfig) -> RunRecord:
         batch_size=config.data.batch_size,
         accum_freq=config.training.accum_freq,
         train_data=config.data.train_data,
+        order=order or {},
     )
 
 
@@ -133,7 +134,7 @@ def train(config: TrainConfig, notices: Sequence[str] = ()) -> int:  # noqa: PLR
         accelerator=accelerator,
         show_progress=sys.stderr.isatty(),
     )
-    saver = CheckpointManager(run_dir, config.checkpoint, run_record(config), accelerator)
+    saver = CheckpointManager(run_dir, config.checkpoint, run_record(config, data.order), accelerator)
     progress = saver.resume(model, optimizer, steps_per_epoch)
     if progress.step_in_epoch > steps_per_epoch:
         raise UsageError(

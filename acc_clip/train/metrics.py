@@ -17,12 +17,14 @@ from typing import Any, ClassVar
 
 import torch
 
-from acc_clip.config.schema import PLAIN_NAME, POSITIVE, Section, option
+from acc_clip.config.schema import PLAIN_NAME, POSITIVE, WRITABLE_FOLDER, Needs, Section, option
 from acc_clip.errors import DivergedError, UsageError
 from acc_clip.runtime.run_dir import METRICS_FILE, RESULTS_FILE, TENSORBOARD_DIR, wandb_run_id
 
 log = logging.getLogger(__name__)
 TRACKERS = ("tensorboard", "wandb")
+WANDB = Needs("wandb among --report-to", lambda s: "wandb" in trackers(s.report_to))
+TRACKER = Needs("a tracker (--report-to)", lambda s: bool(trackers(s.report_to)))
 
 
 @dataclass
@@ -30,7 +32,7 @@ class LoggingOptions(Section):
     """Where a run writes (its folder under --logs) and what it reports there and to trackers."""
 
     title: ClassVar[str] = "logging"
-    logs: str = option("./logs/", "folder holding one sub-folder per run", train_only=True)
+    logs: str = option("./logs/", "folder holding one sub-folder per run", domain=WRITABLE_FOLDER, train_only=True)
     name: str | None = option(
         None,
         "run name, a folder under --logs (default: date, model, lr, batch size, workers, precision)",
@@ -53,16 +55,13 @@ class LoggingOptions(Section):
         False, "copy the acc_clip package into the run folder (code/), to rerun it as it was", train_only=True
     )
     report_to: str = option("", "trackers: tensorboard, wandb, all, or empty", train_only=True)
-    wandb_notes: str = option("", "wandb run notes", train_only=True)
-    wandb_project_name: str = option("open-clip", "wandb project", train_only=True)
+    wandb_notes: str = option("", "wandb run notes", needs=WANDB, train_only=True)
+    wandb_project_name: str = option(
+        "open-clip", "the trackers' project (wandb's project, TensorBoard's folder)", needs=TRACKER, train_only=True
+    )
 
     def check(self) -> None:
         trackers(self.report_to)
-
-    def notices(self) -> list[str]:
-        if self.wandb_notes and "wandb" not in trackers(self.report_to):
-            return [f"--wandb-notes has no effect without wandb among --report-to (now {self.report_to!r})"]
-        return []
 
 
 def trackers(report_to: str) -> list[str]:

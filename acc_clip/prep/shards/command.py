@@ -13,6 +13,8 @@ from acc_clip.data.csv import CsvOptions
 from acc_clip.prep.shards.convert import DEFAULT_QUALITY, convert_csv_to_shards
 from acc_clip.prep.shards.verify import verify_shards
 
+QUALITY = Domain("within 1..100", lambda v: 1 <= v <= 100, ("0", "101"))
+
 
 @dataclass
 class ConvertOptions(Section):
@@ -23,9 +25,7 @@ class ConvertOptions(Section):
     # Conversion processes, not loader workers: this command's own quantity, under its historical name.
     workers: int | None = option(None, "conversion processes (default: all cores)", domain=NON_NEGATIVE)
     resize: int | None = option(None, "scale the shorter side to this many pixels", domain=POSITIVE)
-    quality: int = option(
-        DEFAULT_QUALITY, "JPEG quality when re-encoding", domain=Domain("within 1..100", lambda v: 1 <= v <= 100)
-    )
+    quality: int = option(DEFAULT_QUALITY, "JPEG quality when re-encoding", domain=QUALITY)
     group_by_image: bool = option(False, "one sample per image, all its captions")
     no_progress: bool = option(False, "no progress bar")
 

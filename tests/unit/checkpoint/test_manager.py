@@ -294,6 +294,12 @@ def test_the_grad_scaler_state_round_trips_through_an_open_clip_epoch_file(scale
 
 
 SAVED = {"batch_size": 16, "seed": 0, "accum_freq": 1}  # 160 rows: 10 steps per epoch
+CONSEQUENCE = "the rest of epoch 0 would train some samples twice and others never"
+
+
+def csv_like(settings: dict) -> dict:
+    """The settings with the order a CSV source records: its global micro-batch (one process here)."""
+    return {**settings, "order": {"source": "csv", "global_micro_batch": settings["batch_size"]}}
 
 
 @pytest.mark.parametrize(
@@ -301,31 +307,63 @@ SAVED = {"batch_size": 16, "seed": 0, "accum_freq": 1}  # 160 rows: 10 steps per
     [
         ({}, None),
         ({"seed": 1}, "seed 0 -> 1"),
-        ({"batch_size": 8}, "global_micro_batch 16 -> 8, steps_per_epoch 10 -> 20"),
+        ({"batch_size": 8}, "steps_per_epoch 10 -> 20, order.global_micro_batch 16 -> 8"),
         ({"accum_freq": 2}, "accum_freq 1 -> 2, steps_per_epoch 10 -> 5"),
         (
             {"seed": 3, "batch_size": 32, "accum_freq": 5},
-            "seed 0 -> 3, global_micro_batch 16 -> 32, accum_freq 1 -> 5, steps_per_epoch 10 -> 1",
+            "seed 0 -> 3, accum_freq 1 -> 5, steps_per_epoch 10 -> 1, order.global_micro_batch 16 -> 32",
         ),
     ],
     ids=["unchanged", "seed", "batch_size", "accum_freq", "all"],
 )
-def test_a_resume_with_other_data_settings_names_them_in_a_warning(scaled_manager_parts, caplog, changed, named):
+def test_a_resume_mid_epoch_with_other_order_settings_is_refused_naming_them(
+    scaled_manager_parts, caplog, changed, named
+):
     _accelerator, model, optimizer, manager = scaled_manager_parts
-    saved = manager(**SAVED).save(model, optimizer, Progress(epoch=0, step_in_epoch=1, global_step=1, samples_seen=16))
-    settings = {**SAVED, **changed}
-    with caplog.at_level(logging.WARNING, logger="acc_clip"):
-        manager(resume="latest", **settings).resume(
-            model, optimizer, 160 // (settings["batch_size"] * settings["accum_freq"])
-        )
-    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    saved = manager(**csv_like(SAVED)).save(
+        model, optimizer, Progress(epoch=0, step_in_epoch=1, global_step=1, samples_seen=16)
+    )
+    settings = csv_like({**SAVED, **changed})
+    steps = 160 // (settings["batch_size"] * settings["accum_freq"])
     if named is None:
-        assert warnings == []
-    else:
-        assert warnings == [
-            f"--resume {saved}: {named} since the save: the epoch's sample order or position "
-            "differs, so the rest of this epoch may repeat or skip samples"
-        ]
+        with caplog.at_level(logging.WARNING, logger="acc_clip"):
+            manager(resume="latest", **settings).resume(model, optimizer, steps)
+        assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []
+        return
+    with pytest.raises(UsageError) as error:
+        manager(resume="latest", **settings).resume(model, optimizer, steps)
+    assert str(error.value) == (
+        f"--resume {saved}: {named} since the save: {CONSEQUENCE}; resume with the settings and data it was saved "
+        "with, or pass --resume-changed-data to go on anyway"
+    )
+    with caplog.at_level(logging.WARNING, logger="acc_clip"):
+        manager(resume="latest", resume_changed_data=True, **settings).resume(model, optimizer, steps)
+    warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warnings == [f"--resume {saved}: {named} since the save (--resume-changed-data): {CONSEQUENCE}"]
+
+
+def test_a_checkpoint_from_before_the_order_was_recorded_is_checked_on_what_it_recorded(scaled_manager_parts):
+    _accelerator, model, optimizer, manager = scaled_manager_parts
+    saved = manager(**csv_like(SAVED)).save(
+        model, optimizer, Progress(epoch=0, step_in_epoch=1, global_step=1, samples_seen=16)
+    )
+    manifest_path = Path(saved) / "complete.json"
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["data"]["order"]  # as checkpoints wrote it before
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(UsageError, match=r"global_micro_batch 16 -> 8, steps_per_epoch 10 -> 20 since the save"):
+        manager(resume="latest", **csv_like({**SAVED, "batch_size": 8})).resume(model, optimizer, 20)
+    manager(resume="latest", **csv_like(SAVED)).resume(model, optimizer, 10)  # the same settings go on
+
+
+def test_a_resume_at_an_epoch_end_follows_the_new_settings(scaled_manager_parts, caplog):
+    _accelerator, model, optimizer, manager = scaled_manager_parts
+    manager(**csv_like(SAVED)).save(model, optimizer, Progress(epoch=0, step_in_epoch=10, global_step=10))
+    with caplog.at_level(logging.INFO, logger="acc_clip"):
+        manager(resume="latest", **csv_like({**SAVED, "seed": 5})).resume(model, optimizer, 10)
+    assert any(
+        "seed 0 -> 5 since the save; the next epochs follow the new settings" in r.getMessage() for r in caplog.records
+    )
 
 
 def test_a_start_puts_back_a_checkpoint_moved_aside_by_a_commit_killed_between_its_renames(scaled_manager_parts):

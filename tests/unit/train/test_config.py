@@ -143,7 +143,7 @@ def test_upsampling_factors_val_num_samples_and_imagenet_v2_parse_as_open_clip_t
             ["--force-image-size", "224", "224", "3"],
             "--force-image-size 224 224 3: one positive size, or height and width",
         ),
-        (["--force-context-length", "1"], "--force-context-length 1: at least 2 tokens"),
+        (["--force-context-length", "1"], "--force-context-length 1: must be at least 2 tokens"),
         (["--opt", "sgd"], "--opt sgd: expected adamw or a timm optimizer as timm/NAME"),
         (["--opt", "timm/sgd"], "--opt timm/sgd needs --lr"),
         (["--dist-url", "tcp://10.0.0.1:23456"], "--dist-url tcp://10.0.0.1:23456: acc_clip's processes take their"),
