@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from helpers import SMALL_CSV_ROWS, TINY_VIT, coco_csv, make_flat_colour_csv
+from helpers import SMALL_CSV_ROWS, TINY_VIT, coco_csv, make_flat_colour_csv, write_image, write_model_dir
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
@@ -120,3 +120,29 @@ def tiny_teacher(tmp_path_factory) -> str:
     from acc_clip.checkpoint.export import write_seeded_local_dir
 
     return write_seeded_local_dir(TINY_VIT, str(tmp_path_factory.mktemp("teacher") / "tiny-vit-teacher"), seed=1)
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    """(name, model in eval mode, preprocess, tokenizer) of TINY_MODEL_CFG with weights drawn from seed 0."""
+    import open_clip
+    import torch
+
+    name = write_model_dir(tmp_path_factory.mktemp("model"))
+    torch.manual_seed(0)
+    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, output_dict=True)
+    return name, model.eval(), preprocess, open_clip.get_tokenizer(name)
+
+
+@pytest.fixture(scope="module")
+def odd_val_csv(tmp_path_factory):
+    """11 rows (odd): 8 distinct images, two of them with two captions, and a row whose image is missing."""
+    root = tmp_path_factory.mktemp("val")
+    images = [write_image(root / f"img{i}.png", seed=i) for i in range(8)]
+    rows = [(images[i], f"a photo of thing number {i}") for i in range(8)]
+    rows += [(images[2], "another caption of two"), (images[5], "five again")]
+    # row 3: with 2 processes, rank 1 reads rows 1, 3, 5, 7, 9 and has 4 good rows to rank 0's 6
+    rows.insert(3, (str(root / "missing.png"), "this image does not exist"))
+    path = root / "val.csv"
+    path.write_text("filepath\ttitle\n" + "".join(f"{f}\t{c}\n" for f, c in rows))
+    return str(path)

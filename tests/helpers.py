@@ -345,3 +345,42 @@ def train_a_step(model, optimizer) -> None:
     model(torch.randn(2, 4)).sum().backward()
     optimizer.step()
     optimizer.zero_grad()
+
+
+# A tiny CLIP for evaluation tests: 32 px ResNet, one text layer.
+TINY_MODEL_CFG = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 16},
+    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+def write_model_dir(path: Path, embed_dim: int = 32) -> str:
+    """TINY_MODEL_CFG as a local-dir: folder (no weights); returns its model name."""
+    path.mkdir(parents=True, exist_ok=True)
+    config = {"model_cfg": {**TINY_MODEL_CFG, "embed_dim": embed_dim}, "preprocess_cfg": {}}
+    (path / "open_clip_config.json").write_text(json.dumps(config))
+    return f"local-dir:{path}"
+
+
+def write_image(path: Path, seed: int) -> str:
+    """A 36x36 PNG of 3x3 random blocks drawn from `seed`."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    pixels = (rng.random((3, 3, 3)) * 255).astype(np.uint8).repeat(12, axis=0).repeat(12, axis=1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(pixels).save(path)
+    return str(path)
+
+
+def eval_loader(csv_path: str, tiny, accelerator, batch_size: int):
+    """The validation loader of `csv_path` for the `tiny` fixture's model, split over the accelerator's processes."""
+    from acc_clip.data.csv import CsvDataset, build_eval_loader
+
+    _, _, preprocess, tokenizer = tiny
+    dataset = CsvDataset(csv_path, transform=preprocess, tokenizer=tokenizer, augment_seeded=False)
+    return build_eval_loader(
+        dataset, batch_size=batch_size, workers=0, rank=accelerator.process_index, world_size=accelerator.num_processes
+    )

@@ -9,73 +9,18 @@ import json
 import os
 import subprocess
 import sys
-from pathlib import Path
 
-import numpy as np
-import open_clip
 import pytest
 import torch
-from PIL import Image
 
-from acc_clip.data.csv import CsvDataset, build_eval_loader
 from acc_clip.evaluation.evaluator import evaluate_retrieval
 from acc_clip.evaluation.zeroshot import load_zeroshot_dataset, zeroshot_eval
-from helpers import REPO
-
-TINY_MODEL_CFG = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 16},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
-
-
-def write_model_dir(path: Path, embed_dim: int = 32) -> str:
-    path.mkdir(parents=True, exist_ok=True)
-    config = {"model_cfg": {**TINY_MODEL_CFG, "embed_dim": embed_dim}, "preprocess_cfg": {}}
-    (path / "open_clip_config.json").write_text(json.dumps(config))
-    return f"local-dir:{path}"
-
-
-def write_image(path: Path, seed: int) -> str:
-    rng = np.random.default_rng(seed)
-    pixels = (rng.random((3, 3, 3)) * 255).astype(np.uint8).repeat(12, axis=0).repeat(12, axis=1)
-    Image.fromarray(pixels).save(path)
-    return str(path)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    name = write_model_dir(tmp_path_factory.mktemp("model"))
-    torch.manual_seed(0)
-    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, output_dict=True)
-    return name, model.eval(), preprocess, open_clip.get_tokenizer(name)
-
-
-@pytest.fixture(scope="module")
-def odd_val_csv(tmp_path_factory):
-    """11 rows (odd): 8 distinct images, two of them with two captions, and a row whose image is missing."""
-    root = tmp_path_factory.mktemp("val")
-    images = [write_image(root / f"img{i}.png", seed=i) for i in range(8)]
-    rows = [(images[i], f"a photo of thing number {i}") for i in range(8)]
-    rows += [(images[2], "another caption of two"), (images[5], "five again")]
-    # row 3: with 2 processes, rank 1 reads rows 1, 3, 5, 7, 9 and has 4 good rows to rank 0's 6
-    rows.insert(3, (str(root / "missing.png"), "this image does not exist"))
-    path = root / "val.csv"
-    path.write_text("filepath\ttitle\n" + "".join(f"{f}\t{c}\n" for f, c in rows))
-    return str(path)
-
-
-def loader_for(odd_val_csv, tiny, accelerator, batch_size):
-    _, _, preprocess, tokenizer = tiny
-    dataset = CsvDataset(odd_val_csv, transform=preprocess, tokenizer=tokenizer, augment_seeded=False)
-    return build_eval_loader(
-        dataset, batch_size=batch_size, workers=0, rank=accelerator.process_index, world_size=accelerator.num_processes
-    )
+from helpers import REPO, eval_loader, write_image
 
 
 def test_two_processes_give_the_one_process_numbers(odd_val_csv, tiny, accelerator, tmp_path):
     name, model, preprocess, tokenizer = tiny
-    one_process = {"retrieval": evaluate_retrieval(model, loader_for(odd_val_csv, tiny, accelerator, 4), accelerator)}
+    one_process = {"retrieval": evaluate_retrieval(model, eval_loader(odd_val_csv, tiny, accelerator, 4), accelerator)}
     zeroshot_root = tmp_path / "zs"
     for label, cls in enumerate(["cat", "dog", "red_car"]):
         (zeroshot_root / cls).mkdir(parents=True)

@@ -320,7 +320,9 @@ def test_a_sharded_checkpoint_resumed_without_the_fsdp_launch_config_is_one_line
     small_csv, tmp_path, fsdp_reference, train_in_process
 ):
     step4 = fsdp_reference() / "checkpoints" / "step_00000004"
-    status, errors = train_in_process(fsdp_args(small_csv, tmp_path, "plain", "--resume", str(step4)))
+    # One process with the reference's global batch (2 x 8): the sample order would continue, the format cannot.
+    args = fsdp_args(small_csv, tmp_path, "plain", "--batch-size", "16", "--resume", str(step4))
+    status, errors = train_in_process(args)
     assert status == 2
     assert errors == [
         f"error: --resume {step4}: a sharded (FSDP) checkpoint; resume it under an FSDP launch config "

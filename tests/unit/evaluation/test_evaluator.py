@@ -4,14 +4,11 @@ processes under torchrun: tests/integration/test_eval_processes.py.)"""
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-import numpy as np
 import open_clip
 import pytest
 import torch
 from open_clip_train.train import get_clip_metrics
-from PIL import Image
 
 from acc_clip import cli
 from acc_clip.data.csv import CsvDataset, build_eval_loader
@@ -20,52 +17,11 @@ from acc_clip.evaluation.evaluator import evaluate_retrieval, gather_rows_by_ind
 from acc_clip.evaluation.retrieval import coco_retrieval_metrics, retrieval_metrics
 from acc_clip.model.weights import load_weights
 from acc_clip.train.config import train_config
-
-TINY_MODEL_CFG = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 16},
-    "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
-
-
-def write_model_dir(path: Path, embed_dim: int = 32) -> str:
-    path.mkdir(parents=True, exist_ok=True)
-    config = {"model_cfg": {**TINY_MODEL_CFG, "embed_dim": embed_dim}, "preprocess_cfg": {}}
-    (path / "open_clip_config.json").write_text(json.dumps(config))
-    return f"local-dir:{path}"
-
-
-def write_image(path: Path, seed: int) -> str:
-    rng = np.random.default_rng(seed)
-    pixels = (rng.random((3, 3, 3)) * 255).astype(np.uint8).repeat(12, axis=0).repeat(12, axis=1)
-    Image.fromarray(pixels).save(path)
-    return str(path)
+from helpers import eval_loader, write_image, write_model_dir
 
 
 def normalized(x: torch.Tensor) -> torch.Tensor:
     return x / x.norm(dim=1, keepdim=True)
-
-
-@pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    name = write_model_dir(tmp_path_factory.mktemp("model"))
-    torch.manual_seed(0)
-    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None, output_dict=True)
-    return name, model.eval(), preprocess, open_clip.get_tokenizer(name)
-
-
-@pytest.fixture(scope="module")
-def odd_val_csv(tmp_path_factory):
-    """11 rows (odd): 8 distinct images, two of them with two captions, and a row whose image is missing."""
-    root = tmp_path_factory.mktemp("val")
-    images = [write_image(root / f"img{i}.png", seed=i) for i in range(8)]
-    rows = [(images[i], f"a photo of thing number {i}") for i in range(8)]
-    rows += [(images[2], "another caption of two"), (images[5], "five again")]
-    # row 3: with 2 processes, rank 1 reads rows 1, 3, 5, 7, 9 and has 4 good rows to rank 0's 6
-    rows.insert(3, (str(root / "missing.png"), "this image does not exist"))
-    path = root / "val.csv"
-    path.write_text("filepath\ttitle\n" + "".join(f"{f}\t{c}\n" for f, c in rows))
-    return str(path)
 
 
 # --- metrics on features -------------------------------------------------------------------------
@@ -145,18 +101,10 @@ def test_coco_image_to_text_misses_when_no_caption_is_in_top_k():
 # --- evaluation over a loader --------------------------------------------------------------------
 
 
-def loader_for(odd_val_csv, tiny, accelerator, batch_size):
-    _, _, preprocess, tokenizer = tiny
-    dataset = CsvDataset(odd_val_csv, transform=preprocess, tokenizer=tokenizer, augment_seeded=False)
-    return build_eval_loader(
-        dataset, batch_size=batch_size, workers=0, rank=accelerator.process_index, world_size=accelerator.num_processes
-    )
-
-
 def test_evaluate_retrieval_matches_features_encoded_by_hand(odd_val_csv, tiny, accelerator):
     _, model, preprocess, tokenizer = tiny
     model.train()
-    metrics = evaluate_retrieval(model, loader_for(odd_val_csv, tiny, accelerator, batch_size=3), accelerator)
+    metrics = evaluate_retrieval(model, eval_loader(odd_val_csv, tiny, accelerator, batch_size=3), accelerator)
     assert model.training, "the train loop's model must come back in train mode"
     assert metrics["num_samples"] == 10 and metrics["num_bad"] == 1
     assert metrics["coco_num_images"] == 8
@@ -199,7 +147,7 @@ def test_siglip_validation_loss_is_the_sigmoid_loss_of_the_whole_set(odd_val_csv
     model.logit_bias = torch.nn.Parameter(torch.tensor(-4.0))  # as open_clip builds a SigLIP model
     try:
         objective = create_objective(train_config(train_data="x.csv", model=name, siglip=True), 0, 1)
-        metrics = evaluate_retrieval(model, loader_for(odd_val_csv, tiny, accelerator, 4), accelerator, objective)
+        metrics = evaluate_retrieval(model, eval_loader(odd_val_csv, tiny, accelerator, 4), accelerator, objective)
         images, texts = good_rows(odd_val_csv, preprocess, tokenizer)
         with torch.no_grad():
             out = model(images, texts)
@@ -212,7 +160,7 @@ def test_siglip_validation_loss_is_the_sigmoid_loss_of_the_whole_set(odd_val_csv
     assert (
         abs(
             metrics["val_loss"]
-            - evaluate_retrieval(model, loader_for(odd_val_csv, tiny, accelerator, 4), accelerator)["val_loss"]
+            - evaluate_retrieval(model, eval_loader(odd_val_csv, tiny, accelerator, 4), accelerator)["val_loss"]
         )
         > 0.1
     )

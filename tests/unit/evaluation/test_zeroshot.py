@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import numpy as np
@@ -13,15 +12,9 @@ from PIL import Image
 
 from acc_clip.errors import AccClipError
 from acc_clip.evaluation.zeroshot import load_imagenet_val, load_templates, load_zeroshot_dataset, zeroshot_eval
+from helpers import write_image, write_model_dir
 
 CLASS_FOLDERS = ["aardvark", "black_cat", "car", "dog", "red_fox", "zebra"]  # sorted, as labels are
-
-
-def write_image(path: Path, seed: int) -> None:
-    rng = np.random.default_rng(seed)
-    pixels = (rng.random((3, 3, 3)) * 255).astype(np.uint8).repeat(12, axis=0).repeat(12, axis=1)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    Image.fromarray(pixels).save(path)
 
 
 def make_folder(root: Path, classes: list[str], per_class: int = 2) -> Path:
@@ -33,19 +26,11 @@ def make_folder(root: Path, classes: list[str], per_class: int = 2) -> Path:
 
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
-    root = tmp_path_factory.mktemp("model")
-    config = {
-        "model_cfg": {
-            "embed_dim": 32,
-            "vision_cfg": {"image_size": 32, "layers": [1, 1, 1, 1], "width": 16},
-            "text_cfg": {"context_length": 16, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-        },
-        "preprocess_cfg": {},
-    }
-    (root / "open_clip_config.json").write_text(json.dumps(config))
+    """(model, preprocess, tokenizer): TINY_MODEL_CFG with weights drawn from seed 1, plain (not dict) outputs."""
+    name = write_model_dir(tmp_path_factory.mktemp("model"))
     torch.manual_seed(1)
-    model, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{root}", pretrained=None)
-    return model.eval(), preprocess, open_clip.get_tokenizer(f"local-dir:{root}")
+    model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
+    return model.eval(), preprocess, open_clip.get_tokenizer(name)
 
 
 def test_accuracy_equals_brute_force(tiny, accelerator, tmp_path):
