@@ -5,7 +5,7 @@ folders.py; the weights' formats in model/weights.py.
 Commit. A save is written to `checkpoints/.tmp-step_NNNNNNNN/` and renamed into place only after
 the manifest is written, so a folder without a manifest is never resumed from; partial folders
 left by a crash are removed at the next start, after a checkpoint that a crash left moved aside
-while a save of its step replaced it is put back (format.commit_folder, restore_moved_aside).
+while a save of its step replaced it is put back (folders.commit_folder, restore_moved_aside).
 
 Data position. The sample order of an epoch is rebuilt from (seed, epoch), so the next unseen
 micro-batch (step in epoch x --accum-freq) is all a resume needs; the batches already done are
@@ -68,7 +68,6 @@ log = logging.getLogger(__name__)
 
 REMOTE = Needs("--remote-sync", lambda s: bool(s.remote_sync))
 RESUMING = Needs("--resume", lambda s: s.resume is not None)
-EPOCH_FILES = Needs("epoch files (--save-frequency above 0)", lambda s: s.save_frequency > 0)
 
 
 @dataclass
@@ -83,7 +82,7 @@ class CheckpointOptions(Section):
     )
     save_most_recent: bool = option(False, "also keep an epoch_latest.pt", train_only=True)
     delete_previous_checkpoint: bool = option(
-        False, "delete the previous epoch_N.pt after saving a new one", needs=EPOCH_FILES, train_only=True
+        False, "delete the previous epoch_N.pt after saving a new one", train_only=True
     )
     resume: str | None = option(None, "'latest', a checkpoint folder, or an open_clip epoch_N.pt", train_only=True)
     resume_changed_data: bool = option(
@@ -112,6 +111,7 @@ class RunRecord:
     model: str
     model_options: dict[str, Any] = field(default_factory=dict)
     objective: dict[str, Any] = field(default_factory=dict)
+    precision: str | None = None  # --precision: how the weights were cast and computed, for evaluating them alike
     seed: int = 0
     batch_size: int = 1
     accum_freq: int = 1
@@ -161,13 +161,15 @@ class CheckpointManager:
         remote copy, if any."""
         self.steps_per_epoch = steps_per_epoch
         progress = self._restore(model, optimizer, steps_per_epoch)
-        if self.accelerator.is_main_process:
-            for name in (METRICS_FILE, SAMPLES_FILE):
-                rewind_jsonl(os.path.join(self.run_dir, name), progress.global_step)
-            if self.remote is not None:
-                self.remote.start()
-        self.accelerator.wait_for_everyone()
+        self._raise_agreed(attempt(self._after_restore, progress) if self.accelerator.is_main_process else None)
         return progress
+
+    def _after_restore(self, progress: Progress) -> None:
+        """Main process: drop the records of the steps trained again, then start the remote copy."""
+        for name in (METRICS_FILE, SAMPLES_FILE):
+            rewind_jsonl(os.path.join(self.run_dir, name), progress.global_step)
+        if self.remote is not None:
+            self.remote.start()
 
     def _restore(self, model, optimizer, steps_per_epoch: int) -> Progress:
         target = self.options.resume
@@ -218,7 +220,8 @@ class CheckpointManager:
                 self.record.model,
             )
         progress = Progress(**manifest["progress"])
-        self._check_order(path, manifest.get("data", {}), progress)
+        # Every process checks its own data (node-local copies may differ): all stop if any refuses.
+        self._raise_agreed(attempt(self._check_order, path, manifest.get("data", {}), progress))
         self._raise_agreed(attempt(self._check_random_states, path))
         try:
             self.accelerator.load_state(path)
@@ -283,7 +286,13 @@ class CheckpointManager:
         changed = describe_changes({key: saved[key] for key in keys if key in saved}, now)
         if not changed:
             return
-        if progress.step_in_epoch in (0, saved.get("steps_per_epoch")):  # the epoch was done
+        # Nothing of the epoch remains at its start, or after its last step when the loop still counts that step
+        # as the last (the same steps per epoch).
+        done = (
+            progress.step_in_epoch == 0
+            or progress.step_in_epoch == saved.get("steps_per_epoch") == now["steps_per_epoch"]
+        )
+        if done:
             log.info("--resume %s: %s since the save; the next epochs follow the new settings", path, changed)
             return
         consequence = f"the rest of epoch {progress.epoch} would train some samples twice and others never"
@@ -433,6 +442,7 @@ class CheckpointManager:
                 "objective": record.objective,
                 # what changes the architecture or preprocessing beyond the model's config (export writes them in)
                 "model_options": record.model_options,
+                "precision": record.precision,
                 "name": record.name,
                 "run_id": run_id(self.run_dir),  # which run saved it: remote sync prunes and fetches only its own
                 "progress": asdict(progress),
@@ -489,9 +499,13 @@ class CheckpointManager:
 
 
 def describe_changes(saved: dict, now: dict, prefix: str = "") -> str:
-    """'key saved -> now, ...' for each key of `saved` whose value differs in `now`, nested dicts by their leaves."""
+    """'key saved -> now, ...' for each key of `saved` whose value differs in `now`, nested dicts by their leaves.
+    A "path" is not compared: the same data moved, or named another way ('shards' or 'shards/'), is the same data
+    (its fingerprint says so)."""
     parts = []
     for key, before in saved.items():
+        if key == "path":
+            continue
         after = now.get(key)
         if isinstance(before, dict) and isinstance(after, dict):
             inner = describe_changes(before, after, f"{prefix}{key}.")

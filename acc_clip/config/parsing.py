@@ -46,6 +46,10 @@ class Config:
             for option in options_of(type(section))
         }
 
+    def changed(self, option: Option) -> bool:
+        """Whether `option` was given (flag or YAML) at another value than its default: a choice the user made."""
+        return option.name in self.given and self.value(option.name) != option.default
+
     def value(self, name: str) -> Any:
         """An option's value by its flat name."""
         for section in self._sections.values():
@@ -182,15 +186,21 @@ def coerce(option: Option, value: Any) -> Any:
             raise ValueError
         if isinstance(value, bool):  # YAML's yes/no is not a number
             raise ValueError
+        if option.kind is int and isinstance(value, float) and not value.is_integer():
+            raise ValueError  # 1.7 is not an int, whatever int() makes of it
+        if option.kind is str and not isinstance(value, (str, int, float)):
+            raise ValueError  # a list or mapping where text belongs
         return option.kind(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):
         raise UsageError(f"option {option.name!r}: expected {option.kind.__name__}, got {value!r}") from None
 
 
-def _unknown_argument(unknown: list[str], options: Sequence[Option]) -> UsageError:
+def _unknown_argument(unknown: list[str], options: Sequence[Option], every_option: Sequence[Option]) -> UsageError:
     bad = next((token for token in unknown if token.startswith("-")), unknown[0])
     if bad.startswith("-"):
         name = bad.split("=")[0]
+        if name.lstrip("-").replace("-", "_") in {option.name for option in every_option}:
+            return UsageError(f"{name} is a training option, which this command does not take")
         return UsageError(f"unknown option {name!r}; did you mean '--{closest(name, options)}'?")
     return UsageError(f"unexpected argument {bad!r}")
 
@@ -232,7 +242,7 @@ def parse(
     parser = build_parser(prog, description, sections, train=train)
     namespace, unknown = parser.parse_known_args(list(argv))
     if unknown:
-        raise _unknown_argument(unknown, options)
+        raise _unknown_argument(unknown, options, command_options(sections, train=True))
     given: dict[str, Any] = {}
     config_path = getattr(namespace, "config", None)
     if config_path:
@@ -259,8 +269,7 @@ def unmet_needs(config: Config) -> list[str]:
     lines = []
     for section in config.sections():
         for option in options_of(type(section)):
-            value = getattr(section, option.name)
-            if option.needs is None or option.name not in config.given or value == option.default:
+            if option.needs is None or not config.changed(option):
                 continue
             if not option.needs.holds(section):
                 lines.append(f"--{option.flag} has no effect without {option.needs.text}")

@@ -53,7 +53,6 @@ NON_NEGATIVE = Domain("0 or more", lambda v: _finite(v) and v >= 0, ("-1",))
 FINITE = Domain("a finite number", _finite, ("nan", "inf"))
 POSITIVE_FINITE = Domain("a finite number above 0", lambda v: _finite(v) and v > 0, ("0", "-1", "inf", "nan"))
 UNIT_INTERVAL = Domain("within [0, 1]", lambda v: _finite(v) and 0 <= v <= 1, ("-0.5", "1.5", "nan"))
-OPEN_UNIT_INTERVAL = Domain("within (0, 1)", lambda v: _finite(v) and 0 < v < 1, ("0", "1"))
 NON_EMPTY = Domain("not empty", lambda v: bool(v), ("",))
 # A run's name is one folder under --logs: no separators, not '.' or '..', not empty.
 PLAIN_NAME = Domain(

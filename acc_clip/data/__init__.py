@@ -6,7 +6,7 @@ options section, if it has flags), and one entry in SOURCES."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 from acc_clip.config.parsing import Config
@@ -53,20 +53,21 @@ def source_for(path: str | None, dataset_type: str) -> Source:
     return found
 
 
-def check_train_source(config: Config) -> list[str]:
-    """The training source's own rules, and the flags of other sources given for this run: refused or
-    announced (Source.refuse_elsewhere). Returns the notices."""
+def check_train_source(config: Config, also_read: Sequence[str | None] = ()) -> list[str]:
+    """The training source's own rules, and the flags of sources read neither for training nor for `also_read`
+    (validation sets) given for this run: refused or announced (Source.refuse_elsewhere). Returns the notices."""
     data = config[DataOptions]
     if data.train_data is None and data.dataset_type != "synthetic":
         raise UsageError("--train-data is required (a CSV file or webdataset shards)")
     chosen = source_for(data.train_data, data.dataset_type)
+    read = {chosen, *(eval_source(path, data.dataset_type) for path in also_read if path)}
     what = f"--train-data {data.train_data}" if data.train_data else f"--dataset-type {data.dataset_type}"
     notices = []
     for source in SOURCES.values():
-        if source is chosen or source.options is None:
+        if source in read or source.options is None:
             continue
         for option in options_of(source.options):
-            if option.name in config.given and getattr(config[source.options], option.name) != option.default:
+            if config.changed(option):
                 if source.refuse_elsewhere:
                     raise UsageError(f"--{option.flag} applies to {source.name} data; {what} is {chosen.name} data")
                 notices.append(f"--{option.flag} has no effect: {what} is {chosen.name} data")
@@ -89,6 +90,11 @@ def build_train_data(
     )
 
 
+def eval_source(path: str, dataset_type: str) -> Source:
+    """The source of a validation set: --dataset-type's, unless that is synthetic (then the path says)."""
+    return source_for(path, "auto" if dataset_type == SYNTHETIC.name else dataset_type)
+
+
 def build_eval_loader(
     config: Config,
     path: str,
@@ -100,6 +106,6 @@ def build_eval_loader(
     expected_samples: int | None = None,
 ) -> Any:
     """A validation set's loader: every sample once across processes, in order."""
-    return source_for(path, config[DataOptions].dataset_type).eval_loader(
+    return eval_source(path, config[DataOptions].dataset_type).eval_loader(
         config, path, preprocess, tokenizer, rank=rank, world_size=world_size, expected_samples=expected_samples
     )

@@ -16,14 +16,14 @@ import sys
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from acc_clip.config.parsing import Config, parse
+from acc_clip.config.parsing import Config, parse, unmet_needs
 from acc_clip.config.schema import REQUIRED, Section, option
 from acc_clip.data import DataOptions, source_options
 from acc_clip.errors import UsageError
 from acc_clip.evaluation.evaluator import EvaluationOptions, Evaluator
 from acc_clip.io.atomic import write_atomically
-from acc_clip.io.sealed import MANIFEST, read_sealed
-from acc_clip.loss import ObjectiveOptions, create_objective, model_overrides, objective_options
+from acc_clip.io.sealed import MANIFEST, read_record
+from acc_clip.loss import ObjectiveOptions, check_objective, create_objective, model_overrides, objective_options
 from acc_clip.model.build import create_tokenizer, open_clip_model
 from acc_clip.model.options import ModelOptions, create_kwargs
 from acc_clip.model.weights import load_weights
@@ -55,29 +55,41 @@ def sections() -> list[type]:
 
 
 def recorded_defaults(checkpoint: str) -> dict[str, Any]:
-    """The model a step checkpoint folder records (name, model options, the objective's identifying flags), as
-    option values; {} for a file (open_clip's epoch_N.pt records none of them)."""
+    """The model a step checkpoint folder records (name, model options, the objective's identifying flags, the
+    run's --precision), as option values; {} for a file (open_clip's epoch_N.pt records none of them). The files'
+    hashes are checked once, when the weights load."""
     if not (os.path.isdir(checkpoint) and os.path.isfile(os.path.join(checkpoint, MANIFEST))):
         return {}
-    manifest = read_sealed(checkpoint, "--checkpoint")
+    manifest = read_record(checkpoint, "--checkpoint")
     objective = {key: value for key, value in manifest.get("objective", {}).items() if key == "siglip"}
-    return {"model": manifest["model"], **manifest.get("model_options", {}), **objective}
+    precision = {"precision": manifest["precision"]} if manifest.get("precision") else {}
+    return {"model": manifest["model"], **manifest.get("model_options", {}), **objective, **precision}
 
 
 def parse_eval_config(argv: list[str]) -> Config:
     description = "Evaluate a checkpoint: validation retrieval and zero-shot, with training's own evaluator."
     config = parse(argv, sections(), prog="acc-clip eval", description=description, train=False)
-    defaults = recorded_defaults(config[EvalOptions].checkpoint)
+    options = config[EvalOptions]
+    defaults = recorded_defaults(options.checkpoint)
     if defaults:
         config = parse(argv, sections(), prog="acc-clip eval", description=description, train=False, defaults=defaults)
+    elif os.path.isfile(options.checkpoint) and "model" not in config.given:
+        raise UsageError(
+            f"--checkpoint {options.checkpoint}: give --model (and the run's model flags): only a step "
+            "checkpoint folder records the model it holds"
+        )
     if not config[EvaluationOptions].any_set:
         raise UsageError("nothing to evaluate: give --val-data, --zeroshot-data, --imagenet-val and/or --imagenet-v2")
+    if options.out and not os.path.isdir(os.path.dirname(os.path.abspath(options.out))):
+        raise UsageError(f"--out {options.out}: no such folder")
     return config
 
 
 def main(argv: list[str]) -> int:
     config = parse_eval_config(argv)
     options, model_options, runtime = config[EvalOptions], config[ModelOptions], config[RuntimeOptions]
+    for notice in [*unmet_needs(config), *check_objective(config)]:
+        print(f"acc-clip eval: {notice}", file=sys.stderr)
     accelerator = make_accelerator(plan_device(runtime.device, runtime.precision))
     model, _, preprocess_val = open_clip_model(
         model_options.model,

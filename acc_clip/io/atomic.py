@@ -12,7 +12,7 @@ import os
 import shutil
 from collections.abc import Callable
 
-from acc_clip.errors import ResourceError, describe_error
+from acc_clip.errors import ResourceError, UsageError, describe_error
 
 Content = str | bytes | Callable[[str], None]  # text, bytes, or a function that writes the file at a path
 TEMPORARY_SUFFIX = ".tmp"
@@ -25,6 +25,9 @@ def write_atomically(path: str, content: Content, *, needed_bytes: int = 0) -> N
     """Replace `path` with `content` all at once (see the module docstring). `needed_bytes`: about how much
     the write needs, for the message when the disk is full (the size of text or bytes is known)."""
     partial = path + TEMPORARY_SUFFIX
+    folder = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(folder):  # a path given wrong, not a machine that failed
+        raise UsageError(f"cannot write {path}: no folder {folder}")
     try:
         if callable(content):
             content(partial)

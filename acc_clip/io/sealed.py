@@ -55,6 +55,12 @@ def sealed_inside(path: str) -> list[str]:
     return sorted(found, key=os.path.basename)
 
 
+def read_record(path: str, source: str) -> dict[str, Any]:
+    """A sealed folder's manifest as it was written, without checking the files against it (read_sealed does):
+    for what it says about the folder, before the files are read and checked."""
+    return _load(path, os.path.join(path, MANIFEST), source)
+
+
 def read_sealed(path: str, source: str) -> dict[str, Any]:
     """The manifest of a sealed folder, after checking every file it lists (size and hash); else one line
     naming `source` and `path` and what is wrong."""

@@ -88,7 +88,7 @@ class Objective:
         return [
             f"--{option.flag} has no effect: this run trains the {chosen.name} objective, not {cls.name}"
             for option in options_of(cls.options)
-            if option.name in config.given and getattr(config[cls.options], option.name) != option.default
+            if config.changed(option)
         ]
 
     @classmethod

@@ -15,7 +15,6 @@ from acc_clip.config.schema import (
     NON_NEGATIVE,
     POSITIVE,
     POSITIVE_FINITE,
-    UNIT_INTERVAL,
     Domain,
     Needs,
     Section,
@@ -24,6 +23,7 @@ from acc_clip.config.schema import (
 from acc_clip.errors import UsageError
 
 LOCAL_DIR = "local-dir:"
+DROPOUT = Domain("within [0, 1)", lambda v: 0 <= v < 1, ("1.0", "-0.1"))  # open_clip asserts 0 <= p < 1
 LOCK_IMAGE = Needs("--lock-image", lambda s: s.lock_image)
 LOCK_TEXT = Needs("--lock-text", lambda s: s.lock_text)
 
@@ -49,7 +49,7 @@ class ModelOptions(Section):
     )
     force_quick_gelu: bool = option(False, "use QuickGELU (as OpenAI's weights expect)")
     force_patch_dropout: float | None = option(
-        None, "override the ViT patch dropout in training (evaluation runs without it)", domain=UNIT_INTERVAL
+        None, "override the ViT patch dropout in training (evaluation runs without it)", domain=DROPOUT
     )
     force_custom_text: bool = option(False, "build the text tower as a separate module (CustomTextCLIP)")
     image_mean: list[float] | None = option(

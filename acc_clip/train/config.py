@@ -96,7 +96,11 @@ def resolve(config: Config) -> tuple[TrainConfig, list[str]]:
     notices (flags given that have no effect in this run)."""
     config = TrainConfig(config.sections(), config.given)
     resolve_defaults(config.optimizer, config.model.model)
-    notices = [*check_train_source(config), *check_objective(config), *unmet_needs(config)]
+    notices = [
+        *check_train_source(config, [config.evaluation.val_data]),
+        *check_objective(config),
+        *unmet_needs(config),
+    ]
     return config, notices
 
 

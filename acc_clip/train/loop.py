@@ -88,6 +88,7 @@ def run_record(config: TrainConfig, order: dict | None = None) -> RunRecord:
         model=config.model.model,
         model_options=recorded(config.model),
         objective=objective_identity(config),
+        precision=config.runtime.precision,
         seed=config.runtime.seed,
         batch_size=config.data.batch_size,
         accum_freq=config.training.accum_freq,

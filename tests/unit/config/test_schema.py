@@ -13,7 +13,6 @@ from acc_clip.config.schema import (
     FINITE,
     NON_EMPTY,
     NON_NEGATIVE,
-    OPEN_UNIT_INTERVAL,
     PLAIN_NAME,
     POSITIVE,
     POSITIVE_FINITE,
@@ -110,7 +109,6 @@ def test_values_within_the_domain_and_none_for_an_optional_option_pass(name, val
         (FINITE, [-3.5, 0], [math.nan, math.inf, -math.inf]),
         (POSITIVE_FINITE, [1e-9, 2], [0, -1, math.inf, math.nan]),
         (UNIT_INTERVAL, [0, 1, 0.5], [-0.1, 1.01, math.nan]),
-        (OPEN_UNIT_INTERVAL, [0.5, 1e-9], [0, 1, math.nan]),
         (PLAIN_NAME, ["run", "run-1.2", "..x"], ["", ".", "..", "a/b", "a\0b"]),
     ],
 )

@@ -8,7 +8,7 @@ import pytest
 
 from acc_clip import data
 from acc_clip.config.parsing import Config
-from acc_clip.data import SOURCES, DataOptions, build_eval_loader, source_for
+from acc_clip.data import SOURCES, DataOptions, eval_source, source_for
 from acc_clip.data.source import Source
 from acc_clip.errors import UsageError
 from acc_clip.train.config import parse_train_config
@@ -125,6 +125,11 @@ def test_the_chosen_source_s_own_check_gives_its_notices():
     assert any(n.startswith("--train-num-samples 100 has no effect on CSV data") for n in notices)
 
 
-def test_synthetic_data_is_no_validation_set():
+def test_synthetic_training_reads_its_validation_set_by_its_path():
+    """Synthetic data cannot validate: with --dataset-type synthetic the validation set's own path says its source."""
+    assert eval_source("val.csv", "synthetic").name == "csv"
+    assert eval_source("shards/{0..3}.tar", "synthetic").name == "webdataset"
     with pytest.raises(UsageError, match=r"^x: synthetic data cannot be a validation set; give a CSV or shards$"):
-        build_eval_loader(Config([DataOptions(dataset_type="synthetic")]), "x", None, None, rank=0, world_size=1)
+        SOURCES["synthetic"].eval_loader(
+            Config([DataOptions()]), "x", None, None, rank=0, world_size=1, expected_samples=None
+        )

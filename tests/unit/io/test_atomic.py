@@ -8,7 +8,7 @@ import shutil
 
 import pytest
 
-from acc_clip.errors import ResourceError
+from acc_clip.errors import ResourceError, UsageError
 from acc_clip.io import atomic
 from acc_clip.io.atomic import DISK_FULL_SIGNS, fsync_folder, remove_path, save_failure, write_atomically
 
@@ -72,7 +72,18 @@ def test_a_rename_that_fails_keeps_the_old_content_and_removes_the_tmp(tmp_path,
 
 
 def test_a_new_file_that_fails_leaves_nothing(tmp_path):
+    def fails(partial: str) -> None:
+        with open(partial, "w") as file:
+            file.write("half")
+        raise OSError(5, "Input/output error")
+
     with pytest.raises(ResourceError):
+        write_atomically(str(tmp_path / "f.txt"), fails)
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_path_in_a_folder_that_is_not_there_is_a_usage_error(tmp_path):
+    with pytest.raises(UsageError, match=r"cannot write .*f\.txt: no folder .*missing_folder$"):
         write_atomically(str(tmp_path / "missing_folder" / "f.txt"), "x")
     assert os.listdir(tmp_path) == []
 

@@ -35,6 +35,7 @@ SAMPLE_VALUES = {
     "--force-image-size": ["224"],
     "--train-data-upsampling-factors": ["1::2"],
     "--train-data": ["a/{0..3}.tar::b/{0..1}.tar"],
+    "--val-data": ["/data/val.csv"],  # a path whose kind its name says: acc_clip picks the reader at start
     "--use-bnb-linear": ["SwitchBackLinear"],
     "--csv-separator": [","],  # one character (checked at start-up)
     "--name": ["run"],  # one folder under --logs (checked at start-up)
