@@ -10,6 +10,7 @@ process and broadcast, so every process returns the same dict.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from collections.abc import Callable
 from contextlib import AbstractContextManager
@@ -25,7 +26,12 @@ from acc_clip.config.schema import NON_NEGATIVE, POSITIVE, Needs, Section, optio
 from acc_clip.data import DataOptions, build_eval_loader
 from acc_clip.errors import DataError
 from acc_clip.evaluation import zeroshot
-from acc_clip.evaluation.retrieval import coco_retrieval_metrics, retrieval_metrics, same_key_same_features
+from acc_clip.evaluation.retrieval import (
+    coco_retrieval_metrics,
+    default_chunk_size,
+    retrieval_metrics,
+    same_key_same_features,
+)
 from acc_clip.loss import PER_MODEL_OUTPUTS, Objective, ObjectiveOptions, model_rows, total_loss
 from acc_clip.loss.clip import ClipObjective
 from acc_clip.model.build import image_input_dtype
@@ -48,6 +54,21 @@ class EvaluationOptions(Section):
         "samples the validation set holds (default: sizes.json; needed for "
         "shards without it); every sample is evaluated, whatever it says",
         domain=POSITIVE,
+        needs=VAL_DATA,
+    )
+    val_retrieval_chunk_size: int | None = option(
+        None,
+        "validation queries ranked per block against every key (0: one block, the whole matrix; default: "
+        "as many as keep a block of scores within 512 MB); any value gives the same metrics",
+        domain=NON_NEGATIVE,
+        needs=VAL_DATA,
+    )
+    val_retrieval_precision: str = option(
+        "fp32",
+        "retrieval scores: fp32 (float32 features, summed in float64, so every chunk size and process count "
+        "ranks alike) or model (the features in the model's precision: less memory, ranks may then move "
+        "with the chunking)",
+        choices=("fp32", "model"),
         needs=VAL_DATA,
     )
     val_frequency: int = option(1, "evaluate every N epochs", domain=NON_NEGATIVE, needs=VAL_DATA, train_only=True)
@@ -145,6 +166,25 @@ def _rows_over_processes(
     return {"indices": gathered[0], **dict(zip(names, gathered[1:]))}, per_model
 
 
+def gather_ranks(accelerator: Accelerator, ranks: torch.Tensor) -> torch.Tensor:
+    """Every process's ranks of its share of the queries, joined in process order (the shares are
+    contiguous in that order, see retrieval.share_of), on every process."""
+    if accelerator.num_processes == 1:
+        return ranks
+    padded = accelerator.pad_across_processes(ranks.to(accelerator.device), dim=0, pad_index=-1)
+    gathered = accelerator.gather(padded).cpu()
+    return gathered[gathered >= 0]
+
+
+def score_dtype(options: EvaluationOptions, clip: torch.nn.Module, accelerator: Accelerator) -> torch.dtype:
+    """What retrieval scores are computed in: float64 sums of the float32 features (fp32), or the model's
+    precision (model): the autocast dtype, else that of the model's weights."""
+    if options.val_retrieval_precision == "fp32":
+        return torch.float64
+    autocast = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(str(accelerator.mixed_precision))
+    return autocast or image_input_dtype(clip)
+
+
 def evaluate_retrieval(
     model: torch.nn.Module,
     loader: torch.utils.data.DataLoader,
@@ -152,6 +192,7 @@ def evaluate_retrieval(
     objective: Objective | None = None,
     *,
     precision_autocast: Callable[[], AbstractContextManager] | None = None,
+    options: EvaluationOptions | None = None,
 ) -> dict[str, float]:
     """Encode the validation set (`Batch`es from `acc_clip.data.csv.build_eval_loader`, each row on one
     process) and return, on every process:
@@ -164,8 +205,10 @@ def evaluate_retrieval(
       more than one caption;
     - `num_samples` (rows evaluated) and `num_bad` (rows skipped: unreadable image, empty caption).
 
+    Every process ranks its share of the queries, in blocks of --val-retrieval-chunk-size (`options`).
     The model is put in eval mode for the pass and returned to its previous mode after it.
     """
+    options = options or EvaluationOptions()
     clip = parallel.unwrap(model)
     one_process = (objective or ClipObjective(Config([ObjectiveOptions()]), 0, 1, accelerator.device)).on_one_process()
     local, per_model, local_bad = encode_rows(
@@ -176,31 +219,56 @@ def evaluate_retrieval(
     if len(rows["indices"]) == 0:
         raise DataError(f"validation set: no readable samples ({num_bad} skipped as unreadable)")
 
+    indices = rows.pop("indices").tolist()
+    filepaths = getattr(loader.dataset, "filepaths", None)
+    captions = getattr(loader.dataset, "captions", None)
+    image_keys = [filepaths[i] for i in indices] if filepaths is not None else None
+    if image_keys is not None:
+        rows["image_features"] = same_key_same_features(rows["image_features"], image_keys)
+    if captions is not None:
+        rows["text_features"] = same_key_same_features(rows["text_features"], [captions[i] for i in indices])
+    # Each process ranks its share of the queries; the shares' ranks are joined on every process.
+    chunk, dtype = options.val_retrieval_chunk_size, score_dtype(options, clip, accelerator)
+    share, gather = (accelerator.process_index, accelerator.num_processes), functools.partial(gather_ranks, accelerator)
+    image_features, text_features = rows["image_features"], rows["text_features"]
+    retrieval = retrieval_metrics(
+        image_features,
+        text_features,
+        per_model["logit_scale"],
+        chunk_size=chunk,
+        score_dtype=dtype,
+        share=share,
+        gather=gather,
+    )
+    if image_keys is not None and len(set(image_keys)) < len(image_keys):
+        retrieval.update(
+            coco_retrieval_metrics(
+                image_features,
+                text_features,
+                image_keys,
+                chunk_size=chunk,
+                score_dtype=dtype,
+                share=share,
+                gather=gather,
+            )
+        )
+
     result: list[dict[str, float] | None] = [None]
     if accelerator.is_main_process:
-        indices = rows.pop("indices").tolist()
-        filepaths = getattr(loader.dataset, "filepaths", None)
-        captions = getattr(loader.dataset, "captions", None)
-        image_keys = [filepaths[i] for i in indices] if filepaths is not None else None
-        if image_keys is not None:
-            rows["image_features"] = same_key_same_features(rows["image_features"], image_keys)
-        if captions is not None:
-            rows["text_features"] = same_key_same_features(rows["text_features"], [captions[i] for i in indices])
-        metrics = validation_losses(one_process, rows, per_model)
-        metrics.update(retrieval_metrics(rows["image_features"], rows["text_features"], per_model["logit_scale"]))
-        if image_keys is not None and len(set(image_keys)) < len(image_keys):
-            metrics.update(coco_retrieval_metrics(rows["image_features"], rows["text_features"], image_keys))
+        loss_chunk = default_chunk_size(len(indices)) if chunk is None else chunk
+        metrics = validation_losses(one_process, rows, per_model, loss_chunk)
+        metrics.update(retrieval)
         metrics.update(num_samples=len(indices), num_bad=num_bad)
         result[0] = metrics
     broadcast_object_list(result)
     return result[0] or {}
 
 
-def validation_losses(objective: Objective, rows: dict, per_model: dict) -> dict[str, float]:
+def validation_losses(objective: Objective, rows: dict, per_model: dict, chunk_size: int = 0) -> dict[str, float]:
     """`val_loss` (and `val_<name>` per named loss when there are several): the objective on the
-    whole set's rows as one batch."""
+    whole set's rows as one batch (computed in blocks of chunk_size rows where it can, `Objective.whole_set`)."""
     with torch.no_grad():
-        losses = objective({**rows, **per_model})
+        losses = objective.whole_set({**rows, **per_model}, chunk_size)
     metrics = {"val_loss": float(total_loss(losses))}
     if len(losses) > 1:
         metrics.update({f"val_{name}": float(value) for name, value in losses.items()})
@@ -288,7 +356,12 @@ class Evaluator:
         results: dict[str, dict] = {}
         if retrieval and self.val_loader is not None:
             results["retrieval"] = evaluate_retrieval(
-                model, self.val_loader, self.accelerator, self.objective, precision_autocast=self.accelerator.autocast
+                model,
+                self.val_loader,
+                self.accelerator,
+                self.objective,
+                precision_autocast=self.accelerator.autocast,
+                options=self.options,
             )
             self._check_val_count(results["retrieval"])
         classifiers: dict[tuple, torch.Tensor] = {}  # ImageNet val and V2 share one: 1000 classes x 80 prompts

@@ -8,7 +8,8 @@ import torch
 from open_clip.loss import ClipLoss
 
 from acc_clip.config.parsing import Config
-from acc_clip.loss.objective import Objective, ObjectiveOptions
+from acc_clip.loss.blocks import softmax_loss_in_blocks
+from acc_clip.loss.objective import Objective, ObjectiveOptions, in_one_block
 
 
 class ClipObjective(Objective):
@@ -44,3 +45,10 @@ class ClipObjective(Objective):
                 logit_bias=rows.get("logit_bias"),
             )
         }
+
+    def whole_set(self, rows: dict[str, torch.Tensor], chunk_size: int) -> dict[str, torch.Tensor]:
+        if in_one_block(rows, chunk_size):
+            return self(rows)
+        image, text = rows["image_features"].float(), rows["text_features"].float()
+        bias = rows.get("logit_bias")
+        return {"contrastive_loss": softmax_loss_in_blocks(image, text, rows["logit_scale"], bias, chunk_size)}

@@ -23,7 +23,8 @@ from open_clip.loss import ClipLoss
 
 from acc_clip.config.parsing import Config
 from acc_clip.config.schema import NON_NEGATIVE, Section, option, options_of
-from acc_clip.loss.objective import Objective, ObjectiveOptions
+from acc_clip.loss.blocks import softmax_loss_in_blocks
+from acc_clip.loss.objective import Objective, ObjectiveOptions, in_one_block
 from acc_clip.model.options import ModelOptions
 
 PAD_TOKEN = 0  # open_clip's tokenizers pad with 0, and CoCaLoss ignores it
@@ -97,6 +98,16 @@ class CoCaObjective(Objective):
             rows["logit_scale"],
             logit_bias=rows.get("logit_bias"),
         )
+        return self._weighted(contrastive, rows)
+
+    def whole_set(self, rows: dict[str, torch.Tensor], chunk_size: int) -> dict[str, torch.Tensor]:
+        if in_one_block(rows, chunk_size):
+            return self(rows)
+        image, text = rows["image_features"].float(), rows["text_features"].float()
+        bias = rows.get("logit_bias")
+        return self._weighted(softmax_loss_in_blocks(image, text, rows["logit_scale"], bias, chunk_size), rows)
+
+    def _weighted(self, contrastive: torch.Tensor, rows: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         # Each process holds its share of the token sum; x world size because the processes' values (and
         # DDP's gradients) are averaged, which makes the mean over all tokens.
         caption = rows["caption_loss_sum"].sum() * self.world_size / self.global_tokens(rows)

@@ -11,6 +11,9 @@ The contract (`Objective`), built from (config, rank, world size, device, autoca
 - `mean_over_processes`: True when each process's losses cover only its own rows (so the mean over
   processes is the one-process value), False when every process holds the whole global batch's.
 - `on_one_process()`: the same objective for one process holding a whole set (validation).
+- `whole_set(rows, chunk_size)`: the losses of a whole validation set on one process; objectives whose
+  loss compares every row with every other compute it `chunk_size` rows at a time (loss/blocks.py), so
+  memory is chunk x rows; by default the one-batch `__call__`.
 
 And what the registry (loss/__init__.py) asks of each objective class:
 - `name`; `options`: the section of its own flags (None without any);
@@ -106,6 +109,14 @@ class Objective:
 
     def on_one_process(self) -> Objective:
         return type(self)(self.config, 0, 1, self.device, self.autocast)
+
+    def whole_set(self, rows: dict[str, torch.Tensor], chunk_size: int) -> dict[str, torch.Tensor]:
+        return self(rows)
+
+
+def in_one_block(rows: dict[str, torch.Tensor], chunk_size: int) -> bool:
+    """Whether a whole set's rows fit one block of chunk_size (0: always), computed then as one batch."""
+    return chunk_size == 0 or chunk_size >= len(rows["image_features"])
 
 
 def total_loss(losses: dict[str, torch.Tensor]) -> torch.Tensor:

@@ -16,7 +16,8 @@ from open_clip.loss import SigLipLoss
 
 from acc_clip.config.parsing import Config
 from acc_clip.config.schema import Section, option
-from acc_clip.loss.objective import Objective
+from acc_clip.loss.blocks import sigmoid_loss_in_blocks
+from acc_clip.loss.objective import Objective, in_one_block
 
 DIST_IMPLS = ("bidir", "shift", "reduce", "gather")  # open_clip SigLipLoss's exchanges across processes
 
@@ -82,3 +83,10 @@ class SigLipObjective(Objective):
                 rows.get("logit_bias"),
             )
         }
+
+    def whole_set(self, rows: dict[str, torch.Tensor], chunk_size: int) -> dict[str, torch.Tensor]:
+        if in_one_block(rows, chunk_size):
+            return self(rows)
+        image, text = rows["image_features"].float(), rows["text_features"].float()
+        bias = rows.get("logit_bias")
+        return {"contrastive_loss": sigmoid_loss_in_blocks(image, text, rows["logit_scale"], bias, chunk_size)}

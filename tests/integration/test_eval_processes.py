@@ -1,5 +1,5 @@
 """`acc-clip eval` on 2 processes (torchrun, `-m acc_clip.eval`): the metrics of one process reading the
-whole set, and a main process whose share is unreadable. Moved from tests/unit/evaluation/test_evaluator.py
+whole set (each ranking its share of the queries, in blocks), and a main process whose share is unreadable. Moved from tests/unit/evaluation/test_evaluator.py
 (unit/ holds in-process tests only); the fixtures below are that file's. --precision fp32: the one-process
 numbers are fp32, and `acc-clip eval` defaults to training's --precision amp since it takes training's flags."""
 
@@ -66,6 +66,8 @@ def test_two_processes_give_the_one_process_numbers(odd_val_csv, tiny, accelerat
         "cpu",
         "--precision",
         "fp32",
+        "--val-retrieval-chunk-size",
+        "3",  # each process ranks its 5 queries in blocks of 3 and 2
         "--out",
         str(out),
     ]
