@@ -61,7 +61,7 @@ from acc_clip.model.weights import (
 from acc_clip.runtime import parallel
 from acc_clip.runtime.faults import fault_point
 from acc_clip.runtime.parallel import full_state_dict, unwrap
-from acc_clip.runtime.run_dir import CHECKPOINTS_DIR, METRICS_FILE, SAMPLES_FILE, run_id
+from acc_clip.runtime.run_dir import CHECKPOINTS_DIR, METRICS_FILE, RESULTS_FILE, SAMPLES_FILE, run_id
 
 log = logging.getLogger(__name__)
 
@@ -165,9 +165,12 @@ class CheckpointManager:
         return progress
 
     def _after_restore(self, progress: Progress) -> None:
-        """Main process: drop the records of the steps trained again, then start the remote copy."""
+        """Main process: drop the records of the steps trained again, then start the remote copy. An
+        evaluation's `step` counts the steps done before it: those made at the checkpoint's step stay
+        (a step's evaluation comes before its save), later ones are made again."""
         for name in (METRICS_FILE, SAMPLES_FILE):
             rewind_jsonl(os.path.join(self.run_dir, name), progress.global_step)
+        rewind_jsonl(os.path.join(self.run_dir, RESULTS_FILE), progress.global_step + 1)
         if self.remote is not None:
             self.remote.start()
 

@@ -43,6 +43,7 @@ log = logging.getLogger(__name__)
 VAL_DATA = Needs("--val-data", lambda s: bool(s.val_data))
 ZEROSHOT_DATA = Needs("--zeroshot-data", lambda s: bool(s.zeroshot_data))
 ZEROSHOT = Needs("a zero-shot set", lambda s: bool(s.zeroshot_data or s.imagenet_val or s.imagenet_v2))
+ANY_SET = Needs("--val-data or a zero-shot set", lambda s: s.any_set)
 
 
 @dataclass
@@ -72,6 +73,14 @@ class EvaluationOptions(Section):
         needs=VAL_DATA,
     )
     val_frequency: int = option(1, "evaluate every N epochs", domain=NON_NEGATIVE, needs=VAL_DATA, train_only=True)
+    val_every_n_steps: int | None = option(
+        None,
+        "also evaluate every set every N optimizer steps, counted over the run (a resumed run evaluates at "
+        "the same steps), before that step's checkpoint; results.jsonl records the step",
+        domain=POSITIVE,
+        needs=ANY_SET,
+        train_only=True,
+    )
     zeroshot_frequency: int = option(
         2, "zero-shot every N epochs", domain=NON_NEGATIVE, needs=ZEROSHOT, train_only=True
     )
@@ -391,6 +400,11 @@ class Evaluator:
         if warning and self.accelerator.is_main_process and read not in self._val_counts_warned:
             self._val_counts_warned.add(read)  # once per count read: not again every epoch
             log.warning(warning)
+
+    def due_at_step(self, global_step: int) -> bool:
+        """Whether --val-every-n-steps asks for every set after `global_step` steps."""
+        every = self.options.val_every_n_steps
+        return self.enabled and every is not None and global_step % every == 0
 
     @staticmethod
     def _due(frequency: int, completed_epochs: int, last: bool) -> bool:

@@ -108,14 +108,21 @@ def pair_ranks(
     scaled = (logit_scale * image_features).to(score_dtype)
     text_features = text_features.to(score_dtype)
     image_to_text, text_to_image = [], []
-    for rows in blocks(queries, chunk_size):
-        logits = (scaled[rows] @ text_features.t()).detach().cpu()  # [q, all captions]
-        image_to_text.append(_above_per_row(logits, logits.diagonal(offset=rows.start)))
-        del logits
-        logits = (scaled @ text_features[rows].t()).detach().cpu()  # [all images, q]
-        text_to_image.append(_above_per_column(logits, logits.diagonal(offset=-rows.start)))
+    for rows in blocks(queries, chunk_size):  # one block of scores alive at a time: each dies in its call
+        image_to_text.append(_rows_above_own(scaled[rows] @ text_features.t(), rows.start))
+        text_to_image.append(_columns_above_own(scaled @ text_features[rows].t(), rows.start))
     empty = torch.empty(0, dtype=torch.long)
     return torch.cat(image_to_text or [empty]), torch.cat(text_to_image or [empty])
+
+
+def _rows_above_own(scores: torch.Tensor, first: int) -> torch.Tensor:
+    """Ranks of queries first, first + 1, ... as the rows of scores [q, keys]: their own key is key first + row."""
+    return _above_per_row(scores, scores.diagonal(offset=first))
+
+
+def _columns_above_own(scores: torch.Tensor, first: int) -> torch.Tensor:
+    """Ranks of queries first, first + 1, ... as the columns of scores [keys, q]: their own key is first + column."""
+    return _above_per_column(scores, scores.diagonal(offset=-first))
 
 
 def retrieval_metrics(
@@ -168,21 +175,31 @@ def coco_ranks(
     unique images score above the caption's own. Scores are cosine similarities (a scale orders alike),
     every block a slice of `images @ texts.T` in `score_dtype`."""
     images, text_features = images.to(score_dtype), text_features.to(score_dtype)
-    image_to_text, text_to_image = [], []
-    for block in blocks(image_queries, chunk_size):
-        scores = (images[block] @ text_features.t()).detach().cpu()  # [q images, all captions]
-        # Each image's best own caption, read from this block's own values (O(rows), no mask of the block).
-        captions = ((image_of_row >= block.start) & (image_of_row < block.stop)).nonzero().squeeze(1)
-        image = image_of_row[captions] - block.start
-        best_own = torch.full((block.stop - block.start,), float("-inf"), dtype=scores.dtype)
-        best_own = best_own.scatter_reduce(0, image, scores[image, captions], reduce="amax")
-        image_to_text.append(_above_per_row(scores, best_own))
-    for block in blocks(caption_queries, chunk_size):
-        scores = (images @ text_features[block].t()).detach().cpu()  # [all images, q captions]
-        own = scores[image_of_row[block], torch.arange(block.stop - block.start)]
-        text_to_image.append(_above_per_column(scores, own))
+    image_to_text = [
+        _above_best_own_caption(images[block] @ text_features.t(), image_of_row, block)
+        for block in blocks(image_queries, chunk_size)
+    ]
+    text_to_image = [
+        _images_above_own(images @ text_features[block].t(), image_of_row[block])
+        for block in blocks(caption_queries, chunk_size)
+    ]
     empty = torch.empty(0, dtype=torch.long)
     return torch.cat(image_to_text or [empty]), torch.cat(text_to_image or [empty])
+
+
+def _above_best_own_caption(scores: torch.Tensor, image_of_row: torch.Tensor, block: slice) -> torch.Tensor:
+    """For images `block` (the rows of scores [q images, all captions]): captions above the image's best
+    own caption, read from this block's own values (O(rows) memory, no mask of the block)."""
+    captions = ((image_of_row >= block.start) & (image_of_row < block.stop)).nonzero().squeeze(1)
+    image = image_of_row[captions] - block.start
+    best_own = torch.full((block.stop - block.start,), float("-inf"), dtype=scores.dtype)
+    best_own = best_own.scatter_reduce(0, image, scores[image, captions], reduce="amax")
+    return _above_per_row(scores, best_own)
+
+
+def _images_above_own(scores: torch.Tensor, own_images: torch.Tensor) -> torch.Tensor:
+    """For captions (the columns of scores [all images, q captions]) of images own_images: images above their own."""
+    return _above_per_column(scores, scores[own_images, torch.arange(len(own_images))])
 
 
 def coco_retrieval_metrics(

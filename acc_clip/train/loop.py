@@ -202,6 +202,9 @@ def train(config: TrainConfig, notices: Sequence[str] = ()) -> int:  # noqa: PLR
             start = end
             if sample_log is not None:
                 sample_log.record(progress.global_step - 1, epoch, micro_batches)
+            if evaluator.due_at_step(progress.global_step) and step_in_epoch + 1 < steps_per_epoch:
+                step_results = evaluate(evaluator, model, epoch, force=True)  # an epoch's last step: below
+                report_evaluation(step_results, metrics, epoch=epoch, step=progress.global_step, when="by steps")
             stopping = stop.agreed(host_group)  # every rank stops after the same step
             if saver.step_save_due(progress) or stopping:
                 metrics.flush()
@@ -224,7 +227,13 @@ def train(config: TrainConfig, notices: Sequence[str] = ()) -> int:  # noqa: PLR
             )
             saver.end_of_epoch(model, optimizer, progress)
             report_evaluation(
-                evaluate(evaluator, model, epoch + 1, last=epoch + 1 == config.training.epochs),
+                evaluate(
+                    evaluator,
+                    model,
+                    epoch + 1,
+                    last=epoch + 1 == config.training.epochs,
+                    force=evaluator.due_at_step(progress.global_step),
+                ),
                 metrics,
                 epoch=epoch + 1,
                 step=progress.global_step,
