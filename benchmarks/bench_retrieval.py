@@ -59,14 +59,13 @@ def measure(side: str, rows: int, sample: int | None, chunk_size: int | None, th
     scale = torch.tensor(100.0)
     from open_clip_train.train import get_clip_metrics
 
-    from acc_clip.evaluation.retrieval import coco_ranks, default_chunk_size, pair_ranks, unique_images
+    from acc_clip.evaluation.retrieval import Distinct, coco_ranks, default_chunk_size, pair_ranks
 
     def acc_clip_ranks(queries: int) -> torch.Tensor:
-        first_rows, image_of_row = unique_images(keys)
-        i2t, _ = pair_ranks(image_rows, texts, scale, range(queries), chunk)
-        coco_ranks(
-            image_rows[first_rows], texts, image_of_row, range(queries // CAPTIONS_PER_IMAGE), range(queries), chunk
-        )
+        images, captions = Distinct.of(keys, rows), Distinct.of(None, rows)
+        i2t, _ = pair_ranks(image_rows, texts, scale, range(queries), chunk, images=images, captions=captions)
+        image_queries = range(queries // CAPTIONS_PER_IMAGE)
+        coco_ranks(image_rows, texts, images, captions, image_queries, range(queries), chunk)
         return i2t
 
     chunk = default_chunk_size(rows) if chunk_size is None else chunk_size

@@ -24,8 +24,8 @@ from accelerate.utils import broadcast_object_list
 from acc_clip.config.parsing import Config
 from acc_clip.config.schema import NON_NEGATIVE, POSITIVE, Needs, Section, option
 from acc_clip.data import DataOptions, build_eval_loader
-from acc_clip.errors import DataError
-from acc_clip.evaluation import zeroshot
+from acc_clip.errors import DataError, UsageError
+from acc_clip.evaluation import sets, zeroshot
 from acc_clip.evaluation.retrieval import (
     coco_retrieval_metrics,
     default_chunk_size,
@@ -49,11 +49,15 @@ ANY_SET = Needs("--val-data or a zero-shot set", lambda s: s.any_set)
 @dataclass
 class EvaluationOptions(Section):
     title: ClassVar[str] = "evaluation"
-    val_data: str | None = option(None, "validation CSV or shards")
+    val_data: list[str] | None = option(
+        None,
+        "validation sets: a CSV or shards (PATH), or several as NAME=PATH, each reported under its name "
+        "(NAME/val_loss, ...)",
+    )
     val_num_samples: int | None = option(
         None,
         "samples the validation set holds (default: sizes.json; needed for "
-        "shards without it); every sample is evaluated, whatever it says",
+        "shards without it; one set only); every sample is evaluated, whatever it says",
         domain=POSITIVE,
         needs=VAL_DATA,
     )
@@ -84,9 +88,19 @@ class EvaluationOptions(Section):
     zeroshot_frequency: int = option(
         2, "zero-shot every N epochs", domain=NON_NEGATIVE, needs=ZEROSHOT, train_only=True
     )
-    zeroshot_data: str | None = option(None, "zero-shot set: a folder per class, or a filepath,label CSV")
-    zeroshot_classnames: str | None = option(None, "class names file, one per line", needs=ZEROSHOT_DATA)
-    zeroshot_templates: str | None = option(None, "prompt templates file, one per line with {}", needs=ZEROSHOT_DATA)
+    zeroshot_data: list[str] | None = option(
+        None,
+        "zero-shot sets: a folder per class or a filepath,label CSV (PATH), or several as NAME=PATH, each "
+        "reported under its name (NAME/zeroshot_top1, ...)",
+    )
+    zeroshot_classnames: list[str] | None = option(
+        None, "class names file, one per line (FILE for every set, NAME=FILE for one)", needs=ZEROSHOT_DATA
+    )
+    zeroshot_templates: list[str] | None = option(
+        None,
+        "prompt templates file, one per line with {} (FILE for every set, NAME=FILE for one)",
+        needs=ZEROSHOT_DATA,
+    )
     imagenet_val: str | None = option(None, "ImageNet validation folder for zero-shot")
     imagenet_v2: str | None = option(
         None,
@@ -97,6 +111,24 @@ class EvaluationOptions(Section):
     @property
     def any_set(self) -> bool:
         return bool(self.val_data or self.zeroshot_data or self.imagenet_val or self.imagenet_v2)
+
+    @property
+    def val_sources(self) -> list[tuple[str, str]]:
+        return sets.val_sources(self.val_data)
+
+    @property
+    def zeroshot_sources(self) -> list[sets.ZeroShotSource]:
+        return sets.zeroshot_sources(self.zeroshot_data, self.zeroshot_classnames, self.zeroshot_templates)
+
+    def check(self) -> None:
+        imagenet = [group for group, path in zip(sets.IMAGENET_GROUPS, (self.imagenet_val, self.imagenet_v2)) if path]
+        groups = [group for group, _ in self.val_sources] + [s.group for s in self.zeroshot_sources] + imagenet
+        sets.check_groups(groups)
+        if self.val_num_samples is not None and len(self.val_sources) > 1:
+            raise UsageError(
+                "--val-num-samples says how many samples one validation set holds; with several --val-data "
+                "sets, give each set of shards its sizes.json instead"
+            )
 
 
 def gather_rows_by_index(
@@ -232,10 +264,11 @@ def evaluate_retrieval(
     filepaths = getattr(loader.dataset, "filepaths", None)
     captions = getattr(loader.dataset, "captions", None)
     image_keys = [filepaths[i] for i in indices] if filepaths is not None else None
+    caption_keys = [captions[i] for i in indices] if captions is not None else None
     if image_keys is not None:
         rows["image_features"] = same_key_same_features(rows["image_features"], image_keys)
-    if captions is not None:
-        rows["text_features"] = same_key_same_features(rows["text_features"], [captions[i] for i in indices])
+    if caption_keys is not None:
+        rows["text_features"] = same_key_same_features(rows["text_features"], caption_keys)
     # Each process ranks its share of the queries; the shares' ranks are joined on every process.
     chunk, dtype = options.val_retrieval_chunk_size, score_dtype(options, clip, accelerator)
     share, gather = (accelerator.process_index, accelerator.num_processes), functools.partial(gather_ranks, accelerator)
@@ -246,6 +279,8 @@ def evaluate_retrieval(
         per_model["logit_scale"],
         chunk_size=chunk,
         score_dtype=dtype,
+        image_keys=image_keys,
+        caption_keys=caption_keys,
         share=share,
         gather=gather,
     )
@@ -257,6 +292,7 @@ def evaluate_retrieval(
                 image_keys,
                 chunk_size=chunk,
                 score_dtype=dtype,
+                caption_keys=caption_keys,
                 share=share,
                 gather=gather,
             )
@@ -307,21 +343,31 @@ def val_count_warning(expected: int | None, said_by: str, metrics: dict) -> str 
 
 
 def zeroshot_sets(options: EvaluationOptions, preprocess_val: Callable) -> list[tuple]:
-    """(name, dataset, classnames, templates) for `--zeroshot-data`, `--imagenet-val` and `--imagenet-v2`
-    (open_clip_train's 'imagenet-val' and 'imagenet-v2': OpenAI's ImageNet class names and templates)."""
-    sets: list[tuple] = []
-    if options.zeroshot_data:
+    """(group, dataset, classnames, templates) for each `--zeroshot-data` set, `--imagenet-val` and
+    `--imagenet-v2` (open_clip_train's 'imagenet-val' and 'imagenet-v2': OpenAI's ImageNet class names and
+    templates)."""
+    result: list[tuple] = []
+    for source in options.zeroshot_sources:
         dataset, classnames = zeroshot.load_zeroshot_dataset(
-            options.zeroshot_data, transform=preprocess_val, classnames_file=options.zeroshot_classnames
+            source.data, transform=preprocess_val, classnames_file=source.classnames
         )
-        sets.append(("zeroshot", dataset, classnames, zeroshot.load_templates(options.zeroshot_templates)))
+        result.append((source.group, dataset, classnames, zeroshot.load_templates(source.templates)))
     if options.imagenet_val:
         dataset, classnames = zeroshot.load_imagenet_val(options.imagenet_val, transform=preprocess_val)
-        sets.append(("imagenet-zeroshot", dataset, classnames, zeroshot.OPENAI_IMAGENET_TEMPLATES))
+        result.append(("imagenet-zeroshot", dataset, classnames, zeroshot.OPENAI_IMAGENET_TEMPLATES))
     if options.imagenet_v2:
         dataset, classnames = zeroshot.load_imagenet_v2(options.imagenet_v2, transform=preprocess_val)
-        sets.append(("imagenetv2-zeroshot", dataset, classnames, zeroshot.OPENAI_IMAGENET_TEMPLATES))
-    return sets
+        result.append(("imagenetv2-zeroshot", dataset, classnames, zeroshot.OPENAI_IMAGENET_TEMPLATES))
+    return result
+
+
+@dataclass
+class ValSet:
+    """One validation set: its group name (sets.py), its loader and the samples it should hold."""
+
+    group: str
+    loader: Any
+    expected: tuple[int | None, str]
 
 
 class Evaluator:
@@ -339,40 +385,41 @@ class Evaluator:
         self.options, self.data = config[EvaluationOptions], config[DataOptions]
         self.tokenizer, self.accelerator = tokenizer, accelerator
         self.objective = objective  # the validation loss's; CLIP's when None
-        self.val_loader: Any = None
-        if self.options.val_data:
-            self.val_loader = build_eval_loader(
-                config,
-                self.options.val_data,
-                preprocess_val,
-                tokenizer,
-                rank=accelerator.process_index,
-                world_size=accelerator.num_processes,
-                expected_samples=self.options.val_num_samples,
-            )
-        self.val_expected = (
-            expected_val_samples(self.options, self.val_loader) if self.val_loader is not None else (None, "")
-        )
-        self._val_counts_warned: set[int] = set()
+        self.val_sets = [self._val_set(config, group, path, preprocess_val) for group, path in self.options.val_sources]
+        self._val_counts_warned: set[tuple[str, int]] = set()
         self.zeroshot_sets = zeroshot_sets(self.options, preprocess_val)
+
+    def _val_set(self, config: Config, group: str, path: str, preprocess_val: Callable) -> ValSet:
+        accelerator = self.accelerator
+        loader = build_eval_loader(
+            config,
+            path,
+            preprocess_val,
+            self.tokenizer,
+            rank=accelerator.process_index,
+            world_size=accelerator.num_processes,
+            expected_samples=self.options.val_num_samples,
+        )
+        return ValSet(group, loader, expected_val_samples(self.options, loader))
 
     @property
     def enabled(self) -> bool:
-        return self.val_loader is not None or bool(self.zeroshot_sets)
+        return bool(self.val_sets or self.zeroshot_sets)
 
     def evaluate(self, model, *, retrieval: bool = True, classification: bool = True) -> dict[str, dict]:
-        """Metrics per evaluation: "retrieval", and each zero-shot set by name."""
+        """Metrics per set, by group name (sets.py): "retrieval" or each validation set's name, then each
+        zero-shot set's."""
         results: dict[str, dict] = {}
-        if retrieval and self.val_loader is not None:
-            results["retrieval"] = evaluate_retrieval(
+        for val_set in self.val_sets if retrieval else ():
+            results[val_set.group] = evaluate_retrieval(
                 model,
-                self.val_loader,
+                val_set.loader,
                 self.accelerator,
                 self.objective,
                 precision_autocast=self.accelerator.autocast,
                 options=self.options,
             )
-            self._check_val_count(results["retrieval"])
+            self._check_val_count(val_set, results[val_set.group])
         classifiers: dict[tuple, torch.Tensor] = {}  # ImageNet val and V2 share one: 1000 classes x 80 prompts
         for name, dataset, classnames, templates in self.zeroshot_sets if classification else ():
             key = (tuple(classnames), tuple(templates))
@@ -394,12 +441,12 @@ class Evaluator:
             )
         return results
 
-    def _check_val_count(self, metrics: dict) -> None:
-        warning = val_count_warning(*self.val_expected, metrics)
+    def _check_val_count(self, val_set: ValSet, metrics: dict) -> None:
+        warning = val_count_warning(*val_set.expected, metrics)
         read = metrics["num_samples"] + metrics["num_bad"]
-        if warning and self.accelerator.is_main_process and read not in self._val_counts_warned:
-            self._val_counts_warned.add(read)  # once per count read: not again every epoch
-            log.warning(warning)
+        if warning and self.accelerator.is_main_process and (val_set.group, read) not in self._val_counts_warned:
+            self._val_counts_warned.add((val_set.group, read))  # once per count read: not again every epoch
+            log.warning(warning if val_set.group == sets.UNNAMED_VAL else f"{val_set.group}: {warning}")
 
     def due_at_step(self, global_step: int) -> bool:
         """Whether --val-every-n-steps asks for every set after `global_step` steps."""
@@ -411,18 +458,15 @@ class Evaluator:
         return frequency > 0 and (last or completed_epochs % frequency == 0)
 
     def run(self, model, completed_epochs: int, *, last: bool = False, force: bool = False) -> dict:
-        """The metrics due after `completed_epochs` (all of them with `force`), one flat dict: retrieval
-        keys as they are, zero-shot keys prefixed with the set's name."""
+        """The metrics due after `completed_epochs` (all of them with `force`), one flat dict: an unnamed
+        validation set's keys as they are, the others' named after their set (sets.flat_key)."""
         options = self.options
         results = self.evaluate(
             model,
             retrieval=force or self._due(options.val_frequency, completed_epochs, last),
             classification=force or self._due(options.zeroshot_frequency, completed_epochs, last),
         )
-        metrics = dict(results.pop("retrieval", {}))
-        for name, result in results.items():
-            metrics.update({k.replace("zeroshot", name, 1): v for k, v in result.items()})
-        return metrics
+        return {sets.flat_key(group, key): value for group, result in results.items() for key, value in result.items()}
 
 
 def format_metrics(metrics: dict) -> str:

@@ -20,13 +20,14 @@ identical features stay exact ties, compared within one block.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
 
 RECALL_AT = (1, 5, 10)
 BLOCK_BYTES = 512 * 2**20  # the default block: as many queries as keep their scores within this
-COMPARE_ROWS = 256  # the comparison's boolean temporary covers this many rows of a block at a time
+COMPARE_SCORES = 2**19  # compared at a time: the comparison's temporaries (bool, int64 count) stay a few MB
 
 Gather = Callable[[torch.Tensor], torch.Tensor]  # this process's ranks -> every process's, in query order
 
@@ -70,22 +71,60 @@ def blocks(queries: range, chunk_size: int) -> Iterator[slice]:
         yield slice(start, min(start + step, queries.stop))
 
 
-def _above_per_row(scores: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
-    """For each row of scores [q, n], how many of its entries are strictly above own[row]."""
-    return torch.cat(
-        [
-            (part > mine.unsqueeze(1)).sum(dim=1)
-            for part, mine in zip(scores.split(COMPARE_ROWS), own.split(COMPARE_ROWS))
-        ]
-    )
+def _rows_per_slice(width: int) -> int:
+    return max(1, COMPARE_SCORES // max(width, 1))
 
 
-def _above_per_column(scores: torch.Tensor, own: torch.Tensor) -> torch.Tensor:
-    """For each column of scores [n, q], how many of its entries are strictly above own[column]."""
-    counts = torch.zeros(scores.shape[1], dtype=torch.long)
-    for part in scores.split(COMPARE_ROWS):
-        counts += (part > own.unsqueeze(0)).sum(dim=0)
+def _above_per_row(scores: torch.Tensor, own: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """For each row of scores [q, n], how many of its entries are strictly above own[row], each entry counted
+    `weights[column]` times (the rows a distinct key stands for). The counts go into one tensor made first:
+    small results kept between the slices' temporaries would fragment the heap, which then grows by a
+    temporary per slice (measured: +280 MB for a 25k-key block)."""
+    counts = torch.empty(scores.shape[0], dtype=torch.long)
+    rows = _rows_per_slice(scores.shape[1])
+    for start in range(0, scores.shape[0], rows):
+        part = slice(start, start + rows)
+        above = scores[part] > own[part].unsqueeze(1)
+        counts[part] = torch.count_nonzero(above, dim=1) if weights is None else above.double() @ weights
     return counts
+
+
+def _above_per_column(scores: torch.Tensor, own: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """For each column of scores [n, q], how many of its entries are strictly above own[column], each entry
+    counted `weights[row]` times."""
+    counts = torch.zeros(scores.shape[1], dtype=torch.long)
+    rows = _rows_per_slice(scores.shape[1])
+    for start in range(0, scores.shape[0], rows):
+        above = scores[start : start + rows] > own.unsqueeze(0)
+        counts += (
+            torch.count_nonzero(above, dim=0)
+            if weights is None
+            else (weights[start : start + rows] @ above.double()).long()
+        )
+    return counts
+
+
+@dataclass(frozen=True)
+class Distinct:
+    """Rows numbered by their key (an image file, a caption): rows with one key are one item, scored once."""
+
+    first_rows: list[int]  # the first row of each distinct key, in order of appearance
+    of_row: torch.Tensor  # each row's item number
+    weights: torch.Tensor  # rows per item (float64, for weighted counts)
+
+    @staticmethod
+    def of(keys: Sequence[Hashable] | None, rows: int) -> Distinct:
+        """`keys` numbered; None: every row its own item."""
+        if keys is None:
+            return Distinct(list(range(rows)), torch.arange(rows), torch.ones(rows, dtype=torch.float64))
+        number: dict[Hashable, int] = {}
+        first_rows: list[int] = []
+        for row, key in enumerate(keys):
+            if key not in number:
+                number[key] = len(first_rows)
+                first_rows.append(row)
+        of_row = torch.tensor([number[key] for key in keys], dtype=torch.long)
+        return Distinct(first_rows, of_row, torch.bincount(of_row, minlength=len(first_rows)).double())
 
 
 def pair_ranks(
@@ -95,34 +134,43 @@ def pair_ranks(
     queries: range,
     chunk_size: int = 0,
     score_dtype: torch.dtype = torch.float64,
+    images: Distinct | None = None,
+    captions: Distinct | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """0-based ranks of rows `queries` (row i's image and caption are a pair): image-to-text, how many
-    captions score above row i's own caption for image i; text-to-image, how many images score above it
-    for caption i. Every block is a slice of the one matrix `logit_scale * images @ texts.T`, computed as
-    get_clip_metrics computes it (scaled images, then the product), in `score_dtype`, text queries as
-    its columns.
+    captions (rows) score above row i's own caption for image i; text-to-image, how many images (rows) score
+    above its own for caption i. Scores are those of `logit_scale * images @ texts.T` (scaled images, then the
+    product, as get_clip_metrics computes it) in `score_dtype`.
 
-    Ties count in the pair's favour: an equal logit comes from an identical feature (the same image or
-    caption on another row), which retrieves the pair as well as its own; open_clip's position on ties
-    depends on how argsort happens to order equal values."""
+    Ties count in the pair's favour: rows with the same key as the pair's own (`images`, `captions`: the same
+    file, the same caption) are the same item, scored once and never above it, so whatever the last bits of a
+    product (BLAS sums in another order for another shape or alignment), they tie. open_clip's position on
+    ties depends on how argsort happens to order equal values."""
+    rows = len(image_features)
+    images, captions = images or Distinct.of(None, rows), captions or Distinct.of(None, rows)
     scaled = (logit_scale * image_features).to(score_dtype)
-    text_features = text_features.to(score_dtype)
+    distinct_images, distinct_texts = scaled[images.first_rows], text_features[captions.first_rows].to(score_dtype)
     image_to_text, text_to_image = [], []
-    for rows in blocks(queries, chunk_size):  # one block of scores alive at a time: each dies in its call
-        image_to_text.append(_rows_above_own(scaled[rows] @ text_features.t(), rows.start))
-        text_to_image.append(_columns_above_own(scaled @ text_features[rows].t(), rows.start))
+    for block in blocks(queries, chunk_size):  # one block of scores alive at a time: each dies in its call
+        image_to_text.append(_above_own_key(scaled[block] @ distinct_texts.t(), captions, block))
+        text_to_image.append(
+            _above_own_key(distinct_images @ text_features[block].to(score_dtype).t(), images, block, by_column=True)
+        )
     empty = torch.empty(0, dtype=torch.long)
     return torch.cat(image_to_text or [empty]), torch.cat(text_to_image or [empty])
 
 
-def _rows_above_own(scores: torch.Tensor, first: int) -> torch.Tensor:
-    """Ranks of queries first, first + 1, ... as the rows of scores [q, keys]: their own key is key first + row."""
-    return _above_per_row(scores, scores.diagonal(offset=first))
-
-
-def _columns_above_own(scores: torch.Tensor, first: int) -> torch.Tensor:
-    """Ranks of queries first, first + 1, ... as the columns of scores [keys, q]: their own key is first + column."""
-    return _above_per_column(scores, scores.diagonal(offset=-first))
+def _above_own_key(
+    scores: torch.Tensor, keys: Distinct, block: slice, *, by_column: bool = False, by_rows: bool = True
+) -> torch.Tensor:
+    """Ranks of the queries of `block`, whose scores against the distinct keys are the rows of scores [q,
+    keys] (the columns of [keys, q] `by_column`): keys above the query's own, each counted as the rows it
+    stands for (`by_rows`, the row protocol) or once (the COCO protocol's distinct images)."""
+    own_key = keys.of_row[block]
+    weights = keys.weights if by_rows else None
+    if by_column:
+        return _above_per_column(scores, scores[own_key, torch.arange(len(own_key))], weights)
+    return _above_per_row(scores, scores[torch.arange(len(own_key)), own_key], weights)
 
 
 def retrieval_metrics(
@@ -132,83 +180,81 @@ def retrieval_metrics(
     *,
     chunk_size: int | None = 0,
     score_dtype: torch.dtype = torch.float64,
+    image_keys: Sequence[Hashable] | None = None,
+    caption_keys: Sequence[Hashable] | None = None,
     share: tuple[int, int] = (0, 1),
     gather: Gather = lambda ranks: ranks,
 ) -> dict[str, float]:
     """Row i's image and caption are a pair. Keys: `{image_to_text,text_to_image}_{mean_rank,
     median_rank,R@1,R@5,R@10}`; ranks are 1-based, recalls fractions in [0, 1]. Equal to
-    get_clip_metrics when no logits tie; ties count in the pair's favour (`pair_ranks`). Each process
-    ranks its `share` of the rows, `chunk_size` queries at a time (None: `default_chunk_size`, 0: one
-    block); `gather` merges the shares."""
+    get_clip_metrics when no logits tie; rows with the pair's own image or caption key tie in its favour
+    (`pair_ranks`). Each process ranks its `share` of the rows, `chunk_size` queries at a time (None:
+    `default_chunk_size`, 0: one block); `gather` merges the shares."""
     rows = len(image_features)
     chunk = default_chunk_size(rows, score_dtype) if chunk_size is None else chunk_size
     image_to_text, text_to_image = pair_ranks(
-        image_features, text_features, logit_scale, share_of(rows, share), chunk, score_dtype
+        image_features,
+        text_features,
+        logit_scale,
+        share_of(rows, share),
+        chunk,
+        score_dtype,
+        Distinct.of(image_keys, rows),
+        Distinct.of(caption_keys, rows),
     )
     metrics = _rank_summary("image_to_text", gather(image_to_text))
     metrics.update(_rank_summary("text_to_image", gather(text_to_image)))
     return metrics
 
 
-def unique_images(image_keys: Sequence[str]) -> tuple[list[int], torch.Tensor]:
-    """The first row of each distinct key (an image file), and each row's image number."""
-    image_of_key: dict[str, int] = {}
-    first_rows: list[int] = []
-    for row, key in enumerate(image_keys):
-        if key not in image_of_key:
-            image_of_key[key] = len(first_rows)
-            first_rows.append(row)
-    return first_rows, torch.tensor([image_of_key[key] for key in image_keys], dtype=torch.long)
-
-
 def coco_ranks(
-    images: torch.Tensor,
+    image_features_per_row: torch.Tensor,
     text_features: torch.Tensor,
-    image_of_row: torch.Tensor,
+    images: Distinct,
+    captions: Distinct,
     image_queries: range,
     caption_queries: range,
     chunk_size: int = 0,
     score_dtype: torch.dtype = torch.float64,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """0-based COCO ranks. Image-to-text, for images `image_queries`: how many captions (of all rows)
-    score above the image's best own caption. Text-to-image, for captions `caption_queries`: how many
-    unique images score above the caption's own. Scores are cosine similarities (a scale orders alike),
-    every block a slice of `images @ texts.T` in `score_dtype`."""
-    images, text_features = images.to(score_dtype), text_features.to(score_dtype)
+    """0-based COCO ranks. Image-to-text, for distinct images `image_queries`: how many captions (rows) score
+    above the image's best own caption. Text-to-image, for captions (rows) `caption_queries`: how many
+    distinct images score above the caption's own. Scores are cosine similarities (a scale orders alike) in
+    `score_dtype`; a caption key shared by rows is scored once."""
+    distinct_images = image_features_per_row[images.first_rows].to(score_dtype)
+    distinct_texts = text_features[captions.first_rows].to(score_dtype)
     image_to_text = [
-        _above_best_own_caption(images[block] @ text_features.t(), image_of_row, block)
+        _above_best_own_caption(distinct_images[block] @ distinct_texts.t(), images, captions, block)
         for block in blocks(image_queries, chunk_size)
     ]
     text_to_image = [
-        _images_above_own(images @ text_features[block].t(), image_of_row[block])
+        _above_own_key(
+            distinct_images @ text_features[block].to(score_dtype).t(), images, block, by_column=True, by_rows=False
+        )
         for block in blocks(caption_queries, chunk_size)
     ]
     empty = torch.empty(0, dtype=torch.long)
     return torch.cat(image_to_text or [empty]), torch.cat(text_to_image or [empty])
 
 
-def _above_best_own_caption(scores: torch.Tensor, image_of_row: torch.Tensor, block: slice) -> torch.Tensor:
-    """For images `block` (the rows of scores [q images, all captions]): captions above the image's best
-    own caption, read from this block's own values (O(rows) memory, no mask of the block)."""
-    captions = ((image_of_row >= block.start) & (image_of_row < block.stop)).nonzero().squeeze(1)
-    image = image_of_row[captions] - block.start
+def _above_best_own_caption(scores: torch.Tensor, images: Distinct, captions: Distinct, block: slice) -> torch.Tensor:
+    """For distinct images `block` (the rows of scores [q images, distinct captions]): captions above the
+    image's best own caption, read from this block's own values (O(rows) memory, no mask of the block)."""
+    rows = ((images.of_row >= block.start) & (images.of_row < block.stop)).nonzero().squeeze(1)
+    image, caption = images.of_row[rows] - block.start, captions.of_row[rows]
     best_own = torch.full((block.stop - block.start,), float("-inf"), dtype=scores.dtype)
-    best_own = best_own.scatter_reduce(0, image, scores[image, captions], reduce="amax")
-    return _above_per_row(scores, best_own)
-
-
-def _images_above_own(scores: torch.Tensor, own_images: torch.Tensor) -> torch.Tensor:
-    """For captions (the columns of scores [all images, q captions]) of images own_images: images above their own."""
-    return _above_per_column(scores, scores[own_images, torch.arange(len(own_images))])
+    best_own = best_own.scatter_reduce(0, image, scores[image, caption], reduce="amax")
+    return _above_per_row(scores, best_own, captions.weights)
 
 
 def coco_retrieval_metrics(
     image_features_per_row: torch.Tensor,
     text_features: torch.Tensor,
-    image_keys: Sequence[str],
+    image_keys: Sequence[Hashable],
     *,
     chunk_size: int | None = 0,
     score_dtype: torch.dtype = torch.float64,
+    caption_keys: Sequence[Hashable] | None = None,
     share: tuple[int, int] = (0, 1),
     gather: Gather = lambda ranks: ranks,
 ) -> dict[str, float]:
@@ -222,21 +268,22 @@ def coco_retrieval_metrics(
     Keys: `coco_image_to_text_R@{1,5,10}`, `coco_text_to_image_R@{1,5,10}` (fractions in [0, 1])
     and `coco_num_images` (unique images).
     """
-    first_rows, image_of_row = unique_images(image_keys)
-    images = image_features_per_row[first_rows]
-    chunk = default_chunk_size(len(image_keys), score_dtype) if chunk_size is None else chunk_size
+    rows = len(image_keys)
+    images, captions = Distinct.of(image_keys, rows), Distinct.of(caption_keys, rows)
+    chunk = default_chunk_size(rows, score_dtype) if chunk_size is None else chunk_size
     image_to_text, text_to_image = coco_ranks(
-        images,
+        image_features_per_row,
         text_features,
-        image_of_row,
-        share_of(len(first_rows), share),
-        share_of(len(image_keys), share),
+        images,
+        captions,
+        share_of(len(images.first_rows), share),
+        share_of(rows, share),
         chunk,
         score_dtype,
     )
     metrics = _recalls("coco_image_to_text", gather(image_to_text))
     metrics.update(_recalls("coco_text_to_image", gather(text_to_image)))
-    metrics["coco_num_images"] = len(first_rows)
+    metrics["coco_num_images"] = len(images.first_rows)
     return metrics
 
 

@@ -97,7 +97,7 @@ def resolve(config: Config) -> tuple[TrainConfig, list[str]]:
     config = TrainConfig(config.sections(), config.given)
     resolve_defaults(config.optimizer, config.model.model)
     notices = [
-        *check_train_source(config, [config.evaluation.val_data]),
+        *check_train_source(config, [path for _, path in config.evaluation.val_sources]),
         *check_objective(config),
         *unmet_needs(config),
     ]

@@ -1,7 +1,8 @@
 """`acc-clip eval` on 2 processes (torchrun, `-m acc_clip.eval`): the metrics of one process reading the
-whole set (each ranking its share of the queries, in blocks), and a main process whose share is unreadable. Moved from tests/unit/evaluation/test_evaluator.py
-(unit/ holds in-process tests only); the fixtures below are that file's. --precision fp32: the one-process
-numbers are fp32, and `acc-clip eval` defaults to training's --precision amp since it takes training's flags."""
+whole set (each process ranking its share of the queries, in blocks), and a main process whose share is
+unreadable. Moved from tests/unit/evaluation/test_evaluator.py (unit/ holds in-process tests only); the
+fixtures below are that file's. --precision fp32: the one-process numbers are fp32, and `acc-clip eval`
+defaults to training's --precision amp since it takes training's flags."""
 
 from __future__ import annotations
 

@@ -320,7 +320,7 @@ def val_evaluator(tiny, accelerator, val_data: str, val_num_samples=None):
     _, _, preprocess, tokenizer = tiny
     settings = Config(
         [
-            EvaluationOptions(val_data=val_data, val_num_samples=val_num_samples),
+            EvaluationOptions(val_data=[val_data], val_num_samples=val_num_samples),
             DataOptions(batch_size=4, workers=0),
             CsvOptions(),
             ShardOptions(),
