@@ -79,7 +79,9 @@ def parse_eval_config(argv: list[str]) -> Config:
             "checkpoint folder records the model it holds"
         )
     if not config[EvaluationOptions].any_set:
-        raise UsageError("nothing to evaluate: give --val-data, --zeroshot-data, --imagenet-val and/or --imagenet-v2")
+        raise UsageError(
+            "nothing to evaluate: give --val-data, --fewshot-data, --zeroshot-data, --imagenet-val and/or --imagenet-v2"
+        )
     if options.out and not os.path.isdir(os.path.dirname(os.path.abspath(options.out))):
         raise UsageError(f"--out {options.out}: no such folder")
     return config

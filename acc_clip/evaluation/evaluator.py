@@ -25,7 +25,8 @@ from acc_clip.config.parsing import Config
 from acc_clip.config.schema import NON_NEGATIVE, POSITIVE, Needs, Section, option
 from acc_clip.data import DataOptions, build_eval_loader
 from acc_clip.errors import DataError, UsageError
-from acc_clip.evaluation import sets, zeroshot
+from acc_clip.evaluation import fewshot, sets, zeroshot
+from acc_clip.evaluation.gather import gather_rows_by_index
 from acc_clip.evaluation.retrieval import (
     coco_retrieval_metrics,
     default_chunk_size,
@@ -43,7 +44,8 @@ log = logging.getLogger(__name__)
 VAL_DATA = Needs("--val-data", lambda s: bool(s.val_data))
 ZEROSHOT_DATA = Needs("--zeroshot-data", lambda s: bool(s.zeroshot_data))
 ZEROSHOT = Needs("a zero-shot set", lambda s: bool(s.zeroshot_data or s.imagenet_val or s.imagenet_v2))
-ANY_SET = Needs("--val-data or a zero-shot set", lambda s: s.any_set)
+VALIDATION = Needs("--val-data or --fewshot-data", lambda s: bool(s.val_data or s.fewshot_data))
+ANY_SET = Needs("--val-data, --fewshot-data or a zero-shot set", lambda s: s.any_set)
 
 
 @dataclass
@@ -76,7 +78,9 @@ class EvaluationOptions(Section):
         choices=("fp32", "model"),
         needs=VAL_DATA,
     )
-    val_frequency: int = option(1, "evaluate every N epochs", domain=NON_NEGATIVE, needs=VAL_DATA, train_only=True)
+    val_frequency: int = option(
+        1, "evaluate every N epochs (validation and few-shot)", domain=NON_NEGATIVE, needs=VALIDATION, train_only=True
+    )
     val_every_n_steps: int | None = option(
         None,
         "also evaluate every set every N optimizer steps, counted over the run (a resumed run evaluates at "
@@ -101,6 +105,11 @@ class EvaluationOptions(Section):
         "prompt templates file, one per line with {} (FILE for every set, NAME=FILE for one)",
         needs=ZEROSHOT_DATA,
     )
+    fewshot_data: str | None = option(
+        None,
+        "few-shot linear probe: a folder per class or a filepath,label CSV, each class's first 10 images (by "
+        "path) the shots, the rest the test; ridge probes with 1, 5 and 10 shots, on the validation schedule",
+    )
     imagenet_val: str | None = option(None, "ImageNet validation folder for zero-shot")
     imagenet_v2: str | None = option(
         None,
@@ -110,7 +119,7 @@ class EvaluationOptions(Section):
 
     @property
     def any_set(self) -> bool:
-        return bool(self.val_data or self.zeroshot_data or self.imagenet_val or self.imagenet_v2)
+        return bool(self.val_data or self.fewshot_data or self.zeroshot_data or self.imagenet_val or self.imagenet_v2)
 
     @property
     def val_sources(self) -> list[tuple[str, str]]:
@@ -129,25 +138,6 @@ class EvaluationOptions(Section):
                 "--val-num-samples says how many samples one validation set holds; with several --val-data "
                 "sets, give each set of shards its sizes.json instead"
             )
-
-
-def gather_rows_by_index(
-    accelerator: Accelerator, indices: torch.Tensor, *row_tensors: torch.Tensor
-) -> tuple[torch.Tensor, ...]:
-    """Gather every process's rows (which may differ in number, or be none), sorted by row index,
-    each index kept once. Returns (indices, *row_tensors), on the CPU, identical on every process."""
-    device = accelerator.device
-    # Pad to a common length with index -1 so unequal shares can go through one all_gather.
-    padded = [accelerator.pad_across_processes(indices.to(device), dim=0, pad_index=-1)]
-    padded += [accelerator.pad_across_processes(t.to(device), dim=0) for t in row_tensors]
-    gathered = [accelerator.gather(t).cpu() for t in padded]
-    all_indices, all_rows = gathered[0], gathered[1:]
-    real = all_indices >= 0
-    sorted_indices, order = all_indices[real].sort(stable=True)
-    first_of_index = torch.ones_like(sorted_indices, dtype=torch.bool)
-    first_of_index[1:] = sorted_indices[1:] != sorted_indices[:-1]
-    keep = order[first_of_index]
-    return (sorted_indices[first_of_index], *(rows[real][keep] for rows in all_rows))
 
 
 def _sum_over_processes(accelerator: Accelerator, value: int) -> int:
@@ -388,6 +378,12 @@ class Evaluator:
         self.val_sets = [self._val_set(config, group, path, preprocess_val) for group, path in self.options.val_sources]
         self._val_counts_warned: set[tuple[str, int]] = set()
         self.zeroshot_sets = zeroshot_sets(self.options, preprocess_val)
+        self.fewshot_set: zeroshot.ZeroShotDataset | None = None
+        if self.options.fewshot_data:
+            self.fewshot_set, _ = zeroshot.load_zeroshot_dataset(self.options.fewshot_data, transform=preprocess_val)
+            fewshot.split(
+                self.fewshot_set
+            )  # a class too small to probe stops the run here, not at its first evaluation
 
     def _val_set(self, config: Config, group: str, path: str, preprocess_val: Callable) -> ValSet:
         accelerator = self.accelerator
@@ -404,11 +400,11 @@ class Evaluator:
 
     @property
     def enabled(self) -> bool:
-        return bool(self.val_sets or self.zeroshot_sets)
+        return bool(self.val_sets or self.zeroshot_sets or self.fewshot_set is not None)
 
     def evaluate(self, model, *, retrieval: bool = True, classification: bool = True) -> dict[str, dict]:
-        """Metrics per set, by group name (sets.py): "retrieval" or each validation set's name, then each
-        zero-shot set's."""
+        """Metrics per set, by group name (sets.py): "retrieval" or each validation set's name, "fewshot",
+        then each zero-shot set's."""
         results: dict[str, dict] = {}
         for val_set in self.val_sets if retrieval else ():
             results[val_set.group] = evaluate_retrieval(
@@ -420,6 +416,15 @@ class Evaluator:
                 options=self.options,
             )
             self._check_val_count(val_set, results[val_set.group])
+        if retrieval and self.fewshot_set is not None:
+            results[sets.FEWSHOT] = fewshot.fewshot_eval(
+                model,
+                self.fewshot_set,
+                self.accelerator,
+                batch_size=self.data.batch_size,
+                workers=self.data.workers,
+                precision_autocast=self.accelerator.autocast,
+            )
         classifiers: dict[tuple, torch.Tensor] = {}  # ImageNet val and V2 share one: 1000 classes x 80 prompts
         for name, dataset, classnames, templates in self.zeroshot_sets if classification else ():
             key = (tuple(classnames), tuple(templates))

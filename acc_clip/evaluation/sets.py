@@ -16,8 +16,9 @@ from acc_clip.errors import UsageError
 NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*\Z")
 UNNAMED_VAL = "retrieval"  # the group of a --val-data PATH without a name: its keys are unprefixed
 UNNAMED_ZEROSHOT = "zeroshot"  # and of a --zeroshot-data PATH: keys zeroshot_*
+FEWSHOT = "fewshot"  # the --fewshot-data probe's group: keys fewshot_*
 IMAGENET_GROUPS = ("imagenet-zeroshot", "imagenetv2-zeroshot")  # open_clip_train's names, keys renamed alike
-RESERVED = (UNNAMED_VAL, UNNAMED_ZEROSHOT, *IMAGENET_GROUPS)
+RESERVED = (UNNAMED_VAL, UNNAMED_ZEROSHOT, FEWSHOT, *IMAGENET_GROUPS)
 
 
 def split_name(item: str) -> tuple[str | None, str]:
@@ -35,7 +36,9 @@ def named(items: list[str] | None, flag: str) -> dict[str | None, str]:
     for item in items or []:
         name, value = split_name(item)
         if name in RESERVED:
-            raise UsageError(f"--{flag} {item}: {name!r} is the name of an unnamed or ImageNet set; choose another")
+            raise UsageError(
+                f"--{flag} {item}: {name!r} is the name of an unnamed, few-shot or ImageNet set; choose another"
+            )
         if name in result:
             if name is None:
                 raise UsageError(
@@ -100,7 +103,7 @@ def check_groups(groups: list[str]) -> None:
 
 def flat_key(group: str, key: str) -> str:
     """A set's metric as results.jsonl and the trackers name it."""
-    if group == UNNAMED_VAL:
+    if group in (UNNAMED_VAL, FEWSHOT):
         return key
     if group in (UNNAMED_ZEROSHOT, *IMAGENET_GROUPS):
         return key.replace("zeroshot", group, 1)

@@ -1,5 +1,5 @@
-"""Several named validation and zero-shot sets in one run (issue 22): each reported under its name in
-results.jsonl, and `acc-clip eval` of the saved checkpoint gives the same numbers per set."""
+"""Several named validation and zero-shot sets and a few-shot probe in one run (issue 22): each reported under
+its name in results.jsonl, and `acc-clip eval` of the saved checkpoint gives the same numbers per set."""
 
 from __future__ import annotations
 
@@ -21,7 +21,12 @@ def test_two_named_validation_and_zero_shot_sets_train_and_evaluate_alike(small_
     few = tmp_path / "two_classes"  # a second zero-shot set: two of the classes, named by their folders
     for folder in sorted(p for p in zeroshot.iterdir() if p.is_dir())[:2]:
         shutil.copytree(folder, few / folder.name)
+    images = sorted({line.split(",")[0] for line in small_csv.read_text().splitlines()[1:]})
+    few = tmp_path / "fewshot.csv"  # 32 images, two classes by position: a probe set (10 shots + 6 tests each)
+    few.write_text("filepath,label\n" + "".join(f"{p},{'ab'[i % 2]}\n" for i, p in enumerate(images)))
     sets = [
+        "--fewshot-data",
+        str(few),
         "--val-data",
         f"coco={val_csv}",
         f"train_rows={small_csv}",
@@ -46,6 +51,7 @@ def test_two_named_validation_and_zero_shot_sets_train_and_evaluate_alike(small_
     assert "coco/coco_image_to_text_R@1" in trained  # 5 captions per image: the COCO protocol too
     assert trained["demo/zeroshot_num_samples"] > trained["pair/zeroshot_num_samples"] > 0
     assert "val_loss" not in trained and "zeroshot_top1" not in trained  # nothing left unnamed
+    assert trained["fewshot_num_samples"] == 12 and 0 <= trained["fewshot_10shot_top1"] <= 1
 
     out = tmp_path / "eval.json"
     command = [
@@ -61,7 +67,7 @@ def test_two_named_validation_and_zero_shot_sets_train_and_evaluate_alike(small_
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=REPO, env={**os.environ})
     assert result.returncode == 0, result.stderr[-2000:]
     evaluated = json.loads(out.read_text())
-    assert list(evaluated) == ["coco", "train_rows", "demo", "pair"]
+    assert list(evaluated) == ["coco", "train_rows", "fewshot", "demo", "pair"]
     for group, metrics in evaluated.items():
         for key, value in metrics.items():
-            assert trained[f"{group}/{key}"] == value, (group, key)
+            assert trained[key if group == "fewshot" else f"{group}/{key}"] == value, (group, key)

@@ -13,7 +13,8 @@ from open_clip_train.train import get_clip_metrics
 from acc_clip import cli
 from acc_clip.data.csv import CsvDataset, build_eval_loader
 from acc_clip.errors import AccClipError, CheckpointError, DataError
-from acc_clip.evaluation.evaluator import evaluate_retrieval, gather_rows_by_index
+from acc_clip.evaluation.evaluator import evaluate_retrieval
+from acc_clip.evaluation.gather import gather_rows_by_index
 from acc_clip.evaluation.retrieval import coco_retrieval_metrics, retrieval_metrics
 from acc_clip.model.weights import load_weights
 from acc_clip.train.config import train_config

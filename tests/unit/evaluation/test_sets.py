@@ -52,7 +52,7 @@ def test_class_names_and_templates_go_to_their_set_or_to_every_set():
         (["--val-data", "a.csv", "b.csv"], "--val-data: 'a.csv' and 'b.csv' have no name; several sets need NAME=PATH"),
         (["--val-data", "x=a.csv", "x=b.csv"], "--val-data: the name 'x' is given twice"),
         (["--val-data", "x=a.csv", "--zeroshot-data", "x=zs"], "two evaluation sets are named 'x'"),
-        (["--val-data", "zeroshot=a.csv"], "'zeroshot' is the name of an unnamed or ImageNet set"),
+        (["--val-data", "zeroshot=a.csv"], "'zeroshot' is the name of an unnamed, few-shot or ImageNet set"),
         (
             ["--zeroshot-data", "pets=zs", "--zeroshot-classnames", "cars=c.txt"],
             "--zeroshot-classnames cars=...: no --zeroshot-data set is named 'cars' (named sets: 'pets')",
