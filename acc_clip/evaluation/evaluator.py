@@ -361,8 +361,8 @@ class ValSet:
 
 
 class Evaluator:
-    """Validation retrieval and zero-shot sets, built once from the evaluation options (and the data
-    options for reading them), run on open_clip_train's schedule."""
+    """Validation sets (retrieval), the few-shot probe and zero-shot sets, built once from the evaluation
+    options (and the data options for reading them), run on open_clip_train's schedule and by steps."""
 
     def __init__(
         self,
@@ -381,9 +381,8 @@ class Evaluator:
         self.fewshot_set: zeroshot.ZeroShotDataset | None = None
         if self.options.fewshot_data:
             self.fewshot_set, _ = zeroshot.load_zeroshot_dataset(self.options.fewshot_data, transform=preprocess_val)
-            fewshot.split(
-                self.fewshot_set
-            )  # a class too small to probe stops the run here, not at its first evaluation
+            # A class too small to probe stops the run here, not at its first evaluation.
+            fewshot.split(self.fewshot_set)
 
     def _val_set(self, config: Config, group: str, path: str, preprocess_val: Callable) -> ValSet:
         accelerator = self.accelerator

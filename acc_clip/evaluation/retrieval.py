@@ -71,6 +71,27 @@ def blocks(queries: range, chunk_size: int) -> Iterator[slice]:
         yield slice(start, min(start + step, queries.stop))
 
 
+PRODUCT_SCORES = 2**22  # converted or multiplied at a time by _product: 32 MB of float64
+
+
+def _product(left: torch.Tensor, right: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """left @ right.T in `dtype`, [len(left), len(right)], each operand converted a slice at a time (a whole
+    float64 copy of 1M features would be 4 GB per tower). The longer operand is sliced; the other, at most a
+    block's queries, is converted once."""
+    out = torch.empty((len(left), len(right)), dtype=dtype)
+    if len(left) >= len(right):
+        small = right.to(dtype).t()
+        step = max(1, PRODUCT_SCORES // max(len(right), left.shape[1]))
+        for start in range(0, len(left), step):
+            torch.matmul(left[start : start + step].to(dtype), small, out=out[start : start + step])
+    else:
+        small = left.to(dtype)
+        step = max(1, PRODUCT_SCORES // max(len(left), right.shape[1]))
+        for start in range(0, len(right), step):
+            out[:, start : start + step] = small @ right[start : start + step].to(dtype).t()
+    return out
+
+
 def _rows_per_slice(width: int) -> int:
     return max(1, COMPARE_SCORES // max(width, 1))
 
@@ -148,14 +169,14 @@ def pair_ranks(
     ties depends on how argsort happens to order equal values."""
     rows = len(image_features)
     images, captions = images or Distinct.of(None, rows), captions or Distinct.of(None, rows)
-    scaled = (logit_scale * image_features).to(score_dtype)
-    distinct_images, distinct_texts = scaled[images.first_rows], text_features[captions.first_rows].to(score_dtype)
+    scaled = logit_scale * image_features  # float32, as get_clip_metrics scales; products in score_dtype
+    distinct_images, distinct_texts = scaled[images.first_rows], text_features[captions.first_rows]
     image_to_text, text_to_image = [], []
     for block in blocks(queries, chunk_size):  # one block of scores alive at a time: each dies in its call
-        image_to_text.append(_above_own_key(scaled[block] @ distinct_texts.t(), captions, block))
-        text_to_image.append(
-            _above_own_key(distinct_images @ text_features[block].to(score_dtype).t(), images, block, by_column=True)
-        )
+        image_to_text.append(_above_own_key(_product(scaled[block], distinct_texts, score_dtype), captions, block))
+        scores = _product(distinct_images, text_features[block], score_dtype)
+        text_to_image.append(_above_own_key(scores, images, block, by_column=True))
+        del scores
     empty = torch.empty(0, dtype=torch.long)
     return torch.cat(image_to_text or [empty]), torch.cat(text_to_image or [empty])
 
@@ -221,15 +242,15 @@ def coco_ranks(
     above the image's best own caption. Text-to-image, for captions (rows) `caption_queries`: how many
     distinct images score above the caption's own. Scores are cosine similarities (a scale orders alike) in
     `score_dtype`; a caption key shared by rows is scored once."""
-    distinct_images = image_features_per_row[images.first_rows].to(score_dtype)
-    distinct_texts = text_features[captions.first_rows].to(score_dtype)
+    distinct_images = image_features_per_row[images.first_rows]
+    distinct_texts = text_features[captions.first_rows]
     image_to_text = [
-        _above_best_own_caption(distinct_images[block] @ distinct_texts.t(), images, captions, block)
+        _above_best_own_caption(_product(distinct_images[block], distinct_texts, score_dtype), images, captions, block)
         for block in blocks(image_queries, chunk_size)
     ]
     text_to_image = [
         _above_own_key(
-            distinct_images @ text_features[block].to(score_dtype).t(), images, block, by_column=True, by_rows=False
+            _product(distinct_images, text_features[block], score_dtype), images, block, by_column=True, by_rows=False
         )
         for block in blocks(caption_queries, chunk_size)
     ]
