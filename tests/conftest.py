@@ -146,3 +146,26 @@ def odd_val_csv(tmp_path_factory):
     path = root / "val.csv"
     path.write_text("filepath\ttitle\n" + "".join(f"{f}\t{c}\n" for f, c in rows))
     return str(path)
+
+
+# The longest modules first: `make test` gives whole files to its two workers (--dist loadfile) in collection
+# order, and a long module collected last ran alone for minutes at the end of the suite.
+LONGEST_FIRST = (
+    "test_fsdp.py",
+    "test_parity_objectives.py",
+    "test_distributed.py",
+    "test_bench_train.py",
+    "test_objectives.py",
+    "test_resume_matrix.py",
+    "test_resume_checks.py",
+    "test_resume.py",
+    "test_parity.py",
+    "test_train_shards.py",
+)
+
+
+def pytest_collection_modifyitems(items):
+    rank = {name: place for place, name in enumerate(LONGEST_FIRST)}
+    items[:] = [
+        item for _, item in sorted(enumerate(items), key=lambda pair: (rank.get(pair[1].path.name, len(rank)), pair[0]))
+    ]
