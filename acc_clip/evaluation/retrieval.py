@@ -74,18 +74,21 @@ def blocks(queries: range, chunk_size: int) -> Iterator[slice]:
 PRODUCT_SCORES = 2**22  # converted or multiplied at a time by _product: 32 MB of float64
 
 
-def _product(left: torch.Tensor, right: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """left @ right.T in `dtype`, [len(left), len(right)], each operand converted a slice at a time (a whole
-    float64 copy of 1M features would be 4 GB per tower). The longer operand is sliced; the other, at most a
-    block's queries, is converted once."""
+def _product(
+    left: torch.Tensor, right: torch.Tensor, dtype: torch.dtype, left_scale: torch.Tensor | float = 1.0
+) -> torch.Tensor:
+    """(left_scale * left) @ right.T in `dtype`, [len(left), len(right)], the scale applied in left's own
+    precision (as get_clip_metrics scales) and each operand converted a slice at a time: whole float64 copies
+    of 1M features would be 4 GB per tower. The longer operand is sliced; the other, at most a block's
+    queries, is converted once."""
     out = torch.empty((len(left), len(right)), dtype=dtype)
     if len(left) >= len(right):
         small = right.to(dtype).t()
         step = max(1, PRODUCT_SCORES // max(len(right), left.shape[1]))
         for start in range(0, len(left), step):
-            torch.matmul(left[start : start + step].to(dtype), small, out=out[start : start + step])
+            torch.matmul((left_scale * left[start : start + step]).to(dtype), small, out=out[start : start + step])
     else:
-        small = left.to(dtype)
+        small = (left_scale * left).to(dtype)
         step = max(1, PRODUCT_SCORES // max(len(left), right.shape[1]))
         for start in range(0, len(right), step):
             out[:, start : start + step] = small @ right[start : start + step].to(dtype).t()
@@ -133,6 +136,10 @@ class Distinct:
     of_row: torch.Tensor  # each row's item number
     weights: torch.Tensor  # rows per item (float64, for weighted counts)
 
+    def select(self, features: torch.Tensor) -> torch.Tensor:
+        """The features of each distinct item (its first row's): `features` itself when every row is one."""
+        return features if len(self.first_rows) == len(features) else features[self.first_rows]
+
     @staticmethod
     def of(keys: Sequence[Hashable] | None, rows: int) -> Distinct:
         """`keys` numbered; None: every row its own item."""
@@ -169,12 +176,13 @@ def pair_ranks(
     ties depends on how argsort happens to order equal values."""
     rows = len(image_features)
     images, captions = images or Distinct.of(None, rows), captions or Distinct.of(None, rows)
-    scaled = logit_scale * image_features  # float32, as get_clip_metrics scales; products in score_dtype
-    distinct_images, distinct_texts = scaled[images.first_rows], text_features[captions.first_rows]
+    distinct_images, distinct_texts = images.select(image_features), captions.select(text_features)
     image_to_text, text_to_image = [], []
     for block in blocks(queries, chunk_size):  # one block of scores alive at a time: each dies in its call
-        image_to_text.append(_above_own_key(_product(scaled[block], distinct_texts, score_dtype), captions, block))
-        scores = _product(distinct_images, text_features[block], score_dtype)
+        scores = _product(image_features[block], distinct_texts, score_dtype, logit_scale)
+        image_to_text.append(_above_own_key(scores, captions, block))
+        del scores
+        scores = _product(distinct_images, text_features[block], score_dtype, logit_scale)
         text_to_image.append(_above_own_key(scores, images, block, by_column=True))
         del scores
     empty = torch.empty(0, dtype=torch.long)
@@ -242,8 +250,7 @@ def coco_ranks(
     above the image's best own caption. Text-to-image, for captions (rows) `caption_queries`: how many
     distinct images score above the caption's own. Scores are cosine similarities (a scale orders alike) in
     `score_dtype`; a caption key shared by rows is scored once."""
-    distinct_images = image_features_per_row[images.first_rows]
-    distinct_texts = text_features[captions.first_rows]
+    distinct_images, distinct_texts = images.select(image_features_per_row), captions.select(text_features)
     image_to_text = [
         _above_best_own_caption(_product(distinct_images[block], distinct_texts, score_dtype), images, captions, block)
         for block in blocks(image_queries, chunk_size)
