@@ -380,7 +380,9 @@ class Evaluator:
         self.zeroshot_sets = zeroshot_sets(self.options, preprocess_val)
         self.fewshot_set: zeroshot.ZeroShotDataset | None = None
         if self.options.fewshot_data:
-            self.fewshot_set, _ = zeroshot.load_zeroshot_dataset(self.options.fewshot_data, transform=preprocess_val)
+            self.fewshot_set, _ = zeroshot.load_zeroshot_dataset(
+                self.options.fewshot_data, transform=preprocess_val, what="--fewshot-data set"
+            )
             # A class too small to probe stops the run here, not at its first evaluation.
             fewshot.split(self.fewshot_set)
 

@@ -161,7 +161,7 @@ def _check_class_count(count: int, data: str) -> None:
 
 
 def load_zeroshot_dataset(
-    path: str, *, transform: Callable, classnames_file: str | None = None
+    path: str, *, transform: Callable, classnames_file: str | None = None, what: str = "zero-shot data"
 ) -> tuple[ZeroShotDataset, list[str]]:
     """A class-per-sub-folder folder or a filepath,label CSV -> (dataset, class names by label)."""
     file_names = _read_lines(classnames_file, "class names") if classnames_file else None
@@ -171,7 +171,7 @@ def load_zeroshot_dataset(
     elif os.path.isfile(path):
         class_ids, filepaths, labels = _labelled_csv(path, len(file_names) if file_names else None)
     else:
-        raise DataError(f"{path}: zero-shot data not found (a folder of class sub-folders or a filepath,label CSV)")
+        raise DataError(f"{path}: {what} not found (a folder of class sub-folders or a filepath,label CSV)")
     if class_ids is None:  # integer labels: the file alone says what the classes are (_labelled_csv needs it)
         classnames = cast(list[str], file_names)
     elif file_names is None:

@@ -109,3 +109,13 @@ def test_ridge_predictions_are_the_closed_form(rows, width):
     scores = (test.double() - train.double().mean(0)) @ weights + y_mean
     assert torch.equal(fewshot.ridge_predictions(train, labels, test, 3, ridge=0.5), scores.argmax(1))
     assert len(set(scores.argmax(1).tolist())) > 1  # a test with power: not one class for every row
+
+
+def test_a_missing_fewshot_set_is_named_as_the_few_shot_set(tmp_path, accelerator):
+    from acc_clip.config.parsing import Config
+    from acc_clip.data import DataOptions
+    from acc_clip.evaluation.evaluator import EvaluationOptions, Evaluator
+
+    settings = Config([EvaluationOptions(fewshot_data=str(tmp_path / "gone")), DataOptions(batch_size=4, workers=0)])
+    with pytest.raises(DataError, match=r"gone: --fewshot-data set not found \(a folder of class sub-folders"):
+        Evaluator(settings, transforms.ToTensor(), lambda texts: texts, accelerator)
