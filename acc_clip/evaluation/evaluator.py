@@ -152,27 +152,20 @@ def encode_rows(clip, objective, loader, accelerator: Accelerator, autocast) -> 
     parts: dict[str, list[torch.Tensor]] = {"indices": []}
     per_model: dict[str, torch.Tensor] = {}
     bad = 0
-    was_training = clip.training
-    clip.eval()
-    try:
-        with torch.inference_mode():
-            for batch in loader:
-                bad += batch.num_bad
-                if len(batch.indices) == 0:
-                    continue
-                images = batch.images.to(accelerator.device, dtype=input_dtype)
-                with autocast():
-                    rows = model_rows(objective, clip, images, batch.texts.to(accelerator.device))
-                for key, value in rows.items():
-                    if key in PER_MODEL_OUTPUTS:
-                        per_model[key] = value.float().cpu()
-                    else:
-                        parts.setdefault(key, []).append(
-                            value.float().cpu() if value.is_floating_point() else value.cpu()
-                        )
-                parts["indices"].append(batch.indices)
-    finally:
-        clip.train(was_training)
+    with zeroshot.eval_mode(clip):
+        for batch in loader:
+            bad += batch.num_bad
+            if len(batch.indices) == 0:
+                continue
+            images = batch.images.to(accelerator.device, dtype=input_dtype)
+            with autocast():
+                rows = model_rows(objective, clip, images, batch.texts.to(accelerator.device))
+            for key, value in rows.items():
+                if key in PER_MODEL_OUTPUTS:
+                    per_model[key] = value.float().cpu()
+                else:
+                    parts.setdefault(key, []).append(value.float().cpu() if value.is_floating_point() else value.cpu())
+            parts["indices"].append(batch.indices)
     return {key: torch.cat(values) for key, values in parts.items() if values}, per_model, bad
 
 

@@ -10,20 +10,15 @@ k), the rest the test images, so every evaluation of a run, and every run, probe
 
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable
 from contextlib import AbstractContextManager
-from typing import Any
 
 import torch
 from accelerate import Accelerator
 
-from acc_clip.data.csv import build_eval_loader
 from acc_clip.errors import DataError
 from acc_clip.evaluation.gather import gather_rows_by_index
-from acc_clip.evaluation.zeroshot import ZeroShotDataset
-from acc_clip.model.build import image_input_dtype
-from acc_clip.runtime import parallel
+from acc_clip.evaluation.zeroshot import ZeroShotDataset, encoded_images
 
 SHOTS = (1, 5, 10)
 RIDGE = 1.0  # the ridge on the centred, unit-length features (big_vision's l2_reg scale)
@@ -74,32 +69,14 @@ def image_features(
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """(row indices read, their unit-length image features, images skipped), every process's rows gathered
     in index order on every process."""
-    clip: Any = parallel.unwrap(model)
-    autocast = precision_autocast or contextlib.nullcontext
-    loader = build_eval_loader(
-        dataset,
-        batch_size=batch_size,
-        workers=workers,
-        rank=accelerator.process_index,
-        world_size=accelerator.num_processes,
-    )
     indices, features, bad = [torch.empty(0, dtype=torch.long)], [], 0
-    was_training = clip.training
-    clip.eval()
-    try:
-        with torch.inference_mode():
-            for batch in loader:
-                bad += batch.num_bad
-                if len(batch.indices) == 0:
-                    continue
-                with autocast():
-                    encoded = clip.encode_image(
-                        batch.images.to(accelerator.device, dtype=image_input_dtype(clip)), normalize=True
-                    )
-                features.append(encoded.float().cpu())
-                indices.append(torch.as_tensor(batch.indices))
-    finally:
-        clip.train(was_training)
+    for batch, encoded in encoded_images(
+        model, dataset, accelerator, batch_size=batch_size, workers=workers, precision_autocast=precision_autocast
+    ):
+        bad += batch.num_bad
+        if encoded is not None:
+            features.append(encoded.float().cpu())
+            indices.append(torch.as_tensor(batch.indices))
     width = features[0].shape[1] if features else 0
     local = torch.cat(features) if features else torch.empty((0, width))
     counts = accelerator.gather(torch.tensor([bad, width], device=accelerator.device)).view(-1, 2).cpu()

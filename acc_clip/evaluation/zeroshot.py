@@ -17,7 +17,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, cast
 
@@ -27,7 +27,7 @@ from open_clip import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES, build_zero
 from torch.utils.data import Dataset
 from torchvision.datasets.folder import IMG_EXTENSIONS
 
-from acc_clip.data.common import Sample
+from acc_clip.data.common import Batch, Sample
 from acc_clip.data.csv import IMAGE_ERRORS, build_eval_loader
 from acc_clip.data.csv_file import read_csv_columns
 from acc_clip.data.pixels import load_pixels
@@ -251,7 +251,7 @@ def load_templates(path: str | None = None) -> Sequence[Template]:
 
 
 @contextlib.contextmanager
-def _eval_mode(clip: torch.nn.Module):
+def eval_mode(clip: torch.nn.Module):
     """Eval mode and no gradient for the block; the model's previous mode afterwards."""
     was_training = clip.training
     clip.eval()
@@ -273,7 +273,7 @@ def zeroshot_classifier(
     """[embed_dim, classes] float32: each class's prompts encoded, averaged and normalised (open_clip's
     build_zero_shot_classifier), the same on every process."""
     clip: Any = parallel.unwrap(model)  # open_clip's model: encode_image, encode_text
-    with _eval_mode(clip), (precision_autocast or contextlib.nullcontext)():
+    with eval_mode(clip), (precision_autocast or contextlib.nullcontext)():
         return build_zero_shot_classifier(
             clip,
             tokenizer=tokenizer,
@@ -282,6 +282,38 @@ def zeroshot_classifier(
             num_classes_per_batch=10,
             device=accelerator.device,
         ).float()
+
+
+def encoded_images(
+    model: torch.nn.Module,
+    dataset: ZeroShotDataset,
+    accelerator: Accelerator,
+    *,
+    batch_size: int,
+    workers: int,
+    precision_autocast: Callable[[], AbstractContextManager] | None = None,
+) -> Iterator[tuple[Batch, torch.Tensor | None]]:
+    """This process's share of a labelled set, batch by batch, with the batch's unit-length image features
+    (None for a batch of unreadable images only); the model in eval mode, without gradient, until the last
+    batch has been taken (zero-shot classification and the few-shot probe read their images this way)."""
+    clip: Any = parallel.unwrap(model)  # open_clip's model: encode_image, encode_text
+    autocast = precision_autocast or contextlib.nullcontext
+    input_dtype = image_input_dtype(clip)
+    loader = build_eval_loader(
+        dataset,
+        batch_size=batch_size,
+        workers=workers,
+        rank=accelerator.process_index,
+        world_size=accelerator.num_processes,
+    )
+    with eval_mode(clip):
+        for batch in loader:
+            if len(batch.indices) == 0:
+                yield batch, None
+                continue
+            with autocast():
+                features = clip.encode_image(batch.images.to(accelerator.device, dtype=input_dtype), normalize=True)
+            yield batch, features
 
 
 def zeroshot_eval(
@@ -301,35 +333,24 @@ def zeroshot_eval(
     Keys: zeroshot_top1, zeroshot_top5, zeroshot_num_samples (images classified), zeroshot_num_bad
     (images skipped as missing or corrupt). `classifier`: `zeroshot_classifier` of these class names
     and templates, when the caller has it already."""
-    clip: Any = parallel.unwrap(model)  # open_clip's model: encode_image, encode_text
-    autocast = precision_autocast or contextlib.nullcontext
     device = accelerator.device
-    input_dtype = image_input_dtype(clip)
-    loader = build_eval_loader(
-        dataset,
-        batch_size=batch_size,
-        workers=workers,
-        rank=accelerator.process_index,
-        world_size=accelerator.num_processes,
-    )
     top_k = min(TOP_K, len(classnames))
     if classifier is None:
         classifier = zeroshot_classifier(model, tokenizer, classnames, templates, accelerator, precision_autocast)
     # [top-1 hits, top-k hits, images classified, images skipped] of this process
     counts = torch.zeros(4, dtype=torch.long)
-    with _eval_mode(clip):
-        for batch in loader:
-            counts[3] += batch.num_bad
-            if len(batch.indices) == 0:
-                continue
-            labels = batch.texts.to(device)  # the class index travels in the text slot
-            with autocast():
-                features = clip.encode_image(batch.images.to(device, dtype=input_dtype), normalize=True)
-            predictions = (features.float() @ classifier).topk(top_k, dim=1).indices
-            hits = predictions == labels.unsqueeze(1)
-            counts[0] += hits[:, 0].sum().item()
-            counts[1] += hits.any(dim=1).sum().item()
-            counts[2] += len(labels)
+    for batch, features in encoded_images(
+        model, dataset, accelerator, batch_size=batch_size, workers=workers, precision_autocast=precision_autocast
+    ):
+        counts[3] += batch.num_bad
+        if features is None:
+            continue
+        labels = batch.texts.to(device)  # the class index travels in the text slot
+        predictions = (features.float() @ classifier).topk(top_k, dim=1).indices
+        hits = predictions == labels.unsqueeze(1)
+        counts[0] += hits[:, 0].sum().item()
+        counts[1] += hits.any(dim=1).sum().item()
+        counts[2] += len(labels)
     top1, top5, num_samples, num_bad = accelerator.gather(counts.to(device)).view(-1, 4).sum(dim=0).tolist()
     if num_samples == 0:
         raise DataError(f"zero-shot data: no readable images ({num_bad} skipped as missing or corrupt)")
