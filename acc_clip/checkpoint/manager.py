@@ -98,6 +98,14 @@ class CheckpointOptions(Section):
         300, "seconds between remote copies", domain=POSITIVE, needs=REMOTE, train_only=True
     )
     remote_sync_protocol: str = option("s3", "s3 or fsspec", choices=("s3", "fsspec"), needs=REMOTE, train_only=True)
+    remote_stale_after: int = option(
+        900,
+        "seconds after which another run's heartbeat in the --remote-sync folder counts as stale: a fresher one "
+        "means its owner still runs, and --resume latest refuses to adopt the run",
+        domain=POSITIVE,
+        needs=REMOTE,
+        train_only=True,
+    )
 
 
 @dataclass
@@ -152,6 +160,7 @@ class CheckpointManager:
                 options.remote_sync_protocol,
                 options.remote_sync_frequency,
                 prune=options.keep_checkpoints > 0,
+                stale_after=options.remote_stale_after,
             )
             self.remote.claim(may_adopt=options.resume == "latest" and not complete_checkpoints(self.directory))
 

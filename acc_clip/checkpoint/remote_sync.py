@@ -59,8 +59,18 @@ def open_remote(url: str, protocol: str):
 
 
 class RemoteSync:
-    def __init__(self, run_dir: str, url: str, protocol: str, every_seconds: float, *, prune: bool = False):
+    def __init__(
+        self,
+        run_dir: str,
+        url: str,
+        protocol: str,
+        every_seconds: float,
+        *,
+        prune: bool = False,
+        stale_after: float = 900,
+    ):
         self.run_dir = run_dir
+        self.stale_after = stale_after  # seconds: an older heartbeat of another run means its owner is gone
         self.fs, root = open_remote(url, protocol)
         self.remote_dir = f"{root}/{os.path.basename(os.path.normpath(run_dir))}"
         self.every_seconds = every_seconds
