@@ -20,6 +20,7 @@ import os
 import re
 import time
 from dataclasses import asdict, dataclass, field
+from time import monotonic
 from typing import Any, ClassVar
 
 import torch
@@ -77,8 +78,18 @@ class CheckpointOptions(Section):
     save_every_n_steps: int = option(
         0, "also save every N optimizer steps (0: never)", domain=NON_NEGATIVE, train_only=True
     )
+    save_every_n_minutes: float = option(
+        30.0,
+        "also save when this many minutes have passed since the run started or last saved, at the same step on "
+        "every process (0: never); with the default a crash loses at most about half an hour",
+        domain=NON_NEGATIVE,
+        train_only=True,
+    )
     keep_checkpoints: int = option(
-        0, "keep only the newest K step checkpoints (0: keep all)", domain=NON_NEGATIVE, train_only=True
+        3,
+        "keep only the newest K step checkpoints (0: keep all); epoch_N.pt files are kept",
+        domain=NON_NEGATIVE,
+        train_only=True,
     )
     save_most_recent: bool = option(False, "also keep an epoch_latest.pt", train_only=True)
     delete_previous_checkpoint: bool = option(
@@ -138,6 +149,7 @@ class CheckpointManager:
         self.global_batch = record.batch_size * record.accum_freq * accelerator.num_processes
         self.steps_per_epoch: int | None = None  # known once `resume` is called
         self.remote: RemoteSync | None = None
+        self._last_save = monotonic()  # --save-every-n-minutes counts from the start, then from each save
         self._raise_agreed(attempt(self._prepare_folder) if accelerator.is_main_process else None)
         # Weights are stored under their plain names, and loaded here with an architecture check.
         accelerator.register_save_state_pre_hook(_save_plain_weights)
@@ -366,9 +378,21 @@ class CheckpointManager:
         return Progress(epoch=epoch, global_step=global_step, samples_seen=global_step * self.global_batch)
 
     # save -------------------------------------------------------------------------------------
-    def step_save_due(self, progress: Progress) -> bool:
-        every = self.options.save_every_n_steps
-        return every > 0 and progress.global_step % every == 0
+    def step_save_due(self, progress: Progress, host_group=None) -> bool:
+        """Whether to save after this step: every --save-every-n-steps steps, or once --save-every-n-minutes
+        have passed. The processes' clocks differ (each started it at its own moment), and all must save at
+        the same step or the save's collectives would hang, so they vote over the CPU group (None with one
+        process): one is due, all are. Every process must call this once per step."""
+        every, minutes = self.options.save_every_n_steps, self.options.save_every_n_minutes
+        by_steps = every > 0 and progress.global_step % every == 0
+        if minutes <= 0:
+            return by_steps
+        late = monotonic() - self._last_save >= minutes * 60
+        if host_group is not None:
+            vote = torch.tensor([int(late)], dtype=torch.int32)
+            torch.distributed.all_reduce(vote, op=torch.distributed.ReduceOp.MAX, group=host_group)
+            late = bool(vote.item())
+        return by_steps or late
 
     def save(self, model, optimizer, progress: Progress) -> str:
         """A complete step checkpoint, or nothing: see the module docstring. A save that fails on any
@@ -393,6 +417,7 @@ class CheckpointManager:
             raise ResourceError(
                 save_failure(f"checkpoint {name}", self.directory, failure[1], state_bytes(model, optimizer))
             )
+        self._last_save = monotonic()
         if self.accelerator.is_main_process:
             log.info(
                 "saved checkpoint %s (%.1f MB, %.2f s)", final, folder_bytes(final) / 1e6, time.perf_counter() - started

@@ -37,7 +37,7 @@ import sys
 import psutil
 
 from acc_clip.errors import UsageError, describe_error
-from acc_clip.runtime.signals import PREEMPTED_EXIT_CODE
+from acc_clip.runtime.signals import PREEMPTED_EXIT_CODE, STOPPABLE
 
 COMMANDS = {"train": "acc_clip.train", "eval": "acc_clip.eval"}
 USAGE = "usage: acc-clip launch [accelerate launch options] {train,eval,-m MODULE} [ARGS...]"
@@ -76,8 +76,10 @@ def parse_launch_args(argv: list[str]):
 
 
 class StopForwarder:
-    """SIGTERM / SIGINT on the launcher: passed on to its children, the trainers, which finish their step,
-    save and exit 75 (runtime/signals.py); Accelerate's launcher goes on waiting for them.
+    """A stop signal on the launcher (SIGTERM, SIGINT, SIGUSR1, SIGUSR2: runtime/signals.STOPPABLE): passed
+    on to its children, the trainers, which finish their step, save and exit 75 (runtime/signals.py);
+    Accelerate's launcher goes on waiting for them. A signal goes on as itself, so a trainer treats it as its
+    --stop-signals say.
 
     The first signal goes on as SIGTERM even when it was SIGINT: a Ctrl-C or a group signal also reaches a
     single trainer directly (same process group), and two SIGINTs would make it stop without saving. A
@@ -89,11 +91,11 @@ class StopForwarder:
         self.launch_over = False
 
     def install(self) -> None:
-        for signum in (signal.SIGTERM, signal.SIGINT):
-            signal.signal(signum, self.handle)
+        for name in STOPPABLE:
+            signal.signal(signal.Signals[name], self.handle)
 
     def handle(self, signum: int, frame) -> None:
-        forward = signal.SIGINT if signum == signal.SIGINT and self.received is not None else signal.SIGTERM
+        forward = signal.SIGTERM if signum == signal.SIGINT and self.received is None else signal.Signals(signum)
         self.received = signum
         # Workers run in sessions of their own (torch elastic), so a group signal never reached them:
         # the launcher's direct children are exactly the trainers, under both of Accelerate's launchers.
@@ -109,12 +111,12 @@ class StopForwarder:
 
 def keep_torch_off_stop_signals() -> None:
     """torch elastic's agent (several processes) turns SIGTERM/SIGINT into SignalException, kills the
-    workers after a grace period and loses their statuses; without those two in its list the agent keeps
+    workers after a grace period and loses their statuses; without the stop signals in its list the agent keeps
     monitoring, and the workers' own exits (75) come back in its ChildFailedError. SIGHUP/SIGQUIT stay
     torch's. The list is torchrun's --signals_to_handle, which Accelerate does not pass on: its default is
     read from PET_SIGNALS_TO_HANDLE (torch sets TORCHELASTIC_SIGNALS_TO_HANDLE from it, over any value)."""
     wanted = os.environ.get("PET_SIGNALS_TO_HANDLE", "SIGTERM,SIGINT,SIGHUP,SIGQUIT").split(",")
-    kept = [name.strip() for name in wanted if name.strip() not in ("SIGTERM", "SIGINT", "")]
+    kept = [name.strip() for name in wanted if name.strip() not in (*STOPPABLE, "")]
     os.environ["PET_SIGNALS_TO_HANDLE"] = ",".join(kept or ["SIGQUIT"])
 
 

@@ -20,6 +20,7 @@ from acc_clip.loss import ObjectiveOptions, check_objective, objective_options
 from acc_clip.model.optim import OptimizerOptions, resolve_defaults
 from acc_clip.model.options import ModelOptions
 from acc_clip.runtime.device import RuntimeOptions
+from acc_clip.runtime.signals import DEFAULT_STOP_SIGNALS, STOPPABLE, are_stop_signals
 from acc_clip.train.metrics import LoggingOptions
 
 
@@ -36,6 +37,13 @@ class TrainingOptions(Section):
         train_only=True,
     )
     accum_freq: int = option(1, "micro-batches per optimizer step, contrastive-exact", domain=POSITIVE, train_only=True)
+    stop_signals: str = option(
+        DEFAULT_STOP_SIGNALS,
+        "comma-separated signals that end the run after its current step with a checkpoint and exit status 75 "
+        f"(resume with --resume latest); among {', '.join(STOPPABLE)}",
+        domain=Domain(f"signal names among {', '.join(STOPPABLE)}", are_stop_signals, ("SIGKILL", "", "SIGFOO")),
+        train_only=True,
+    )
 
 
 class TrainConfig(Config):

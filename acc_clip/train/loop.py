@@ -32,7 +32,7 @@ from acc_clip.model.options import recorded
 from acc_clip.runtime import parallel
 from acc_clip.runtime.device import host_process_group, peak_memory_bytes
 from acc_clip.runtime.run_dir import release_run_lock
-from acc_clip.runtime.signals import PREEMPTED_EXIT_CODE, StopSignal
+from acc_clip.runtime.signals import PREEMPTED_EXIT_CODE, StopSignal, parse_stop_signals
 from acc_clip.train.config import TrainConfig, parse_train_config
 from acc_clip.train.metrics import MetricsLogger, StepRecord
 from acc_clip.train.run import start_run
@@ -146,7 +146,7 @@ def train(config: TrainConfig, notices: Sequence[str] = ()) -> int:  # noqa: PLR
     evaluator = Evaluator(config, bundle.preprocess_val, bundle.tokenizer, accelerator, objective)
     if evaluator.enabled and progress.global_step == 0:
         report_evaluation(evaluate(evaluator, model, 0, force=True), metrics, epoch=0, step=0, when="before training")
-    stop = StopSignal.install()
+    stop = StopSignal.install(parse_stop_signals(config.training.stop_signals))
     sample_log = SampleLog(run_dir, rank) if config.logging.log_samples else None
     samples_read = samples_bad = samples_trimmed = 0
     max_steps = config.training.max_steps or math.inf
@@ -206,7 +206,7 @@ def train(config: TrainConfig, notices: Sequence[str] = ()) -> int:  # noqa: PLR
                 step_results = evaluate(evaluator, model, epoch, force=True)  # an epoch's last step: below
                 report_evaluation(step_results, metrics, epoch=epoch, step=progress.global_step, when="by steps")
             stopping = stop.agreed(host_group)  # every rank stops after the same step
-            if saver.step_save_due(progress) or stopping:
+            if saver.step_save_due(progress, host_group) or stopping:
                 metrics.flush()
                 saver.save(model, optimizer, progress)
             if stopping:

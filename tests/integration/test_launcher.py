@@ -107,8 +107,10 @@ def test_launcher_error_is_one_line_status_2(train_csv, tmp_path, options, messa
     assert result.stdout == ""
 
 
-def stop_mid_run(command: list[str], run_dir: Path, tmp_path: Path, *, whole_group: bool) -> tuple[int, str, str]:
-    """Start `command` in a session of its own, SIGTERM it (its process group, or the launcher alone) once
+def stop_mid_run(
+    command: list[str], run_dir: Path, tmp_path: Path, *, whole_group: bool, signum: int = signal.SIGTERM
+) -> tuple[int, str, str]:
+    """Start `command` in a session of its own, signal it (its process group, or the launcher alone) once
     the trainer has logged two steps; (exit status, stdout, stderr). Whatever it leaves is killed."""
     out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
     with open(out, "w") as stdout, open(err, "w") as stderr:
@@ -125,9 +127,9 @@ def stop_mid_run(command: list[str], run_dir: Path, tmp_path: Path, *, whole_gro
             time.sleep(0.05)
         tree += launched.children(recursive=True)
         if whole_group:
-            os.killpg(process.pid, signal.SIGTERM)
+            os.killpg(process.pid, signum)
         else:
-            process.send_signal(signal.SIGTERM)
+            process.send_signal(signum)
         status = process.wait(timeout=120)
     finally:
         for leftover in tree:  # plain `accelerate launch` would leave a trainer running
@@ -138,14 +140,16 @@ def stop_mid_run(command: list[str], run_dir: Path, tmp_path: Path, *, whole_gro
 
 
 @pytest.mark.parametrize(
-    "processes, whole_group",
-    [(1, True), (2, True), (1, False)],
-    ids=["1proc-group", "2proc-group", "1proc-launcher-alone"],
+    "processes, whole_group, signum",
+    [(1, True, signal.SIGTERM), (2, True, signal.SIGTERM), (1, False, signal.SIGTERM), (2, False, signal.SIGUSR1)],
+    ids=["1proc-group", "2proc-group", "1proc-launcher-alone", "2proc-launcher-alone-sigusr1"],
 )
-def test_sigterm_saves_and_exits_75(train_csv, tmp_path, processes, whole_group):
+def test_a_stop_signal_saves_and_exits_75(train_csv, tmp_path, processes, whole_group, signum):
+    """SIGTERM, or SLURM's warning SIGUSR1 (sent to srun's task, the launcher, which passes it on; without a
+    handler, SIGUSR1 kills a process: status 138, not 75)."""
     run_dir = tmp_path / "run"
     command = launch_train(processes) + tiny_train_args(train_csv, tmp_path, "run", "--epochs", "20")
-    status, stdout, stderr = stop_mid_run(command, run_dir, tmp_path, whole_group=whole_group)
+    status, stdout, stderr = stop_mid_run(command, run_dir, tmp_path, whole_group=whole_group, signum=signum)
     assert status == PREEMPTED, stderr[-3000:]
     assert_no_launcher_noise(stdout, stderr)
     saved = complete_checkpoints(str(run_dir / "checkpoints"))

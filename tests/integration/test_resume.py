@@ -1,5 +1,5 @@
-"""Resume is exact: a run stopped mid-epoch (SIGTERM, kill -9, kill -9 while a checkpoint is being
-written) and resumed with `--resume latest` makes the same per-step losses as a run that never
+"""Resume is exact: a run stopped mid-epoch (SIGUSR1, SLURM's warning signal, kill -9, kill -9 while a checkpoint
+is being written) and resumed with `--resume latest` makes the same per-step losses as a run that never
 stopped, and every epoch sees each sample exactly once.
 
 Runs use 160 rows of the 320-row fixture (10 steps of 16 per epoch, 2 epochs), one CPU thread per
@@ -69,21 +69,22 @@ def same_training(resumed: Path, reference: Path) -> float:
 # workers running.
 @pytest.mark.parametrize("workers, kill", [(2, "while saving")])
 def test_sigterm_then_kill9_mid_epoch_resume_exactly(small_csv, tmp_path, reference_runs, workers, kill):
-    """SIGTERM in epoch 0, then kill -9 in epoch 1 after a step checkpoint: either between steps
+    """SIGUSR1 (SLURM's --signal=USR1@N; SIGTERM is the resume matrix's) in epoch 0, then kill -9 in epoch 1
+    after a step checkpoint: either between steps
     (from outside, once the checkpoint is complete) or in the middle of writing the next checkpoint
     (the "before_commit" fault point, acc_clip/runtime/faults.py); each time `--resume latest` goes on."""
     args = run_args(small_csv, tmp_path, "B", workers)
     run_dir = tmp_path / "B"
 
-    # 1. SIGTERM in epoch 0: the step finishes, a checkpoint is saved, the exit code says "preempted".
+    # 1. SIGUSR1 in epoch 0: the step finishes, a checkpoint is saved, the exit code says "preempted".
     log1 = tmp_path / "stop1.log"
     trainer = Trainer(args, log1)
     wait_until(lambda: metric_rows(run_dir) >= 2, trainer)
-    trainer.process.send_signal(signal.SIGTERM)
+    trainer.process.send_signal(signal.SIGUSR1)
     assert trainer.wait(timeout=120) == PREEMPTED_EXIT_CODE, trainer.tail()
     checkpoint, progress = newest_checkpoint(run_dir)
     assert progress["epoch"] == 0 and 0 < progress["step_in_epoch"] < STEPS_PER_EPOCH, progress  # mid-epoch
-    assert f"stopping on SIGTERM after step {progress['global_step']}" in log1.read_text()
+    assert f"stopping on SIGUSR1 after step {progress['global_step']}" in log1.read_text()
 
     # 2. Resume, then kill -9 in epoch 1, after the step checkpoint of global step 12.
     log2 = tmp_path / "stop2.log"

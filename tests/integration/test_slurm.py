@@ -116,30 +116,43 @@ def test_sbatch_template_is_valid_bash():
     subprocess.run(["bash", "-n", str(SBATCH)], check=True, timeout=30)
 
 
-def test_sbatch_dry_run_prints_one_accelerate_launch_per_node(tmp_path):
+def node_lines(stdout: str) -> list[list[str]]:
+    """The dry run's commands, one per node (its other lines are comments)."""
+    return [shlex.split(line) for line in stdout.splitlines() if not line.startswith("#")]
+
+
+def test_sbatch_dry_run_prints_one_acc_clip_launch_per_node(tmp_path):
     from accelerate.commands.launch import launch_command_parser
 
     train = ["--train-data", "/shared/my data.csv", "--batch-size", "64", "--gather-with-grad"]
-    result = sbatch(train, tmp_path, DRY_RUN="1")
+    result = sbatch(train, tmp_path, DRY_RUN="1", SLURM_JOB_ID="4242", SLURM_JOB_NAME="coco")
     assert result.returncode == 0, result.stderr
-    lines = [shlex.split(line) for line in result.stdout.splitlines()]
+    lines = node_lines(result.stdout)
     assert len(lines) == 3
     for node, words in enumerate(lines):
-        assert words[:2] == ["accelerate", "launch"]
+        assert words[:2] == ["acc-clip", "launch"]  # keeps the trainers' exit 75, which accelerate launch makes 1
         launch = launch_command_parser().parse_args(words[2:])  # accelerate launch accepts every option
         assert (launch.machine_rank, launch.num_machines, launch.num_processes) == (node, 3, 12)
         assert (launch.main_process_ip, launch.main_process_port) == ("gpu07", 29500)
         assert launch.config_file == str(REPO / "launch" / "multi_node.yaml")
         assert launch.module and launch.training_script == "acc_clip.train"
-        assert launch.training_script_args == train
+        # a requeued job resumes in the same run folder: named after the job, whose id a requeue keeps
+        assert launch.training_script_args == [*train, "--resume", "latest", "--name", "coco-4242"]
+    comments = [line for line in result.stdout.splitlines() if line.startswith("#")]
+    assert comments[0].startswith("# sbatch asks for --signal=USR1@120")
+    assert comments[1].startswith("# on exit 75: scontrol requeue 4242")
+
+
+def test_sbatch_keeps_a_given_name_and_resume(tmp_path):
+    train = ["--name", "mine", "--resume", "/ckpt/step_00000010"]
+    words = node_lines(sbatch(train, tmp_path, DRY_RUN="1").stdout)[0]
+    assert words[words.index("acc_clip.train") + 1 :] == train
 
 
 def test_sbatch_keeps_master_address_and_port_and_needs_the_gpu_count(tmp_path):
-    words = shlex.split(
-        sbatch(
-            [], tmp_path, DRY_RUN="1", MASTER_ADDR="10.1.2.3", MASTER_PORT="31000", GPUS_PER_NODE="2"
-        ).stdout.splitlines()[0]
-    )
+    words = node_lines(
+        sbatch([], tmp_path, DRY_RUN="1", MASTER_ADDR="10.1.2.3", MASTER_PORT="31000", GPUS_PER_NODE="2").stdout
+    )[0]
     assert words[words.index("--main_process_ip") + 1 : words.index("--main_process_port") + 2] == [
         "10.1.2.3",
         "--main_process_port",
@@ -150,24 +163,49 @@ def test_sbatch_keeps_master_address_and_port_and_needs_the_gpu_count(tmp_path):
     assert result.returncode == 2 and result.stderr.strip().startswith("error: GPUS_PER_NODE=''")
 
 
-def test_sbatch_runs_on_each_node_what_the_dry_run_prints(tmp_path):
-    """Under a stand-in srun that runs its command once per node with that node's SLURM_NODEID, and a
-    stand-in accelerate that prints its arguments: each node runs exactly its dry-run line."""
+def stand_ins(tmp_path, srun_status: int = 0) -> None:
+    """SLURM's commands, which cannot exist here: an srun that runs its command once per node with that node's
+    SLURM_NODEID and then exits `srun_status`, an scontrol that records its arguments, and an acc-clip that
+    prints its own."""
     (tmp_path / "srun").write_text(
         "#!/usr/bin/env bash\nwhile [[ $1 == --* ]]; do shift; done\n"
-        'for node in 0 1 2; do SLURM_NODEID=$node "$@" || exit; done\n'
+        f'for node in 0 1 2; do SLURM_NODEID=$node "$@" || exit; done\nexit {srun_status}\n'
     )
-    (tmp_path / "accelerate").write_text('#!/usr/bin/env bash\nprintf "%q " "$(basename "$0")" "$@"\necho\n')
-    for stand_in in ("srun", "accelerate"):
+    (tmp_path / "scontrol").write_text(  # `scontrol show hostnames` fails: the script reads the host list itself
+        f'#!/usr/bin/env bash\n[[ $1 == requeue ]] || exit 1\necho "$@" >> {tmp_path / "scontrol.calls"}\n'
+    )
+    (tmp_path / "acc-clip").write_text('#!/usr/bin/env bash\nprintf "%q " "$(basename "$0")" "$@"\necho\n')
+    for stand_in in ("srun", "scontrol", "acc-clip"):
         (tmp_path / stand_in).chmod(0o755)
+
+
+def test_sbatch_runs_on_each_node_what_the_dry_run_prints(tmp_path):
+    stand_ins(tmp_path)
     train = ["--train-data", "a b.csv", "--name", "$HOME"]  # words that must reach the trainer unchanged
-    ran = sbatch(train, tmp_path, ACCELERATE=str(tmp_path / "accelerate"))
-    printed = sbatch(train, tmp_path, ACCELERATE=str(tmp_path / "accelerate"), DRY_RUN="1")
+    ran = sbatch(train, tmp_path, ACC_CLIP=str(tmp_path / "acc-clip"))
+    printed = sbatch(train, tmp_path, ACC_CLIP=str(tmp_path / "acc-clip"), DRY_RUN="1")
     assert ran.returncode == 0 and printed.returncode == 0, ran.stderr + printed.stderr
-    assert [shlex.split(line)[1:] for line in ran.stdout.splitlines()] == [
-        shlex.split(line)[1:] for line in printed.stdout.splitlines()
-    ]
-    assert [shlex.split(line)[3] for line in ran.stdout.splitlines()] == ["0", "1", "2"]
+    assert [words[1:] for words in node_lines(ran.stdout)] == [words[1:] for words in node_lines(printed.stdout)]
+    assert [words[3] for words in node_lines(ran.stdout)] == ["0", "1", "2"]
+    assert not (tmp_path / "scontrol.calls").exists()
+
+
+@pytest.mark.parametrize("status, requeued", [(75, True), (1, False), (0, False), (137, False)])
+def test_sbatch_requeues_the_job_on_exit_75_only(tmp_path, status, requeued):
+    """75: the trainers stopped on a signal after saving (SLURM's USR1 before the time limit); a failure,
+    a kill or the end of training must not come back."""
+    stand_ins(tmp_path, srun_status=status)
+    result = sbatch([], tmp_path, ACC_CLIP=str(tmp_path / "acc-clip"), SLURM_JOB_ID="4242", SLURM_RESTART_COUNT="2")
+    assert result.returncode == status, result.stderr
+    calls = (tmp_path / "scontrol.calls").read_text().splitlines() if requeued else []
+    assert calls == (["requeue 4242"] if requeued else [])
+    if requeued:
+        assert "requeued job 4242 (3 of at most 100)" in result.stderr
+    limited = sbatch(
+        [], tmp_path, ACC_CLIP=str(tmp_path / "acc-clip"), SLURM_JOB_ID="1", MAX_REQUEUES="2", SLURM_RESTART_COUNT="2"
+    )
+    assert (tmp_path / "scontrol.calls").exists() == requeued  # the limit reached: no new call
+    assert limited.returncode == status
 
 
 def test_a_bad_slurm_variable_stops_the_trainer_in_one_line(train_csv, tmp_path, train_in_process, monkeypatch):

@@ -89,7 +89,9 @@ def test_keep_checkpoints_keeps_the_newest_and_a_crashed_partial_is_removed(mana
 
 def test_epoch_saves_follow_save_frequency_most_recent_and_delete_previous(manager_parts):
     _accelerator, model, optimizer, manager = manager_parts
-    saver = manager(epochs=5, save_frequency=2, save_most_recent=True, delete_previous_checkpoint=True)
+    saver = manager(
+        epochs=5, save_frequency=2, save_most_recent=True, delete_previous_checkpoint=True, keep_checkpoints=0
+    )
     folder = Path(saver.directory)
 
     def epoch_files() -> dict[str, int]:
