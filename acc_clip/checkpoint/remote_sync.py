@@ -18,6 +18,13 @@ same --name), and stops copying if another run claims the folder meanwhile: one 
 another's files. Only checkpoints whose manifest carries this run's id are pruned or fetched back.
 A machine that lost the local folder continues the remote run with `--resume latest`: a run folder
 without checkpoints takes over the remote folder's id (said in a warning).
+
+Liveness. The owner writes `URL/<name>/heartbeat.json` (run id, host, pid, UTC epoch seconds) when it
+claims the folder and then every min(--remote-sync-frequency, --remote-stale-after / 3) seconds, also
+between the files of a long copy, and marks it stopped when it ends short of SIGKILL (a normal end,
+preemption's exit 75, an error). `--resume latest` refuses to adopt a run whose heartbeat is fresher
+than --remote-stale-after and not stopped: its owner may still run. A SIGKILLed owner leaves a fresh
+heartbeat, adopted once it is stale; a remote folder from an older acc_clip has none and is adopted.
 """
 
 from __future__ import annotations
@@ -27,14 +34,19 @@ import importlib.util
 import json
 import logging
 import os
+import socket
 import threading
+import time
 
 from acc_clip.checkpoint.folders import STEP_PREFIX, TMP_PREFIX, complete_checkpoints
 from acc_clip.errors import ResourceError, UsageError, describe_error
+from acc_clip.io.atomic import write_atomically
 from acc_clip.io.sealed import MANIFEST, list_files
 from acc_clip.runtime.run_dir import CHECKPOINTS_DIR, METRICS_FILE, RUN_ID_FILE, adopt_run_id, run_id
 
 log = logging.getLogger(__name__)
+
+HEARTBEAT_FILE = "heartbeat.json"  # in the remote run folder only: who copies there, and when last
 
 
 def open_remote(url: str, protocol: str):
@@ -84,6 +96,11 @@ class RemoteSync:
         self._lock = threading.Lock()  # one copy at a time: the thread's and the final one
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        # More often than the staleness, so that a live owner's heartbeat is never taken for a dead one's.
+        self._beat_every = min(every_seconds, stale_after / 3)
+        self._beating = False  # from the claim to stop(): this run keeps the remote heartbeat fresh
+        self._beaten_at = 0.0  # time.monotonic() of the last heartbeat written (or tried)
+        self._stop_registered = False
 
     # ownership --------------------------------------------------------------------------------
     def _remote_owner(self) -> str | None:
@@ -98,8 +115,13 @@ class RemoteSync:
             self._owns_unmarked = owner is None
             self._claim_if_free(owner)
         elif may_adopt:
+            gone = self._check_owner_gone(owner)
             log.warning(
-                "--remote-sync: continuing the run copied at %s (run id %s) in %s", self.remote_dir, owner, self.run_dir
+                "--remote-sync: continuing the run copied at %s (run id %s) in %s%s",
+                self.remote_dir,
+                owner,
+                self.run_dir,
+                gone,
             )
             adopt_run_id(self.run_dir, owner)
             self.run_id = owner
@@ -109,6 +131,8 @@ class RemoteSync:
                 f"run's is {self.run_id}, in {os.path.join(self.run_dir, RUN_ID_FILE)}): pick "
                 "another --name, or continue that run with --resume latest from a new run folder"
             )
+        self._write_heartbeat(stopped=False)
+        self._stop_at_exit()  # a run that fails before start() still marks its heartbeat stopped
 
     def _claim_if_free(self, owner: str | None) -> None:
         if owner is None:
@@ -131,6 +155,80 @@ class RemoteSync:
                 self._claim_if_free(owner)
         return self._foreign is None
 
+    # liveness ---------------------------------------------------------------------------------
+    def _check_owner_gone(self, owner: str) -> str:
+        """Refuse to adopt `owner`'s run while its heartbeat says it still runs; otherwise what the heartbeat
+        says, for the adoption's warning. The age is this machine's clock minus the owner's (the time it
+        wrote, not the storage's mtime, which not every fsspec backend gives): machines' clocks differ by
+        seconds, seldom more, which is why the staleness is counted in minutes."""
+        beat = self._read_heartbeat()
+        if beat is None or beat["run_id"] == self.run_id:
+            return ""
+        age = max(0.0, time.time() - beat["time"])
+        where = f"{beat.get('host', '?')} (pid {beat.get('pid', '?')})"
+        if beat.get("stopped") is True:
+            return f"; its owner on {where} stopped {age:.0f} s ago"
+        if age < self.stale_after:
+            raise UsageError(
+                f"--resume latest: {self.remote_dir} belongs to run {beat['run_id']}, which may still run on {where}: "
+                f"its heartbeat is {age:.0f} s old, fresher than --remote-stale-after {self.stale_after:g} s; "
+                "stop that run first or wait for it to end (a run that was killed is adopted once its "
+                "heartbeat is older than --remote-stale-after)"
+            )
+        return f"; its heartbeat from {where} is {age:.0f} s old, stale (--remote-stale-after {self.stale_after:g})"
+
+    def _read_heartbeat(self) -> dict | None:
+        """The remote folder's heartbeat; None when there is none (an older acc_clip copied the run) or
+        its body cannot be read (said in a warning)."""
+        path = f"{self.remote_dir}/{HEARTBEAT_FILE}"
+        try:
+            beat = json.loads(self.fs.cat_file(path))
+        except FileNotFoundError:
+            return None
+        except ValueError:  # not UTF-8, not JSON
+            beat = None
+        if not (
+            isinstance(beat, dict)
+            and isinstance(beat.get("run_id"), str)
+            and isinstance(beat.get("time"), (int, float))
+        ):
+            log.warning("--remote-sync: %s cannot be read; taken as no heartbeat", path)
+            return None
+        return beat
+
+    def _write_heartbeat(self, stopped: bool) -> None:
+        """In one write: a reader sees the previous heartbeat or this one, never a mix."""
+        self._beating, self._beaten_at = not stopped, time.monotonic()
+        beat = {
+            "run_id": self.run_id,
+            "host": socket.gethostname(),
+            "pid": os.getpid(),
+            "time": time.time(),  # UTC epoch seconds
+            "stopped": stopped,
+        }
+        self._replace_whole(f"{self.remote_dir}/{HEARTBEAT_FILE}", (json.dumps(beat) + "\n").encode())
+
+    def _replace_whole(self, path: str, data: bytes) -> None:
+        """An object store replaces an object in one PUT; a local (or mounted) folder needs a rename for that."""
+        from fsspec.implementations.local import LocalFileSystem
+
+        if isinstance(self.fs, LocalFileSystem):
+            write_atomically(path, data)
+        else:
+            self.fs.pipe_file(path, data)
+
+    def _beat(self, stopped: bool = False) -> None:
+        """Refresh the heartbeat while this run owns the remote folder (the caller holds self._lock)."""
+        if self._beating and self._still_ours():
+            self._write_heartbeat(stopped)
+
+    def _beat_logged(self, stopped: bool = False) -> None:
+        try:
+            with self._lock:
+                self._beat(stopped)
+        except Exception as error:  # fsspec backends raise their own types
+            log.warning("remote sync: cannot write %s/%s (%s)", self.remote_dir, HEARTBEAT_FILE, describe_error(error))
+
     def _manifest_run_id(self, name: str) -> str | None:
         try:
             manifest = json.loads(self.fs.cat_file(f"{self.remote_dir}/{CHECKPOINTS_DIR}/{name}/{MANIFEST}"))
@@ -145,19 +243,32 @@ class RemoteSync:
         process ends short of SIGKILL (normal end, preemption exit, error)."""
         self._thread = threading.Thread(target=self._loop, name="remote-sync", daemon=True)
         self._thread.start()
-        atexit.register(self.stop)
+        self._stop_at_exit()
         log.info("copying %s to %s every %s s", self.run_dir, self.remote_dir, self.every_seconds)
 
+    def _stop_at_exit(self) -> None:
+        if not self._stop_registered:
+            atexit.register(self.stop)
+            self._stop_registered = True
+
     def _loop(self) -> None:
-        while not self._stop.wait(self.every_seconds):
-            self._sync_logged()
+        """Copy every `every_seconds`; refresh the heartbeat every `_beat_every` in between."""
+        next_sync = time.monotonic() + self.every_seconds
+        while not self._stop.wait(min(self._beat_every, max(0.0, next_sync - time.monotonic()))):
+            if time.monotonic() >= next_sync:
+                self._sync_logged()
+                next_sync = time.monotonic() + self.every_seconds
+            self._beat_logged()
 
     def stop(self) -> None:
+        """The last copy, then the heartbeat marked stopped: a run that ended (normally, preempted, on an
+        error) is adopted at once, without waiting for its heartbeat to go stale."""
         self._stop.set()
         if self._thread is not None:
             self._thread.join()
             self._thread = None
             self._sync_logged()
+        self._beat_logged(stopped=True)
 
     def _sync_logged(self) -> None:
         # A remote that is down must not stop training: say so, and try again next time.
@@ -223,6 +334,8 @@ class RemoteSync:
         remote = f"{self.remote_dir}/{os.path.relpath(local, self.run_dir).replace(os.sep, '/')}"
         self.fs.makedirs(remote.rsplit("/", 1)[0], exist_ok=True)
         self.fs.put_file(local, remote)
+        if time.monotonic() - self._beaten_at >= self._beat_every:  # a long copy must not let it go stale
+            self._beat()
 
     def _remote_complete(self) -> list[str]:
         """Names of the remote checkpoints whose manifest arrived, oldest first."""

@@ -1,16 +1,21 @@
 """Checkpoints a trainer wrote: the open_clip export (loaded by open_clip's own loader), open_clip epoch
-files as a starting point, the remote copy and the way back, and the one-line errors (each kind with its
-exit status) for bad --resume input, a full disk and a non-finite loss.
+files as a starting point, the remote copy and the way back (never while its owner's heartbeat is fresh),
+and the one-line errors (each kind with its exit status) for bad --resume input, a full disk and a
+non-finite loss.
 
 One trained run (2 epochs of 10 steps on 160 rows of the fixture CSV, epoch saves, a file://
 remote copy) is shared by the tests that need real checkpoints. The CheckpointManager and RemoteSync
-in the test process are tested in tests/unit/checkpoint/test_manager.py.
+in the test process are tested in tests/unit/checkpoint/test_manager.py and test_remote_sync.py.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import shutil
+import signal
+import socket
+import time
 from pathlib import Path
 
 import pytest
@@ -20,6 +25,7 @@ from acc_clip.checkpoint import export
 from acc_clip.checkpoint.folders import TMP_PREFIX, read_manifest
 from acc_clip.errors import AccClipError, CheckpointError, DivergedError, ResourceError, UsageError
 from acc_clip.io.sealed import MANIFEST, folder_bytes
+from acc_clip.runtime.faults import kill_at
 from background_trainer import two_processes
 from helpers import (
     REPO,
@@ -250,6 +256,43 @@ def test_the_run_is_copied_to_the_remote_and_resume_latest_fetches_it_back(train
     assert "resumed from" in result.stdout and "global step 20" in result.stdout
     assert [r["step"] for r in read_metrics(tmp_path / "R")] == list(range(3 * STEPS_PER_EPOCH))
     assert (remote_run / "checkpoints" / f"step_{3 * STEPS_PER_EPOCH:08d}" / MANIFEST).is_file()
+
+
+def test_a_killed_runs_remote_copy_is_adopted_only_once_its_heartbeat_is_stale(trained, tmp_path):
+    """Machine A's run is SIGKILLed; machine B's `--resume latest` is refused while A's heartbeat is fresh
+    (A might still run), and adopts the run with `--remote-stale-after 1` a second later, ending as run R.
+    A first ends normally after step 6 (its exit copies step 6 and marks its heartbeat stopped), then
+    resumes and is killed saving step 9: the remote copy holds step 6 whatever the copy's timing."""
+    remote = f"file://{tmp_path / 'remote'}"
+    sync = ["--remote-sync", remote, "--remote-sync-protocol", "fsspec", "--remote-sync-frequency", "60"]
+    args = tiny_train_args(trained["csv"], tmp_path / "machine_a", "K", "--save-every-n-steps", "3", *sync)
+    run_trainer([*args, "--max-steps", "6"])
+    killed = run_trainer([*args, "--resume", "latest"], check=False, env=kill_at("before_commit", 9))
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-3000:]
+    heartbeat = json.loads((tmp_path / "remote" / "K" / "heartbeat.json").read_text())
+    assert heartbeat["stopped"] is False  # what a SIGKILL leaves: a heartbeat that goes stale
+
+    elsewhere = tiny_train_args(trained["csv"], tmp_path / "machine_b", "K", "--save-every-n-steps", "3", *sync)
+    refused = run_trainer([*elsewhere, "--resume", "latest"], check=False)
+    lines = refused.stderr.strip().splitlines()
+    assert refused.returncode == UsageError.exit_status and len(lines) == 1, refused.stderr[-3000:]
+    owner = (tmp_path / "remote" / "K" / "run_id").read_text().strip()
+    assert re.match(
+        rf"error: --resume latest: .*K belongs to run {owner}, which may still run on "
+        rf"{re.escape(socket.gethostname())} \(pid \d+\): its heartbeat is \d+ s old, fresher than "
+        r"--remote-stale-after 900 s; stop that run first or wait for it to end",
+        lines[0],
+    ), lines[0]
+
+    time.sleep(max(0.0, heartbeat["time"] + 1.5 - time.time()))
+    adopted = run_trainer([*elsewhere, "--resume", "latest", "--remote-stale-after", "1"])
+    assert re.search(r"its heartbeat from \S+ \(pid \d+\) is \d+ s old, stale", adopted.stdout), adopted.stdout[-3000:]
+    assert "fetched step_00000006" in adopted.stdout
+    got, want = read_metrics(tmp_path / "machine_b" / "K"), read_metrics(trained["run"])
+    assert [r["step"] for r in got] == [r["step"] for r in want] == list(range(2 * STEPS_PER_EPOCH))
+    assert [r["lr"] for r in got] == [r["lr"] for r in want]
+    assert max(abs(a["loss"] - b["loss"]) for a, b in zip(got, want)) <= 1e-6
+    assert json.loads((tmp_path / "remote" / "K" / "heartbeat.json").read_text())["stopped"] is True
 
 
 # bad input ---------------------------------------------------------------------------------------
