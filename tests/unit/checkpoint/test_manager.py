@@ -492,6 +492,7 @@ def test_one_run_never_overwrites_prunes_or_fetches_another_runs_remote_files(tm
     # a checkpoint of another run in the remote folder is neither fetched nor pruned
     fake_checkpoint(remote / "checkpoints" / "step_00000008", b"other run", run_id="another-run")
     fake_checkpoint(remote / "checkpoints" / "step_00000004", b"ours", run_id=sync.run_id)
+    sync.stop()  # machine_a's run ended: a live owner is never adopted (test_remote_sync.py)
     third, fetcher = local_run_with_sync(tmp_path, "machine_c")
     with caplog.at_level("WARNING"):
         fetcher.claim(may_adopt=True)  # a machine that lost the folder continues the remote run
