@@ -26,89 +26,18 @@ from collections import Counter
 from pathlib import Path
 from typing import NamedTuple
 
-REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from fault_runs import ENV, REPO, data_lost, error_line, make_data, records, run, train_args  # noqa: E402
 from PIL import Image  # noqa: E402
 
 from acc_clip.errors import CheckpointError, DataError, ResourceError, UsageError  # noqa: E402
 from acc_clip.runtime.faults import kill_at  # noqa: E402
 from acc_clip.runtime.signals import PREEMPTED_EXIT_CODE  # noqa: E402
 
-MODEL = f"local-dir:{REPO / 'configs' / 'models' / 'tiny-rn'}"
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-
 
 class Outcome(NamedTuple):
     seen: str  # what the user saw, shortened
     lost: int  # samples trained a different number of times than in the uninterrupted run, + losses that differ
     ended_well: bool  # the fault met its answer: the refusal, the skip, or a resume that ran to the end
-
-
-def train_args(data: Path, logs: Path, name: str, *extra: str) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "acc_clip.train",
-        "--train-data",
-        str(data),
-        "--csv-separator",
-        ",",
-        "--model",
-        MODEL,
-        "--batch-size",
-        "16",
-        "--epochs",
-        "2",
-        "--workers",
-        "0",
-        "--precision",
-        "fp32",
-        "--device",
-        "cpu",
-        "--lr",
-        "1e-3",
-        "--warmup",
-        "5",
-        "--log-every-n-steps",
-        "1",
-        "--logs",
-        str(logs),
-        "--name",
-        name,
-        "--save-frequency",
-        "0",
-        "--save-every-n-steps",
-        "3",
-        "--log-samples",
-        *extra,
-    ]
-
-
-def run(command: list[str], env: dict | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run(command, capture_output=True, text=True, cwd=REPO, env={**ENV, **(env or {})}, timeout=900)
-
-
-def error_line(result: subprocess.CompletedProcess) -> str:
-    lines = result.stderr.strip().splitlines()
-    return lines[-1] if lines else f"exit {result.returncode}"
-
-
-def records(run_dir: Path, name: str) -> list[dict]:
-    path = run_dir / name
-    return [json.loads(line) for line in path.read_text().splitlines()] if path.exists() else []
-
-
-def data_lost(run_dir: Path, reference: Path) -> int:
-    """Samples trained a different number of times than in the reference, plus steps whose loss differs."""
-
-    def counts(folder: Path) -> Counter:
-        return Counter((r["epoch"], i) for r in records(folder, "samples.jsonl") for i in r["indices"])
-
-    ours, theirs = counts(run_dir), counts(reference)
-    samples = sum(abs(ours[key] - theirs[key]) for key in ours.keys() | theirs.keys())
-    losses = {r["step"]: r["loss"] for r in records(run_dir, "metrics.jsonl")}
-    wanted = {r["step"]: r["loss"] for r in records(reference, "metrics.jsonl")}
-    return samples + sum(losses.get(step) != loss for step, loss in wanted.items())
 
 
 def wait_for_steps(run_dir: Path, steps: int, process: subprocess.Popen) -> None:
@@ -403,18 +332,6 @@ FAULTS = [
     ("a damaged sizes.json", damaged_sizes_json),
     ("--train-data naming a FIFO", csv_path_is_a_fifo),
 ]
-
-
-def make_data(work: Path) -> Path:
-    from acc_clip.prep.coco_csv import create_coco_csv
-    from acc_clip.prep.demo_data import make_demo_data
-
-    make_demo_data(work / "coco", num_train=32, num_val=4, size=(160, 120), seed=0, zeroshot_per_class=1)
-    full = work / "coco" / "train.csv"
-    create_coco_csv(
-        str(work / "coco" / "annotations" / "captions_train2017.json"), str(work / "coco" / "train2017"), str(full)
-    )
-    return full
 
 
 def main(argv: list[str] | None = None) -> int:
