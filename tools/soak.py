@@ -59,6 +59,7 @@ PROBE = "probe-train"  # internal command: the uninterrupted run, recording the 
 STARTUP_SHARE = 0.15  # the share of signal kills sent during start-up (loading, resuming, rewinding records)
 KINDS = ("SIGKILL", "SIGTERM", "fault")
 ATTEMPT_TIMEOUT_S = 600
+ENDED_FIRST = "ended before the kill"
 
 
 @dataclass(frozen=True)
@@ -374,22 +375,38 @@ class Trainer:
         with contextlib.suppress(psutil.NoSuchProcess):
             self.seen.update((p.pid, p) for p in self.root.children(recursive=True))
 
-    def send(self, kind: str, target: str) -> None:
-        """SIGTERM to the trainer or the launcher (which passes it on); SIGKILL to every process, or one rank."""
+    def send(self, kind: str, target: str) -> bool:
+        """SIGTERM to the trainer or the launcher (which passes it on); SIGKILL to every process, or to one
+        rank (once the launcher has started it). False when the run ended before anything was signalled."""
         import psutil
 
         if kind == "SIGTERM":
-            self.process.send_signal(signal.SIGTERM)
-            return
-        try:
-            tree = [self.root, *self.root.children(recursive=True)]
-        except psutil.NoSuchProcess:
-            return
-        if target != "all":
-            tree = [p for p in tree if _rank_of(p) == target.split()[-1]]
+            with contextlib.suppress(ProcessLookupError):
+                self.process.send_signal(signal.SIGTERM)
+                return True
+            return False
+        tree = self.rank(target.split()[-1]) if target != "all" else self._tree()
         for each in tree:
             with contextlib.suppress(psutil.NoSuchProcess):
                 each.kill()
+        return bool(tree)
+
+    def _tree(self) -> list:
+        import psutil
+
+        try:
+            return [self.root, *self.root.children(recursive=True)]
+        except psutil.NoSuchProcess:
+            return []
+
+    def rank(self, rank: str) -> list:
+        """The process of that rank, waited for while the launcher starts it; [] if the run ends first."""
+        while self.alive():
+            found = [p for p in self._tree() if _rank_of(p) == rank]
+            if found:
+                return found
+            time.sleep(0.01)
+        return []
 
     def wait(self) -> int:
         """The start's exit status; one that hangs past ATTEMPT_TIMEOUT_S is killed (and flagged)."""
@@ -473,11 +490,19 @@ def attempt_with_kill(setup: Setup, flags: list[str], work: Path, number: int, k
     finish(trainer, record)
     if kill.kind == "fault":
         record.sent_after_s = trainer.elapsed()  # the point killed it: its exit is the moment
-    explained = expected_statuses(kill, setup.processes)
-    ended_run = record.status == 0 and record.last_step == setup.steps and record.moment != "ended before the kill"
-    in_set = record.status != 0 if explained is None else record.status in explained
-    record.expected = record.expected and (in_set or ended_run)  # a signal after the last step: the run ends
+    record.expected = record.expected and explained(kill, record, setup)
     return record
+
+
+def explained(kill: Kill, record: Attempt, setup: Setup) -> bool:
+    """Whether the start ended as its kill explains."""
+    finished = record.status == 0 and record.last_step == setup.steps
+    if record.moment == ENDED_FIRST:
+        return finished  # the run got to its end before the kill's moment; anything else is a failure
+    if kill.kind == "SIGTERM" and finished:
+        return True  # after the last step the loop is over: the run ends as it would have
+    allowed = expected_statuses(kill, setup.processes)
+    return record.status != 0 if allowed is None else record.status in allowed
 
 
 def send_at_moment(trainer: Trainer, kill: Kill, resumed_at: int, ref: Reference, record: Attempt) -> None:
@@ -485,12 +510,14 @@ def send_at_moment(trainer: Trainer, kill: Kill, resumed_at: int, ref: Reference
     run_dir = trainer.run_dir
     after = max(kill.step, resumed_at + 1)
     if not wait_for_moment(trainer, kill, after, ref):
-        record.moment = "ended before the kill"
+        record.moment = ENDED_FIRST
         return
     begun = training_begun(trainer.log_file)
     record.step_when_sent = last_step(run_dir) if begun else None
+    if not trainer.send(kill.kind, kill.target):
+        record.moment = ENDED_FIRST
+        return
     record.sent_after_s = trainer.elapsed()
-    trainer.send(kill.kind, kill.target)
     record.moment = f"step {record.step_when_sent} logged" if begun else "start-up"
     if after != kill.step and not kill.startup:
         add_note(record, f"planned step {kill.step} <= the resume point {resumed_at}")
@@ -633,7 +660,7 @@ def machine() -> str:
 
 def kinds_count(attempts: list[Attempt]) -> dict[str, int]:
     """The kills applied, by kind (and target); then where they landed: in the start-up, or inside a save."""
-    applied = [a for a in attempts if a.status is not None and a.planned != "-"]
+    applied = [a for a in attempts if a.status is not None and a.planned != "-" and a.moment != ENDED_FIRST]
     counts = Counter(a.kind for a in sorted(applied, key=lambda a: a.kind))
     counts["landed in the start-up"] = sum(a.moment == "start-up" for a in applied)
     counts["left a partial save"] = sum("left .tmp-" in a.note for a in applied)
