@@ -19,9 +19,9 @@ import logging
 import os
 import re
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from time import monotonic
-from typing import Any, ClassVar
+from typing import Any, ClassVar, cast
 
 import torch
 
@@ -37,6 +37,7 @@ from acc_clip.checkpoint.folders import (
     step_name,
 )
 from acc_clip.checkpoint.remote_sync import RemoteSync
+from acc_clip.checkpoint.writer import BackgroundFiles, Snapshot, write_in_step
 from acc_clip.config.schema import NON_NEGATIVE, POSITIVE, Needs, Section, option
 from acc_clip.errors import (
     KINDS,
@@ -83,6 +84,13 @@ class CheckpointOptions(Section):
         "also save when this many minutes have passed since the run started or last saved, at the same step on "
         "every process (0: never); with the default a crash loses at most about half an hour",
         domain=NON_NEGATIVE,
+        train_only=True,
+    )
+    async_save: bool = option(
+        False,
+        "write step checkpoints in the background: the step copies the weights and optimizer state to host memory "
+        "and training goes on while they are written, hashed and committed (a kill meanwhile leaves the previous "
+        "checkpoint); costs host memory for one copy of that state",
         train_only=True,
     )
     keep_checkpoints: int = option(
@@ -150,6 +158,9 @@ class CheckpointManager:
         self.steps_per_epoch: int | None = None  # known once `resume` is called
         self.remote: RemoteSync | None = None
         self._last_save = monotonic()  # --save-every-n-minutes counts from the start, then from each save
+        self._pending: BackgroundFiles | None = None  # a save whose files are being written (--async-save)
+        self._pending_progress = Progress()
+        self._started, self._needed_bytes = 0.0, 0
         self._raise_agreed(attempt(self._prepare_folder) if accelerator.is_main_process else None)
         # Weights are stored under their plain names, and loaded here with an architecture check.
         accelerator.register_save_state_pre_hook(_save_plain_weights)
@@ -395,38 +406,95 @@ class CheckpointManager:
         return by_steps or late
 
     def save(self, model, optimizer, progress: Progress) -> str:
-        """A complete step checkpoint, or nothing: see the module docstring. A save that fails on any
-        process (a full disk, say) removes its partial folder and stops every process with one line;
-        the checkpoints saved before are untouched."""
+        """Start a step checkpoint of `progress` and return the folder it will have. It is committed before
+        this returns, or with --async-save once every process has written its files (`poll`, `complete`):
+        the steps in between train while the files are written. One save at a time: the previous one is
+        committed first. A save that fails on any process (a full disk, say) removes its partial folder and
+        stops every process with one line; the checkpoints saved before are untouched."""
+        self.complete()
         self._refuse_non_finite(model, progress)
         name = step_name(progress.global_step)
-        final, partial = os.path.join(self.directory, name), os.path.join(self.directory, TMP_PREFIX + name)
-        started = time.perf_counter()
+        partial = os.path.join(self.directory, TMP_PREFIX + name)
+        self._started, self._needed_bytes = time.perf_counter(), state_bytes(model, optimizer)
         if self.accelerator.is_main_process:
             remove_path(partial)
         self.accelerator.wait_for_everyone()
-        failure = self._agreed_failure(attempt(self.accelerator.save_state, partial))  # also waits for all
-        commit_failure = None
-        if failure is None and self.accelerator.is_main_process:
-            fault_point("before_commit", progress.global_step)
-            commit_failure = attempt(self._commit, partial, final, progress)
-        failure = failure or self._agreed_failure(commit_failure)
-        if failure is not None:
-            if self.accelerator.is_main_process:
-                remove_path(partial)
-            raise ResourceError(
-                save_failure(f"checkpoint {name}", self.directory, failure[1], state_bytes(model, optimizer))
-            )
+        snapshot, failure = Snapshot(), None
+        try:
+            snapshot = write_in_step(self.accelerator, model, optimizer, partial)
+        except Exception as error:  # noqa: BLE001 - every process must hear of it, or the others wait
+            failure = error
+        self._raise_save_failure(self._agreed_failure(failure), partial)
+        self._pending = BackgroundFiles(
+            snapshot,
+            partial,
+            self.accelerator.process_index,
+            progress.global_step,
+            background=self.options.async_save,
+        )
+        self._pending_progress = replace(progress)
         self._last_save = monotonic()
+        if not self.options.async_save:
+            self.complete()
+        return os.path.join(self.directory, name)
+
+    def poll(self, host_group=None) -> None:
+        """With --async-save, commit the save in flight once every process has written its files. The
+        processes vote over the CPU group (None with one process) so that all commit at the same step.
+        Every process must call this once per step."""
+        if self._pending is None:
+            return
+        written = self._pending.done()
+        if host_group is not None:
+            vote = torch.tensor([int(written)], dtype=torch.int32)
+            torch.distributed.all_reduce(vote, op=torch.distributed.ReduceOp.MIN, group=host_group)
+            written = bool(vote.item())
+        if written:
+            self.complete()
+
+    def complete(self) -> None:
+        """Wait for the save in flight, if any, and commit it: the manifest of every process's hashes, then
+        the rename. Every process must call this (collective)."""
+        from accelerate.utils import gather_object
+
+        if self._pending is None:
+            return
+        pending, progress = self._pending, self._pending_progress
+        self._pending = None
+        result = pending.result()
+        self._raise_save_failure(
+            self._agreed_failure(result if isinstance(result, BaseException) else None), pending.folder
+        )
+        own = cast(dict, result)
+        every = gather_object([own]) if self.accelerator.num_processes > 1 else [own]
+        name = step_name(progress.global_step)
+        final, commit_failure = os.path.join(self.directory, name), None
+        if self.accelerator.is_main_process:
+            fault_point("before_commit", progress.global_step)
+            hashes = {file: each for part in every for file, each in part.items()}
+            commit_failure = attempt(self._commit, pending.folder, final, progress, hashes)
+        self._raise_save_failure(self._agreed_failure(commit_failure), pending.folder)
         if self.accelerator.is_main_process:
             log.info(
-                "saved checkpoint %s (%.1f MB, %.2f s)", final, folder_bytes(final) / 1e6, time.perf_counter() - started
+                "saved checkpoint %s (%.1f MB, %.2f s)",
+                final,
+                folder_bytes(final) / 1e6,
+                time.perf_counter() - self._started,
             )
-        return final
 
-    def _commit(self, partial: str, final: str, progress: Progress) -> None:
-        self._write_manifest(partial, progress)
-        fsync_folder(partial)
+    def _raise_save_failure(self, failure: tuple[str, str] | None, partial: str) -> None:
+        """After an agreed failure of a save: its partial folder removed, one line on every process."""
+        if failure is None:
+            return
+        self._pending = None
+        if self.accelerator.is_main_process:
+            remove_path(partial)
+        name = os.path.basename(partial)[len(TMP_PREFIX) :]
+        raise ResourceError(save_failure(f"checkpoint {name}", self.directory, failure[1], self._needed_bytes))
+
+    def _commit(self, partial: str, final: str, progress: Progress, hashes: dict) -> None:
+        self._write_manifest(partial, progress, hashes)
+        fsync_folder(partial, files=False)  # each process flushed its own files
         commit_folder(partial, final, progress.global_step)
         self._prune(keep=final)
 
@@ -469,7 +537,7 @@ class CheckpointManager:
             "order": record.order,
         }
 
-    def _write_manifest(self, folder: str, progress: Progress) -> None:
+    def _write_manifest(self, folder: str, progress: Progress, hashes: dict) -> None:
         record = self.record
         seal(
             folder,
@@ -491,6 +559,7 @@ class CheckpointManager:
                 },
                 "saved_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
             },
+            hashes,
         )
 
     def _prune(self, keep: str) -> None:

@@ -68,14 +68,14 @@ def fsync_entry(path: str) -> None:
         os.close(descriptor)
 
 
-def fsync_folder(path: str) -> None:
-    """Every file's data first, then the folder entry, so a power loss cannot leave a renamed but empty
-    folder. Sub-folders (a sharded checkpoint's) in turn."""
+def fsync_folder(path: str, *, files: bool = True) -> None:
+    """Every file's data first (unless `files` is False: flushed already), then the folder entry, so a power
+    loss cannot leave a renamed but empty folder. Sub-folders (a sharded checkpoint's) in turn."""
     for name in os.listdir(path):
         child = os.path.join(path, name)
         if os.path.isdir(child):
-            fsync_folder(child)
-        else:
+            fsync_folder(child, files=files)
+        elif files:
             fsync_entry(child)
     fsync_entry(path)
 

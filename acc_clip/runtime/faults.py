@@ -4,6 +4,9 @@ at each place, which costs one environment lookup and does nothing unless `ACC_C
 place and step (`kill_at` makes the variable for a test or the fault-injection script).
 
 The places:
+- "before_background_write": a step save, after the step wrote its part (the random states; under FSDP the
+  shards) and before the weights and optimizer state are written from their copy in host memory, in the
+  background with --async-save (checkpoint/writer.py);
 - "before_commit": a step save, after Accelerate wrote the state and before the manifest and the rename
   (checkpoint/manager.py), i.e. a `kill -9` in the middle of writing a checkpoint;
 - "between_renames": a save that replaces a checkpoint of its own step (an epoch's end right after a step
@@ -16,7 +19,7 @@ import os
 import signal
 
 KILL_AT_ENV = "ACC_CLIP_KILL_AT"
-POINTS = ("before_commit", "between_renames")
+POINTS = ("before_background_write", "before_commit", "between_renames")
 
 
 def kill_at(point: str, step: int) -> dict[str, str]:

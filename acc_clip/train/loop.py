@@ -205,11 +205,13 @@ def train(config: TrainConfig, notices: Sequence[str] = ()) -> int:  # noqa: PLR
             if evaluator.due_at_step(progress.global_step) and step_in_epoch + 1 < steps_per_epoch:
                 step_results = evaluate(evaluator, model, epoch, force=True)  # an epoch's last step: below
                 report_evaluation(step_results, metrics, epoch=epoch, step=progress.global_step, when="by steps")
+            saver.poll(host_group)  # commits a save whose files were written meanwhile (--async-save)
             stopping = stop.agreed(host_group)  # every rank stops after the same step
             if saver.step_save_due(progress, host_group) or stopping:
                 metrics.flush()
                 saver.save(model, optimizer, progress)
             if stopping:
+                saver.complete()
                 log.warning(
                     "stopping on %s after step %d; resume with --resume latest", stop.signal_name, progress.global_step
                 )
@@ -241,6 +243,7 @@ def train(config: TrainConfig, notices: Sequence[str] = ()) -> int:  # noqa: PLR
             )
         if progress.global_step >= max_steps:
             break
+    saver.complete()
     peak = peak_memory_bytes(plan)
     log.info("training done: %d steps%s", progress.global_step, f", peak memory {peak / 2**30:.2f} GiB" if peak else "")
     accelerator.end_training()

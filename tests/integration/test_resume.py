@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
-from acc_clip.checkpoint.folders import TMP_PREFIX
-from acc_clip.io.sealed import MANIFEST
+from acc_clip.checkpoint.folders import TMP_PREFIX, complete_checkpoints
+from acc_clip.io.sealed import MANIFEST, read_sealed
 from acc_clip.runtime.faults import kill_at
 from acc_clip.runtime.signals import PREEMPTED_EXIT_CODE
 from background_trainer import Trainer, metric_rows, newest_checkpoint, saved_at_or_after, wait_until
@@ -135,4 +135,36 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_one_before_and_resumes_ex
         f"resuming from {run_dir / 'checkpoints' / f'step_{SAVE_EVERY:08d}'}, the newest checkpoint that "
         "passes its check (1 newer one(s) failed"
     ) in result.stdout
+    same_training(run_dir, reference_runs(workers))
+
+
+@pytest.mark.parametrize("kill", ["as the save starts", "before_background_write"])
+def test_a_kill_during_an_asynchronous_save_leaves_a_complete_checkpoint_and_resumes_exactly(
+    small_csv, tmp_path, reference_runs, kill
+):
+    """--async-save: the step copies the state and training goes on while it is written. A kill -9 at once
+    (from outside, as soon as the save's partial folder appears) or inside the background write (the fault
+    point) leaves the previous checkpoint or the new complete one, never a partial one read as complete;
+    resuming from it ends as the run that never stopped (saving in the background changes no step)."""
+    workers = WORKERS[0]
+    args = run_args(small_csv, tmp_path, "E", workers, "--async-save")
+    run_dir, target = tmp_path / "E", 2 * SAVE_EVERY
+    partial = run_dir / "checkpoints" / f"{TMP_PREFIX}step_{target:08d}"
+    if kill == "as the save starts":
+        trainer = Trainer(args, tmp_path / "kill.log")
+        wait_until(lambda: partial.exists() or saved_at_or_after(run_dir, target), trainer)
+        trainer.process.kill()
+    else:
+        trainer = Trainer(args, tmp_path / "kill.log", env=kill_at(kill, target))
+    assert trainer.wait(timeout=240) == -signal.SIGKILL, trainer.tail()
+    checkpoints = complete_checkpoints(str(run_dir / "checkpoints"))
+    assert [Path(c).name for c in checkpoints][-1] in (f"step_{SAVE_EVERY:08d}", f"step_{target:08d}")
+    for checkpoint in checkpoints:
+        read_sealed(checkpoint, "test")  # complete: every file listed, and its hash holds
+    if kill != "as the save starts":
+        assert Path(checkpoints[-1]).name == f"step_{SAVE_EVERY:08d}" and partial.exists()
+
+    result = run_trainer([*args, "--resume", "latest"])
+    assert f"resumed from {checkpoints[-1]}:" in result.stdout
+    assert not partial.exists()
     same_training(run_dir, reference_runs(workers))
