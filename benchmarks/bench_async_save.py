@@ -45,8 +45,8 @@ def build(model_name: str, image_size: int):
 
 
 def train_step(model, optimizer, images: torch.Tensor, texts: torch.Tensor) -> None:
-    out = model(images, texts)
-    (out["image_features"] @ out["text_features"].T).mean().backward()
+    image_features, text_features, _ = model(images, texts)
+    (image_features @ text_features.T).mean().backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
 
