@@ -90,7 +90,8 @@ class CheckpointOptions(Section):
         False,
         "write step checkpoints in the background: the step copies the weights and optimizer state to host memory "
         "and training goes on while they are written, hashed and committed (a kill meanwhile leaves the previous "
-        "checkpoint); costs host memory for one copy of that state",
+        "checkpoint); costs host memory for one copy of that state. Under FSDP the shards are written in the step "
+        "and only their hashing and the commit go to the background",
         train_only=True,
     )
     keep_checkpoints: int = option(
