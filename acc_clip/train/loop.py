@@ -98,6 +98,8 @@ def run_record(config: TrainConfig, order: dict | None = None) -> RunRecord:
 
 
 def train(config: TrainConfig, notices: Sequence[str] = ()) -> int:  # noqa: PLR0915 - the loop, on one screen
+    # First: a stop during the start-up (model, data, resume) ends the run before its first step, with 75.
+    stop = StopSignal.install(parse_stop_signals(config.training.stop_signals))
     run = start_run(config, list(notices))
     plan, accelerator, run_dir = run.plan, run.accelerator, run.run_dir
     host_group = host_process_group(accelerator)  # ranks agree on batch sizes and on stopping over it
@@ -146,7 +148,10 @@ def train(config: TrainConfig, notices: Sequence[str] = ()) -> int:  # noqa: PLR
     evaluator = Evaluator(config, bundle.preprocess_val, bundle.tokenizer, accelerator, objective)
     if evaluator.enabled and progress.global_step == 0:
         report_evaluation(evaluate(evaluator, model, 0, force=True), metrics, epoch=0, step=0, when="before training")
-    stop = StopSignal.install(parse_stop_signals(config.training.stop_signals))
+    if stop.agreed(host_group):
+        log.warning("stopping on %s before the first step; resume with --resume latest", stop.signal_name)
+        accelerator.end_training()
+        return PREEMPTED_EXIT_CODE
     sample_log = SampleLog(run_dir, rank) if config.logging.log_samples else None
     samples_read = samples_bad = samples_trimmed = 0
     max_steps = config.training.max_steps or math.inf
@@ -215,6 +220,7 @@ def train(config: TrainConfig, notices: Sequence[str] = ()) -> int:  # noqa: PLR
                 log.warning(
                     "stopping on %s after step %d; resume with --resume latest", stop.signal_name, progress.global_step
                 )
+                accelerator.end_training()  # gloo's threads outliving the interpreter can abort the exit (SIGABRT)
                 return PREEMPTED_EXIT_CODE
         metrics.end_epoch()
         if progress.step_in_epoch == steps_per_epoch:

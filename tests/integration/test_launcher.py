@@ -158,3 +158,28 @@ def test_a_stop_signal_saves_and_exits_75(train_csv, tmp_path, processes, whole_
     assert Path(saved[-1]).name == f"step_{len(read_metrics(run_dir)):08d}"
     # "on SIGTERM", or "on a stop signal on another process" when rank 1 got it first and voted before rank 0 did
     assert "stopping on " in (run_dir / "out.log").read_text()
+
+
+def test_a_stop_during_the_start_up_exits_75_before_the_first_step(train_csv, tmp_path):
+    """2 processes signalled once the run folder exists (the model, data and resume still to come): without a
+    handler installed that early they die of it (status 143); here they stop before training, with 75."""
+    run_dir = tmp_path / "run"
+    command = launch_train(2) + tiny_train_args(train_csv, tmp_path, "run", "--epochs", "20")
+    err = tmp_path / "stderr.txt"
+    with open(err, "w") as stderr:
+        process = subprocess.Popen(
+            command, stdout=subprocess.DEVNULL, stderr=stderr, cwd=REPO, env=environment(), start_new_session=True
+        )
+    try:
+        deadline = time.monotonic() + 120
+        while not (run_dir / "out.log").exists():
+            assert process.poll() is None and time.monotonic() < deadline, err.read_text()[-3000:]
+            time.sleep(0.01)
+        process.send_signal(signal.SIGTERM)
+        status = process.wait(timeout=120)
+    finally:
+        if process.poll() is None:
+            os.killpg(process.pid, signal.SIGKILL)
+    assert status == PREEMPTED, err.read_text()[-3000:]
+    log = (run_dir / "out.log").read_text()
+    assert "stopping on " in log and metric_rows(run_dir) <= 1, log[-3000:]
