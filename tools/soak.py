@@ -2,7 +2,7 @@
 the same run left alone.
 
     python tools/soak.py --kills 20 --steps 60 --processes 1|2 --data csv|shards --seed S --work DIR \\
-        [--report FILE.json|FILE.md] [--trainer-flags "--async-save ..."]
+        [--report FILE.json|FILE.md] [--trainer-flags="--async-save ..."]
 
 The run: the tiny ResNet config, 64 px images, a global batch of 8, STEPS steps over --epochs epochs of a
 demo CSV (or the same rows as 4 webdataset shards), a step checkpoint every --save-every steps and one at
@@ -461,10 +461,11 @@ def wait_for_moment(trainer: Trainer, kill: Kill, after_step: int, reference: Re
 
 
 def expected_statuses(kill: Kill, processes: int) -> set[int] | None:
-    """The statuses a kill explains (None: any but 0). A SIGTERM before the trainer's handler is in place
-    ends it as the default action does (-15)."""
+    """The statuses a kill explains (None: any but 0). A SIGTERM before the handlers are in place ends a
+    process as the default action does: the trainer or the launcher itself (-15), or, passed on by the
+    launcher, ranks still starting (acc-clip launch reports 128 + 15, as a shell would)."""
     if kill.kind == "SIGTERM":
-        return {PREEMPTED_EXIT_CODE, -signal.SIGTERM}
+        return {PREEMPTED_EXIT_CODE, -signal.SIGTERM} | ({128 + signal.SIGTERM} if processes > 1 else set())
     if processes == 1 or (kill.kind == "SIGKILL" and kill.target == "all"):
         return {-signal.SIGKILL}
     return None  # one rank killed: the other fails in its next collective, the launcher reports either
@@ -740,7 +741,9 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="the plan's seed: the same seed, the same kills")
     parser.add_argument("--save-every", type=int, default=3, help="--save-every-n-steps (default 3)")
     parser.add_argument("--keep", type=int, default=3, help="--keep-checkpoints (default 3)")
-    parser.add_argument("--trainer-flags", default="", help="more flags for the trainer, both runs (one string)")
+    parser.add_argument(
+        "--trainer-flags", default="", help='more trainer flags (both runs), one string: --trainer-flags="--async-save"'
+    )
     parser.add_argument("--work", help="a new or empty folder for the runs (default: a temporary one, removed on PASS)")
     parser.add_argument("--report", type=Path, help="also write the report here: JSON for .json, else markdown")
     args = parser.parse_args(argv)
