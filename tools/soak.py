@@ -123,6 +123,7 @@ class Attempt:
     resumed_from: int | None = None  # the global step this start resumed from (None: a fresh start)
     last_step: int = 0  # global steps logged when it ended
     note: str = ""
+    handlers_ready: bool = False  # the signal went after the run's first log line: every process handles a stop
 
 
 @dataclass
@@ -260,6 +261,12 @@ def last_step(run_dir: Path) -> int:
 def training_begun(log_file: Path) -> bool:
     """Whether this start logged a step: metrics.jsonl is then rewound, its last record this start's."""
     return "Train Epoch:" in log_file.read_text(errors="replace")
+
+
+def run_logged(log_file: Path) -> bool:
+    """Whether the run logged its first line ("acc_clip run NAME: ..."): the trainer installs its stop handlers
+    before it starts the run, and with several processes the line comes after all of them met."""
+    return re.search(r"acc_clip run \S+: ", log_file.read_text(errors="replace")) is not None
 
 
 def resumed_from(log_file: Path) -> int | None:
@@ -461,9 +468,9 @@ def wait_for_moment(trainer: Trainer, kill: Kill, after_step: int, reference: Re
 
 
 def expected_statuses(kill: Kill, processes: int) -> set[int] | None:
-    """The statuses a kill explains (None: any but 0). A SIGTERM before the handlers are in place ends a
+    """The statuses a kill explains (None: any but 0). A SIGTERM before the stop handlers are in place ends a
     process as the default action does: the trainer or the launcher itself (-15), or, passed on by the
-    launcher, ranks still starting (acc-clip launch reports 128 + 15, as a shell would)."""
+    launcher, ranks still importing (acc-clip launch reports 128 + 15, as a shell would)."""
     if kill.kind == "SIGTERM":
         return {PREEMPTED_EXIT_CODE, -signal.SIGTERM} | ({128 + signal.SIGTERM} if processes > 1 else set())
     if processes == 1 or (kill.kind == "SIGKILL" and kill.target == "all"):
@@ -502,6 +509,8 @@ def explained(kill: Kill, record: Attempt, setup: Setup) -> bool:
         return finished  # the run got to its end before the kill's moment; anything else is a failure
     if kill.kind == "SIGTERM" and finished:
         return True  # after the last step the loop is over: the run ends as it would have
+    if kill.kind == "SIGTERM" and record.handlers_ready:
+        return record.status == PREEMPTED_EXIT_CODE  # a stop, from the start-up on, saves what there is and exits 75
     allowed = expected_statuses(kill, setup.processes)
     return record.status != 0 if allowed is None else record.status in allowed
 
@@ -515,6 +524,7 @@ def send_at_moment(trainer: Trainer, kill: Kill, resumed_at: int, ref: Reference
         return
     begun = training_begun(trainer.log_file)
     record.step_when_sent = last_step(run_dir) if begun else None
+    record.handlers_ready = run_logged(trainer.log_file)
     if not trainer.send(kill.kind, kill.target):
         record.moment = ENDED_FIRST
         return
