@@ -15,6 +15,9 @@ What plain `accelerate launch` does, observed with accelerate 1.15 / torch 2.14 
   the others and raises ChildFailedError listing every non-zero status, its own kills included (a rank
   still shutting down after printing the same error showed -15), printed as a report after a traceback.
 
+Accelerate 1.16's one-process launcher also takes SIGTERM over while it waits (exit 143, the trainer killed
+5 s later): `run_one_process` runs the command it prepares instead.
+
 Here: torch's handler is kept off SIGTERM/SIGINT (torchrun's --signals_to_handle, through its PET_
 variable), so the agent never tears the workers down on a signal; this launcher's handler passes the
 stop on to its children (the trainer or the workers) and Accelerate's launcher keeps waiting for them.
@@ -153,10 +156,26 @@ def status_of_ranks(statuses: dict[int, int]) -> int:
     return shell_status(code)
 
 
+def run_one_process(args) -> None:
+    """Accelerate's one-process launch (its simple_launcher): the command and environment Accelerate prepares,
+    run and waited on here. Accelerate 1.16's own launcher takes SIGTERM over while it waits, exits 143 and kills
+    the trainer 5 s later, in the middle of its save; here the StopForwarder passes the signal on and the
+    trainer's own status comes back, as a CalledProcessError like Accelerate's."""
+    from accelerate.utils.launch import prepare_simple_launcher_cmd_env
+
+    command, environment = prepare_simple_launcher_cmd_env(args)
+    returncode = subprocess.Popen(command, env=environment).wait()  # a handled signal does not end the wait
+    if returncode != 0:
+        raise subprocess.CalledProcessError(returncode=returncode, cmd=command)
+
+
 def launch(args) -> BaseException | None:
-    """Accelerate's launch_command; the exception it ended with, if any."""
+    """Accelerate's launch_command, with its one-process launcher replaced by `run_one_process` (launch_command
+    picks its launchers by name from its module); the exception it ended with, if any."""
+    import accelerate.commands.launch as accelerate_launch
     from accelerate.commands.launch import launch_command
 
+    accelerate_launch.simple_launcher = run_one_process
     try:
         launch_command(args)
     except Exception as error:  # noqa: BLE001 - read by exit_status, outside the launch
