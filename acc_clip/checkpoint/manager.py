@@ -61,6 +61,7 @@ from acc_clip.model.weights import (
     tensor_bytes,
 )
 from acc_clip.runtime import parallel
+from acc_clip.runtime.device import host_vote
 from acc_clip.runtime.faults import fault_point
 from acc_clip.runtime.parallel import full_state_dict, unwrap
 from acc_clip.runtime.run_dir import CHECKPOINTS_DIR, METRICS_FILE, RESULTS_FILE, SAMPLES_FILE, run_id
@@ -399,11 +400,7 @@ class CheckpointManager:
         by_steps = every > 0 and progress.global_step % every == 0
         if minutes <= 0:
             return by_steps
-        late = monotonic() - self._last_save >= minutes * 60
-        if host_group is not None:
-            vote = torch.tensor([int(late)], dtype=torch.int32)
-            torch.distributed.all_reduce(vote, op=torch.distributed.ReduceOp.MAX, group=host_group)
-            late = bool(vote.item())
+        late = host_vote(monotonic() - self._last_save >= minutes * 60, host_group)  # first: every process votes
         return by_steps or late
 
     def save(self, model, optimizer, progress: Progress) -> str:
@@ -445,12 +442,7 @@ class CheckpointManager:
         Every process must call this once per step."""
         if self._pending is None:
             return
-        written = self._pending.done()
-        if host_group is not None:
-            vote = torch.tensor([int(written)], dtype=torch.int32)
-            torch.distributed.all_reduce(vote, op=torch.distributed.ReduceOp.MIN, group=host_group)
-            written = bool(vote.item())
-        if written:
+        if host_vote(self._pending.done(), host_group, every=True):
             self.complete()
 
     def complete(self) -> None:

@@ -34,19 +34,19 @@ def folder_bytes(folder: str) -> int:
     return sum(list_files(folder).values())
 
 
-def folder_hashes(folder: str) -> dict[str, str]:
-    """{relative path: SHA-256} of every file under `folder`."""
-    return {name: file_sha256(os.path.join(folder, name)) for name in list_files(folder)}
-
-
 def seal(folder: str, record: dict[str, Any], known: dict[str, tuple[int, str]] | None = None) -> None:
     """Write the manifest: `record` plus every file with its size and hash; `known` gives {file: (size, hash)}
     already computed (by the processes that wrote them), the others are hashed here. Call it once the files
     are complete; the caller flushes and renames the folder into place."""
     known = known or {}
     files = list_files(folder)
-    hashes = {name: known[name][1] if known.get(name, (None,))[0] == size else "" for name, size in files.items()}
-    hashes = {name: digest or file_sha256(os.path.join(folder, name)) for name, digest in hashes.items()}
+    hashes = {}
+    for name, size in files.items():
+        size_and_hash = known.get(name)
+        if size_and_hash is not None and size_and_hash[0] == size:
+            hashes[name] = size_and_hash[1]
+        else:
+            hashes[name] = file_sha256(os.path.join(folder, name))
     manifest = {**record, "files": files, "sha256": hashes}
     with open(os.path.join(folder, MANIFEST), "w") as file:
         json.dump(manifest, file, indent=1)

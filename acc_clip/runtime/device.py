@@ -345,6 +345,18 @@ def host_process_group(accelerator):
     return torch.distributed.new_group(backend="gloo")
 
 
+def host_vote(flag: bool, host_group, *, every: bool = False) -> bool:
+    """Whether any process (or, `every`, all of them) holds `flag`, the same answer on every process, agreed
+    over the CPU group of `host_process_group` (None with one process: this process's own flag), so the device
+    is not synchronised. Every process must call it at the same point."""
+    if host_group is None:
+        return flag
+    vote = torch.tensor([int(flag)], dtype=torch.int32)
+    op = torch.distributed.ReduceOp.MIN if every else torch.distributed.ReduceOp.MAX
+    torch.distributed.all_reduce(vote, op=op, group=host_group)
+    return bool(vote.item())
+
+
 def peak_memory_bytes(plan: DevicePlan) -> int | None:
     if plan.kind == "cuda":
         return torch.cuda.max_memory_allocated()

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import signal
 
-import torch
+from acc_clip.runtime.device import host_vote
 
 PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: stopped on a stop signal after saving; rerun with --resume latest
 # The signals a run may be told to stop on. Their default action kills a process, so loader workers ignore
@@ -62,13 +62,10 @@ class StopSignal:
         different times; all must stop after the same step or the save's collectives would hang.
         The vote goes over a CPU process group (None with one process), so the device is not
         synchronised. Every rank must call this once per step."""
-        if host_group is None:
-            return self.requested
-        vote = torch.tensor([int(self.requested)], dtype=torch.int32)
-        torch.distributed.all_reduce(vote, op=torch.distributed.ReduceOp.MAX, group=host_group)
-        if vote.item() and not self.requested:
+        stopping = host_vote(self.requested, host_group)
+        if stopping and not self.requested:
             self.signal_name = "a stop signal on another process"
-        return bool(vote.item())
+        return stopping
 
 
 def ignore_stop_signals(worker_id: int) -> None:
