@@ -144,6 +144,7 @@ class RunRecord:
     seed: int = 0
     batch_size: int = 1
     accum_freq: int = 1
+    auto_micro_batch: bool = False  # batch_size and accum_freq were chosen by the memory probe (--auto-micro-batch)
     train_data: str | None = None
     order: dict[str, Any] = field(default_factory=dict)  # what the data source's sample order depends on
 
@@ -525,6 +526,7 @@ class CheckpointManager:
             "world_size": world_size,
             "global_micro_batch": record.batch_size * world_size,
             "accum_freq": record.accum_freq,
+            "auto_micro_batch": record.auto_micro_batch,
             "steps_per_epoch": self.steps_per_epoch,
             "train_data": record.train_data,
             "order": record.order,

@@ -355,11 +355,3 @@ def host_vote(flag: bool, host_group, *, every: bool = False) -> bool:
     op = torch.distributed.ReduceOp.MIN if every else torch.distributed.ReduceOp.MAX
     torch.distributed.all_reduce(vote, op=op, group=host_group)
     return bool(vote.item())
-
-
-def peak_memory_bytes(plan: DevicePlan) -> int | None:
-    if plan.kind == "cuda":
-        return torch.cuda.max_memory_allocated()
-    if plan.kind == "sdaa":
-        return torch.sdaa.max_memory_allocated()  # type: ignore[attr-defined]  # torch_sdaa adds it
-    return None

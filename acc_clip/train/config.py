@@ -15,6 +15,7 @@ from acc_clip.checkpoint.manager import CheckpointOptions
 from acc_clip.config.parsing import Config, from_values, parse, unmet_needs
 from acc_clip.config.schema import POSITIVE, Domain, Section, option
 from acc_clip.data import DataOptions, check_train_source, source_options
+from acc_clip.errors import UsageError
 from acc_clip.evaluation.evaluator import EvaluationOptions
 from acc_clip.loss import ObjectiveOptions, check_objective, objective_options
 from acc_clip.model.optim import OptimizerOptions, resolve_defaults
@@ -37,6 +38,13 @@ class TrainingOptions(Section):
         train_only=True,
     )
     accum_freq: int = option(1, "micro-batches per optimizer step, contrastive-exact", domain=POSITIVE, train_only=True)
+    auto_micro_batch: bool = option(
+        False,
+        "--batch-size becomes each process's batch per optimizer step, trained as the fewest equal "
+        "micro-batches that fit in device memory (tried at start-up, backing off on out-of-memory) with "
+        "contrastive-exact accumulation: the update is the full batch's, whatever fitted (instead of --accum-freq)",
+        train_only=True,
+    )
     stop_signals: str = option(
         DEFAULT_STOP_SIGNALS,
         "comma-separated signals that end the run after its current step with a checkpoint and exit status 75 "
@@ -44,6 +52,13 @@ class TrainingOptions(Section):
         domain=Domain(f"signal names among {', '.join(STOPPABLE)}", are_stop_signals, ("SIGKILL", "", "SIGFOO")),
         train_only=True,
     )
+
+    def check(self) -> None:
+        if self.auto_micro_batch and self.accum_freq != 1:
+            raise UsageError(
+                f"--auto-micro-batch chooses the micro-batches itself: drop --accum-freq {self.accum_freq} "
+                "(--batch-size is then each process's batch per optimizer step)"
+            )
 
 
 class TrainConfig(Config):

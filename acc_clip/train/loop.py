@@ -27,14 +27,17 @@ from acc_clip.errors import DataError, UsageError
 from acc_clip.evaluation.evaluator import Evaluator, format_metrics
 from acc_clip.loss import create_objective, model_overrides, objective_identity
 from acc_clip.model.build import create_model, uses_channels_last
+from acc_clip.model.flops import count_train_flops, describe
 from acc_clip.model.optim import create_lr_schedule, create_optimizer
 from acc_clip.model.options import recorded
-from acc_clip.runtime import parallel
-from acc_clip.runtime.device import host_process_group, peak_memory_bytes
+from acc_clip.runtime import parallel, throughput
+from acc_clip.runtime.device import host_process_group
+from acc_clip.runtime.memory import MemoryMeter
 from acc_clip.runtime.run_dir import release_run_lock
 from acc_clip.runtime.signals import PREEMPTED_EXIT_CODE, StopSignal, parse_stop_signals
 from acc_clip.train.config import TrainConfig, parse_train_config
-from acc_clip.train.metrics import MetricsLogger, StepRecord
+from acc_clip.train.metrics import MetricsLogger, StepRecord, Throughput
+from acc_clip.train.micro_batch import Trial, choose_split
 from acc_clip.train.run import start_run
 from acc_clip.train.samples import SampleLog
 from acc_clip.train.step import agree_batch_sizes, train_step
@@ -80,6 +83,72 @@ def prepare_model(config: TrainConfig, model: torch.nn.Module, accelerator, plan
     return model, optimizer, channels_last
 
 
+def input_sizes(model: torch.nn.Module, tokenizer) -> tuple[tuple[int, int], int] | None:
+    """The model's image size (height, width) and the tokenizer's context length; None where unknown."""
+    image_size = getattr(getattr(model, "visual", None), "image_size", None)
+    context_length = getattr(tokenizer, "context_length", None)
+    if image_size is None or context_length is None:
+        return None
+    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
+    return (int(size[0]), int(size[1])), int(context_length)
+
+
+def measure_throughput(config: TrainConfig, model: torch.nn.Module, tokenizer, kind: str) -> Throughput | None:
+    """The model's FLOPs per sample (counted once, on the meta device) and the device's peak, for the
+    metrics' TFLOP/s and MFU; None, said in one line, where the model's input sizes are not known."""
+    sizes = input_sizes(model, tokenizer)
+    if sizes is None:
+        log.info("no FLOP count: the model does not say its input size; no TFLOP/s or MFU in the metrics")
+        return None
+    image_size, context_length = sizes
+    flops = count_train_flops(model, image_size=image_size, context_length=context_length)
+    name, dtype = throughput.device_name(kind), throughput.compute_dtype(kind, config.runtime.precision)
+    peak = config.logging.peak_tflops or throughput.peak_tflops(name, dtype)
+    source = "--peak-tflops" if config.logging.peak_tflops else f"{name}, {dtype}"
+    log.info(
+        "model: %s; %s",
+        describe(flops),
+        f"MFU against a peak of {peak:g} TFLOP/s ({source})"
+        if peak
+        else f"no MFU: the peak of {name} at {dtype} is not in acc_clip's table (set --peak-tflops)",
+    )
+    return Throughput(flops.total, peak)
+
+
+def settle_micro_batch(config: TrainConfig, bundle, objective, accelerator, input_dtype, host_group) -> None:
+    """--auto-micro-batch: probe the largest micro-batch that fits (train/micro_batch.py) and train
+    --batch-size as that many micro-batches: config.data.batch_size and config.training.accum_freq become
+    the split, as if given by hand."""
+    if parallel.is_fsdp(accelerator):
+        raise UsageError(
+            "--auto-micro-batch under FSDP: not supported (the probe's forward gathers weights across the "
+            "processes, and one process out of memory would leave the others waiting); set --accum-freq"
+        )
+    sizes = input_sizes(bundle.model, bundle.tokenizer)
+    if sizes is None:
+        raise UsageError("--auto-micro-batch: this model does not say its input size; set --accum-freq instead")
+    (height, width), context_length = sizes
+    model = bundle.model.to(accelerator.device)
+    trial = Trial(
+        model,
+        objective,
+        image_shape=(3, height, width),
+        context_length=context_length,
+        device=accelerator.device,
+        autocast=accelerator.autocast,
+        input_dtype=input_dtype,
+    )
+    step_batch = config.data.batch_size
+    micro_batch, accum_freq = choose_split(step_batch, trial, host_group)
+    config.data.batch_size, config.training.accum_freq = micro_batch, accum_freq
+    log.info(
+        "--auto-micro-batch: %d samples per process and step, as %d micro-batch(es) of %d (the largest that fits)",
+        step_batch,
+        accum_freq,
+        micro_batch,
+    )
+
+
 def run_record(config: TrainConfig, order: dict | None = None) -> RunRecord:
     """What the checkpoints record of this run besides its progress."""
     return RunRecord(
@@ -92,6 +161,7 @@ def run_record(config: TrainConfig, order: dict | None = None) -> RunRecord:
         seed=config.runtime.seed,
         batch_size=config.data.batch_size,
         accum_freq=config.training.accum_freq,
+        auto_micro_batch=config.training.auto_micro_batch,
         train_data=config.data.train_data,
         order=order or {},
     )
@@ -104,10 +174,14 @@ def train(config: TrainConfig, notices: Sequence[str] = ()) -> int:  # noqa: PLR
     plan, accelerator, run_dir = run.plan, run.accelerator, run.run_dir
     host_group = host_process_group(accelerator)  # ranks agree on batch sizes and on stopping over it
     rank, world_size = accelerator.process_index, accelerator.num_processes
-    seed, accum_freq = config.runtime.seed, config.training.accum_freq
+    seed = config.runtime.seed
 
     bundle = create_model(config.model, precision=config.runtime.precision, seed=seed, **model_overrides(config))
     torch.manual_seed(seed + rank)  # create_model seeded the RNGs with `seed` first, as open_clip_train does
+    objective = create_objective(config, rank, world_size, accelerator.device, accelerator.autocast)
+    if config.training.auto_micro_batch:
+        settle_micro_batch(config, bundle, objective, accelerator, plan.input_dtype, host_group)
+    accum_freq = config.training.accum_freq
     # uint8 crops from the workers, normalised on the device (or decoded there): acc_clip/data/pixels.py
     image_transform = train_transform(
         bundle.preprocess_train, decode_on_device=config.data.decode_on_device, device=accelerator.device
@@ -121,11 +195,11 @@ def train(config: TrainConfig, notices: Sequence[str] = ()) -> int:  # noqa: PLR
             f"{data.batches_per_epoch} micro-batches per epoch cannot make one step of --accum-freq {accum_freq}"
         )
     steps_per_epoch = data.batches_per_epoch // accum_freq
+    speed = measure_throughput(config, bundle.model, bundle.tokenizer, plan.kind)
     model, optimizer, channels_last = prepare_model(config, bundle.model, accelerator, plan)
     schedule = create_lr_schedule(
         optimizer, config.optimizer, epochs=config.training.epochs, steps_per_epoch=steps_per_epoch
     )
-    objective = create_objective(config, rank, world_size, accelerator.device, accelerator.autocast)
     global_batch = config.data.batch_size * accum_freq * world_size
     metrics = MetricsLogger(
         run_dir if accelerator.is_main_process else None,
@@ -136,7 +210,11 @@ def train(config: TrainConfig, notices: Sequence[str] = ()) -> int:  # noqa: PLR
         world_size,
         accelerator=accelerator,
         show_progress=sys.stderr.isatty(),
+        metric_every_n_steps=config.logging.log_metric_every_n_steps,
+        loss_ema_samples=config.logging.train_loss_ema_samples,
+        throughput=speed,
     )
+    memory = MemoryMeter(plan.kind)
     saver = CheckpointManager(run_dir, config.checkpoint, run_record(config, data.order), accelerator)
     progress = saver.resume(model, optimizer, steps_per_epoch)
     if progress.step_in_epoch > steps_per_epoch:
@@ -202,6 +280,7 @@ def train(config: TrainConfig, notices: Sequence[str] = ()) -> int:  # noqa: PLR
                     data_time,
                     end - start,
                     progress.samples_seen,
+                    memory.step_figures(),
                 )
             )
             start = end
@@ -250,8 +329,9 @@ def train(config: TrainConfig, notices: Sequence[str] = ()) -> int:  # noqa: PLR
         if progress.global_step >= max_steps:
             break
     saver.complete()
-    peak = peak_memory_bytes(plan)
-    log.info("training done: %d steps%s", progress.global_step, f", peak memory {peak / 2**30:.2f} GiB" if peak else "")
+    peak = memory.run_peak_bytes / 2**30
+    where = "device memory" if plan.kind in ("cuda", "sdaa") else "host memory at a step's end"
+    log.info("training done: %d steps%s", progress.global_step, f", peak {where} {peak:.2f} GiB" if peak else "")
     accelerator.end_training()
     return 0
 

@@ -26,9 +26,9 @@ from acc_clip.runtime.device import (
     check_bn_sync,
     hide_gpus_from_cpu_processes,
     make_accelerator,
-    peak_memory_bytes,
     plan_device,
 )
+from acc_clip.runtime.memory import MemoryMeter
 from helpers import REPO
 
 STUB = REPO / "tests" / "sdaa_stub"
@@ -57,7 +57,7 @@ def test_sdaa_plan_follows_accelerate(sdaa, monkeypatch):
     # (runtime.device.grad_scaler is gone: Accelerate's own scaler is checked in test_accelerate_places_sdaa_as_planned)
     assert plan_device("sdaa", "amp_bf16", local_rank=3).device == "sdaa:3"
     assert plan_device("sdaa", "amp_bf16").uses_grad_scaler is False
-    assert peak_memory_bytes(plan) == 123 * 2**20
+    assert MemoryMeter(plan.kind).step_figures() == {"memory_peak_gib": 123 / 1024}  # what the stub's allocator has
     check_bn_sync(plan, True)  # SyncBatchNorm runs on SDAA: no refusal
 
 
@@ -146,7 +146,7 @@ def test_cpu_plan(precision, mixed, input_dtype):
     plan = plan_device("cpu", precision)
     assert (plan.device, plan.backend, plan.mixed_precision, plan.uses_grad_scaler) == ("cpu", "gloo", mixed, False)
     assert plan.input_dtype == input_dtype
-    assert peak_memory_bytes(plan) is None
+    assert set(MemoryMeter(plan.kind).step_figures()) == {"host_resident_gib"}
 
 
 def write_cpuinfo(path, flags: str):
