@@ -8,12 +8,17 @@ phases below are spans of their own (record_function). A step's span runs from t
 reading to the start of the next step, so it holds its own save and, after an epoch's last step, the epoch's
 save and evaluation.
 
+The step before A is torch's warm-up (the profiler starts and drops what it sees, so its start-up cost stays
+out of the trace). torch labels steps by its own count, from the process's first step: in a run resumed at
+step R, step N is `ProfilerStep#(N-R)` (said at start-up); its counter is not settable through its API.
+
 Without the flag no profiler exists: the phases' record_function markers cost a few microseconds each and
-change nothing else.
+change nothing else. With it, until the window is over, torch's `step()` adds a few microseconds a step.
 """
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
 import re
@@ -88,8 +93,7 @@ def activities(device_kind: str) -> list[ProfilerActivity]:
 
 
 def scheduled(step: int, window: tuple[int, int] | None) -> ProfilerAction:
-    """What torch's profiler does during `step`. The step before the window is torch's warm-up: the profiler
-    starts then and drops what it saw, so its start-up cost stays out of the trace."""
+    """What torch's profiler does during `step`: warm up the step before the window, record the window."""
     if window is None:
         return ProfilerAction.NONE
     first, last = window
@@ -132,6 +136,9 @@ class StepProfiler:
 
     def _start(self) -> None:
         os.makedirs(self.folder, exist_ok=True)
+        # An interpreter that exits with the profiler recording crashes (SIGSEGV, torch 2.14), which would
+        # replace the exit status of an error raised inside the window: close it first on every way out.
+        atexit.register(self.close)
         self._stack = ExitStack()
         self._profiler = self._stack.enter_context(
             torch.profiler.profile(
@@ -158,6 +165,7 @@ class StepProfiler:
     def close(self) -> None:
         """Ends the profiler; a window cut short (the run ended or stopped inside it) is written as far as it got."""
         if self._stack is not None:
+            atexit.unregister(self.close)
             self._stack.close()
             self._stack = None
         if self.window is not None and not self._written:

@@ -5,6 +5,8 @@ step's span holds the step's phases; and profiling changes nothing the run compu
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -13,7 +15,7 @@ import pytest
 from acc_clip.runtime.run_dir import PROFILE_DIR
 from acc_clip.train.profiling import BACKWARD, DATA, FORWARD, FORWARD_NO_GRAD, LOSS, OPTIMIZER, PHASES, SAVE
 from background_trainer import two_processes
-from helpers import read_metrics, run_trainer, tiny_train_args
+from helpers import REPO, read_metrics, run_trainer, tiny_train_args
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")  # the same losses to the last bit in both runs
 STEP = "ProfilerStep#"
@@ -58,3 +60,19 @@ def test_two_processes_write_one_trace_each_with_accumulation(train_csv, tmp_pat
         # --accum-freq 2: one pass without gradient over both micro-batches, then each with gradient.
         assert phases[1][FORWARD_NO_GRAD] == 1 and phases[1][FORWARD] == phases[1][BACKWARD] == 2, phases[1]
         assert {DATA, LOSS, OPTIMIZER} <= set(phases[1])
+
+
+def test_an_error_inside_the_window_keeps_its_exit_status_and_writes_what_was_traced(tmp_path):
+    """A process that exits with torch's profiler recording dies of SIGSEGV (torch 2.14): an error raised
+    inside the window (a diverged loss: 6) must still end the process with its own status."""
+    script = (
+        "import sys\n"
+        "from acc_clip.train.profiling import StepProfiler\n"
+        f"profiler = StepProfiler((0, 3), {str(tmp_path)!r}, 0, 'cpu', 0)\n"
+        "profiler.begin_step(0)\n"
+        "profiler.begin_step(1)\n"
+        "sys.exit(6)\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert result.returncode == 6, result.stderr[-2000:]
+    assert len(list((tmp_path / PROFILE_DIR).glob("rank0.*.pt.trace.json"))) == 1
