@@ -23,6 +23,7 @@ from acc_clip.model.options import ModelOptions
 from acc_clip.runtime.device import RuntimeOptions
 from acc_clip.runtime.signals import DEFAULT_STOP_SIGNALS, STOPPABLE, are_stop_signals
 from acc_clip.train.metrics import LoggingOptions
+from acc_clip.train.profiling import ProfilingOptions
 
 
 @dataclass
@@ -96,6 +97,10 @@ class TrainConfig(Config):
     def runtime(self) -> RuntimeOptions:
         return self[RuntimeOptions]
 
+    @property
+    def profiling(self) -> ProfilingOptions:
+        return self[ProfilingOptions]
+
 
 def sections() -> list[type]:
     """Every section the training command takes, the registries' own included."""
@@ -111,6 +116,7 @@ def sections() -> list[type]:
         EvaluationOptions,
         LoggingOptions,
         RuntimeOptions,
+        ProfilingOptions,
     ]
 
 

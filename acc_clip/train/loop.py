@@ -19,6 +19,7 @@ import time
 from collections.abc import Sequence
 
 import torch
+from torch.profiler import record_function
 
 from acc_clip.checkpoint.manager import CheckpointManager, RunRecord
 from acc_clip.data import build_train_data, check_bad_fraction
@@ -38,6 +39,7 @@ from acc_clip.runtime.signals import PREEMPTED_EXIT_CODE, StopSignal, parse_stop
 from acc_clip.train.config import TrainConfig, parse_train_config
 from acc_clip.train.metrics import MetricsLogger, StepRecord, Throughput
 from acc_clip.train.micro_batch import Trial, choose_split
+from acc_clip.train.profiling import DATA, SAVE, step_profiler
 from acc_clip.train.run import start_run
 from acc_clip.train.samples import SampleLog
 from acc_clip.train.step import agree_batch_sizes, train_step
@@ -233,6 +235,7 @@ def train(config: TrainConfig, notices: Sequence[str] = ()) -> int:  # noqa: PLR
     sample_log = SampleLog(run_dir, rank) if config.logging.log_samples else None
     samples_read = samples_bad = samples_trimmed = 0
     max_steps = config.training.max_steps or math.inf
+    profiler = step_profiler(config.profiling, run_dir, rank, plan.kind, progress.global_step)
 
     for epoch in range(progress.epoch, config.training.epochs):
         model.train()
@@ -243,9 +246,11 @@ def train(config: TrainConfig, notices: Sequence[str] = ()) -> int:  # noqa: PLR
         for step_in_epoch in range(progress.step_in_epoch, steps_per_epoch):
             if progress.global_step >= max_steps:
                 break
-            micro_batches = [
-                decode_encoded_batch(next(batches), image_transform, accelerator.device) for _ in range(accum_freq)
-            ]
+            profiler.begin_step(progress.global_step)
+            with record_function(DATA):
+                micro_batches = [
+                    decode_encoded_batch(next(batches), image_transform, accelerator.device) for _ in range(accum_freq)
+                ]
             samples_read += sum(len(b.indices) + b.num_bad for b in micro_batches)
             samples_bad += sum(b.num_bad for b in micro_batches)
             if (error := check_bad_fraction(samples_bad, samples_read, config.data.max_bad_fraction)) is not None:
@@ -258,10 +263,11 @@ def train(config: TrainConfig, notices: Sequence[str] = ()) -> int:  # noqa: PLR
                 [len(b.indices) for b in micro_batches],
                 trimmed,
             )
-            device_batches = [
-                to_device(b, image_transform, accelerator.device, channels_last, plan.input_dtype)
-                for b in micro_batches
-            ]
+            with record_function(DATA):
+                device_batches = [
+                    to_device(b, image_transform, accelerator.device, channels_last, plan.input_dtype)
+                    for b in micro_batches
+                ]
             data_time = time.perf_counter() - start
             lr = schedule(progress.global_step)
             losses = train_step(
@@ -293,8 +299,10 @@ def train(config: TrainConfig, notices: Sequence[str] = ()) -> int:  # noqa: PLR
             stopping = stop.agreed(host_group)  # every rank stops after the same step
             if saver.step_save_due(progress, host_group) or stopping:
                 metrics.flush()
-                saver.save(model, optimizer, progress)
+                with record_function(SAVE):
+                    saver.save(model, optimizer, progress)
             if stopping:
+                profiler.close()  # a window cut short is written as far as it got
                 saver.complete()
                 log.warning(
                     "stopping on %s after step %d; resume with --resume latest", stop.signal_name, progress.global_step
@@ -312,7 +320,8 @@ def train(config: TrainConfig, notices: Sequence[str] = ()) -> int:  # noqa: PLR
                 samples_bad,
                 samples_trimmed,
             )
-            saver.end_of_epoch(model, optimizer, progress)
+            with record_function(SAVE):
+                saver.end_of_epoch(model, optimizer, progress)
             report_evaluation(
                 evaluate(
                     evaluator,
@@ -328,6 +337,7 @@ def train(config: TrainConfig, notices: Sequence[str] = ()) -> int:  # noqa: PLR
             )
         if progress.global_step >= max_steps:
             break
+    profiler.close()
     saver.complete()
     peak = memory.run_peak_bytes / 2**30
     where = "device memory" if plan.kind in ("cuda", "sdaa") else "host memory at a step's end"

@@ -15,6 +15,8 @@ larger. Two departures from open_clip_train 3.3, both so that the update equals 
 Several processes: ranks must hold equally many samples for the feature all-gather, and a rank
 that skipped a corrupt sample holds fewer; `agree_batch_sizes` trims every rank to the smallest,
 agreed over a CPU process group so the device is not synchronised.
+
+The parts of a step are spans named after their phase (train/profiling.py), which --profile-steps traces.
 """
 
 from __future__ import annotations
@@ -22,12 +24,14 @@ from __future__ import annotations
 from contextlib import nullcontext
 
 import torch
+from torch.profiler import record_function
 
 from acc_clip.data.common import Batch
 from acc_clip.errors import DataError
 from acc_clip.loss import PER_MODEL_OUTPUTS, Objective, model_rows, total_loss
 from acc_clip.model.build import clamp_logit_scale
 from acc_clip.runtime import parallel
+from acc_clip.train.profiling import BACKWARD, DATA, FORWARD, FORWARD_NO_GRAD, LOSS, OPTIMIZER
 
 MicroBatch = tuple[torch.Tensor, torch.Tensor]  # (images, texts) on the device
 
@@ -47,14 +51,17 @@ def assemble(cached: list[dict], j: int, fresh: dict, last: bool) -> dict:
 
 
 def _accumulate(model, micro_batches: list[MicroBatch], objective: Objective, accelerator) -> dict:
-    with torch.no_grad():
+    with torch.no_grad(), record_function(FORWARD_NO_GRAD):
         cached = [model_rows(objective, model, images, texts) for images, texts in micro_batches]
     last = len(micro_batches) - 1
     for j, (images, texts) in enumerate(micro_batches):
         with parallel.no_sync(accelerator, model) if j < last else nullcontext():
-            fresh = {**cached[j], **objective.rows(model(images, texts))}  # the targets are not recomputed
-            losses = objective(assemble(cached, j, fresh, j == last))
-            accelerator.backward(total_loss(losses))
+            with record_function(FORWARD):
+                fresh = {**cached[j], **objective.rows(model(images, texts))}  # the targets are not recomputed
+            with record_function(LOSS):
+                losses = objective(assemble(cached, j, fresh, j == last))
+            with record_function(BACKWARD):
+                accelerator.backward(total_loss(losses))
     return losses
 
 
@@ -71,15 +78,21 @@ def train_step(
     rows (`objective.mean_over_processes`), they are averaged over the processes, which gives the
     one-process value."""
     if len(micro_batches) == 1:
-        losses = objective(model_rows(objective, model, *micro_batches[0]))
-        accelerator.backward(total_loss(losses))
+        with record_function(FORWARD):
+            rows = model_rows(objective, model, *micro_batches[0])
+        with record_function(LOSS):
+            losses = objective(rows)
+        del rows  # as before the phases were split: the features (CoCa's logits) not held past the backward
+        with record_function(BACKWARD):
+            accelerator.backward(total_loss(losses))
     else:
         losses = _accumulate(model, micro_batches, objective, accelerator)
-    if grad_clip_norm is not None:
-        accelerator.clip_grad_norm_(model.parameters(), grad_clip_norm)
-    optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-    clamp_logit_scale(parallel.unwrap(model))
+    with record_function(OPTIMIZER):
+        if grad_clip_norm is not None:
+            accelerator.clip_grad_norm_(model.parameters(), grad_clip_norm)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        clamp_logit_scale(parallel.unwrap(model))
     losses = {"loss": total_loss(losses).detach(), **{name: value.detach() for name, value in losses.items()}}
     if objective.mean_over_processes and accelerator.num_processes > 1:
         mean = accelerator.reduce(torch.stack(list(losses.values())), reduction="mean")  # one device collective
@@ -91,6 +104,7 @@ def _trim(batch: Batch, size: int) -> Batch:
     return Batch(batch.images[:size], batch.texts[:size], batch.indices[:size], batch.num_bad)
 
 
+@record_function(DATA)  # waiting here for the other processes' batches is data time
 def agree_batch_sizes(micro_batches: list[Batch], group) -> tuple[list[Batch], int]:
     """Cut micro-batch j on every rank to the smallest size any rank holds for it, and drop
     micro-batches left empty; returns the batches and how many good samples were cut here.
