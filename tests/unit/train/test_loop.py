@@ -7,8 +7,10 @@ from __future__ import annotations
 import os
 from types import SimpleNamespace
 
+import open_clip
 import pytest
 
+from acc_clip.model.flops import count_train_flops
 from acc_clip.runtime.run_dir import WANDB_ID_FILE
 from acc_clip.train.config import parse_train_config as parse_config
 from acc_clip.train.loop import train
@@ -127,3 +129,25 @@ def test_start_trackers_hands_wandb_its_id_on_the_main_process_only(tmp_path, re
         assert init_kwargs["wandb"]["resume"] == "allow"
     else:
         assert "wandb" not in init_kwargs
+
+
+def test_each_record_holds_the_models_flops_and_mfu_against_peak_tflops(in_process, tmp_path):
+    """The loop counts the run's model (tiny ViT: 32 px images, 32 tokens) and turns each step's time into
+    TFLOP/s per device and MFU against --peak-tflops."""
+    config, _ = parse_config(
+        [
+            *("--dataset-type", "synthetic", "--train-num-samples", "16", "--batch-size", "4", "--max-steps", "3"),
+            *("--model", TINY_VIT, "--device", "cpu", "--precision", "fp32", "--workers", "0"),
+            *("--log-every-n-steps", "1", "--save-frequency", "0", "--logs", str(tmp_path), "--name", "run"),
+            *("--peak-tflops", "0.5"),
+        ]
+    )
+    assert train(config) == 0
+    expected = count_train_flops(open_clip.create_model(TINY_VIT), image_size=32, context_length=32).total
+    records = read_metrics(tmp_path / "run")
+    assert len(records) == 3
+    for record in records:
+        assert record["flops_per_sample"] == pytest.approx(expected, rel=1e-9)
+        assert record["tflops_per_device"] == pytest.approx(expected * 4 / record["batch_time"] / 1e12)
+        assert record["mfu"] == pytest.approx(record["tflops_per_device"] / 0.5)
+        assert record["host_resident_gib"] > 0
