@@ -15,7 +15,8 @@
 #
 # Needs torch and torchvision. Packages the machine lacks come from wheels in .whl/ (where
 # the lead carries them), installed offline into /tmp/site; nothing is fetched. Everything is
-# printed; with $OUT set, the results JSON and the run logs' tails also go there.
+# printed, MFU included (benchmarks/mfu.py); with $OUT set, the results JSON, the MFU figures and the run
+# logs' tails also go there.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON=${PYTHON:-python3}
@@ -88,11 +89,19 @@ EOF
 RESULTS=${OUT:-/tmp}/$NAME.json
 LOGS=${TMPDIR:-/tmp}/${NAME}_runs
 rm -rf "$LOGS"
+rm -f "$RESULTS"  # the MFU step below reads this run's results, never an earlier one's
 status=0
 # Later flags win: BENCH's --runs overrides SETTINGS'.
 "$PYTHON" -m benchmarks.bench_train "${SETTINGS[@]}" "${BENCH[@]}" \
   --data-dir "${TMPDIR:-/tmp}/bench_train_data" --out "$LOGS" --json "$RESULTS" \
   --time-budget $((BUDGET - SECONDS)) || status=$?
+# MFU of each contender (benchmarks/mfu.py): its samples/s times the model's FLOPs per sample as acc_clip
+# counts them, the same count for both trainers, over the GPU's dense peak for --precision; acc_clip's own
+# logged figures beside. Extra lines only: a failure here is said and leaves the exit status to the runs.
+if [[ -f "$RESULTS" ]]; then
+  "$PYTHON" -m benchmarks.mfu --results "$RESULTS" --json "${OUT:-/tmp}/${NAME}_mfu.json" \
+    || echo "mfu: not computed (the error is above)"
+fi
 echo "results JSON: $RESULTS"
 if [[ -n "${OUT:-}" && -d "$LOGS" ]]; then
   # The last lines of every run's log, so a failure can be read without the machine.
