@@ -5,7 +5,12 @@ B/k samples with contrastive-exact accumulation (train/step.py), for the smalles
 fits: k runs through B's divisors upwards, each size tried with a forward and a backward on stand-in
 inputs, and an out-of-memory error moves on to the next. Because accumulation here is exact, the update
 of a step is the one full batch of B would give, whatever k fitted (tests/integration/test_micro_batch.py
-holds it to 1e-5): the probe chooses speed and memory, never the result.
+holds it to 1e-5): the probe chooses speed and memory, never the result. Batch norm is the exception, as under
+--accum-freq: a ResNet normalises each micro-batch by that micro-batch's statistics.
+
+A resumed run probes again. The split is recorded in each checkpoint (batch_size, accum_freq,
+auto_micro_batch in the manifest's data): a resume inside an epoch whose probe chose another split is
+refused as a changed --accum-freq would be, since the epoch's order is kept in micro-batches.
 
 The trial runs the model and the objective's targets (a distillation teacher) at the micro-batch size
 and backpropagates a stand-in loss through every output that has a gradient. What the trial does not hold
