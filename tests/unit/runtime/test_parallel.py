@@ -118,8 +118,6 @@ def test_without_fsdp_the_functions_keep_their_one_process_meaning(accelerator):
 def test_fsdp_refuses_what_it_cannot_do_in_one_line(accelerator):
     model = tiny(TINY_VIT)
     with pytest.raises(AccClipError, match="--use-bn-sync"):
-        parallel.check_fsdp_options(accelerator, sync_batch_norm=True, compile_model=False, model=model)
-    with pytest.raises(AccClipError, match="--torchcompile"):
-        parallel.check_fsdp_options(accelerator, sync_batch_norm=False, compile_model=True, model=model)
+        parallel.check_fsdp_options(accelerator, sync_batch_norm=True, model=model)
     with pytest.raises(AccClipError, match="--precision"):
-        parallel.check_fsdp_options(accelerator, sync_batch_norm=False, compile_model=False, model=model.half())
+        parallel.check_fsdp_options(accelerator, sync_batch_norm=False, model=model.half())
