@@ -388,6 +388,23 @@ def backend_matches(planned: str, started: str | None) -> bool:
     return planned in [part.split(":")[-1] for part in (started or "").split(",")]
 
 
+def fsdp_for(plan: DevicePlan, flags: FsdpFlags | None):
+    """Accelerate's FSDP plugin from the launch config's fsdp section or from --fsdp (`flags`); None
+    without either."""
+    from acc_clip.runtime.parallel import fsdp_plugin, offloads, one_process_group
+
+    if flags is not None:
+        one_process_group()  # FSDP2 needs a process group, also of one process
+    plugin = fsdp_plugin(flags=flags)
+    if plugin is not None and plan.kind == "cpu" and offloads(plugin):
+        raise UsageError(
+            "FSDP's CPU offload (--fsdp-offload-cpu, or fsdp_offload_params: true in the launch config) with "
+            "--device cpu: the state is in host memory already, and torch's offload pins memory, which needs "
+            "a GPU; drop it"
+        )
+    return plugin
+
+
 def make_accelerator(
     plan: DevicePlan,
     *,
@@ -401,12 +418,10 @@ def make_accelerator(
     Accelerate agrees with the plan. `fsdp`: --fsdp's settings (FSDP2 without an FSDP launch config)."""
     from accelerate import Accelerator
 
-    from acc_clip.runtime.parallel import enable_fsdp_on_cpu, fsdp_plugin, kwargs_handlers, one_process_group
+    from acc_clip.runtime.parallel import enable_fsdp_on_cpu, kwargs_handlers
 
     hide_gpus_from_cpu_processes(plan)
-    if fsdp is not None:
-        one_process_group()  # FSDP2 needs a process group, also of one process
-    plugin = fsdp_plugin(flags=fsdp)  # the launch config's fsdp section or --fsdp's, None without either
+    plugin = fsdp_for(plan, fsdp)
     if plan.kind == "cuda":
         # open_clip_train's settings: TF32 matmuls and cuDNN autotuning.
         torch.backends.cuda.matmul.allow_tf32 = True
