@@ -371,12 +371,13 @@ class CheckpointManager:
         sharded_run, sharded_save = parallel.is_fsdp(self.accelerator), is_sharded_checkpoint(input_dir)
         if sharded_save and not sharded_run:
             raise UsageError(
-                f"--resume {input_dir}: a sharded (FSDP) checkpoint; resume it under an FSDP launch "
-                "config (launch/fsdp.yaml, any number of processes)"
+                f"--resume {input_dir}: a sharded (FSDP) checkpoint; resume it with --fsdp or under an FSDP "
+                "launch config (launch/fsdp.yaml), on any number of processes"
             )
         if sharded_run and not sharded_save:
             raise UsageError(
-                f"--resume {input_dir}: a DDP or one-process checkpoint; resume it without the FSDP launch config"
+                f"--resume {input_dir}: a DDP or one-process checkpoint; resume it without FSDP (no --fsdp, "
+                "no FSDP launch config)"
             )
         return sharded_run
 

@@ -292,8 +292,8 @@ def check_fsdp_options(accelerator, *, sync_batch_norm: bool, model: torch.nn.Mo
     dtypes = {parameter.dtype for parameter in model.parameters()}
     if dtypes != {torch.float32}:
         raise UsageError(
-            "--precision fp16/bf16/pure_*: the FSDP launch config keeps fp32 weights and computes in "
-            "the launch's mixed precision; use --precision amp, amp_bf16 or fp32"
+            "--precision fp16/bf16/pure_*: FSDP keeps fp32 weights and computes in the run's mixed "
+            "precision; use --precision amp, amp_bf16 or fp32"
         )
 
 
