@@ -23,9 +23,10 @@ from acc_clip.model.build import create_model, uses_channels_last
 from acc_clip.model.optim import create_optimizer
 from acc_clip.runtime import parallel
 from acc_clip.runtime.device import host_process_group, make_accelerator, plan_device
+from acc_clip.train.compiled import step_function
 from acc_clip.train.config import TrainConfig, parse_train_config
 from acc_clip.train.loop import to_device
-from acc_clip.train.step import agree_batch_sizes, train_step
+from acc_clip.train.step import agree_batch_sizes
 from helpers import TINY_COCA, TINY_VIT
 
 TEACHER = "{teacher}"  # stands for the distillation teacher's local-dir: name, given on the command line
@@ -185,12 +186,14 @@ def run_steps(
         optimizer = create_optimizer(model, config.optimizer, "cpu")
     else:  # plain SGD: the update is the gradient itself, so any gradient scale error shows
         optimizer = torch.optim.SGD(model.parameters(), lr=1.0)
-    model, optimizer = parallel.prepare(accelerator, model, optimizer, sync_batch_norm=False, compile_model=False)
+    compiling = config.runtime.compiling()  # --torchcompile: as the loop compiles (train/compiled.py)
+    model, optimizer = parallel.prepare(accelerator, model, optimizer, sync_batch_norm=False, compile_model=compiling)
     if counter is not None:
         model.register_comm_hook(None, counter.hook)
     if after_prepare is not None:
         after_prepare.install(model)
     objective = create_objective(config, rank, world_size, accelerator.device)
+    step = step_function(compiling, model, objective)
     host_group = host_process_group(accelerator)
     batches = iter(data.batches(0))
     losses, trimmed = [], 0
@@ -205,7 +208,7 @@ def run_steps(
         micro_batches, cut = agree_batch_sizes(micro_batches, host_group)
         trimmed += cut
         device_batches = [to_device(b, image_transform, accelerator.device, channels_last) for b in micro_batches]
-        losses.append(float(train_step(model, device_batches, objective, accelerator, optimizer)["loss"]))
+        losses.append(float(step(model, device_batches, objective, accelerator, optimizer)["loss"]))
         for watcher in (counter, after_prepare):
             if watcher is not None:
                 watcher.end_step()

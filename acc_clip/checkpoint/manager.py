@@ -106,6 +106,17 @@ class CheckpointOptions(Section):
         False, "delete the previous epoch_N.pt after saving a new one", train_only=True
     )
     resume: str | None = option(None, "'latest', a checkpoint folder, or an open_clip epoch_N.pt", train_only=True)
+    fsdp_checkpoint: str = option(
+        "full",
+        "under FSDP (--fsdp or an FSDP launch config), the form of the epoch saves, as open_clip's flag (full: "
+        "gathered on rank 0 into one .pt; sharded: each process writes its shards). full: epoch_N.pt and "
+        "epoch_latest.pt gathered whole in open_clip's layout, then the epoch's sharded step checkpoint; "
+        "sharded: the epoch's end writes only the sharded step checkpoint (no gather: faster, no whole copy "
+        "in memory; rotated by --keep-checkpoints like the others, and `acc-clip export` makes an epoch_N.pt "
+        "from it). Step checkpoints are sharded under FSDP either way",
+        choices=("full", "sharded"),
+        train_only=True,
+    )
     resume_changed_data: bool = option(
         False,
         "resume in the middle of an epoch although the data or what its order depends on changed since the save "
@@ -165,6 +176,9 @@ class CheckpointManager:
         self._pending_progress = Progress()
         self._started, self._needed_bytes = 0.0, 0
         self._raise_agreed(attempt(self._prepare_folder) if accelerator.is_main_process else None)
+        self.sharded_epochs = options.fsdp_checkpoint == "sharded" and parallel.is_fsdp(accelerator)
+        if options.fsdp_checkpoint == "sharded" and not self.sharded_epochs:
+            log.warning("--fsdp-checkpoint sharded has no effect without FSDP: epoch_N.pt files are written whole")
         # Weights are stored under their plain names, and loaded here with an architecture check.
         accelerator.register_save_state_pre_hook(_save_plain_weights)
         accelerator.register_load_state_pre_hook(self._load_weights)
@@ -358,12 +372,13 @@ class CheckpointManager:
         sharded_run, sharded_save = parallel.is_fsdp(self.accelerator), is_sharded_checkpoint(input_dir)
         if sharded_save and not sharded_run:
             raise UsageError(
-                f"--resume {input_dir}: a sharded (FSDP) checkpoint; resume it under an FSDP launch "
-                "config (launch/fsdp.yaml, any number of processes)"
+                f"--resume {input_dir}: a sharded (FSDP) checkpoint; resume it with --fsdp or under an FSDP "
+                "launch config (launch/fsdp.yaml), on any number of processes"
             )
         if sharded_run and not sharded_save:
             raise UsageError(
-                f"--resume {input_dir}: a DDP or one-process checkpoint; resume it without the FSDP launch config"
+                f"--resume {input_dir}: a DDP or one-process checkpoint; resume it without FSDP (no --fsdp, "
+                "no FSDP launch config)"
             )
         return sharded_run
 
@@ -574,6 +589,9 @@ class CheckpointManager:
             options.save_frequency > 0 and completed % options.save_frequency == 0
         )
         if not (due or options.save_most_recent):
+            return
+        if self.sharded_epochs:  # --fsdp-checkpoint sharded: the epoch's save is the sharded step checkpoint
+            self.save(model, optimizer, progress)
             return
         self._refuse_non_finite(model, progress)
         main = self.accelerator.is_main_process

@@ -21,8 +21,9 @@ from typing import ClassVar
 
 import torch
 
-from acc_clip.config.schema import Domain, Section, option
+from acc_clip.config.schema import Domain, Needs, Section, option
 from acc_clip.errors import ResourceError, UsageError
+from acc_clip.runtime.parallel import COMPILE_STRATEGIES, FsdpFlags, TorchCompile
 
 # open_clip_train's --precision -> Accelerate's mixed_precision (autocast, and a grad scaler for fp16). The amp
 # modes autocast; fp16/bf16 cast the weights (open_clip's convert_weights_to_lp) and pure_* the whole model, with
@@ -68,6 +69,29 @@ DEVICE = Domain(
 SEED = Domain("within 0 .. 2**32-1", lambda v: 0 <= v < 2**32, ("-1", str(2**32)))
 # torch's process-group backends, and those vendor packages register (SDAA's tccl, Ascend's hccl).
 DIST_BACKENDS = ("nccl", "gloo", "mpi", "ucc", "xccl", "tccl", "hccl")
+COMPILING = Needs("--torchcompile", lambda s: s.torchcompile)
+INDUCTOR = Needs(
+    "--torchcompile with the inductor backend (the default)",
+    lambda s: s.torchcompile and s.torchcompile_backend in (None, "inductor"),
+)
+FSDP = Needs("--fsdp", lambda s: s.fsdp)
+
+
+def _compile_backend(name: str) -> bool:
+    import torch._dynamo
+
+    return name in torch._dynamo.list_backends(exclude_tags=())
+
+
+def _compile_mode(name: str) -> bool:
+    import torch._inductor
+
+    return name in torch._inductor.list_mode_options()
+
+
+# torch.compile's backends and inductor's modes, as the installed torch lists them (read only when given).
+COMPILE_BACKEND = Domain("a torch.compile backend (torch._dynamo.list_backends)", _compile_backend, ("no-backend",))
+COMPILE_MODE = Domain("an inductor mode (torch._inductor.list_mode_options)", _compile_mode, ("no-mode",))
 # open_clip_train flags that cannot mean anything under acc_clip: flag -> why, and what to use instead.
 REFUSED_FLAGS = {
     "horovod": "acc_clip runs on Accelerate, not Horovod: start processes with `accelerate launch` (launch/README.md)",
@@ -99,7 +123,32 @@ class RuntimeOptions(Section):
         choices=PRECISIONS,
     )
     seed: int = option(0, "seed for weights, sample order and augmentation", domain=SEED, train_only=True)
-    torchcompile: bool = option(False, "torch.compile the model", train_only=True)
+    torchcompile: bool = option(False, "torch.compile the training (what: --torchcompile-strategy)", train_only=True)
+    torchcompile_strategy: str = option(
+        "task",
+        "what --torchcompile compiles, as open_clip's: task = each micro-batch's forward (the wrapped model) and "
+        "loss (the objective); model = the module, in place, before the DDP wrapping; step = the whole step of "
+        "one batch (forward, loss, backward, clipping, optimizer step, logit-scale clamp; needs --accum-freq 1 "
+        "and a precision without grad scaler). Under FSDP every strategy also compiles each transformer block "
+        "and ResNet stage before sharding (model: only those). Evaluation stays uncompiled",
+        choices=COMPILE_STRATEGIES,
+        needs=COMPILING,
+        train_only=True,
+    )
+    torchcompile_mode: str | None = option(
+        None,
+        "torch.compile's mode (default, reduce-overhead, max-autotune, ...; default: torch's)",
+        domain=COMPILE_MODE,
+        needs=INDUCTOR,
+        train_only=True,
+    )
+    torchcompile_backend: str | None = option(
+        None,
+        "torch.compile's backend (inductor, aot_eager, eager, ...; default: torch's, inductor)",
+        domain=COMPILE_BACKEND,
+        needs=COMPILING,
+        train_only=True,
+    )
     cudnn_benchmark: bool = option(
         True,
         "cuDNN picks the fastest convolution algorithms on CUDA, as open_clip_train "
@@ -120,6 +169,28 @@ class RuntimeOptions(Section):
     dist_url: str | None = option(
         None, "env:// only: addresses come from the launcher (accelerate launch, srun)", train_only=True
     )
+    fsdp: bool = option(
+        False,
+        "FSDP2 instead of DDP, without an FSDP launch config: acc_clip sets what launch/fsdp.yaml's fsdp section "
+        "sets (its units, sharded step checkpoints). With an FSDP launch config as well, the two must agree. "
+        "On one process started without a launcher: a process group of one (nothing split; with "
+        "--fsdp-offload-cpu the state lives in host memory)",
+        train_only=True,
+    )
+    fsdp_no_reshard_after_forward: bool = option(
+        False,
+        "keep each unit's gathered weights from its forward to its backward (FSDP2's reshard_after_forward=False): "
+        "one all-gather per unit and step instead of two, more memory",
+        needs=FSDP,
+        train_only=True,
+    )
+    fsdp_offload_cpu: bool = option(
+        False,
+        "keep parameters, gradients and optimizer state in host memory (FSDP2's CPUOffloadPolicy): each unit is "
+        "copied to the device for its forward and backward, and the optimizer steps on the CPU",
+        needs=FSDP,
+        train_only=True,
+    )
     horovod: bool = option(False, "refused: acc_clip runs on Accelerate", train_only=True)
     no_set_device_rank: bool = option(
         False, "refused: Accelerate places each process on its local device", train_only=True
@@ -139,6 +210,18 @@ class RuntimeOptions(Section):
                 "launcher: accelerate launch --main_process_ip/--main_process_port, or srun with "
                 "MASTER_ADDR/MASTER_PORT (launch/README.md)"
             )
+
+    def compiling(self) -> TorchCompile | None:
+        """--torchcompile's settings, None without it."""
+        if not self.torchcompile:
+            return None
+        return TorchCompile(self.torchcompile_strategy, self.torchcompile_mode, self.torchcompile_backend)
+
+    def fsdp_flags(self) -> FsdpFlags | None:
+        """--fsdp's settings, None without it."""
+        if not self.fsdp:
+            return None
+        return FsdpFlags(not self.fsdp_no_reshard_after_forward, self.fsdp_offload_cpu)
 
 
 def torch_sdaa_installed() -> bool:
@@ -289,22 +372,56 @@ def hide_gpus_from_cpu_processes(plan: DevicePlan, environ=os.environ) -> bool:
     return True
 
 
+def check_compile(plan: DevicePlan, compiling: TorchCompile | None) -> None:
+    """--torchcompile-strategy step compiles one plain backward and optimizer step: a grad scaler's
+    unscale, skipped steps and scale updates are not part of it (open_clip refuses it too)."""
+    if compiling is not None and compiling.strategy == "step" and plan.uses_grad_scaler:
+        raise UsageError(
+            "--torchcompile-strategy step needs a precision without grad scaler, and --precision amp "
+            f"on {plan.kind} scales fp16 losses; use --precision amp_bf16 or fp32, or another strategy"
+        )
+
+
+def backend_matches(planned: str, started: str | None) -> bool:
+    """Whether Accelerate started the planned backend: with FSDP's CPU offload on nccl or xccl it starts
+    a pair, e.g. "cuda:nccl,cpu:gloo" (gloo for the host-side tensors)."""
+    return planned in [part.split(":")[-1] for part in (started or "").split(",")]
+
+
+def fsdp_for(plan: DevicePlan, flags: FsdpFlags | None):
+    """Accelerate's FSDP plugin from the launch config's fsdp section or from --fsdp (`flags`); None
+    without either."""
+    from acc_clip.runtime.parallel import fsdp_plugin, offloads, one_process_group
+
+    if flags is not None:
+        one_process_group()  # FSDP2 needs a process group, also of one process
+    plugin = fsdp_plugin(flags=flags)
+    if plugin is not None and plan.kind == "cpu" and offloads(plugin):
+        raise UsageError(
+            "FSDP's CPU offload (--fsdp-offload-cpu, or fsdp_offload_params: true in the launch config) with "
+            "--device cpu: the state is in host memory already, and torch's offload pins memory, which needs "
+            "a GPU; drop it"
+        )
+    return plugin
+
+
 def make_accelerator(
     plan: DevicePlan,
     *,
     find_unused_parameters: bool = False,
     cudnn_benchmark: bool = True,
     static_graph: bool = False,
+    fsdp: FsdpFlags | None = None,
     **accelerator_kwargs,
 ):
     """The Accelerator for `plan` (extra keywords, e.g. trackers, go to Accelerator); checks that
-    Accelerate agrees with the plan."""
+    Accelerate agrees with the plan. `fsdp`: --fsdp's settings (FSDP2 without an FSDP launch config)."""
     from accelerate import Accelerator
 
-    from acc_clip.runtime.parallel import enable_fsdp_on_cpu, fsdp_plugin, kwargs_handlers
+    from acc_clip.runtime.parallel import enable_fsdp_on_cpu, kwargs_handlers
 
     hide_gpus_from_cpu_processes(plan)
-    plugin = fsdp_plugin()  # the launch config's fsdp section, None without one
+    plugin = fsdp_for(plan, fsdp)
     if plan.kind == "cuda":
         # open_clip_train's settings: TF32 matmuls and cuDNN autotuning.
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -327,7 +444,8 @@ def make_accelerator(
         raise ResourceError(f"planned device {plan.kind} but Accelerate chose {accelerator.device}; check {where}")
     if accelerator.num_processes > 1:
         chosen = (accelerator.state.backend, accelerator.distributed_type.value)
-        if chosen != (plan.backend, "FSDP" if plugin is not None else plan.distributed_type):
+        planned_type = "FSDP" if plugin is not None else plan.distributed_type
+        if not backend_matches(plan.backend, chosen[0]) or chosen[1] != planned_type:
             raise ResourceError(
                 f"planned backend {plan.backend} ({plan.distributed_type}) but Accelerate started "
                 f"{chosen[0]} ({chosen[1]}); check {where}"

@@ -1,10 +1,11 @@
 """The one owner of model wrapping: how the model is spread over processes (Accelerate's DDP, or
-FSDP2 when the launch config has an fsdp section, launch/fsdp.yaml), and the ways back to the plain
-open_clip module. Nothing else in acc_clip calls `accelerator.unwrap_model`, `accelerator.prepare`
+FSDP2 when the launch config has an fsdp section, launch/fsdp.yaml, or with --fsdp), and the ways back
+to the plain open_clip module. Nothing else in acc_clip calls `accelerator.unwrap_model`, `accelerator.prepare`
 on the model or `no_sync`.
 
-- `prepare`: batch-norm sync, then Accelerate's wrapping (DDP, mixed precision), then
-  torch.compile when asked;
+- `prepare`: batch-norm sync, then Accelerate's wrapping (DDP, mixed precision); with
+  `--torchcompile-strategy model` the module is compiled before the wrapping (under FSDP each unit, with
+  any strategy); the `task` and `step` strategies compile what the loop calls (train/compiled.py);
 - `unwrap`: the plain module whose parameters the optimizer steps (no `module.`, no `_orig_mod.`);
 - `no_sync`: the context in which a backward does not reduce gradients across processes
   (the non-final micro-batches of an accumulated step);
@@ -15,15 +16,17 @@ FSDP2 (`fully_shard`): parameters, gradients and optimizer state are sharded ove
 Each transformer residual block, each ResNet stage and each tower is its own unit (`shard_units`),
 the rest (embeddings, projections, logit_scale) sits in the root unit. Accelerate shards the root
 and swaps the optimizer's parameters; acc_clip picks the units, as Accelerate's wrap policies can
-name classes but not the stages of a ResNet (plain nn.Sequential).
+name classes but not the stages of a ResNet (plain nn.Sequential). FSDP comes from the launch config
+(its fsdp section) or from `--fsdp`, which sets what that section would (`FsdpFlags`).
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, MutableMapping
 from contextlib import AbstractContextManager, contextmanager
+from dataclasses import dataclass
 from typing import Any, cast
 
 import torch
@@ -51,12 +54,46 @@ def kwargs_handlers(*, find_unused_parameters: bool, static_graph: bool = False,
 # FSDP2 -----------------------------------------------------------------------------------------
 
 
-def fsdp_plugin(environ=os.environ):
+@dataclass(frozen=True)
+class FsdpFlags:
+    """`--fsdp` and its flags: FSDP2 without an FSDP launch config."""
+
+    reshard_after_forward: bool = True  # --fsdp-no-reshard-after-forward: False
+    offload_cpu: bool = False  # --fsdp-offload-cpu
+
+    def variables(self) -> dict[str, str]:
+        """What `accelerate launch` sets for launch/fsdp.yaml's fsdp section (accelerate.utils.launch), with
+        reshard and offload from the flags. Accelerate reads them, not only the plugin: with offload on nccl
+        it also starts a gloo group for the host-side tensors."""
+        return {
+            FSDP_VARIABLE: "true",
+            "FSDP_VERSION": "2",
+            "FSDP_SHARDING_STRATEGY": "FULL_SHARD",  # FSDP1's; FSDP2 reads reshard_after_forward
+            "FSDP_RESHARD_AFTER_FORWARD": str(self.reshard_after_forward).lower(),
+            "FSDP_OFFLOAD_PARAMS": str(self.offload_cpu).lower(),
+            "FSDP_MIN_NUM_PARAMS": "100000000",  # the launcher's default; NO_WRAP does not read it
+            "FSDP_AUTO_WRAP_POLICY": "NO_WRAP",  # acc_clip's own units (shard_units)
+            "FSDP_STATE_DICT_TYPE": "SHARDED_STATE_DICT",
+            "FSDP_FORWARD_PREFETCH": "false",
+            "FSDP_USE_ORIG_PARAMS": "true",
+            "FSDP_CPU_RAM_EFFICIENT_LOADING": "false",
+            "FSDP_SYNC_MODULE_STATES": "true",
+            "FSDP_ACTIVATION_CHECKPOINTING": "false",  # --grad-checkpointing is open_clip's own
+            "FSDP_ACTIVATION_CHECKPOINTING_OFFLOAD": "false",
+        }
+
+
+def fsdp_plugin(environ: MutableMapping[str, str] = os.environ, flags: FsdpFlags | None = None):
     """Accelerate's FSDP plugin, read from the launch config's fsdp section (accelerate launch hands it
-    over as FSDP_* variables); None when the run is not launched for FSDP. Only FSDP2 is supported."""
+    over as FSDP_* variables) or, with `--fsdp` (`flags`) and no such section, from the variables that
+    section would set, set here in `environ`, the process's environment, which Accelerate reads; None
+    when neither asks for FSDP. Only FSDP2 is supported."""
     from accelerate.utils import FullyShardedDataParallelPlugin
 
-    if environ.get(FSDP_VARIABLE, "false").lower() != "true":
+    launched = environ.get(FSDP_VARIABLE, "false").lower() == "true"
+    if flags is not None and not launched:
+        environ.update(flags.variables())
+    elif not launched:
         return None
     plugin = FullyShardedDataParallelPlugin()
     if plugin.fsdp_version != 2:
@@ -71,7 +108,67 @@ def fsdp_plugin(environ=os.environ):
             f"the launch config's fsdp_config has fsdp_state_dict_type {kind}: acc_clip's step "
             "checkpoints are sharded; set fsdp_state_dict_type: SHARDED_STATE_DICT (see launch/fsdp.yaml)"
         )
+    if flags is not None and launched:
+        check_flags_agree(plugin, flags)
     return plugin
+
+
+def offloads(plugin) -> bool:
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    return isinstance(plugin.cpu_offload, CPUOffloadPolicy)
+
+
+def check_flags_agree(plugin, flags: FsdpFlags) -> None:
+    """--fsdp under an FSDP launch config: one FSDP either way, so its settings must agree; else one line."""
+    if plugin.reshard_after_forward != flags.reshard_after_forward:
+        given = "without" if flags.reshard_after_forward else "with"
+        raise UsageError(
+            f"--fsdp {given} --fsdp-no-reshard-after-forward, but the launch config's fsdp_config has "
+            f"fsdp_reshard_after_forward: {str(plugin.reshard_after_forward).lower()}; make them agree, or "
+            "drop --fsdp (the launch config alone) or the config's fsdp section (the flags alone)"
+        )
+    if offloads(plugin) != flags.offload_cpu:
+        given = "with" if flags.offload_cpu else "without"
+        raise UsageError(
+            f"--fsdp {given} --fsdp-offload-cpu, but the launch config's fsdp_config has fsdp_offload_params: "
+            f"{str(offloads(plugin)).lower()}; make them agree, or drop --fsdp (the launch config alone) or "
+            "the config's fsdp section (the flags alone)"
+        )
+
+
+def one_process_group(environ: MutableMapping[str, str] = os.environ) -> bool:
+    """--fsdp in a process no launcher started: FSDP2 needs a process group, so make this process a
+    group of one, as `accelerate launch --num_processes 1` would (MASTER_PORT 0: any free port; no other
+    process connects). Nothing is split, but --fsdp-offload-cpu keeps the weights, gradients and optimizer
+    state in host memory, and step checkpoints are sharded ones, which resume on any number of processes.
+    Returns whether it set anything."""
+    if "LOCAL_RANK" in environ or "RANK" in environ:
+        return False
+    environ.update({"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "0"})
+    return True
+
+
+# torch.compile ---------------------------------------------------------------------------------
+
+COMPILE_STRATEGIES = ("model", "task", "step")
+
+
+@dataclass(frozen=True)
+class TorchCompile:
+    """--torchcompile: the strategy (what is compiled) and torch.compile's own arguments (None: torch's
+    default, inductor with its default mode)."""
+
+    strategy: str = "task"
+    mode: str | None = None
+    backend: str | None = None
+
+    @property
+    def kwargs(self) -> dict[str, Any]:
+        return {key: value for key, value in (("mode", self.mode), ("backend", self.backend)) if value is not None}
+
+    def describe(self) -> str:
+        return f"strategy {self.strategy}, backend {self.backend or 'inductor'}, mode {self.mode or 'default'}"
 
 
 def enable_fsdp_on_cpu(accelerator, plugin) -> bool:
@@ -98,9 +195,9 @@ def is_fsdp(accelerator) -> bool:
     return bool(getattr(accelerator, "is_fsdp2", False))
 
 
-def shard_units(model: torch.nn.Module) -> list[torch.nn.Module]:
-    """The modules that get their own FSDP unit, children before parents (fully_shard's order): every
-    transformer residual block (image, text, CoCa's decoder), every ResNet stage, then each tower."""
+def block_units(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """Every transformer residual block (image, text, CoCa's decoder) and every ResNet stage: the FSDP
+    units that hold the model's compute, and what --torchcompile compiles under FSDP."""
     from open_clip.modified_resnet import ModifiedResNet
     from open_clip.transformer import CustomResidualAttentionBlock, ResidualAttentionBlock
 
@@ -110,8 +207,14 @@ def shard_units(model: torch.nn.Module) -> list[torch.nn.Module]:
             units.append(module)
         elif isinstance(module, ModifiedResNet):
             units.extend([module.layer1, module.layer2, module.layer3, module.layer4])
+    return units
+
+
+def shard_units(model: torch.nn.Module) -> list[torch.nn.Module]:
+    """The modules that get their own FSDP unit, children before parents (fully_shard's order): the
+    blocks and stages (`block_units`), then each tower."""
     towers = [getattr(model, name, None) for name in ("visual", "text", "text_decoder")]
-    return units + [tower for tower in towers if isinstance(tower, torch.nn.Module)]
+    return block_units(model) + [tower for tower in towers if isinstance(tower, torch.nn.Module)]
 
 
 def fully_shard_kwargs(plugin) -> dict:
@@ -154,37 +257,43 @@ def contiguous_parameters(model: torch.nn.Module) -> None:
             parameter.data = parameter.data.contiguous()
 
 
-def shard_blocks(accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> None:
+def shard_blocks(
+    accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer, compiling: TorchCompile | None = None
+) -> None:
     """fully_shard every unit but the root (Accelerate's prepare shards the root and maps the
-    optimizer's parameters from there); the optimizer is moved onto the new parameters."""
+    optimizer's parameters from there); the optimizer is moved onto the new parameters. With
+    --torchcompile each block and stage is compiled first (in place: the names stay open_clip's), so
+    FSDP's hooks, added after, run around the compiled forward."""
     from torch.distributed.fsdp import fully_shard
 
     names = {id(parameter): name for name, parameter in model.named_parameters()}
     kwargs = fully_shard_kwargs(accelerator.state.fsdp_plugin)
     scalars_as_vectors(model)
     contiguous_parameters(model)
+    if compiling:
+        for block in block_units(model):
+            block.compile(**compiling.kwargs)
     units = shard_units(model)
     for unit in units:
         fully_shard(unit, **kwargs)
     log.info(
-        "FSDP2: %d units (transformer blocks, ResNet stages, towers) and the root, sharded over %d process(es)",
+        "FSDP2: %d units (transformer blocks, ResNet stages, towers) and the root, sharded over %d process(es)%s",
         len(units),
         accelerator.num_processes,
+        f"; blocks and stages compiled ({compiling.describe()})" if compiling else "",
     )
     switch_optimizer_parameters(optimizer, names, dict(model.named_parameters()))
 
 
-def check_fsdp_options(accelerator, *, sync_batch_norm: bool, compile_model: bool, model: torch.nn.Module) -> None:
+def check_fsdp_options(accelerator, *, sync_batch_norm: bool, model: torch.nn.Module) -> None:
     """What FSDP here cannot do, in one line each, before anything is sharded."""
     if sync_batch_norm:
-        raise UsageError("--use-bn-sync with the FSDP launch config: not supported; drop --use-bn-sync")
-    if compile_model:
-        raise UsageError("--torchcompile with the FSDP launch config: not supported yet; drop --torchcompile")
+        raise UsageError("--use-bn-sync under FSDP: not supported; drop --use-bn-sync")
     dtypes = {parameter.dtype for parameter in model.parameters()}
     if dtypes != {torch.float32}:
         raise UsageError(
-            "--precision fp16/bf16/pure_*: the FSDP launch config keeps fp32 weights and computes in "
-            "the launch's mixed precision; use --precision amp, amp_bf16 or fp32"
+            "--precision fp16/bf16/pure_*: FSDP keeps fp32 weights and computes in the run's mixed "
+            "precision; use --precision amp, amp_bf16 or fp32"
         )
 
 
@@ -192,18 +301,27 @@ def check_fsdp_options(accelerator, *, sync_batch_norm: bool, compile_model: boo
 
 
 def prepare(
-    accelerator, model: torch.nn.Module, optimizer: torch.optim.Optimizer, *, sync_batch_norm: bool, compile_model: bool
+    accelerator,
+    model: torch.nn.Module,
+    optimizer: torch.optim.Optimizer,
+    *,
+    sync_batch_norm: bool,
+    compile_model: TorchCompile | None = None,
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+    """The wrapped model and its optimizer. `compile_model` (--torchcompile): under FSDP the blocks and
+    stages are compiled before sharding, whatever the strategy (compiling around FSDP's hooks would split
+    the graph at every unit); otherwise strategy `model` compiles the whole module, in place, before the
+    wrapping (`task` and `step` compile later, around it: train/compiled.py)."""
     if is_fsdp(accelerator):
-        check_fsdp_options(accelerator, sync_batch_norm=sync_batch_norm, compile_model=compile_model, model=model)
-        shard_blocks(accelerator, model, optimizer)
+        check_fsdp_options(accelerator, sync_batch_norm=sync_batch_norm, model=model)
+        shard_blocks(accelerator, model, optimizer, compile_model or None)
         return accelerator.prepare(model, optimizer)
     if sync_batch_norm and accelerator.num_processes > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
-    model, optimizer = accelerator.prepare(model, optimizer)
-    if compile_model:
-        model = torch.compile(model)  # type: ignore[assignment]  # a compiled module stands for the model
-    return model, optimizer
+    if compile_model and compile_model.strategy == "model":
+        model.compile(**compile_model.kwargs)  # in place: names, unwrap and checkpoints stay as they are
+        log.info("torch.compile: the model, before the wrapping (%s)", compile_model.describe())
+    return accelerator.prepare(model, optimizer)
 
 
 def unwrap(model: torch.nn.Module) -> torch.nn.Module:

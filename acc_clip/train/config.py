@@ -120,11 +120,23 @@ def sections() -> list[type]:
     ]
 
 
+def check_compiled_step(config: TrainConfig) -> None:
+    """--torchcompile-strategy step compiles the step of one batch; the contrastive-exact accumulation of
+    several re-forwards each against the others' cached features, which is not one compiled step."""
+    runtime = config.runtime
+    if runtime.torchcompile and runtime.torchcompile_strategy == "step" and config.training.accum_freq > 1:
+        raise UsageError(
+            f"--torchcompile-strategy step needs --accum-freq 1 (given {config.training.accum_freq}): it compiles "
+            "the step of one batch; use --torchcompile-strategy task to compile each micro-batch's forward and loss"
+        )
+
+
 def resolve(config: Config) -> tuple[TrainConfig, list[str]]:
     """Defaults derived from other sections, then the rules across sections; returns the config and the
     notices (flags given that have no effect in this run)."""
     config = TrainConfig(config.sections(), config.given)
     resolve_defaults(config.optimizer, config.model.model)
+    check_compiled_step(config)
     notices = [
         *check_train_source(config, [path for _, path in config.evaluation.val_sources]),
         *check_objective(config),

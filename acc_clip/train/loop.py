@@ -36,13 +36,14 @@ from acc_clip.runtime.device import host_process_group
 from acc_clip.runtime.memory import MemoryMeter
 from acc_clip.runtime.run_dir import release_run_lock
 from acc_clip.runtime.signals import PREEMPTED_EXIT_CODE, StopSignal, parse_stop_signals
+from acc_clip.train.compiled import step_function
 from acc_clip.train.config import TrainConfig, parse_train_config
 from acc_clip.train.metrics import MetricsLogger, StepRecord, Throughput
 from acc_clip.train.micro_batch import Trial, choose_split
 from acc_clip.train.profiling import DATA, SAVE, step_profiler
 from acc_clip.train.run import start_run
 from acc_clip.train.samples import SampleLog
-from acc_clip.train.step import agree_batch_sizes, train_step
+from acc_clip.train.step import agree_batch_sizes
 
 log = logging.getLogger(__name__)
 
@@ -80,7 +81,7 @@ def prepare_model(config: TrainConfig, model: torch.nn.Module, accelerator, plan
         model,
         optimizer,
         sync_batch_norm=config.runtime.use_bn_sync,
-        compile_model=config.runtime.torchcompile,
+        compile_model=config.runtime.compiling(),
     )
     return model, optimizer, channels_last
 
@@ -202,6 +203,7 @@ def train(config: TrainConfig, notices: Sequence[str] = ()) -> int:  # noqa: PLR
     schedule = create_lr_schedule(
         optimizer, config.optimizer, epochs=config.training.epochs, steps_per_epoch=steps_per_epoch
     )
+    step = step_function(config.runtime.compiling(), model, objective)  # train_step, or compiled (--torchcompile)
     global_batch = config.data.batch_size * accum_freq * world_size
     metrics = MetricsLogger(
         run_dir if accelerator.is_main_process else None,
@@ -270,9 +272,7 @@ def train(config: TrainConfig, notices: Sequence[str] = ()) -> int:  # noqa: PLR
                 ]
             data_time = time.perf_counter() - start
             lr = schedule(progress.global_step)
-            losses = train_step(
-                model, device_batches, objective, accelerator, optimizer, config.optimizer.grad_clip_norm
-            )
+            losses = step(model, device_batches, objective, accelerator, optimizer, config.optimizer.grad_clip_norm)
             progress.advance(step_in_epoch + 1, global_batch)
             end = time.perf_counter()
             metrics.record(

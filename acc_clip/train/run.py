@@ -13,7 +13,7 @@ import torch
 
 import acc_clip
 from acc_clip.config.parsing import to_yaml
-from acc_clip.runtime.device import DevicePlan, check_bn_sync, make_accelerator, plan_device
+from acc_clip.runtime.device import DevicePlan, check_bn_sync, check_compile, make_accelerator, plan_device
 from acc_clip.runtime.run_dir import CONFIG_FILE, LOG_FILE, agreed_stamp, default_run_name, run_folder
 from acc_clip.runtime.slurm import batch_script_warning, place_from_slurm
 from acc_clip.train.config import TrainConfig
@@ -76,11 +76,13 @@ def start_run(config: TrainConfig, notices: list[str]) -> Run:
     runtime, logging_options = config.runtime, config.logging
     plan = plan_device(runtime.device, runtime.precision, backend=runtime.dist_backend)
     check_bn_sync(plan, runtime.use_bn_sync)
+    check_compile(plan, runtime.compiling())
     # project_dir is refined to the run folder once the run is named (start_trackers).
     accelerator = make_accelerator(
         plan,
         cudnn_benchmark=runtime.cudnn_benchmark,
         static_graph=runtime.ddp_static_graph,
+        fsdp=runtime.fsdp_flags(),
         log_with=trackers(logging_options.report_to) or None,
         project_dir=logging_options.logs,
     )

@@ -327,6 +327,6 @@ def test_a_sharded_checkpoint_resumed_without_the_fsdp_launch_config_is_one_line
     status, errors = train_in_process(args)
     assert status == 2
     assert errors == [
-        f"error: --resume {step4}: a sharded (FSDP) checkpoint; resume it under an FSDP launch config "
-        "(launch/fsdp.yaml, any number of processes)"
+        f"error: --resume {step4}: a sharded (FSDP) checkpoint; resume it with --fsdp or under an FSDP launch "
+        "config (launch/fsdp.yaml), on any number of processes"
     ]

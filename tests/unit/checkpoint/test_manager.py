@@ -113,6 +113,24 @@ def test_epoch_saves_follow_save_frequency_most_recent_and_delete_previous(manag
     ]
 
 
+def test_fsdp_checkpoint_sharded_makes_the_step_checkpoint_the_epoch_save(manager_parts, monkeypatch, caplog):
+    """--fsdp-checkpoint sharded: under FSDP the epoch's end writes no gathered epoch_N.pt, only its (sharded)
+    step checkpoint (FSDP stood in for here; the real one: tests/integration/test_fsdp_flags.py); without
+    FSDP the flag is announced and epoch_N.pt written as ever."""
+    _accelerator, model, optimizer, manager = manager_parts
+    with caplog.at_level(logging.WARNING):
+        saver = manager(epochs=2, fsdp_checkpoint="sharded")
+    assert "--fsdp-checkpoint sharded has no effect without FSDP" in caplog.text
+    saver.end_of_epoch(model, optimizer, Progress(epoch=1, global_step=10))
+    assert os.path.exists(os.path.join(saver.directory, "epoch_1.pt"))
+    monkeypatch.setattr(parallel, "is_fsdp", lambda accelerator: True)
+    saver = manager(epochs=2, fsdp_checkpoint="sharded", save_most_recent=True)
+    saver.end_of_epoch(model, optimizer, Progress(epoch=2, global_step=20))
+    assert not os.path.exists(os.path.join(saver.directory, "epoch_2.pt"))
+    assert not os.path.exists(os.path.join(saver.directory, "epoch_latest.pt"))
+    assert [os.path.basename(c) for c in complete_checkpoints(saver.directory)][-1] == "step_00000020"
+
+
 def test_non_finite_weights_are_never_saved(manager_parts):
     _accelerator, model, optimizer, manager = manager_parts
     saver = manager()

@@ -23,12 +23,15 @@ from accelerate.utils import is_sdaa_available
 
 from acc_clip.errors import AccClipError, ResourceError
 from acc_clip.runtime.device import (
+    backend_matches,
     check_bn_sync,
+    check_compile,
     hide_gpus_from_cpu_processes,
     make_accelerator,
     plan_device,
 )
 from acc_clip.runtime.memory import MemoryMeter
+from acc_clip.runtime.parallel import FsdpFlags, TorchCompile
 from helpers import REPO
 
 STUB = REPO / "tests" / "sdaa_stub"
@@ -232,3 +235,33 @@ def test_cpu_processes_do_not_touch_the_gpus(monkeypatch):
     assert not hide_gpus_from_cpu_processes(plan, alone) and alone["CUDA_VISIBLE_DEVICES"] == "0"
     on_gpu = {"WORLD_SIZE": "2"}
     assert not hide_gpus_from_cpu_processes(replace(plan, kind="cuda"), on_gpu) and "CUDA_VISIBLE_DEVICES" not in on_gpu
+
+
+def test_compiled_step_with_a_grad_scaler_is_one_line():
+    """--torchcompile-strategy step compiles a plain backward and optimizer step: refused where --precision
+    amp scales fp16 losses (CUDA, SDAA), accepted where it does not (amp on the CPU is bf16 or fp32)."""
+    scaled = replace(plan_device("cpu", "fp32"), kind="cuda", uses_grad_scaler=True)  # what amp plans on CUDA
+    with pytest.raises(AccClipError) as error:
+        check_compile(scaled, TorchCompile("step"))
+    assert str(error.value) == (
+        "--torchcompile-strategy step needs a precision without grad scaler, and --precision amp on cuda "
+        "scales fp16 losses; use --precision amp_bf16 or fp32, or another strategy"
+    )
+    check_compile(scaled, TorchCompile("task"))
+    check_compile(scaled, None)
+    check_compile(plan_device("cpu", "amp"), TorchCompile("step"))
+
+
+def test_the_planned_backend_is_found_in_accelerates_pair_for_offload():
+    """With FSDP's CPU offload on nccl, Accelerate starts "cuda:nccl,cpu:gloo"; the plan said nccl."""
+    assert backend_matches("nccl", "cuda:nccl,cpu:gloo") and backend_matches("gloo", "gloo")
+    assert not backend_matches("nccl", "gloo") and not backend_matches("gloo", None)
+
+
+def test_fsdp_cpu_offload_on_the_cpu_is_one_line(monkeypatch):
+    """torch's CPU offload pins host memory, which needs a GPU, and moves nothing on the CPU."""
+    for key in [*FsdpFlags().variables(), "LOCAL_RANK", "RANK", "WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT"]:
+        monkeypatch.setenv(key, "")  # put back as it was after the test (make_accelerator sets them)
+        monkeypatch.delenv(key)
+    with pytest.raises(AccClipError, match=r"^FSDP's CPU offload \(--fsdp-offload-cpu, or fsdp_offload_params"):
+        make_accelerator(plan_device("cpu", "fp32"), fsdp=FsdpFlags(offload_cpu=True))

@@ -5,6 +5,8 @@ check, evaluation's `gathered`). Sharded training itself: tests/integration/test
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -89,6 +91,111 @@ def test_plugin_comes_from_the_launch_config_and_only_fsdp2(monkeypatch):
         parallel.fsdp_plugin()
 
 
+# --fsdp: the launch config's fsdp section, from flags --------------------------------------------------
+
+# What the plugins are compared on: everything FSDP2 and acc_clip read from them.
+PLUGIN_FIELDS = ("fsdp_version", "reshard_after_forward", "auto_wrap_policy", "activation_checkpointing")
+
+
+def launcher_variables(config: str) -> dict[str, str]:
+    """The FSDP variables `accelerate launch --config_file launch/CONFIG` hands its processes, from
+    Accelerate's own launcher code."""
+    from accelerate.commands.launch import _validate_launch_command, launch_command_parser
+    from accelerate.utils.launch import prepare_multi_gpu_env
+
+    args = launch_command_parser().parse_args(["--config_file", str(REPO / "launch" / config), "train.py"])
+    args, _, _ = _validate_launch_command(args)
+    return {
+        k: v for k, v in prepare_multi_gpu_env(args).items() if k.startswith("FSDP_") or k == parallel.FSDP_VARIABLE
+    }
+
+
+@pytest.fixture
+def no_fsdp_environment(monkeypatch):
+    """No FSDP variable set, and whatever a test sets (fsdp_plugin writes os.environ) removed after it."""
+    for key in [*parallel.FsdpFlags().variables(), "LOCAL_RANK", "RANK"]:
+        monkeypatch.setenv(key, "")  # recorded, so the variable is put back as it was afterwards
+        monkeypatch.delenv(key)
+    return monkeypatch
+
+
+def plugin_state(plugin) -> dict:
+    kind = getattr(plugin.state_dict_type, "name", plugin.state_dict_type)
+    return {
+        **{name: getattr(plugin, name) for name in PLUGIN_FIELDS},
+        "state_dict_type": kind,
+        "offloads": parallel.offloads(plugin),
+    }
+
+
+@pytest.mark.parametrize("config", ["cpu_2proc_fsdp.yaml", "fsdp.yaml"])
+def test_fsdp_flag_sets_what_the_fsdp_launch_config_sets(config, no_fsdp_environment):
+    """--fsdp without a launch config sets the variables `accelerate launch` sets for the FSDP launch configs,
+    and so builds the same plugin (FSDP2, reshard after forward, no offload, SHARDED_STATE_DICT, NO_WRAP)."""
+    launched = launcher_variables(config)
+    assert parallel.FsdpFlags().variables() == launched
+    from_flags = plugin_state(parallel.fsdp_plugin(flags=parallel.FsdpFlags()))
+    for key, value in launched.items():
+        no_fsdp_environment.setenv(key, value)
+    from_config = plugin_state(parallel.fsdp_plugin())
+    assert from_flags == from_config
+    assert from_flags == {
+        "fsdp_version": 2,
+        "reshard_after_forward": True,
+        "auto_wrap_policy": None,
+        "activation_checkpointing": False,
+        "state_dict_type": "SHARDED_STATE_DICT",
+        "offloads": False,
+    }
+
+
+def test_fsdp_flags_reach_the_plugin_and_every_unit(no_fsdp_environment):
+    plugin = parallel.fsdp_plugin(flags=parallel.FsdpFlags(reshard_after_forward=False, offload_cpu=True))
+    assert not plugin.reshard_after_forward and parallel.offloads(plugin)
+    kwargs = parallel.fully_shard_kwargs(plugin)
+    assert kwargs["reshard_after_forward"] is False and kwargs["offload_policy"] is plugin.cpu_offload
+    assert os.environ["FSDP_OFFLOAD_PARAMS"] == "true"  # Accelerate reads it too (a gloo group beside nccl)
+
+
+def test_fsdp_flag_and_an_fsdp_launch_config_must_agree(no_fsdp_environment):
+    for key, value in launcher_variables("cpu_2proc_fsdp.yaml").items():
+        no_fsdp_environment.setenv(key, value)
+    assert parallel.fsdp_plugin(flags=parallel.FsdpFlags()).reshard_after_forward  # they agree
+    with pytest.raises(AccClipError) as error:
+        parallel.fsdp_plugin(flags=parallel.FsdpFlags(reshard_after_forward=False))
+    assert str(error.value) == (
+        "--fsdp with --fsdp-no-reshard-after-forward, but the launch config's fsdp_config has "
+        "fsdp_reshard_after_forward: true; make them agree, or drop --fsdp (the launch config alone) or the "
+        "config's fsdp section (the flags alone)"
+    )
+    with pytest.raises(AccClipError, match=r"--fsdp with --fsdp-offload-cpu, but .* fsdp_offload_params: false"):
+        parallel.fsdp_plugin(flags=parallel.FsdpFlags(offload_cpu=True))
+    assert os.environ["FSDP_RESHARD_AFTER_FORWARD"] == "true"  # the launch config's, never rewritten
+
+
+def test_fsdp_flag_in_a_process_no_launcher_started_makes_a_group_of_one():
+    alone: dict[str, str] = {}
+    assert parallel.one_process_group(alone)
+    assert alone == {"LOCAL_RANK": "0", "RANK": "0", "WORLD_SIZE": "1", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": "0"}
+    launched = {"LOCAL_RANK": "1", "RANK": "3"}
+    assert not parallel.one_process_group(launched) and launched == {"LOCAL_RANK": "1", "RANK": "3"}
+
+
+def test_torchcompile_arguments_pass_through_as_given():
+    assert parallel.TorchCompile().kwargs == {}  # torch's defaults: inductor, its default mode
+    compiling = parallel.TorchCompile("step", "max-autotune", "aot_eager")
+    assert compiling.kwargs == {"mode": "max-autotune", "backend": "aot_eager"}
+    assert compiling.describe() == "strategy step, backend aot_eager, mode max-autotune"
+
+
+def test_blocks_and_stages_are_what_fsdp_compiles():
+    """Under FSDP every block and ResNet stage is compiled before fully_shard; the towers are units too,
+    but their own layers stay eager (compiling them would wrap the compiled blocks again)."""
+    rn = tiny(TINY_RN)
+    blocks = parallel.block_units(rn)
+    assert parallel.shard_units(rn) == [*blocks, rn.visual] and rn.visual.layer4 in blocks
+
+
 def test_launch_configs_ask_for_fsdp2():
     from accelerate.commands.config.config_args import load_config_from_file
 
@@ -118,8 +225,6 @@ def test_without_fsdp_the_functions_keep_their_one_process_meaning(accelerator):
 def test_fsdp_refuses_what_it_cannot_do_in_one_line(accelerator):
     model = tiny(TINY_VIT)
     with pytest.raises(AccClipError, match="--use-bn-sync"):
-        parallel.check_fsdp_options(accelerator, sync_batch_norm=True, compile_model=False, model=model)
-    with pytest.raises(AccClipError, match="--torchcompile"):
-        parallel.check_fsdp_options(accelerator, sync_batch_norm=False, compile_model=True, model=model)
+        parallel.check_fsdp_options(accelerator, sync_batch_norm=True, model=model)
     with pytest.raises(AccClipError, match="--precision"):
-        parallel.check_fsdp_options(accelerator, sync_batch_norm=False, compile_model=False, model=model.half())
+        parallel.check_fsdp_options(accelerator, sync_batch_norm=False, model=model.half())

@@ -66,6 +66,14 @@ def test_a_csv_announces_train_num_samples_it_ignores():
         (["--remote-sync-frequency", "10"], "--remote-sync-frequency has no effect without --remote-sync"),
         (["--wandb-notes", "x"], "--wandb-notes has no effect without wandb among --report-to"),
         (["--resume-changed-data"], "--resume-changed-data has no effect without --resume"),
+        (["--torchcompile-strategy", "step"], "--torchcompile-strategy has no effect without --torchcompile"),
+        (["--torchcompile-backend", "eager"], "--torchcompile-backend has no effect without --torchcompile"),
+        (
+            ["--torchcompile", "--torchcompile-backend", "aot_eager", "--torchcompile-mode", "max-autotune"],
+            "--torchcompile-mode has no effect without --torchcompile with the inductor backend",
+        ),
+        (["--fsdp-offload-cpu"], "--fsdp-offload-cpu has no effect without --fsdp"),
+        (["--fsdp-no-reshard-after-forward"], "--fsdp-no-reshard-after-forward has no effect without --fsdp"),
     ],
 )
 def test_a_flag_without_effect_is_announced(flags, notice):
@@ -81,6 +89,9 @@ def test_a_flag_at_its_default_or_with_its_need_is_not_announced():
     _, notices = parse_train_config(
         ["--train-data", "train.csv", "--lock-image", "--lock-image-unlocked-groups", "2", "--warmup", "10000"]
     )
+    assert notices == []
+    compiled = ["--torchcompile", "--torchcompile-strategy", "model", "--torchcompile-mode", "max-autotune"]
+    _, notices = parse_train_config(["--train-data", "train.csv", *compiled, "--fsdp", "--fsdp-offload-cpu"])
     assert notices == []
 
 

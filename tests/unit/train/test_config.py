@@ -147,6 +147,13 @@ def test_upsampling_factors_val_num_samples_and_imagenet_v2_parse_as_open_clip_t
         (["--opt", "sgd"], "--opt sgd: expected adamw or a timm optimizer as timm/NAME"),
         (["--opt", "timm/sgd"], "--opt timm/sgd needs --lr"),
         (["--dist-url", "tcp://10.0.0.1:23456"], "--dist-url tcp://10.0.0.1:23456: acc_clip's processes take their"),
+        (
+            ["--torchcompile", "--torchcompile-strategy", "step", "--accum-freq", "2"],
+            "--torchcompile-strategy step needs --accum-freq 1 (given 2): it compiles the step of one batch; "
+            "use --torchcompile-strategy task",
+        ),
+        (["--torchcompile-backend", "inductr"], "--torchcompile-backend 'inductr': must be a torch.compile backend"),
+        (["--torchcompile-mode", "fast"], "--torchcompile-mode 'fast': must be an inductor mode"),
     ],
 )
 def test_open_clip_flags_with_values_that_cannot_work_are_one_line_errors(flags, message):
