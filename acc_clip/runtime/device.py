@@ -130,7 +130,8 @@ class RuntimeOptions(Section):
         "loss (the objective); model = the module, in place, before the DDP wrapping; step = the whole step of "
         "one batch (forward, loss, backward, clipping, optimizer step, logit-scale clamp; needs --accum-freq 1 "
         "and a precision without grad scaler). Under FSDP every strategy also compiles each transformer block "
-        "and ResNet stage before sharding (model: only those). Evaluation stays uncompiled",
+        "and ResNet stage before sharding (model: only those). Evaluation calls the module itself: compiled "
+        "with model and under FSDP (compiled again for eval mode), eager otherwise",
         choices=COMPILE_STRATEGIES,
         needs=COMPILING,
         train_only=True,

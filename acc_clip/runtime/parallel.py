@@ -309,9 +309,9 @@ def prepare(
     compile_model: TorchCompile | None = None,
 ) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
     """The wrapped model and its optimizer. `compile_model` (--torchcompile): under FSDP the blocks and
-    stages are compiled before sharding, whatever the strategy (compiling around FSDP's hooks would split
-    the graph at every unit); otherwise strategy `model` compiles the whole module, in place, before the
-    wrapping (`task` and `step` compile later, around it: train/compiled.py)."""
+    stages are compiled before sharding, whatever the strategy (a compile around the FSDP root alone
+    breaks its graph at every unit's hooks); otherwise strategy `model` compiles the whole module, in
+    place, before the wrapping. `task` and `step` compile around the wrapping later (train/compiled.py)."""
     if is_fsdp(accelerator):
         check_fsdp_options(accelerator, sync_batch_norm=sync_batch_norm, model=model)
         shard_blocks(accelerator, model, optimizer, compile_model or None)
