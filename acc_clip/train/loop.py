@@ -104,7 +104,11 @@ def measure_throughput(config: TrainConfig, model: torch.nn.Module, tokenizer, k
         log.info("no FLOP count: the model does not say its input size; no TFLOP/s or MFU in the metrics")
         return None
     image_size, context_length = sizes
-    flops = count_train_flops(model, image_size=image_size, context_length=context_length)
+    try:
+        flops = count_train_flops(model, image_size=image_size, context_length=context_length)
+    except (RuntimeError, ValueError) as error:  # a model the meta device cannot run: the run goes on without
+        log.warning("no FLOP count, so no TFLOP/s or MFU in the metrics: %s", error)
+        return None
     name, dtype = throughput.device_name(kind), throughput.compute_dtype(kind, config.runtime.precision)
     peak = config.logging.peak_tflops or throughput.peak_tflops(name, dtype)
     source = "--peak-tflops" if config.logging.peak_tflops else f"{name}, {dtype}"

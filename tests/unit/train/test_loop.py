@@ -151,3 +151,25 @@ def test_each_record_holds_the_models_flops_and_mfu_against_peak_tflops(in_proce
         assert record["tflops_per_device"] == pytest.approx(expected * 4 / record["batch_time"] / 1e12)
         assert record["mfu"] == pytest.approx(record["tflops_per_device"] / 0.5)
         assert record["host_resident_gib"] > 0
+
+
+def test_a_model_the_flop_counter_cannot_run_trains_without_the_figures(in_process, tmp_path, monkeypatch):
+    """The count is telemetry: a model that fails on the meta device (say a Hugging Face text tower) is said in
+    one warning, and the run trains and records everything else."""
+
+    def cannot_count(*args, **kwargs):
+        raise RuntimeError("cannot count FLOPs of this model on the meta device: aten::foo")
+
+    monkeypatch.setattr("acc_clip.train.loop.count_train_flops", cannot_count)
+    config, _ = parse_config(
+        [
+            *("--dataset-type", "synthetic", "--train-num-samples", "8", "--batch-size", "4", "--max-steps", "1"),
+            *("--model", TINY_VIT, "--device", "cpu", "--precision", "fp32", "--workers", "0"),
+            *("--save-frequency", "0", "--logs", str(tmp_path), "--name", "run"),
+        ]
+    )
+    assert train(config) == 0
+    [record] = read_metrics(tmp_path / "run")
+    assert "loss" in record and "flops_per_sample" not in record and "mfu" not in record
+    log = (tmp_path / "run" / "out.log").read_text()
+    assert "no FLOP count, so no TFLOP/s or MFU in the metrics: cannot count FLOPs" in log
