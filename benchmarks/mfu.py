@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 
-from acc_clip.model.flops import FlopCount, count_train_flops, describe
+from acc_clip.model.flops import FlopCount, count_train_flops, describe, image_height_width
 from acc_clip.runtime.throughput import compute_dtype, device_name, mfu, peak_tflops
 
 
@@ -34,8 +34,7 @@ def model_flops(name: str) -> tuple[FlopCount, tuple[int, int], int]:
         model = open_clip.create_model(name, device="cpu", output_dict=True)
     finally:
         logging.disable(logging.NOTSET)
-    size = model.visual.image_size
-    image_size = (size, size) if isinstance(size, int) else (int(size[0]), int(size[1]))
+    image_size = image_height_width(model.visual.image_size)
     context_length = int(model.context_length)
     return count_train_flops(model, image_size=image_size, context_length=context_length), image_size, context_length
 

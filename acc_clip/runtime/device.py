@@ -23,7 +23,16 @@ import torch
 
 from acc_clip.config.schema import Domain, Needs, Section, option
 from acc_clip.errors import ResourceError, UsageError
-from acc_clip.runtime.parallel import COMPILE_STRATEGIES, FsdpFlags, TorchCompile
+from acc_clip.runtime.parallel import (
+    COMPILE_STRATEGIES,
+    FsdpFlags,
+    TorchCompile,
+    enable_fsdp_on_cpu,
+    fsdp_plugin,
+    kwargs_handlers,
+    offloads,
+    one_process_group,
+)
 
 # open_clip_train's --precision -> Accelerate's mixed_precision (autocast, and a grad scaler for fp16). The amp
 # modes autocast; fp16/bf16 cast the weights (open_clip's convert_weights_to_lp) and pure_* the whole model, with
@@ -392,8 +401,6 @@ def backend_matches(planned: str, started: str | None) -> bool:
 def fsdp_for(plan: DevicePlan, flags: FsdpFlags | None):
     """Accelerate's FSDP plugin from the launch config's fsdp section or from --fsdp (`flags`); None
     without either."""
-    from acc_clip.runtime.parallel import fsdp_plugin, offloads, one_process_group
-
     if flags is not None:
         one_process_group()  # FSDP2 needs a process group, also of one process
     plugin = fsdp_plugin(flags=flags)
@@ -418,8 +425,6 @@ def make_accelerator(
     """The Accelerator for `plan` (extra keywords, e.g. trackers, go to Accelerator); checks that
     Accelerate agrees with the plan. `fsdp`: --fsdp's settings (FSDP2 without an FSDP launch config)."""
     from accelerate import Accelerator
-
-    from acc_clip.runtime.parallel import enable_fsdp_on_cpu, kwargs_handlers
 
     hide_gpus_from_cpu_processes(plan)
     plugin = fsdp_for(plan, fsdp)

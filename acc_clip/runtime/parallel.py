@@ -314,7 +314,7 @@ def prepare(
     place, before the wrapping. `task` and `step` compile around the wrapping later (train/compiled.py)."""
     if is_fsdp(accelerator):
         check_fsdp_options(accelerator, sync_batch_norm=sync_batch_norm, model=model)
-        shard_blocks(accelerator, model, optimizer, compile_model or None)
+        shard_blocks(accelerator, model, optimizer, compile_model)
         return accelerator.prepare(model, optimizer)
     if sync_batch_norm and accelerator.num_processes > 1:
         model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)

@@ -28,7 +28,7 @@ from acc_clip.errors import DataError, UsageError
 from acc_clip.evaluation.evaluator import Evaluator, format_metrics
 from acc_clip.loss import create_objective, model_overrides, objective_identity
 from acc_clip.model.build import create_model, uses_channels_last
-from acc_clip.model.flops import count_train_flops, describe
+from acc_clip.model.flops import count_train_flops, describe, image_height_width
 from acc_clip.model.optim import create_lr_schedule, create_optimizer
 from acc_clip.model.options import recorded
 from acc_clip.runtime import parallel, throughput
@@ -92,8 +92,7 @@ def input_sizes(model: torch.nn.Module, tokenizer) -> tuple[tuple[int, int], int
     context_length = getattr(tokenizer, "context_length", None)
     if image_size is None or context_length is None:
         return None
-    size = (image_size, image_size) if isinstance(image_size, int) else tuple(image_size)
-    return (int(size[0]), int(size[1])), int(context_length)
+    return image_height_width(image_size), int(context_length)
 
 
 def measure_throughput(config: TrainConfig, model: torch.nn.Module, tokenizer, kind: str) -> Throughput | None:
@@ -202,7 +201,10 @@ def train(config: TrainConfig, notices: Sequence[str] = ()) -> int:  # noqa: PLR
             f"{data.batches_per_epoch} micro-batches per epoch cannot make one step of --accum-freq {accum_freq}"
         )
     steps_per_epoch = data.batches_per_epoch // accum_freq
-    speed = measure_throughput(config, bundle.model, bundle.tokenizer, plan.kind)
+    # Only the main process records metrics: the others need no count.
+    speed = (
+        measure_throughput(config, bundle.model, bundle.tokenizer, plan.kind) if accelerator.is_main_process else None
+    )
     model, optimizer, channels_last = prepare_model(config, bundle.model, accelerator, plan)
     schedule = create_lr_schedule(
         optimizer, config.optimizer, epochs=config.training.epochs, steps_per_epoch=steps_per_epoch

@@ -229,14 +229,13 @@ class MetricsLogger:
     loss_ema_samples: int = 0  # --train-loss-ema-samples
     throughput: Throughput | None = None  # None: no FLOP count, no TFLOP/s or MFU
     _pending: list[StepRecord] = field(default_factory=list)
-    _average: LossAverage | None = None
+    _average: LossAverage = field(init=False)  # from loss_ema_samples
     _progress: Any = None
 
     def __post_init__(self) -> None:
         self._average = LossAverage(self.loss_ema_samples)
 
     def start_epoch(self, epoch: int, first_step: int) -> None:
-        assert self._average is not None
         self._average.start_epoch()
         if self.show_progress and self.run_dir is not None:
             from tqdm import tqdm
@@ -288,7 +287,6 @@ class MetricsLogger:
     def flush(self) -> None:
         if not self._pending:
             return
-        assert self._average is not None
         names = list(self._pending[0].losses)
         # One device-to-host copy for every pending value.
         values = (
@@ -325,7 +323,6 @@ class MetricsLogger:
                     )
 
     def _log_line(self, row: dict, step_in_epoch: int) -> None:
-        assert self._average is not None and self._average.value is not None
         digits = math.ceil(math.log10(self.samples_per_epoch + 1))
         seen = step_in_epoch * self.global_batch_size
         percent = 100.0 * step_in_epoch / self.steps_per_epoch
