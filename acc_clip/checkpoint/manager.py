@@ -158,6 +158,8 @@ class RunRecord:
     auto_micro_batch: bool = False  # batch_size and accum_freq were chosen by the memory probe (--auto-micro-batch)
     train_data: str | None = None
     order: dict[str, Any] = field(default_factory=dict)  # what the data source's sample order depends on
+    # what the optimizer's groups depend on (OptimizerOptions.group_identity): its state maps to them by order
+    optimizer_groups: dict[str, Any] = field(default_factory=dict)
 
 
 class CheckpointManager:
@@ -263,6 +265,13 @@ class CheckpointManager:
             raise UsageError(
                 f"--resume {path}: saved by a run training {saved}, this run trains "
                 f"{self.record.objective}; resume with the flags it was saved with"
+            )
+        groups = manifest.get("optimizer_groups")  # absent from checkpoints written before it was recorded
+        if groups is not None and groups != self.record.optimizer_groups:
+            changes = describe_changes(groups, self.record.optimizer_groups)
+            raise UsageError(
+                f"--resume {path}: the optimizer's groups changed ({changes}); its state would load into "
+                "other groups: resume with the flags it was saved with"
             )
         if manifest.get("model") != self.record.model:
             log.warning(
@@ -555,6 +564,7 @@ class CheckpointManager:
                 "format": FORMAT_VERSION,
                 "model": record.model,
                 "objective": record.objective,
+                "optimizer_groups": record.optimizer_groups,
                 # what changes the architecture or preprocessing beyond the model's config (export writes them in)
                 "model_options": record.model_options,
                 "precision": record.precision,

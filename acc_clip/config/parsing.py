@@ -128,7 +128,7 @@ def build_parser(prog: str, description: str, sections: Sequence[type], *, train
             continue
         group = parser.add_argument_group(getattr(section, "title", "") or section.__name__)
         for option in options:
-            names = [option.name] if option.positional else [f"--{option.flag}"]
+            names = [option.name] if option.positional else [f"--{flag(n)}" for n in (option.name, *option.aliases)]
             group.add_argument(*names, **_argument(option))
     return parser
 
@@ -153,9 +153,11 @@ def read_yaml(path: str, options: Sequence[Option], every_option: Sequence[Optio
         raise UsageError(f"{path}: expected a mapping of option: value at the top level")
     known = {option.name for option in options}
     training = {option.name for option in every_option} - known
+    alias_of = {alias: option.name for option in every_option or options for alias in option.aliases}
     result = {}
     for key, value in values.items():
         name = str(key).replace("-", "_")
+        name = alias_of.get(name, name)
         if name in training:
             raise UsageError(f"{path}: {key!r} is a training option, which this command does not take")
         if name not in known:

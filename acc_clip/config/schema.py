@@ -83,6 +83,7 @@ def option(
     train_only: bool = False,
     positional: bool = False,
     needs: Needs | None = None,
+    aliases: tuple[str, ...] = (),
 ) -> Any:
     """A dataclass field that is also a command-line flag and a YAML key.
 
@@ -92,7 +93,9 @@ def option(
     - tristate: a bool with --X and --no-X, whose default None lets the run decide;
     - train_only: a training option: commands that only read a model (eval) do not take it;
     - positional: given without its flag name (export's CHECKPOINT);
-    - needs: the setting of its section without which it has no effect (announced when missing)."""
+    - needs: the setting of its section without which it has no effect (announced when missing);
+    - aliases: other names for the same option (open_clip's second flag names, e.g. --visual-layer-decay),
+      taken as flags and YAML keys alike."""
     metadata = {
         "needs": needs,
         "help": help,
@@ -101,6 +104,7 @@ def option(
         "tristate": tristate,
         "train_only": train_only,
         "positional": positional,
+        "aliases": aliases,
     }
     if isinstance(default, (dict, list)):
         value = default
@@ -140,6 +144,7 @@ class Option:
     train_only: bool
     positional: bool
     needs: Needs | None
+    aliases: tuple[str, ...] = ()
 
     @property
     def flag(self) -> str:
@@ -207,6 +212,7 @@ def options_of(section: type) -> list[Option]:
                 meta["train_only"],
                 meta["positional"],
                 meta["needs"],
+                meta.get("aliases", ()),
             )
         )
     return result

@@ -21,6 +21,7 @@ RESULTS_FILE = "results.jsonl"  # one record per evaluation
 SAMPLES_FILE = "samples.jsonl"  # --log-samples: the samples of every step (train/samples.py)
 CHECKPOINTS_DIR = "checkpoints"
 TENSORBOARD_DIR = "tensorboard"
+PARAM_GROUPS_FILE = "param_groups.json"  # every parameter's optimizer group, lr scale and weight decay
 PROFILE_DIR = "profile"  # --profile-steps: one torch.profiler trace per process (train/profiling.py)
 LOCK_FILE = "run.lock"  # "HOST PID" of the process writing to the run folder (take_run_lock)
 RUN_ID_FILE = "run_id"  # this run's identity on remote storage: what it may overwrite, prune and fetch there

@@ -31,6 +31,7 @@ from acc_clip.model.build import create_model, uses_channels_last
 from acc_clip.model.flops import count_train_flops, describe, image_height_width
 from acc_clip.model.optim import create_lr_schedule, create_optimizer
 from acc_clip.model.options import recorded
+from acc_clip.model.param_groups import record_param_groups
 from acc_clip.runtime import parallel, throughput
 from acc_clip.runtime.device import host_process_group
 from acc_clip.runtime.memory import MemoryMeter
@@ -70,12 +71,15 @@ def to_device(batch, image_transform, device, channels_last: bool, input_dtype=N
     return images if input_dtype is None else images.to(input_dtype), batch.texts.to(device, non_blocking=True)
 
 
-def prepare_model(config: TrainConfig, model: torch.nn.Module, accelerator, plan):
-    """Memory layout, optimizer, then the wrapping for several processes (runtime/parallel.py)."""
+def prepare_model(config: TrainConfig, model: torch.nn.Module, accelerator, plan, run_dir: str):
+    """Memory layout, optimizer (its groups recorded by name before any wrapping swaps the parameters),
+    then the wrapping for several processes (runtime/parallel.py)."""
     channels_last = uses_channels_last(model, config.model.channels_last)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     optimizer = create_optimizer(model, config.optimizer, plan.kind)
+    if accelerator.is_main_process:
+        record_param_groups(run_dir, model, optimizer, config.optimizer)  # param_groups.json, a summary in the log
     model, optimizer = parallel.prepare(
         accelerator,
         model,
@@ -170,6 +174,7 @@ def run_record(config: TrainConfig, order: dict | None = None) -> RunRecord:
         auto_micro_batch=config.training.auto_micro_batch,
         train_data=config.data.train_data,
         order=order or {},
+        optimizer_groups=config.optimizer.group_identity(),
     )
 
 
@@ -205,7 +210,7 @@ def train(config: TrainConfig, notices: Sequence[str] = ()) -> int:  # noqa: PLR
     speed = (
         measure_throughput(config, bundle.model, bundle.tokenizer, plan.kind) if accelerator.is_main_process else None
     )
-    model, optimizer, channels_last = prepare_model(config, bundle.model, accelerator, plan)
+    model, optimizer, channels_last = prepare_model(config, bundle.model, accelerator, plan, run_dir)
     schedule = create_lr_schedule(
         optimizer, config.optimizer, epochs=config.training.epochs, steps_per_epoch=steps_per_epoch
     )
