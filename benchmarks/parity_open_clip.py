@@ -191,6 +191,16 @@ def acc_clip_command(args: argparse.Namespace) -> list[str]:
     ]
 
 
+def open_clip_command(args: argparse.Namespace, out: Path) -> list[str]:
+    """open_clip_train 3.3, or with --group-args open_clip main's optimizer groups given to it by
+    tests/open_clip_train_groups.py (3.3 has no layer decay), which writes them to <out>/open_clip_groups.json."""
+    if not args.group_args:
+        return [sys.executable, "-m", "open_clip_train.main"]
+    wrapper = REPO / "tests" / "open_clip_train_groups.py"
+    groups_out = str(out / "open_clip_groups.json")
+    return [sys.executable, str(wrapper), *shlex.split(args.group_args), "--groups-out", groups_out, "--"]
+
+
 MODELS = REPO / "configs" / "models"
 OBJECTIVES = ("clip", "siglip", "coca", "distill")
 
@@ -234,12 +244,15 @@ def run_parity(args: argparse.Namespace) -> dict:
     candidate = out / "acc_clip"
     threads = {"OMP_NUM_THREADS": str(args.threads)} if args.threads else {}
     seconds_ref = run_logged(
-        [sys.executable, "-m", "open_clip_train.main", *flags, "--logs", str(out), "--name", "open_clip"],
+        [*open_clip_command(args, out), *flags, "--logs", str(out), "--name", "open_clip"],
         out / "open_clip.stdout",
         threads,
     )
+    group_flags = shlex.split(args.group_args)
     seconds_new = run_logged(
-        [*acc_clip_command(args), *flags, "--logs", str(out), "--name", "acc_clip"], out / "acc_clip.stdout", threads
+        [*acc_clip_command(args), *group_flags, *flags, "--logs", str(out), "--name", "acc_clip"],
+        out / "acc_clip.stdout",
+        threads,
     )
     result = compare_curves(
         read_loss_curve(reference / LOG_FILE),
@@ -291,6 +304,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--trainer-args",
         default="",
         help="more open_clip_train flags for both trainers, one string: '--force-patch-dropout 0.5'",
+    )
+    parser.add_argument(
+        "--group-args",
+        default="",
+        help="open_clip main's optimizer-group flags, one string ('--image-layer-decay 0.75'): acc_clip takes them, "
+        "open_clip_train 3.3 gets the same groups through tests/open_clip_train_groups.py",
     )
     parser.add_argument("--batch-size", type=int, default=16)
     parser.add_argument("--epochs", type=int, default=2)

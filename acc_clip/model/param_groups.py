@@ -312,26 +312,37 @@ def record_param_groups(
     )
     entries = placements(model, optimizer, layers)
     write_param_groups(os.path.join(run_dir, PARAM_GROUPS_FILE), rule, entries, optimizer)
-    for line in summary(rule, entries):
+    for line in summary(rule, len(optimizer.param_groups), entries):
         log.info("%s", line)
     return entries
 
 
-def summary(rule: str, entries: list[Placement]) -> list[str]:
-    """A few lines for the start-up log: tensors and parameters per (lr scale, weight decay), and which
-    parameters of two or more dimensions are not decayed (1-D ones never are)."""
-    by_setting: dict[tuple[float, float], list[Placement]] = {}
-    for entry in entries:
-        by_setting.setdefault((entry.lr_scale, entry.weight_decay), []).append(entry)
-    lines = [f"parameter groups ({rule}): {len(by_setting)} lr-scale/weight-decay settings, {len(entries)} tensors"]
-    for (scale, decay), members in sorted(by_setting.items(), key=lambda item: (-item[0][0], item[0][1])):
-        count = sum(_numel(e.shape) for e in members)
-        lines.append(f"  lr_scale {scale:.4g}, weight decay {decay:g}: {len(members)} tensors, {count:,} parameters")
-    spared = [e.name for e in entries if e.weight_decay == 0 and len(e.shape) > 1]
-    if spared:
-        shown = ", ".join(spared[:8]) + (f" and {len(spared) - 8} more" if len(spared) > 8 else "")
-        lines.append(f"  not decayed besides 1-D parameters: {shown}")
+def summary(rule: str, groups: int, entries: list[Placement]) -> list[str]:
+    """A few lines for the start-up log: the groups, each decayed tower's lr-scale span, what lies outside
+    them, and the tensors and parameters decayed or not (naming those of two or more dimensions not decayed)."""
+    total = sum(_numel(e.shape) for e in entries)
+    lines = [f"parameter groups ({rule}): {groups} optimizer groups, {len(entries)} tensors, {total:,} parameters"]
+    for tower in sorted({e.tower for e in entries if e.tower}):
+        own = sorted((e for e in entries if e.tower == tower), key=lambda e: e.layer_id or 0)
+        low, high = own[0], own[-1]
+        lines.append(
+            f"  {tower}: {high.layer_id + 1} layer groups, lr_scale {low.lr_scale:.4g} ({low.layer}) "  # type: ignore[operator]
+            f"up to {high.lr_scale:.4g} ({high.layer})"
+        )
+    if any(e.tower for e in entries):
+        outside = [e.name for e in entries if not e.tower]
+        lines.append(f"  outside the decayed towers, lr_scale 1: {len(outside)} tensors ({_some(outside)})")
+    for decayed in (True, False):
+        own = [e for e in entries if (e.weight_decay > 0) == decayed]
+        spared = [e.name for e in own if len(e.shape) > 1]
+        what = "weight decay" if decayed else "no weight decay"
+        named = "" if decayed or not spared else f"; of 2 or more dimensions: {_some(spared)}"
+        lines.append(f"  {what}: {len(own)} tensors, {sum(_numel(e.shape) for e in own):,} parameters{named}")
     return lines
+
+
+def _some(names: list[str], shown: int = 6) -> str:
+    return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
 
 
 def _numel(shape: list[int]) -> int:
