@@ -32,5 +32,9 @@ def test_param_groups_are_recorded_and_a_resume_with_other_groups_is_refused(sma
     assert len(lines) == 1 and "the optimizer's groups changed" in lines[0]
     assert "image_layer_decay None -> 0.5" in lines[0] and "rule open_clip_train 3.3 -> open_clip main" in lines[0]
 
+    # the same layout (two groups) with another weight decay: without the check the saved 0.2 would load silently
+    refused = run_trainer([*args, "--resume", "latest", "--wd", "0.1"], check=False)
+    assert refused.returncode == 2 and "the optimizer's groups changed (wd 0.2 -> 0.1)" in refused.stderr
+
     resumed = run_trainer([*args, "--resume", "latest", "--max-steps", "3"])  # the same flags resume
     assert "training done: 3 steps" in resumed.stderr + resumed.stdout
