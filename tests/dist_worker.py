@@ -182,7 +182,7 @@ def run_steps(
     channels_last = uses_channels_last(model, config.model.channels_last)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
-    if optimizer_name == "adamw":
+    if optimizer_name in ("adamw", "configured"):  # the config's optimizer (AdamW by default), as the trainer's
         optimizer = create_optimizer(model, config.optimizer, "cpu")
     else:  # plain SGD: the update is the gradient itself, so any gradient scale error shows
         optimizer = torch.optim.SGD(model.parameters(), lr=1.0)

@@ -17,7 +17,7 @@ import sys
 import torch
 
 from dist_worker import accelerator_for_cpu, one_process_reference, run_steps, tiny_config
-from helpers import TINY_RN, TINY_VIT
+from helpers import PLAIN_SGD, TINY_RN, TINY_VIT
 
 # name -> (model, per-process batch, flags). 20 steps of global batch 16 are one epoch of the 320-row CSV.
 # tiny-rn has batch norm: each process normalises its own rows, so it has no one-process reference.
@@ -43,6 +43,13 @@ SHORT_SCENARIOS = {
             "--lock-text-freeze-layer-norm",
             "--grad-checkpointing",
         ],
+    ),
+    # Layer decay (open_clip main's groups, built before FSDP swaps the parameters) under the trainer's plain SGD:
+    # the groups' lr scales must survive the swap (tests/integration/test_fsdp_param_groups.py).
+    "vit_layer_decay": (
+        TINY_VIT,
+        8,
+        [*PLAIN_SGD, "--gather-with-grad", "--image-layer-decay", "0.5", "--text-layer-decay", "0.8"],
     ),
 }
 STEPS, SHORT_STEPS = 20, 3
@@ -83,7 +90,8 @@ def run(name: str, scenario: tuple, steps: int, accelerator, train_csv: str, out
         batch, flags = one_process_reference(batch, flags)
     config = tiny_config(train_csv, "--batch-size", str(batch), "--model", model, *flags)
     counter = ReduceScatterCounter() if getattr(accelerator, "is_fsdp2", False) else None
-    losses, weights, _ = run_steps(config, accelerator, steps, optimizer_name="sgd", after_prepare=counter)
+    optimizer_name = "configured" if "--opt" in flags else "sgd"  # the config's optimizer where it names one
+    losses, weights, _ = run_steps(config, accelerator, steps, optimizer_name=optimizer_name, after_prepare=counter)
     if accelerator.is_main_process:
         torch.save(
             {
