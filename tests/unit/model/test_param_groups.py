@@ -79,7 +79,7 @@ def expected_layer(name: str, rules: list, blocks: int) -> int | None:
 def expected_table(model, *, image=None, text=None, wd=0.2, exclude=(), image_rules=VIT, text_prefix=""):
     """name -> (lr_scale, weight decay) by main's rules, from the tables above."""
     no_wd = NO_WD_NAMES["custom" if text_prefix else "clip"]
-    vision_blocks = len(model.visual.transformer.resblocks) if image_rules is VIT else 4
+    vision_blocks = 4 if image is None or image_rules is RESNET else len(model.visual.transformer.resblocks)
     text_module = model.text if text_prefix else model
     text_blocks = len(text_module.transformer.resblocks)
     table = {}
@@ -212,14 +212,20 @@ def test_siglip_timm_tower_follows_timm_s_group_matcher():
     from timm.models import group_parameters
 
     model = meta_model("ViT-B-16-SigLIP")
-    got, _ = acc_clip_table(model, "--image-layer-decay", "0.5")
+    got, _ = acc_clip_table(model, "--image-layer-decay", "0.5", "--text-layer-decay", "0.8")
     by_layer = group_parameters(model.visual.trunk, model.visual.trunk.group_matcher())
     n = len(by_layer) + (1 if any(True for _ in model.visual.head.parameters()) else 0)
     for index, layer in enumerate(sorted(by_layer)):
         for name in by_layer[layer]:
             assert got[f"visual.trunk.{name}"][0] == pytest.approx(0.5 ** (n - 1 - index)), name
     # main: TimmModel.no_weight_decay surfaces the trunk's (pos_embed)
-    assert got["visual.trunk.pos_embed"][1] == 0.0 and got["text.positional_embedding"] == (1.0, 0.0)
+    assert got["visual.trunk.pos_embed"][1] == 0.0 and got["text.positional_embedding"][1] == 0.0
+    # SigLIP's text tower: last-token pooling, a Linear projection with a bias: the head, at 1.0
+    expected = expected_table(model, text=0.8, text_prefix="text.")
+    assert {n: v for n, v in got.items() if n.startswith("text.")} == {
+        n: (pytest.approx(v[0]), v[1]) for n, v in expected.items() if n.startswith("text.")
+    }
+    assert got["text.text_projection.weight"][0] == got["text.text_projection.bias"][0] == 1.0
 
 
 def test_layer_ids_tolerate_parts_a_wrapper_inserts():
@@ -296,6 +302,17 @@ def test_fallback_list_flags_timm_groups():
         assert all(n.endswith(".bias") for n in (names[id(p)] for p in group["params"])) == bool(
             group.get("use_fallback")
         )
+
+
+def test_a_hugging_face_text_tower_is_refused_in_one_line():
+    """open_clip 3.3's HFTextEncoder (built empty here: its Hugging Face config would need a download)."""
+    from open_clip.hf_model import HFTextEncoder
+
+    model = open_clip.create_model(TINY_VIT, device="meta")
+    model.text = HFTextEncoder.__new__(HFTextEncoder)
+    torch.nn.Module.__init__(model.text)
+    with pytest.raises(UsageError, match="--text-layer-decay: not supported for a Hugging Face text tower"):
+        acc_clip_table(model, "--text-layer-decay", "0.5")
 
 
 def test_a_tower_without_layer_groups_is_one_line():
