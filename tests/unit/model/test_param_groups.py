@@ -293,15 +293,25 @@ def test_an_empty_glob_in_yaml_is_refused(tmp_path):
     assert parse_train_config(["--config", str(config)])[0].optimizer.image_layer_decay == 0.5
 
 
-def test_fallback_list_flags_timm_groups():
+def test_fallback_list_routes_matched_parameters_to_muon_s_fallback():
+    """main: --opt-fallback-list flags the groups of matched parameters use_fallback (fnmatch on full names), split
+    from the others; optimizer settings for the fallback come through --opt-kwargs. timm's nadamuon takes both."""
     model = open_clip.create_model(TINY_VIT)
-    config = config_for(TINY_VIT, "--opt", "timm/adamw", "--lr", "0.1", "--opt-fallback-list", "*.bias")
+    flags = ["--opt", "timm/nadamuon", "--lr", "0.01", "--opt-fallback-list", "*embedding*", "visual.conv1.*"]
+    config = config_for(TINY_VIT, *flags, "--opt-kwargs", "fallback_lr_scale=0.5")
     optimizer = create_optimizer(model, config.optimizer, "cpu")
     names = {id(p): n for n, p in model.named_parameters()}
     for group in optimizer.param_groups:
-        assert all(n.endswith(".bias") for n in (names[id(p)] for p in group["params"])) == bool(
-            group.get("use_fallback")
-        )
+        matched = [
+            fnmatch.fnmatchcase(names[id(p)], "*embedding*") or names[id(p)].startswith("visual.conv1.")
+            for p in group["params"]
+        ]
+        assert all(matched) == bool(group.get("use_fallback")) and (all(matched) or not any(matched))
+    assert sum(bool(g.get("use_fallback")) for g in optimizer.param_groups) == 2  # decayed and not
+    assert optimizer.defaults["fallback_lr_scale"] == 0.5
+    for p in model.parameters():
+        p.grad = torch.ones_like(p)
+    optimizer.step()
 
 
 def test_a_hugging_face_text_tower_is_refused_in_one_line():
