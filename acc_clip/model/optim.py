@@ -237,7 +237,8 @@ def create_optimizer(model: torch.nn.Module, options: OptimizerOptions, device_t
     try:
         return torch.optim.AdamW(parameter_groups(model, options.wd) if groups is None else groups, **settings)
     except TypeError as error:  # an --opt-kwargs key AdamW does not take
-        raise UsageError(f"--opt-kwargs {' '.join(options.opt_kwargs)}: {error}") from None
+        given = " ".join(f"{key}={value}" for key, value in options.opt_kwargs.items())
+        raise UsageError(f"--opt-kwargs {given}: {error}") from None
 
 
 def per_group_lr(schedule: Callable[[int], float], optimizer: torch.optim.Optimizer) -> Callable[[int], float]:

@@ -327,7 +327,8 @@ def summary(rule: str, groups: int, entries: list[Placement]) -> list[str]:
         low, high = own[0], own[-1]
         lines.append(
             f"  {tower}: {high.layer_id + 1} layer groups, lr_scale {low.lr_scale:.4g} ({low.layer}) "  # type: ignore[operator]
-            f"up to {high.lr_scale:.4g} ({high.layer})"
+            f"up to {high.lr_scale:.4g} ({high.layer}); {len(own)} tensors, {sum(_numel(e.shape) for e in own):,} "
+            "parameters"
         )
     if any(e.tower for e in entries):
         outside = [e.name for e in entries if not e.tower]

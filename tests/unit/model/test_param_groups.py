@@ -268,6 +268,9 @@ def test_opt_kwargs_reach_the_optimizer_with_main_s_types():
     config = config_for(TINY_VIT, "--opt", "timm/sgd", "--lr", "0.1", "--opt-kwargs", "nesterov=False", "dampening=0.5")
     optimizer = create_optimizer(model, config.optimizer, "cpu")
     assert optimizer.param_groups[0]["dampening"] == 0.5
+    config = config_for(TINY_VIT, "--opt-kwargs", "bogus=1")
+    with pytest.raises(UsageError, match=r"--opt-kwargs bogus=1: .*bogus"):  # one line, naming the flag
+        create_optimizer(model, config.optimizer, "cpu")
 
 
 @pytest.mark.parametrize(
