@@ -136,6 +136,25 @@ def test_evaluations_carry_ema_keys(small_csv, val_csv, tmp_path):
     assert after["ema_val_loss"] != after["val_loss"]
 
 
+def test_resume_across_having_an_ema(small_csv, tmp_path):
+    """A checkpoint without EMA resumed with --ema-decay: the EMA starts from its weights (said in one line),
+    so after one more step it is d w_2 + (1 - d) w_3; that checkpoint resumed without --ema-decay: said, and
+    the next checkpoint holds no EMA."""
+    args = ema_args(small_csv, tmp_path, "C")
+    without = [a for a in args if a not in ("--ema-decay", str(DECAY))]
+    run_trainer([*without, "--max-steps", "2"])
+    added = run_trainer([*args, "--max-steps", "3", "--resume", "latest"])
+    assert "saved without an EMA; the EMA (--ema-decay 0.9) starts from its weights" in added.stdout
+    saved = checkpoints(tmp_path / "C")
+    w2, w3, ema = step_weights(str(saved[2])), step_weights(str(saved[3])), load_file(saved[3] / "ema.safetensors")
+    decay = ema_decay(3, DECAY, warmup=True)
+    expected = {k: decay * w2[k].double() + (1 - decay) * w3[k].double() for k in w3 if w3[k].is_floating_point()}
+    assert max((ema[k].double() - v).abs().max().item() for k, v in expected.items()) < 1e-6
+    dropped = run_trainer([*without, "--max-steps", "4", "--resume", "latest"])
+    assert "holds an EMA of the weights (decay 0.9); this run has no --ema-decay, so it is not kept" in dropped.stdout
+    assert not (checkpoints(tmp_path / "C")[4] / "ema.safetensors").exists()
+
+
 # FSDP2 ----------------------------------------------------------------------------------------------
 
 
