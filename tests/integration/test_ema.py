@@ -164,10 +164,31 @@ def fsdp_ema_args(csv: Path, logs: Path, name: str, batch: int, *extra: str) -> 
     return ema_args(csv, logs, name, *model, "--max-steps", "4", *extra)
 
 
+def test_ddp_two_processes_with_a_host_ema_give_one_process_ema_and_epoch_files(small_csv, tmp_path):
+    """2 processes under DDP with --ema-device cpu against 1 process with twice the batch, one epoch (10 steps):
+    the EMA within FSDP_TOLERANCE; each run's epoch_1.pt holds its last step checkpoint's EMA as state_dict_ema."""
+    model = ["--model", TINY_VIT, "--gather-with-grad", "--epochs", "1", "--save-frequency", "1"]
+    run_trainer(
+        ema_args(small_csv, tmp_path, "D2", *model, "--batch-size", "8", "--ema-device", "cpu"),
+        launcher=launch_with("cpu_2proc.yaml"),
+    )
+    run_trainer(ema_args(small_csv, tmp_path, "D1", *model, "--batch-size", "16"))
+    ema = {}
+    for name in ("D2", "D1"):
+        last = checkpoints(tmp_path / name)[10]
+        ema[name] = load_file(last / "ema.safetensors")
+        epoch = torch.load(tmp_path / name / "checkpoints" / "epoch_1.pt", weights_only=True)
+        assert all(torch.equal(epoch["state_dict_ema"][k], v) for k, v in ema[name].items())
+    worst = max((ema["D2"][k] - v).abs().max().item() for k, v in ema["D1"].items())
+    print(f"\nDDP 2 processes (EMA on the host) against 1 over 10 steps: EMA max |diff| {worst:.3g}")
+    assert worst <= FSDP_TOLERANCE
+
+
 def test_fsdp_two_processes_give_one_process_ema_and_reshard_to_one(small_csv, tmp_path):
     """2 processes under FSDP2 (the EMA sharded like the weights, saved with torch.distributed.checkpoint)
     against 1 process with twice the batch: every step's EMA within FSDP_TOLERANCE. Then the 2-process save of
-    step 2 resumed on one process (--fsdp, a group of one: the EMA resharded) to step 4: the same EMA."""
+    step 2 resumed on one process (--fsdp, a group of one: the EMA resharded): the same EMA at step 4, and at the
+    epoch's end the gathered EMA in epoch_1.pt."""
     run_trainer(fsdp_ema_args(small_csv, tmp_path, "F2", 8), launcher=launch_with("cpu_2proc_fsdp.yaml"))
     run_trainer(fsdp_ema_args(small_csv, tmp_path, "F1", 16))
     sharded, one = checkpoints(tmp_path / "F2"), checkpoints(tmp_path / "F1")
@@ -186,9 +207,15 @@ def test_fsdp_two_processes_give_one_process_ema_and_reshard_to_one(small_csv, t
     assert worst <= FSDP_TOLERANCE
 
     resumed = tmp_path / "F2"  # resumed in the same run folder, from step 2, on one process
-    run_trainer(fsdp_ema_args(small_csv, tmp_path, "F2", 16, "--fsdp", "--resume", str(sharded[2])))
+    # to the epoch's end (10 steps): its epoch_1.pt, gathered under FSDP, holds the EMA as state_dict_ema
+    to_the_end = ["--max-steps", "10", "--save-frequency", "1"]
+    run_trainer(fsdp_ema_args(small_csv, tmp_path, "F2", 16, "--fsdp", "--resume", str(sharded[2]), *to_the_end))
     again = kept_tensors(str(checkpoints(resumed)[4]), "ema")
     assert again is not None
     reshard = max((again[k] - v).abs().max().item() for k, v in load_file(one[4] / "ema.safetensors").items())
     print(f"2-process FSDP save resumed on 1 process: step-4 EMA against 1 process {reshard:.3g}")
     assert reshard <= FSDP_TOLERANCE
+    last = kept_tensors(str(checkpoints(resumed)[10]), "ema")
+    epoch = torch.load(resumed / "checkpoints" / "epoch_1.pt", weights_only=True)["state_dict_ema"]
+    assert last is not None and last.keys() == epoch.keys()
+    assert all(torch.equal(epoch[k], v) for k, v in last.items())
