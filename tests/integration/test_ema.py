@@ -12,7 +12,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from acc_clip.checkpoint.export import main as export
 from acc_clip.checkpoint.folders import complete_checkpoints
+from acc_clip.errors import UsageError
 from acc_clip.model.ema import ema_decay
 from acc_clip.model.weights import kept_tensors, step_weights
 from background_trainer import launch_with
@@ -103,8 +105,6 @@ def test_exported_ema_loads_in_open_clip(straight, tmp_path, form):
     """`acc-clip export --ema` in both formats: open_clip builds the model with the EMA's weights."""
     import open_clip
 
-    from acc_clip.checkpoint.export import main as export
-
     step = checkpoints(straight)[STEPS]
     out = tmp_path / ("ema_dir" if form == "local-dir" else "ema.pt")
     assert export([str(step), "--out", str(out), "--format", form, "--ema"]) == 0
@@ -153,6 +153,8 @@ def test_resume_across_having_an_ema(small_csv, tmp_path):
     dropped = run_trainer([*without, "--max-steps", "4", "--resume", "latest"])
     assert "holds an EMA of the weights (decay 0.9); this run has no --ema-decay, so it is not kept" in dropped.stdout
     assert not (checkpoints(tmp_path / "C")[4] / "ema.safetensors").exists()
+    with pytest.raises(UsageError, match="holds no EMA of the weights"):
+        export([str(saved[2]), "--out", str(tmp_path / "none.pt"), "--ema"])
 
 
 # FSDP2 ----------------------------------------------------------------------------------------------
@@ -182,6 +184,16 @@ def test_ddp_two_processes_with_a_host_ema_give_one_process_ema_and_epoch_files(
     worst = max((ema["D2"][k] - v).abs().max().item() for k, v in ema["D1"].items())
     print(f"\nDDP 2 processes (EMA on the host) against 1 over 10 steps: EMA max |diff| {worst:.3g}")
     assert worst <= FSDP_TOLERANCE
+
+    # An epoch file resumed (--resume epoch_1.pt): its state_dict_ema goes on, d e_10 + (1 - d) w_11 at step 11.
+    epoch_file = tmp_path / "D1" / "checkpoints" / "epoch_1.pt"
+    more = ["--epochs", "2", "--max-steps", "11", "--resume", str(epoch_file)]
+    run_trainer(ema_args(small_csv, tmp_path, "D3", *model, "--batch-size", "16", *more))
+    step = checkpoints(tmp_path / "D3")[11]
+    weights, after = step_weights(str(step)), load_file(step / "ema.safetensors")
+    decay = ema_decay(11, DECAY, warmup=True)
+    expected = {k: decay * v.double() + (1 - decay) * weights[k].double() for k, v in ema["D1"].items()}
+    assert max((after[k].double() - v).abs().max().item() for k, v in expected.items()) < 1e-6
 
 
 def test_fsdp_two_processes_give_one_process_ema_and_reshard_to_one(small_csv, tmp_path):
