@@ -196,13 +196,25 @@ def test_ddp_two_processes_with_a_host_ema_give_one_process_ema_and_epoch_files(
     assert max((after[k].double() - v).abs().max().item() for k, v in expected.items()) < 1e-6
 
 
-def test_fsdp_two_processes_give_one_process_ema_and_reshard_to_one(small_csv, tmp_path):
+def test_fsdp_two_processes_give_one_process_ema_and_reshard_to_one(small_csv, val_csv, tmp_path):
     """2 processes under FSDP2 (the EMA sharded like the weights, saved with torch.distributed.checkpoint)
-    against 1 process with twice the batch: every step's EMA within FSDP_TOLERANCE. Then the 2-process save of
-    step 2 resumed on one process (--fsdp, a group of one: the EMA resharded): the same EMA at step 4, and at the
-    epoch's end the gathered EMA in epoch_1.pt."""
-    run_trainer(fsdp_ema_args(small_csv, tmp_path, "F2", 8), launcher=launch_with("cpu_2proc_fsdp.yaml"))
-    run_trainer(fsdp_ema_args(small_csv, tmp_path, "F1", 16))
+    against 1 process with twice the batch: every step's EMA and weights within FSDP_TOLERANCE, evaluated every 2
+    steps (the EMA's shards swapped in and out: the next steps' weights still agree) with the same ema_ metrics.
+    Then the 2-process save of step 2 resumed on one process (--fsdp, a group of one: the EMA resharded): the
+    same EMA at step 4, and at the epoch's end the gathered EMA in epoch_1.pt."""
+    evaluated = ["--val-data", str(val_csv), "--val-every-n-steps", "2"]
+    run_trainer(fsdp_ema_args(small_csv, tmp_path, "F2", 8, *evaluated), launcher=launch_with("cpu_2proc_fsdp.yaml"))
+    run_trainer(fsdp_ema_args(small_csv, tmp_path, "F1", 16, *evaluated))
+    results = {
+        name: [json.loads(line) for line in (tmp_path / name / "results.jsonl").read_text().splitlines()]
+        for name in ("F2", "F1")
+    }
+    assert [r["step"] for r in results["F2"]] == [r["step"] for r in results["F1"]] == [0, 2, 4]
+    for a, b in zip(results["F2"], results["F1"]):
+        assert a["ema_val_loss"] == pytest.approx(b["ema_val_loss"], abs=1e-5)
+    step2 = results["F2"][1]
+    print(f"\nFSDP2 at step 2: val_loss {step2['val_loss']:.6f}, ema_val_loss {step2['ema_val_loss']:.6f}")
+    assert abs(step2["ema_val_loss"] - step2["val_loss"]) > 1e-4  # the EMA was evaluated, not the weights
     sharded, one = checkpoints(tmp_path / "F2"), checkpoints(tmp_path / "F1")
     assert sorted(sharded) == sorted(one) == [1, 2, 3, 4]
     assert {"ema/__0_0.distcp", "ema/__1_0.distcp", "ema/.metadata"} <= set(
@@ -216,7 +228,7 @@ def test_fsdp_two_processes_give_one_process_ema_and_reshard_to_one(small_csv, t
         c, d = step_weights(str(sharded[step])), step_weights(str(one[step]))
         weights = max(weights, max((c[k] - d[k]).abs().max().item() for k in d))
     print(f"\nFSDP2 2 processes against 1 over 4 steps: EMA max |diff| {worst:.3g}, weights {weights:.3g}")
-    assert worst <= FSDP_TOLERANCE
+    assert worst <= FSDP_TOLERANCE and weights <= FSDP_TOLERANCE
 
     resumed = tmp_path / "F2"  # resumed in the same run folder, from step 2, on one process
     # to the epoch's end (10 steps): its epoch_1.pt, gathered under FSDP, holds the EMA as state_dict_ema
