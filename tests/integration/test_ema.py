@@ -86,9 +86,9 @@ def test_ema_is_the_recurrence_over_each_steps_saved_weights(straight):
 
 
 def test_a_stop_and_resume_latest_give_the_ema_bit_for_bit(small_csv, tmp_path, straight):
-    """Stopped after step 3 (--max-steps), resumed with --resume latest to step STEPS: every saved EMA equals
-    the uninterrupted run's exactly."""
-    args = ema_args(small_csv, tmp_path, "B")
+    """Stopped after step 3 (--max-steps), resumed with --resume latest to step STEPS, both with --async-save (the
+    EMA's host copy written in the background): every saved EMA equals the uninterrupted run's exactly."""
+    args = ema_args(small_csv, tmp_path, "B", "--async-save")
     run_trainer([*args, "--max-steps", "3"])
     resumed = run_trainer([*args, "--max-steps", str(STEPS), "--resume", "latest"])
     assert "resumed from" in resumed.stdout + resumed.stderr
