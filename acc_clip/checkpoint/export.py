@@ -2,7 +2,8 @@
 open_clip `epoch_N.pt` (`--format epoch`, the default) or a local-dir: folder (`--format local-dir`:
 open_clip_config.json and open_clip_model.safetensors, the layout open_clip's hub loader reads, so
 `open_clip.create_model_and_transforms('local-dir:OUT')` loads it and the folder can be uploaded as
-it is)."""
+it is). `--ema` exports the checkpoint's EMA of the weights (--ema-decay) in their place, in either
+format; an epoch export without it carries the EMA, if any, under `state_dict_ema`."""
 
 from __future__ import annotations
 
@@ -17,26 +18,40 @@ from acc_clip.config.parsing import parse
 from acc_clip.config.schema import REQUIRED, Section, option
 from acc_clip.errors import UsageError
 from acc_clip.model.build import initialise_coca_decoder_projection, local_dir_folder
+from acc_clip.model.ema import KEY as EMA
 from acc_clip.model.options import LOCAL_DIR, with_model_options
-from acc_clip.model.weights import open_clip_checkpoint, step_weights
+from acc_clip.model.weights import kept_tensors, open_clip_checkpoint, step_weights
 
 
-def export_checkpoint(checkpoint: str, out: str) -> str:
+def exported_weights(checkpoint: str, ema: bool) -> tuple[dict, dict | None]:
+    """(the weights to export, the EMA to carry beside them or None): with `ema` the checkpoint's EMA in the
+    weights' place, refused in one line for a checkpoint without one."""
+    averages = kept_tensors(checkpoint, EMA)
+    if not ema:
+        return step_weights(checkpoint), averages  # a sharded (FSDP) save's without its optimizer state
+    if averages is None:
+        raise UsageError(f"export --ema: {checkpoint} holds no EMA of the weights (trained without --ema-decay)")
+    return averages, None
+
+
+def export_checkpoint(checkpoint: str, out: str, ema: bool = False) -> str:
     """Write an open_clip epoch_N.pt from a step checkpoint folder; returns a line saying what was
     written. Its `epoch` is the number of epochs completed, as open_clip counts: a checkpoint in
-    the middle of epoch e exports as epoch e, and open_clip_train would resume it at e's start."""
+    the middle of epoch e exports as epoch e, and open_clip_train would resume it at e's start.
+    With `ema` its state_dict is the EMA and no optimizer state goes with it (it belongs to the weights)."""
     manifest = read_manifest(checkpoint, source="export")
-    weights = step_weights(checkpoint)  # a sharded (FSDP) checkpoint's without its optimizer state (docs/fsdp.md)
+    weights, averages = exported_weights(checkpoint, ema)
     optimizer_state, scaler_state = (
-        load_if_present(os.path.join(checkpoint, name)) for name in (OPTIMIZER_FILE, SCALER_FILE)
+        None if ema else load_if_present(os.path.join(checkpoint, name)) for name in (OPTIMIZER_FILE, SCALER_FILE)
     )
     progress = Progress(**manifest["progress"])
     steps_per_epoch = manifest.get("data", {}).get("steps_per_epoch")
     completed = progress.epoch + int(steps_per_epoch is not None and progress.step_in_epoch == steps_per_epoch)
-    save_torch(open_clip_checkpoint(weights, optimizer_state, scaler_state, completed, manifest["name"]), out)
+    exported = open_clip_checkpoint(weights, optimizer_state, scaler_state, completed, manifest["name"], averages)
+    save_torch(exported, out)
     return (
-        f"wrote {out}: model {manifest['model']}, {completed} epoch(s) completed, global step "
-        f"{progress.global_step}; {how_to_load(manifest['model'], out)}"
+        f"wrote {out}{' (the EMA of the weights)' if ema else ''}: model {manifest['model']}, {completed} epoch(s) "
+        f"completed, global step {progress.global_step}; {how_to_load(manifest['model'], out)}"
     )
 
 
@@ -94,12 +109,13 @@ def write_local_dir(model_name: str, state_dict: dict, out: str, model_options: 
     return f"{LOCAL_DIR}{out}"
 
 
-def export_local_dir(checkpoint: str, out: str) -> str:
+def export_local_dir(checkpoint: str, out: str, ema: bool = False) -> str:
     manifest = read_manifest(checkpoint, source="export")
-    weights = step_weights(checkpoint)
+    weights, _ = exported_weights(checkpoint, ema)
     name = write_local_dir(manifest["model"], weights, out, manifest.get("model_options"))
     return (
-        f"wrote {out}: model {manifest['model']}, global step {manifest['progress']['global_step']}; load it as {name}"
+        f"wrote {out}{' (the EMA of the weights)' if ema else ''}: model {manifest['model']}, global step "
+        f"{manifest['progress']['global_step']}; load it as {name}"
     )
 
 
@@ -130,12 +146,13 @@ class ExportOptions(Section):
         "open_clip_model.safetensors, loaded as local-dir:OUT",
         choices=tuple(sorted(FORMATS)),
     )
+    ema: bool = option(False, "export the EMA of the weights (a run with --ema-decay) instead of the weights")
 
 
 def main(argv: list[str]) -> int:
-    """`acc-clip export CHECKPOINT --out OUT [--format epoch|local-dir]`: a step checkpoint for open_clip."""
+    """`acc-clip export CHECKPOINT --out OUT [--format epoch|local-dir] [--ema]`: a step checkpoint for open_clip."""
     options = parse(argv, [ExportOptions], prog="acc-clip export", description=main.__doc__ or "", train=False)[
         ExportOptions
     ]
-    print(FORMATS[options.format](options.checkpoint, options.out))
+    print(FORMATS[options.format](options.checkpoint, options.out, options.ema))
     return 0

@@ -37,7 +37,7 @@ from acc_clip.checkpoint.folders import (
     step_name,
 )
 from acc_clip.checkpoint.remote_sync import RemoteSync
-from acc_clip.checkpoint.writer import BackgroundFiles, Snapshot, write_in_step
+from acc_clip.checkpoint.writer import BackgroundFiles, KeptState, Snapshot, load_kept, write_in_step
 from acc_clip.config.schema import NON_NEGATIVE, POSITIVE, Needs, Section, option
 from acc_clip.errors import (
     KINDS,
@@ -51,7 +51,9 @@ from acc_clip.errors import (
 )
 from acc_clip.io.atomic import fsync_folder, remove_path, save_failure, write_atomically
 from acc_clip.io.sealed import folder_bytes, seal
+from acc_clip.model.ema import resume_decision
 from acc_clip.model.weights import (
+    EMA_KEY,
     WEIGHTS_FILE,
     is_sharded_checkpoint,
     load_safetensors_weights,
@@ -160,6 +162,7 @@ class RunRecord:
     order: dict[str, Any] = field(default_factory=dict)  # what the data source's sample order depends on
     # what the optimizer's groups depend on (OptimizerOptions.group_identity): its state maps to them by order
     optimizer_groups: dict[str, Any] = field(default_factory=dict)
+    ema: dict[str, Any] = field(default_factory=dict)  # the EMA's settings (model/ema.EmaOptions.settings); {}: none
 
 
 class CheckpointManager:
@@ -177,6 +180,7 @@ class CheckpointManager:
         self._pending: BackgroundFiles | None = None  # a save whose files are being written (--async-save)
         self._pending_progress = Progress()
         self._started, self._needed_bytes = 0.0, 0
+        self.kept: KeptState | None = None  # state kept beside the weights (`keep`)
         self._raise_agreed(attempt(self._prepare_folder) if accelerator.is_main_process else None)
         self.sharded_epochs = options.fsdp_checkpoint == "sharded" and parallel.is_fsdp(accelerator)
         if options.fsdp_checkpoint == "sharded" and not self.sharded_epochs:
@@ -184,6 +188,12 @@ class CheckpointManager:
         # Weights are stored under their plain names, and loaded here with an architecture check.
         accelerator.register_save_state_pre_hook(_save_plain_weights)
         accelerator.register_load_state_pre_hook(self._load_weights)
+
+    def keep(self, state: KeptState) -> None:
+        """The one hook through which checkpoints learn new state (the EMA of the weights): `state` is saved in
+        every step checkpoint beside the weights (sharded like them under FSDP), loaded on resume, and its whole
+        tensors go into epoch_N.pt files under `state_dict_ema`. Call it before `resume`."""
+        self.kept = state
 
     def _prepare_folder(self) -> None:
         """Main process: put back what a killed commit moved aside, remove partial saves, claim the remote copy."""
@@ -290,6 +300,7 @@ class CheckpointManager:
             raise
         except Exception as error:  # torch and pickle raise many types for damaged files
             raise CheckpointError(f"--resume {path}: cannot load: {one_line(error)}") from None
+        self._restore_kept(path, manifest)
         log.info(
             "resumed from %s: epoch %d, step %d of the epoch, global step %d, %d samples seen",
             path,
@@ -311,6 +322,20 @@ class CheckpointManager:
                     os.path.basename(newer[-1]),
                 )
         return progress
+
+    def _restore_kept(self, path: str, manifest: dict) -> None:
+        """The kept state (the EMA) from the checkpoint, or afresh from the resumed weights, as `resume_decision`
+        decides and says from the manifest's record of it and this run's."""
+        load = resume_decision(manifest.get("ema") or {}, self.record.ema, f"--resume {path}")
+        if self.kept is None:
+            return
+        if not load:
+            self.kept.copy_weights()
+            return
+        try:
+            load_kept(self.kept, path, parallel.is_fsdp(self.accelerator))
+        except Exception as error:  # torch.distributed.checkpoint and safetensors raise many types
+            raise CheckpointError(f"--resume {path}: cannot load its {self.kept.name}: {one_line(error)}") from None
 
     def _check_random_states(self, path: str) -> None:
         """Accelerate's load_state logs a random-state file it cannot read at INFO level and goes on with
@@ -410,10 +435,26 @@ class CheckpointManager:
                 f"--resume {path}: its optimizer state does not fit this model's parameter "
                 f"groups ({str(error).splitlines()[0]})"
             ) from None
+        self._kept_from_epoch_file(saved.get(EMA_KEY), path)
         epoch = int(saved.get("epoch", 0))
         global_step = epoch * steps_per_epoch
         log.info("started from open_clip checkpoint %s: epoch %d, global step %d", path, epoch, global_step)
         return Progress(epoch=epoch, global_step=global_step, samples_seen=global_step * self.global_batch)
+
+    def _kept_from_epoch_file(self, saved: dict | None, path: str) -> None:
+        """An epoch_N.pt's EMA (`state_dict_ema`) into the kept state, or the kept state afresh from its weights."""
+        if self.kept is None:
+            return
+        if saved is None:
+            log.warning("--resume %s: no %s in it; the EMA starts from its weights", path, EMA_KEY)
+            self.kept.copy_weights()
+            return
+        live = self.kept.tensors()
+        if saved.keys() != live.keys():
+            raise CheckpointError(f"--resume {path}: its {EMA_KEY} holds other tensors than this model's")
+        with torch.no_grad():
+            for name, tensor in live.items():
+                tensor.copy_(saved[name])
 
     # save -------------------------------------------------------------------------------------
     def step_save_due(self, progress: Progress, host_group=None) -> bool:
@@ -438,13 +479,16 @@ class CheckpointManager:
         self._refuse_non_finite(model, progress)
         name = step_name(progress.global_step)
         partial = os.path.join(self.directory, TMP_PREFIX + name)
-        self._started, self._needed_bytes = time.perf_counter(), state_bytes(model, optimizer)
+        self._started, self._needed_bytes = (
+            time.perf_counter(),
+            state_bytes(model, optimizer) + (tensor_bytes(self.kept.tensors()) if self.kept is not None else 0),
+        )
         if self.accelerator.is_main_process:
             remove_path(partial)
         self.accelerator.wait_for_everyone()
         snapshot, failure = Snapshot(), None
         try:
-            snapshot = write_in_step(self.accelerator, model, optimizer, partial)
+            snapshot = write_in_step(self.accelerator, model, optimizer, partial, self.kept)
         except Exception as error:  # noqa: BLE001 - every process must hear of it, or the others wait
             failure = error
         self._raise_save_failure(self._agreed_failure(failure), partial)
@@ -568,6 +612,7 @@ class CheckpointManager:
                 # what changes the architecture or preprocessing beyond the model's config (export writes them in)
                 "model_options": record.model_options,
                 "precision": record.precision,
+                "ema": record.ema,  # the EMA's settings; its tensors are in ema.safetensors or ema/ (sharded)
                 "name": record.name,
                 "run_id": run_id(self.run_dir),  # which run saved it: remote sync prunes and fetches only its own
                 "progress": asdict(progress),
@@ -607,15 +652,19 @@ class CheckpointManager:
         main = self.accelerator.is_main_process
         # Collectives under FSDP: every process gathers, the main process alone keeps the whole copy.
         weights, optimizer_state = full_state_dict(model), parallel.full_optimizer_state_dict(model, optimizer, main)
-        self._raise_agreed(attempt(self._write_epoch_files, weights, optimizer_state, completed, due) if main else None)
+        ema = self.kept.whole_tensors() if self.kept is not None else None
+        self._raise_agreed(
+            attempt(self._write_epoch_files, weights, optimizer_state, completed, due, ema) if main else None
+        )
         self.save(model, optimizer, progress)
 
-    def _write_epoch_files(self, weights: dict, optimizer_state: dict | None, completed: int, due: bool) -> None:
-        """Main process: `epoch_N.pt` when due, `epoch_latest.pt` with --save-most-recent."""
+    def _write_epoch_files(
+        self, weights: dict, optimizer_state: dict | None, completed: int, due: bool, ema: dict | None = None
+    ) -> None:
+        """Main process: `epoch_N.pt` when due, `epoch_latest.pt` with --save-most-recent (with the EMA, if any)."""
         options, scaler = self.options, self.accelerator.scaler
-        exported = open_clip_checkpoint(
-            weights, optimizer_state, scaler.state_dict() if scaler is not None else None, completed, self.record.name
-        )
+        scaler_state = scaler.state_dict() if scaler is not None else None
+        exported = open_clip_checkpoint(weights, optimizer_state, scaler_state, completed, self.record.name, ema)
         if due:
             save_torch(exported, os.path.join(self.directory, f"epoch_{completed}.pt"))
             if options.delete_previous_checkpoint:

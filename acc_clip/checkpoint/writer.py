@@ -20,6 +20,7 @@ import os
 import re
 import threading
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import torch
 
@@ -53,6 +54,45 @@ def host_copy(value):
     return value
 
 
+class KeptState(Protocol):
+    """State a checkpoint keeps beside the weights (the EMA, model/ema.py), registered with
+    CheckpointManager.keep: named tensors, plain or sharded like the weights (DTensors), loaded in place."""
+
+    name: str  # its file (NAME.safetensors) or sharded folder (NAME/) in a step checkpoint, its manifest key
+
+    def tensors(self) -> dict[str, torch.Tensor]: ...  # live: saved from, loaded into
+
+    def whole_tensors(self) -> dict[str, torch.Tensor]: ...  # whole, on the CPU (a collective under FSDP)
+
+    def copy_weights(self) -> None: ...  # start afresh from the weights (a checkpoint without it)
+
+
+def save_sharded(kept: KeptState, folder: str) -> None:
+    """Under FSDP, every process writes its shards of `kept` into `folder/NAME` (torch.distributed.checkpoint,
+    as Accelerate writes the weights' shards): a resume on any number of processes reshards them."""
+    import torch.distributed.checkpoint as dcp
+
+    dcp.save({kept.name: kept.tensors()}, checkpoint_id=os.path.join(folder, kept.name))
+
+
+def load_kept(kept: KeptState, folder: str, sharded: bool) -> None:
+    """Load a step checkpoint's copy of `kept` into it, in place (resharded by torch.distributed.checkpoint
+    under FSDP)."""
+    if sharded:
+        import torch.distributed.checkpoint as dcp
+
+        dcp.load({kept.name: kept.tensors()}, checkpoint_id=os.path.join(folder, kept.name))
+        return
+    from safetensors.torch import load_file
+
+    saved, live = load_file(os.path.join(folder, f"{kept.name}.safetensors")), kept.tensors()
+    if saved.keys() != live.keys():
+        raise ValueError(f"its {kept.name} holds other tensors than this model's ({len(saved)} vs {len(live)})")
+    with torch.no_grad():
+        for name, tensor in live.items():
+            tensor.copy_(saved[name])
+
+
 @dataclass
 class Snapshot:
     """The main process's copy of the weights (plain names, contiguous) and the optimizer state; empty on
@@ -60,6 +100,7 @@ class Snapshot:
 
     weights: dict[str, torch.Tensor] = field(default_factory=dict)
     optimizer: dict | None = None
+    kept: dict[str, dict[str, torch.Tensor]] = field(default_factory=dict)  # KeptState's tensors, by its name
 
     def write(self, folder: str) -> None:
         from safetensors.torch import save_file
@@ -68,12 +109,16 @@ class Snapshot:
             save_file(self.weights, os.path.join(folder, WEIGHTS_FILE), metadata={"format": "pt"})
         if self.optimizer is not None:
             torch.save(self.optimizer, os.path.join(folder, OPTIMIZER_FILE))
+        for name, tensors in self.kept.items():
+            save_file(tensors, os.path.join(folder, f"{name}.safetensors"), metadata={"format": "pt"})
 
 
-def write_in_step(accelerator, model, optimizer, folder: str) -> Snapshot:
-    """The part of a save made in the step (every process; see the module docstring)."""
+def write_in_step(accelerator, model, optimizer, folder: str, kept: KeptState | None = None) -> Snapshot:
+    """The part of a save made in the step (every process; see the module docstring), `kept` included."""
     if parallel.is_fsdp(accelerator):
         accelerator.save_state(folder)
+        if kept is not None:
+            save_sharded(kept, folder)
         return Snapshot()
     from accelerate.checkpointing import save_accelerator_state
 
@@ -92,7 +137,8 @@ def write_in_step(accelerator, model, optimizer, folder: str) -> Snapshot:
     if not accelerator.is_main_process:
         return Snapshot()
     weights = {plain_key(key): value.contiguous() for key, value in parallel.full_state_dict(model).items()}
-    return Snapshot(host_copy(weights), host_copy(optimizer.state_dict()))
+    kept_copy = {} if kept is None else {kept.name: host_copy({k: v.contiguous() for k, v in kept.tensors().items()})}
+    return Snapshot(host_copy(weights), host_copy(optimizer.state_dict()), kept_copy)
 
 
 def finish_files(snapshot: Snapshot, folder: str, rank: int, global_step: int) -> dict[str, tuple[int, str]]:

@@ -22,6 +22,7 @@ from acc_clip.runtime.parallel import SCALAR_PARAMETERS
 log = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "model.safetensors"  # Accelerate's name for the first model's weights
+EMA_KEY = "state_dict_ema"  # the EMA of the weights in an epoch_N.pt, as timm names it
 SHARDED_WEIGHTS_DIR = "pytorch_model_fsdp_0"  # Accelerate's folder for FSDP's sharded weights (FSDP_MODEL_NAME)
 
 
@@ -74,10 +75,19 @@ def check_architecture(model: torch.nn.Module, shapes: dict[str, tuple[int, ...]
 
 
 def open_clip_checkpoint(
-    state_dict: dict, optimizer_state: dict | None, scaler_state: dict | None, epoch: int, name: str | None
+    state_dict: dict,
+    optimizer_state: dict | None,
+    scaler_state: dict | None,
+    epoch: int,
+    name: str | None,
+    ema: dict | None = None,
 ) -> dict:
-    """The dict open_clip_train writes as `epoch_N.pt` and `create_model_and_transforms(pretrained=path)` loads."""
+    """The dict open_clip_train writes as `epoch_N.pt` and `create_model_and_transforms(pretrained=path)` loads;
+    the EMA of the weights, if any, under `state_dict_ema`, where timm's checkpoints keep it (timm's
+    load_checkpoint(use_ema=True) reads it; open_clip reads `state_dict`, which `acc-clip export --ema` fills)."""
     exported: dict[str, Any] = {"epoch": epoch, "name": name, "state_dict": state_dict}
+    if ema is not None:
+        exported[EMA_KEY] = ema
     if optimizer_state is not None:
         exported["optimizer"] = optimizer_state
     if scaler_state is not None:
@@ -135,20 +145,26 @@ def read_sharded_weights(folder: str) -> dict[str, torch.Tensor]:
     """A sharded (FSDP) step checkpoint's whole weights, plain-named, on the CPU, read in this one process by
     torch.distributed.checkpoint (no process group: each tensor whole, from every shard). FSDP holds
     open_clip's 0-d parameters as 1-element vectors (runtime/parallel.scalars_as_vectors): 0-d again here."""
+    return read_sharded_tensors(os.path.join(folder, SHARDED_WEIGHTS_DIR), "model")
+
+
+def read_sharded_tensors(path: str, key: str) -> dict[str, torch.Tensor]:
+    """The whole tensors saved under `key` (a dict of named tensors) in the torch.distributed.checkpoint
+    folder `path`, read as `read_sharded_weights` reads the weights."""
     import torch.distributed.checkpoint as dcp
     from torch.distributed.checkpoint.metadata import TensorStorageMetadata
 
-    path = os.path.join(folder, SHARDED_WEIGHTS_DIR)
     metadata = dcp.FileSystemReader(path).read_metadata().state_dict_metadata
+    prefix = f"{key}."
     state = {
-        key[len("model.") :]: torch.empty(meta.size, dtype=meta.properties.dtype)
-        for key, meta in metadata.items()
-        if key.startswith("model.") and isinstance(meta, TensorStorageMetadata)
+        name[len(prefix) :]: torch.empty(meta.size, dtype=meta.properties.dtype)
+        for name, meta in metadata.items()
+        if name.startswith(prefix) and isinstance(meta, TensorStorageMetadata)
     }
-    dcp.load({"model": state}, checkpoint_id=path)
+    dcp.load({key: state}, checkpoint_id=path)
     return {
-        key: value.reshape(()) if key in SCALAR_PARAMETERS and value.shape == (1,) else value
-        for key, value in state.items()
+        name: value.reshape(()) if name in SCALAR_PARAMETERS and value.shape == (1,) else value
+        for name, value in state.items()
     }
 
 
@@ -159,6 +175,18 @@ def step_weights(folder: str) -> dict[str, torch.Tensor]:
     if is_sharded_checkpoint(folder):
         return read_sharded_weights(folder)
     return {plain_key(k): v for k, v in load_file(os.path.join(folder, WEIGHTS_FILE)).items()}
+
+
+def kept_tensors(folder: str, name: str) -> dict[str, torch.Tensor] | None:
+    """What a step checkpoint keeps beside the weights under `name` (checkpoint/manager.CheckpointManager.keep:
+    the EMA), whole and plain-named on the CPU: `NAME.safetensors`, or the sharded folder `NAME/` of an FSDP
+    save; None when the checkpoint has none."""
+    from safetensors.torch import load_file
+
+    if os.path.isdir(os.path.join(folder, name)):
+        return read_sharded_tensors(os.path.join(folder, name), name)
+    path = os.path.join(folder, f"{name}.safetensors")
+    return load_file(path) if os.path.isfile(path) else None
 
 
 def load_weights(model: torch.nn.Module, path: str, source: str) -> dict | None:

@@ -18,6 +18,7 @@ from acc_clip.data import DataOptions, check_train_source, source_options
 from acc_clip.errors import UsageError
 from acc_clip.evaluation.evaluator import EvaluationOptions
 from acc_clip.loss import ObjectiveOptions, check_objective, objective_options
+from acc_clip.model.ema import EmaOptions
 from acc_clip.model.optim import OptimizerOptions, resolve_defaults
 from acc_clip.model.options import ModelOptions
 from acc_clip.runtime.device import RuntimeOptions
@@ -78,6 +79,10 @@ class TrainConfig(Config):
         return self[OptimizerOptions]
 
     @property
+    def ema(self) -> EmaOptions:
+        return self[EmaOptions]
+
+    @property
     def training(self) -> TrainingOptions:
         return self[TrainingOptions]
 
@@ -109,6 +114,7 @@ def sections() -> list[type]:
         *source_options(),
         ModelOptions,
         OptimizerOptions,
+        EmaOptions,
         TrainingOptions,
         ObjectiveOptions,
         *objective_options(),

@@ -28,6 +28,7 @@ from acc_clip.errors import DataError, UsageError
 from acc_clip.evaluation.evaluator import Evaluator, format_metrics
 from acc_clip.loss import create_objective, model_overrides, objective_identity
 from acc_clip.model.build import create_model, uses_channels_last
+from acc_clip.model.ema import WeightsEma
 from acc_clip.model.flops import count_train_flops, describe, image_height_width
 from acc_clip.model.optim import create_lr_schedule, create_optimizer
 from acc_clip.model.options import recorded
@@ -56,13 +57,18 @@ def report_evaluation(results: dict, metrics: MetricsLogger, *, epoch: int, step
     metrics.write_result({"epoch": epoch, "step": step, **results})
 
 
-def evaluate(evaluator: Evaluator, model, completed_epochs: int, **when) -> dict:
+def evaluate(evaluator: Evaluator, model, completed_epochs: int, ema: WeightsEma | None = None, **when) -> dict:
     """The evaluator's metrics on whole weights: under FSDP they are gathered once for the pass, so
-    each process encodes its own rows without collectives (runtime/parallel.gathered)."""
+    each process encodes its own rows without collectives (runtime/parallel.gathered). With --ema-decay the
+    same metrics on the EMA of the weights follow, prefixed `ema_`."""
     if not evaluator.enabled:
         return {}
     with parallel.gathered(model):
-        return evaluator.run(model, completed_epochs, **when)
+        results = evaluator.run(model, completed_epochs, **when)
+    if ema is not None and results:
+        with ema.in_place_of(model), parallel.gathered(model):  # the EMA in the weights' place, then put back
+            results |= {f"ema_{key}": value for key, value in evaluator.run(model, completed_epochs, **when).items()}
+    return results
 
 
 def to_device(batch, image_transform, device, channels_last: bool, input_dtype=None):
@@ -175,6 +181,7 @@ def run_record(config: TrainConfig, order: dict | None = None) -> RunRecord:
         train_data=config.data.train_data,
         order=order or {},
         optimizer_groups=config.optimizer.group_identity(),
+        ema=config.ema.settings(),
     )
 
 
@@ -231,6 +238,10 @@ def train(config: TrainConfig, notices: Sequence[str] = ()) -> int:  # noqa: PLR
     )
     memory = MemoryMeter(plan.kind)
     saver = CheckpointManager(run_dir, config.checkpoint, run_record(config, data.order), accelerator)
+    # --ema-decay: an EMA of the (sharded) weights, kept in checkpoints and evaluated beside them (model/ema.py)
+    ema = WeightsEma(model, config.ema, sharded=parallel.is_fsdp(accelerator)) if config.ema.enabled else None
+    if ema is not None:
+        saver.keep(ema)
     progress = saver.resume(model, optimizer, steps_per_epoch)
     if progress.step_in_epoch > steps_per_epoch:
         raise UsageError(
@@ -240,7 +251,9 @@ def train(config: TrainConfig, notices: Sequence[str] = ()) -> int:  # noqa: PLR
         )
     evaluator = Evaluator(config, bundle.preprocess_val, bundle.tokenizer, accelerator, objective)
     if evaluator.enabled and progress.global_step == 0:
-        report_evaluation(evaluate(evaluator, model, 0, force=True), metrics, epoch=0, step=0, when="before training")
+        report_evaluation(
+            evaluate(evaluator, model, 0, ema, force=True), metrics, epoch=0, step=0, when="before training"
+        )
     if stop.agreed(host_group):
         log.warning("stopping on %s before the first step; resume with --resume latest", stop.signal_name)
         accelerator.end_training()
@@ -285,6 +298,8 @@ def train(config: TrainConfig, notices: Sequence[str] = ()) -> int:  # noqa: PLR
             lr = schedule(progress.global_step)
             losses = step(model, device_batches, objective, accelerator, optimizer, config.optimizer.grad_clip_norm)
             progress.advance(step_in_epoch + 1, global_batch)
+            if ema is not None:
+                ema.update(progress.global_step)  # once per optimizer step, after it
             end = time.perf_counter()
             metrics.record(
                 StepRecord(
@@ -304,7 +319,7 @@ def train(config: TrainConfig, notices: Sequence[str] = ()) -> int:  # noqa: PLR
             if sample_log is not None:
                 sample_log.record(progress.global_step - 1, epoch, micro_batches)
             if evaluator.due_at_step(progress.global_step) and step_in_epoch + 1 < steps_per_epoch:
-                step_results = evaluate(evaluator, model, epoch, force=True)  # an epoch's last step: below
+                step_results = evaluate(evaluator, model, epoch, ema, force=True)  # an epoch's last step: below
                 report_evaluation(step_results, metrics, epoch=epoch, step=progress.global_step, when="by steps")
             saver.poll(host_group)  # commits a save whose files were written meanwhile (--async-save)
             stopping = stop.agreed(host_group)  # every rank stops after the same step
@@ -338,6 +353,7 @@ def train(config: TrainConfig, notices: Sequence[str] = ()) -> int:  # noqa: PLR
                     evaluator,
                     model,
                     epoch + 1,
+                    ema,
                     last=epoch + 1 == config.training.epochs,
                     force=evaluator.due_at_step(progress.global_step),
                 ),

@@ -83,7 +83,7 @@ def test_every_flag_a_command_shares_with_train_has_trains_definition(command):
         } <= set(shared)
         assert set(own) - set(shared) == {"checkpoint", "out"}  # eval's own flags
     else:  # export takes no training flag today; one it takes later must be training's
-        assert set(own) == {"checkpoint", "out", "format"}
+        assert set(own) == {"checkpoint", "out", "format", "ema"}
 
 
 def test_eval_takes_trainings_device_workers_and_precision_defaults():
