@@ -17,6 +17,7 @@ from acc_clip.config.parsing import parse
 from acc_clip.config.schema import REQUIRED, Section, option
 from acc_clip.errors import UsageError
 from acc_clip.model.build import initialise_coca_decoder_projection, local_dir_folder
+from acc_clip.model.lora import merge_lora
 from acc_clip.model.options import LOCAL_DIR, with_model_options
 from acc_clip.model.weights import open_clip_checkpoint, step_weights
 
@@ -30,6 +31,8 @@ def export_checkpoint(checkpoint: str, out: str) -> str:
     optimizer_state, scaler_state = (
         load_if_present(os.path.join(checkpoint, name)) for name in (OPTIMIZER_FILE, SCALER_FILE)
     )
+    if manifest.get("lora"):  # plain open_clip weights, adapters merged; the optimizer state is the adapters'
+        weights, optimizer_state = merge_lora(weights, manifest["lora"]), None
     progress = Progress(**manifest["progress"])
     steps_per_epoch = manifest.get("data", {}).get("steps_per_epoch")
     completed = progress.epoch + int(steps_per_epoch is not None and progress.step_in_epoch == steps_per_epoch)
@@ -96,7 +99,7 @@ def write_local_dir(model_name: str, state_dict: dict, out: str, model_options: 
 
 def export_local_dir(checkpoint: str, out: str) -> str:
     manifest = read_manifest(checkpoint, source="export")
-    weights = step_weights(checkpoint)
+    weights = merge_lora(step_weights(checkpoint), manifest.get("lora"))  # LoRA's adapters merged, if any
     name = write_local_dir(manifest["model"], weights, out, manifest.get("model_options"))
     return (
         f"wrote {out}: model {manifest['model']}, global step {manifest['progress']['global_step']}; load it as {name}"

@@ -51,6 +51,7 @@ from acc_clip.errors import (
 )
 from acc_clip.io.atomic import fsync_folder, remove_path, save_failure, write_atomically
 from acc_clip.io.sealed import folder_bytes, seal
+from acc_clip.model.lora import merge_lora
 from acc_clip.model.weights import (
     WEIGHTS_FILE,
     is_sharded_checkpoint,
@@ -158,6 +159,7 @@ class RunRecord:
     auto_micro_batch: bool = False  # batch_size and accum_freq were chosen by the memory probe (--auto-micro-batch)
     train_data: str | None = None
     order: dict[str, Any] = field(default_factory=dict)  # what the data source's sample order depends on
+    lora: dict[str, Any] = field(default_factory=dict)  # --lora-rank's settings (model/lora.py); {} without LoRA
 
 
 class CheckpointManager:
@@ -557,6 +559,7 @@ class CheckpointManager:
                 "objective": record.objective,
                 # what changes the architecture or preprocessing beyond the model's config (export writes them in)
                 "model_options": record.model_options,
+                "lora": record.lora,  # the weights hold peft's adapters: export merges them (model/lora.py)
                 "precision": record.precision,
                 "name": record.name,
                 "run_id": run_id(self.run_dir),  # which run saved it: remote sync prunes and fetches only its own
@@ -601,8 +604,11 @@ class CheckpointManager:
         self.save(model, optimizer, progress)
 
     def _write_epoch_files(self, weights: dict, optimizer_state: dict | None, completed: int, due: bool) -> None:
-        """Main process: `epoch_N.pt` when due, `epoch_latest.pt` with --save-most-recent."""
+        """Main process: `epoch_N.pt` when due, `epoch_latest.pt` with --save-most-recent. Under LoRA the
+        adapters are merged (plain open_clip weights) and the optimizer state, which is the adapters', left out."""
         options, scaler = self.options, self.accelerator.scaler
+        if self.record.lora:
+            weights, optimizer_state = merge_lora(weights, self.record.lora), None
         exported = open_clip_checkpoint(
             weights, optimizer_state, scaler.state_dict() if scaler is not None else None, completed, self.record.name
         )
