@@ -18,7 +18,7 @@ from acc_clip.checkpoint.export import main as export_main
 from acc_clip.io.sealed import MANIFEST
 from acc_clip.model.build import create_model
 from acc_clip.model.lora import apply_lora
-from acc_clip.model.weights import load_safetensors_weights
+from acc_clip.model.weights import load_safetensors_weights, load_weights
 from acc_clip.runtime.faults import kill_at
 from acc_clip.train.config import parse_train_config
 from background_trainer import two_processes
@@ -70,7 +70,9 @@ def test_merged_exports_load_in_open_clip_with_the_adapted_features(small_csv, t
     assert "optimizer" not in epoch_file  # the adapters' state: it fits no open_clip model
     from_epoch = open_clip.create_model(TINY_VIT)
     from_epoch.load_state_dict(epoch_file["state_dict"])  # strict: open_clip's own names
-    for plain in (exported, from_epoch):
+    from_step = open_clip.create_model(TINY_VIT)  # --pretrained STEP, `acc-clip eval`: the one loader merges too
+    load_weights(from_step, str(step), "--pretrained")
+    for plain in (exported, from_epoch, from_step):
         for ours, theirs in zip(adapted, features(plain.eval())):
             torch.testing.assert_close(theirs, ours, atol=1e-5, rtol=0)
     # the base alone (the adapters dropped) gives other features: the check above sees the merge
@@ -114,6 +116,8 @@ def test_two_processes_accumulating_equal_one_process(small_csv, tmp_path):
         load_file(tmp_path / run / "checkpoints" / "step_00000003" / "model.safetensors") for run in ("one", "two")
     ]
     assert max_difference(*weights) <= 1e-5
+    loss_gap = max(abs(a["loss"] - b["loss"]) for a, b in zip(one, two))
+    print(f"2 processes vs 1: largest loss difference {loss_gap:.3g}, weight difference {max_difference(*weights):.3g}")
     # plain SGD at lr 1 moved the adapters' B far from its zero start; the frozen weights did not move at all
     assert max(weights[0][k].abs().max().item() for k in weights[0] if ".lora_B." in k) > 1e-3
     initial = parse_train_config(tiny_train_args(small_csv, tmp_path, "x", *LORA))[0]
