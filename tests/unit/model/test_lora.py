@@ -85,6 +85,20 @@ def test_a_step_reaches_every_adapter_and_leaves_the_base_bit_equal():
     assert all(after[name].grad is None for name in base)
 
 
+def test_grad_checkpointing_keeps_the_adapters_gradients():
+    """--grad-checkpointing (open_clip's non-reentrant checkpoint): the recomputed blocks reach the adapters alike."""
+    plain, checkpointed = adapted(), adapted()
+    checkpointed.set_grad_checkpointing()
+    for net in (plain, checkpointed):
+        net.train()
+        image_features, text_features, _ = net(*inputs())
+        (image_features @ text_features.T).sum().backward()
+    grads = [{n: p.grad for n, p in net.named_parameters() if p.requires_grad} for net in (plain, checkpointed)]
+    assert grads[0].keys() == grads[1].keys()
+    for name, grad in grads[0].items():
+        torch.testing.assert_close(grads[1][name], grad, atol=1e-6, rtol=1e-5, msg=name)
+
+
 def test_merge_gives_the_adapted_models_features_in_plain_open_clip():
     net = adapted()
     merged = merge_lora(net.state_dict(), lora_record(lora_options()))
