@@ -15,7 +15,7 @@ from acc_clip.errors import UsageError
 from acc_clip.model.flops import count_train_flops
 from acc_clip.model.lora import apply_lora, is_adapter, lora_record, merge_lora, storage_free_copy
 from acc_clip.train.config import parse_train_config
-from helpers import TINY_RN, TINY_VIT
+from helpers import TINY_COCA, TINY_RN, TINY_VIT
 
 RANK = 4
 
@@ -64,6 +64,16 @@ def test_only_the_adapters_train(flags, towers, targets):
     # TINY_VIT: two blocks of width 64 in each tower
     assert sum(trainable.values()) == expected_adapter_count(64, 2 * len(towers), targets)
     assert all(name.startswith("visual.") == (towers == ("image",)) for name in trainable) or len(towers) == 2
+
+
+@pytest.mark.parametrize("model, options", [(TINY_COCA, {}), (TINY_VIT, {"force_custom_text": True})])
+def test_text_towers_of_coca_and_custom_text_models_adapt(model, options):
+    """CustomTextCLIP and CoCa hold their text tower as `text`; CoCa's caption decoder stays frozen."""
+    net = open_clip.create_model(model, **options)
+    apply_lora(net, lora_options(model=model), fsdp=False)
+    adapted_towers = {name.split(".")[0] for name, p in net.named_parameters() if p.requires_grad}
+    assert adapted_towers == {"text", "visual"}
+    assert not any(p.requires_grad for p in getattr(net, "text_decoder", torch.nn.Identity()).parameters())
 
 
 def test_train_logit_scale_unfreezes_the_temperature_only():
