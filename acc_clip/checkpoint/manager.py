@@ -52,6 +52,7 @@ from acc_clip.errors import (
 from acc_clip.io.atomic import fsync_folder, remove_path, save_failure, write_atomically
 from acc_clip.io.sealed import folder_bytes, seal
 from acc_clip.model.ema import resume_decision
+from acc_clip.model.lora import merge_lora
 from acc_clip.model.weights import (
     EMA_KEY,
     WEIGHTS_FILE,
@@ -163,6 +164,7 @@ class RunRecord:
     # what the optimizer's groups depend on (OptimizerOptions.group_identity): its state maps to them by order
     optimizer_groups: dict[str, Any] = field(default_factory=dict)
     ema: dict[str, Any] = field(default_factory=dict)  # the EMA's settings (model/ema.EmaOptions.settings); {}: none
+    lora: dict[str, Any] = field(default_factory=dict)  # --lora-rank's settings (model/lora.py); {} without LoRA
 
 
 class CheckpointManager:
@@ -611,6 +613,7 @@ class CheckpointManager:
                 "optimizer_groups": record.optimizer_groups,
                 # what changes the architecture or preprocessing beyond the model's config (export writes them in)
                 "model_options": record.model_options,
+                "lora": record.lora,  # the weights hold peft's adapters: export merges them (model/lora.py)
                 "precision": record.precision,
                 "ema": record.ema,  # the EMA's settings; its tensors are in ema.safetensors or ema/ (sharded)
                 "name": record.name,
@@ -661,8 +664,13 @@ class CheckpointManager:
     def _write_epoch_files(
         self, weights: dict, optimizer_state: dict | None, completed: int, due: bool, ema: dict | None = None
     ) -> None:
-        """Main process: `epoch_N.pt` when due, `epoch_latest.pt` with --save-most-recent (with the EMA, if any)."""
+        """Main process: `epoch_N.pt` when due, `epoch_latest.pt` with --save-most-recent (with the EMA, if any).
+        Under LoRA the adapters are merged (plain open_clip weights, the EMA's too) and the optimizer state, which
+        is the adapters', left out."""
         options, scaler = self.options, self.accelerator.scaler
+        if self.record.lora:
+            weights, optimizer_state = merge_lora(weights, self.record.lora), None
+            ema = merge_lora(ema, self.record.lora) if ema is not None else None
         scaler_state = scaler.state_dict() if scaler is not None else None
         exported = open_clip_checkpoint(weights, optimizer_state, scaler_state, completed, self.record.name, ema)
         if due:

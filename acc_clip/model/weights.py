@@ -17,6 +17,7 @@ import torch
 
 from acc_clip.errors import CheckpointError
 from acc_clip.io.sealed import read_sealed
+from acc_clip.model.lora import merge_lora
 from acc_clip.runtime.parallel import SCALAR_PARAMETERS
 
 log = logging.getLogger(__name__)
@@ -201,9 +202,10 @@ def load_weights(model: torch.nn.Module, path: str, source: str) -> dict | None:
 
 def _load_weights(model: torch.nn.Module, path: str, source: str) -> dict | None:
     if os.path.isdir(path):
-        read_sealed(path, source)  # refuses a partial, damaged or foreign folder in one line
-        if is_sharded_checkpoint(path):
-            weights = read_sharded_weights(path)
+        manifest = read_sealed(path, source)  # refuses a partial, damaged or foreign folder in one line
+        if is_sharded_checkpoint(path) or manifest.get("lora"):
+            # a LoRA run's weights are merged into plain open_clip weights first (model/lora.py)
+            weights = merge_lora(step_weights(path), manifest.get("lora"))
             check_architecture(model, {k: tuple(v.shape) for k, v in weights.items()}, f"{source} {path}")
             model.load_state_dict(weights)
             return None

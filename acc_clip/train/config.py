@@ -19,6 +19,7 @@ from acc_clip.errors import UsageError
 from acc_clip.evaluation.evaluator import EvaluationOptions
 from acc_clip.loss import ObjectiveOptions, check_objective, objective_options
 from acc_clip.model.ema import EmaOptions
+from acc_clip.model.lora import LoraOptions
 from acc_clip.model.optim import OptimizerOptions, resolve_defaults
 from acc_clip.model.options import ModelOptions
 from acc_clip.runtime.device import RuntimeOptions
@@ -75,6 +76,10 @@ class TrainConfig(Config):
         return self[ModelOptions]
 
     @property
+    def lora(self) -> LoraOptions:
+        return self[LoraOptions]
+
+    @property
     def optimizer(self) -> OptimizerOptions:
         return self[OptimizerOptions]
 
@@ -113,6 +118,7 @@ def sections() -> list[type]:
         DataOptions,
         *source_options(),
         ModelOptions,
+        LoraOptions,
         OptimizerOptions,
         EmaOptions,
         TrainingOptions,
@@ -137,12 +143,32 @@ def check_compiled_step(config: TrainConfig) -> None:
         )
 
 
+def check_lora(config: TrainConfig) -> None:
+    """--lora-rank freezes every base weight itself (--lora-towers chooses the towers it adapts), and peft's
+    parametrized attention weight does not compile."""
+    if not config.lora.enabled:
+        return
+    model = config.model
+    for flag, given in (("--lock-image", model.lock_image), ("--lock-text", model.lock_text)):
+        if given:
+            raise UsageError(
+                f"--lora-rank with {flag}: LoRA freezes every base weight already; choose the adapted towers "
+                "with --lora-towers instead"
+            )
+    if config.runtime.torchcompile:
+        raise UsageError(
+            "--lora-rank with --torchcompile: not supported (peft parametrizes the packed attention weight at "
+            "every forward, which recompiles or breaks the graph at every block); drop --torchcompile"
+        )
+
+
 def resolve(config: Config) -> tuple[TrainConfig, list[str]]:
     """Defaults derived from other sections, then the rules across sections; returns the config and the
     notices (flags given that have no effect in this run)."""
     config = TrainConfig(config.sections(), config.given)
     resolve_defaults(config.optimizer, config.model.model)
     check_compiled_step(config)
+    check_lora(config)
     notices = [
         *check_train_source(config, [path for _, path in config.evaluation.val_sources]),
         *check_objective(config),

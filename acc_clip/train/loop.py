@@ -30,6 +30,7 @@ from acc_clip.loss import create_objective, model_overrides, objective_identity
 from acc_clip.model.build import create_model, uses_channels_last
 from acc_clip.model.ema import WeightsEma
 from acc_clip.model.flops import count_train_flops, describe, image_height_width
+from acc_clip.model.lora import apply_lora, lora_record, storage_free_copy
 from acc_clip.model.optim import create_lr_schedule, create_optimizer
 from acc_clip.model.options import recorded
 from acc_clip.model.param_groups import record_param_groups
@@ -113,8 +114,10 @@ def measure_throughput(config: TrainConfig, model: torch.nn.Module, tokenizer, k
         log.info("no FLOP count: the model does not say its input size; no TFLOP/s or MFU in the metrics")
         return None
     image_size, context_length = sizes
+    # --lora-rank: counted on a storage-free copy, as the count's weight swap would unregister peft's attention weight
+    counted = storage_free_copy(model) if config.lora.enabled else model
     try:
-        flops = count_train_flops(model, image_size=image_size, context_length=context_length)
+        flops = count_train_flops(counted, image_size=image_size, context_length=context_length)
     except (RuntimeError, ValueError) as error:  # a model the meta device cannot run: the run goes on without
         log.warning("no FLOP count, so no TFLOP/s or MFU in the metrics: %s", error)
         return None
@@ -182,6 +185,7 @@ def run_record(config: TrainConfig, order: dict | None = None) -> RunRecord:
         order=order or {},
         optimizer_groups=config.optimizer.group_identity(),
         ema=config.ema.settings(),
+        lora=lora_record(config.lora),
     )
 
 
@@ -195,6 +199,8 @@ def train(config: TrainConfig, notices: Sequence[str] = ()) -> int:  # noqa: PLR
     seed = config.runtime.seed
 
     bundle = create_model(config.model, precision=config.runtime.precision, seed=seed, **model_overrides(config))
+    # --lora-rank: peft's adapters in the model, its base frozen, before anything counts or optimizes its parameters
+    apply_lora(bundle.model, config.lora, fsdp=parallel.is_fsdp(accelerator))
     torch.manual_seed(seed + rank)  # create_model seeded the RNGs with `seed` first, as open_clip_train does
     objective = create_objective(config, rank, world_size, accelerator.device, accelerator.autocast)
     if config.training.auto_micro_batch:
