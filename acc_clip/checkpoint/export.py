@@ -28,10 +28,11 @@ def exported_weights(checkpoint: str, ema: bool, lora: dict | None) -> tuple[dic
     """(the weights to export, the EMA to carry beside them or None): with `ema` the checkpoint's EMA in the
     weights' place, refused in one line for a checkpoint without one. LoRA's adapters, if any, are merged into
     both (plain open_clip weights)."""
-    averages = kept_tensors(checkpoint, EMA)
-    averages = merge_lora(averages, lora) if averages is not None else None
+    weights, averages = step_weights(checkpoint), kept_tensors(checkpoint, EMA)  # sharded: no optimizer state
+    # Frozen weights (LoRA's base, a locked tower) are their own average: the EMA holds only what trains.
+    averages = merge_lora({**weights, **averages}, lora) if averages is not None else None
     if not ema:
-        return merge_lora(step_weights(checkpoint), lora), averages  # a sharded (FSDP) save's: no optimizer state
+        return merge_lora(weights, lora), averages
     if averages is None:
         raise UsageError(f"export --ema: {checkpoint} holds no EMA of the weights (trained without --ema-decay)")
     return averages, None

@@ -451,8 +451,8 @@ class CheckpointManager:
             log.warning("--resume %s: no %s in it; the EMA starts from its weights", path, EMA_KEY)
             self.kept.copy_weights()
             return
-        live = self.kept.tensors()
-        if saved.keys() != live.keys():
+        live = self.kept.tensors()  # what trains and the buffers; the file holds every weight (frozen ones too)
+        if not live.keys() <= saved.keys():
             raise CheckpointError(f"--resume {path}: its {EMA_KEY} holds other tensors than this model's")
         with torch.no_grad():
             for name, tensor in live.items():
@@ -668,6 +668,7 @@ class CheckpointManager:
         Under LoRA the adapters are merged (plain open_clip weights, the EMA's too) and the optimizer state, which
         is the adapters', left out."""
         options, scaler = self.options, self.accelerator.scaler
+        ema = {**weights, **ema} if ema is not None else None  # frozen weights are their own average (model/ema.py)
         if self.record.lora:
             weights, optimizer_state = merge_lora(weights, self.record.lora), None
             ema = merge_lora(ema, self.record.lora) if ema is not None else None

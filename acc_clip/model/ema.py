@@ -1,7 +1,7 @@
 """An exponential moving average (EMA) of the weights, as timm's `ModelEmaV3` keeps one: after every optimizer
 step (not per micro-batch) each averaged tensor moves toward the weights by `1 - decay`, with timm's warm-up
-of the decay (`ema_decay`). Parameters and floating buffers are averaged (batch norm's running statistics
-included, as timm does by default: an RN50's EMA evaluates with statistics of the averaged weights' era);
+of the decay (`ema_decay`). Trainable parameters and floating buffers are averaged (frozen weights are their own average and
+are not copied; batch norm's running statistics included, as timm does by default: an RN50's EMA evaluates with statistics of the averaged weights' era);
 integer buffers (batch norm's step count) are copied.
 
 Under FSDP2 the EMA holds a copy of each *sharded* parameter (a DTensor with the parameter's placement) and
@@ -88,8 +88,10 @@ def ema_decay(update: int, decay: float, warmup: bool) -> float:
 
 
 def averaged(module: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """What the EMA follows, by plain name: the parameters and the persistent buffers (those a state dict holds)."""
-    tensors: dict[str, torch.Tensor] = {plain_key(name): p for name, p in module.named_parameters()}
+    """What the EMA follows, by plain name: the parameters that train and the persistent buffers (those a state
+    dict holds). A frozen parameter (LoRA's base, a locked tower) is its own average: holding a copy of it would
+    only double its memory, so whole copies (epoch files, export) take it from the weights."""
+    tensors = {plain_key(name): p for name, p in module.named_parameters() if p.requires_grad}
     for prefix, owner in module.named_modules():
         for name, buffer in owner.named_buffers(recurse=False):
             if buffer is not None and name not in owner._non_persistent_buffers_set:

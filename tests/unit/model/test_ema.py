@@ -26,7 +26,7 @@ def train_a_little(model: torch.nn.Module, step: int) -> None:
     model.train()
     model(torch.randn(5, 3, 4, 4, generator=generator))
     with torch.no_grad():
-        for parameter in model.parameters():
+        for parameter in (p for p in model.parameters() if p.requires_grad):  # a frozen one stays
             parameter.add_(torch.randn(parameter.shape, generator=generator) * 0.1)
 
 
@@ -54,6 +54,23 @@ def test_update_is_timms_with_batch_norm_statistics(warmup):
         assert ours.tensors().keys() == theirs.keys()
         assert all(torch.equal(ours.tensors()[key], theirs[key]) for key in theirs), step
     assert not torch.equal(ours.tensors()["1.running_mean"], model[1].running_mean)
+
+
+def test_frozen_weights_are_not_copied_and_equal_timms_average_of_them():
+    """A frozen parameter (LoRA's base, a locked tower) is its own average: the EMA holds no copy of it, and what
+    it holds still equals timm's EMA of the whole model."""
+    model = small_model()
+    model[0].weight.requires_grad_(False)
+    ours = WeightsEma(model, EmaOptions(ema_decay=0.9), sharded=False)
+    timm = ModelEmaV3(model, decay=0.9, use_warmup=True)
+    for step in range(1, 4):
+        train_a_little(model, step)
+        ours.update(step)
+        timm.update(model, step=step)
+    theirs = timm.module.state_dict()
+    assert set(theirs) - set(ours.tensors()) == {"0.weight"}
+    assert torch.equal(theirs["0.weight"], model[0].weight)  # timm's copy of it is the weight itself
+    assert all(torch.equal(value, theirs[key]) for key, value in ours.tensors().items())
 
 
 def test_ema_on_the_cpu_and_in_place_of_the_weights():
