@@ -1,8 +1,8 @@
 """An exponential moving average (EMA) of the weights, as timm's `ModelEmaV3` keeps one: after every optimizer
 step (not per micro-batch) each averaged tensor moves toward the weights by `1 - decay`, with timm's warm-up
-of the decay (`ema_decay`). Trainable parameters and floating buffers are averaged (frozen weights are their own average and
-are not copied; batch norm's running statistics included, as timm does by default: an RN50's EMA evaluates with statistics of the averaged weights' era);
-integer buffers (batch norm's step count) are copied.
+of the decay (`ema_decay`). Trainable parameters and floating buffers are averaged (batch norm's running
+statistics included, as timm does by default: an RN50's EMA evaluates with statistics of the averaged weights'
+era); frozen weights are their own average and are not copied; integer buffers (batch norm's step count) are copied.
 
 Under FSDP2 the EMA holds a copy of each *sharded* parameter (a DTensor with the parameter's placement) and
 updates this process's shard only: nothing is gathered, except for evaluation (`in_place_of`, under the
