@@ -91,7 +91,7 @@ def averaged(module: torch.nn.Module) -> dict[str, torch.Tensor]:
     """What the EMA follows, by plain name: the parameters that train and the persistent buffers (those a state
     dict holds). A frozen parameter (LoRA's base, a locked tower) is its own average: holding a copy of it would
     only double its memory, so whole copies (epoch files, export) take it from the weights."""
-    tensors = {plain_key(name): p for name, p in module.named_parameters() if p.requires_grad}
+    tensors: dict[str, torch.Tensor] = {plain_key(name): p for name, p in module.named_parameters() if p.requires_grad}
     for prefix, owner in module.named_modules():
         for name, buffer in owner.named_buffers(recurse=False):
             if buffer is not None and name not in owner._non_persistent_buffers_set:
