@@ -11,8 +11,8 @@ the recomputation of --grad-checkpointing. MFU ("model FLOPs utilization", as th
 counts the model's own FLOPs of a step once, whatever an implementation spends on top, so work done twice
 shows as a lower MFU rather than as more work, and two trainers of one model compare like for like.
 
-The count runs on the meta device, on storage-free stand-ins of the parameters and buffers
-(torch.func.functional_call), so even ViT-L costs about a second and no memory, and the real model is not
+The count runs on the meta device, on a storage-free copy of the model and stand-ins of its parameters and
+buffers (torch.func.functional_call), so even ViT-L costs about a second and no memory, and the real model is not
 touched: its parameters, buffers (batch norm's running statistics), .grad, requires_grad flags and the RNG
 state are as they were. Pass the plain model, before DDP/FSDP wrapping or torch.compile: a wrapper's hooks
 would run.
@@ -21,6 +21,7 @@ would run.
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -54,6 +55,7 @@ def count_train_flops(
         raise ValueError(f"context_length {context_length}: expected at least 1 token")
     if batch < 1:
         raise ValueError(f"batch {batch}: expected at least 1 sample")
+    model = storage_free_copy(model)  # what the forward does to its modules stays off the real model
     stand_ins = meta_stand_ins(model)
     images = torch.empty(batch, IMAGE_CHANNELS, height, width, device="meta")
     texts = torch.zeros(batch, context_length, dtype=torch.long, device="meta")  # token values do not matter
@@ -69,10 +71,10 @@ def count_train_flops(
                 with backward:
                     torch.autograd.grad(loss, leaves, allow_unused=True)
         except (RuntimeError, NotImplementedError, TypeError, ValueError, AssertionError) as error:
-            # No fallback to fake tensors or a copy of the model: under FakeTensorMode an in-place update of a
-            # tensor the model holds as a plain attribute reaches the real tensor (checked with torch 2.14), and
-            # a copy costs a real step. Every open_clip model tried runs on meta: RN50, ViT-B-32, ViT-B-16,
-            # ViT-L-14, EVA02-B-16, ViT-B-16-SigLIP, convnext_tiny (timm), coca_ViT-B-32, patch dropout.
+            # No fallback to fake tensors: under FakeTensorMode an in-place update of a tensor the model holds as a
+            # plain attribute reaches the real tensor (checked with torch 2.14). Every open_clip model tried runs on
+            # meta: RN50, ViT-B-32, ViT-B-16, ViT-L-14, EVA02-B-16, ViT-B-16-SigLIP, convnext_tiny (timm),
+            # coca_ViT-B-32, patch dropout.
             first_line = (str(error).strip().splitlines() or [type(error).__name__])[0]
             raise RuntimeError(
                 f"counting the FLOPs of {type(model).__name__} on the meta device failed: {first_line}"
@@ -95,6 +97,19 @@ def image_height_width(image_size: int | tuple[int, int]) -> tuple[int, int]:
     if len(size) != 2 or not all(isinstance(side, int) and side >= 1 for side in size):
         raise ValueError(f"image_size {image_size!r}: expected a positive int or (height, width)")
     return size[0], size[1]
+
+
+def storage_free_copy(model: torch.nn.Module) -> torch.nn.Module:
+    """A copy of `model` whose parameters and buffers are on the meta device (no storage, so cheap even for
+    ViT-L). The count runs on it, because a forward may change its modules: peft's LoRA on the packed attention
+    weight (model/lora.py) registers a parametrization for each forward and removes it after, which under
+    functional_call's stand-ins left the real model's weight registered as a buffer."""
+    memo: dict[int, Any] = {}
+    for parameter in model.parameters():
+        memo[id(parameter)] = torch.nn.Parameter(meta_like(parameter), requires_grad=parameter.requires_grad)
+    for buffer in model.buffers():
+        memo[id(buffer)] = meta_like(buffer)
+    return copy.deepcopy(model, memo)
 
 
 def meta_stand_ins(model: torch.nn.Module) -> dict[str, torch.Tensor]:

@@ -233,19 +233,3 @@ def adapted_weight(state: dict[str, torch.Tensor], prefix: str) -> str:
         if f"{prefix}{BASE}.{name}" in state:
             return f"{prefix}.{name}"
     raise UsageError(f"LoRA adapter {prefix!r}: no weight of a linear layer or attention beside it")
-
-
-def storage_free_copy(model: torch.nn.Module) -> torch.nn.Module:
-    """A copy of `model` whose parameters and buffers are on the meta device (no storage): for counting the
-    FLOPs of an adapted model. The count swaps the weights for stand-ins (functional_call), which peft's
-    parametrized attention weight does not survive: the real model's weight would come back as a buffer."""
-    import copy
-
-    memo: dict[int, Any] = {}
-    for parameter in model.parameters():
-        memo[id(parameter)] = torch.nn.Parameter(
-            torch.empty_like(parameter, device="meta"), requires_grad=parameter.requires_grad
-        )
-    for buffer in model.buffers():
-        memo[id(buffer)] = torch.empty_like(buffer, device="meta")
-    return copy.deepcopy(model, memo)

@@ -30,7 +30,7 @@ from acc_clip.loss import create_objective, model_overrides, objective_identity
 from acc_clip.model.build import create_model, uses_channels_last
 from acc_clip.model.ema import WeightsEma
 from acc_clip.model.flops import count_train_flops, describe, image_height_width
-from acc_clip.model.lora import apply_lora, lora_record, storage_free_copy
+from acc_clip.model.lora import apply_lora, lora_record
 from acc_clip.model.optim import create_lr_schedule, create_optimizer
 from acc_clip.model.options import recorded
 from acc_clip.model.param_groups import record_param_groups
@@ -114,10 +114,8 @@ def measure_throughput(config: TrainConfig, model: torch.nn.Module, tokenizer, k
         log.info("no FLOP count: the model does not say its input size; no TFLOP/s or MFU in the metrics")
         return None
     image_size, context_length = sizes
-    # --lora-rank: counted on a storage-free copy, as the count's weight swap would unregister peft's attention weight
-    counted = storage_free_copy(model) if config.lora.enabled else model
     try:
-        flops = count_train_flops(counted, image_size=image_size, context_length=context_length)
+        flops = count_train_flops(model, image_size=image_size, context_length=context_length)
     except (RuntimeError, ValueError) as error:  # a model the meta device cannot run: the run goes on without
         log.warning("no FLOP count, so no TFLOP/s or MFU in the metrics: %s", error)
         return None
