@@ -17,6 +17,7 @@ from acc_clip.checkpoint.folders import complete_checkpoints
 from acc_clip.errors import UsageError
 from acc_clip.model.ema import ema_decay
 from acc_clip.model.weights import kept_tensors, step_weights
+from acc_clip.runtime.faults import kill_at
 from background_trainer import launch_with
 from helpers import PLAIN_SGD, TINY_RN, TINY_VIT, run_trainer, tiny_train_args
 
@@ -85,13 +86,14 @@ def test_ema_is_the_recurrence_over_each_steps_saved_weights(straight):
     assert moved > 1e-4  # the EMA lags the weights: not a copy of them
 
 
-def test_a_stop_and_resume_latest_give_the_ema_bit_for_bit(small_csv, tmp_path, straight):
-    """Stopped after step 3 (--max-steps), resumed with --resume latest to step STEPS, both with --async-save (the
-    EMA's host copy written in the background): every saved EMA equals the uninterrupted run's exactly."""
-    args = ema_args(small_csv, tmp_path, "B", "--async-save")
-    run_trainer([*args, "--max-steps", "3"])
-    resumed = run_trainer([*args, "--max-steps", str(STEPS), "--resume", "latest"])
-    assert "resumed from" in resumed.stdout + resumed.stderr
+def test_a_kill_and_resume_latest_give_the_ema_bit_for_bit(small_csv, tmp_path, straight):
+    """Killed (SIGKILL) while the EMA of step 4 is being written in the background (--async-save), resumed with
+    --resume latest from step 3 to step STEPS: every saved EMA equals the uninterrupted run's exactly."""
+    args = ema_args(small_csv, tmp_path, "B", "--async-save", "--max-steps", str(STEPS))
+    killed = run_trainer(args, check=False, env=kill_at("before_background_write", 4))
+    assert killed.returncode == -9, killed.stderr[-2000:]
+    resumed = run_trainer([*args, "--resume", "latest"])
+    assert "global step 3" in (resumed.stdout + resumed.stderr).split("resumed from")[-1].splitlines()[0]
     got, want = checkpoints(tmp_path / "B"), checkpoints(straight)
     assert sorted(got) == sorted(want)
     for step in got:
