@@ -285,6 +285,13 @@ class CheckpointManager:
                 f"--resume {path}: the optimizer's groups changed ({changes}); its state would load into "
                 "other groups: resume with the flags it was saved with"
             )
+        lora = manifest.get("lora", {})  # the adapters' scale (alpha / rank) is not in the weights' shapes
+        if lora != self.record.lora:
+            changes = describe_changes(lora, self.record.lora) or f"{lora} -> {self.record.lora}"
+            raise UsageError(
+                f"--resume {path}: LoRA's settings changed ({changes}); resume with the --lora-* flags it was "
+                "saved with"
+            )
         if manifest.get("model") != self.record.model:
             log.warning(
                 "--resume %s: saved from model %r, this run names %r; loading as the weights' shapes agree",
@@ -429,7 +436,7 @@ class CheckpointManager:
         saved = load_weights(unwrap(model), path, "--resume") or {}
         try:
             if "optimizer" in saved:
-                optimizer.load_state_dict(saved["optimizer"])
+                load_optimizer_state(optimizer, saved["optimizer"])
             if "scaler" in saved and self.accelerator.scaler is not None:
                 self.accelerator.scaler.load_state_dict(saved["scaler"])
         except (ValueError, KeyError, RuntimeError) as error:
@@ -683,6 +690,21 @@ class CheckpointManager:
                     os.remove(older)
         if options.save_most_recent:
             save_torch(exported, os.path.join(self.directory, "epoch_latest.pt"))
+
+
+GROUP_SETTINGS = ("lr_scale", "weight_decay", "group_name", "use_fallback")  # this run's flags make them
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict) -> None:
+    """An open_clip epoch file's optimizer state (moments, steps) into `optimizer`, its groups' settings kept as
+    this run's flags made them: torch's load_state_dict would take the saved ones (an earlier --wd, another layer
+    decay's lr_scale) silently. An epoch file records no flags to check them against."""
+    settings = [{key: group[key] for key in GROUP_SETTINGS if key in group} for group in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, own in zip(optimizer.param_groups, settings):
+        for key in GROUP_SETTINGS:
+            group.pop(key, None)
+        group.update(own)
 
 
 def describe_changes(saved: dict, now: dict, prefix: str = "") -> str:

@@ -7,6 +7,7 @@ a flag shared by two commands is the same flag in both."""
 from __future__ import annotations
 
 import argparse
+import ast
 import difflib
 import os
 from collections.abc import Iterable, Sequence
@@ -69,18 +70,24 @@ def command_options(sections: Sequence[type], *, train: bool) -> list[Option]:
 
 
 def _key_values_action() -> type:
-    from open_clip_train.params import ParseKwargs  # open_clip's own key=value parsing for --aug-cfg
-
-    class KeyValues(ParseKwargs):
-        """open_clip's parsing, with a one-line error where it would raise a ValueError."""
+    class KeyValues(argparse.Action):
+        """key=value pairs with open_clip's meaning (its ParseKwargs, for --aug-cfg): a value is a Python
+        literal, else the text itself; also text where open_clip's parser would raise (a glob such as *.bias
+        is no Python), and one line for an item without a key."""
 
         def __call__(self, parser, namespace, values, option_string=None):
-            try:
-                super().__call__(parser, namespace, values, option_string)
-            except ValueError:
-                raise UsageError(
-                    f"{option_string} {' '.join(values)}: expected key=value pairs, e.g. scale=(0.9,1.0) re_prob=0.25"
-                ) from None
+            parsed = {}
+            for item in values:
+                key, equals, text = item.partition("=")
+                if not equals or not key:
+                    raise UsageError(
+                        f"{option_string} {item}: expected key=value pairs, e.g. scale=(0.9,1.0) re_prob=0.25"
+                    )
+                try:
+                    parsed[key] = ast.literal_eval(text)
+                except (ValueError, SyntaxError):
+                    parsed[key] = text
+            setattr(namespace, self.dest, parsed)
 
     return KeyValues
 

@@ -151,6 +151,19 @@ def target_names(tower: torch.nn.Module, name: str, targets: list[str]) -> tuple
     return modules, parameters
 
 
+def check_rank(tower: torch.nn.Module, name: str, modules: list[str], parameters: list[str], rank: int) -> None:
+    """A rank above a layer's smaller side adds parameters and no expressiveness (and a huge one would fail
+    deep in torch): one line naming the narrowest layer."""
+    names = [f"{module}.weight" for module in modules] + parameters
+    shapes = {name: tuple(tower.get_parameter(name).shape) for name in names}
+    narrowest = min(shapes, key=lambda key: min(shapes[key]))
+    if rank > min(shapes[narrowest]):
+        raise UsageError(
+            f"--lora-rank {rank}: above the {name} tower's narrowest adapted layer ({narrowest}, "
+            f"{shapes[narrowest]}); at most {min(shapes[narrowest])}"
+        )
+
+
 def apply_lora(model: torch.nn.Module, options: LoraOptions, *, fsdp: bool) -> None:
     """--lora-rank: peft's adapters injected into `model` in place (the model stays open_clip's class), every
     other weight frozen (the temperature too unless --lora-train-logit-scale); the counts logged. peft matches
@@ -172,6 +185,7 @@ def apply_lora(model: torch.nn.Module, options: LoraOptions, *, fsdp: bool) -> N
     for name, root in tower_roots(model, options.lora_towers.split(",")).items():
         tower = model.get_submodule(root)
         modules, parameters = target_names(tower, name, targets)
+        check_rank(tower, name, modules, parameters, int(options.lora_rank or 0))
         config = LoraConfig(
             r=int(options.lora_rank or 0),
             lora_alpha=options.alpha,  # type: ignore[arg-type]  # annotated int; peft scales by alpha / r

@@ -28,6 +28,16 @@ GLOBS = Domain("non-empty glob patterns", lambda v: bool(v))
 KEYWORDS = Domain(
     "key=value pairs whose keys are Python names", lambda v: all(str(k).isidentifier() for k in v), ("=1", "1x=2")
 )
+# --opt-kwargs keys that a flag of acc_clip's sets
+OWNED_KWARGS = {
+    "params": "the parameter-group flags",
+    "lr": "--lr",
+    "weight_decay": "--wd",
+    "betas": "--beta1 and --beta2",
+    "eps": "--eps",
+    "momentum": "--momentum",
+    "fused": "--fused-adamw",
+}
 TEXT_DECAY = Needs("--text-layer-decay", lambda s: s.text_layer_decay not in (None, 1.0))
 COOLDOWN = Needs("--lr-scheduler const-cooldown", lambda s: s.lr_scheduler == "const-cooldown" and not s.skip_scheduler)
 
@@ -111,9 +121,26 @@ class OptimizerOptions(Section):
                 raise UsageError(f"--opt {self.opt}: give both --beta1 and --beta2 or neither (as open_clip_train)")
         if self.lr_scheduler == "const-cooldown" and self.epochs_cooldown is None:
             raise UsageError("--lr-scheduler const-cooldown needs --epochs-cooldown")
+        self.check_opt_kwargs()
         if self.fallback_list and not self.uses_timm_optimizer:  # main refuses it too
             raise UsageError(
                 f"--opt-fallback-list applies to Muon-family timm optimizers (timm/nadamuon), not {self.opt}"
+            )
+
+    def check_opt_kwargs(self) -> None:
+        """--opt-kwargs adds what no flag sets: a key with a flag of its own would be overridden by it (lr, by the
+        schedule; weight_decay, by each group's) or override it silently (betas, eps, momentum)."""
+        owned = {key: flag for key, flag in OWNED_KWARGS.items() if key in self.opt_kwargs}
+        if owned:
+            key, flag = next(iter(owned.items()))
+            raise UsageError(f"--opt-kwargs {key}=...: set it with {flag} instead")
+        fallback = self.opt_kwargs.get("fallback_list")
+        if fallback is not None and not (
+            isinstance(fallback, (list, tuple)) and all(isinstance(glob, str) for glob in fallback)
+        ):
+            raise UsageError(
+                f"--opt-kwargs fallback_list={fallback!r}: expected a list of globs, e.g. fallback_list=['*.bias'] "
+                "(or use --opt-fallback-list)"
             )
 
     @property
@@ -133,11 +160,11 @@ class OptimizerOptions(Section):
         return {
             "rule": "open_clip main" if self.uses_main_groups else "open_clip_train 3.3",
             "wd": self.wd,
-            "image_layer_decay": self.image_layer_decay,
-            "text_layer_decay": self.text_layer_decay,
-            "text_pooler_own_group": self.text_pooler_own_group,
-            "wd_exclude": list(self.wd_exclude),
-            "opt_fallback_list": self.fallback_list,
+            # 1.0 is no decay, as unset; the pooler flag changes no group of 3.3's towers; globs are a set
+            "image_layer_decay": None if self.image_layer_decay == 1.0 else self.image_layer_decay,
+            "text_layer_decay": None if self.text_layer_decay == 1.0 else self.text_layer_decay,
+            "wd_exclude": sorted(self.wd_exclude),
+            "opt_fallback_list": sorted(self.fallback_list) if self.fallback_list else None,
         }
 
     def describe(self) -> str:
@@ -219,7 +246,8 @@ def create_timm_optimizer(model_or_groups, options: OptimizerOptions) -> torch.o
     name = options.opt.split("/", 1)[1]
     try:
         return create_optimizer_v2(model_or_groups, name, lr=options.lr, weight_decay=options.wd, **extra)
-    except (AssertionError, TypeError, ValueError) as error:  # timm's ways of saying "no such optimizer / option"
+    # timm's and torch's ways of saying "no such optimizer / option / value"
+    except (AssertionError, TypeError, ValueError, RuntimeError) as error:
         raise UsageError(f"--opt {options.opt}: {error}") from None
 
 
@@ -236,7 +264,7 @@ def create_optimizer(model: torch.nn.Module, options: OptimizerOptions, device_t
     settings = {"lr": lr, "betas": (beta1, beta2), "eps": eps, "fused": fused or None, **extra_kwargs(options)}
     try:
         return torch.optim.AdamW(parameter_groups(model, options.wd) if groups is None else groups, **settings)
-    except TypeError as error:  # an --opt-kwargs key AdamW does not take
+    except (TypeError, ValueError, RuntimeError) as error:  # an --opt-kwargs key or value AdamW does not take
         given = " ".join(f"{key}={value}" for key, value in options.opt_kwargs.items())
         raise UsageError(f"--opt-kwargs {given}: {error}") from None
 

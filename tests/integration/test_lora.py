@@ -99,6 +99,11 @@ def test_kill_during_a_save_then_resume_gives_bit_equal_weights(small_csv, tmp_p
     assert all(torch.equal(weights[0][key], weights[1][key]) for key in weights[0])
     losses = [[row["loss"] for row in read_metrics(tmp_path / run)] for run in ("straight", "stopped")]
     assert losses[0] == losses[1] and len(losses[0]) == STEPS
+    # Another --lora-alpha fits the same weights' shapes but scales the saved adapters differently: refused.
+    changed = [*stopped, "--lora-alpha", "16", "--resume", "latest"]  # the later --lora-alpha wins
+    refused = run_trainer(changed, check=False)
+    assert refused.returncode != 0
+    assert "LoRA's settings changed (alpha 8.0 -> 16.0)" in refused.stderr
 
 
 def test_two_processes_accumulating_equal_one_process(small_csv, tmp_path):

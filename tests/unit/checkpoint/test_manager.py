@@ -530,3 +530,26 @@ def test_one_run_never_overwrites_prunes_or_fetches_another_runs_remote_files(tm
 def test_remote_sync_protocol_errors_are_one_line(tmp_path):
     with pytest.raises(UsageError, match="needs an s3:// URL"):
         RemoteSync(str(tmp_path), f"file://{tmp_path}", "s3", 60)
+
+
+def test_an_epoch_files_optimizer_state_keeps_this_runs_group_settings():
+    """torch's load_state_dict takes the saved groups' lr_scale and weight_decay: an epoch file resumed under
+    another --wd or layer decay would train with the old ones, and param_groups.json would say otherwise."""
+    from acc_clip.checkpoint.manager import load_optimizer_state
+
+    weights = [torch.nn.Parameter(torch.ones(2, 2)), torch.nn.Parameter(torch.ones(2))]
+
+    def optimizer(scale: float, decay: float) -> torch.optim.Optimizer:
+        groups = [
+            {"params": [weights[0]], "lr_scale": scale, "weight_decay": decay},
+            {"params": [weights[1]], "lr_scale": 1.0, "weight_decay": 0.0},
+        ]
+        return torch.optim.AdamW(groups, lr=0.1)
+
+    saved = optimizer(0.75, 0.2)
+    weights[0].grad, weights[1].grad = torch.ones(2, 2), torch.ones(2)
+    saved.step()
+    resumed = optimizer(0.5, 0.1)
+    load_optimizer_state(resumed, saved.state_dict())
+    assert [(g["lr_scale"], g["weight_decay"]) for g in resumed.param_groups] == [(0.5, 0.1), (1.0, 0.0)]
+    assert torch.equal(resumed.state[weights[0]]["exp_avg"], saved.state[weights[0]]["exp_avg"])  # moments loaded

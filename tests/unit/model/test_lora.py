@@ -223,3 +223,15 @@ def test_without_lora_nothing_changes():
     assert lora_record(options) == {}
     state = net.state_dict()
     assert merge_lora(state, {}) is state
+
+
+def test_a_rank_above_the_narrowest_adapted_layer_is_one_line():
+    """TINY_VIT's towers are 64 wide: rank 64 is the most; a huge rank used to fail deep in torch (overflow)."""
+    options = parse_train_config(["--train-data", "x.csv", "--model", TINY_VIT, "--lora-rank", "65"])[0].lora
+    with pytest.raises(UsageError, match=r"^--lora-rank 65: above the image tower's narrowest .*at most 64$"):
+        apply_lora(open_clip.create_model(TINY_VIT), options, fsdp=False)
+    options.lora_rank = 10**20
+    with pytest.raises(UsageError, match=r"^--lora-rank 100000000000000000000: "):
+        apply_lora(open_clip.create_model(TINY_VIT), options, fsdp=False)
+    options.lora_rank = 64
+    apply_lora(open_clip.create_model(TINY_VIT), options, fsdp=False)

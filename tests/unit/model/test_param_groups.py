@@ -280,11 +280,44 @@ def test_opt_kwargs_reach_the_optimizer_with_main_s_types():
         (["--image-layer-decay", "0"], "--image-layer-decay 0.0: must be within (0, 1]"),
         (["--visual-layer-decay", "1.5"], "--image-layer-decay 1.5: must be within (0, 1]"),
         (["--opt-kwargs", "=1"], "--opt-kwargs"),
+        (["--opt-kwargs", "lr=0.1"], "--opt-kwargs lr=...: set it with --lr instead"),  # the schedule's
+        (["--opt-kwargs", "weight_decay=0.5"], "--opt-kwargs weight_decay=...: set it with --wd instead"),
+        (["--opt-kwargs", "betas=(0.5,0.6)"], "--opt-kwargs betas=...: set it with --beta1 and --beta2 instead"),
+        (
+            ["--opt", "timm/nadamuon", "--lr", "0.1", "--opt-kwargs", "fallback_list=*.bias"],  # text, not a list
+            "--opt-kwargs fallback_list='*.bias': expected a list of globs",  # a string would be globbed by character
+        ),
     ],
 )
 def test_refusals_are_one_line(flags, message):
     with pytest.raises(UsageError, match=re.escape(message)):
         config_for(TINY_VIT, *flags)
+
+
+def test_values_adamw_refuses_are_one_line():
+    """torch raises a RuntimeError for fused with foreach (a ValueError for some values): one line either way."""
+    config = config_for(TINY_VIT, "--fused-adamw", "--opt-kwargs", "foreach=True")
+    with pytest.raises(UsageError, match=r"^--opt-kwargs foreach=True: `fused` and `foreach` cannot be"):
+        create_optimizer(open_clip.create_model(TINY_VIT), config.optimizer, "cpu")
+
+
+def test_a_value_that_is_no_python_literal_is_text_as_in_open_clip():
+    """open_clip's ParseKwargs keeps a non-literal value as text, but raises on a SyntaxError (*.bias)."""
+    config = config_for(TINY_VIT, "--opt-kwargs", "name=adam", "glob=*.bias", "pair=(1,2)")
+    assert config.optimizer.opt_kwargs == {"name": "adam", "glob": "*.bias", "pair": (1, 2)}
+
+
+def test_group_identity_sees_only_what_changes_the_groups():
+    """A resume compares it: 1.0 is no layer decay, as unset; the order of globs does not matter."""
+    identity = [
+        config_for(TINY_VIT, *flags).optimizer.group_identity()
+        for flags in (
+            ["--wd-exclude", "a*", "b*"],
+            ["--wd-exclude", "b*", "a*", "--image-layer-decay", "1.0"],
+            ["--wd-exclude", "b*", "a*", "--image-layer-decay", "0.9"],
+        )
+    ]
+    assert identity[0] == identity[1] != identity[2]
 
 
 def test_an_empty_glob_in_yaml_is_refused(tmp_path):
