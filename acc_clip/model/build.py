@@ -120,9 +120,15 @@ def lock_towers(model: Any, options: ModelOptions) -> None:
                 f"{options.model}: {error}"
             ) from None
     if options.lock_text:
-        model.lock_text_tower(
-            unlocked_layers=options.lock_text_unlocked_layers, freeze_layer_norm=options.lock_text_freeze_layer_norm
-        )
+        try:
+            model.lock_text_tower(
+                unlocked_layers=options.lock_text_unlocked_layers,
+                freeze_layer_norm=options.lock_text_freeze_layer_norm,
+            )
+        except AssertionError as error:  # CLIP's built-in text tower: layer norms can only be frozen with the rest
+            raise UsageError(
+                f"--lock-text with --model {options.model}: {error} (add --lock-text-freeze-layer-norm)"
+            ) from None
 
 
 def create_teacher(name: str, pretrained: str | None, *, precision: str, device: Any) -> torch.nn.Module:

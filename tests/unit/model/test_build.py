@@ -94,3 +94,14 @@ def test_an_unknown_model_is_a_short_line():
     with pytest.raises(AccClipError, match="--model NoSuchModel") as error:
         create_model(parse_config(["--train-data", "x.csv", "--model", "NoSuchModel"])[0])
     assert len(str(error.value)) < 500 and "\n" not in str(error.value)
+
+
+def test_locking_clips_text_tower_without_freezing_its_layer_norms_is_one_line():
+    """open_clip asserts that CLIP's built-in text tower freezes its layer norms with the rest (open_clip_train's
+    --lock-text alone stops there with a traceback): one line naming the flag to add."""
+    from acc_clip.errors import UsageError
+
+    with pytest.raises(UsageError, match=r"^--lock-text with --model .*\(add --lock-text-freeze-layer-norm\)$"):
+        create_model(config_for(TINY_VIT, "--lock-text"))
+    model = create_model(config_for(TINY_VIT, "--lock-text", "--lock-text-freeze-layer-norm")).model
+    assert not model.token_embedding.weight.requires_grad and model.visual.conv1.weight.requires_grad
