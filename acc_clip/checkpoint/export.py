@@ -19,23 +19,20 @@ from acc_clip.config.schema import REQUIRED, Section, option
 from acc_clip.errors import UsageError
 from acc_clip.model.build import initialise_coca_decoder_projection, local_dir_folder
 from acc_clip.model.ema import KEY as EMA
-from acc_clip.model.lora import merge_lora
 from acc_clip.model.options import LOCAL_DIR, with_model_options
-from acc_clip.model.weights import kept_tensors, open_clip_checkpoint, step_weights
+from acc_clip.model.weights import kept_tensors, open_clip_checkpoint, open_clip_weights, step_weights
 
 
-def exported_weights(checkpoint: str, ema: bool, lora: dict | None) -> tuple[dict, dict | None]:
-    """(the weights to export, the EMA to carry beside them or None): with `ema` the checkpoint's EMA in the
-    weights' place, refused in one line for a checkpoint without one. LoRA's adapters, if any, are merged into
-    both (plain open_clip weights)."""
-    weights, averages = step_weights(checkpoint), kept_tensors(checkpoint, EMA)  # sharded: no optimizer state
-    # Frozen weights (LoRA's base, a locked tower) are their own average: the EMA holds only what trains.
-    averages = merge_lora({**weights, **averages}, lora) if averages is not None else None
-    if not ema:
-        return merge_lora(weights, lora), averages
-    if averages is None:
+def exported_weights(checkpoint: str, ema: bool, lora: dict | None, *, carry_ema: bool) -> tuple[dict, dict | None]:
+    """(the weights to export, the EMA to carry beside them or None), as plain open_clip weights
+    (model/weights.open_clip_weights): with `ema` the checkpoint's EMA in the weights' place, refused in one line
+    for a checkpoint without one; the EMA is read only when exported or carried (`carry_ema`)."""
+    weights = step_weights(checkpoint)  # a sharded (FSDP) save's too, without its optimizer state
+    averages = kept_tensors(checkpoint, EMA) if ema or carry_ema else None
+    if ema and averages is None:
         raise UsageError(f"export --ema: {checkpoint} holds no EMA of the weights (trained without --ema-decay)")
-    return averages, None
+    weights, averages = open_clip_weights(weights, averages, lora)
+    return (averages, None) if ema and averages is not None else (weights, averages)
 
 
 def export_checkpoint(checkpoint: str, out: str, ema: bool = False) -> str:
@@ -44,7 +41,7 @@ def export_checkpoint(checkpoint: str, out: str, ema: bool = False) -> str:
     the middle of epoch e exports as epoch e, and open_clip_train would resume it at e's start.
     With `ema` its state_dict is the EMA and no optimizer state goes with it (it belongs to the weights)."""
     manifest = read_manifest(checkpoint, source="export")
-    weights, averages = exported_weights(checkpoint, ema, manifest.get("lora"))
+    weights, averages = exported_weights(checkpoint, ema, manifest.get("lora"), carry_ema=True)
     # Under LoRA the optimizer state is the adapters', which the merge removes; under --ema it is the weights'.
     optimizer_state, scaler_state = (
         None if ema or manifest.get("lora") else load_if_present(os.path.join(checkpoint, name))
@@ -117,7 +114,7 @@ def write_local_dir(model_name: str, state_dict: dict, out: str, model_options: 
 
 def export_local_dir(checkpoint: str, out: str, ema: bool = False) -> str:
     manifest = read_manifest(checkpoint, source="export")
-    weights, _ = exported_weights(checkpoint, ema, manifest.get("lora"))
+    weights, _ = exported_weights(checkpoint, ema, manifest.get("lora"), carry_ema=False)
     name = write_local_dir(manifest["model"], weights, out, manifest.get("model_options"))
     return (
         f"wrote {out}{' (the EMA of the weights)' if ema else ''}: model {manifest['model']}, global step "

@@ -52,7 +52,6 @@ from acc_clip.errors import (
 from acc_clip.io.atomic import fsync_folder, remove_path, save_failure, write_atomically
 from acc_clip.io.sealed import folder_bytes, seal
 from acc_clip.model.ema import resume_decision
-from acc_clip.model.lora import merge_lora
 from acc_clip.model.weights import (
     EMA_KEY,
     WEIGHTS_FILE,
@@ -60,6 +59,7 @@ from acc_clip.model.weights import (
     load_safetensors_weights,
     load_weights,
     open_clip_checkpoint,
+    open_clip_weights,
     plain_key,
     tensor_bytes,
 )
@@ -675,10 +675,9 @@ class CheckpointManager:
         Under LoRA the adapters are merged (plain open_clip weights, the EMA's too) and the optimizer state, which
         is the adapters', left out."""
         options, scaler = self.options, self.accelerator.scaler
-        ema = {**weights, **ema} if ema is not None else None  # frozen weights are their own average (model/ema.py)
-        if self.record.lora:
-            weights, optimizer_state = merge_lora(weights, self.record.lora), None
-            ema = merge_lora(ema, self.record.lora) if ema is not None else None
+        weights, ema = open_clip_weights(weights, ema, self.record.lora)
+        if self.record.lora:  # the optimizer state is the adapters', which the merge removed
+            optimizer_state = None
         scaler_state = scaler.state_dict() if scaler is not None else None
         exported = open_clip_checkpoint(weights, optimizer_state, scaler_state, completed, self.record.name, ema)
         if due:

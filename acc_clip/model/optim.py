@@ -15,7 +15,7 @@ from open_clip_train.scheduler import const_lr, const_lr_cooldown, cosine_lr
 
 from acc_clip.config.schema import NON_NEGATIVE, POSITIVE_FINITE, Domain, Needs, Section, option
 from acc_clip.errors import UsageError
-from acc_clip.model.param_groups import decayed_layers, main_rule_groups
+from acc_clip.model.param_groups import decay_in_force, decayed_layers, main_rule_groups
 
 BETA = Domain("within [0, 1)", lambda v: 0 <= v < 1, ("1.0", "1.5", "-0.1"))
 SCHEDULERS = ("cosine", "const", "const-cooldown")
@@ -38,7 +38,7 @@ OWNED_KWARGS = {
     "momentum": "--momentum",
     "fused": "--fused-adamw",
 }
-TEXT_DECAY = Needs("--text-layer-decay", lambda s: s.text_layer_decay not in (None, 1.0))
+TEXT_DECAY = Needs("--text-layer-decay", lambda s: decay_in_force(s.text_layer_decay) is not None)
 COOLDOWN = Needs("--lr-scheduler const-cooldown", lambda s: s.lr_scheduler == "const-cooldown" and not s.skip_scheduler)
 
 
@@ -151,8 +151,8 @@ class OptimizerOptions(Section):
     @property
     def uses_main_groups(self) -> bool:
         """open_clip main's groups and weight-decay rule: asked for by any of its fine-tuning flags."""
-        decays = (self.image_layer_decay, self.text_layer_decay)
-        return any(d not in (None, 1.0) for d in decays) or bool(self.wd_exclude) or bool(self.fallback_list)
+        decays = (decay_in_force(self.image_layer_decay), decay_in_force(self.text_layer_decay))
+        return any(d is not None for d in decays) or bool(self.wd_exclude) or bool(self.fallback_list)
 
     def group_identity(self) -> dict:
         """What the optimizer's groups depend on beyond the model: a checkpoint records it, and a resume
@@ -161,8 +161,8 @@ class OptimizerOptions(Section):
             "rule": "open_clip main" if self.uses_main_groups else "open_clip_train 3.3",
             "wd": self.wd,
             # 1.0 is no decay, as unset; the pooler flag changes no group of 3.3's towers; globs are a set
-            "image_layer_decay": None if self.image_layer_decay == 1.0 else self.image_layer_decay,
-            "text_layer_decay": None if self.text_layer_decay == 1.0 else self.text_layer_decay,
+            "image_layer_decay": decay_in_force(self.image_layer_decay),
+            "text_layer_decay": decay_in_force(self.text_layer_decay),
             "wd_exclude": sorted(self.wd_exclude),
             "opt_fallback_list": sorted(self.fallback_list) if self.fallback_list else None,
         }

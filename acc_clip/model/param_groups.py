@@ -21,6 +21,7 @@ from __future__ import annotations
 import fnmatch
 import json
 import logging
+import math
 import os
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass
@@ -169,19 +170,25 @@ def tower_layers(tower: torch.nn.Module, tower_name: str, decay: float, flag: st
     return layers
 
 
+def decay_in_force(decay: float | None) -> float | None:
+    """A layer decay that decays, else None: unset and 1.0 both mean off (main's rule)."""
+    return None if decay is None or decay == 1.0 else decay
+
+
 def decayed_layers(model: torch.nn.Module, image_decay: float | None, text_decay: float | None) -> dict[int, Layer]:
-    """Layers of the towers whose decay is on (not None, not 1.0: main's rule for "off")."""
+    """Layers of the towers whose decay is in force (`decay_in_force`)."""
     layers: dict[int, Layer] = {}
-    if text_decay not in (None, 1.0):
+    image_decay, text_decay = decay_in_force(image_decay), decay_in_force(text_decay)
+    if text_decay is not None:
         tower = text_tower(model)
         if tower is None:
             raise UsageError("--text-layer-decay: this model has no text tower")
-        layers.update(tower_layers(tower, "text", float(text_decay), "--text-layer-decay"))
-    if image_decay not in (None, 1.0):
+        layers.update(tower_layers(tower, "text", text_decay, "--text-layer-decay"))
+    if image_decay is not None:
         visual = getattr(model, "visual", None)
         if visual is None:
             raise UsageError("--image-layer-decay: this model has no image tower (model.visual)")
-        layers.update(tower_layers(visual, "visual", float(image_decay), "--image-layer-decay"))
+        layers.update(tower_layers(visual, "visual", image_decay, "--image-layer-decay"))
     return layers
 
 
@@ -320,14 +327,14 @@ def record_param_groups(
 def summary(rule: str, groups: int, entries: list[Placement]) -> list[str]:
     """A few lines for the start-up log: the groups, each decayed tower's lr-scale span, what lies outside
     them, and the tensors and parameters decayed or not (naming those of two or more dimensions not decayed)."""
-    total = sum(_numel(e.shape) for e in entries)
+    total = sum(math.prod(e.shape) for e in entries)
     lines = [f"parameter groups ({rule}): {groups} optimizer groups, {len(entries)} tensors, {total:,} parameters"]
     for tower in sorted({e.tower for e in entries if e.tower}):
         own = sorted((e for e in entries if e.tower == tower), key=lambda e: e.layer_id or 0)
         low, high = own[0], own[-1]
         lines.append(
             f"  {tower}: {high.layer_id + 1} layer groups, lr_scale {low.lr_scale:.4g} ({low.layer}) "  # type: ignore[operator]
-            f"up to {high.lr_scale:.4g} ({high.layer}); {len(own)} tensors, {sum(_numel(e.shape) for e in own):,} "
+            f"up to {high.lr_scale:.4g} ({high.layer}); {len(own)} tensors, {sum(math.prod(e.shape) for e in own):,} "
             "parameters"
         )
     if any(e.tower for e in entries):
@@ -338,16 +345,9 @@ def summary(rule: str, groups: int, entries: list[Placement]) -> list[str]:
         spared = [e.name for e in own if len(e.shape) > 1]
         what = "weight decay" if decayed else "no weight decay"
         named = "" if decayed or not spared else f"; of 2 or more dimensions: {_some(spared)}"
-        lines.append(f"  {what}: {len(own)} tensors, {sum(_numel(e.shape) for e in own):,} parameters{named}")
+        lines.append(f"  {what}: {len(own)} tensors, {sum(math.prod(e.shape) for e in own):,} parameters{named}")
     return lines
 
 
 def _some(names: list[str], shown: int = 6) -> str:
     return ", ".join(names[:shown]) + (f" and {len(names) - shown} more" if len(names) > shown else "")
-
-
-def _numel(shape: list[int]) -> int:
-    count = 1
-    for size in shape:
-        count *= size
-    return count

@@ -178,6 +178,15 @@ def step_weights(folder: str) -> dict[str, torch.Tensor]:
     return {plain_key(k): v for k, v in load_file(os.path.join(folder, WEIGHTS_FILE)).items()}
 
 
+def open_clip_weights(
+    weights: dict[str, torch.Tensor], ema: dict[str, torch.Tensor] | None, lora: dict | None
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor] | None]:
+    """A run's weights and EMA (None without one) as plain open_clip state dicts: the EMA, which holds only what
+    trains (model/ema.py), completed with the frozen weights, their own average; LoRA's adapters merged into both."""
+    whole_ema = None if ema is None else merge_lora({**weights, **ema}, lora)
+    return merge_lora(weights, lora), whole_ema
+
+
 def kept_tensors(folder: str, name: str) -> dict[str, torch.Tensor] | None:
     """What a step checkpoint keeps beside the weights under `name` (checkpoint/manager.CheckpointManager.keep:
     the EMA), whole and plain-named on the CPU: `NAME.safetensors`, or the sharded folder `NAME/` of an FSDP
