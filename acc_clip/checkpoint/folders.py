@@ -13,7 +13,8 @@ from __future__ import annotations
 
 import logging
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 
@@ -41,14 +42,27 @@ class Progress:
     step_in_epoch: int = 0  # optimizer steps done in `epoch`
     global_step: int = 0
     samples_seen: int = 0
+    # The position in `epoch`, in samples: its segments so far, each {"layout": the data's layout (TrainData.layout),
+    # "batches": micro-batches every process trained on it}, the last one the layout in training (data/order.py).
+    segments: list[dict[str, Any]] = field(default_factory=list)
 
-    def advance(self, step_in_epoch: int, global_batch: int) -> None:
+    def enter_layout(self, layout: dict[str, Any]) -> None:
+        """Train the rest of the epoch on `layout`: the last segment goes on if it has this layout, else one starts."""
+        if not self.segments or self.segments[-1]["layout"] != layout:
+            self.segments.append({"layout": dict(layout), "batches": 0})
+
+    def advance(self, step_in_epoch: int, global_batch: int, micro_batches: int = 1) -> None:
         self.step_in_epoch = step_in_epoch
         self.global_step += 1
         self.samples_seen += global_batch
+        if self.segments:
+            self.segments[-1]["batches"] += micro_batches
 
     def finish_epoch(self, epoch: int) -> None:
-        self.epoch, self.step_in_epoch = epoch + 1, 0
+        self.epoch, self.step_in_epoch, self.segments = epoch + 1, 0, []
+
+
+OPTIONAL_PROGRESS = {"segments"}  # absent from checkpoints saved before positions were kept in samples
 
 
 def step_name(global_step: int) -> str:
@@ -74,7 +88,8 @@ def read_manifest(path: str, source: str = "--resume") -> dict:
     progress = manifest.get("progress")
     if not isinstance(progress, dict):
         raise CheckpointError(f"{source} {path}: {MANIFEST} is damaged")
-    if set(progress) != set(Progress.__dataclass_fields__):
+    fields = set(Progress.__dataclass_fields__)
+    if not fields - OPTIONAL_PROGRESS <= set(progress) <= fields:
         raise CheckpointError(f"{source} {path}: {MANIFEST} has progress fields {sorted(progress)}")
     return manifest
 

@@ -7,9 +7,11 @@ the manifest is written, so a folder without a manifest is never resumed from; p
 left by a crash are removed at the next start, after a checkpoint that a crash left moved aside
 while a save of its step replaced it is put back (folders.commit_folder, restore_moved_aside).
 
-Data position. The sample order of an epoch is rebuilt from (seed, epoch), so the next unseen
-micro-batch (step in epoch x --accum-freq) is all a resume needs; the batches already done are
-skipped as indices, not decoded. The learning rate is a function of the global step.
+Data position. The sample order of an epoch is rebuilt from (seed, epoch), and the position in it is kept in
+samples: the epoch's segments, each a layout (processes, per-process batch, workers) and the micro-batches
+trained on it (Progress.segments, data/order.py). A resume on the same layout skips the batches done as indices,
+not decoded; on another layout the data source serves the samples not trained yet, once each (a source that
+cannot, resampled shards, refuses as before). The learning rate is a function of the global step.
 """
 
 from __future__ import annotations
@@ -123,8 +125,9 @@ class CheckpointOptions(Section):
     resume_changed_data: bool = option(
         False,
         "resume in the middle of an epoch although the data or what its order depends on changed since the save "
-        "(processes, batch size, --workers for shards, --accum-freq): the rest of that epoch may then train some "
-        "samples twice and others never; without it such a resume is refused",
+        "(the data, the seed, the epoch length; with --dataset-resampled also processes, batch size, --workers, "
+        "--accum-freq): the rest of that epoch may then train some samples twice and others never; without it such "
+        "a resume is refused. Other processes, batch size, --workers or --accum-freq alone resume exactly",
         needs=RESUMING,
         train_only=True,
     )
@@ -141,6 +144,10 @@ class CheckpointOptions(Section):
         needs=REMOTE,
         train_only=True,
     )
+
+
+# What checkpoints saved before layouts were recorded apart held in their order; an elastic source's order lacks them.
+LEGACY_LAYOUT_KEYS = ("batch_size", "world_size", "workers", "global_micro_batch")
 
 
 @dataclass
@@ -161,6 +168,8 @@ class RunRecord:
     auto_micro_batch: bool = False  # batch_size and accum_freq were chosen by the memory probe (--auto-micro-batch)
     train_data: str | None = None
     order: dict[str, Any] = field(default_factory=dict)  # what the data source's sample order depends on
+    layout: dict[str, Any] = field(default_factory=dict)  # how the data is laid out over processes (TrainData.layout)
+    elastic: bool = True  # whether the rest of an epoch begun on another layout is served exactly once
     # what the optimizer's groups depend on (OptimizerOptions.group_identity): its state maps to them by order
     optimizer_groups: dict[str, Any] = field(default_factory=dict)
     ema: dict[str, Any] = field(default_factory=dict)  # the EMA's settings (model/ema.EmaOptions.settings); {}: none
@@ -299,7 +308,7 @@ class CheckpointManager:
                 manifest.get("model"),
                 self.record.model,
             )
-        progress = Progress(**manifest["progress"])
+        progress = self._saved_progress(manifest)
         # Every process checks its own data (node-local copies may differ): all stop if any refuses.
         self._raise_agreed(attempt(self._check_order, path, manifest.get("data", {}), progress))
         self._raise_agreed(attempt(self._check_random_states, path))
@@ -368,18 +377,44 @@ class CheckpointManager:
                 "the run's random streams could not be restored exactly"
             ) from None
 
+    def _saved_progress(self, manifest: dict) -> Progress:
+        """The manifest's progress; one saved before positions were kept in samples gets the one segment it
+        trained, in the layout it recorded (or this run's, where it recorded none)."""
+        progress = Progress(**manifest["progress"])
+        if progress.step_in_epoch and not progress.segments:
+            data = manifest.get("data", {})
+            recorded = {key: data.get("order", {}).get(key, data.get(key)) for key in self.record.layout}
+            layout = recorded if None not in recorded.values() else self.record.layout
+            batches = data.get("next_micro_batch", progress.step_in_epoch * self.record.accum_freq)
+            progress.segments = [{"layout": layout, "batches": batches}]
+        return progress
+
     def _check_order(self, path: str, saved: dict, progress: Progress) -> None:
-        """A resume in the middle of an epoch continues its sample order: the seed, the position (steps per
-        epoch, --accum-freq) and what the data source says the order depends on (the data's fingerprint, the
-        batch layout) must be those of the save. Anything else would train some samples of the epoch twice
-        and others never: refused in one line naming what changed, unless --resume-changed-data (a warning).
-        At an epoch's end nothing of the epoch remains, and the next epochs simply follow the new settings."""
+        """A resume in the middle of an epoch continues its sample order: the seed and what the data source says
+        the order depends on (the data's fingerprint, the epoch length) must be those of the save; for a source
+        that is not elastic also the layout (processes, batch size, workers: in its order) and the position
+        (steps per epoch, --accum-freq). Anything else would train some samples of the epoch twice and others
+        never: refused in one line naming what changed, unless --resume-changed-data (a warning). At an epoch's end
+        nothing of the epoch remains, and the next epochs simply follow the new settings."""
         now = self._data_settings()
-        keys = ("seed", "accum_freq", "steps_per_epoch", "order")
-        if "order" not in saved:  # a checkpoint from before the order was recorded: what it recorded then
+        elastic = self.record.elastic and "order" in saved
+        if elastic:
+            keys: tuple[str, ...] = ("seed", "order")
+            saved = {**saved, "order": self._order_without_layout(saved)}
+        elif "order" in saved:
+            keys = ("seed", "accum_freq", "steps_per_epoch", "order")
+        else:  # a checkpoint from before the order was recorded: what it recorded then
             keys = ("seed", "global_micro_batch", "accum_freq", "steps_per_epoch")
         changed = describe_changes({key: saved[key] for key in keys if key in saved}, now)
         if not changed:
+            if elastic and progress.segments and progress.segments[-1]["layout"] != self.record.layout:
+                log.info(
+                    "--resume %s: the layout changed since the save (%s): the rest of epoch %d trains the samples "
+                    "not trained yet, each once, on this run's layout",
+                    path,
+                    describe_changes(progress.segments[-1]["layout"], self.record.layout),
+                    progress.epoch,
+                )
             return
         # Nothing of the epoch remains at its start, or after its last step when the loop still counts that step
         # as the last (the same steps per epoch).
@@ -397,6 +432,24 @@ class CheckpointManager:
                 "and data it was saved with, or pass --resume-changed-data to go on anyway"
             )
         log.warning("--resume %s: %s since the save (--resume-changed-data): %s", path, changed, consequence)
+
+    def _order_without_layout(self, saved: dict) -> dict:
+        """The saved order as an elastic source records it now: checkpoints saved before layouts were recorded
+        apart kept the layout in the order, and from shards an epoch length rounded down to the global batch."""
+        order = dict(saved["order"])
+        if "layout" in saved:
+            return order
+        global_batch = order.get("batch_size", 0) * order.get("world_size", 0) or order.get("global_micro_batch")
+        for key in LEGACY_LAYOUT_KEYS:
+            order.pop(key, None)
+        samples = self.record.order.get("samples")
+        if (
+            order.get("source") == "webdataset"
+            and global_batch
+            and order.get("samples") == (samples // global_batch * global_batch if isinstance(samples, int) else None)
+        ):
+            order["samples"] = samples
+        return order
 
     def _load_weights(self, models: list, input_dir: str) -> None:
         """Accelerate's load pre-hook: load the plain-named weights into the unwrapped model, checking
@@ -607,6 +660,7 @@ class CheckpointManager:
             "steps_per_epoch": self.steps_per_epoch,
             "train_data": record.train_data,
             "order": record.order,
+            "layout": record.layout,
         }
 
     def _write_manifest(self, folder: str, progress: Progress, hashes: dict) -> None:

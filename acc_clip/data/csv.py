@@ -1,35 +1,34 @@
 """CSV rows (`filepath,title` by default) -> `Batch`es, with an epoch order that can be rebuilt.
 
-Order. The sample order of epoch e is a pure function of (seed, e): a generator seeded with `seed`
-makes two 64-bit draws per epoch, the way a torch DataLoader over a RandomSampler draws from the
-global RNG (worker base seed, then permutation seed), and the second one seeds `randperm`. After
-`torch.manual_seed(seed)` open_clip_train's single-process loader makes exactly those draws, so
-with workers > 0 both trainers visit the same samples in the same order, and after a crash the
-order of any epoch is rebuilt without having been stored.
-
-Sharding. Global batch j of an epoch is `perm[j*B*W : (j+1)*B*W]` (B the per-process batch, W the
-number of processes) and rank r takes the r-th contiguous slice of it. So the set of samples in an
-optimizer step does not depend on how many processes share it, and the features gathered across
-ranks come in the same order as one process would see them.
+Order and position: data/order.py. The sample order of epoch e is a permutation of the rows, a pure
+function of (seed, e) that open_clip_train's single-process loader also draws; global batch j is the next
+B x W samples of it (B the per-process batch, W the number of processes) and rank r takes the r-th
+contiguous slice, so the set of samples in a step does not depend on how many processes share it. The
+position in an epoch is kept in samples: a resume on another layout trains the rest once.
 """
 
 from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Iterable, Iterator, Sized
+from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
 from dataclasses import dataclass
 from typing import Any, ClassVar, cast
 
-import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from acc_clip.config.parsing import Config
 from acc_clip.config.schema import NON_EMPTY, Section, option
 from acc_clip.data.common import Batch, Sample, collate_skipping_bad, sample_seed
 from acc_clip.data.csv_file import AUTO_SEPARATOR, parse_separator, read_csv_columns
+from acc_clip.data.order import (  # noqa: F401 - EpochBatchSampler and epoch_permutation: their old home
+    EpochBatchSampler,
+    consumed_samples,
+    epoch_permutation,
+    split_position,
+)
 from acc_clip.data.pixels import ImageDecodeError, collate_images, load_pixels
-from acc_clip.data.source import DataOptions, Source, TrainData, file_fingerprint, too_few_samples
+from acc_clip.data.source import DataOptions, Segment, Source, TrainData, file_fingerprint
 from acc_clip.io.files import MAX_IMAGE_BYTES, ImageFileError, read_image_file
 from acc_clip.runtime.signals import ignore_stop_signals
 
@@ -89,46 +88,6 @@ class CsvDataset(Dataset):
             )
             return None
         return Sample(pixels, self.tokenizer([caption])[0], index)
-
-
-def _draw_int64(generator: torch.Generator) -> int:
-    return int(torch.empty((), dtype=torch.int64).random_(generator=generator).item())
-
-
-def epoch_permutation(num_samples: int, seed: int, epoch: int) -> torch.Tensor:
-    """The sample order of `epoch`; see the module docstring for why two draws per epoch."""
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(epoch):
-        _draw_int64(generator), _draw_int64(generator)
-    _draw_int64(generator)  # the DataLoader's worker base seed, unused here: per-sample seeds instead
-    permutation_seed = _draw_int64(generator)
-    return torch.randperm(num_samples, generator=torch.Generator().manual_seed(permutation_seed))
-
-
-class EpochBatchSampler(Sampler):
-    """Batches of `(epoch, index)` keys for one rank; `set_epoch(e, start_batch=k)` skips the first k
-    batches by index arithmetic, without reading them (exact mid-epoch resume)."""
-
-    def __init__(self, num_samples: int, *, batch_size: int, seed: int, rank: int = 0, world_size: int = 1):
-        self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
-        self.rank, self.world_size = rank, world_size
-        self.global_batch_size = batch_size * world_size
-        self.batches_per_epoch = num_samples // self.global_batch_size
-        if self.batches_per_epoch == 0:
-            raise too_few_samples(num_samples, batch_size, world_size)
-        self.epoch, self.start_batch = 0, 0
-
-    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
-        self.epoch, self.start_batch = epoch, start_batch
-
-    def __len__(self) -> int:
-        return self.batches_per_epoch - self.start_batch
-
-    def __iter__(self) -> Iterator[list[tuple[int, int]]]:
-        permutation = epoch_permutation(self.num_samples, self.seed, self.epoch).tolist()
-        for batch in range(self.start_batch, self.batches_per_epoch):
-            first = batch * self.global_batch_size + self.rank * self.batch_size
-            yield [(self.epoch, index) for index in permutation[first : first + self.batch_size]]
 
 
 class EvalSampler(Sampler):
@@ -260,19 +219,17 @@ class CsvSource(Source):
         )
         sampler: EpochBatchSampler = loader.batch_sampler  # type: ignore[assignment]
 
-        def batches(epoch: int, start_batch: int) -> Iterable[Batch]:
-            sampler.set_epoch(epoch, start_batch)
-            return loader
+        layout = {"batch_size": data.batch_size, "world_size": world_size}
 
-        # The order is a permutation of the rows by the seed, cut into global micro-batches: it does not depend on
-        # how many processes share a global micro-batch, nor on the loader workers.
-        order = {
-            "source": self.name,
-            "samples": len(dataset),
-            "global_micro_batch": data.batch_size * world_size,
-            "data": file_fingerprint(str(data.train_data)),
-        }
-        return TrainData(len(dataset), sampler.batches_per_epoch, batches, order)
+        def batches(epoch: int, done: Sequence[Segment]) -> tuple[int, Iterable[Batch]]:
+            before, start_batch = split_position(done, layout)
+            sampler.set_epoch(epoch, start_batch, consumed_samples(before))
+            return len(sampler), loader
+
+        # The order is a permutation of the rows by the seed: it depends neither on the layout (the position is
+        # kept in samples) nor on the loader workers.
+        order = {"source": self.name, "samples": len(dataset), "data": file_fingerprint(str(data.train_data))}
+        return TrainData(len(dataset), sampler.batches_per_epoch, batches, order, layout)
 
     def eval_loader(
         self,

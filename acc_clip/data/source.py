@@ -11,12 +11,15 @@ The contract:
 - `check(config)`: its rules against the whole configuration (one UsageError line each) and the notices
   to give (flags of its own that have no effect in this run);
 - `train_data(config, preprocess, tokenizer, seed, rank, world_size, pin_memory) -> TrainData`:
-  `batches(epoch, start_batch)` yields this rank's micro-batches of `epoch` from `start_batch` on, the
-  same batches (samples, indices, pixels) an uninterrupted epoch yields from there, so a run resumes
-  exactly from a batch count; within an epoch no sample is trained twice across ranks and workers, and
-  every rank gets `batches_per_epoch` batches; `order` names everything that order depends on besides the
-  seed (the data's fingerprint, the layout of batches over processes and workers), so a resume can tell
-  whether it continues the same order;
+  `batches(epoch, done)` gives the number of micro-batches this rank yields in the rest of `epoch` and
+  those batches, after the `done` segments of the epoch (`Segment`: a layout and the micro-batches every
+  rank trained in it; order.py). With no segments it is the whole epoch; after segments of this run's
+  `layout` the same batches (samples, indices, pixels) an uninterrupted epoch yields from there, so a run
+  resumes exactly. Within an epoch no sample is trained twice across ranks, workers and segments, every
+  rank gets the same number of batches, and a source that is `elastic` serves exactly the samples the
+  segments did not train when the layout (processes, per-process batch, workers) changed; `order` names
+  what the order depends on besides the seed and the layout (the data's fingerprint, the epoch length),
+  so a resume can tell whether it continues the same order;
 - `eval_loader(config, path, preprocess, tokenizer, rank, world_size, expected_samples)`: every sample of
   the set exactly once across processes, in `Batch`es carrying each sample's index; its dataset may
   expose `filepaths` and `captions` by index (the evaluator then gives samples of one image, or one
@@ -28,7 +31,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
@@ -89,17 +92,32 @@ class DataOptions(Section):
     )
 
 
+@dataclass(frozen=True)
+class Segment:
+    """A stretch of an epoch trained on one layout: the source's `TrainData.layout` then, and the micro-batches
+    every process trained in it."""
+
+    layout: dict[str, Any]
+    batches: int
+
+
 @dataclass
 class TrainData:
     num_samples: int
-    batches_per_epoch: int  # micro-batches per rank
-    _batches: Callable[[int, int], Iterable[Batch]]
-    # What the epoch's sample order depends on besides the seed and the position (the data's identity, the batch
-    # layout): a checkpoint records it, and a resume in the middle of an epoch compares it.
+    batches_per_epoch: int  # micro-batches per rank in a whole epoch of this layout
+    # (epoch, segments done) -> (micro-batches per rank in the rest of the epoch, those batches)
+    _epoch: Callable[[int, Sequence[Segment]], tuple[int, Iterable[Batch]]]
+    # What the epoch's sample order depends on besides the seed, the position and, when elastic, the layout (the
+    # data's identity, the epoch length): a checkpoint records it, and a resume in the middle of an epoch compares it.
     order: dict[str, Any] = field(default_factory=dict)
+    # How this run lays the epoch out over processes and workers; recorded with each segment of an epoch.
+    layout: dict[str, Any] = field(default_factory=dict)
+    # Whether the rest of an epoch begun on another layout is served exactly once; a source that is not has its
+    # layout in `order` too, and such a resume is refused there.
+    elastic: bool = True
 
-    def batches(self, epoch: int, start_batch: int = 0) -> Iterable[Batch]:
-        return self._batches(epoch, start_batch)
+    def batches(self, epoch: int, done: Sequence[Segment] = ()) -> tuple[int, Iterable[Batch]]:
+        return self._epoch(epoch, done)
 
 
 class Source:

@@ -3,14 +3,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from typing import Any
 
 import torch
 
 from acc_clip.config.parsing import Config
 from acc_clip.data.common import Batch
-from acc_clip.data.source import DataOptions, Source, TrainData
+from acc_clip.data.order import consumed_samples, global_micro_batch, split_position
+from acc_clip.data.source import DataOptions, Segment, Source, TrainData
 from acc_clip.errors import UsageError
 
 
@@ -53,14 +54,15 @@ class SyntheticSource(Source):
     ) -> TrainData:
         data = config[DataOptions]
         num_samples = data.train_num_samples or 100 * data.batch_size * world_size
-        per_epoch = num_samples // (data.batch_size * world_size)
-        order = {"source": self.name, "samples": num_samples, "global_micro_batch": data.batch_size * world_size}
-        return TrainData(
-            num_samples,
-            per_epoch,
-            lambda epoch, start: synthetic_batches(preprocess, tokenizer, data.batch_size, per_epoch - start),
-            order,
-        )
+        layout = {"batch_size": data.batch_size, "world_size": world_size}
+
+        def batches(epoch: int, done: Sequence[Segment]) -> tuple[int, Iterator[Batch]]:
+            before, start = split_position(done, layout)
+            remaining = (num_samples - consumed_samples(before)) // global_micro_batch(layout) - start
+            return remaining, synthetic_batches(preprocess, tokenizer, data.batch_size, remaining)
+
+        order = {"source": self.name, "samples": num_samples}
+        return TrainData(num_samples, num_samples // global_micro_batch(layout), batches, order, layout)
 
     def eval_loader(
         self,

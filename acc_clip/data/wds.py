@@ -84,11 +84,12 @@ import logging
 import math
 import os
 import random
-from collections.abc import Callable, Generator, Iterable, Iterator
+from collections.abc import Callable, Generator, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from itertools import accumulate, islice
 from typing import Any, ClassVar, cast
 
+import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
@@ -97,8 +98,9 @@ from webdataset.tariterators import tarfile_samples
 from acc_clip.config.parsing import Config
 from acc_clip.config.schema import Section, option
 from acc_clip.data.common import Batch, Sample, collate_skipping_bad, sample_seed
+from acc_clip.data.order import global_micro_batch, split_position
 from acc_clip.data.pixels import ImageDecodeError, collate_images, load_pixels
-from acc_clip.data.source import DataOptions, Source, TrainData, too_few_samples
+from acc_clip.data.source import DataOptions, Segment, Source, TrainData, too_few_samples
 from acc_clip.errors import DataError, UsageError, describe_error
 from acc_clip.runtime.signals import ignore_stop_signals
 
@@ -272,6 +274,64 @@ def span_parts(sequence: list[tuple[str, int]], span: range) -> list[tuple[str, 
     return parts
 
 
+def position_parts(sequence: list[tuple[str, int]], positions: np.ndarray) -> list[tuple[str, int, int, int, Any]]:
+    """`span_parts` for a worker whose positions (sorted) have holes, the samples earlier segments of the epoch
+    trained: (shard, its count, first, stop, the offsets wanted in first .. stop-1, or None for all of them)."""
+    parts, offset = [], 0
+    for shard, size in sequence:
+        low, high = np.searchsorted(positions, [offset, offset + size])
+        if low < high:
+            offsets = positions[low:high] - offset
+            first, stop = int(offsets[0]), int(offsets[-1]) + 1
+            keep = None if stop - first == high - low else frozenset(offsets.tolist())
+            parts.append((shard, size, first, stop, keep))
+        offset += size
+        if high == len(positions):
+            break
+    return parts
+
+
+def buffer_rng(seed: int, epoch: int, rank: int, worker: int, segment: int) -> random.Random:
+    """The shuffle buffer's generator of a worker role in a segment of the epoch (segment 0: the one seeded as
+    before segments existed, so an epoch on one layout is shuffled as it always was)."""
+    return _rng("buffer", seed, epoch, rank, worker, *(["segment", segment] if segment else []))
+
+
+def consumed_indices(available: int, segment: Segment, number: int, *, seed: int, epoch: int, buffer: int) -> list[int]:
+    """Which of the `available` positions left for segment `number` of the epoch it trained, as indices into them:
+    each worker role's span (laid out as for a whole epoch of that many positions) went through its shuffle
+    buffer, and the first batches_of_worker x B of what came out were trained. The buffer's draws depend only on
+    how many items pass, so replaying it over the indices (no data read) gives exactly those."""
+    batch_size, world_size = segment.layout["batch_size"], segment.layout["world_size"]
+    num_batches = available // global_micro_batch(segment.layout)
+    if segment.batches > num_batches:
+        raise UsageError(
+            f"epoch {epoch}: a checkpoint's segment trained {segment.batches} micro-batches of {segment.layout}, "
+            f"but only {num_batches} were left to it: not this data's position"
+        )
+    num_workers = max(1, train_workers(segment.layout["workers"], num_batches))
+    consumed: list[int] = []
+    for rank in range(world_size):
+        for worker in range(num_workers):
+            span = worker_span(rank, worker, num_batches=num_batches, num_workers=num_workers, batch_size=batch_size)
+            trained = batches_of_worker(worker, segment.batches, num_workers) * batch_size
+            shuffled = buffer_shuffle(span, buffer, buffer_rng(seed, epoch, rank, worker, number))
+            consumed += islice(shuffled, trained)
+    return consumed
+
+
+def remaining_positions(
+    num_samples: int, done: Sequence[Segment], *, seed: int, epoch: int, buffer: int = SHUFFLE_BUFFER
+) -> np.ndarray:
+    """The positions 0 .. num_samples-1 of the epoch's sequence that the segments `done` did not train, in order:
+    each segment laid out what the ones before it left as a whole epoch of its layout."""
+    positions = np.arange(num_samples, dtype=np.int64)
+    for number, segment in enumerate(done):
+        consumed = consumed_indices(len(positions), segment, number, seed=seed, epoch=epoch, buffer=buffer)
+        positions = np.delete(positions, consumed)
+    return positions
+
+
 # ---------------------------------------------------------------------------------------------
 # One worker's sample stream
 
@@ -331,6 +391,8 @@ class ShardEpoch(IterableDataset):
         num_samples: int | None = None,
         sequence: list[tuple[str, int]] | None = None,
         eval_shards: list[str] | None = None,
+        positions: np.ndarray | None = None,
+        segment: int = 0,
     ):
         self.all_shards, self.weights, self.sequence, self.eval_shards = all_shards, weights, sequence, eval_shards
         # Of the epoch (training), or of the whole set as given or in sizes.json (eval: the loader reads
@@ -341,6 +403,8 @@ class ShardEpoch(IterableDataset):
         self.seed, self.epoch, self.rank = seed, epoch, rank
         self.is_train, self.resampled = is_train, resampled
         self.start_batch, self.shuffle_buffer = start_batch, shuffle_buffer
+        # A segment after others in the epoch: the sequence positions they left (None: all of them, 0, 1, ...).
+        self.positions, self.segment = positions, segment
 
     def __len__(self) -> int:
         if self.num_batches is None:
@@ -380,20 +444,25 @@ class ShardEpoch(IterableDataset):
             batch_size=self.batch_size,
         )
         sequence = cast(list[tuple[str, int]], self.sequence)
-        samples = (sample for part in span_parts(sequence, span) for sample in self._read_part(*part))
-        return buffer_shuffle(samples, self.shuffle_buffer, _rng("buffer", *place))
+        if self.positions is None:
+            parts = [(*part, None) for part in span_parts(sequence, span)]
+        else:
+            parts = position_parts(sequence, self.positions[span.start : span.stop])
+        samples = (sample for part in parts for sample in self._read_part(*part))
+        return buffer_shuffle(samples, self.shuffle_buffer, buffer_rng(*place, self.segment))
 
-    def _read_part(self, shard: str, size: int, first: int, stop: int) -> Iterator[dict]:
-        """Samples first .. stop-1 of `shard`, whose sizes.json count is `size`: those before `first` are read
-        but not decoded. Positions the tar does not hold (cut short, damaged) become gaps, counted as bad
-        samples: filling them with other samples would shift every later position, into other workers' spans."""
+    def _read_part(self, shard: str, size: int, first: int, stop: int, keep: frozenset | None) -> Iterator[dict]:
+        """Samples first .. stop-1 of `shard` (only those in `keep`, unless None), whose sizes.json count is
+        `size`: those before `first` or not kept are read but not decoded. Positions the tar does not hold (cut
+        short, damaged) become gaps, counted as bad samples: filling them with other samples would shift every
+        later position, into other workers' spans."""
         samples = read_raw_samples([shard])
         found = 0
         for sample in samples:
             if found == size:  # only the part that ends the shard reads this far
                 log.warning("%s: holds more samples than the %d sizes.json says; the rest are left out", shard, size)
                 break
-            if found >= first:
+            if found >= first and (keep is None or found in keep):
                 yield sample
             found += 1
             if found == stop < size:
@@ -407,7 +476,8 @@ class ShardEpoch(IterableDataset):
                 size,
                 size - found,
             )
-            yield from ({MISSING_SAMPLE: shard} for _ in range(max(first, found), stop))
+            gaps = range(max(first, found), stop)
+            yield from ({MISSING_SAMPLE: shard} for offset in gaps if keep is None or offset in keep)
 
     def _non_empty(self, shards: Iterator[str]) -> Iterator[dict]:
         empty_in_a_row = 0
@@ -476,9 +546,11 @@ def build_wds_loader(
     start_batch: int = 0,
     shuffle_buffer: int = SHUFFLE_BUFFER,
     pin_memory: bool | None = None,
+    done: Sequence[Segment] = (),
 ) -> tuple[DataLoader, int]:
     """A DataLoader of this rank's `Batch`es for one epoch, and the number of batches per epoch of
-    this rank (the whole epoch, including the `start_batch` skipped ones). Call once per epoch.
+    this rank (the whole epoch, including the `start_batch` skipped ones). Call once per epoch. `done`: the
+    segments of the epoch trained on other layouts before this one (the batches counted after them).
     `preprocess` takes a PIL image, or is a `pixels.SplitTransform` (takes the encoded bytes).
 
     `upsampling_factors`: 'F1::F2::...', the draw weight of each '::'-joined source of `urls`; resampled
@@ -527,7 +599,9 @@ def build_wds_loader(
         num_samples=num_samples,
     )
     if is_train:
-        dataset = _train_epoch(shards, sizes, world_size=world_size, workers=workers, start_batch=start_batch, **common)
+        dataset = _train_epoch(
+            shards, sizes, world_size=world_size, workers=workers, start_batch=start_batch, done=done, **common
+        )
         num_batches = cast(int, dataset.num_batches)  # a training epoch always knows it
         workers = train_workers(workers, num_batches)
     else:
@@ -547,12 +621,26 @@ def build_wds_loader(
 
 
 def _train_epoch(
-    shards: list[str], sizes: list[int] | None, *, world_size: int, workers: int, start_batch: int, **common
+    shards: list[str],
+    sizes: list[int] | None,
+    *,
+    world_size: int,
+    workers: int,
+    start_batch: int,
+    done: Sequence[Segment],
+    **common,
 ) -> ShardEpoch:
-    """The dataset of one training epoch: its batch count, and the epoch's sequence unless resampled."""
+    """The dataset of one training epoch: its batch count, and the epoch's sequence unless resampled; after
+    segments `done` on other layouts, the positions they left, laid out as a whole epoch of this layout."""
     num_samples, batch_size, epoch = common["num_samples"], common["batch_size"], common["epoch"]
-    num_batches = num_samples // (batch_size * world_size)
-    if num_batches == 0:
+    positions = None
+    if done:  # _train_data's resampled epochs never pass segments: their draws cannot be replayed
+        positions = remaining_positions(
+            num_samples, done, seed=common["seed"], epoch=epoch, buffer=common["shuffle_buffer"]
+        )
+    available = num_samples if positions is None else len(positions)
+    num_batches = available // (batch_size * world_size)
+    if num_batches == 0 and not done:
         raise too_few_samples(num_samples, batch_size, world_size)
     if not 0 <= start_batch <= num_batches:
         raise UsageError(
@@ -561,16 +649,17 @@ def _train_epoch(
         )
     sequence = None
     if not common["resampled"]:
-        # build_wds_loader refused training without resampling and without sizes.json
-        sequence = epoch_sequence(
-            shards, cast(list[int], sizes), common["seed"], epoch, num_batches * batch_size * world_size
-        )
+        # build_wds_loader refused training without resampling and without sizes.json; every position of the
+        # epoch (not only the first num_batches x B x R) can be reached after segments on other layouts
+        sequence = epoch_sequence(shards, cast(list[int], sizes), common["seed"], epoch, num_samples)
     # The order is laid out for the workers started (workers=0: one role, read in the calling process).
     return ShardEpoch(
         num_workers=max(1, train_workers(workers, num_batches)),
         num_batches=num_batches,
         start_batch=start_batch,
         sequence=sequence,
+        positions=positions,
+        segment=len(done),
         **common,
     )
 
@@ -649,7 +738,15 @@ class WebdatasetSource(Source):
     ) -> TrainData:
         data, shards = config[DataOptions], config[ShardOptions]
 
-        def loader(epoch: int, start_batch: int = 0) -> tuple[DataLoader, int]:
+        # Resampled shards are drawn with replacement, per process and worker: not elastic (their layout is part
+        # of the order, and a resume on another one is refused there).
+        elastic = not shards.dataset_resampled
+        layout = {"batch_size": data.batch_size, "world_size": world_size, "workers": data.workers}
+
+        def loader(epoch: int, done: Sequence[Segment] = ()) -> tuple[DataLoader, int]:
+            before, start_batch = split_position(done, layout)
+            if not elastic:  # today's batch count (--resume-changed-data on another layout: the warned-of mix)
+                before, start_batch = [], sum(segment.batches for segment in done)
             return build_wds_loader(
                 str(data.train_data),
                 preprocess=preprocess,
@@ -666,9 +763,14 @@ class WebdatasetSource(Source):
                 upsampling_factors=shards.train_data_upsampling_factors,
                 start_batch=start_batch,
                 pin_memory=pin_memory,
+                done=before,
             )
 
-        _, batches_per_epoch = loader(0)
+        def batches(epoch: int, done: Sequence[Segment]) -> tuple[int, Iterable[Batch]]:
+            epoch_loader, _ = loader(epoch, done)
+            return len(cast(ShardEpoch, epoch_loader.dataset)), epoch_loader
+
+        first, batches_per_epoch = loader(0)
         if train_workers(data.workers, batches_per_epoch) < data.workers:
             log.info(
                 "%d batches per process per epoch: starting %d loader workers, not --workers %d (each makes "
@@ -678,14 +780,11 @@ class WebdatasetSource(Source):
                 data.workers,
             )
         num_samples = data.train_num_samples or batches_per_epoch * data.batch_size * world_size
-        # Each (process, worker) reads a span of the epoch's shard sequence: the layout is part of the order.
         shards_list = expand_shard_urls(str(data.train_data))
         order = {
             "source": self.name,
-            "samples": num_samples,
-            "batch_size": data.batch_size,
-            "world_size": world_size,
-            "workers": max(1, train_workers(data.workers, batches_per_epoch)),
+            # the epoch's length: its sequence's positions (the layout drops fewer than one global batch of them)
+            "samples": cast(ShardEpoch, first.dataset).num_samples,
             "resampled": shards.dataset_resampled,
             "upsampling_factors": shards.train_data_upsampling_factors,
             "data": {
@@ -694,7 +793,14 @@ class WebdatasetSource(Source):
                 "names_sha256": hashlib.sha256("\n".join(shards_list).encode()).hexdigest(),
             },
         }
-        return TrainData(num_samples, batches_per_epoch, lambda epoch, start: loader(epoch, start)[0], order)
+        if not elastic:  # each (process, worker) draws its own shards: the layout is part of the order
+            order |= {
+                "samples": num_samples,
+                "batch_size": data.batch_size,
+                "world_size": world_size,
+                "workers": max(1, train_workers(data.workers, batches_per_epoch)),
+            }
+        return TrainData(num_samples, batches_per_epoch, batches, order, layout, elastic)
 
     def eval_loader(
         self,

@@ -24,6 +24,7 @@ from torch.profiler import record_function
 from acc_clip.checkpoint.manager import CheckpointManager, RunRecord
 from acc_clip.data import build_train_data, check_bad_fraction
 from acc_clip.data.pixels import decode_encoded_batch, model_input, train_transform
+from acc_clip.data.source import Segment, TrainData
 from acc_clip.errors import DataError, UsageError
 from acc_clip.evaluation.evaluator import Evaluator, format_metrics
 from acc_clip.loss import create_objective, model_overrides, objective_identity
@@ -166,7 +167,7 @@ def settle_micro_batch(config: TrainConfig, bundle, objective, accelerator, inpu
     )
 
 
-def run_record(config: TrainConfig, order: dict | None = None) -> RunRecord:
+def run_record(config: TrainConfig, data: TrainData | None = None) -> RunRecord:
     """What the checkpoints record of this run besides its progress."""
     return RunRecord(
         name=str(config.logging.name),
@@ -180,7 +181,9 @@ def run_record(config: TrainConfig, order: dict | None = None) -> RunRecord:
         accum_freq=config.training.accum_freq,
         auto_micro_batch=config.training.auto_micro_batch,
         train_data=config.data.train_data,
-        order=order or {},
+        order=data.order if data is not None else {},
+        layout=data.layout if data is not None else {},
+        elastic=data.elastic if data is not None else True,
         optimizer_groups=config.optimizer.group_identity(),
         ema=config.ema.settings(),
         lora=lora_record(config.lora),
@@ -241,18 +244,12 @@ def train(config: TrainConfig, notices: Sequence[str] = ()) -> int:  # noqa: PLR
         throughput=speed,
     )
     memory = MemoryMeter(plan.kind)
-    saver = CheckpointManager(run_dir, config.checkpoint, run_record(config, data.order), accelerator)
+    saver = CheckpointManager(run_dir, config.checkpoint, run_record(config, data), accelerator)
     # --ema-decay: an EMA of the (sharded) weights, kept in checkpoints and evaluated beside them (model/ema.py)
     ema = WeightsEma(model, config.ema, sharded=parallel.is_fsdp(accelerator)) if config.ema.enabled else None
     if ema is not None:
         saver.keep(ema)
     progress = saver.resume(model, optimizer, steps_per_epoch)
-    if progress.step_in_epoch > steps_per_epoch:
-        raise UsageError(
-            f"the checkpoint stopped after step {progress.step_in_epoch} of epoch {progress.epoch}, "
-            f"but this run has {steps_per_epoch} steps per epoch: resume with the data, batch size "
-            "and number of processes it was saved with"
-        )
     evaluator = Evaluator(config, bundle.preprocess_val, bundle.tokenizer, accelerator, objective)
     if evaluator.enabled and progress.global_step == 0:
         report_evaluation(
@@ -269,11 +266,17 @@ def train(config: TrainConfig, notices: Sequence[str] = ()) -> int:  # noqa: PLR
 
     for epoch in range(progress.epoch, config.training.epochs):
         model.train()
+        # The position is kept in samples (data/order.py): after a resume on another layout the epoch's remaining
+        # samples make its remaining steps, so its step count differs from a whole epoch's.
+        done = [Segment(segment["layout"], segment["batches"]) for segment in progress.segments]
+        remaining, epoch_batches = data.batches(epoch, done)
+        progress.enter_layout(data.layout)
+        epoch_steps = metrics.steps_per_epoch = progress.step_in_epoch + remaining // accum_freq
         metrics.start_epoch(epoch, progress.step_in_epoch)
         # Step times tile the epoch, as open_clip_train's do: logging and saving count in the next step.
         start = time.perf_counter()
-        batches = iter(data.batches(epoch, start_batch=progress.step_in_epoch * accum_freq))
-        for step_in_epoch in range(progress.step_in_epoch, steps_per_epoch):
+        batches = iter(epoch_batches)
+        for step_in_epoch in range(progress.step_in_epoch, epoch_steps):
             if progress.global_step >= max_steps:
                 break
             profiler.begin_step(progress.global_step)
@@ -301,7 +304,7 @@ def train(config: TrainConfig, notices: Sequence[str] = ()) -> int:  # noqa: PLR
             data_time = time.perf_counter() - start
             lr = schedule(progress.global_step)
             losses = step(model, device_batches, objective, accelerator, optimizer, config.optimizer.grad_clip_norm)
-            progress.advance(step_in_epoch + 1, global_batch)
+            progress.advance(step_in_epoch + 1, global_batch, accum_freq)
             if ema is not None:
                 ema.update(progress.global_step)  # once per optimizer step, after it
             end = time.perf_counter()
@@ -322,7 +325,7 @@ def train(config: TrainConfig, notices: Sequence[str] = ()) -> int:  # noqa: PLR
             start = end
             if sample_log is not None:
                 sample_log.record(progress.global_step - 1, epoch, micro_batches)
-            if evaluator.due_at_step(progress.global_step) and step_in_epoch + 1 < steps_per_epoch:
+            if evaluator.due_at_step(progress.global_step) and step_in_epoch + 1 < epoch_steps:
                 step_results = evaluate(evaluator, model, epoch, ema, force=True)  # an epoch's last step: below
                 report_evaluation(step_results, metrics, epoch=epoch, step=progress.global_step, when="by steps")
             saver.poll(host_group)  # commits a save whose files were written meanwhile (--async-save)
@@ -340,7 +343,7 @@ def train(config: TrainConfig, notices: Sequence[str] = ()) -> int:  # noqa: PLR
                 accelerator.end_training()  # gloo's threads outliving the interpreter can abort the exit (SIGABRT)
                 return PREEMPTED_EXIT_CODE
         metrics.end_epoch()
-        if progress.step_in_epoch == steps_per_epoch:
+        if progress.step_in_epoch == epoch_steps:
             progress.finish_epoch(epoch)
             log.info(
                 "epoch %d done: %d steps, %d samples skipped so far as missing or corrupt, %d cut on this "
