@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import functools
 import logging
-from collections.abc import Callable, Iterable, Iterator, Sequence, Sized
+from collections.abc import Callable, Iterator, Sequence, Sized
 from dataclasses import dataclass
 from typing import Any, ClassVar, cast
 
@@ -19,7 +19,7 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from acc_clip.config.parsing import Config
 from acc_clip.config.schema import NON_EMPTY, Section, option
-from acc_clip.data.common import Batch, Sample, collate_skipping_bad, sample_seed
+from acc_clip.data.common import Sample, collate_skipping_bad, sample_seed
 from acc_clip.data.csv_file import AUTO_SEPARATOR, parse_separator, read_csv_columns
 from acc_clip.data.order import (  # noqa: F401 - EpochBatchSampler and epoch_permutation: their old home
     EpochBatchSampler,
@@ -221,10 +221,10 @@ class CsvSource(Source):
 
         layout = {"batch_size": data.batch_size, "world_size": world_size}
 
-        def batches(epoch: int, done: Sequence[Segment]) -> tuple[int, Iterable[Batch]]:
+        def batches(epoch: int, done: Sequence[Segment]) -> DataLoader:
             before, start_batch = split_position(done, layout)
             sampler.set_epoch(epoch, start_batch, consumed_samples(before))
-            return len(sampler), loader
+            return loader  # its len() is the sampler's
 
         # The order is a permutation of the rows by the seed: it depends neither on the layout (the position is
         # kept in samples) nor on the loader workers.

@@ -11,8 +11,8 @@ The contract:
 - `check(config)`: its rules against the whole configuration (one UsageError line each) and the notices
   to give (flags of its own that have no effect in this run);
 - `train_data(config, preprocess, tokenizer, seed, rank, world_size, pin_memory) -> TrainData`:
-  `batches(epoch, done)` gives the number of micro-batches this rank yields in the rest of `epoch` and
-  those batches, after the `done` segments of the epoch (`Segment`: a layout and the micro-batches every
+  `batches(epoch, done)` gives this rank's micro-batches of the rest of `epoch` (`len()`: how many), after
+  the `done` segments of the epoch (`Segment`: a layout and the micro-batches every
   rank trained in it; order.py). With no segments it is the whole epoch; after segments of this run's
   `layout` the same batches (samples, indices, pixels) an uninterrupted epoch yields from there, so a run
   resumes exactly. Within an epoch no sample is trained twice across ranks, workers and segments, every
@@ -31,9 +31,9 @@ from __future__ import annotations
 
 import hashlib
 import os
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 from acc_clip.config.parsing import Config
 from acc_clip.config.schema import NON_NEGATIVE, POSITIVE, UNIT_INTERVAL, Domain, Section, option
@@ -101,12 +101,20 @@ class Segment:
     batches: int
 
 
+class EpochBatches(Protocol):
+    """The micro-batches of (the rest of) an epoch for one rank: a DataLoader, or any iterable that knows its length."""
+
+    def __iter__(self) -> Iterator[Batch]: ...
+
+    def __len__(self) -> int: ...
+
+
 @dataclass
 class TrainData:
     num_samples: int
     batches_per_epoch: int  # micro-batches per rank in a whole epoch of this layout
-    # (epoch, segments done) -> (micro-batches per rank in the rest of the epoch, those batches)
-    _epoch: Callable[[int, Sequence[Segment]], tuple[int, Iterable[Batch]]]
+    # (epoch, segments done) -> this rank's micro-batches in the rest of the epoch (len(): how many)
+    _epoch: Callable[[int, Sequence[Segment]], EpochBatches]
     # What the epoch's sample order depends on besides the seed, the position and, when elastic, the layout (the
     # data's identity, the epoch length): a checkpoint records it, and a resume in the middle of an epoch compares it.
     order: dict[str, Any] = field(default_factory=dict)
@@ -116,7 +124,7 @@ class TrainData:
     # layout in `order` too, and such a resume is refused there.
     elastic: bool = True
 
-    def batches(self, epoch: int, done: Sequence[Segment] = ()) -> tuple[int, Iterable[Batch]]:
+    def batches(self, epoch: int, done: Sequence[Segment] = ()) -> EpochBatches:
         return self._epoch(epoch, done)
 
 

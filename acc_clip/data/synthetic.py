@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -35,6 +36,20 @@ def synthetic_batches(preprocess: Callable, tokenizer: Callable, batch_size: int
         yield Batch(images, texts, indices, 0)
 
 
+@dataclass
+class SyntheticBatches:
+    preprocess: Callable
+    tokenizer: Callable
+    batch_size: int
+    num_batches: int
+
+    def __iter__(self) -> Iterator[Batch]:
+        return synthetic_batches(self.preprocess, self.tokenizer, self.batch_size, self.num_batches)
+
+    def __len__(self) -> int:
+        return self.num_batches
+
+
 class SyntheticSource(Source):
     """`--dataset-type synthetic`: the same random batch over and over, --train-num-samples per epoch
     (default 100 global batches); never detected from a path."""
@@ -56,10 +71,10 @@ class SyntheticSource(Source):
         num_samples = data.train_num_samples or 100 * data.batch_size * world_size
         layout = {"batch_size": data.batch_size, "world_size": world_size}
 
-        def batches(epoch: int, done: Sequence[Segment]) -> tuple[int, Iterator[Batch]]:
+        def batches(epoch: int, done: Sequence[Segment]) -> SyntheticBatches:
             before, start = split_position(done, layout)
             remaining = (num_samples - consumed_samples(before)) // global_micro_batch(layout) - start
-            return remaining, synthetic_batches(preprocess, tokenizer, data.batch_size, remaining)
+            return SyntheticBatches(preprocess, tokenizer, data.batch_size, remaining)
 
         order = {"source": self.name, "samples": num_samples}
         return TrainData(num_samples, num_samples // global_micro_batch(layout), batches, order, layout)

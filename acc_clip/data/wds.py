@@ -44,22 +44,32 @@ Resume: `start_batch=k` yields batches k, k+1, ... of the uninterrupted epoch: t
 indices and pixels. Worker w drops the samples of its batches before k undecoded (tar bytes are
 still read, images are not decoded), and the worker roles are rotated by k so that the loader,
 which always starts at its worker 0, begins with batch k. This holds with resampled=True too.
-The trainer stores k (steps done in the epoch x --accum-freq) in its checkpoints, so a resumed
-run trains on exactly the batches the uninterrupted run would have, with the same pixels (and, on
-the same number of CPU threads, bit-equal losses: tests/integration/test_train_shards.py).
+The trainer keeps the position in samples (data/order.py): the segments of the epoch, each a layout
+(R, B, --workers) and the micro-batches trained on it; on the last segment's layout it resumes with
+k = that segment's batches, so a resumed run trains on exactly the batches the uninterrupted run would have,
+with the same pixels (and, on the same number of CPU threads, bit-equal losses:
+tests/integration/test_train_shards.py).
+
+Elastic resume (not resampled). After `done` segments on other layouts, the samples they trained are known
+without reading any: in a segment, worker role w of rank r trained the first batches_of_worker(w, k, W) x B
+outputs of its shuffle buffer over its span, and the buffer's draws depend only on how many items pass, so
+replaying it over the positions (`consumed_indices`) gives them. The positions no segment trained, in sequence
+order, are laid out for this layout as a whole epoch is (steps 1 and 3 over them instead of 0, 1, ...), each
+worker reading the shards its positions reach and skipping the others undecoded (`position_parts`), its buffer
+seeded with the segment's number too (`buffer_rng`). So every position of the epoch (0 .. length-1, the
+epoch's sequence) is trained at most once over all segments, and the last layout leaves out fewer than one
+of its global batches. With no segment before, this is the epoch above exactly.
 
 What resume guarantees when the order is not the same. The order above depends on the shards and
-their sizes.json, seed, batch size, number of processes, --workers, the epoch length
-(--train-num-samples), --dataset-resampled and --train-data-upsampling-factors. Change any of them
-between the save and the resume, or, with --dataset-resampled, let a shard fail to read in only one
-of the runs (it is cut short with a warning, shifting what follows in its worker; without
-resampling its missing samples are gaps and nothing shifts), and the resumed run takes batches
-k, k+1, ... of the new order: for the rest of that epoch some samples are seen twice and others
-not at all. Still, every rank gets the same number of batches (the new epoch's count minus k), and
-later epochs are whole epochs of the new order. The checkpoint warns when seed, batch size,
-processes or steps per epoch changed; --workers is not recorded there, so keep it when resuming
-from shards (CSV orders do not depend on it). A position past the end of the new epoch is refused
-with an error.
+their sizes.json, seed, the epoch length (--train-num-samples), --dataset-resampled and
+--train-data-upsampling-factors; with resampling also on R, B and W, whose draws cannot be replayed.
+Change any of them between the save and the resume (refused unless --resume-changed-data), or, with
+--dataset-resampled, let a shard fail to read in only one of the runs (it is cut short with a warning,
+shifting what follows in its worker; without resampling its missing samples are gaps and nothing
+shifts), and the resumed run takes batches k, k+1, ... of the new order: for the rest of that epoch
+some samples are seen twice and others not at all. Still, every rank gets the same number of batches,
+and later epochs are whole epochs of the new order. A position past the end of the new epoch is
+refused with an error.
 
 Augmentation: `preprocess` runs under `seeded_torch_rng(sample_seed(seed, epoch, index))`, index
 being the sample number in its key, so the draws do not depend on which worker decodes a sample.
@@ -766,9 +776,8 @@ class WebdatasetSource(Source):
                 done=before,
             )
 
-        def batches(epoch: int, done: Sequence[Segment]) -> tuple[int, Iterable[Batch]]:
-            epoch_loader, _ = loader(epoch, done)
-            return len(cast(ShardEpoch, epoch_loader.dataset)), epoch_loader
+        def batches(epoch: int, done: Sequence[Segment]) -> DataLoader:
+            return loader(epoch, done)[0]  # its len() is the ShardEpoch's: the batches from the position on
 
         first, batches_per_epoch = loader(0)
         if train_workers(data.workers, batches_per_epoch) < data.workers:

@@ -269,9 +269,9 @@ def train(config: TrainConfig, notices: Sequence[str] = ()) -> int:  # noqa: PLR
         # The position is kept in samples (data/order.py): after a resume on another layout the epoch's remaining
         # samples make its remaining steps, so its step count differs from a whole epoch's.
         done = [Segment(segment["layout"], segment["batches"]) for segment in progress.segments]
-        remaining, epoch_batches = data.batches(epoch, done)
+        epoch_batches = data.batches(epoch, done)
         progress.enter_layout(data.layout)
-        epoch_steps = metrics.steps_per_epoch = progress.step_in_epoch + remaining // accum_freq
+        epoch_steps = metrics.steps_per_epoch = progress.step_in_epoch + len(epoch_batches) // accum_freq
         metrics.start_epoch(epoch, progress.step_in_epoch)
         # Step times tile the epoch, as open_clip_train's do: logging and saving count in the next step.
         start = time.perf_counter()

@@ -1,8 +1,9 @@
 """A resume in the middle of an epoch continues that epoch's sample order, or is refused in one line naming what
-changed: the data (another path, the same rows shuffled), and for shards the processes and --workers that the
-spans of the epoch depend on. `--resume-changed-data` goes on with a warning. At an epoch's end a change is
-only noted: nothing of the epoch remains. Before checkpoints recorded the order, each of these resumes trained
-some samples twice and others never, silently."""
+changed: the data (another path, the same rows shuffled), and for resampled shards the processes and --workers
+that each process's draws depend on. `--resume-changed-data` goes on with a warning. At an epoch's end a change
+is only noted: nothing of the epoch remains. Before checkpoints recorded the order, each of these resumes trained
+some samples twice and others never, silently. (Another layout of CSV rows or shards without resampling resumes
+exactly: tests/integration/test_elastic_resume.py.)"""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ import pytest
 
 from acc_clip.prep.shards.convert import convert_csv_to_shards
 from background_trainer import two_processes
-from helpers import run_trainer, tiny_train_args
+from helpers import read_samples, run_trainer, tiny_train_args
 
 pytestmark = pytest.mark.usefixtures("one_cpu_thread")
 STEPS_PER_EPOCH = 10  # 160 rows, batch 16
@@ -87,14 +88,16 @@ def test_a_csv_resume_on_another_process_split_of_the_same_global_batch_is_exact
     run_trainer([*resumed, "--resume", "latest", "--max-steps", "6"])
 
 
-def test_a_shards_resume_with_other_workers_is_refused(shards, tmp_path):
-    args = stopped_mid_epoch(Path(shards), tmp_path, "run", "--workers", "2")
+def test_a_resampled_shards_resume_with_other_workers_is_refused(shards, tmp_path):
+    args = stopped_mid_epoch(Path(shards), tmp_path, "run", "--workers", "2", "--dataset-resampled")
     line = refusal(run_trainer([*args, "--workers", "1", "--resume", "latest"], check=False))
     assert "order.workers 2 -> 1" in line, line
 
 
-def test_a_shards_resume_on_another_number_of_processes_is_refused(shards, tmp_path):
-    args = stopped_mid_epoch(Path(shards), tmp_path, "run", "--batch-size", "8", launcher=two_processes())
+def test_a_resampled_shards_resume_on_another_number_of_processes_is_refused(shards, tmp_path):
+    args = stopped_mid_epoch(
+        Path(shards), tmp_path, "run", "--batch-size", "8", "--dataset-resampled", launcher=two_processes()
+    )
     resumed = [a if a != "8" else "16" for a in args]
     line = refusal(run_trainer([*resumed, "--resume", "latest"], check=False))
     assert "order.batch_size 8 -> 16" in line and "order.world_size 2 -> 1" in line, line
@@ -109,10 +112,14 @@ def test_at_an_epoch_end_a_change_is_only_noted(small_csv, train_csv, tmp_path):
     assert "the next epochs follow the new settings" in result.stdout
 
 
-def test_after_an_epochs_last_step_another_batch_size_is_refused(small_csv, tmp_path):
-    """Saved after the last step of epoch 0 (no epoch save): with 16 per batch nothing of it remains, but at 8 the
-    loop would count that checkpoint as half of a 20-step epoch and train its second half again."""
-    args = tiny_train_args(small_csv, tmp_path, "run", "--save-every-n-steps", str(STEPS_PER_EPOCH))
+def test_after_an_epochs_last_step_another_batch_size_goes_on_with_the_next_epoch(small_csv, tmp_path):
+    """Saved after the last step of epoch 0 (no epoch save): the position is kept in samples, so at 8 per batch
+    nothing of epoch 0 remains (it once counted that checkpoint as half of a 20-step epoch and trained its second
+    half again), and epoch 1 is a whole epoch of 20 steps."""
+    args = tiny_train_args(small_csv, tmp_path, "run", "--save-every-n-steps", str(STEPS_PER_EPOCH), "--log-samples")
     run_trainer([*args, "--max-steps", str(STEPS_PER_EPOCH)])
-    line = refusal(run_trainer([*args, "--batch-size", "8", "--resume", "latest"], check=False))
-    assert "steps_per_epoch 10 -> 20" in line, line
+    run_trainer([*args, "--batch-size", "8", "--resume", "latest"])
+    records = read_samples(tmp_path / "run")
+    assert [r["step"] for r in records if r["epoch"] == 0] == list(range(STEPS_PER_EPOCH))
+    assert [r["step"] for r in records if r["epoch"] == 1] == list(range(STEPS_PER_EPOCH, 3 * STEPS_PER_EPOCH))
+    assert sorted(i for r in records if r["epoch"] == 1 for i in r["indices"]) == list(range(160))

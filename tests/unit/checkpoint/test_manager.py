@@ -318,32 +318,39 @@ CONSEQUENCE = "the rest of epoch 0 would train some samples twice and others nev
 
 
 def csv_like(settings: dict) -> dict:
-    """The settings with the order a CSV source records: its global micro-batch (one process here)."""
-    return {**settings, "order": {"source": "csv", "global_micro_batch": settings["batch_size"]}}
+    """The settings with what a CSV source records: its order (the rows) and its layout (one process here)."""
+    layout = {"batch_size": settings["batch_size"], "world_size": 1}
+    return {**settings, "order": {"source": "csv", "samples": 160}, "layout": layout}
+
+
+def resampled_like(settings: dict) -> dict:
+    """The settings with what resampled shards record: not elastic, the layout in the order too."""
+    layout = {"batch_size": settings["batch_size"], "world_size": 1, "workers": 2}
+    return {**settings, "order": {"source": "webdataset", **layout}, "layout": layout, "elastic": False}
 
 
 @pytest.mark.parametrize(
-    "changed, named",
+    "like, changed, named",
     [
-        ({}, None),
-        ({"seed": 1}, "seed 0 -> 1"),
-        ({"batch_size": 8}, "steps_per_epoch 10 -> 20, order.global_micro_batch 16 -> 8"),
-        ({"accum_freq": 2}, "accum_freq 1 -> 2, steps_per_epoch 10 -> 5"),
-        (
-            {"seed": 3, "batch_size": 32, "accum_freq": 5},
-            "seed 0 -> 3, accum_freq 1 -> 5, steps_per_epoch 10 -> 1, order.global_micro_batch 16 -> 32",
-        ),
+        (csv_like, {}, None),
+        (csv_like, {"seed": 1}, "seed 0 -> 1"),
+        (csv_like, {"batch_size": 8}, None),  # the position is kept in samples: the rest of the epoch once
+        (csv_like, {"accum_freq": 2}, None),
+        (csv_like, {"seed": 3, "batch_size": 32, "accum_freq": 5}, "seed 0 -> 3"),
+        (resampled_like, {}, None),
+        (resampled_like, {"batch_size": 8}, "steps_per_epoch 10 -> 20, order.batch_size 16 -> 8"),
+        (resampled_like, {"accum_freq": 2}, "accum_freq 1 -> 2, steps_per_epoch 10 -> 5"),
     ],
-    ids=["unchanged", "seed", "batch_size", "accum_freq", "all"],
+    ids=["unchanged", "seed", "batch_size", "accum_freq", "all", "resampled", "resampled-batch", "resampled-accum"],
 )
 def test_a_resume_mid_epoch_with_other_order_settings_is_refused_naming_them(
-    scaled_manager_parts, caplog, changed, named
+    scaled_manager_parts, caplog, like, changed, named
 ):
     _accelerator, model, optimizer, manager = scaled_manager_parts
-    saved = manager(**csv_like(SAVED)).save(
+    saved = manager(**like(SAVED)).save(
         model, optimizer, Progress(epoch=0, step_in_epoch=1, global_step=1, samples_seen=16)
     )
-    settings = csv_like({**SAVED, **changed})
+    settings = like({**SAVED, **changed})
     steps = 160 // (settings["batch_size"] * settings["accum_freq"])
     if named is None:
         with caplog.at_level(logging.WARNING, logger="acc_clip"):
@@ -360,6 +367,40 @@ def test_a_resume_mid_epoch_with_other_order_settings_is_refused_naming_them(
         manager(resume="latest", resume_changed_data=True, **settings).resume(model, optimizer, steps)
     warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
     assert warnings == [f"--resume {saved}: {named} since the save (--resume-changed-data): {CONSEQUENCE}"]
+
+
+def test_a_resume_on_another_layout_says_so_and_keeps_the_segments(scaled_manager_parts, caplog):
+    _accelerator, model, optimizer, manager = scaled_manager_parts
+    progress = Progress(epoch=0, step_in_epoch=3, global_step=3, samples_seen=48)
+    progress.segments = [{"layout": {"batch_size": 16, "world_size": 1}, "batches": 3}]
+    manager(**csv_like(SAVED)).save(model, optimizer, progress)
+    with caplog.at_level(logging.INFO, logger="acc_clip"):
+        resumed = manager(resume="latest", **csv_like({**SAVED, "batch_size": 8})).resume(model, optimizer, 20)
+    assert resumed == progress
+    assert any("the layout changed since the save (batch_size 16 -> 8)" in r.getMessage() for r in caplog.records)
+
+
+def test_a_checkpoint_from_before_layouts_were_recorded_resumes_as_one_segment_of_its_layout(scaled_manager_parts):
+    """Its progress has no segments and its order holds the layout (a CSV's global micro-batch; shards' processes,
+    batch and workers, and an epoch length rounded down to the global batch)."""
+    _accelerator, model, optimizer, manager = scaled_manager_parts
+    old_order = {"source": "webdataset", "samples": 144, "batch_size": 16, "world_size": 1, "workers": 2}
+    shards = {"order": {"source": "webdataset", "samples": 150}, "layout": {"batch_size": 16, "world_size": 1}}
+    saved = manager(**{**SAVED, **shards, "accum_freq": 2}).save(
+        model, optimizer, Progress(epoch=0, step_in_epoch=2, global_step=2, samples_seen=64)
+    )
+    manifest_path = Path(saved) / "complete.json"
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["progress"]["segments"], manifest["data"]["layout"]  # as checkpoints wrote them before
+    manifest["data"]["order"] = old_order
+    manifest_path.write_text(json.dumps(manifest))
+    now = {"order": {"source": "webdataset", "samples": 150}, "layout": {"batch_size": 8, "world_size": 1}}
+    resumed = manager(resume="latest", **{**SAVED, **now}).resume(model, optimizer, 18)
+    assert resumed.segments == [{"layout": {"batch_size": 16, "world_size": 1}, "batches": 4}]
+    manifest["data"]["order"] = {**old_order, "samples": 128}  # another epoch length
+    manifest_path.write_text(json.dumps(manifest))
+    with pytest.raises(UsageError, match=r"order.samples 128 -> 150 since the save"):
+        manager(resume="latest", **{**SAVED, **now}).resume(model, optimizer, 18)
 
 
 def test_a_checkpoint_from_before_the_order_was_recorded_is_checked_on_what_it_recorded(scaled_manager_parts):
