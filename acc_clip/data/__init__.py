@@ -1,6 +1,6 @@
 """Input pipelines: the registry of data sources, used by training and validation alike.
 
-Each source keeps the contract in source.py (exact resume from a batch count, every sample of an epoch
+Each source keeps the contract in source.py (exact resume from a position kept in samples, every sample of an epoch
 at most once, bad samples counted). Adding a source: a module here with a `Source` subclass (and its
 options section, if it has flags), and one entry in SOURCES."""
 
