@@ -49,14 +49,15 @@ class Progress:
     def enter_layout(self, layout: dict[str, Any]) -> None:
         """Train the rest of the epoch on `layout`: the last segment goes on if it has this layout, else one starts."""
         if not self.segments or self.segments[-1]["layout"] != layout:
-            self.segments.append({"layout": dict(layout), "batches": 0})
+            self.segments = [*self.segments, {"layout": dict(layout), "batches": 0}]
 
     def advance(self, step_in_epoch: int, global_batch: int, micro_batches: int = 1) -> None:
         self.step_in_epoch = step_in_epoch
         self.global_step += 1
         self.samples_seen += global_batch
-        if self.segments:
-            self.segments[-1]["batches"] += micro_batches
+        if self.segments:  # new objects, never changed in place: a save in the background holds a copy of this
+            last = self.segments[-1]
+            self.segments = [*self.segments[:-1], {**last, "batches": last["batches"] + micro_batches}]
 
     def finish_epoch(self, epoch: int) -> None:
         self.epoch, self.step_in_epoch, self.segments = epoch + 1, 0, []

@@ -4,6 +4,7 @@ kill is recorded, not sent (os.kill replaced), so the folder's state at that mom
 
 from __future__ import annotations
 
+import dataclasses
 import os
 
 from acc_clip.checkpoint import folders
@@ -50,3 +51,18 @@ def test_restore_moved_aside_puts_back_what_a_kill_between_the_renames_left(tmp_
     assert sorted(os.listdir(tmp_path)) == sorted(
         [step_name(3), step_name(5), OLD_PREFIX + step_name(5), OLD_PREFIX + step_name(7)]
     )
+
+
+def test_a_copy_of_the_progress_keeps_its_position_while_training_goes_on():
+    """An asynchronous save writes its manifest from a copy (dataclasses.replace) made at the save, while the loop
+    advances the progress: the copy's segments must not move with it."""
+    progress = Progress()
+    progress.enter_layout({"batch_size": 8, "world_size": 2})
+    progress.advance(1, 16, micro_batches=2)
+    saved = dataclasses.replace(progress)
+    progress.advance(2, 16, micro_batches=2)
+    progress.enter_layout({"batch_size": 4, "world_size": 4})
+    assert saved.segments == [{"layout": {"batch_size": 8, "world_size": 2}, "batches": 2}]
+    assert progress.segments[0]["batches"] == 4 and len(progress.segments) == 2
+    progress.finish_epoch(0)
+    assert (progress.epoch, progress.step_in_epoch, progress.segments) == (1, 0, [])
