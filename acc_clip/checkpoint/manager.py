@@ -381,7 +381,7 @@ class CheckpointManager:
         """The manifest's progress; one saved before positions were kept in samples gets the one segment it
         trained, in the layout it recorded (or this run's, where it recorded none)."""
         progress = Progress(**manifest["progress"])
-        if progress.step_in_epoch and not progress.segments:
+        if progress.step_in_epoch and "segments" not in manifest["progress"]:
             data = manifest.get("data", {})
             recorded = {key: data.get("order", {}).get(key, data.get(key)) for key in self.record.layout}
             layout = recorded if None not in recorded.values() else self.record.layout
