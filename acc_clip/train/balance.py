@@ -195,29 +195,44 @@ class Balancer:
             "was missing or corrupt; see the warnings above"
         )
 
+    def _gathered_carry(self) -> list[int]:
+        """The indices every process carries, in rank order (a collective)."""
+        mine = self.carried.indices.tolist()
+        if self.group is None:
+            return mine
+        everyone: list = [None] * self.world_size
+        torch.distributed.all_gather_object(everyone, mine, group=self.group)
+        return [index for indices in everyone for index in indices]
+
     def note_save(self, global_step: int) -> None:
-        """A step checkpoint is being saved: name the samples carried here, which it does not hold."""
-        if len(self.carried.indices):
+        """A step checkpoint is being saved: name the samples carried, which it does not hold. Every process
+        calls it (a collective); the main process says it."""
+        carried = self._gathered_carry()
+        if carried and self.rank == 0:
             log.warning(
-                "the checkpoint of step %d does not hold the %d sample(s) process %d carries into the next step "
-                "(indices %s): a run resumed from it leaves them untrained this epoch",
+                "the checkpoint of step %d does not hold the %d sample(s) carried into the next step (indices %s): "
+                "a run resumed from it leaves them untrained this epoch",
                 global_step,
-                len(self.carried.indices),
-                self.rank,
-                self.carried.indices.tolist(),
+                len(carried),
+                carried,
             )
 
     def end_epoch(self, epoch: int) -> tuple[int, int]:
-        """After the epoch's last step: (samples carried into a later step this epoch, samples left untrained
-        because they were still carried); the latter are named in a warning and dropped, the counts reset."""
-        carried, untrained = self.carried_in_epoch, self.carried.indices.tolist()
-        if untrained:
+        """After the epoch's last step, on every process (a collective): over all processes, how many samples were
+        carried into a later step this epoch and how many were left untrained because they were still carried
+        (named by the main process in a warning); then the carry and the count start afresh."""
+        untrained = self._gathered_carry()
+        carried = self.carried_in_epoch
+        if self.group is not None:
+            total = torch.tensor([carried])
+            torch.distributed.all_reduce(total, group=self.group)
+            carried = int(total)
+        if untrained and self.rank == 0:
             log.warning(
-                "epoch %d: %d good sample(s) on process %d left untrained (indices %s): after the bad samples "
-                "were skipped, fewer than one per process remained for equal batches",
+                "epoch %d: %d good sample(s) left untrained (indices %s): after the bad samples were skipped, fewer "
+                "than one per process remained for equal batches",
                 epoch,
                 len(untrained),
-                self.rank,
                 untrained,
             )
         self.carried, self.carried_in_epoch = empty_batch(), 0

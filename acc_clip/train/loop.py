@@ -339,8 +339,8 @@ def train(config: TrainConfig, notices: Sequence[str] = ()) -> int:  # noqa: PLR
             progress.finish_epoch(epoch)
             carried, untrained = balancer.end_epoch(epoch)
             log.info(
-                "epoch %d done: %d steps, %d samples skipped so far as missing or corrupt; on this process %d "
-                "carried into a later step to keep the processes' batches equal, %d left untrained",
+                "epoch %d done: %d steps, %d samples skipped so far as missing or corrupt on this process; over "
+                "all processes %d carried into a later step to keep the processes' batches equal, %d left untrained",
                 epoch,
                 progress.global_step,
                 samples_bad,
