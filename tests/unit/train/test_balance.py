@@ -4,6 +4,7 @@ same pure functions the Balancer runs, and the Balancer alone and over 3 real gl
 from __future__ import annotations
 
 import itertools
+import logging
 import os
 import random
 
@@ -141,6 +142,7 @@ def test_one_process_keeps_its_batches_and_drops_empty_ones():
 def _balance_on_three_processes(rank: int, store: str, out: str) -> None:
     """Rank 0 loses 3 samples of its first micro-batch in step 0 and all of them in step 1; 3 steps of 2 x 4."""
     dist.init_process_group("gloo", init_method=f"file://{store}", rank=rank, world_size=3)
+    logging.getLogger("acc_clip.train.balance").addHandler(logging.FileHandler(os.path.join(out, f"{rank}.log")))
     balancer, trained = Balancer(dist.group.WORLD, rank, 3), []
     for step in range(3):
         micro_batches = []
@@ -152,6 +154,8 @@ def _balance_on_three_processes(rank: int, store: str, out: str) -> None:
         for batch in balanced:
             _check_rows_agree(batch)
         trained.append([b.indices.tolist() for b in balanced])
+        if step == 1:
+            balancer.note_save(global_step=2)
     counts = balancer.end_epoch(0)
     torch.save({"trained": trained, "counts": counts}, os.path.join(out, f"{rank}.pt"))
     dist.destroy_process_group()
@@ -173,3 +177,15 @@ def test_three_processes_exchange_and_carry_over_gloo(tmp_path):
     assert (carried, untrained) == (2, 1) == (2, (-len(bad)) % 3)
     assert len(seen) + untrained == 72 - len(bad)
     assert set(seen) <= set(range(72)) - bad
+    # step 1: rank 1 (rows 32-39) and rank 2 (40-47) keep 6 and 5, their newest go to rank 0, which lost all of its
+    # own; rank 1 trains 5 and carries row 37, trains it first in step 2 and carries its newest, row 63, to the end
+    assert [r["trained"][1] for r in results] == [
+        [[38, 39, 45], [46, 47]],
+        [[32, 33, 34], [35, 36]],
+        [[40, 41, 42], [43, 44]],
+    ]
+    assert results[1]["trained"][2][0][0] == 37
+    said = (tmp_path / "0.log").read_text()
+    assert "the checkpoint of step 2 does not hold the 1 sample(s) carried into the next step (indices [37])" in said
+    assert "epoch 0: 1 good sample(s) left untrained (indices [63])" in said
+    assert (tmp_path / "1.log").read_text() == ""  # the main process says it, once
