@@ -189,3 +189,13 @@ def test_three_processes_exchange_and_carry_over_gloo(tmp_path):
     assert "the checkpoint of step 2 does not hold the 1 sample(s) carried into the next step (indices [37])" in said
     assert "epoch 0: 1 good sample(s) left untrained (indices [63])" in said
     assert (tmp_path / "1.log").read_text() == ""  # the main process says it, once
+
+
+def test_carried_and_received_samples_join_the_fresh_ones_on_their_device():
+    """Images decoded on the device (--decode-on-device) stay there: the CPU rows carried or received join them
+    (the meta device stands in for an accelerator, which this machine lacks)."""
+    carried, fresh = _batch([7]), _batch([1, 2])
+    fresh = fresh._replace(images=fresh.images.to("meta"))
+    joined = join([carried, fresh])
+    assert joined.images.device.type == "meta" and joined.indices.tolist() == [7, 1, 2]
+    assert join([carried, _batch([])]).images.device.type == "cpu"
