@@ -14,6 +14,7 @@ import os
 import sys
 
 import torch
+from accelerate.utils import gather_object
 
 from acc_clip.data import build_train_data
 from acc_clip.data.pixels import train_transform
@@ -23,10 +24,10 @@ from acc_clip.model.build import create_model, uses_channels_last
 from acc_clip.model.optim import create_optimizer
 from acc_clip.runtime import parallel
 from acc_clip.runtime.device import host_process_group, make_accelerator, plan_device
+from acc_clip.train.balance import Balancer
 from acc_clip.train.compiled import step_function
 from acc_clip.train.config import TrainConfig, parse_train_config
 from acc_clip.train.loop import to_device
-from acc_clip.train.step import agree_batch_sizes
 from helpers import TINY_COCA, TINY_VIT
 
 TEACHER = "{teacher}"  # stands for the distillation teacher's local-dir: name, given on the command line
@@ -160,7 +161,7 @@ def run_steps(
     after_prepare=None,
 ):
     """`steps` optimizer steps of `config` from the seeded initial weights, on the first micro-batches
-    of epoch 0; returns (losses, weights, samples cut by agree_batch_sizes). `drop_on_rank` makes that
+    of epoch 0; returns (losses, weights, the indices trained in each step). `drop_on_rank` makes that
     rank lose its last sample of every micro-batch, as if it were corrupt. `after_prepare`: an object whose
     install(model) is called on the wrapped model and end_step() after each step (a communication counter)."""
     rank, world_size = accelerator.process_index, accelerator.num_processes
@@ -196,7 +197,8 @@ def run_steps(
     step = step_function(compiling, model, objective)
     host_group = host_process_group(accelerator)
     batches = iter(data.batches(0))
-    losses, trimmed = [], 0
+    losses, trained = [], []
+    balancer = Balancer(host_group, rank, world_size)
     model.train()
     for _ in range(steps):
         micro_batches = [next(batches) for _ in range(config.training.accum_freq)]
@@ -205,8 +207,8 @@ def run_steps(
                 b._replace(images=b.images[:-1], texts=b.texts[:-1], indices=b.indices[:-1], num_bad=b.num_bad + 1)
                 for b in micro_batches
             ]
-        micro_batches, cut = agree_batch_sizes(micro_batches, host_group)
-        trimmed += cut
+        micro_batches = balancer.balance(micro_batches)
+        trained.append([i for b in micro_batches for i in b.indices.tolist()])
         device_batches = [to_device(b, image_transform, accelerator.device, channels_last) for b in micro_batches]
         losses.append(float(step(model, device_batches, objective, accelerator, optimizer)["loss"]))
         for watcher in (counter, after_prepare):
@@ -214,7 +216,7 @@ def run_steps(
                 watcher.end_step()
     weights = {k: v.detach().clone() for k, v in parallel.full_state_dict(model).items()}
     accelerator.free_memory()
-    return losses, weights, trimmed
+    return losses, weights, trained
 
 
 def main(out_dir: str, train_csv: str, teacher: str) -> None:
@@ -232,10 +234,10 @@ def main(out_dir: str, train_csv: str, teacher: str) -> None:
                 )
     # A rank that skipped a corrupt sample: the ranks must agree on a batch size and go on.
     config = tiny_config(train_csv, "--batch-size", "8", "--gather-with-grad")
-    losses, _, trimmed = run_steps(config, accelerator, 2, drop_on_rank=1)
-    all_trimmed = accelerator.gather(torch.tensor([trimmed])).tolist()
+    losses, _, trained = run_steps(config, accelerator, 2, drop_on_rank=1)
+    all_trained = gather_object([trained])
     if accelerator.is_main_process:
-        torch.save({"losses": losses, "trimmed": all_trimmed}, os.path.join(out_dir, "uneven.pt"))
+        torch.save({"losses": losses, "trained": all_trained}, os.path.join(out_dir, "uneven.pt"))
     accelerator.wait_for_everyone()
     accelerator.end_training()
 

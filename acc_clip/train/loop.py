@@ -4,7 +4,7 @@
 Each concern lives in its own module, built from its own section of the config (train/config.py);
 `train` composes them and reads top to bottom: start the run, build model, data, objective, metrics,
 checkpoints and evaluation, resume, then for each optimizer step read `--accum-freq` micro-batches,
-agree on their sizes across processes, run `train_step`, record, save when due or when asked to stop.
+balance them across processes (train/balance.py), run `train_step`, record, save when due or when asked to stop.
 """
 
 from __future__ import annotations
@@ -40,6 +40,7 @@ from acc_clip.runtime.device import host_process_group
 from acc_clip.runtime.memory import MemoryMeter
 from acc_clip.runtime.run_dir import release_run_lock
 from acc_clip.runtime.signals import PREEMPTED_EXIT_CODE, StopSignal, parse_stop_signals
+from acc_clip.train.balance import Balancer
 from acc_clip.train.compiled import step_function
 from acc_clip.train.config import TrainConfig, parse_train_config
 from acc_clip.train.metrics import MetricsLogger, StepRecord, Throughput
@@ -47,7 +48,6 @@ from acc_clip.train.micro_batch import Trial, choose_split
 from acc_clip.train.profiling import DATA, SAVE, step_profiler
 from acc_clip.train.run import start_run
 from acc_clip.train.samples import SampleLog
-from acc_clip.train.step import agree_batch_sizes
 
 log = logging.getLogger(__name__)
 
@@ -260,7 +260,8 @@ def train(config: TrainConfig, notices: Sequence[str] = ()) -> int:  # noqa: PLR
         accelerator.end_training()
         return PREEMPTED_EXIT_CODE
     sample_log = SampleLog(run_dir, rank) if config.logging.log_samples else None
-    samples_read = samples_bad = samples_trimmed = 0
+    samples_read = samples_bad = 0
+    balancer = Balancer(host_group, rank, world_size)  # equal batches on every process, good samples carried
     max_steps = config.training.max_steps or math.inf
     profiler = step_profiler(config.profiling, run_dir, rank, plan.kind, progress.global_step)
 
@@ -288,14 +289,7 @@ def train(config: TrainConfig, notices: Sequence[str] = ()) -> int:  # noqa: PLR
             samples_bad += sum(b.num_bad for b in micro_batches)
             if (error := check_bad_fraction(samples_bad, samples_read, config.data.max_bad_fraction)) is not None:
                 raise DataError(error)
-            micro_batches, trimmed = agree_batch_sizes(micro_batches, host_group)
-            samples_trimmed += trimmed
-            log.debug(
-                "step %d: micro-batches of %s samples, %d cut",
-                progress.global_step,
-                [len(b.indices) for b in micro_batches],
-                trimmed,
-            )
+            micro_batches = balancer.balance(micro_batches)
             with record_function(DATA):
                 device_batches = [
                     to_device(b, image_transform, accelerator.device, channels_last, plan.input_dtype)
@@ -331,6 +325,7 @@ def train(config: TrainConfig, notices: Sequence[str] = ()) -> int:  # noqa: PLR
             saver.poll(host_group)  # commits a save whose files were written meanwhile (--async-save)
             stopping = stop.agreed(host_group)  # every rank stops after the same step
             if saver.step_save_due(progress, host_group) or stopping:
+                balancer.note_save(progress.global_step)
                 metrics.flush()
                 with record_function(SAVE):
                     saver.save(model, optimizer, progress)
@@ -345,13 +340,15 @@ def train(config: TrainConfig, notices: Sequence[str] = ()) -> int:  # noqa: PLR
         metrics.end_epoch()
         if progress.step_in_epoch == epoch_steps:
             progress.finish_epoch(epoch)
+            carried, untrained = balancer.end_epoch(epoch)
             log.info(
-                "epoch %d done: %d steps, %d samples skipped so far as missing or corrupt, %d cut on this "
-                "process to keep the processes' batches equal",
+                "epoch %d done: %d steps, %d samples skipped so far as missing or corrupt on this process; over "
+                "all processes %d carried into a later step to keep the processes' batches equal, %d left untrained",
                 epoch,
                 progress.global_step,
                 samples_bad,
-                samples_trimmed,
+                carried,
+                untrained,
             )
             with record_function(SAVE):
                 saver.end_of_epoch(model, optimizer, progress)

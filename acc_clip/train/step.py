@@ -12,9 +12,8 @@ larger. Two departures from open_clip_train 3.3, both so that the update equals 
 - the non-final backwards run under `no_sync`, so gradients are all-reduced once per update, not k
   times.
 
-Several processes: ranks must hold equally many samples for the feature all-gather, and a rank
-that skipped a corrupt sample holds fewer; `agree_batch_sizes` trims every rank to the smallest,
-agreed over a CPU process group so the device is not synchronised.
+Several processes: ranks must hold equally many samples in each micro-batch for the feature
+all-gather; train/balance.py makes them so before the step, without dropping good samples.
 
 The parts of a step are spans named after their phase (train/profiling.py), which --profile-steps traces.
 """
@@ -26,12 +25,10 @@ from contextlib import nullcontext
 import torch
 from torch.profiler import record_function
 
-from acc_clip.data.common import Batch
-from acc_clip.errors import DataError
 from acc_clip.loss import PER_MODEL_OUTPUTS, Objective, model_rows, total_loss
 from acc_clip.model.build import clamp_logit_scale
 from acc_clip.runtime import parallel
-from acc_clip.train.profiling import BACKWARD, DATA, FORWARD, FORWARD_NO_GRAD, LOSS, OPTIMIZER
+from acc_clip.train.profiling import BACKWARD, FORWARD, FORWARD_NO_GRAD, LOSS, OPTIMIZER
 
 MicroBatch = tuple[torch.Tensor, torch.Tensor]  # (images, texts) on the device
 
@@ -98,29 +95,3 @@ def train_step(
         mean = accelerator.reduce(torch.stack(list(losses.values())), reduction="mean")  # one device collective
         losses = dict(zip(losses, mean.unbind()))
     return losses
-
-
-def _trim(batch: Batch, size: int) -> Batch:
-    return Batch(batch.images[:size], batch.texts[:size], batch.indices[:size], batch.num_bad)
-
-
-@record_function(DATA)  # waiting here for the other processes' batches is data time
-def agree_batch_sizes(micro_batches: list[Batch], group) -> tuple[list[Batch], int]:
-    """Cut micro-batch j on every rank to the smallest size any rank holds for it, and drop
-    micro-batches left empty; returns the batches and how many good samples were cut here.
-
-    `group` is a CPU (gloo) process group (`device.host_process_group`), None with one process:
-    sizes live on the host, so agreeing costs one tiny all-reduce and no device sync. Every rank
-    must call this once per step."""
-    sizes = torch.tensor([len(batch.indices) for batch in micro_batches], dtype=torch.long)
-    held = int(sizes.sum())
-    if group is not None:
-        torch.distributed.all_reduce(sizes, op=torch.distributed.ReduceOp.MIN, group=group)
-    kept = [_trim(batch, size) for batch, size in zip(micro_batches, sizes.tolist()) if size > 0]
-    if not kept:
-        read = sum(len(batch.indices) + batch.num_bad for batch in micro_batches)
-        raise DataError(
-            f"no usable sample in this optimizer step on some process ({read} read here): "
-            "every sample of a micro-batch was missing or corrupt; see the warnings above"
-        )
-    return kept, held - int(sizes.sum())

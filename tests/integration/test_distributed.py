@@ -2,8 +2,8 @@
 --config_file launch/cpu_2proc.yaml`: two processes with batch b give the same losses and weights
 as one process with batch 2b on the same samples (features gathered with gradient, with and
 without --local-loss), and with --accum-freq 2 the same as one process with batch 4b, gradients
-being all-reduced once per update; ranks that hold unequal batches (a corrupt sample) agree and
-go on; impossible requests fail with a clear error instead of hanging.
+being all-reduced once per update; ranks that hold unequal batches (a corrupt sample) even them out
+without dropping good samples and go on; impossible requests fail with a clear error instead of hanging.
 
 TINY_VIT throughout: batch norm would make per-rank statistics differ from whole-batch ones.
 """
@@ -117,9 +117,13 @@ def test_accumulation_all_reduces_once_per_update(worker_results):
 
 
 def test_ranks_with_unequal_batches_agree_and_train(worker_results):
-    """Rank 1 lost one sample per micro-batch: rank 0 cut one too each step, and training went on."""
+    """Rank 1 lost one sample of each step's 8: in step 0 both trained 7 and rank 0 carried its eighth; in step 1
+    rank 0 trained that one and 7 of its own and handed rank 1 its last: 30 samples, each once, none cut."""
     saved = torch.load(worker_results / "uneven.pt")
-    assert saved["trimmed"] == [2, 0]
+    rank_0, rank_1 = saved["trained"]
+    assert [len(step) for step in rank_0] == [len(step) for step in rank_1] == [7, 8]
+    every = [i for rank in (rank_0, rank_1) for step in rank for i in step]
+    assert len(every) == len(set(every)) == 2 * 2 * 8 - 2
     assert all(torch.isfinite(torch.tensor(saved["losses"])))
 
 
@@ -156,8 +160,9 @@ def test_trainer_two_processes_accumulating_local_loss_match_one_process(train_c
     assert "2 process(es)" in log and "backend gloo" in log
 
 
-def test_trainer_cuts_batches_when_a_rank_skips_a_corrupt_image(train_csv, tmp_path):
-    """32 rows, 2 processes x 8: two steps. The row rank 1 reads first points at a corrupt JPEG."""
+def test_trainer_carries_samples_when_a_rank_skips_a_corrupt_image(train_csv, tmp_path):
+    """32 rows, 2 processes x 8: two steps. The row rank 1 reads first points at a corrupt JPEG: 31 good samples
+    cannot make equal batches, so rank 0 carries one into step 1 and one is left over at the epoch's end, named."""
     rows = train_csv.read_text().splitlines()
     header, body = rows[0], rows[1:33]
     first_of_rank_1 = int(epoch_permutation(len(body), 0, 0)[8])
@@ -174,7 +179,9 @@ def test_trainer_cuts_batches_when_a_rank_skips_a_corrupt_image(train_csv, tmp_p
     )
     assert len(read_metrics(tmp_path / "cut")) == 2
     log = (tmp_path / "cut" / "out.log").read_text()
-    assert "epoch 0 done: 2 steps, 0 samples skipped so far as missing or corrupt, 1 cut on this process" in log
+    carried = "over all processes 2 carried into a later step to keep the processes' batches equal, 1 left untrained"
+    assert f"epoch 0 done: 2 steps, 0 samples skipped so far as missing or corrupt on this process; {carried}" in log
+    assert "epoch 0: 1 good sample(s) left untrained (indices [" in log
 
 
 def test_more_processes_than_samples_fails_clearly_without_hanging(train_csv, tmp_path):

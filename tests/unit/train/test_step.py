@@ -13,12 +13,10 @@ import pytest
 import torch
 from accelerate.state import AcceleratorState
 
-from acc_clip.data.common import Batch
-from acc_clip.errors import AccClipError
 from acc_clip.loss import create_objective, model_overrides, total_loss
 from acc_clip.model.build import LOGIT_SCALE_MAX, create_model
 from acc_clip.runtime import parallel
-from acc_clip.train.step import agree_batch_sizes, train_step
+from acc_clip.train.step import train_step
 from dist_worker import accelerator_for_cpu, run_steps, tiny_config, without_key_bias
 from helpers import TINY_COCA, TINY_RN, TINY_VIT, max_difference, tiny_train_args
 
@@ -220,17 +218,6 @@ def test_logit_scale_pushed_below_0_is_clamped_to_0(accelerator):
     unclamped, logit_scale = _step_pushing_logit_scale(accelerator, -50.0)
     assert unclamped < -40
     assert torch.equal(logit_scale, torch.tensor(0.0))
-
-
-def _batch(size: int, bad: int = 0) -> Batch:
-    return Batch(torch.zeros(size, 3, 4, 4), torch.zeros(size, 5, dtype=torch.long), torch.arange(size), bad)
-
-
-def test_agree_batch_sizes_alone_keeps_batches_and_drops_empty_ones():
-    kept, cut = agree_batch_sizes([_batch(3), _batch(0, bad=2), _batch(2, bad=1)], None)
-    assert [len(b.indices) for b in kept] == [3, 2] and cut == 0
-    with pytest.raises(AccClipError, match="no usable sample"):
-        agree_batch_sizes([_batch(0, bad=4), _batch(0, bad=4)], None)
 
 
 def test_accum_freq_zero_is_refused(capsys):
