@@ -4,7 +4,7 @@
 
     python -m benchmarks.csv_rows [--rows 200000,2000000] [--big] [--repeats 3] [--workers 2] [--work DIR]
 
-For each size a CSV is made once under --work (paths of ~60 bytes, captions of ~60 bytes, like CC12M's).
+For each size a CSV is made once under --work (paths of ~50 bytes, captions of ~60 bytes: 111 bytes a row).
 Each measurement is a fresh Python process (nothing left from the one before) that
   1. loads the CSV: acc_clip `acc_clip.data.csv.CsvDataset`, open_clip `open_clip_train.data.CsvDataset`
      (load rate: rows / seconds of the constructor);
@@ -77,7 +77,7 @@ WORDS = [
 
 
 def make_csv(path: str, rows: int, seed: int = 0) -> None:
-    """`filepath,title` rows: a ~60-byte path and a ~60-byte caption each."""
+    """`filepath,title` rows: a ~50-byte path and a ~60-byte caption each."""
     rng = random.Random(seed)
     with open(path + ".tmp", "w") as file:
         file.write("filepath,title\n")
@@ -233,7 +233,7 @@ def report(sizes: list[int], results: dict[tuple[str, int], list[dict]], workers
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", default="200000,2000000", help="comma-separated CSV sizes")
-    parser.add_argument("--big", action="store_true", help="add 12,000,000 rows (minutes, ~5 GB for open_clip)")
+    parser.add_argument("--big", action="store_true", help="add 12,000,000 rows (minutes; open_clip peaks at ~6 GB)")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--work", default=os.path.join(os.environ.get("TMPDIR", "/tmp"), "acc_clip_csv_rows"))
