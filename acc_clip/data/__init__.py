@@ -12,6 +12,7 @@ from typing import Any
 from acc_clip.config.parsing import Config
 from acc_clip.config.schema import Section, options_of
 from acc_clip.data.csv import CSV
+from acc_clip.data.parquet import PARQUET
 from acc_clip.data.source import DataOptions, Source, TrainData, check_bad_fraction
 from acc_clip.data.synthetic import SYNTHETIC
 from acc_clip.data.wds import WEBDATASET
@@ -30,12 +31,12 @@ __all__ = [
 ]
 
 # --dataset-type -> source; `auto` tries them in this order.
-SOURCES: dict[str, Source] = {source.name: source for source in (CSV, WEBDATASET, SYNTHETIC)}
+SOURCES: dict[str, Source] = {source.name: source for source in (CSV, PARQUET, WEBDATASET, SYNTHETIC)}
 
 
 def source_options() -> list[type[Section]]:
     """The sections of the sources' own flags."""
-    return [source.options for source in SOURCES.values() if source.options is not None]
+    return list(dict.fromkeys(source.options for source in SOURCES.values() if source.options is not None))
 
 
 def source_for(path: str | None, dataset_type: str) -> Source:
@@ -64,7 +65,8 @@ def check_train_source(config: Config, also_read: Sequence[str | None] = ()) -> 
     what = f"--train-data {data.train_data}" if data.train_data else f"--dataset-type {data.dataset_type}"
     notices = []
     for source in SOURCES.values():
-        if source in read or source.options is None:
+        # A source sharing the options of one read (parquet reads CSV's column flags) has them in effect.
+        if source in read or source.options is None or source.options in {used.options for used in read}:
             continue
         for option in options_of(source.options):
             if config.changed(option):

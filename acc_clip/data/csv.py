@@ -19,29 +19,29 @@ from torch.utils.data import DataLoader, Dataset, Sampler
 
 from acc_clip.config.parsing import Config
 from acc_clip.config.schema import NON_EMPTY, Section, option
-from acc_clip.data.common import Sample, collate_skipping_bad, sample_seed
-from acc_clip.data.csv_file import AUTO_SEPARATOR, parse_separator, read_csv_columns
+from acc_clip.data.common import collate_skipping_bad
+from acc_clip.data.csv_file import AUTO_SEPARATOR, parse_separator, read_csv_table
 from acc_clip.data.order import (  # noqa: F401 - EpochBatchSampler and epoch_permutation: their old home
     EpochBatchSampler,
     consumed_samples,
     epoch_permutation,
     split_position,
 )
-from acc_clip.data.pixels import ImageDecodeError, collate_images, load_pixels
+from acc_clip.data.pixels import collate_images
 from acc_clip.data.source import DataOptions, Segment, Source, TrainData, file_fingerprint
-from acc_clip.io.files import MAX_IMAGE_BYTES, ImageFileError, read_image_file
+from acc_clip.data.table import IMAGE_ERRORS as IMAGE_ERRORS  # the evaluator's zero-shot reader uses them
+from acc_clip.data.table import TableDataset
+from acc_clip.io.files import MAX_IMAGE_BYTES
 from acc_clip.runtime.signals import ignore_stop_signals
 
 log = logging.getLogger(__name__)
 
-# Errors that mean "this image cannot be used"; anything else is a bug and must surface.
-IMAGE_ERRORS = (OSError, ImageDecodeError)  # OSError: missing, unreadable, a folder, a FIFO, too large
 
-
-class CsvDataset(Dataset):
-    """One sample per CSV row. `dataset[(epoch, i)]` or `dataset[i]` gives a `Sample`, or None when
-    the image is missing or corrupt or the caption empty (the collate counts those). `transform`
-    takes a PIL image, or is a `pixels.SplitTransform` (takes the file's bytes)."""
+class CsvDataset(TableDataset):
+    """One sample per CSV row (table.TableDataset over the file's two columns). `dataset[(epoch, i)]` or
+    `dataset[i]` gives a `Sample`, or None when the image is missing or corrupt or the caption empty (the
+    collate counts those). `transform` takes a PIL image, or is a `pixels.SplitTransform` (takes the
+    file's bytes). A caption cell holding a JSON list of strings is several captions, one drawn per epoch."""
 
     def __init__(
         self,
@@ -57,37 +57,15 @@ class CsvDataset(Dataset):
         max_image_bytes: int = MAX_IMAGE_BYTES,
         skip_bad_rows: bool = False,
     ):
-        self.path = path
-        self.filepaths, self.captions = read_csv_columns(
-            path, img_key=img_key, caption_key=caption_key, sep=sep, skip_bad_rows=skip_bad_rows
+        rows = read_csv_table(path, img_key=img_key, caption_key=caption_key, sep=sep, skip_bad_rows=skip_bad_rows)
+        super().__init__(
+            rows,
+            transform=transform,
+            tokenizer=tokenizer,
+            seed=seed,
+            augment_seeded=augment_seeded,
+            max_image_bytes=max_image_bytes,
         )
-        self.max_image_bytes = max_image_bytes
-        self.transform = transform
-        self.tokenizer = tokenizer
-        self.seed = seed
-        self.augment_seeded = augment_seeded
-
-    def __len__(self) -> int:
-        return len(self.filepaths)
-
-    def __getitem__(self, key) -> Sample | None:
-        epoch, index = key if isinstance(key, tuple) else (0, key)
-        caption = self.captions[index].strip()
-        if not caption:
-            log.warning("%s row %d: empty caption, sample skipped", self.path, index)
-            return None
-        try:
-            data = read_image_file(self.filepaths[index], self.max_image_bytes)
-            pixels = load_pixels(
-                data, self.transform, sample_seed(self.seed, epoch, index) if self.augment_seeded else None
-            )
-        except IMAGE_ERRORS as error:
-            why = str(error) if isinstance(error, ImageFileError) else type(error).__name__
-            log.warning(
-                "%s row %d: cannot read image %s (%s), sample skipped", self.path, index, self.filepaths[index], why
-            )
-            return None
-        return Sample(pixels, self.tokenizer([caption])[0], index)
 
 
 class EvalSampler(Sampler):
@@ -105,7 +83,7 @@ class EvalSampler(Sampler):
 
 
 def build_train_loader(
-    dataset: CsvDataset, *, batch_size: int, workers: int, seed: int, rank: int, world_size: int, pin_memory: bool
+    dataset: TableDataset, *, batch_size: int, workers: int, seed: int, rank: int, world_size: int, pin_memory: bool
 ) -> DataLoader:
     sampler = EpochBatchSampler(len(dataset), batch_size=batch_size, seed=seed, rank=rank, world_size=world_size)
     return DataLoader(
@@ -136,7 +114,8 @@ def build_eval_loader(
 
 @dataclass
 class CsvOptions(Section):
-    """The CSV source's own flags (training, validation and `acc-clip shards` read CSVs alike)."""
+    """The CSV source's own flags (training, validation and `acc-clip shards` read CSVs alike); the parquet
+    source reads its columns by the same two keys."""
 
     title: ClassVar[str] = "csv"
     csv_separator: str = option(
@@ -146,8 +125,18 @@ class CsvOptions(Section):
         "for a tab)",
         domain=NON_EMPTY,
     )
-    csv_img_key: str = option("filepath", "CSV column with image paths", domain=NON_EMPTY)
-    csv_caption_key: str = option("title", "CSV column with captions", domain=NON_EMPTY)
+    csv_img_key: str = option(
+        "filepath",
+        "CSV column with image paths; also names the parquet / datasets column (paths, image bytes, or a "
+        "datasets Image)",
+        domain=NON_EMPTY,
+    )
+    csv_caption_key: str = option(
+        "title",
+        "CSV column with captions; also names the parquet / datasets column. A cell holding a JSON list of "
+        "strings (or a list column) is several captions: one drawn per sample per epoch, the first in validation",
+        domain=NON_EMPTY,
+    )
     skip_bad_rows: bool = option(
         False,
         "skip CSV rows whose field count differs from the header's (counted and "
@@ -186,6 +175,23 @@ class CsvSource(Source):
     def detect(self, path: str) -> bool:
         return path.endswith((".csv", ".tsv"))
 
+    # The two steps a tabular source of another format (parquet.py) does its own way; the order, the
+    # sampler and the loaders are shared.
+    def dataset(
+        self,
+        config: Config,
+        path: str,
+        transform: Callable,
+        tokenizer: Callable,
+        *,
+        seed: int = 0,
+        augment_seeded: bool,
+    ) -> TableDataset:
+        return csv_dataset(config, path, transform, tokenizer, seed=seed, augment_seeded=augment_seeded)
+
+    def fingerprint(self, path: str) -> Any:
+        return file_fingerprint(path)
+
     def check(self, config: Config) -> list[str]:
         data = config[DataOptions]
         if data.train_num_samples is not None:
@@ -207,7 +213,7 @@ class CsvSource(Source):
         pin_memory: bool,
     ) -> TrainData:
         data = config[DataOptions]
-        dataset = csv_dataset(config, str(data.train_data), preprocess, tokenizer, seed=seed, augment_seeded=True)
+        dataset = self.dataset(config, str(data.train_data), preprocess, tokenizer, seed=seed, augment_seeded=True)
         loader = build_train_loader(
             dataset,
             batch_size=data.batch_size,
@@ -228,7 +234,7 @@ class CsvSource(Source):
 
         # The order is a permutation of the rows by the seed: it depends neither on the layout (the position is
         # kept in samples) nor on the loader workers.
-        order = {"source": self.name, "samples": len(dataset), "data": file_fingerprint(str(data.train_data))}
+        order = {"source": self.name, "samples": len(dataset), "data": self.fingerprint(str(data.train_data))}
         return TrainData(len(dataset), sampler.batches_per_epoch, batches, order, layout)
 
     def eval_loader(
@@ -243,7 +249,7 @@ class CsvSource(Source):
         expected_samples: int | None,
     ) -> Any:
         data = config[DataOptions]
-        dataset = csv_dataset(config, path, preprocess, tokenizer, augment_seeded=False)
+        dataset = self.dataset(config, path, preprocess, tokenizer, augment_seeded=False)
         return build_eval_loader(
             dataset, batch_size=data.batch_size, workers=data.workers, rank=rank, world_size=world_size
         )

@@ -1,6 +1,7 @@
 """The contract every data source keeps, and the options common to all of them.
 
-A `Source` is one kind of data acc_clip reads (one `--dataset-type`): CSV rows (csv.py), webdataset
+A `Source` is one kind of data acc_clip reads (one `--dataset-type`): CSV rows (csv.py), parquet and
+`datasets` rows (parquet.py), webdataset
 shards (wds.py), synthetic tensors (synthetic.py). The registry (data/__init__.py) lists them; training
 and validation both pick a source there, by `--dataset-type` or by `detect`ing the path.
 
@@ -48,7 +49,7 @@ def source_names() -> list[str]:
 
 
 DATASET_TYPE = Domain(
-    "auto or a source: csv, webdataset, synthetic", lambda v: v == "auto" or v in source_names(), ("parquetx",)
+    "auto or a source: csv, parquet, webdataset, synthetic", lambda v: v == "auto" or v in source_names(), ("parquetx",)
 )
 
 
@@ -58,10 +59,16 @@ class DataOptions(Section):
 
     title: ClassVar[str] = "data"
     train_data: str | None = option(
-        None, "training CSV, shard pattern 'DIR/{00000..00031}.tar', or a shard folder", train_only=True
+        None,
+        "training CSV, parquet file / glob / folder (or a datasets save_to_disk folder), shard pattern "
+        "'DIR/{00000..00031}.tar', or a shard folder",
+        train_only=True,
     )
     dataset_type: str = option(
-        "auto", "auto (from the path), or one of the sources: csv, webdataset, synthetic", domain=DATASET_TYPE
+        "auto",
+        "auto (from the path), or one of the sources: csv, parquet (also a datasets save_to_disk folder), "
+        "webdataset, synthetic",
+        domain=DATASET_TYPE,
     )
     batch_size: int = option(64, "samples per process per micro-batch", domain=POSITIVE)
     workers: int = option(4, "data loader worker processes per rank", domain=NON_NEGATIVE)

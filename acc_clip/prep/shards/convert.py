@@ -34,6 +34,7 @@ and reused on rerun.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 import multiprocessing
@@ -47,7 +48,9 @@ from typing import BinaryIO, cast
 from PIL import Image, UnidentifiedImageError
 from tqdm import tqdm
 
-from acc_clip.data.csv_file import AUTO_SEPARATOR, detect_separator, parse_separator, read_csv_columns
+from acc_clip.data.csv_file import AUTO_SEPARATOR, detect_separator, parse_separator, read_csv_table
+from acc_clip.data.parquet import data_files, detect_parquet, read_parquet_table
+from acc_clip.data.table import RowTable
 from acc_clip.errors import DataError, UsageError
 from acc_clip.io import jpeg
 from acc_clip.io.atomic import write_atomically
@@ -89,6 +92,7 @@ class Item:
     source: str
     rows: tuple[int, ...]
     captions: tuple[str, ...]
+    data: bytes | None = None  # the image's bytes when the rows hold them (parquet), else read from `source`
 
 
 @dataclass(frozen=True)
@@ -117,21 +121,47 @@ def sample_key(number: int) -> str:
 # Reading the CSV
 
 
+def read_rows(path: str, *, img_key: str, caption_key: str, sep: str, skip_bad_rows: bool) -> RowTable:
+    """The rows to convert: a parquet file, glob or folder (or a `datasets` save_to_disk folder), else a CSV."""
+    if detect_parquet(path):
+        return read_parquet_table(path, img_key=img_key, caption_key=caption_key)
+    return read_csv_table(path, img_key=img_key, caption_key=caption_key, sep=sep, skip_bad_rows=skip_bad_rows)
+
+
 def read_items(
     csv_path: str, *, img_key: str, caption_key: str, sep: str, group_by_image: bool, skip_bad_rows: bool = False
 ) -> list[Item]:
-    paths, captions = read_csv_columns(
-        csv_path, img_key=img_key, caption_key=caption_key, sep=sep, skip_bad_rows=skip_bad_rows
-    )
+    """One item per row, or per distinct image with `group_by_image`. An image given as bytes (parquet) goes
+    with its item; its `source` is then `sha256:HEX` of the bytes (no file path), which also groups rows
+    holding identical bytes. A caption cell with several captions (a JSON list) gives them all."""
+    rows = read_rows(csv_path, img_key=img_key, caption_key=caption_key, sep=sep, skip_bad_rows=skip_bad_rows)
+    images, captions = rows.images, rows.captions
     if not group_by_image:
-        return [Item(row, path, (row,), (caption,)) for row, (path, caption) in enumerate(zip(paths, captions))]
+        return [
+            Item(row, images[row], (row,), tuple(captions.choices(row)), images.bytes_of(row))
+            for row in range(len(rows))
+        ]
     rows_of: dict[str, list[int]] = {}
-    for row, path in enumerate(paths):
-        rows_of.setdefault(path, []).append(row)  # dicts keep first-appearance order
+    for row in range(len(rows)):
+        rows_of.setdefault(images[row], []).append(row)  # dicts keep first-appearance order
     return [
-        Item(number, path, tuple(rows), tuple(captions[row] for row in rows))
-        for number, (path, rows) in enumerate(rows_of.items())
+        Item(
+            number,
+            source,
+            tuple(group),
+            tuple(caption for row in group for caption in captions.choices(row)),
+            images.bytes_of(group[0]),
+        )
+        for number, (source, group) in enumerate(rows_of.items())
     ]
+
+
+def input_sha256(path: str) -> str:
+    """The hash of the input: a file's own, or for several files (parquet) of their names and hashes in order."""
+    if os.path.isfile(path):
+        return file_sha256(path)
+    files = data_files(path)
+    return hashlib.sha256(json.dumps([[os.path.basename(f), file_sha256(f)] for f in files]).encode()).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -160,9 +190,12 @@ def _resized(size: tuple[int, int], shorter_side: int) -> tuple[int, int]:
     return max(1, round(size[0] * scale)), max(1, round(size[1] * scale))
 
 
-def prepare_image(path: str, resize: int | None, quality: int) -> tuple[bytes, int, int, int, int]:
-    """(JPEG bytes to store, width, height, source width, source height), or BadImage."""
-    data = _read_source(path, MAX_IMAGE_BYTES)
+def prepare_image(
+    path: str, resize: int | None, quality: int, data: bytes | None = None
+) -> tuple[bytes, int, int, int, int]:
+    """(JPEG bytes to store, width, height, source width, source height), or BadImage. `data`: the image's
+    bytes when the rows hold them (then `path` only names it)."""
+    data = _read_source(path, MAX_IMAGE_BYTES) if data is None else data
     header = jpeg.read_header(data)
     if (why := jpeg.too_many_pixels(header.size)) is not None:
         raise BadImage("corrupt_image", f"{path}: {why}")
@@ -207,7 +240,8 @@ def write_samples(tar: BinaryIO, job: ShardJob, skipped_rows: list[dict]) -> int
         try:
             if not captions:
                 raise BadImage("empty_caption", "empty caption")
-            image, width, height, source_width, source_height = prepare_image(item.source, job.resize, job.quality)
+            prepared = prepare_image(item.source, job.resize, job.quality, item.data)
+            image, width, height, source_width, source_height = prepared
         except BadImage as bad:
             skipped_rows.append(
                 {"rows": list(item.rows), "source": item.source, "reason": bad.reason, "detail": bad.detail}
@@ -294,7 +328,7 @@ def _auto_samples_per_shard(items: list[Item], resize: int | None, quality: int)
         if len(sizes) == SIZE_PROBE_IMAGES:
             break
         try:
-            sizes.append(len(prepare_image(item.source, resize, quality)[0]) + 3 * 512)  # + tar headers
+            sizes.append(len(prepare_image(item.source, resize, quality, item.data)[0]) + 3 * 512)  # + tar headers
         except BadImage:
             continue
     if not sizes:
@@ -348,7 +382,7 @@ def convert_csv_to_shards(
     parameters = {
         "format_version": FORMAT_VERSION,
         "csv": os.path.abspath(csv_path),
-        "csv_sha256": file_sha256(csv_path),
+        "csv_sha256": input_sha256(csv_path),
         "img_key": img_key,
         "caption_key": caption_key,
         "sep": sep,

@@ -17,7 +17,7 @@ SHARDS = "shards/{00000..00003}.tar"
 
 
 def test_the_sources_and_their_detection_order():
-    assert list(SOURCES) == ["csv", "webdataset", "synthetic"]
+    assert list(SOURCES) == ["csv", "parquet", "webdataset", "synthetic"]
     assert all(source.name == name for name, source in SOURCES.items())
 
 
@@ -29,6 +29,8 @@ def test_the_sources_and_their_detection_order():
         (SHARDS, "webdataset"),
         ("a/0.tar", "webdataset"),
         ("a/{0..3}.tar::b/{0..1}.tar", "webdataset"),
+        ("train.parquet", "parquet"),
+        ("a/part-*.parquet", "parquet"),
     ],
 )
 def test_auto_detects_the_source_from_the_path(path, name):
@@ -52,28 +54,28 @@ def test_the_first_source_that_detects_a_path_reads_it(monkeypatch):
 
     monkeypatch.setattr(data, "SOURCES", {**SOURCES, "everything": Everything()})
     assert source_for("train.csv", "auto").name == "csv"
-    assert source_for("train.parquet", "auto").name == "everything"
+    assert source_for("train.orc", "auto").name == "everything"
     monkeypatch.setattr(data, "SOURCES", {"everything": Everything(), **SOURCES})
     assert source_for("train.csv", "auto").name == "everything"
 
 
 def test_a_path_no_source_detects_asks_for_the_dataset_type():
     with pytest.raises(UsageError) as error:
-        source_for("train.parquet", "auto")
+        source_for("train.orc", "auto")
     assert str(error.value) == (
-        "train.parquet: cannot tell the dataset type from the name; pass --dataset-type csv or webdataset"
+        "train.orc: cannot tell the dataset type from the name; pass --dataset-type csv or parquet or webdataset"
     )  # synthetic is never detected, so never suggested
 
 
 def test_an_unknown_dataset_type_is_one_line_naming_the_sources():
-    with pytest.raises(UsageError, match=r"^--dataset-type 'parquet': expected auto, csv, webdataset, synthetic$"):
-        source_for("x", "parquet")
+    with pytest.raises(UsageError, match=r"^--dataset-type 'orc': expected auto, csv, parquet, webdataset, synthetic$"):
+        source_for("x", "orc")
     with pytest.raises(
         UsageError,
-        match=r"^--dataset-type 'parquet': must be auto or a source: csv, webdataset, "
+        match=r"^--dataset-type 'orc': must be auto or a source: csv, parquet, webdataset, "
         r"synthetic$",
     ):
-        parse_train_config(["--train-data", "x.csv", "--dataset-type", "parquet"])
+        parse_train_config(["--train-data", "x.csv", "--dataset-type", "orc"])
     assert source_for(None, "synthetic").name == "synthetic"
 
 
@@ -118,6 +120,17 @@ def test_refuse_elsewhere_decides_between_a_notice_and_a_refusal(monkeypatch):
         parse_train_config(["--train-data", SHARDS, "--csv-separator", ";"])
     _, notices = parse_train_config(["--train-data", "train.csv", "--dataset-resampled"])
     assert "--dataset-resampled has no effect: --train-data train.csv is csv data" in notices
+
+
+def test_parquet_reads_the_csv_column_flags_and_announces_the_csv_only_ones(tmp_path):
+    """--csv-img-key / --csv-caption-key name parquet columns too: no notice; the separator is CSV's alone."""
+    (tmp_path / "part.parquet").touch()
+    folder = str(tmp_path)
+    assert source_for(folder, "auto").name == "parquet"  # a folder of parquet files, not a shard folder
+    _, notices = parse_train_config(["--train-data", folder, "--csv-img-key", "image", "--csv-caption-key", "text"])
+    assert not [n for n in notices if "--csv-" in n]
+    _, notices = parse_train_config(["--train-data", folder, "--csv-separator", ";"])
+    assert "--csv-separator has no effect on parquet data (it applies to CSV files)" in notices
 
 
 def test_the_chosen_source_s_own_check_gives_its_notices():
