@@ -488,7 +488,8 @@ def build_wds_loader(
         raise UsageError(NEEDS_RESAMPLED)
     shards = expand_shard_urls(urls)
     weights = shard_weights(urls, upsampling_factors)
-    sizes = read_shard_sizes(shards)
+    # Eval reads every sample whatever the counts say: it counts no tars for an estimate of its batches.
+    sizes = read_shard_sizes(shards, count_local=is_train)
     if num_samples is None:
         if sizes is None:
             raise DataError(

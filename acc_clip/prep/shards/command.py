@@ -1,5 +1,5 @@
-"""`acc-clip shards --csv CSV --out DIR [...]` and `acc-clip shards verify DIR`. The CSV's flags are
-the CSV source's own (data/csv.py), as training reads them."""
+"""`acc-clip shards --csv CSV --out DIR [...]`, `acc-clip shards verify DIR` and `acc-clip shards index SHARDS`.
+The CSV's flags are the CSV source's own (data/csv.py), as training reads them."""
 
 from __future__ import annotations
 
@@ -11,6 +11,7 @@ from acc_clip.config.parsing import parse
 from acc_clip.config.schema import NON_NEGATIVE, POSITIVE, REQUIRED, Domain, Section, option
 from acc_clip.data.csv import CsvOptions
 from acc_clip.prep.shards.convert import DEFAULT_QUALITY, convert_csv_to_shards
+from acc_clip.prep.shards.index import index_shards
 from acc_clip.prep.shards.verify import verify_shards
 
 QUALITY = Domain("within 1..100", lambda v: 1 <= v <= 100, ("0", "101"))
@@ -34,6 +35,16 @@ class ConvertOptions(Section):
 class VerifyOptions(Section):
     title: ClassVar[str] = "verify"
     dir: str = option(REQUIRED, "the shard folder", positional=True)
+    workers: int | None = option(None, "processes (default: all cores)", domain=POSITIVE)
+
+
+@dataclass
+class IndexOptions(Section):
+    title: ClassVar[str] = "index"
+    shards: str = option(
+        REQUIRED, "the shards as --train-data takes them: folder, brace pattern, URLs, pipe:", positional=True
+    )
+    out: str | None = option(None, "sizes.json to write (default: beside local shards; remote shards need it)")
     workers: int | None = option(None, "processes (default: all cores)", domain=POSITIVE)
 
 
@@ -85,8 +96,25 @@ def _verify_main(argv: list[str]) -> int:
     return 0 if result["ok"] else 1
 
 
+def _index_main(argv: list[str]) -> int:
+    options = parse(
+        argv,
+        [IndexOptions],
+        prog="acc-clip shards index",
+        train=False,
+        description="count the samples of every shard (local: tar headers, remote: a full read) into sizes.json",
+    )[IndexOptions]
+    result = index_shards(options.shards, out=options.out, workers=options.workers)
+    print(
+        f"{options.shards}: {result['samples']} samples in {result['shards']} shards, in {', '.join(result['written'])}"
+    )
+    return 0
+
+
 def main(argv: list[str]) -> int:
-    """`acc-clip shards --csv CSV --out DIR [...]` or `acc-clip shards verify DIR`."""
+    """`acc-clip shards --csv CSV --out DIR [...]`, `acc-clip shards verify DIR` or `acc-clip shards index SHARDS`."""
     if argv[:1] == ["verify"]:
         return _verify_main(argv[1:])
+    if argv[:1] == ["index"]:
+        return _index_main(argv[1:])
     return _convert_main(argv)
