@@ -10,7 +10,7 @@ from typing import ClassVar
 from acc_clip.config.parsing import parse
 from acc_clip.config.schema import NON_NEGATIVE, POSITIVE, REQUIRED, Domain, Section, option
 from acc_clip.data.csv import CsvOptions
-from acc_clip.prep.shards.convert import DEFAULT_QUALITY, convert_csv_to_shards
+from acc_clip.prep.shards.convert import DEFAULT_QUALITY, convert_csv_to_shards, parse_part
 from acc_clip.prep.shards.index import index_shards
 from acc_clip.prep.shards.verify import verify_shards
 
@@ -28,6 +28,11 @@ class ConvertOptions(Section):
     resize: int | None = option(None, "scale the shorter side to this many pixels", domain=POSITIVE)
     quality: int = option(DEFAULT_QUALITY, "JPEG quality when re-encoding", domain=QUALITY)
     group_by_image: bool = option(False, "one sample per image, all its captions")
+    part: str | None = option(
+        None,
+        "I/N: write part I (0-based) of the N parts of the shard set, e.g. a SLURM array task; needs "
+        "--samples-per-shard",
+    )
     no_progress: bool = option(False, "no progress bar")
 
 
@@ -70,12 +75,15 @@ def _convert_main(argv: list[str]) -> int:
         group_by_image=options.group_by_image,
         progress=not options.no_progress,
         skip_bad_rows=csv.skip_bad_rows,
+        part=None if options.part is None else parse_part(options.part),
     )
     skipped = ", ".join(f"{count} {reason}" for reason, count in result["skipped"].items() if count) or "none"
     print(
         f"{result['out_dir']}: {result['samples']} samples in {result['shards']} shards "
         f"({result['shards_reused']} reused), {result['bytes'] / 2**20:.1f} MB, skipped: {skipped}, "
         f"{result['seconds']:.1f} s"
+        + ("" if options.part is None else f"; part {options.part}")
+        + ("" if result["sizes_written"] else "; sizes.json is written by the last part to finish")
     )
     return 0
 
