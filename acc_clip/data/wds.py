@@ -34,8 +34,12 @@ every epoch, so they are other samples each time. At the default length (the siz
 sequence is one pass, so no sample repeats within an epoch; --train-num-samples below the total takes the
 first positions only, above it later passes repeat samples. Which samples an epoch holds depends only on
 the shards, their sizes.json, seed, epoch and num_batches * B * R; which rank and worker reads each, and
-the order, on R, B and W as well. The spans are positions in sizes.json's counts, so training without
-resampling needs sizes.json for every shard (its absence is an error that points to --dataset-resampled).
+the order, on R, B and W as well. The spans are positions in the shards' counts: sizes.json, else
+img2dataset's _stats.json, the count cache or, for local shards, their tar headers (data/shard_counts.py).
+A set with no counts (remote shards never indexed by `acc-clip shards index`) trains only with
+--train-num-samples, as open_clip_train trains it and with a warning (`warn_uncounted`): the shards
+shuffled from (seed, e), rank r takes every R-th, its worker w every W-th of those, and reads them over
+and over until its batches are made; no exactly-once then, and a resume is exact for the same R, B, W.
 A shard that holds fewer samples than sizes.json says (cut short, damaged) leaves gaps at its missing
 positions, counted as bad samples: nothing moves into them, so no other position shifts; one that holds
 more has its extra samples left out, with a warning.
