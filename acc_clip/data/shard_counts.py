@@ -30,6 +30,7 @@ import json
 import logging
 import os
 import re
+import secrets
 import tarfile
 from collections.abc import Iterable
 from typing import cast
@@ -288,9 +289,13 @@ def store_counts(counts: dict[str, int]) -> None:
         entries = _read_cache(folder)
         for shard, samples in shards.items():
             entries[shard if is_remote(shard) else os.path.abspath(shard)] = {**_identity(shard), "samples": samples}
+        document = json.dumps({"folder": folder, "shards": entries}, sort_keys=True)
+        # Through a name of this process's own: every process of a run writes these entries at about once.
+        own = f"{_cache_path(folder)}.{secrets.token_hex(8)}"
         try:
             os.makedirs(cache_folder(), exist_ok=True)
-            write_atomically(_cache_path(folder), json.dumps({"folder": folder, "shards": entries}, sort_keys=True))
+            write_atomically(own, document)
+            os.replace(own, _cache_path(folder))
         except Exception as error:  # noqa: BLE001 - any failure to write a cache leaves the counts correct
             log.warning("shard counts not cached in %s (%s)", cache_folder(), describe_error(error))
 
@@ -334,7 +339,7 @@ def shard_counts(shards: list[str], *, count_local: bool = True) -> list[int] | 
     return counts
 
 
-def index_shards(shards: Iterable[str]) -> dict[str, int]:
+def count_and_cache(shards: Iterable[str]) -> dict[str, int]:
     """{shard: samples} for every shard, each counted now (remote ones read in full), and cached."""
     counts = {shard: count_shard(shard) for shard in shards}
     store_counts(counts)

@@ -14,7 +14,7 @@ import webdataset as wds
 from webdataset.tariterators import tarfile_samples
 
 from acc_clip.data import shard_counts
-from acc_clip.data.shard_counts import count_tar_headers, index_shards
+from acc_clip.data.shard_counts import count_and_cache, count_tar_headers
 from acc_clip.data.shard_counts import shard_counts as counts_of
 from acc_clip.errors import DataError
 
@@ -155,6 +155,6 @@ def test_remote_shards_have_counts_only_once_indexed(tmp_path):
     shards = write_shards(tmp_path / "set", [3, 2])
     remote = [f"pipe:cat {shard}" for shard in shards]
     assert counts_of(remote) is None
-    assert index_shards(remote) == dict(zip(remote, [3, 2]))
+    assert count_and_cache(remote) == dict(zip(remote, [3, 2]))
     assert counts_of(remote) == [3, 2]
     assert counts_of(remote[:1] + ["pipe:cat other.tar"]) is None
