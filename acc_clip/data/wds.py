@@ -722,6 +722,9 @@ class WebdatasetSource(Source):
                 "names_sha256": hashlib.sha256("\n".join(shards_list).encode()).hexdigest(),
             },
         }
+        if not shards.dataset_resampled and read_shard_sizes(shards_list) is None:
+            # Counted later (shards index), the same set takes the counted order: a resume then must not go on.
+            order["counts"] = "none: open_clip_train's reading"
         return TrainData(num_samples, batches_per_epoch, lambda epoch, start: loader(epoch, start)[0], order)
 
     def eval_loader(

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
+from acc_clip.cli import main as cli_main
 from acc_clip.data import wds as wds_data
 from acc_clip.data.wds import ShardOptions, build_wds_loader, expand_shard_urls
 from acc_clip.errors import AccClipError
@@ -756,3 +757,23 @@ def test_the_trainer_says_when_it_starts_fewer_workers_than_asked(shard_dir, cap
         )
     assert data.batches_per_epoch == 8
     assert "8 batches per process per epoch: starting 8 loader workers, not --workers 12" in caplog.text
+
+
+def test_an_uncounted_set_records_its_reading_in_the_order(tmp_path, shard_dir, monkeypatch):
+    """A resume must not mistake the order a set had before `acc-clip shards index` for the counted one."""
+    from acc_clip.data import build_train_data
+    from acc_clip.train.config import parse_train_config as parse_config
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    bare = bare_copy(shard_dir, tmp_path / "bare")
+    urls = f"pipe:cat {bare}/{{00000..00003}}.tar"
+    orders = []
+    for _ in range(2):
+        config, _ = parse_config(
+            ["--train-data", urls, "--batch-size", "5", "--workers", "1"] + ["--train-num-samples", "40"]
+        )
+        data = build_train_data(config, AUGMENT, tokenize, seed=0, rank=0, world_size=1, pin_memory=False)
+        orders.append(data.order)
+        cli_main(["shards", "index", urls, "--out", str(tmp_path / "sizes.json"), "--workers", "1"])
+    assert orders[0]["counts"] == "none: open_clip_train's reading"
+    assert "counts" not in orders[1] and {**orders[1], "counts": orders[0]["counts"]} == orders[0]
