@@ -24,7 +24,10 @@ COMMANDS = {
     ),
     "demo-data": ("acc_clip.prep.demo_data", "generate the small COCO-shaped demo dataset"),
     "coco-csv": ("acc_clip.prep.coco_csv", "COCO captions JSON -> filepath,title CSV"),
-    "shards": ("acc_clip.prep.shards.command", "CSV -> webdataset shards; `shards verify DIR` checks them"),
+    "shards": (
+        "acc_clip.prep.shards.command",
+        "CSV -> webdataset shards; `shards verify DIR` checks, `shards index SHARDS` counts them",
+    ),
     "compare-loss": ("acc_clip.reports.compare_loss", "the seed's loss-curve check, one-sided and two-sided"),
     "plot": ("acc_clip.reports.plot", "plot loss, lr and samples/s of one or more runs"),
 }

@@ -34,8 +34,12 @@ every epoch, so they are other samples each time. At the default length (the siz
 sequence is one pass, so no sample repeats within an epoch; --train-num-samples below the total takes the
 first positions only, above it later passes repeat samples. Which samples an epoch holds depends only on
 the shards, their sizes.json, seed, epoch and num_batches * B * R; which rank and worker reads each, and
-the order, on R, B and W as well. The spans are positions in sizes.json's counts, so training without
-resampling needs sizes.json for every shard (its absence is an error that points to --dataset-resampled).
+the order, on R, B and W as well. The spans are positions in the shards' counts: sizes.json, else
+img2dataset's _stats.json, the count cache or, for local shards, their tar headers (data/shard_counts.py).
+A set with no counts (remote shards never indexed by `acc-clip shards index`) trains only with
+--train-num-samples, as open_clip_train trains it and with a warning (`warn_uncounted`): the shards
+shuffled from (seed, e), rank r takes every R-th, its worker w every W-th of those, and reads them over
+and over until its batches are made; no exactly-once then, and a resume is exact for the same R, B, W.
 A shard that holds fewer samples than sizes.json says (cut short, damaged) leaves gaps at its missing
 positions, counted as bad samples: nothing moves into them, so no other position shifts; one that holds
 more has its extra samples left out, with a warning.
@@ -110,8 +114,9 @@ from acc_clip.config.schema import Section, option
 from acc_clip.data.common import Batch, Sample, collate_skipping_bad, sample_seed
 from acc_clip.data.order import global_micro_batch, split_position
 from acc_clip.data.pixels import ImageDecodeError, collate_images, load_pixels
+from acc_clip.data.shard_counts import shard_counts
 from acc_clip.data.source import DataOptions, Segment, Source, TrainData, too_few_samples
-from acc_clip.errors import DataError, UsageError, describe_error
+from acc_clip.errors import DataError, UsageError
 from acc_clip.runtime.signals import ignore_stop_signals
 
 log = logging.getLogger(__name__)
@@ -185,37 +190,11 @@ def shard_weights(urls: str, factors: str | None) -> list[float] | None:
     return [factor for source, factor in zip(expand_sources(urls), source_factors(urls, factors)) for _ in source]
 
 
-def read_shard_sizes(shards: list[str]) -> list[int] | None:
-    """Sample count of each shard from the sizes.json beside it (open_clip's format), or None when
-    a shard has no such entry."""
-    by_folder: dict[str, dict] = {}
-    sizes = []
-    for shard in shards:
-        folder = os.path.dirname(shard)
-        if folder not in by_folder:
-            by_folder[folder] = _read_sizes_json(os.path.join(folder, "sizes.json"))
-        size = by_folder[folder].get(os.path.basename(shard))
-        if size is None:
-            return None
-        sizes.append(size)
-    return sizes
-
-
-def _read_sizes_json(path: str) -> dict[str, int]:
-    """{shard file name: sample count}, {} when there is no such file; a file that is there but not
-    that (damaged, hand-edited) is a one-line error, never taken as absent."""
-    try:
-        with open(path, encoding="utf-8") as f:
-            sizes = json.load(f)
-    except FileNotFoundError:
-        return {}
-    except (OSError, ValueError) as error:  # unreadable, not UTF-8, not JSON
-        raise DataError(f"{path}: not a readable sizes.json ({describe_error(error)})") from None
-    if not isinstance(sizes, dict) or not all(
-        isinstance(n, int) and not isinstance(n, bool) and n >= 0 for n in sizes.values()
-    ):
-        raise DataError(f'{path}: expected {{"shard.tar": sample count, ...}} with counts >= 0')
-    return sizes
+def read_shard_sizes(shards: list[str], *, count_local: bool = True) -> list[int] | None:
+    """Sample count of each shard: sizes.json beside it (open_clip's format), img2dataset's _stats.json, the
+    count cache, or for a local shard its tar headers (data/shard_counts.py); None when a remote shard has
+    none of those (or a local one, with `count_local=False`)."""
+    return shard_counts(shards, count_local=count_local)
 
 
 def _rng(*parts) -> random.Random:
@@ -403,8 +382,10 @@ class ShardEpoch(IterableDataset):
         eval_shards: list[str] | None = None,
         positions: np.ndarray | None = None,
         segment: int = 0,
+        worker_shards: list[list[str]] | None = None,
     ):
         self.all_shards, self.weights, self.sequence, self.eval_shards = all_shards, weights, sequence, eval_shards
+        self.worker_shards = worker_shards  # training without counts: each worker role's shards (uncounted_shards)
         # Of the epoch (training), or of the whole set as given or in sizes.json (eval: the loader reads
         # every sample there is whatever this says; the evaluator compares it with what was read).
         self.num_samples = num_samples
@@ -445,7 +426,9 @@ class ShardEpoch(IterableDataset):
         if self.resampled:
             shards = draw_shards(self.all_shards, self.weights, _rng("resample", *place))
             return buffer_shuffle(self._non_empty(shards), self.shuffle_buffer, _rng("buffer", *place))
-        # Training without resampling always has its batch count and its sequence (_train_epoch).
+        if self.worker_shards is not None:  # no counts: open_clip_train's reading (warn_uncounted)
+            return buffer_shuffle(self._passes(self.worker_shards[worker]), self.shuffle_buffer, _rng("buffer", *place))
+        # Training without resampling always has its batch count, and its sequence when counted (_train_epoch).
         span = worker_span(
             self.rank,
             worker,
@@ -488,6 +471,16 @@ class ShardEpoch(IterableDataset):
             )
             gaps = range(max(first, found), stop)
             yield from ({MISSING_SAMPLE: shard} for offset in gaps if keep is None or offset in keep)
+
+    def _passes(self, shards: list[str]) -> Iterator[dict]:
+        """The samples of `shards` over and over (open_clip_train's with_epoch), until the caller stops."""
+        while True:
+            found = 0
+            for sample in read_raw_samples(shards):
+                found += 1
+                yield sample
+            if not found:
+                raise DataError(f"{shards[0]}: these {len(shards)} shards hold no readable samples")
 
     def _non_empty(self, shards: Iterator[str]) -> Iterator[dict]:
         empty_in_a_row = 0
@@ -566,12 +559,13 @@ def build_wds_loader(
     `upsampling_factors`: 'F1::F2::...', the draw weight of each '::'-joined source of `urls`; resampled
     training only (--train-data-upsampling-factors).
 
-    Epoch length: `num_samples`, else the sum of the shards' sizes.json entries (of every source,
-    whatever its factor, as open_clip_train counts). Training without `resampled` needs sizes.json
-    for every shard whatever `num_samples` says: it splits the samples by those counts. Eval reads every
-    sample of the shards, whatever `num_samples` says (--val-num-samples: the count the evaluator expects,
-    needed without sizes.json); without sizes.json the returned batch count is an estimate from it, and the
-    loader has no len() (how the set splits among processes depends on the sizes of the shards)."""
+    Epoch length: `num_samples`, else the sum of the shards' counts (of every source, whatever its factor,
+    as open_clip_train counts; `read_shard_sizes` says where counts come from). Training without
+    `resampled` splits the samples by those counts; a set without them (remote, never indexed) is read as
+    open_clip_train reads it (`uncounted_shards`), with a warning. Eval reads every sample of the shards,
+    whatever `num_samples` says (--val-num-samples: the count the evaluator expects, needed without
+    counts); without counts the returned batch count is an estimate from it, and the loader has no len()
+    (how the set splits among processes depends on the sizes of the shards)."""
     if batch_size < 1:
         raise UsageError(f"batch size must be at least 1, got {batch_size}")
     if workers < 0 or world_size < 1 or not 0 <= rank < world_size:
@@ -580,18 +574,14 @@ def build_wds_loader(
         raise UsageError(NEEDS_RESAMPLED)
     shards = expand_shard_urls(urls)
     weights = shard_weights(urls, upsampling_factors)
-    sizes = read_shard_sizes(shards)
-    if is_train and not resampled and sizes is None:
-        raise DataError(
-            f"{urls}: no sizes.json entry for every shard; training without --dataset-resampled "
-            f"splits the samples among processes and workers by those counts: write sizes.json "
-            f'({{"00000.tar": samples, ...}}) beside the shards, or pass --dataset-resampled'
-        )
+    # Eval reads every sample whatever the counts say: it counts no tars for an estimate of its batches.
+    sizes = read_shard_sizes(shards, count_local=is_train)
     if num_samples is None:
         if sizes is None:
             raise DataError(
                 f"{urls}: no sizes.json entry for every shard; give the number of samples "
-                f"({'--train-num-samples' if is_train else '--val-num-samples'})"
+                f"({'--train-num-samples' if is_train else '--val-num-samples'}), or count them first: "
+                f"acc-clip shards index '{urls}'"
             )
         num_samples = sum(sizes)
     common = dict(
@@ -658,13 +648,19 @@ def _train_epoch(
             f"process (a resume after the batch size, processes or epoch length changed?)"
         )
     sequence = None
-    if not common["resampled"]:
-        # build_wds_loader refused training without resampling and without sizes.json; every position of the
-        # epoch (not only the first num_batches x B x R) can be reached after segments on other layouts
-        sequence = epoch_sequence(shards, cast(list[int], sizes), common["seed"], epoch, num_samples)
+    num_workers = max(1, train_workers(workers, num_batches))
+    if not common["resampled"] and sizes is not None:
+        # every position of the epoch (not only the first num_batches x B x R) can be reached after segments on
+        # other layouts
+        sequence = epoch_sequence(shards, sizes, common["seed"], epoch, num_samples)
+    elif not common["resampled"]:  # uncounted: never elastic, so no segments reach here
+        warn_uncounted(shards, num_batches=num_batches, world_size=world_size, num_workers=num_workers)
+        common["worker_shards"] = uncounted_shards(
+            shards, common["seed"], epoch, common["rank"], world_size=world_size, num_workers=num_workers
+        )
     # The order is laid out for the workers started (workers=0: one role, read in the calling process).
     return ShardEpoch(
-        num_workers=max(1, train_workers(workers, num_batches)),
+        num_workers=num_workers,
         num_batches=num_batches,
         start_batch=start_batch,
         sequence=sequence,
@@ -672,6 +668,41 @@ def _train_epoch(
         segment=len(done),
         **common,
     )
+
+
+_WARNED_UNCOUNTED: set[str] = set()
+
+
+def warn_uncounted(shards: list[str], *, num_batches: int, world_size: int, num_workers: int) -> None:
+    """Refuse a layout open_clip_train's split cannot serve, and say once per process what this mode gives."""
+    if len(shards) < world_size * num_workers:
+        raise DataError(
+            f"{shards[0]}: {len(shards)} shards without sample counts cannot be split among {world_size} "
+            f"processes x {num_workers} loader workers: count them (acc-clip shards index SHARDS), use fewer "
+            f"--workers, or --dataset-resampled"
+        )
+    if shards[0] not in _WARNED_UNCOUNTED:
+        _WARNED_UNCOUNTED.add(shards[0])
+        log.warning(
+            "%s ...: no sample counts for these %d shards (no sizes.json, no img2dataset _stats.json, never "
+            "indexed): reading them as open_clip_train does, each process and loader worker its own shards, "
+            "reshuffled every epoch, over and over until its batches are made (%d per process): samples may "
+            "repeat or go unseen within an epoch, and a resume is exact only with the same processes, batch "
+            "size and --workers. Exactly once per epoch needs counts: acc-clip shards index SHARDS (writes "
+            "sizes.json, or --out FILE and the count cache for remote shards)",
+            shards[0],
+            len(shards),
+            num_batches,
+        )
+
+
+def uncounted_shards(shards: list[str], seed: int, epoch: int, rank: int, *, world_size: int, num_workers: int):
+    """The shards each worker of rank `rank` reads in an epoch without counts, as open_clip_train deals them:
+    the list shuffled from (seed, epoch), every world_size-th for the rank, every num_workers-th of those
+    for the worker."""
+    order = list(shards)
+    _rng("shards", seed, epoch).shuffle(order)
+    return [order[rank::world_size][worker::num_workers] for worker in range(num_workers)]
 
 
 def _eval_pass(
@@ -748,9 +779,10 @@ class WebdatasetSource(Source):
     ) -> TrainData:
         data, shards = config[DataOptions], config[ShardOptions]
 
-        # Resampled shards are drawn with replacement, per process and worker: not elastic (their layout is part
-        # of the order, and a resume on another one is refused there).
-        elastic = not shards.dataset_resampled
+        # Resampled shards are drawn with replacement, and uncounted ones split by shard, per process and worker:
+        # not elastic (their layout is part of the order, and a resume on another one is refused there).
+        counted = shards.dataset_resampled or read_shard_sizes(expand_shard_urls(str(data.train_data))) is not None
+        elastic = not shards.dataset_resampled and counted
         layout = {"batch_size": data.batch_size, "world_size": world_size, "workers": data.workers}
 
         def loader(epoch: int, done: Sequence[Segment] = ()) -> tuple[DataLoader, int]:
@@ -802,6 +834,9 @@ class WebdatasetSource(Source):
                 "names_sha256": hashlib.sha256("\n".join(shards_list).encode()).hexdigest(),
             },
         }
+        if not counted:
+            # Counted later (shards index), the same set takes the counted order: a resume then must not go on.
+            order["counts"] = "none: open_clip_train's reading"
         if not elastic:  # each (process, worker) draws its own shards: the layout is part of the order
             order |= {
                 "samples": num_samples,

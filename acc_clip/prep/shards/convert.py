@@ -27,6 +27,14 @@ through PIL. Non-JPEG sources are decoded and re-encoded as JPEG at --quality. -
 side to S (bicubic, with libjpeg's DCT downscaling first when the image is at least twice too large) and re-encodes at
 --quality. EXIF orientation is not applied, as open_clip's loader does not apply it either.
 
+Parts (--part I/N, e.g. a SLURM array of N tasks, I = $SLURM_ARRAY_TASK_ID): N processes, on any machines
+sharing OUT, each convert shards [I*S//N, (I+1)*S//N) of the S shards one run makes, with the same keys and
+bytes, since shard i always covers items [i*n, (i+1)*n). Parts need --samples-per-shard (the automatic size
+reads images, which one machine may fail to read and another not). Each part writes its shards, their stats,
+and last `_part_I_of_N.json` ({shard: count} of its shards); whichever part finds every shard of the set
+complete after its own writes sizes.json (the last to finish always does; two finishing together write the
+same bytes, atomically). `shards verify OUT` checks every part's record and every shard.
+
 Shard size. --samples-per-shard defaults to what makes a shard about 256 MB, from the encoded size
 of the first few usable images (clamped to 100..100000); the value is stored in _conversion.json
 and reused on rerun.
@@ -40,6 +48,7 @@ import json
 import multiprocessing
 import os
 import re
+import secrets
 import time
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -71,9 +80,12 @@ DEFAULT_QUALITY = 90
 # not_read: not a regular file (a FIFO, a device), or above --max-image-bytes
 SKIP_REASONS = ("missing_file", "unreadable_file", "not_read", "corrupt_image", "empty_caption")
 # Every file this module writes; anything else in OUT means the folder belongs to someone else.
+# (.<16 hex digits>: a file written by several parts at once goes through a temporary name of its writer's own)
 OWN_FILE = re.compile(
-    r"^(\d{5,}\.tar(\.tmp)?|\d{5,}_stats\.json(\.tmp)?|sizes\.json(\.tmp)?|_conversion\.json(\.tmp)?)$"
+    r"^(\d{5,}\.tar(\.tmp)?|\d{5,}_stats\.json(\.tmp)?|"
+    r"(sizes|_conversion|_part_\d+_of_\d+)\.json(\.[0-9a-f]{16})?(\.tmp)?)$"
 )
+PART_RECORD = re.compile(r"^_part_(\d+)_of_(\d+)\.json$")
 
 
 class BadImage(Exception):
@@ -111,6 +123,23 @@ def shard_name(shard: int) -> str:
 
 def stats_name(shard: int) -> str:
     return f"{shard:05d}_stats.json"
+
+
+def part_record_name(part: int, parts: int) -> str:
+    return f"_part_{part}_of_{parts}.json"
+
+
+def parse_part(text: str) -> tuple[int, int]:
+    """--part 'I/N' as (I, N), 0 <= I < N."""
+    index, slash, count = text.partition("/")
+    if slash and index.isdigit() and count.isdigit() and 0 <= int(index) < int(count):
+        return int(index), int(count)
+    raise UsageError(f"--part {text!r}: expected I/N with 0 <= I < N, e.g. 0/4 (a SLURM array's task id / its size)")
+
+
+def part_shards(num_shards: int, part: int, parts: int) -> range:
+    """The shards part `part` of `parts` writes: a contiguous block, the blocks covering every shard once."""
+    return range(part * num_shards // parts, (part + 1) * num_shards // parts)
 
 
 def sample_key(number: int) -> str:
@@ -232,6 +261,14 @@ def write_json_atomically(path: str, document: dict) -> None:
     write_atomically(path, json.dumps(document, indent=1, sort_keys=True) + "\n")
 
 
+def write_shared_json(path: str, document: dict) -> None:
+    """`write_json_atomically` for a file that parts on several machines may write at the same moment: each
+    writes a temporary file of its own and renames it over `path` (they write the same content)."""
+    own = f"{path}.{secrets.token_hex(8)}"
+    write_json_atomically(own, document)
+    os.replace(own, path)
+
+
 def write_samples(tar: BinaryIO, job: ShardJob, skipped_rows: list[dict]) -> int:
     """The job's samples as tar members; returns how many were written (the rest go to `skipped_rows`)."""
     count = 0
@@ -301,13 +338,14 @@ def read_complete_stats(out_dir: str, shard: int) -> dict | None:
 # The output folder
 
 
-def _check_out_dir(out_dir: str) -> dict | None:
-    """Make sure OUT is new, empty or one of our conversions; returns its _conversion.json if any."""
+def _check_out_dir(out_dir: str, *, in_parts: bool = False) -> dict | None:
+    """Make sure OUT is new, empty or one of our conversions; returns its _conversion.json if any. With
+    `in_parts`, a folder of our files alone is ours too: another part may be writing its _conversion.json."""
     if os.path.exists(out_dir) and not os.path.isdir(out_dir):
         raise UsageError(f"{out_dir}: output path exists and is not a folder")
     names = sorted(os.listdir(out_dir)) if os.path.isdir(out_dir) else []
     foreign = [name for name in names if not OWN_FILE.match(name)]
-    if names and (foreign or CONVERSION_NAME not in names):
+    if names and (foreign or (CONVERSION_NAME not in names and not in_parts)):
         example = (foreign or names)[0]
         raise UsageError(
             f"{out_dir}: output folder holds other files (e.g. {example!r}); "
@@ -355,11 +393,18 @@ def convert_csv_to_shards(
     group_by_image: bool = False,
     progress: bool = True,
     skip_bad_rows: bool = False,
+    part: tuple[int, int] | None = None,
 ) -> dict:
     """Convert a CSV of image paths and captions into shards under `out_dir` (see the module
-    docstring). `samples_per_shard=None`: about 256 MB per shard; `workers=None`: all cores.
-    Returns totals: shards, samples, skipped (by reason), shards_reused, bytes, seconds."""
+    docstring). `samples_per_shard=None`: about 256 MB per shard; `workers=None`: all cores; `part`:
+    (I, N), this process's part of the shards (--part I/N). Returns totals of the shards this call
+    covers: shards, samples, skipped (by reason), shards_reused, bytes, seconds; and sizes_written."""
     started = time.perf_counter()
+    if part is not None and samples_per_shard is None:
+        raise UsageError(
+            "--part needs --samples-per-shard: every part must cut the rows into the same shards, and the "
+            "automatic size reads images that one machine may fail to read and another not"
+        )
     if samples_per_shard is not None and samples_per_shard < 1:
         raise UsageError(f"--samples-per-shard must be at least 1, got {samples_per_shard}")
     if workers is not None and workers < 0:
@@ -368,7 +413,7 @@ def convert_csv_to_shards(
         raise UsageError(f"--resize must be at least 1 pixel, got {resize}")
     if not 1 <= quality <= 100:
         raise UsageError(f"--quality must be in 1..100, got {quality}")
-    previous = _check_out_dir(out_dir)
+    previous = _check_out_dir(out_dir, in_parts=part is not None)
     # Recorded as the character the file used, so an `auto` conversion resumes one given the separator.
     sep = detect_separator(csv_path) if sep == AUTO_SEPARATOR else parse_separator(sep, "--csv-separator")
     items = read_items(
@@ -403,7 +448,7 @@ def convert_csv_to_shards(
     else:
         per_shard = samples_per_shard or _auto_samples_per_shard(items, resize, quality)
         os.makedirs(out_dir, exist_ok=True)
-        write_json_atomically(
+        write_shared_json(
             os.path.join(out_dir, CONVERSION_NAME),
             {
                 "parameters": parameters,
@@ -413,7 +458,8 @@ def convert_csv_to_shards(
         )
 
     num_shards = -(-len(items) // per_shard)
-    stats_by_shard = {shard: read_complete_stats(out_dir, shard) for shard in range(num_shards)}
+    own = range(num_shards) if part is None else part_shards(num_shards, *part)
+    stats_by_shard = {shard: read_complete_stats(out_dir, shard) for shard in own}
     reused = [shard for shard, stats in stats_by_shard.items() if stats is not None]
     jobs = [
         ShardJob(
@@ -422,9 +468,10 @@ def convert_csv_to_shards(
         for shard, stats in stats_by_shard.items()
         if stats is None
     ]
+    items_of = {shard: min(per_shard, len(items) - shard * per_shard) for shard in own}
     with tqdm(
-        total=len(items),
-        initial=sum(min(per_shard, len(items) - s * per_shard) for s in reused),
+        total=sum(items_of.values()),
+        initial=sum(items_of[s] for s in reused),
         unit="img",
         desc="shards",
         disable=not progress,
@@ -433,20 +480,38 @@ def convert_csv_to_shards(
             stats_by_shard[int(stats["shard"].split(".")[0])] = stats
             bar.update(stats["count"] + len(stats["skipped_rows"]))
 
-    done = cast(dict[int, dict], stats_by_shard)  # every shard has its stats now
-    sizes = {shard_name(shard): done[shard]["count"] for shard in range(num_shards)}
-    write_json_atomically(os.path.join(out_dir, SIZES_NAME), sizes)
+    done = cast(dict[int, dict], stats_by_shard)  # every shard of this call has its stats now
+    counts = {shard_name(shard): done[shard]["count"] for shard in own}
+    if part is None:
+        write_json_atomically(os.path.join(out_dir, SIZES_NAME), counts)
+        sizes_written = True
+    else:
+        record = {"part": part[0], "parts": part[1], "shards": counts}
+        write_json_atomically(os.path.join(out_dir, part_record_name(*part)), record)
+        sizes_written = merge_sizes_when_complete(out_dir, num_shards)
     all_stats = list(done.values())
     return {
         "out_dir": out_dir,
-        "shards": num_shards,
+        "shards": len(own),
         "samples_per_shard": per_shard,
-        "samples": sum(sizes.values()),
+        "samples": sum(counts.values()),
         "skipped": {reason: sum(s["skipped"][reason] for s in all_stats) for reason in SKIP_REASONS},
         "shards_reused": len(reused),
         "bytes": sum(s["bytes"] for s in all_stats),
         "seconds": round(time.perf_counter() - started, 3),
+        "sizes_written": sizes_written,
     }
+
+
+def merge_sizes_when_complete(out_dir: str, num_shards: int) -> bool:
+    """Write sizes.json from every shard's stats if every shard of the set is complete; whether it did. Each part
+    calls it after its own shards' stats are written, so the last part to finish finds them all."""
+    stats = [read_complete_stats(out_dir, shard) for shard in range(num_shards)]
+    if any(s is None for s in stats):
+        return False
+    sizes = {shard_name(shard): cast(dict, s)["count"] for shard, s in enumerate(stats)}
+    write_shared_json(os.path.join(out_dir, SIZES_NAME), sizes)
+    return True
 
 
 def run_jobs(jobs: list, workers: int | None, function=write_shard) -> Iterable[dict]:

@@ -1,4 +1,6 @@
-"""`acc-clip shards verify DIR`: read every shard, decode every image, check counts against sizes.json."""
+"""`acc-clip shards verify DIR`: read every shard, decode every image, check counts against sizes.json; for a
+conversion (its _conversion.json) that every shard it makes is there, and for one made in parts (--part I/N)
+that every part finished and its record's counts are the shards' own."""
 
 from __future__ import annotations
 
@@ -12,7 +14,7 @@ from dataclasses import dataclass
 from PIL import Image, UnidentifiedImageError
 
 from acc_clip.errors import UsageError
-from acc_clip.prep.shards.convert import SIZES_NAME, run_jobs
+from acc_clip.prep.shards.convert import CONVERSION_NAME, PART_RECORD, SIZES_NAME, run_jobs, shard_name
 
 
 @dataclass(frozen=True)
@@ -101,9 +103,46 @@ def verify_shards(out_dir: str, *, workers: int = 1) -> dict:
     results = sorted(run_jobs(jobs, workers, verify_shard), key=lambda r: r["shard"])
     for result in results:
         problems += result["problems"]
+    problems += _set_problems(out_dir, names, {r["shard"]: r["count"] for r in results})
     return {
         "ok": not problems,
         "shards": len(shards),
         "samples": sum(r["count"] for r in results),
         "problems": problems,
     }
+
+
+def _read_json(path: str) -> dict | None:
+    try:
+        with open(path, encoding="utf-8") as f:
+            document = json.load(f)
+        return document if isinstance(document, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _set_problems(out_dir: str, names: list[str], counts: dict[str, int]) -> list[str]:
+    """The whole set: every shard its conversion makes, every part's record, each record's counts."""
+    problems = []
+    conversion = _read_json(os.path.join(out_dir, CONVERSION_NAME))
+    if conversion is not None:
+        try:
+            num_shards = -(-int(conversion["num_items"]) // int(conversion["resolved_samples_per_shard"]))
+        except (KeyError, TypeError, ValueError):
+            num_shards = 0
+            problems.append(f"{CONVERSION_NAME}: unreadable")
+        absent = [shard_name(i) for i in range(num_shards) if shard_name(i) not in counts]
+        if absent:
+            problems.append(f"{absent[0]}: missing ({len(absent)} of the {num_shards} shards of this conversion)")
+    records = [(name, match) for name in names if (match := PART_RECORD.match(name))]
+    for parts in sorted({int(match.group(2)) for _, match in records}):
+        finished = {int(match.group(1)) for _, match in records if int(match.group(2)) == parts}
+        problems += [
+            f"part {i}/{parts}: not finished (no _part_{i}_of_{parts}.json)" for i in range(parts) if i not in finished
+        ]
+    for name, _ in records:
+        record = _read_json(os.path.join(out_dir, name)) or {}
+        for shard, count in (record.get("shards") or {}).items():
+            if counts.get(shard, count) != count:
+                problems.append(f"{name}: says {shard} holds {count} samples, it holds {counts[shard]}")
+    return problems

@@ -16,6 +16,7 @@ import torch
 from PIL import Image
 from torchvision import transforms
 
+from acc_clip.cli import main as cli_main
 from acc_clip.data import wds as wds_data
 from acc_clip.data.wds import ShardOptions, build_wds_loader, expand_shard_urls
 from acc_clip.errors import AccClipError
@@ -179,24 +180,52 @@ def test_a_resume_position_past_the_epoch_is_refused(shard_dir):
         load(shard_dir, batch_size=5, workers=0, start_batch=9)
 
 
-def test_training_without_resampling_needs_sizes_json(tmp_path, shard_dir):
-    """The spans are positions in sizes.json's counts, so --train-num-samples alone no longer does without
-    --dataset-resampled (it did when whole shards were dealt out); with it, the epoch length is enough."""
-    bare = tmp_path / "bare"
-    bare.mkdir()
+def bare_copy(shard_dir: str, folder: Path) -> Path:
+    """The shards alone: no sizes.json, no _stats.json."""
+    folder.mkdir()
     for name in sorted(os.listdir(shard_dir)):
         if name.endswith(".tar"):
-            (bare / name).write_bytes((Path(shard_dir) / name).read_bytes())
-    for num_samples in (None, 20):
-        with pytest.raises(
-            AccClipError, match=r"no sizes.json entry for every shard; training without --dataset-resampled splits"
-        ) as error:
-            load(str(bare), num_samples=num_samples)
-        assert "\n" not in str(error.value)
-    with pytest.raises(AccClipError, match=r"give the number of samples \(--train-num-samples\)"):
-        load(str(bare), resampled=True)
-    batches, num_batches = load(str(bare), num_samples=20, workers=0, resampled=True)
-    assert num_batches == len(batches) == 4
+            (folder / name).write_bytes((Path(shard_dir) / name).read_bytes())
+    return folder
+
+
+def test_shards_without_sizes_json_are_counted_and_train_exactly_once(tmp_path, shard_dir, monkeypatch):
+    """Local shards without sizes.json (webdataset's ShardWriter, img2dataset) are counted from their tar
+    headers: the epoch is the one sizes.json would give, every sample once."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    bare = bare_copy(shard_dir, tmp_path / "bare")
+    for rank in (0, 1):
+        batches, num_batches = load(str(bare), rank=rank, world_size=2)
+        counted, _ = load(shard_dir, rank=rank, world_size=2)
+        assert num_batches == 4 and indices_of(batches) == indices_of(counted)
+    assert os.listdir(tmp_path / "cache" / "acc_clip" / "shard_counts")  # the counts were cached
+
+
+def test_uncounted_shards_train_as_open_clip_train_does_with_a_warning(tmp_path, shard_dir, monkeypatch, caplog):
+    """Shards nothing counts (remote, here `pipe:`) train with --train-num-samples as open_clip_train trains
+    them: each process and worker reads its own shards over and over until its batches are made."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    bare = bare_copy(shard_dir, tmp_path / "bare")
+    urls = f"pipe:cat {bare}/{{00000..00003}}.tar"
+    with pytest.raises(AccClipError, match=r"give the number of samples \(--train-num-samples\), or count them"):
+        load(urls)
+    seen: list[int] = []
+    for rank in (0, 1):
+        batches, num_batches = load(urls, num_samples=60, rank=rank, world_size=2, shuffle_buffer=1)
+        assert num_batches == len(batches) == 6 and all(len(batch.indices) == 5 for batch in batches)
+        seen += indices_of(batches)
+        # A resume skips the batches done: the same order from there.
+        rest, _ = load(urls, num_samples=60, rank=rank, world_size=2, shuffle_buffer=1, start_batch=2)
+        assert indices_of(rest) == indices_of(batches[2:])
+    shuffled, _ = load(urls, num_samples=60, rank=0, world_size=2)
+    assert indices_of(load(urls, num_samples=60, rank=0, world_size=2, start_batch=3)[0]) == indices_of(shuffled[3:])
+    # Each of the 4 workers reads its one shard of 10 samples for 15 (no shuffle buffer mixing the passes):
+    # every sample, 5 of each shard twice.
+    assert sorted(set(seen)) == list(range(40)) and len(seen) == 60
+    assert sum("no sample counts for these 4 shards" in r.getMessage() for r in caplog.records) == 1
+    assert "acc-clip shards index SHARDS" in caplog.text
+    with pytest.raises(AccClipError, match="4 shards without sample counts cannot be split among 2 processes x 3"):
+        load(urls, num_samples=60, rank=0, world_size=2, workers=3)
 
 
 def test_eval_sees_every_sample_once_in_order_without_dropping(shard_dir):
@@ -501,7 +530,7 @@ def test_a_damaged_sizes_json_is_one_line_not_taken_as_absent(tmp_path, content,
         read_shard_sizes([str(tmp_path / "00000.tar")])
     assert says in str(error.value) and "\n" not in str(error.value)
     (tmp_path / "sizes.json").unlink()
-    assert read_shard_sizes([str(tmp_path / "00000.tar")]) is None  # absent: the sizes are unknown
+    assert read_shard_sizes([str(tmp_path / "00000.tar")], count_local=False) is None  # absent: the sizes are unknown
 
 
 def test_a_shard_cut_short_counts_its_missing_samples_as_bad_and_replays_nothing(tmp_path, caplog):
@@ -728,3 +757,23 @@ def test_the_trainer_says_when_it_starts_fewer_workers_than_asked(shard_dir, cap
         )
     assert data.batches_per_epoch == 8
     assert "8 batches per process per epoch: starting 8 loader workers, not --workers 12" in caplog.text
+
+
+def test_an_uncounted_set_records_its_reading_in_the_order(tmp_path, shard_dir, monkeypatch):
+    """A resume must not mistake the order a set had before `acc-clip shards index` for the counted one."""
+    from acc_clip.data import build_train_data
+    from acc_clip.train.config import parse_train_config as parse_config
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    bare = bare_copy(shard_dir, tmp_path / "bare")
+    urls = f"pipe:cat {bare}/{{00000..00003}}.tar"
+    orders = []
+    for _ in range(2):
+        config, _ = parse_config(
+            ["--train-data", urls, "--batch-size", "5", "--workers", "1"] + ["--train-num-samples", "40"]
+        )
+        data = build_train_data(config, AUGMENT, tokenize, seed=0, rank=0, world_size=1, pin_memory=False)
+        orders.append(data.order)
+        cli_main(["shards", "index", urls, "--out", str(tmp_path / "sizes.json"), "--workers", "1"])
+    assert orders[0]["counts"] == "none: open_clip_train's reading"
+    assert "counts" not in orders[1] and {**orders[1], "counts": orders[0]["counts"]} == orders[0]
