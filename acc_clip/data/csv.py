@@ -28,7 +28,7 @@ from acc_clip.config.parsing import Config
 from acc_clip.config.schema import NON_EMPTY, Section, option
 from acc_clip.data.common import Batch, Sample, collate_skipping_bad, sample_seed
 from acc_clip.data.csv_file import AUTO_SEPARATOR, parse_separator, read_csv_columns
-from acc_clip.data.pixels import ImageDecodeError, collate_images, load_pixels
+from acc_clip.data.pixels import MAX_IMAGE_PIXELS, ImageDecodeError, ImageTooLarge, collate_images, load_pixels
 from acc_clip.data.source import DataOptions, Source, TrainData, file_fingerprint, too_few_samples
 from acc_clip.io.files import MAX_IMAGE_BYTES, ImageFileError, read_image_file
 from acc_clip.runtime.signals import ignore_stop_signals
@@ -56,13 +56,14 @@ class CsvDataset(Dataset):
         seed: int = 0,
         augment_seeded: bool = True,
         max_image_bytes: int = MAX_IMAGE_BYTES,
+        max_image_pixels: int = MAX_IMAGE_PIXELS,
         skip_bad_rows: bool = False,
     ):
         self.path = path
         self.filepaths, self.captions = read_csv_columns(
             path, img_key=img_key, caption_key=caption_key, sep=sep, skip_bad_rows=skip_bad_rows
         )
-        self.max_image_bytes = max_image_bytes
+        self.max_image_bytes, self.max_image_pixels = max_image_bytes, max_image_pixels
         self.transform = transform
         self.tokenizer = tokenizer
         self.seed = seed
@@ -80,10 +81,13 @@ class CsvDataset(Dataset):
         try:
             data = read_image_file(self.filepaths[index], self.max_image_bytes)
             pixels = load_pixels(
-                data, self.transform, sample_seed(self.seed, epoch, index) if self.augment_seeded else None
+                data,
+                self.transform,
+                sample_seed(self.seed, epoch, index) if self.augment_seeded else None,
+                self.max_image_pixels,
             )
         except IMAGE_ERRORS as error:
-            why = str(error) if isinstance(error, ImageFileError) else type(error).__name__
+            why = str(error) if isinstance(error, (ImageFileError, ImageTooLarge)) else type(error).__name__
             log.warning(
                 "%s row %d: cannot read image %s (%s), sample skipped", self.path, index, self.filepaths[index], why
             )
@@ -214,6 +218,7 @@ def csv_dataset(
         seed=seed,
         augment_seeded=augment_seeded,
         max_image_bytes=data.max_image_bytes,
+        max_image_pixels=data.max_image_pixels,
         skip_bad_rows=csv.skip_bad_rows,
     )
 
