@@ -66,13 +66,19 @@ being the sample number in its key, so the draws do not depend on which worker d
 Shards made with --group-by-image carry all captions in the .json; one is drawn per epoch from
 the same seed.
 
+Members (`SampleMembers`, open_clip main's flags): the image is the first present of --image-key's suffixes
+(jpg;png;jpeg;webp), the caption the first present of --text-key's (txt); with --json-text-key the caption
+comes from those keys of the .json instead, in a priority order drawn per sample from (seed, epoch, index) by
+--json-text-key-probs (captions.py; validation: the given order, a list's first entry). Images above
+--max-image-pixels are refused from their header, before decoding (pixels.load_pixels).
+
 Eval (`is_train=False`): shards in file order, rank r takes shards r, r+R, ..., no shuffle, no
 augmentation seeding, every sample exactly once across ranks, the last batch of a worker partial.
 Ranks may get different numbers of batches, so gather after the loop, not per batch.
 
-Bad samples (no image, undecodable image, empty caption, a gap for a sample missing from a shard) become
-None and are counted by `collate_skipping_bad`; they keep their place, so they do not shift the order of
-the others.
+Bad samples (no image, undecodable or too large image, no or empty caption, a gap for a sample missing from a
+shard) become None and are counted by `collate_skipping_bad`; they keep their place, so they do not shift the
+order of the others.
 """
 
 from __future__ import annotations
