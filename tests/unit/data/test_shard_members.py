@@ -295,3 +295,16 @@ def test_probabilities_for_fewer_keys_leave_the_rest_as_fallbacks():
     )
     members = SampleMembers.of(config)
     assert members.json_text_keys == ("a", "b", "c") and members.json_text_key_probs == (2.0, 0.5)
+
+
+def test_validation_sets_read_the_flags_of_the_run(json_shards):
+    from acc_clip.data import build_eval_loader
+
+    flags = ["--train-data", json_shards, "--json-text-key", "long;short", "--workers", "0", "--batch-size", "5"]
+    config, _ = parse_train_config(flags)
+    loader = build_eval_loader(config, json_shards, PLAIN, tokenize, rank=0, world_size=1)
+    assert captions_by_index(loader) == {i: f"long {i} 0" for i in range(NUM_SAMPLES)}
+    config, _ = parse_train_config([*flags, "--max-image-pixels", "479"])  # the images are 24x20 = 480 pixels
+    assert sum(
+        batch.num_bad for batch in build_eval_loader(config, json_shards, PLAIN, tokenize, rank=0, world_size=1)
+    ) == (NUM_SAMPLES)
