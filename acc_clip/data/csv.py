@@ -27,7 +27,7 @@ from acc_clip.data.order import (  # noqa: F401 - EpochBatchSampler and epoch_pe
     epoch_permutation,
     split_position,
 )
-from acc_clip.data.pixels import collate_images
+from acc_clip.data.pixels import MAX_IMAGE_PIXELS, collate_images
 from acc_clip.data.source import DataOptions, Segment, Source, TrainData, file_fingerprint
 from acc_clip.data.table import IMAGE_ERRORS as IMAGE_ERRORS  # the evaluator's zero-shot reader uses them
 from acc_clip.data.table import TableDataset
@@ -55,6 +55,7 @@ class CsvDataset(TableDataset):
         seed: int = 0,
         augment_seeded: bool = True,
         max_image_bytes: int = MAX_IMAGE_BYTES,
+        max_image_pixels: int = MAX_IMAGE_PIXELS,
         skip_bad_rows: bool = False,
     ):
         rows = read_csv_table(path, img_key=img_key, caption_key=caption_key, sep=sep, skip_bad_rows=skip_bad_rows)
@@ -65,6 +66,7 @@ class CsvDataset(TableDataset):
             seed=seed,
             augment_seeded=augment_seeded,
             max_image_bytes=max_image_bytes,
+            max_image_pixels=max_image_pixels,
         )
 
 
@@ -162,6 +164,7 @@ def csv_dataset(
         seed=seed,
         augment_seeded=augment_seeded,
         max_image_bytes=data.max_image_bytes,
+        max_image_pixels=data.max_image_pixels,
         skip_bad_rows=csv.skip_bad_rows,
     )
 

@@ -163,6 +163,7 @@ class ParquetSource(CsvSource):
             seed=seed,
             augment_seeded=augment_seeded,
             max_image_bytes=config[DataOptions].max_image_bytes,
+            max_image_pixels=config[DataOptions].max_image_pixels,
         )
 
     def fingerprint(self, path: str) -> Any:

@@ -23,6 +23,12 @@ workers; other formats and JPEGs that are not 3-component (grey, CMYK) are decod
 images that fail to decode are dropped and counted like any bad sample.
 
 Transforms of any other shape (custom augmentation) run whole, on PIL images, in the workers.
+
+Image size: `load_pixels`, through which every source reads its images, takes width x height from the header
+(a JPEG's start-of-frame, else PIL's lazy open) and refuses an image above --max-image-pixels (default
+25,000,000, open_clip main's; 0: no limit) with `ImageTooLarge` before any decoder runs, for every format and
+decoder. That flag replaces PIL's decompression-bomb limit (2 x Image.MAX_IMAGE_PIXELS), which is switched
+off around PIL's decodes here.
 """
 
 from __future__ import annotations
@@ -32,7 +38,7 @@ import functools
 import io
 import logging
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import NamedTuple, cast
 
@@ -65,19 +71,61 @@ GEOMETRIC_STEPS = (T.RandomResizedCrop, T.Resize, T.CenterCrop)  # run the same 
 DECODER_ERRORS = (RuntimeError, ValueError)  # torchvision raises the first, torchcodec also the second
 
 
+# open_clip main's --max-image-pixels default: width x height above it is refused before decoding.
+MAX_IMAGE_PIXELS = 25_000_000
+
+
 class ImageDecodeError(ValueError):
     """The bytes are not an image any decoder here can read."""
 
 
+class ImageTooLarge(ImageDecodeError):
+    """The header says the image has more pixels than --max-image-pixels allows; it was not decoded."""
+
+
+@contextlib.contextmanager
+def _without_pil_pixel_limit() -> Iterator[None]:
+    """PIL's decompression-bomb guard off for one call: --max-image-pixels is the limit, checked from the header
+    before any decoder runs (`load_pixels`), and PIL's guard, a module global with no per-call setting, would
+    refuse some images it allows (above 2 x Image.MAX_IMAGE_PIXELS, or any with --max-image-pixels 0)."""
+    saved = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        yield
+    finally:
+        Image.MAX_IMAGE_PIXELS = saved
+
+
 def pil_image(data: bytes, *, decode: bool = True) -> Image.Image:
     """PIL's RGB image of `data` (decoded), or with `decode=False` the opened file (its header read:
-    size, format). PIL's errors, its size limit and formats outside PIL_FORMATS included, become
-    `ImageDecodeError`."""
+    size, format). PIL's errors and formats outside PIL_FORMATS become `ImageDecodeError`. PIL's own size
+    limit does not apply: the caller's is --max-image-pixels (`check_pixel_count`)."""
     try:
-        opened = Image.open(io.BytesIO(data), formats=PIL_FORMATS)
-        return opened.convert("RGB") if decode else opened
+        with _without_pil_pixel_limit():
+            opened = Image.open(io.BytesIO(data), formats=PIL_FORMATS)
+            return opened.convert("RGB") if decode else opened
     except (OSError, ValueError, SyntaxError, Image.DecompressionBombError) as error:
         raise ImageDecodeError(str(error) or type(error).__name__) from None
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """(width, height) of encoded image bytes from the header alone: a JPEG's start-of-frame segment, else
+    PIL's lazy open (which reads the header, not the pixels). Bytes no decoder reads raise `ImageDecodeError`."""
+    if jpeg.is_jpeg(data) and (size := jpeg.read_header(data).size) is not None:
+        return size
+    return pil_image(data, decode=False).size
+
+
+def check_pixel_count(data: bytes, max_pixels: int) -> None:
+    """Raise `ImageTooLarge` (naming both numbers) when the header gives `data` more than `max_pixels` pixels,
+    before anything is decoded; 0 means no limit."""
+    if not max_pixels:
+        return
+    width, height = image_size(data)
+    if width * height > max_pixels:
+        raise ImageTooLarge(
+            f"{width}x{height} = {width * height} pixels, more than --max-image-pixels {max_pixels}; not decoded"
+        )
 
 
 def _pil_rgb(data: bytes) -> torch.Tensor:
@@ -87,10 +135,9 @@ def _pil_rgb(data: bytes) -> torch.Tensor:
 
 def decode_rgb(data: bytes) -> torch.Tensor:
     """Encoded image bytes -> uint8 [3, H, W] RGB. JPEGs through libjpeg-turbo into a tensor; other
-    formats, and JPEGs it refuses, through PIL (which raises on damaged data and caps the size)."""
+    formats, and JPEGs it refuses, through PIL (which raises on damaged data). No size limit here: datasets
+    read through `load_pixels`, which checks --max-image-pixels first."""
     if jpeg.is_jpeg(data):
-        if (why := jpeg.too_many_pixels(jpeg.read_header(data).size)) is not None:
-            raise ImageDecodeError(why)  # what PIL would refuse; libjpeg-turbo has no limit
         try:
             image = _decode_jpeg(torch.frombuffer(bytearray(data), dtype=torch.uint8), mode=_RGB)
             if image.dtype == torch.uint8 and image.shape[0] == 3:
@@ -150,8 +197,6 @@ class SplitTransform:
         size = header.size if header is not None else None
         if size is None:  # not a JPEG, or one whose height comes later (DNL): PIL reads the header
             size = pil_image(data, decode=False).size
-        if (why := jpeg.too_many_pixels(size)) is not None:
-            raise ImageDecodeError(why)
         crop = self.geometric.transforms[0]
         # get_params reads only the dimensions (of an empty tensor here), so the draws equal those
         # of the worker-decoded path.
@@ -279,11 +324,13 @@ def split_transform(preprocess: Callable, *, decode_on_device: bool = False) -> 
     )
 
 
-def load_pixels(data: bytes, transform: Callable, seed: int | None = None):
+def load_pixels(data: bytes, transform: Callable, seed: int | None = None, max_pixels: int = MAX_IMAGE_PIXELS):
     """What a dataset stores for one image: `transform` on the bytes when it is a `SplitTransform`,
     else on the decoded image as an RGB PIL image (custom transforms); with `seed`, its random draws
     come from torch's CPU generator seeded with it (`seeded_torch_rng`). Undecodable bytes raise
-    `ImageDecodeError`."""
+    `ImageDecodeError`; an image whose header gives more than `max_pixels` pixels (--max-image-pixels,
+    0: no limit) raises `ImageTooLarge` before any decoding. Every source reads its images through here."""
+    check_pixel_count(data, max_pixels)
     with seeded_torch_rng(seed) if seed is not None else contextlib.nullcontext():
         if isinstance(transform, SplitTransform):
             return transform(data)

@@ -39,6 +39,7 @@ from typing import Any, ClassVar, Protocol
 from acc_clip.config.parsing import Config
 from acc_clip.config.schema import NON_NEGATIVE, POSITIVE, UNIT_INTERVAL, Domain, Section, option
 from acc_clip.data.common import Batch
+from acc_clip.data.pixels import MAX_IMAGE_PIXELS
 from acc_clip.errors import DataError
 from acc_clip.io.files import MAX_IMAGE_BYTES
 
@@ -96,6 +97,12 @@ class DataOptions(Section):
     )
     max_image_bytes: int = option(
         MAX_IMAGE_BYTES, "image files larger than this are skipped and counted as bad", domain=POSITIVE
+    )
+    max_image_pixels: int = option(
+        MAX_IMAGE_PIXELS,
+        "images whose width x height (read from the header, before decoding) is above this are skipped and "
+        "counted as bad, for every source, training and validation; 0: no limit (replaces PIL's limit)",
+        domain=NON_NEGATIVE,
     )
 
 

@@ -29,7 +29,7 @@ from torch.utils.data import Dataset
 
 from acc_clip.data.captions import draw_caption
 from acc_clip.data.common import Sample, sample_seed
-from acc_clip.data.pixels import ImageDecodeError, load_pixels
+from acc_clip.data.pixels import MAX_IMAGE_PIXELS, ImageDecodeError, ImageTooLarge, load_pixels
 from acc_clip.errors import DataError
 from acc_clip.io.files import MAX_IMAGE_BYTES, ImageFileError, read_image_file
 
@@ -221,10 +221,11 @@ class TableDataset(Dataset):
         seed: int = 0,
         augment_seeded: bool = True,
         max_image_bytes: int = MAX_IMAGE_BYTES,
+        max_image_pixels: int = MAX_IMAGE_PIXELS,
     ):
         self.path, self.table = table.where, table
         self.filepaths, self.captions = table.images, table.captions
-        self.max_image_bytes = max_image_bytes
+        self.max_image_bytes, self.max_image_pixels = max_image_bytes, max_image_pixels
         self.transform, self.tokenizer = transform, tokenizer
         self.seed, self.augment_seeded = seed, augment_seeded
 
@@ -246,9 +247,9 @@ class TableDataset(Dataset):
         try:
             data = self.filepaths.read(index, self.max_image_bytes)
             seed = sample_seed(self.seed, epoch, index) if self.augment_seeded else None
-            pixels = load_pixels(data, self.transform, seed)
+            pixels = load_pixels(data, self.transform, seed, self.max_image_pixels)
         except IMAGE_ERRORS as error:
-            why = str(error) if isinstance(error, ImageFileError) else type(error).__name__
+            why = str(error) if isinstance(error, (ImageFileError, ImageTooLarge)) else type(error).__name__
             image = self.filepaths.describe(index)
             log.warning("%s row %d: cannot read image %s (%s), sample skipped", self.path, index, image, why)
             return None

@@ -80,13 +80,19 @@ being the sample number in its key, so the draws do not depend on which worker d
 Shards made with --group-by-image carry all captions in the .json; one is drawn per epoch from
 the same seed.
 
+Members (`SampleMembers`, open_clip main's flags): the image is the first present of --image-key's suffixes
+(jpg;png;jpeg;webp), the caption the first present of --text-key's (txt); with --json-text-key the caption
+comes from those keys of the .json instead, in a priority order drawn per sample from (seed, epoch, index) by
+--json-text-key-probs (captions.py; validation: the given order, a list's first entry). Images above
+--max-image-pixels are refused from their header, before decoding (pixels.load_pixels).
+
 Eval (`is_train=False`): shards in file order, rank r takes shards r, r+R, ..., no shuffle, no
 augmentation seeding, every sample exactly once across ranks, the last batch of a worker partial.
 Ranks may get different numbers of batches, so gather after the loop, not per batch.
 
-Bad samples (no image, undecodable image, empty caption, a gap for a sample missing from a shard) become
-None and are counted by `collate_skipping_bad`; they keep their place, so they do not shift the order of
-the others.
+Bad samples (no image, undecodable or too large image, no or empty caption, a gap for a sample missing from a
+shard) become None and are counted by `collate_skipping_bad`; they keep their place, so they do not shift the
+order of the others.
 """
 
 from __future__ import annotations
@@ -110,10 +116,11 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import tarfile_samples
 
 from acc_clip.config.parsing import Config
-from acc_clip.config.schema import Section, option
+from acc_clip.config.schema import NON_NEGATIVE, Domain, Section, option
+from acc_clip.data.captions import caption_from_json, caption_rng, split_keys
 from acc_clip.data.common import Batch, Sample, collate_skipping_bad, sample_seed
 from acc_clip.data.order import global_micro_batch, split_position
-from acc_clip.data.pixels import ImageDecodeError, collate_images, load_pixels
+from acc_clip.data.pixels import MAX_IMAGE_PIXELS, ImageDecodeError, ImageTooLarge, collate_images, load_pixels
 from acc_clip.data.shard_counts import shard_counts
 from acc_clip.data.source import DataOptions, Segment, Source, TrainData, too_few_samples
 from acc_clip.errors import DataError, UsageError
@@ -123,7 +130,7 @@ log = logging.getLogger(__name__)
 
 SHUFFLE_BUFFER = 2000  # raw samples per worker; at ~100 KB per JPEG about 200 MB of memory
 SHUFFLE_INITIAL = 100  # samples read before the buffer yields its first
-IMAGE_EXTENSIONS = ("jpg", "jpeg", "png", "webp")
+DEFAULT_IMAGE_KEY = "jpg;png;jpeg;webp"  # open_clip main's --image-key
 NEEDS_RESAMPLED = (
     "--train-data-upsampling-factors weighs shard draws with replacement: it needs "
     "--dataset-resampled (as in open_clip_train)"
@@ -383,7 +390,9 @@ class ShardEpoch(IterableDataset):
         positions: np.ndarray | None = None,
         segment: int = 0,
         worker_shards: list[list[str]] | None = None,
+        members: SampleMembers | None = None,
     ):
+        self.members = members or SampleMembers()
         self.all_shards, self.weights, self.sequence, self.eval_shards = all_shards, weights, sequence, eval_shards
         self.worker_shards = worker_shards  # training without counts: each worker role's shards (uncounted_shards)
         # Of the epoch (training), or of the whole set as given or in sizes.json (eval: the loader reads
@@ -493,34 +502,63 @@ class ShardEpoch(IterableDataset):
             if empty_in_a_row == MAX_EMPTY_DRAWS:
                 raise DataError(f"{MAX_EMPTY_DRAWS} shards drawn in a row hold no readable samples, e.g. {shard}")
 
-    def _caption(self, raw: dict, index: int) -> str:
-        if self.is_train and "json" in raw:
+    def _caption(self, raw: dict, index: int) -> str | None:
+        """The sample's caption ('' when empty), or None when it has no member to take one from."""
+        members = self.members
+        rng = caption_rng(self.seed, self.epoch, index) if self.is_train else None
+        if members.json_text_keys:  # the caption is in the .json; --text-key does not apply (as in open_clip main)
+            if "json" not in raw:
+                return None
+            try:
+                document = json.loads(raw["json"])
+            except ValueError:  # not UTF-8 or not JSON: no key can give a caption
+                document = None
+            return caption_from_json(document, members.json_text_keys, members.json_text_key_probs, rng)
+        if rng is not None and "json" in raw:  # shards made with --group-by-image: one of "captions" per epoch
             try:
                 captions = json.loads(raw["json"]).get("captions")
             except (ValueError, AttributeError):
                 captions = None
             if isinstance(captions, list) and len(captions) > 1:
-                return str(random.Random(sample_seed(self.seed, self.epoch, index)).choice(captions))
-        return raw.get("txt", b"").decode("utf-8", errors="replace")
+                return str(rng.choice(captions))
+        text = next((raw[key] for key in members.text_keys if key in raw), None)
+        return None if text is None else text.decode("utf-8", errors="replace")
 
     def _decode(self, raw: dict) -> Sample | None:
         if MISSING_SAMPLE in raw:  # said once per shard in _read_accounted
             return None
         index = sample_index(raw["__key__"])
         where = f"{raw.get('__url__')} sample {raw['__key__']}"
-        image_bytes = next((raw[e] for e in IMAGE_EXTENSIONS if e in raw), None)
+        image_bytes = next((raw[key] for key in self.members.image_keys if key in raw), None)
         caption = self._caption(raw, index)
-        if image_bytes is None or not caption.strip():
-            log.warning("%s: %s, sample skipped", where, "no image" if image_bytes is None else "empty caption")
+        if image_bytes is None or not caption or not caption.strip():
+            log.warning("%s: %s, sample skipped", where, self._missing(image_bytes is None, caption))
             return None
         try:
             pixels = load_pixels(
-                image_bytes, self.preprocess, sample_seed(self.seed, self.epoch, index) if self.is_train else None
+                image_bytes,
+                self.preprocess,
+                sample_seed(self.seed, self.epoch, index) if self.is_train else None,
+                self.members.max_image_pixels,
             )
+        except ImageTooLarge as error:
+            log.warning("%s: image skipped: %s", where, error)
+            return None
         except ImageDecodeError as error:
             log.warning("%s: image does not decode (%s), sample skipped", where, error)
             return None
         return Sample(pixels, self.tokenizer([caption])[0], index)
+
+    def _missing(self, no_image: bool, caption: str | None) -> str:
+        """What a skipped sample lacks, naming the members or keys looked for."""
+        members = self.members
+        if no_image:
+            return f"no image member ({'/'.join('.' + key for key in members.image_keys)})"
+        if members.json_text_keys:
+            keys = ";".join(members.json_text_keys)
+            return "no .json member" if caption is None else f"no caption under the .json keys {keys}"
+        looked = "/".join("." + key for key in members.text_keys)
+        return f"no caption member ({looked})" if caption is None else "empty caption"
 
 
 def _as_is(batch: Any) -> Any:
@@ -550,11 +588,14 @@ def build_wds_loader(
     shuffle_buffer: int = SHUFFLE_BUFFER,
     pin_memory: bool | None = None,
     done: Sequence[Segment] = (),
+    members: SampleMembers | None = None,
 ) -> tuple[DataLoader, int]:
     """A DataLoader of this rank's `Batch`es for one epoch, and the number of batches per epoch of
     this rank (the whole epoch, including the `start_batch` skipped ones). Call once per epoch. `done`: the
     segments of the epoch trained on other layouts before this one (the batches counted after them).
     `preprocess` takes a PIL image, or is a `pixels.SplitTransform` (takes the encoded bytes).
+
+    `members`: which tar members hold the image and the caption, and the pixel limit (`SampleMembers`).
 
     `upsampling_factors`: 'F1::F2::...', the draw weight of each '::'-joined source of `urls`; resampled
     training only (--train-data-upsampling-factors).
@@ -597,6 +638,7 @@ def build_wds_loader(
         shuffle_buffer=shuffle_buffer,
         weights=weights,
         num_samples=num_samples,
+        members=members,
     )
     if is_train:
         dataset = _train_epoch(
@@ -735,9 +777,12 @@ def _eval_pass(
 # The source
 
 
+KEY_LIST = Domain("';'-separated names, at least one", lambda v: bool(split_keys(v)), ("", ";"))
+
+
 @dataclass
 class ShardOptions(Section):
-    """The webdataset source's own flags."""
+    """The webdataset source's own flags: open_clip_train 3.3's, and open_clip main's member keys."""
 
     title: ClassVar[str] = "webdataset"
     dataset_resampled: bool = option(False, "sample shards with replacement", train_only=True)
@@ -746,6 +791,67 @@ class ShardOptions(Section):
         "with --dataset-resampled: 'F1::F2::...', one draw weight per '::'-joined source of --train-data",
         train_only=True,
     )
+    image_key: str = option(
+        DEFAULT_IMAGE_KEY,
+        "tar member suffixes holding the image, ';'-separated, the first present taken",
+        domain=KEY_LIST,
+    )
+    text_key: str = option(
+        "txt",
+        "tar member suffixes holding the caption, ';'-separated, the first present taken (not with --json-text-key)",
+        domain=KEY_LIST,
+    )
+    json_text_key: str | None = option(
+        None,
+        "read the caption from these keys of the sample's .json, ';'-separated in priority order: the first "
+        "non-empty string wins (of a list, one entry drawn per epoch; validation: the first)",
+        domain=KEY_LIST,
+    )
+    json_text_key_probs: list[float] | None = option(
+        None,
+        "weights of the --json-text-key keys, in order: each training sample draws its key priority order by "
+        "them, the first non-empty wins; keys left without a weight (or weight 0) are fallbacks only",
+        domain=NON_NEGATIVE,
+    )
+
+    def check(self) -> None:
+        probs = self.json_text_key_probs
+        if probs is None:
+            return
+        if self.json_text_key is None:
+            raise UsageError("--json-text-key-probs weighs the keys of --json-text-key, which is not given")
+        keys = split_keys(self.json_text_key)
+        if len(probs) > len(keys):
+            raise UsageError(
+                f"--json-text-key-probs gives {len(probs)} weights for the {len(keys)} keys of --json-text-key "
+                f"{self.json_text_key!r} (one per key, in order)"
+            )
+        if not sum(probs) > 0:
+            raise UsageError("--json-text-key-probs: every weight is 0; give at least one key a positive weight")
+
+
+@dataclass(frozen=True)
+class SampleMembers:
+    """Where a shard sample's image and caption are (member suffixes, .json keys) and the pixel limit; the
+    defaults are open_clip main's."""
+
+    image_keys: tuple[str, ...] = split_keys(DEFAULT_IMAGE_KEY)
+    text_keys: tuple[str, ...] = ("txt",)
+    json_text_keys: tuple[str, ...] = ()  # empty: the caption is a text member (or a group-by-image draw)
+    json_text_key_probs: tuple[float, ...] | None = None
+    max_image_pixels: int = MAX_IMAGE_PIXELS
+
+    @classmethod
+    def of(cls, config: Config) -> SampleMembers:
+        shards, data = config[ShardOptions], config[DataOptions]
+        probs = shards.json_text_key_probs
+        return cls(
+            image_keys=split_keys(shards.image_key),
+            text_keys=split_keys(shards.text_key),
+            json_text_keys=split_keys(shards.json_text_key) if shards.json_text_key else (),
+            json_text_key_probs=tuple(probs) if probs is not None else None,
+            max_image_pixels=data.max_image_pixels,
+        )
 
 
 class WebdatasetSource(Source):
@@ -778,6 +884,7 @@ class WebdatasetSource(Source):
         pin_memory: bool,
     ) -> TrainData:
         data, shards = config[DataOptions], config[ShardOptions]
+        members = SampleMembers.of(config)
 
         # Resampled shards are drawn with replacement, and uncounted ones split by shard, per process and worker:
         # not elastic (their layout is part of the order, and a resume on another one is refused there).
@@ -806,6 +913,7 @@ class WebdatasetSource(Source):
                 start_batch=start_batch,
                 pin_memory=pin_memory,
                 done=before,
+                members=members,
             )
 
         def batches(epoch: int, done: Sequence[Segment]) -> DataLoader:
@@ -870,6 +978,7 @@ class WebdatasetSource(Source):
             world_size=world_size,
             is_train=False,
             num_samples=expected_samples,
+            members=SampleMembers.of(config),
         )
         return loader
 

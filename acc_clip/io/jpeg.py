@@ -57,7 +57,8 @@ def read_header(data: bytes) -> JpegHeader:
 
 def too_many_pixels(size: tuple[int, int] | None) -> str | None:
     """Why an image of `size` is refused, by PIL's own decompression-bomb limit (twice
-    Image.MAX_IMAGE_PIXELS, where PIL raises), else None. Decoders other than PIL have no limit."""
+    Image.MAX_IMAGE_PIXELS, where PIL raises), else None: the shard writer's limit. Training and validation
+    use --max-image-pixels instead (data/pixels.py `check_pixel_count`)."""
     limit = Image.MAX_IMAGE_PIXELS
     if size is None or limit is None or size[0] * size[1] <= 2 * limit:
         return None

@@ -20,6 +20,7 @@ from acc_clip.data.common import Batch, seeded_torch_rng
 from acc_clip.data.pixels import (
     EncodedImages,
     ImageDecodeError,
+    ImageTooLarge,
     SplitTransform,
     decode_encoded_batch,
     decode_rgb,
@@ -188,16 +189,28 @@ print("refused", refused)
     assert int(result.stdout.split()[-1]) > 0  # the loop did meet damage that PIL refuses
 
 
-def test_16_bit_and_huge_images(tmp_path):
+def test_16_bit_and_huge_images(tmp_path, rn50_transforms):
     deep = Image.fromarray(np.arange(64 * 48, dtype=np.uint16).reshape(48, 64) * 21)  # mode I;16
     data = encoded(deep, "PNG")
     assert decode_rgb(data).dtype == torch.uint8 and torch.equal(decode_rgb(data), pil_rgb(data))
-    # A JPEG whose header claims more pixels than PIL allows is refused before any decoding.
+    # A JPEG whose header claims more pixels than --max-image-pixels allows is refused before any decoding, on
+    # every image path; so is a PNG (sized by PIL's lazy open).
     good = images()[0]
     at = good.find(b"\xff\xc0")
     huge = good[: at + 5] + (60000).to_bytes(2, "big") + (60000).to_bytes(2, "big") + good[at + 9 :]
-    with pytest.raises(ImageDecodeError, match="PIL's limit"):
-        decode_rgb(huge)
+    for transform in (
+        T.ToTensor(),
+        split_transform(rn50_transforms[0]),
+        split_transform(rn50_transforms[0], decode_on_device=True),
+    ):
+        with pytest.raises(
+            ImageTooLarge, match="60000x60000 = 3600000000 pixels, more than --max-image-pixels 25000000"
+        ):
+            load_pixels(huge, transform)
+    png = encoded(photo(250, 260, 2), "PNG")
+    with pytest.raises(ImageTooLarge, match="260x250 = 65000 pixels, more than --max-image-pixels 64999"):
+        load_pixels(png, T.ToTensor(), max_pixels=64_999)
+    assert load_pixels(png, T.ToTensor(), max_pixels=65_000).shape == (3, 250, 260)
 
 
 def test_bad_bytes_raise_one_error_type(rn50_transforms):
