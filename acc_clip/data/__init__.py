@@ -59,7 +59,7 @@ def check_train_source(config: Config, also_read: Sequence[str | None] = ()) -> 
     (validation sets) given for this run: refused or announced (Source.refuse_elsewhere). Returns the notices."""
     data = config[DataOptions]
     if data.train_data is None and data.dataset_type != "synthetic":
-        raise UsageError("--train-data is required (a CSV file or webdataset shards)")
+        raise UsageError("--train-data is required (a CSV file, parquet or datasets files, or webdataset shards)")
     chosen = source_for(data.train_data, data.dataset_type)
     read = {chosen, *(eval_source(path, data.dataset_type) for path in also_read if path)}
     what = f"--train-data {data.train_data}" if data.train_data else f"--dataset-type {data.dataset_type}"

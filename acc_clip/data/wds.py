@@ -620,7 +620,8 @@ def build_wds_loader(
     if num_samples is None:
         if sizes is None:
             raise DataError(
-                f"{urls}: no sizes.json entry for every shard; give the number of samples "
+                f"{urls}: no sample count for every shard (sizes.json, img2dataset _stats.json, the count cache); "
+                f"give the number of samples "
                 f"({'--train-num-samples' if is_train else '--val-num-samples'}), or count them first: "
                 f"acc-clip shards index '{urls}'"
             )

@@ -20,7 +20,11 @@ QUALITY = Domain("within 1..100", lambda v: 1 <= v <= 100, ("0", "101"))
 @dataclass
 class ConvertOptions(Section):
     title: ClassVar[str] = "shards"
-    csv: str = option(REQUIRED, "CSV with an image path and a caption column")
+    csv: str = option(
+        REQUIRED,
+        "CSV with an image path and a caption column; or parquet files or a datasets save_to_disk folder (an image "
+        "column of paths, bytes or datasets Images)",
+    )
     out: str = option(REQUIRED, "output folder: new, empty, or a previous run to resume")
     samples_per_shard: int | None = option(None, "samples per shard (default: about 256 MB per shard)", domain=POSITIVE)
     # Conversion processes, not loader workers: this command's own quantity, under its historical name.

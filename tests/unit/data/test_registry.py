@@ -80,7 +80,9 @@ def test_an_unknown_dataset_type_is_one_line_naming_the_sources():
 
 
 def test_train_data_is_required_except_for_synthetic_data():
-    with pytest.raises(UsageError, match=r"^--train-data is required \(a CSV file or webdataset shards\)$"):
+    with pytest.raises(
+        UsageError, match=r"^--train-data is required \(a CSV file, parquet or datasets files, or webdataset shards\)$"
+    ):
         parse_train_config([])
     config, _ = parse_train_config(["--dataset-type", "synthetic"])
     assert config.data.train_data is None

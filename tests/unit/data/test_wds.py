@@ -767,13 +767,17 @@ def test_an_uncounted_set_records_its_reading_in_the_order(tmp_path, shard_dir, 
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     bare = bare_copy(shard_dir, tmp_path / "bare")
     urls = f"pipe:cat {bare}/{{00000..00003}}.tar"
-    orders = []
+    orders, elastic = [], []
     for _ in range(2):
         config, _ = parse_config(
             ["--train-data", urls, "--batch-size", "5", "--workers", "1"] + ["--train-num-samples", "40"]
         )
         data = build_train_data(config, AUGMENT, tokenize, seed=0, rank=0, world_size=1, pin_memory=False)
         orders.append(data.order)
+        elastic.append(data.elastic)
         cli_main(["shards", "index", urls, "--out", str(tmp_path / "sizes.json"), "--workers", "1"])
     assert orders[0]["counts"] == "none: open_clip_train's reading"
-    assert "counts" not in orders[1] and {**orders[1], "counts": orders[0]["counts"]} == orders[0]
+    # Uncounted, each process and worker reads its own shards: the layout is part of the order, not elastic.
+    layout = {"batch_size": 5, "world_size": 1, "workers": 1}
+    assert elastic == [False, True] and orders[0].items() >= layout.items()
+    assert "counts" not in orders[1] and {**orders[1], "counts": orders[0]["counts"], **layout} == orders[0]

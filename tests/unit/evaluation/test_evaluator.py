@@ -333,7 +333,8 @@ def val_evaluator(tiny, accelerator, val_data: str, val_num_samples=None):
 def test_val_shards_without_sizes_json_need_val_num_samples(val_shards, tiny, accelerator):
     with pytest.raises(AccClipError) as error:
         val_evaluator(tiny, accelerator, val_shards["bare"])
-    assert "no sizes.json entry for every shard; give the number of samples (--val-num-samples)" in str(error.value)
+    expected = "no sample count for every shard (sizes.json, img2dataset _stats.json, the count cache); give the "
+    assert expected + "number of samples (--val-num-samples)" in str(error.value)
     assert "--train-num-samples" not in str(error.value) and "\n" not in str(error.value)
 
 
