@@ -46,7 +46,12 @@ from acc_clip.io.files import MAX_IMAGE_BYTES
 
 def source_names() -> list[str]:
     """The --dataset-type of every source defined (the registry, data/__init__.py, imports them all)."""
-    return [source.name for source in Source.__subclasses__()]
+    names, classes = [], list(Source.__subclasses__())
+    while classes:  # subclasses of subclasses too: the parquet source is the CSV source's
+        source = classes.pop(0)
+        names.append(source.name)
+        classes.extend(source.__subclasses__())
+    return list(dict.fromkeys(names))
 
 
 DATASET_TYPE = Domain(
