@@ -290,6 +290,9 @@ def train(config: TrainConfig, notices: Sequence[str] = ()) -> int:  # noqa: PLR
             if (error := check_bad_fraction(samples_bad, samples_read, config.data.max_bad_fraction)) is not None:
                 raise DataError(error)
             micro_batches = balancer.balance(micro_batches)
+            log.debug(
+                "step %d: micro-batches of %s samples", progress.global_step, [len(b.indices) for b in micro_batches]
+            )
             with record_function(DATA):
                 device_batches = [
                     to_device(b, image_transform, accelerator.device, channels_last, plan.input_dtype)
