@@ -442,6 +442,10 @@ class CheckpointManager:
         global_batch = order.get("batch_size", 0) * order.get("world_size", 0) or order.get("global_micro_batch")
         for key in LEGACY_LAYOUT_KEYS:
             order.pop(key, None)
+        now = self.record.order.get("data")
+        counts = now.get("counts_sha256") if isinstance(now, dict) and order.get("source") == "webdataset" else None
+        if counts is not None and isinstance(order.get("data"), dict):  # saved before per-shard counts were recorded
+            order["data"] = {**order["data"], "counts_sha256": counts}
         samples = self.record.order.get("samples")
         if (
             order.get("source") == "webdataset"

@@ -889,7 +889,8 @@ class WebdatasetSource(Source):
 
         # Resampled shards are drawn with replacement, and uncounted ones split by shard, per process and worker:
         # not elastic (their layout is part of the order, and a resume on another one is refused there).
-        counted = shards.dataset_resampled or read_shard_sizes(expand_shard_urls(str(data.train_data))) is not None
+        sizes = None if shards.dataset_resampled else read_shard_sizes(expand_shard_urls(str(data.train_data)))
+        counted = shards.dataset_resampled or sizes is not None
         elastic = not shards.dataset_resampled and counted
         layout = {"batch_size": data.batch_size, "world_size": world_size, "workers": data.workers}
 
@@ -943,6 +944,8 @@ class WebdatasetSource(Source):
                 "names_sha256": hashlib.sha256("\n".join(shards_list).encode()).hexdigest(),
             },
         }
+        if sizes is not None:  # the sequence follows each shard's count, which sizes.json, a cache or a recount gives
+            order["data"]["counts_sha256"] = hashlib.sha256(json.dumps(sizes).encode()).hexdigest()
         if not counted:
             # Counted later (shards index), the same set takes the counted order: a resume then must not go on.
             order["counts"] = "none: open_clip_train's reading"

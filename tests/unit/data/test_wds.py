@@ -780,4 +780,28 @@ def test_an_uncounted_set_records_its_reading_in_the_order(tmp_path, shard_dir, 
     # Uncounted, each process and worker reads its own shards: the layout is part of the order, not elastic.
     layout = {"batch_size": 5, "world_size": 1, "workers": 1}
     assert elastic == [False, True] and orders[0].items() >= layout.items()
-    assert "counts" not in orders[1] and {**orders[1], "counts": orders[0]["counts"], **layout} == orders[0]
+    counted = {**orders[1], "data": {k: v for k, v in orders[1]["data"].items() if k != "counts_sha256"}}
+    assert "counts" not in orders[1] and {**counted, "counts": orders[0]["counts"], **layout} == orders[0]
+
+
+def test_the_order_follows_each_shard_s_count_not_only_their_total(tmp_path, shard_dir, monkeypatch):
+    """Counts that move between shards (a wrong sizes.json replaced) change the epoch's sequence with the same
+    total: a resume mid-epoch must see another order."""
+    from acc_clip.data import build_train_data
+    from acc_clip.train.config import parse_train_config as parse_config
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    folder = bare_copy(shard_dir, tmp_path / "set")
+    urls = f"{folder}/{{00000..00003}}.tar"
+    config, _ = parse_config(["--train-data", urls, "--batch-size", "5", "--workers", "1"])
+    orders = []
+    for move in (0, 1):
+        sizes = json.loads((Path(shard_dir) / "sizes.json").read_text())
+        names = sorted(sizes)
+        sizes[names[0]] -= move
+        sizes[names[1]] += move
+        (folder / "sizes.json").write_text(json.dumps(sizes))
+        data = build_train_data(config, AUGMENT, tokenize, seed=0, rank=0, world_size=1, pin_memory=False)
+        orders.append(data.order)
+    assert orders[0]["samples"] == orders[1]["samples"]
+    assert orders[0]["data"]["counts_sha256"] != orders[1]["data"]["counts_sha256"]
