@@ -108,19 +108,20 @@ def is_text_list(column_type: pa.DataType) -> bool:
 
 
 def caption_choices(cell: Any) -> list[str]:
-    """The captions of one cell: a list cell as it is, a text cell holding a JSON list of strings as that
-    list, any other text (a caption that starts with `[` but is no such list too) as one caption."""
-    if isinstance(cell, list):
-        return [str(caption) for caption in cell if caption is not None]
-    text = "" if cell is None else str(cell)
-    if text.lstrip().startswith("["):
+    """The captions of one cell: a list cell, or a text cell holding a JSON list of strings (nulls allowed), as
+    its non-empty entries (none: the sample has no caption); any other text (a caption that starts with `[` but
+    is no such list too) as one caption. Shards' caption lists keep the same entries (captions.one_caption)."""
+    if not isinstance(cell, list):
+        text = "" if cell is None else str(cell)
+        if not text.lstrip().startswith("["):
+            return [text]
         try:
-            parsed = json.loads(text)
+            cell = json.loads(text)
         except ValueError:
             return [text]
-        if isinstance(parsed, list) and all(isinstance(caption, str) for caption in parsed):
-            return parsed
-    return [text]
+        if not (isinstance(cell, list) and all(caption is None or isinstance(caption, str) for caption in cell)):
+            return [text]
+    return [str(caption) for caption in cell if caption is not None and str(caption).strip()]
 
 
 class TextColumn(_Column):

@@ -289,7 +289,9 @@ def write_samples(tar: BinaryIO, job: ShardJob, skipped_rows: list[dict]) -> int
         if job.resize:
             meta.update(source_width=source_width, source_height=source_height)
         if job.grouped:
-            meta.update(rows=list(item.rows), captions=captions)
+            meta.update(rows=list(item.rows))
+        if job.grouped or len(captions) > 1:  # a row's several captions too: training draws one per epoch
+            meta.update(captions=captions)
         write_member(tar, key + ".jpg", image)
         write_member(tar, key + ".txt", captions[0].encode("utf-8"))
         write_member(tar, key + ".json", json.dumps(meta, sort_keys=True, ensure_ascii=False).encode("utf-8"))

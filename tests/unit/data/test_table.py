@@ -25,6 +25,9 @@ def test_a_cell_holding_a_json_list_of_strings_is_several_captions_anything_else
     for text in ("[draft] a cat on a mat", "[1, 2]", '["a", 3]', "[", '{"a": 1}', "a [dog]"):
         assert caption_choices(text) == [text]
     assert caption_choices("[]") == []  # no caption: the sample is skipped as having an empty caption
+    # Empty entries and nulls are no captions, in a text cell or a list cell alike (never drawn, never skipped for).
+    assert caption_choices('["ok", "", " "]') == caption_choices(["ok", None, ""]) == ["ok"]
+    assert caption_choices('["x", null, "y"]') == ["x", "y"]
 
 
 def test_the_draw_is_the_shard_source_s_rule_deterministic_and_changes_with_the_epoch():

@@ -214,6 +214,15 @@ def test_group_by_image_puts_all_captions_in_one_sample(tmp_path, images):
     assert [members[f"{n:09d}.txt"].decode() for n in range(3)] == ["a0", "b0", "c0"]
 
 
+def test_a_row_with_several_captions_keeps_them_all_without_group_by_image(tmp_path, images):
+    rows = [(images[0], '["a0", "a1", ""]'), (images[1], "b0")]
+    convert(write_csv(tmp_path / "m.csv", rows), tmp_path / "out")
+    members = read_shard(tmp_path / "out" / "00000.tar")
+    metas = [json.loads(members[f"{n:09d}.json"]) for n in range(2)]
+    assert metas[0]["captions"] == ["a0", "a1"] and "captions" not in metas[1]  # drawn per epoch in training
+    assert [members[f"{n:09d}.txt"].decode() for n in range(2)] == ["a0", "b0"]
+
+
 def test_interrupted_conversion_resumes_to_identical_bytes(tmp_path, dataset_csv, monkeypatch):
     convert(dataset_csv, tmp_path / "clean")
 
