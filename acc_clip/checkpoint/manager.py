@@ -127,7 +127,8 @@ class CheckpointOptions(Section):
         "resume in the middle of an epoch although the data or what its order depends on changed since the save "
         "(the data, the seed, the epoch length; with --dataset-resampled or uncounted shards also processes, batch "
         "size, --workers, --accum-freq): the rest of that epoch may then train some samples twice and others "
-        "never; without it such a resume is refused. Other processes, batch size, --workers or --accum-freq alone resume exactly",
+        "never; without it such a resume is refused. Other processes, batch size, --workers or --accum-freq "
+        "alone resume exactly",
         needs=RESUMING,
         train_only=True,
     )
