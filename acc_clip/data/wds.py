@@ -932,20 +932,21 @@ class WebdatasetSource(Source):
             )
         num_samples = data.train_num_samples or batches_per_epoch * data.batch_size * world_size
         shards_list = expand_shard_urls(str(data.train_data))
+        identity: dict[str, Any] = {
+            "path": str(data.train_data),
+            "shards": len(shards_list),
+            "names_sha256": hashlib.sha256("\n".join(shards_list).encode()).hexdigest(),
+        }
+        if sizes is not None:  # the sequence follows each shard's count, which sizes.json, a cache or a recount gives
+            identity["counts_sha256"] = hashlib.sha256(json.dumps(sizes).encode()).hexdigest()
         order = {
             "source": self.name,
             # the epoch's length: its sequence's positions (the layout drops fewer than one global batch of them)
             "samples": cast(ShardEpoch, first.dataset).num_samples,
             "resampled": shards.dataset_resampled,
             "upsampling_factors": shards.train_data_upsampling_factors,
-            "data": {
-                "path": str(data.train_data),
-                "shards": len(shards_list),
-                "names_sha256": hashlib.sha256("\n".join(shards_list).encode()).hexdigest(),
-            },
+            "data": identity,
         }
-        if sizes is not None:  # the sequence follows each shard's count, which sizes.json, a cache or a recount gives
-            order["data"]["counts_sha256"] = hashlib.sha256(json.dumps(sizes).encode()).hexdigest()
         if not counted:
             # Counted later (shards index), the same set takes the counted order: a resume then must not go on.
             order["counts"] = "none: open_clip_train's reading"
